@@ -1,0 +1,48 @@
+# Newcomer commands (README.md):  make finetune   |   make test
+# Both build what they need on first use: .venv (Python 3.12, the library) and, for the tests,
+# .venv-oracle (Python 3.11: torch CPU, bitsandbytes, transformers, peft as reference oracles).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+VENV := .venv
+ORACLE := .venv-oracle
+PY := $(VENV)/bin/python
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup oracle test test-fast finetune datatypes generate bench-kernels clean
+
+setup: $(VENV)/.installed
+oracle: $(ORACLE)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements/ci.txt requirements/assets.txt scripts/setup_venv.sh
+	scripts/setup_venv.sh $(VENV)
+	touch $@
+
+$(ORACLE)/.installed: requirements/oracle.txt scripts/setup_oracle.sh
+	scripts/setup_oracle.sh $(ORACLE)
+	touch $@
+
+# The whole suite, as CI runs it (.ci/run).
+test: setup oracle
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+# Everything but the slow end-to-end tests.
+test-fast: setup oracle
+	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
+
+# The main job: a QLoRA finetune of the embedded SmolLM2-135M-Instruct (extra flags: ARGS="...").
+finetune: setup
+	$(PY) -m experiments.finetune $(ARGS)
+
+datatypes: setup
+	$(PY) -m experiments.datatypes $(ARGS)
+
+generate: setup
+	$(PY) -m experiments.generate $(ARGS)
+
+bench-kernels: setup
+	$(PY) -m experiments.bench_kernels $(ARGS)
+
+clean:
+	rm -rf $(VENV) $(ORACLE) .pytest_cache

@@ -1,0 +1,1 @@
+"""Command-line launchers (absl flags): thin wrappers that call the library and report."""

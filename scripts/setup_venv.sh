@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Creates the Python 3.12 environment for qlora-jax at $1 (default .venv) with pinned versions,
+# the library installed editable, and the embedded model and datasets.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${1:-.venv}"
+
+find_python312() {
+  # .python-version (3.12) makes pyenv's `python3` resolve to 3.12 in this directory.
+  for candidate in python3 python3.12 "$(pyenv root 2>/dev/null)/versions/3.12"*/bin/python3; do
+    if command -v "$candidate" >/dev/null 2>&1 &&
+       "$candidate" -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 12) else 1)' 2>/dev/null; then
+      command -v "$candidate"; return 0
+    fi
+  done
+  echo "error: Python >= 3.12 is needed (jax >= 0.11); install it (e.g. pyenv install 3.12)" >&2
+  return 1
+}
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+  PYTHON="$(find_python312)"
+  echo "creating $VENV with $PYTHON ($("$PYTHON" --version))"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+"${PIP[@]}" install -q -c requirements/ci.txt -e ".[test,data]"
+"${PIP[@]}" install -q --no-deps --require-hashes -r requirements/assets.txt
+"$VENV/bin/python" -c "import jax, qlora_jax, qlora_jax.kernels; print('qlora-jax', qlora_jax.__version__, 'with jax', jax.__version__)"

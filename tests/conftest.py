@@ -1,0 +1,147 @@
+"""Shared fixtures: the reference implementations the tests compare against.
+
+* ``oracle``: runs a script from tests/oracles/ in the separate Python 3.11 environment that
+  holds torch (CPU), bitsandbytes, transformers and peft (``make oracle`` builds it). Arrays go
+  in and out through .npz files. A missing oracle environment fails the tests that need it,
+  loudly; set QLORA_JAX_SKIP_ORACLE=1 to skip them instead on a machine that cannot build it.
+* ``bnb_cuda_reference``: bitsandbytes' CUDA quantization code, compiled for the host with g++.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Eight host devices for the sharding tests; set before anything imports jax.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import ctypes
+import json
+import pathlib
+import shutil
+import subprocess
+import tempfile
+import zlib
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ORACLE_DIR = REPO / "tests" / "oracles"
+
+
+def oracle_python() -> pathlib.Path:
+    """Interpreter of the oracle environment (QLORA_JAX_ORACLE_PYTHON overrides)."""
+    return pathlib.Path(os.environ.get("QLORA_JAX_ORACLE_PYTHON", REPO / ".venv-oracle" / "bin" / "python"))
+
+
+class Oracle:
+    """Runs oracle scripts in the Python 3.11 environment; see the module docstring."""
+
+    def __init__(self, python: pathlib.Path):
+        self.python = python
+
+    def run(self, script: str, arrays: dict[str, np.ndarray], config: dict, timeout: float = 900) -> dict:
+        with tempfile.TemporaryDirectory(prefix="qlora_jax_oracle_") as tmp:
+            tmp = pathlib.Path(tmp)
+            np.savez(tmp / "in.npz", **arrays)
+            (tmp / "config.json").write_text(json.dumps(config))
+            # -P keeps the script's folder off sys.path; cwd=tmp keeps our top-level `kernels/`
+            # from shadowing the `kernels` package that bitsandbytes and transformers probe for.
+            proc = subprocess.run(
+                [str(self.python), "-P", str(ORACLE_DIR / script), "in.npz", "config.json", "out.npz"],
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env={**os.environ, "PYTHONPATH": "", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"},
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"oracle {script} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+            with np.load(tmp / "out.npz") as out:
+                return {k: out[k] for k in out.files}
+
+
+@pytest.fixture(scope="session")
+def oracle() -> Oracle:
+    python = oracle_python()
+    if not python.exists():
+        message = (
+            f"the oracle environment is missing ({python}): run `make oracle` to build it "
+            "(Python 3.11 with torch CPU, bitsandbytes, transformers, peft)"
+        )
+        if os.environ.get("QLORA_JAX_SKIP_ORACLE") == "1":
+            pytest.skip(message)
+        pytest.fail(message)
+    return Oracle(python)
+
+
+class BnbCudaReference:
+    """ctypes wrapper of tests/oracles/bnb_cuda_reference.cc (bitsandbytes' CUDA arithmetic)."""
+
+    def __init__(self, library: pathlib.Path):
+        self.lib = ctypes.CDLL(str(library))
+
+    @staticmethod
+    def _ptr(a: np.ndarray):
+        return a.ctypes.data_as(ctypes.c_void_p)
+
+    def quantize_blockwise_8bit(self, a: np.ndarray, code: np.ndarray, blocksize: int):
+        """(codes uint8[n], absmax float32[blocks]) as bitsandbytes' CUDA kernel computes them."""
+        a = np.ascontiguousarray(a, np.float32).reshape(-1)
+        code = np.ascontiguousarray(code, np.float32)
+        n = a.size
+        out = np.empty(n, np.uint8)
+        absmax = np.empty(-(-n // blocksize), np.float32)
+        self.lib.quantize_blockwise_8bit(
+            self._ptr(code), self._ptr(a), self._ptr(absmax), self._ptr(out),
+            ctypes.c_longlong(blocksize), ctypes.c_longlong(n),
+        )
+        return out, absmax
+
+    def quantize_4bit(self, a: np.ndarray, quant_type: str, blocksize: int):
+        """(packed uint8[(n+1)//2], absmax float32[blocks]) as bitsandbytes' CUDA kernel."""
+        a = np.ascontiguousarray(a, np.float32).reshape(-1)
+        n = a.size
+        out = np.empty((n + 1) // 2, np.uint8)
+        absmax = np.empty(-(-n // blocksize), np.float32)
+        self.lib.quantize_4bit(
+            self._ptr(a), self._ptr(absmax), self._ptr(out),
+            ctypes.c_longlong(blocksize), ctypes.c_longlong(n), ctypes.c_int(quant_type == "nf4"),
+        )
+        return out, absmax
+
+
+@pytest.fixture(scope="session")
+def bnb_cuda_reference(tmp_path_factory) -> BnbCudaReference:
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.fail("g++ is needed to compile tests/oracles/bnb_cuda_reference.cc")
+    library = tmp_path_factory.mktemp("bnb_cuda_reference") / "bnb_cuda_reference.so"
+    # -ffp-contract=off: nvcc would not fuse these operations either (no multiply feeds an add).
+    subprocess.run(
+        [compiler, "-O2", "-shared", "-fPIC", "-ffp-contract=off", "-o", str(library),
+         str(ORACLE_DIR / "bnb_cuda_reference.cc")],
+        check=True,
+    )
+    return BnbCudaReference(library)
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """A fresh generator per test, seeded from the test's name and the run's entropy.
+
+    QLORA_JAX_TEST_SEED fixes the run's entropy to replay a failure; the seed is printed on failure.
+    """
+    entropy = int(os.environ.get("QLORA_JAX_TEST_SEED", np.random.SeedSequence().entropy % (1 << 63)))
+    request.node.user_properties.append(("seed", entropy))
+    return np.random.default_rng([entropy, zlib.crc32(request.node.nodeid.encode())])
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for name, value in item.user_properties:
+            if name == "seed":
+                report.sections.append(("random seed", f"QLORA_JAX_TEST_SEED={value}"))
