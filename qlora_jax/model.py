@@ -97,8 +97,11 @@ class CausalLM(nnx.Module):
         return logits
 
 
-def load_tokenizer(path: str | pathlib.Path) -> Tokenizer:
-    """The tokenizer of a model folder or GGUF file ("embedded": the default SmolLM2)."""
+def load_tokenizer(path: str | pathlib.Path) -> Tokenizer | None:
+    """The tokenizer of a model folder or GGUF file ("embedded": the default SmolLM2).
+
+    None for a folder without ``tokenizer.json`` (some checkpoints ship weights only).
+    """
     path = assets.embedded_model_path() if str(path) == "embedded" else pathlib.Path(path)
     if path.suffix == ".gguf":
         from tokenizers import Tokenizer as HFTokenizer
@@ -107,6 +110,8 @@ def load_tokenizer(path: str | pathlib.Path) -> Tokenizer:
 
         gguf = GGUFCheckpoint(path)
         return Tokenizer.from_config(HFTokenizer.from_str(gguf.tokenizer_json()), gguf.tokenizer_config())
+    if not (path / "tokenizer.json").exists():
+        return None
     return Tokenizer.from_folder(path)
 
 
@@ -124,7 +129,7 @@ def load_pretrained(
     remat: bool = False,
     seed: int = 0,
     verbose: bool = False,
-) -> tuple[CausalLM, Tokenizer]:
+) -> tuple[CausalLM, Tokenizer | None]:
     """Loads a LLaMA-family checkpoint with a quantized frozen base and fresh LoRA adapters.
 
     ``path``: a Hugging Face folder (safetensors, sharded or not, bitsandbytes 4-bit included), a
@@ -132,7 +137,8 @@ def load_pretrained(
     ``quant``: "nf4", "fp4", "int8" or "bf16"/"float16"/"float32" (no quantization).
     ``lora``: adapter hyperparameters, or None for no adapters. ``full_finetune`` makes the base
     itself trainable (requires an unquantized ``quant``). ``adapter``: a PEFT adapter folder to
-    load instead of fresh adapters. Returns ``(model, tokenizer)``.
+    load instead of fresh adapters. Returns ``(model, tokenizer)``; the tokenizer is None when
+    the folder has no ``tokenizer.json``.
     """
     if full_finetune and quant in ("nf4", "fp4", "int8"):
         raise ValueError("full finetuning needs an unquantized base: pass quant='bf16' (or float32)")

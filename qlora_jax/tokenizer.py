@@ -118,6 +118,22 @@ class Tokenizer:
             chat_template=template,
         )
 
+    def save(self, path: str | pathlib.Path) -> None:
+        """Writes ``tokenizer.json`` and ``tokenizer_config.json`` (loadable by transformers)."""
+        path = pathlib.Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(path / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "add_bos_token": self.add_bos_token,
+            "chat_template": self.chat_template,
+        }
+        (path / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None},
+                                                               indent=2))
+
     # ------------------------------------------------------------------ ids
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self.hf.token_to_id(token)

@@ -51,6 +51,16 @@ class SafetensorsFolder:
                 for key in self._open(file).keys():
                     self._files[key] = file
 
+    @classmethod
+    def from_file(cls, file: str | pathlib.Path) -> "SafetensorsFolder":
+        """Read access to the tensors of one ``.safetensors`` file."""
+        file = pathlib.Path(file)
+        self = cls.__new__(cls)
+        self.path = file.parent
+        self._handles = {}
+        self._files = {key: file for key in self._open(file).keys()}
+        return self
+
     def _open(self, file: pathlib.Path):
         if file not in self._handles:
             if not file.exists():

@@ -33,8 +33,9 @@ class LlamaConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    # None, or a dict with "rope_type" ("default", "linear", "llama3") and its parameters.
-    rope_scaling: dict[str, Any] | None = None
+    # None, or "rope_type" ("default", "linear", "llama3") and its parameters, as sorted
+    # (key, value) pairs so that the config stays hashable (it is a static argument of jit).
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: bias on q, k, v (not o); Llama with attention_bias: on all four
@@ -48,6 +49,10 @@ class LlamaConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedArchitectureError(
                 f"unsupported model_type {self.model_type!r}: qlora-jax implements {SUPPORTED_MODEL_TYPES}"
@@ -59,6 +64,10 @@ class LlamaConfig:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return None if self.rope_scaling is None else dict(self.rope_scaling)
 
     @property
     def q_size(self) -> int:
@@ -117,12 +126,12 @@ class LlamaConfig:
             "head_dim": self.head_dim,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling,
+            "rope_scaling": self.rope_scaling_dict,
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": self.hidden_act,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
             "pad_token_id": self.pad_token_id,
         }
         if self.model_type == "llama":

@@ -154,7 +154,7 @@ def hidden_states(
     if attention_mask is not None and attention_mask.shape != (b, s):
         raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected {(b, s)} (batch, key slots)")
     mask = _attention_mask(config, attention_mask, b, t, s, cache_index)
-    inv_freq = rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+    inv_freq = rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling_dict)
     cos, sin = rope.rotary_cos_sin(positions, inv_freq)
 
     h = base["embed_tokens"][input_ids].astype(compute_dtype)

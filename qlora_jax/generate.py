@@ -1,0 +1,149 @@
+"""Text generation with a KV cache: greedy, temperature and top-p (nucleus) sampling, stop tokens.
+
+The whole loop (prefill, then one token per step under ``lax.while_loop``) is one compiled
+function for a given batch size, prompt length and budget. Prompts of different lengths are
+left-padded; rotary positions follow each sequence's own token count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qlora_jax.lora import LoraConfig
+from qlora_jax.models import llama
+from qlora_jax.models.config import LlamaConfig
+
+__all__ = ["SamplingConfig", "generate_tokens", "generate", "chat"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """``temperature`` 0 means greedy decoding; ``top_p`` < 1 samples from the nucleus."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def _sample(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
+    """Next token ids ``[B]`` from float32 logits ``[B, V]``."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep the smallest set of tokens whose mass reaches top_p (the first token always stays).
+        cumulative = jnp.cumsum(probs, axis=-1) - probs
+        cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True) - 1
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "lora_config", "sampling", "compute_dtype", "pad_id"))
+def _generate(config, base, lora, prompt_ids, prompt_mask, key, *, lora_config, sampling, compute_dtype, pad_id):
+    b, p = prompt_ids.shape
+    total = p + sampling.max_new_tokens
+    cache = llama.init_kv_cache(config, b, total, compute_dtype)
+    mask = jnp.concatenate([prompt_mask, jnp.zeros((b, sampling.max_new_tokens), jnp.int32)], axis=1)
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
+    forward = functools.partial(llama.forward, config, base, lora, lora_config=lora_config,
+                                compute_dtype=compute_dtype)
+    logits, cache = forward(prompt_ids, attention_mask=mask, positions=positions, cache=cache)
+    stop_ids = jnp.asarray(sampling.stop_token_ids or (-1,), jnp.int32)
+    out = jnp.full((b, sampling.max_new_tokens), pad_id, jnp.int32)
+    next_pos = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)
+
+    def cond(state):
+        step, _, _, _, done, _, _ = state
+        return (step < sampling.max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, last_logits, cache, mask, done, out, key = state
+        key, sub = jax.random.split(key)
+        token = _sample(last_logits, sub, sampling.temperature, sampling.top_p)
+        token = jnp.where(done, pad_id, token)
+        out = out.at[:, step].set(token)
+        done = done | jnp.isin(token, stop_ids)
+        mask = jax.lax.dynamic_update_slice_in_dim(mask, jnp.ones((b, 1), jnp.int32), p + step, axis=1)
+        logits, cache = forward(token[:, None], attention_mask=mask, positions=(next_pos + step)[:, None],
+                                cache=cache)
+        return step + 1, logits[:, -1], cache, mask, done, out, key
+
+    state = (jnp.zeros((), jnp.int32), logits[:, -1], cache, mask, jnp.zeros((b,), bool), out, key)
+    _, _, _, _, done, out, _ = jax.lax.while_loop(cond, body, state)
+    return out, done
+
+
+def generate_tokens(
+    config: LlamaConfig,
+    base: dict[str, Any],
+    lora: dict[str, Any] | None,
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingConfig = SamplingConfig(),
+    *,
+    lora_config: LoraConfig | None = None,
+    key: jax.Array | None = None,
+    compute_dtype: Any = jnp.bfloat16,
+    pad_id: int = 0,
+) -> list[list[int]]:
+    """Generated token ids for each prompt (token id lists), without the stop token."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one non-empty prompt")
+    longest = max(len(p) for p in prompts)
+    if longest + sampling.max_new_tokens > config.max_position_embeddings:
+        raise ValueError(
+            f"prompt ({longest} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds the model's "
+            f"max_position_embeddings ({config.max_position_embeddings})"
+        )
+    ids = np.full((len(prompts), longest), pad_id, np.int32)
+    mask = np.zeros((len(prompts), longest), np.int32)
+    for i, prompt in enumerate(prompts):
+        ids[i, longest - len(prompt):] = prompt
+        mask[i, longest - len(prompt):] = 1
+    key = jax.random.key(0) if key is None else key
+    out, _ = _generate(config, base, lora, jnp.asarray(ids), jnp.asarray(mask), key, lora_config=lora_config,
+                       sampling=sampling, compute_dtype=jnp.dtype(compute_dtype), pad_id=pad_id)
+    results = []
+    stops = set(sampling.stop_token_ids)
+    for row in np.asarray(out).tolist():
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+        results.append(row[:cut])
+    return results
+
+
+def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(), *,
+             key: jax.Array | None = None, pad_id: int = 0) -> list[list[int]]:
+    """:func:`generate_tokens` for a :class:`qlora_jax.model.CausalLM`."""
+    return generate_tokens(model.config, model.base_params, model.lora_params, prompts, sampling,
+                           lora_config=model.lora_config, key=key, compute_dtype=model.compute_dtype, pad_id=pad_id)
+
+
+def chat(model, tokenizer, messages: Sequence[dict[str, str]] | str, *, max_new_tokens: int = 128,
+         temperature: float = 0.0, top_p: float = 1.0, key: jax.Array | None = None,
+         template: str | None = None) -> str:
+    """The assistant's reply to a conversation (or to one user message given as a string)."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, template=template))
+    stops = tuple(sorted({*model.config.stop_token_ids, *([tokenizer.eos_id] if tokenizer.eos_id is not None else [])}))
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_token_ids=stops)
+    (reply,) = generate(model, [prompt], sampling, key=key, pad_id=tokenizer.pad_id)
+    return tokenizer.decode(reply)
