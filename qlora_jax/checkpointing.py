@@ -1,0 +1,139 @@
+"""Training checkpoints with Orbax: adapters, optimizer state, step, data position, RNG, flags.
+
+One :class:`TrainCheckpointer` wraps an ``orbax.checkpoint.CheckpointManager`` (asynchronous
+saves). A step directory holds:
+
+* ``trainable``: the adapters (or the full weights when finetuning everything);
+* ``opt_state``: the optimizer state (host-offloaded leaves are saved like any other);
+* ``meta``: JSON with the step, the data iterator's position, the RNG key data, the flags and
+  the LoRA config.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a process
+killed while saving leaves the previous checkpoint as the latest restorable one. Adapters alone
+(PEFT format, or ``trainable`` of a checkpoint) can seed another run (``adapter_init``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+__all__ = ["TrainCheckpointer", "RestoredState", "abstract_like", "load_trainable"]
+
+
+@dataclasses.dataclass
+class RestoredState:
+    step: int
+    trainable: Any
+    opt_state: Any
+    meta: dict[str, Any]
+
+    @property
+    def data_state(self) -> dict[str, Any]:
+        return self.meta["data_state"]
+
+    @property
+    def rng_key(self) -> jax.Array:
+        return jax.random.wrap_key_data(jnp.asarray(np.asarray(self.meta["rng_key_data"], np.uint32)))
+
+
+def abstract_like(tree: Any) -> Any:
+    """Shape/dtype/sharding placeholders of ``tree`` (the restore target)."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+    )
+
+
+class TrainCheckpointer:
+    """Saves and restores training state under ``directory`` (``directory/<step>/...``)."""
+
+    def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int | None = 2, async_save: bool = True):
+        self.directory = pathlib.Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep,
+                enable_async_checkpointing=async_save,
+                create=True,
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(
+        self,
+        step: int,
+        trainable: Any,
+        opt_state: Any,
+        *,
+        data_state: dict[str, Any],
+        rng_key: jax.Array,
+        flags: dict[str, Any],
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Starts saving step ``step`` (asynchronously; arrays are copied before this returns)."""
+        meta = {
+            "step": int(step),
+            "data_state": data_state,
+            "rng_key_data": np.asarray(jax.random.key_data(rng_key)).tolist(),
+            "flags": flags,
+            **(extra or {}),
+        }
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                trainable=ocp.args.StandardSave(trainable),
+                opt_state=ocp.args.StandardSave(opt_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
+
+    def restore(self, trainable_like: Any, opt_state_like: Any, step: int | None = None) -> RestoredState | None:
+        """The state saved at ``step`` (default: the latest complete one), or None if there is none.
+
+        ``trainable_like`` / ``opt_state_like``: arrays or ``ShapeDtypeStruct`` giving the target
+        structure, dtypes, shardings and memory kinds (e.g. the freshly initialised state).
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                trainable=ocp.args.StandardRestore(abstract_like(trainable_like)),
+                opt_state=ocp.args.StandardRestore(abstract_like(opt_state_like)),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return RestoredState(step, restored.trainable, restored.opt_state, dict(restored.meta))
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def load_trainable(path: str | pathlib.Path, trainable_like: Any) -> Any:
+    """The ``trainable`` item of a checkpoint step directory (``.../<step>``), or of the latest
+    step under a checkpoint directory: adapters to start another run from."""
+    path = pathlib.Path(path).absolute()
+    if not (path / "trainable").exists():
+        steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "trainable").exists())
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint with adapters ('trainable') under {path}")
+        path = path / str(steps[-1])
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(path / "trainable", abstract_like(trainable_like))

@@ -1,0 +1,237 @@
+"""Memory planner: the peak device memory of a QLoRA training step, broken down, before launching.
+
+The model is structural: every component is computed from the shapes, dtypes and options the
+training step actually uses (:mod:`qlora_jax.train`, :mod:`qlora_jax.models.llama`):
+
+* frozen base: quantized linear weights (codes + constants, :mod:`qlora_jax.quant.report`), and
+  the 16-bit embeddings, norms and output head;
+* adapters, their gradients (float32, plus the accumulator of gradient accumulation);
+* optimizer state, on the device or in pinned host memory when offloaded (32-bit Adam: two float32
+  moments; 8-bit: two uint8 moments and a float32 absmax per 256 values, bitsandbytes' layout),
+  plus the transient device copy an offloaded state needs while it is updated (one layer at a time
+  when streamed);
+* activations: with per-layer rematerialisation, each layer's input is kept and one layer's
+  internals are live at a time (twice: forward values and their cotangents); without it, every
+  layer's internals are kept. Attention scores are ``[B, heads, T, T]`` float32;
+* the chunked output projection and cross-entropy (``loss_chunk`` tokens at a time);
+* the dequantized weights of one layer (the XLA path keeps them for that layer's backward).
+
+``workspace_fraction`` adds a margin for allocator fragmentation and library workspaces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+from qlora_jax.lora import ALL_LINEAR
+from qlora_jax.models.config import LlamaConfig
+from qlora_jax.quant.report import storage_report_for
+
+__all__ = ["KNOWN_MODELS", "MemoryPlan", "plan_memory", "model_config", "GPUS", "format_plan"]
+
+GiB = 2**30
+
+_LLAMA1 = dict(vocab_size=32000, rms_norm_eps=1e-6, max_position_embeddings=2048, model_type="llama")
+KNOWN_MODELS: dict[str, LlamaConfig] = {
+    "llama-7b": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                            num_key_value_heads=32, head_dim=128, **_LLAMA1),
+    "llama-13b": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                             num_key_value_heads=40, head_dim=128, **_LLAMA1),
+    "llama-33b": LlamaConfig(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52,
+                             num_key_value_heads=52, head_dim=128, **_LLAMA1),
+    "llama-65b": LlamaConfig(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64,
+                             num_key_value_heads=64, head_dim=128, **_LLAMA1),
+    "llama2-70b": LlamaConfig(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                              num_attention_heads=64, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                              max_position_embeddings=4096),
+    "llama3-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                             rope_theta=500000.0, max_position_embeddings=8192),
+    "llama3-70b": LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                              num_attention_heads=64, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                              rope_theta=500000.0, max_position_embeddings=8192),
+    "smollm2-135m": LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                                rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True),
+}
+
+GPUS = {"24GB": 24 * GiB, "40GB": 40 * GiB, "48GB": 48 * GiB, "80GB": 80 * GiB, "H100": 80 * GiB,
+        "H200": 141 * GiB, "A100-40GB": 40 * GiB, "A100-80GB": 80 * GiB, "RTX4090": 24 * GiB, "A6000": 48 * GiB}
+
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def model_config(name_or_path: str) -> LlamaConfig:
+    """A known model name (see :data:`KNOWN_MODELS`) or a ``config.json`` path/folder."""
+    if name_or_path in KNOWN_MODELS:
+        return KNOWN_MODELS[name_or_path]
+    path = pathlib.Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        raise ValueError(f"unknown model {name_or_path!r}: use one of {sorted(KNOWN_MODELS)} or a config.json path")
+    return LlamaConfig.from_hf_dict(json.loads(path.read_text()))
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per component; ``device_peak_bytes`` is the sum of the device components."""
+
+    base_linear_codes: int
+    base_quant_constants: int
+    embeddings_norms_head: int
+    adapters: int
+    adapter_gradients: int
+    optimizer_device: int
+    optimizer_host: int
+    activations_saved: int
+    activations_layer: int
+    loss_chunk: int
+    dequantized_layer: int
+    workspace: int
+
+    @property
+    def device_components(self) -> dict[str, int]:
+        return {
+            "base weights (quantized codes)": self.base_linear_codes,
+            "quantization constants": self.base_quant_constants,
+            "embeddings, norms, output head": self.embeddings_norms_head,
+            "adapters": self.adapters,
+            "adapter gradients": self.adapter_gradients,
+            "optimizer state on device": self.optimizer_device,
+            "activations kept across layers": self.activations_saved,
+            "activations of one layer (fwd + bwd)": self.activations_layer,
+            "output projection + loss chunk": self.loss_chunk,
+            "dequantized weights of one layer": self.dequantized_layer,
+            "workspace margin": self.workspace,
+        }
+
+    @property
+    def device_peak_bytes(self) -> int:
+        return sum(self.device_components.values())
+
+    def fits(self, gpu_bytes: int) -> bool:
+        return self.device_peak_bytes <= gpu_bytes
+
+
+def _adapter_params(config: LlamaConfig, r: int, targets: tuple[str, ...]) -> int:
+    shapes = config.linear_shapes()
+    return config.num_hidden_layers * sum(r * (shapes[n][0] + shapes[n][1]) for n in targets)
+
+
+def plan_memory(
+    config: LlamaConfig,
+    *,
+    seq_len: int,
+    batch: int,
+    lora_r: int = 64,
+    lora_targets: tuple[str, ...] = ALL_LINEAR,
+    quant: str = "nf4",
+    double_quant: bool = True,
+    blocksize: int = 64,
+    optim: str = "paged_adamw_32bit",
+    remat: bool = True,
+    compute_dtype: str = "bfloat16",
+    base_dtype: str = "bfloat16",
+    lora_dtype: str = "float32",
+    gradient_accumulation_steps: int = 1,
+    loss_chunk: int = 256,
+    streamed_offload: bool = True,
+    fused_dequant: bool = False,
+    workspace_fraction: float = 0.05,
+) -> MemoryPlan:
+    """Predicted device memory of one QLoRA training step (see the module docstring).
+
+    ``quant``: "nf4"/"fp4"/"int8" or "bf16"/"float32" (unquantized base). ``optim``: the
+    :func:`qlora_jax.optim.make_optimizer` name; "paged_*" offloads the state to host memory.
+    ``fused_dequant``: the matmul kernel keeps no dequantized weight for the backward.
+    """
+    act = _DTYPE_BYTES[compute_dtype]
+    base_bytes = _DTYPE_BYTES[base_dtype]
+    lora_bytes = _DTYPE_BYTES[lora_dtype]
+    d, f, v, layers = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    h, q, kv = config.num_attention_heads, config.q_size, config.kv_size
+    n = batch * seq_len
+
+    # Frozen base.
+    codes = constants = 0
+    for name, shape in config.linear_shapes().items():
+        report = storage_report_for(shape, quant if quant in ("nf4", "fp4", "int8") else base_dtype, blocksize,
+                                    double_quant)
+        codes += layers * report.codes_bytes
+        constants += layers * (report.total_bytes - report.codes_bytes)
+    embed = v * d * base_bytes * (1 if config.tie_word_embeddings else 2) + (2 * layers + 1) * d * base_bytes
+
+    # Adapters, gradients and optimizer state.
+    params = _adapter_params(config, lora_r, lora_targets)
+    adapters = params * lora_bytes
+    grads = params * 4 * (2 if gradient_accumulation_steps > 1 else 1) + params * 4  # grads, accumulator, update
+    if optim.endswith("8bit"):
+        state = params * 2 + 2 * 4 * -(-params // 256)
+    else:
+        state = params * 8
+    offloaded = optim.startswith("paged")
+    if offloaded:
+        # While updating, the state of one layer (streamed) or all of it is on the device.
+        transient = state // layers if streamed_offload else state
+        optimizer_device, optimizer_host = transient, state
+    else:
+        optimizer_device, optimizer_host = state, 0
+
+    # Activations.
+    r_total = lora_r * len(lora_targets)
+    per_token = (
+        4 * d * act            # norm inputs/outputs and residual stream values
+        + 2 * d * 4            # RMSNorm float32 intermediates
+        + (q + 2 * kv) * act   # q, k, v
+        + (q + kv) * act       # rotated q, k
+        + q * act              # attention output
+        + 3 * f * act          # gate, up, silu(gate) * up
+        + r_total * act        # LoRA down-projections
+    )
+    attention = batch * h * seq_len * seq_len * (4 + act)  # scores (float32) and probabilities
+    one_layer = n * per_token + attention
+    if remat:
+        saved = layers * n * d * act
+        layer_peak = 2 * one_layer  # recomputed forward values and their cotangents
+    else:
+        saved = layers * one_layer
+        layer_peak = one_layer
+    chunk = min(loss_chunk, n)
+    loss = chunk * v * 4 * 3 + n * d * 4  # logits, softmax, their cotangent; hidden-state cotangent
+    weights_one_layer = sum(o * i for o, i in config.linear_shapes().values()) * act
+    dequantized = 0 if (fused_dequant or quant not in ("nf4", "fp4", "int8")) else weights_one_layer
+
+    subtotal = (codes + constants + embed + adapters + grads + optimizer_device + saved + layer_peak + loss
+                + dequantized)
+    return MemoryPlan(
+        base_linear_codes=codes,
+        base_quant_constants=constants,
+        embeddings_norms_head=embed,
+        adapters=adapters,
+        adapter_gradients=grads,
+        optimizer_device=optimizer_device,
+        optimizer_host=optimizer_host,
+        activations_saved=saved,
+        activations_layer=layer_peak,
+        loss_chunk=loss,
+        dequantized_layer=dequantized,
+        workspace=int(workspace_fraction * subtotal),
+    )
+
+
+def format_plan(plan: MemoryPlan, gpu_bytes: int | None = None, gpu_name: str | None = None) -> str:
+    """A human-readable breakdown, largest first, and whether it fits."""
+    lines = []
+    for label, value in sorted(plan.device_components.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {label:<40} {value / GiB:9.2f} GiB")
+    lines.append(f"  {'device peak':<40} {plan.device_peak_bytes / GiB:9.2f} GiB")
+    lines.append(f"  {'optimizer state in pinned host memory':<40} {plan.optimizer_host / GiB:9.2f} GiB")
+    if gpu_bytes:
+        verdict = "fits" if plan.fits(gpu_bytes) else "does NOT fit"
+        lines.append(f"  -> {verdict} on {gpu_name or ''} ({gpu_bytes / GiB:.0f} GiB), "
+                     f"{(gpu_bytes - plan.device_peak_bytes) / GiB:+.2f} GiB to spare")
+    return "\n".join(lines)

@@ -1,0 +1,159 @@
+"""The training step: masked next-token loss, gradient accumulation, an optax update.
+
+Pure functions over explicit pytrees, built once and compiled with ``jax.jit``:
+
+* ``trainable``: the LoRA adapters (``{"layers": ...}``), or for full finetuning the base itself;
+* ``frozen``: the frozen base (``None`` for full finetuning);
+* ``batch``: ``{"input_ids", "attention_mask", "loss_mask"}``, each ``[accum, B, T]`` (the
+  micro-batches of one optimizer step). Position ``t`` of ``loss_mask`` says whether token ``t``
+  is a target, predicted from tokens ``< t``.
+
+The loss is the mean over all target tokens of the step (micro-batches are weighted by their
+token counts, so accumulation gives exactly the gradient of the big batch). A step whose loss or
+gradients are not finite is reported in ``metrics["finite"]``: the caller must stop before saving
+anything, so that the last good checkpoint stays the latest (the launcher does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from qlora_jax.linear import base_matmul
+from qlora_jax.lora import LoraConfig
+from qlora_jax.models import llama
+from qlora_jax.models.config import LlamaConfig
+
+__all__ = ["ModelSpec", "chunked_cross_entropy", "loss_and_count", "make_train_step", "make_eval_step",
+           "NonFiniteLossError"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradients became NaN or Inf."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The static description of what is trained (hashable: a static argument of jit)."""
+
+    config: LlamaConfig
+    lora_config: LoraConfig | None
+    full_finetune: bool = False
+    compute_dtype: str = "bfloat16"
+    remat: bool = True
+    loss_chunk: int = 256  # tokens per chunk of the output projection + cross-entropy
+
+
+def chunked_cross_entropy(
+    hidden: jax.Array, head: Any, targets: jax.Array, mask: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+    """Sum of masked next-token cross-entropy (nats, float32) and the number of masked tokens.
+
+    ``hidden``: ``[N, D]``, ``targets``/``mask``: ``[N]``. The vocabulary projection runs ``chunk``
+    tokens at a time and is recomputed in the backward pass, so ``[N, V]`` logits never exist.
+    """
+    n = hidden.shape[0]
+    pad = (-n) % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
+        targets = jnp.pad(targets, (0, pad))
+        mask = jnp.pad(mask, (0, pad))
+    hidden = hidden.reshape(-1, chunk, hidden.shape[-1])
+    targets = targets.reshape(-1, chunk)
+    mask = mask.reshape(-1, chunk).astype(jnp.float32)
+
+    @jax.checkpoint
+    def one_chunk(h, t, m):
+        logits = base_matmul(h, head).astype(jnp.float32)
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        return jnp.sum((logz - target_logit) * m)
+
+    def body(total, xs):
+        return total + one_chunk(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, mask))
+    return total, jnp.sum(mask)
+
+
+def loss_and_count(
+    spec: ModelSpec,
+    trainable: Any,
+    frozen: Any,
+    batch: dict[str, jax.Array],
+    dropout_key: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
+    """Summed target-token loss and target count for one micro-batch ``[B, T]``."""
+    base, lora = (trainable, None) if spec.full_finetune else (frozen, trainable)
+    hidden, _ = llama.hidden_states(
+        spec.config, base, lora, batch["input_ids"], lora_config=spec.lora_config,
+        attention_mask=batch["attention_mask"], dropout_key=dropout_key, remat=spec.remat,
+        compute_dtype=jnp.dtype(spec.compute_dtype),
+    )
+    head = base["embed_tokens"] if spec.config.tie_word_embeddings else base["lm_head"]
+    # Hidden state t predicts token t + 1.
+    targets = batch["input_ids"][:, 1:]
+    mask = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).astype(jnp.float32)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    return chunked_cross_entropy(h, head, targets.reshape(-1), mask.reshape(-1), spec.loss_chunk)
+
+
+def _accumulate(spec, trainable, frozen, batch, key, with_grad: bool):
+    accum = batch["input_ids"].shape[0]
+    keys = None if key is None else jax.random.split(key, accum)
+
+    def micro(trainable, micro_batch, micro_key):
+        return loss_and_count(spec, trainable, frozen, micro_batch, micro_key)
+
+    def body(carry, xs):
+        micro_batch, micro_key = xs
+        if with_grad:
+            (loss_sum, count), grads = jax.value_and_grad(micro, has_aux=True)(trainable, micro_batch, micro_key)
+            total, tokens, grad_sum = carry
+            return (total + loss_sum, tokens + count, jax.tree.map(jnp.add, grad_sum, grads)), None
+        loss_sum, count = micro(trainable, micro_batch, micro_key)
+        total, tokens = carry
+        return (total + loss_sum, tokens + count), None
+
+    zero = jnp.zeros((), jnp.float32)
+    init = (zero, zero, jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)) if with_grad else (zero, zero)
+    out, _ = jax.lax.scan(body, init, (batch, keys))
+    return out
+
+
+def make_train_step(spec: ModelSpec, optimizer: optax.GradientTransformation) -> Callable:
+    """``step(trainable, opt_state, frozen, batch, key) -> (trainable, opt_state, metrics)``.
+
+    ``key`` drives LoRA dropout (None: no dropout). ``metrics``: loss (mean nats per target
+    token), tokens, grad_norm (before clipping), finite (bool). Not jitted: wrap it in
+    ``jax.jit`` with the shardings and donation you need (see :mod:`qlora_jax.optim`).
+    """
+
+    def step(trainable, opt_state, frozen, batch, key):
+        total, tokens, grad_sum = _accumulate(spec, trainable, frozen, batch, key, with_grad=True)
+        denom = jnp.maximum(tokens, 1.0)
+        loss = total / denom
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum, trainable)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": loss, "tokens": tokens, "grad_norm": grad_norm, "finite": finite}
+        return new_trainable, new_opt_state, metrics
+
+    return step
+
+
+def make_eval_step(spec: ModelSpec) -> Callable:
+    """``eval_step(trainable, frozen, batch) -> (loss_sum, tokens)`` over ``[accum, B, T]`` batches."""
+
+    def eval_step(trainable, frozen, batch):
+        total, tokens = _accumulate(spec, trainable, frozen, batch, None, with_grad=False)
+        return total, tokens
+
+    return eval_step
