@@ -73,6 +73,11 @@ flags.DEFINE_integer("seed", 0, "Seed of the adapters, the data split and order,
 flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in output_dir.")
 flags.DEFINE_integer("num_sample_prompts", 4, "Held-out questions answered before and after training.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+# devices and hosts
+flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'fsdp=8' or 'data=2,fsdp=4' (axes data, fsdp, tensor; -1 = rest).")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (jax.distributed).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 
 def config_from_flags():
@@ -103,7 +108,7 @@ def config_from_flags():
         gradient_checkpointing=FLAGS.gradient_checkpointing, logging_steps=FLAGS.logging_steps,
         eval_steps=FLAGS.eval_steps, save_steps=FLAGS.save_steps, save_total_limit=FLAGS.save_total_limit,
         output_dir=FLAGS.output_dir, seed=FLAGS.seed, resume=FLAGS.resume,
-        num_sample_prompts=FLAGS.num_sample_prompts,
+        num_sample_prompts=FLAGS.num_sample_prompts, mesh=FLAGS.mesh,
     )
 
 
@@ -112,6 +117,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     from qlora_jax import finetune
+    from qlora_jax.distributed import initialize_distributed
+
+    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
     cfg = config_from_flags()
     result = finetune.run(cfg, progress=FLAGS.progress)

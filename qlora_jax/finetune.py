@@ -30,6 +30,7 @@ import numpy as np
 
 from qlora_jax import data as data_lib
 from qlora_jax.checkpointing import TrainCheckpointer, load_trainable
+from qlora_jax.distributed import make_mesh, param_shardings, shard_batch, shard_tree
 from qlora_jax.generate import SamplingConfig, generate_tokens
 from qlora_jax.lora import LoraConfig
 from qlora_jax.model import load_pretrained
@@ -97,6 +98,8 @@ class FinetuneConfig:
     num_sample_prompts: int = 4
     sample_max_new_tokens: int = 48
     data_workers: int = 0  # 0: one per CPU core
+    # devices: a mesh spec such as "fsdp=8" or "data=2,fsdp=4" (None: the default device only)
+    mesh: str | None = None
 
     @property
     def quant(self) -> str:
@@ -142,7 +145,9 @@ def _peak_host_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _as_step_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+def _as_step_batch(batch: dict[str, np.ndarray], mesh=None) -> dict[str, jax.Array]:
+    if mesh is not None:
+        return shard_batch(batch, mesh)
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
@@ -197,6 +202,16 @@ def run(cfg: FinetuneConfig, *, log: Callable[[str], None] = print, progress: bo
     trainable = model.base_params if cfg.full_finetune else model.lora_params
     if cfg.adapter_init:
         trainable = _initial_adapters(cfg.adapter_init, config, trainable, log)
+    mesh, data_parallel = None, 1
+    if cfg.mesh:
+        # Shard the packed base, the adapters (and so the optimizer state) and the batches.
+        mesh = make_mesh(cfg.mesh)
+        data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+        trainable = shard_tree(trainable, param_shardings(trainable, mesh))
+        if frozen is not None:
+            frozen = shard_tree(frozen, param_shardings(frozen, mesh))
+        log(f"mesh {dict(mesh.shape)} over {mesh.size} devices; global batch "
+            f"{cfg.per_device_train_batch_size * data_parallel}")
 
     # --- data: held-out split, chat template, source masked ---------------------------------
     examples = data_lib.load_examples(cfg.dataset, cfg.dataset_format)
@@ -222,10 +237,10 @@ def run(cfg: FinetuneConfig, *, log: Callable[[str], None] = print, progress: bo
 
     def evaluate(params) -> float:
         total, count = 0.0, 0.0
-        for batch in data_lib.eval_batches(eval_tokens, batch_size=cfg.per_device_eval_batch_size,
+        for batch in data_lib.eval_batches(eval_tokens, batch_size=cfg.per_device_eval_batch_size * data_parallel,
                                            pad_id=tokenizer.pad_id, buckets=buckets):
-            loss_sum, tokens = eval_step(params, frozen, _as_step_batch(data_lib.stack_batches([batch],
-                                                                                               tokenizer.pad_id)))
+            stacked = data_lib.stack_batches([batch], tokenizer.pad_id)
+            loss_sum, tokens = eval_step(params, frozen, _as_step_batch(stacked, mesh))
             total, count = total + float(loss_sum), count + float(tokens)
         return total / max(count, 1.0)
 
@@ -241,7 +256,7 @@ def run(cfg: FinetuneConfig, *, log: Callable[[str], None] = print, progress: bo
             step, trainable, opt_state = restored.step, restored.trainable, restored.opt_state
             data_state, rng = restored.data_state, restored.rng_key
             log(f"resumed from step {step} ({checkpointer.directory / str(step)})")
-    batches = data_lib.BatchIterator(train_tokens, batch_size=cfg.per_device_train_batch_size,
+    batches = data_lib.BatchIterator(train_tokens, batch_size=cfg.per_device_train_batch_size * data_parallel,
                                      pad_id=tokenizer.pad_id, buckets=buckets, seed=cfg.seed,
                                      group_by_length=cfg.group_by_length, state=data_state)
 
@@ -272,7 +287,7 @@ def run(cfg: FinetuneConfig, *, log: Callable[[str], None] = print, progress: bo
     train_tokens_seen, train_seconds = 0.0, 0.0
     eval_loss = first_eval
     while step < cfg.max_steps:
-        batch = _as_step_batch(batches.next_batches(cfg.gradient_accumulation_steps))
+        batch = _as_step_batch(batches.next_batches(cfg.gradient_accumulation_steps), mesh)
         key = jax.random.fold_in(rng, step) if cfg.lora_dropout > 0 else None
         tick = time.perf_counter()
         trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch, key)

@@ -24,14 +24,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def random_base(config: LlamaConfig, rng: np.random.Generator):
-    base = {"embed_tokens": jnp.asarray(rng.normal(size=(config.vocab_size, config.hidden_size)), jnp.bfloat16),
+    base = {"embed_tokens": jnp.asarray(rng.normal(size=(config.vocab_size, config.hidden_size)) * 0.5, jnp.bfloat16),
             "norm": jnp.ones(config.hidden_size, jnp.bfloat16)}
     stacker = _Stacker(config.num_hidden_layers)
     for layer in range(config.num_hidden_layers):
         for norm in ("input_layernorm", "post_attention_layernorm"):
             stacker.put(norm, layer, jnp.ones(config.hidden_size, jnp.bfloat16))
         for name, shape in config.linear_shapes().items():
-            stacker.put(name, layer, quantize(rng.normal(size=shape).astype(np.float32)))
+            stacker.put(name, layer, quantize((rng.normal(size=shape) * shape[1] ** -0.5).astype(np.float32)))
     layers = {n: stacker.buffers[n] for n in ("input_layernorm", "post_attention_layernorm")}
     layers.update(self_attn={}, mlp={})
     for name in ALL_LINEAR:

@@ -1,0 +1,122 @@
+"""Shardings for the frozen base, the adapters, the optimizer state and the batches.
+
+Rules (``fsdp`` and ``tensor`` mesh axes together are the "parameter" axes):
+
+* a linear weight ``[L, out, in]`` and its packed codes ``[L, out, in/2]`` and scales
+  ``[L, out, in/blocksize]`` split their ``out`` rows over the parameter axes, so every device
+  holds ``1/n`` of the packed NF4 weights; the nested scales split with them when the split falls
+  on whole nested blocks of 256, else they are replicated (they are 1/512 of the codes);
+  per-layer offsets are replicated;
+* embeddings and the output head split their vocabulary rows;
+* adapters ``A: [L, r, in]`` split ``in``, ``B: [L, out, r]`` split ``out``; any other leaf
+  splits its largest dimension that the axes divide, or is replicated;
+* the optimizer state follows the adapters (:func:`qlora_jax.optim.state_shardings`);
+* batches ``[accum, B, T]`` split ``B`` over ``data`` and ``fsdp``.
+
+Layer-stacked leaves never split the layer axis: ``lax.scan`` runs the layers in sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from qlora_jax.quant import QuantizedTensor
+
+__all__ = ["param_shardings", "batch_sharding", "shard_tree", "shard_batch", "PARAM_AXES", "BATCH_AXES"]
+
+PARAM_AXES = ("fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def _axes_size(mesh: Mesh, axes: tuple[str, ...]) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _split(ndim: int, dim: int, axes: tuple[str, ...]) -> P:
+    spec: list[Any] = [None] * ndim
+    spec[dim] = axes
+    return P(*spec)
+
+
+def _largest_divisible(shape: tuple[int, ...], first: int, size: int) -> int | None:
+    candidates = [d for d in range(first, len(shape)) if shape[d] % size == 0 and shape[d] >= size]
+    return max(candidates, key=lambda d: shape[d]) if candidates else None
+
+
+def _quantized(qt: QuantizedTensor, mesh: Mesh, stacked: bool) -> QuantizedTensor:
+    size = _axes_size(mesh, PARAM_AXES)
+    lead = 1 if stacked else 0
+    codes_shape = qt.codes.shape
+    rows = codes_shape[lead] if len(codes_shape) > lead + 1 else None
+    replicated = NamedSharding(mesh, P())
+    if size == 1 or rows is None or rows % size:
+        return jax.tree.map(lambda _: replicated, qt)
+    rowwise = NamedSharding(mesh, _split(len(codes_shape), lead, PARAM_AXES))
+    scales = NamedSharding(mesh, _split(qt.scales.ndim, lead, PARAM_AXES))
+    nested = replicated
+    if qt.double_quant:
+        scales_per_shard = (rows // size) * qt.scales.shape[-1]
+        if scales_per_shard % qt.nested_blocksize == 0 and qt.nested_scales.shape[-1] % size == 0:
+            nested = NamedSharding(mesh, _split(qt.nested_scales.ndim, lead, PARAM_AXES))
+    return QuantizedTensor(rowwise, scales, nested if qt.double_quant else None,
+                           replicated if qt.double_quant else None, qt.shape, qt.dtype, qt.quant_type, qt.blocksize,
+                           qt.nested_blocksize)
+
+
+def _path_names(path) -> list[str]:
+    return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
+def param_shardings(tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a base or adapter pytree (see the module docstring)."""
+    size = _axes_size(mesh, PARAM_AXES)
+    replicated = NamedSharding(mesh, P())
+
+    def rule(path, leaf):
+        names = _path_names(path)
+        stacked = "layers" in names
+        if isinstance(leaf, QuantizedTensor):
+            return _quantized(leaf, mesh, stacked)
+        shape = tuple(leaf.shape)
+        lead = 1 if stacked else 0
+        if size == 1 or len(shape) <= lead:
+            return replicated
+        name = names[-1] if names else ""
+        if name == "lora_A" and shape[-1] % size == 0:
+            return NamedSharding(mesh, _split(len(shape), len(shape) - 1, PARAM_AXES))
+        if name in ("lora_B", "weight", "bias", "embed_tokens", "lm_head") and shape[lead] % size == 0:
+            return NamedSharding(mesh, _split(len(shape), lead, PARAM_AXES))
+        if name.endswith("layernorm") or name == "norm":
+            return replicated
+        dim = _largest_divisible(shape, lead, size)
+        return replicated if dim is None else NamedSharding(mesh, _split(len(shape), dim, PARAM_AXES))
+
+    return jax.tree_util.tree_map_with_path(rule, tree, is_leaf=lambda x: isinstance(x, QuantizedTensor))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """``[accum, B, T]`` batches: ``B`` split over the data-parallel axes."""
+    return NamedSharding(mesh, P(None, BATCH_AXES, None))
+
+
+def shard_tree(tree: Any, shardings: Any) -> Any:
+    """``tree`` placed with ``shardings`` (a matching pytree of shardings)."""
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global ``[accum, B, T]`` arrays from host batches that every process computes identically.
+
+    Each process materialises only the rows its devices hold, so this works across hosts.
+    """
+    sharding = batch_sharding(mesh)
+    rows = batch["input_ids"].shape[1]
+    if rows % _axes_size(mesh, BATCH_AXES):
+        raise ValueError(f"the batch of {rows} sequences does not split over the data axes "
+                         f"({_axes_size(mesh, BATCH_AXES)} ways): make it a multiple")
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
