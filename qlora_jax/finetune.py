@@ -246,6 +246,11 @@ def run(cfg: FinetuneConfig, *, log: Callable[[str], None] = print, progress: bo
 
     # --- resume -----------------------------------------------------------------------------
     checkpointer = TrainCheckpointer(out / "checkpoints", max_to_keep=cfg.save_total_limit)
+    if not cfg.resume and checkpointer.latest_step() is not None:
+        # A fresh run must not overwrite (and so lose) an earlier run's checkpoints.
+        raise FileExistsError(
+            f"{checkpointer.directory} already holds checkpoints (latest step {checkpointer.latest_step()}): "
+            "pass resume=True (--resume) to continue that run, or choose another output_dir")
     rng = jax.random.key(cfg.seed)
     step, data_state = 0, None
     if cfg.resume:

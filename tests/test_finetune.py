@@ -96,16 +96,24 @@ def test_resume_continues_exactly(tiny_model, tmp_path):
 def test_adapter_init_from_previous_run(tiny_model, tmp_path):
     first = tmp_path / "first"
     run(small_config(tiny_model, first, max_steps=10), progress=False, log=lambda _: None)
+    fresh = run(small_config(tiny_model, tmp_path / "fresh", max_steps=1, eval_steps=1), progress=False,
+                log=lambda _: None)
     for source in (first / "adapter", first / "checkpoints"):
         logs = []
-        second = tmp_path / f"second_{source.name}"
-        result = run(small_config(tiny_model, second, max_steps=1, eval_steps=1), progress=False, log=logs.append)
-        fresh_eval = result.first_eval_loss
-        result = run(small_config(tiny_model, second, max_steps=1, eval_steps=1, adapter_init=str(source)),
-                     progress=False, log=logs.append)
+        result = run(small_config(tiny_model, tmp_path / f"from_{source.name}", max_steps=1, eval_steps=1,
+                                  adapter_init=str(source)), progress=False, log=logs.append)
         assert any("adapters initialised" in line for line in logs)
         # Starting from trained adapters, the held-out loss before any step is the trained one.
-        assert result.first_eval_loss < fresh_eval - 0.3
+        assert result.first_eval_loss < fresh.first_eval_loss - 0.3
+
+
+def test_fresh_run_refuses_to_overwrite_checkpoints(tiny_model, tmp_path):
+    out = tmp_path / "once"
+    run(small_config(tiny_model, out, max_steps=2, save_steps=1, num_sample_prompts=0), progress=False,
+        log=lambda _: None)
+    with pytest.raises(FileExistsError, match="already holds checkpoints.*resume"):
+        run(small_config(tiny_model, out, max_steps=2, num_sample_prompts=0), progress=False, log=lambda _: None)
+    assert TrainCheckpointer(out / "checkpoints").latest_step() == 2
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_model, tmp_path):
@@ -173,7 +181,7 @@ def test_killed_save_leaves_previous_checkpoint_restorable(tmp_path):
 def test_bad_dataset_row_names_file_and_row(tiny_model, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"instruction": "Say hi", "output": "Hi"}\n{"instruction": "Say bye"}\n')
-    with pytest.raises(ValueError, match=r"data\.jsonl.*(line|row) 2.*output"):
+    with pytest.raises(ValueError, match=r"data\.jsonl(:| line | row )2\b.*output"):
         run(small_config(tiny_model, tmp_path / "bad", dataset=str(data)), progress=False, log=lambda _: None)
 
 
@@ -190,5 +198,5 @@ def test_default_cli_run_with_few_steps(tmp_path):
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [e["eval_loss"] for e in evals if e["kind"] == "eval"]
     assert 3.5 < evals[0] < 5.0, evals  # the base model's response loss on chatterbot, ~4.2 nats
-    assert evals[-1] < evals[0] - 0.5, evals
+    assert evals[-1] < evals[0] - 0.3, evals
     assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "loss_curve.png").exists()

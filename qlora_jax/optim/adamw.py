@@ -1,0 +1,74 @@
+"""AdamW, 32-bit and 8-bit, as optax chains without clipping (clip before them, outside any offload).
+
+Both are ``scale_by_adam[_8bit] -> add_decayed_weights(mask) -> scale_by_learning_rate``, i.e. the
+decoupled update ``p <- p - lr * (adam_direction + weight_decay * p)`` of ``torch.optim.AdamW``,
+``optax.adamw`` and bitsandbytes' AdamW8bit. Every piece is elementwise or per-leaf, so both can be
+wrapped whole in :func:`qlora_jax.optim.offload_state`.
+"""
+
+from __future__ import annotations
+
+import optax
+
+from qlora_jax.optim import quantized_moments as qm
+from qlora_jax.optim.adam8bit import scale_by_adam_8bit
+from qlora_jax.optim.masks import MaskLike, as_mask_fn, decay_mask
+from qlora_jax.quant.blockwise import BnbBackend
+
+__all__ = ["adamw", "adamw_8bit"]
+
+
+def _check(learning_rate, weight_decay: float) -> None:
+    if not callable(learning_rate) and learning_rate < 0:
+        raise ValueError(f"learning_rate must be non-negative, got {learning_rate}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be non-negative, got {weight_decay}")
+
+
+def adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_mask: MaskLike = decay_mask,
+) -> optax.GradientTransformation:
+    """AdamW with float32 moments (``optax.adamw`` with QLoRA's defaults: ``b2=0.999``, no decay).
+
+    ``weight_decay_mask``: which leaves decay (default :func:`~qlora_jax.optim.decay_mask`: not biases
+    or norms). Learning rate and weight decay follow PyTorch's AdamW convention.
+    """
+    _check(learning_rate, weight_decay)
+    return optax.chain(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        optax.add_decayed_weights(weight_decay, as_mask_fn(weight_decay_mask)),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def adamw_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_mask: MaskLike = decay_mask,
+    block_size: int = qm.BLOCK_SIZE,
+    min_8bit_size: int = qm.MIN_8BIT_SIZE,
+    bnb_backend: BnbBackend = "cuda",
+) -> optax.GradientTransformation:
+    """AdamW with blockwise 8-bit moments: ``bitsandbytes.optim.AdamW8bit``'s update.
+
+    See :func:`~qlora_jax.optim.scale_by_adam_8bit` for ``block_size``, ``min_8bit_size`` and
+    ``bnb_backend``. For layer-stacked parameters wrap it in :func:`~qlora_jax.optim.per_layer` (or
+    offload it) to get bitsandbytes' per-layer blocks.
+    """
+    _check(learning_rate, weight_decay)
+    return optax.chain(
+        scale_by_adam_8bit(b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size,
+                           bnb_backend=bnb_backend),
+        optax.add_decayed_weights(weight_decay, as_mask_fn(weight_decay_mask)),
+        optax.scale_by_learning_rate(learning_rate),
+    )

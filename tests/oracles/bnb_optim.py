@@ -1,0 +1,56 @@
+"""Oracle: bitsandbytes' optimizers on its CPU backend, run in the separate Python 3.11 environment.
+
+Usage: python bnb_optim.py IN.npz CONFIG.json OUT.npz
+
+CONFIG holds {"cases": [...]}; each case is
+  {"name", "optimizer": "AdamW8bit" | "AdamW", "lr", "betas": [b1, b2], "eps", "weight_decay",
+   "num_params", "steps"}
+and reads from IN.npz the initial parameters "<name>/p/<i>" (float32) and the gradient of every
+step "<name>/g/<t>/<i>" (float32). The gradients are given, not computed, so that both sides see
+identical inputs at every step. Results in OUT.npz:
+  "<name>/p/<t>/<i>": parameter i after step t (t = 1..steps);
+  "<name>/state1/<i>", "<name>/state2/<i>": the final first/second moment (uint8 codes for 8-bit
+  tensors, float32 otherwise); "<name>/absmax1/<i>", "<name>/absmax2/<i>" for 8-bit tensors.
+"""
+
+import json
+import sys
+import warnings
+
+import numpy as np
+import torch
+
+warnings.filterwarnings("ignore")
+import bitsandbytes as bnb  # noqa: E402
+
+
+def main(in_path, config_path, out_path):
+    arrays = dict(np.load(in_path))
+    config = json.load(open(config_path))
+    out = {}
+    torch.manual_seed(0)
+    for case in config["cases"]:
+        name = case["name"]
+        params = [
+            torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(arrays[f"{name}/p/{i}"], np.float32)).clone())
+            for i in range(case["num_params"])
+        ]
+        cls = getattr(bnb.optim, case["optimizer"])
+        opt = cls(params, lr=case["lr"], betas=tuple(case["betas"]), eps=case["eps"],
+                  weight_decay=case["weight_decay"])
+        for t in range(1, case["steps"] + 1):
+            for i, p in enumerate(params):
+                p.grad = torch.from_numpy(np.ascontiguousarray(arrays[f"{name}/g/{t}/{i}"], np.float32)).clone()
+            opt.step()
+            for i, p in enumerate(params):
+                out[f"{name}/p/{t}/{i}"] = p.detach().numpy().copy()
+        for i, p in enumerate(params):
+            state = opt.state[p]
+            for key in ("state1", "state2", "absmax1", "absmax2"):
+                if key in state:
+                    out[f"{name}/{key}/{i}"] = state[key].detach().numpy().copy()
+    np.savez(out_path, **out)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
