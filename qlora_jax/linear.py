@@ -12,7 +12,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from qlora_jax.quant import QuantizedTensor, dequantize
+from qlora_jax.kernels import quantized_matmul
+from qlora_jax.quant import QuantizedTensor
 
 __all__ = ["base_matmul", "lora_delta", "qlora_linear"]
 
@@ -24,13 +25,8 @@ def base_matmul(x: jax.Array, weight: Any) -> jax.Array:
     keeps only the packed weight for the backward pass (the input gradient re-dequantizes it).
     """
     if isinstance(weight, QuantizedTensor):
-        from qlora_jax import kernels
-
-        if hasattr(kernels, "quantized_matmul"):
-            return kernels.quantized_matmul(x, weight)
-        w = dequantize(weight, x.dtype)
-    else:
-        w = weight.astype(x.dtype)
+        return quantized_matmul(x, weight)
+    w = weight.astype(x.dtype)
     return jax.lax.dot_general(
         x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
     ).astype(x.dtype)

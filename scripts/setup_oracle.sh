@@ -5,6 +5,9 @@
 # machines, where Python 3.12 would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# pip here may be configured with local indexes that do not exist; its "ignored" notices are noise.
+quiet_pip() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 VENV="${1:-.venv-oracle}"
 
 find_python311() {
@@ -23,7 +26,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   echo "creating $VENV with $PYTHON ($("$PYTHON" --version))"
   "$PYTHON" -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip --disable-pip-version-check install -q -r requirements/oracle.txt
+quiet_pip "$VENV/bin/python" -m pip --disable-pip-version-check install -q -r requirements/oracle.txt
 "$VENV/bin/python" -c "
 import torch, bitsandbytes, transformers, peft
 assert torch.__version__.endswith('+cpu') or not torch.cuda.is_available(), torch.__version__

@@ -3,6 +3,9 @@
 # the library installed editable, and the embedded model and datasets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# pip here may be configured with local indexes that do not exist; its "ignored" notices are noise.
+quiet_pip() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 VENV="${1:-.venv}"
 
 find_python312() {
@@ -23,6 +26,6 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
-"${PIP[@]}" install -q -c requirements/ci.txt -e ".[test,data]"
-"${PIP[@]}" install -q --no-deps --require-hashes -r requirements/assets.txt
+quiet_pip "${PIP[@]}" install -q -c requirements/ci.txt -e ".[test,data]"
+quiet_pip "${PIP[@]}" install -q --no-deps --require-hashes -r requirements/assets.txt
 "$VENV/bin/python" -c "import jax, qlora_jax, qlora_jax.kernels; print('qlora-jax', qlora_jax.__version__, 'with jax', jax.__version__)"

@@ -93,6 +93,20 @@ def test_resume_continues_exactly(tiny_model, tmp_path):
         np.testing.assert_allclose(got[step], expected[step], rtol=1e-6, err_msg=f"step {step}")
 
 
+def test_sharded_run_matches_single_device(tiny_model, tmp_path):
+    """The recipe on a data=2,fsdp=4 mesh (8 host devices) sees the same batches and losses."""
+    common = dict(max_steps=3, eval_steps=3, save_steps=3, warmup_ratio=0.0, num_sample_prompts=0)
+    run(small_config(tiny_model, tmp_path / "one", per_device_train_batch_size=8, **common), progress=False,
+        log=lambda _: None)
+    logs = []
+    run(small_config(tiny_model, tmp_path / "eight", per_device_train_batch_size=1, per_device_eval_batch_size=1,
+                     mesh="data=2,fsdp=4", **common), progress=False, log=logs.append)
+    assert any("global batch 8" in line for line in logs)
+    single, sharded = train_losses(tmp_path / "one"), train_losses(tmp_path / "eight")
+    for step in (1, 2, 3):
+        np.testing.assert_allclose(sharded[step], single[step], rtol=1e-4, err_msg=f"step {step}")
+
+
 def test_adapter_init_from_previous_run(tiny_model, tmp_path):
     first = tmp_path / "first"
     run(small_config(tiny_model, first, max_steps=10), progress=False, log=lambda _: None)
