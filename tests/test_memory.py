@@ -93,3 +93,18 @@ def test_config_json_and_cli(tmp_path):
     out = subprocess.run([sys.executable, "-m", "experiments.memory", "--model=llama-65b", "--seq_len=512",
                           "--gpu=48GB"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert "device peak" in out and "pinned host" in out and "48GB" in out
+
+
+@pytest.mark.parametrize("mesh", [None, "fsdp=8"])
+def test_bench_train_step_smoke(tmp_path, mesh):
+    """The 7B/65B step benchmark's harness on CPU: random packed NF4 base, real steps, planner beside."""
+    out = tmp_path / "bench.json"
+    args = [sys.executable, "-m", "experiments.bench_train_step", "--smoke", f"--json_out={out}"]
+    if mesh:
+        args.append(f"--mesh={mesh}")
+    env = {**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    text = subprocess.run(args, cwd=REPO, capture_output=True, text=True, check=True, env=env).stdout
+    assert "tokens/s" in text and "planner:" in text
+    result = __import__("json").loads(out.read_text())["results"][0]
+    assert result["tokens_per_second"] > 0 and np.isfinite(result["final_loss"])
+    assert result["peak_device_bytes"] is None  # CPU: no allocator statistics, and no number made up

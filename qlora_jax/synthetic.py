@@ -1,0 +1,115 @@
+"""Random frozen bases made directly on the devices: 7B- or 65B-shaped QLoRA steps without a checkpoint.
+
+The packed codes, double-quantized scales and 16-bit embeddings are generated in place, leaf by
+leaf, with the shardings asked for, so that nothing larger than one leaf ever exists unsharded
+and nothing passes through host memory. The weights are meaningless (uniform codes, scales of a
+``weight_std``-wide layer) but have the real shapes, dtypes and layout, which is all that speed
+and memory measurements need.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from qlora_jax.lora import ALL_LINEAR, module_group
+from qlora_jax.models.config import LlamaConfig
+from qlora_jax.quant import QuantizedTensor
+from qlora_jax.quant.tensor import codes_shape, double_quantize, scales_shape
+
+__all__ = ["random_base", "abstract_base"]
+
+
+def _make(fn, sharding):
+    """``fn()`` computed on the devices, born with ``sharding`` (never gathered on one device)."""
+    return jax.jit(fn, out_shardings=sharding)() if sharding is not None else jax.jit(fn)()
+
+
+def _random_linear(key, layers: int, shape: tuple[int, int], quant: str, double_quant: bool, blocksize: int,
+                   weight_std: float, dtype, sharding) -> Any:
+    if quant not in ("nf4", "fp4", "int8"):
+        return _make(lambda: (jax.random.normal(key, (layers, *shape), jnp.float32) * weight_std).astype(dtype),
+                     sharding)
+    k_codes, k_scales = jax.random.split(key)
+    codes_dtype = jnp.int8 if quant == "int8" else jnp.uint8
+    per_layer_codes = codes_shape(shape, quant)
+    codes = _make(lambda: jax.random.bits(k_codes, (layers, *per_layer_codes), jnp.uint8).view(codes_dtype),
+                  None if sharding is None else sharding.codes)
+    per_layer_scales = scales_shape(shape, blocksize)
+    # absmax of a block of a normal layer: about 2.5 standard deviations, with some spread.
+    absmax_fn = lambda: weight_std * (2.5 + 0.5 * jax.random.uniform(k_scales, (layers, *per_layer_scales)))  # noqa: E731
+    if not double_quant:
+        scales = _make(absmax_fn, None if sharding is None else sharding.scales)
+        return QuantizedTensor(codes, scales, None, None, shape, jnp.dtype(dtype).name, quant, blocksize)
+
+    def dq():
+        absmax = absmax_fn()
+        nested = jax.vmap(functools.partial(double_quantize, nested_blocksize=256))(absmax.reshape(layers, -1))
+        return nested[0].reshape(layers, *per_layer_scales), nested[1], nested[2]
+
+    out_shardings = None if sharding is None else (sharding.scales, sharding.nested_scales, sharding.offset)
+    scales, nested, offset = jax.jit(dq, out_shardings=out_shardings)()
+    return QuantizedTensor(codes, scales, nested, offset, shape, jnp.dtype(dtype).name, quant, blocksize)
+
+
+def random_base(
+    config: LlamaConfig,
+    key: jax.Array,
+    *,
+    quant: str = "nf4",
+    double_quant: bool = True,
+    blocksize: int = 64,
+    dtype: Any = jnp.bfloat16,
+    weight_std: float = 0.02,
+    shardings: Any = None,
+) -> dict[str, Any]:
+    """A ``base`` pytree (see :mod:`qlora_jax.models.llama`) of random weights, made on the devices.
+
+    ``shardings``: None (default device), or a pytree of shardings with the base's structure,
+    e.g. ``qlora_jax.distributed.param_shardings(jax.eval_shape(lambda: random_base(...)), mesh)``
+    (see :func:`abstract_base`).
+    """
+    layers = config.num_hidden_layers
+    keys = iter(jax.random.split(key, 64))
+
+    def sharding_of(*path):
+        node = shardings
+        for p in path:
+            if node is None:
+                return None
+            node = node[p]
+        return node
+
+    d = config.hidden_size
+    base: dict[str, Any] = {
+        "embed_tokens": _make(lambda k=next(keys): (jax.random.normal(k, (config.vocab_size, d)) * weight_std)
+                             .astype(dtype), sharding_of("embed_tokens")),
+        "norm": _make(lambda: jnp.ones((d,), dtype), sharding_of("norm")),
+    }
+    if not config.tie_word_embeddings:
+        base["lm_head"] = _make(lambda k=next(keys): (jax.random.normal(k, (config.vocab_size, d)) * weight_std)
+                               .astype(dtype), sharding_of("lm_head"))
+    layer_tree: dict[str, Any] = {
+        norm: _make(lambda: jnp.ones((layers, d), dtype), sharding_of("layers", norm))
+        for norm in ("input_layernorm", "post_attention_layernorm")
+    }
+    layer_tree.update(self_attn={}, mlp={})
+    shapes = config.linear_shapes()
+    for name in ALL_LINEAR:
+        group = module_group(name)
+        entry = {"weight": _random_linear(next(keys), layers, shapes[name], quant, double_quant, blocksize,
+                                          weight_std, dtype, sharding_of("layers", group, name, "weight"))}
+        if config.linear_has_bias(name):
+            entry["bias"] = _make(lambda: jnp.zeros((layers, shapes[name][0]), dtype),
+                                  sharding_of("layers", group, name, "bias"))
+        layer_tree[group][name] = entry
+    base["layers"] = layer_tree
+    return base
+
+
+def abstract_base(config: LlamaConfig, **kwargs: Any) -> Any:
+    """Shapes and dtypes of :func:`random_base` without allocating anything."""
+    return jax.eval_shape(lambda: random_base(config, jax.random.key(0), **kwargs))
