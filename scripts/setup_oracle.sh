@@ -27,8 +27,11 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   "$PYTHON" -m venv "$VENV"
 fi
 quiet_pip "$VENV/bin/python" -m pip --disable-pip-version-check install -q -r requirements/oracle.txt
-"$VENV/bin/python" -c "
+# -P and a neutral working directory: the repository's top-level kernels/ folder must not shadow
+# the `kernels` package that transformers probes for.
+PYTHON_ABS="$(cd "$(dirname "$VENV/bin/python")" && pwd)/python"
+(cd "$(mktemp -d)" && "$PYTHON_ABS" -P -c "
 import torch, bitsandbytes, transformers, peft
 assert torch.__version__.endswith('+cpu') or not torch.cuda.is_available(), torch.__version__
 print('oracle: torch', torch.__version__, 'bitsandbytes', bitsandbytes.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)
-" 2>&1 | grep -v "kernels-community"
+" 2>&1 | { grep -v "kernels-community" || true; })
