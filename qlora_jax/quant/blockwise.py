@@ -77,7 +77,10 @@ def scale_to_unit(blocks: jax.Array, absmax: jax.Array, bnb_backend: BnbBackend,
         safe = jnp.maximum(absmax, jnp.float32(1e-38))
         unit = blocks * (jnp.float32(1.0) / safe)[:, None]
         if numel % blocks.shape[1]:
-            unit = unit.at[-1].set(blocks[-1] / safe[-1])
+            # XLA turns a division by a broadcast scalar into a product with its reciprocal (not the
+            # IEEE quotient); a divisor behind a barrier stays a true elementwise division.
+            divisor = jax.lax.optimization_barrier(jnp.broadcast_to(safe[-1], blocks[-1].shape))
+            unit = unit.at[-1].set(blocks[-1] / divisor)
         return jnp.clip(unit, -1.0, 1.0)
     inv = jnp.float32(1.0) / absmax
     return blocks * inv[:, None]
