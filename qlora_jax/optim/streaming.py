@@ -39,6 +39,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -217,13 +218,26 @@ def streamed(
         new_layers = None
         previous = None
         if plan.layer_ids:
+            # The updates overwrite the gradients layer by layer in the loop carry, so that XLA can
+            # reuse the gradients' buffer for them instead of allocating a second adapter-sized one
+            # (an update replaces its gradient in place when both have the same dtype).
             def body(carry, xs):
-                g_i, state_i, p_i = xs
+                index, g_all = carry
+                state_i, p_i = xs
+                g_i = jax.tree.map(lambda g: jax.lax.dynamic_index_in_dim(g, index, keepdims=False), g_all)
                 u_i, new_i = inner.update(g_i, to_device(state_i), p_i, **extra_args)
-                return carry, (u_i, to_host(new_i))
+                same = jax.tree.map(lambda g, u: g.dtype == u.dtype, g_i, u_i)
+                if all(jax.tree.leaves(same)):
+                    g_all = jax.tree.map(lambda g, u: jax.lax.dynamic_update_index_in_dim(g, u, index, 0), g_all, u_i)
+                    return (index + 1, g_all), (None, to_host(new_i))
+                return (index + 1, g_all), (u_i, to_host(new_i))
 
-            xs = (plan.select(g_leaves, plan.layer_ids), state.layers, piece_params(plan.layer_ids))
-            _, (u, new_layers) = jax.lax.scan(body, None, xs, unroll=unroll)
+            grads_in = plan.select(g_leaves, plan.layer_ids)
+            (_, carried), (u, new_layers) = jax.lax.scan(
+                body, (jnp.zeros((), jnp.int32), grads_in), (state.layers, piece_params(plan.layer_ids)),
+                unroll=unroll)
+            if u is None:
+                u = carried
             for i, x in zip(plan.layer_ids, plan.leaves_of(u, plan.layer_ids)):
                 out[i] = x
             previous = new_layers
