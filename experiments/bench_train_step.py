@@ -30,6 +30,8 @@ flags.DEFINE_string("model", "llama-7b", "A known model shape (qlora_jax.memory.
 flags.DEFINE_integer("seq_len", 512, "Tokens per sequence.")
 flags.DEFINE_integer("batch", 1, "Sequences per step.")
 flags.DEFINE_integer("lora_r", 64, "LoRA rank on every linear layer.")
+flags.DEFINE_enum("lora_dtype", "float32", ["float32", "bfloat16"],
+                  "Storage dtype of the LoRA matrices (bfloat16: the paper's setting).")
 flags.DEFINE_string("optim", "paged_adamw_32bit", "Optimizer name (qlora_jax.optim.make_optimizer).")
 flags.DEFINE_bool("remat", True, "Per-layer rematerialisation.")
 flags.DEFINE_integer("steps", 5, "Timed steps, after 2 warm-up steps.")
@@ -65,7 +67,7 @@ def run_ours(config, seq_len: int, batch: int) -> dict:
     base = random_base(config, jax.random.key(0), shardings=shardings)
     jax.block_until_ready(base)
     build_seconds = time.perf_counter() - started
-    lora_config = LoraConfig(r=FLAGS.lora_r)
+    lora_config = LoraConfig(r=FLAGS.lora_r, dtype=FLAGS.lora_dtype)
     lora = init_lora_params(jax.random.key(1), config, lora_config)
     if mesh is not None:
         lora = shard_tree(lora, param_shardings(lora, mesh))
@@ -88,7 +90,7 @@ def run_ours(config, seq_len: int, batch: int) -> dict:
             times.append(time.perf_counter() - tick)
     median = statistics.median(times)
     plan = plan_memory(config, seq_len=seq_len, batch=batch, lora_r=FLAGS.lora_r, optim=FLAGS.optim,
-                       remat=FLAGS.remat)
+                       remat=FLAGS.remat, lora_dtype=FLAGS.lora_dtype)
     measured = peak_bytes()
     return {
         "impl": "qlora-jax",

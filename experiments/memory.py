@@ -20,6 +20,7 @@ flags.DEFINE_integer("seq_len", 512, "Tokens per sequence.")
 flags.DEFINE_integer("batch", 1, "Sequences per micro-batch (per device).")
 flags.DEFINE_integer("lora_r", 64, "LoRA rank.")
 flags.DEFINE_string("lora_modules", "all-linear", "'all-linear' or a comma list of linear layer names.")
+flags.DEFINE_enum("lora_dtype", "float32", ["float32", "bfloat16"], "Storage dtype of the LoRA matrices.")
 flags.DEFINE_enum("quant", "nf4", ["nf4", "fp4", "int8", "bf16"], "Base weight storage.")
 flags.DEFINE_bool("double_quant", True, "Double-quantized scales.")
 flags.DEFINE_enum("optim", "paged_adamw_32bit",
@@ -39,10 +40,10 @@ def main(argv: list[str]) -> None:
     targets = LoraConfig(target_modules=FLAGS.lora_modules).targets
     plan = plan_memory(config, seq_len=FLAGS.seq_len, batch=FLAGS.batch, lora_r=FLAGS.lora_r, lora_targets=targets,
                        quant=FLAGS.quant, double_quant=FLAGS.double_quant, optim=FLAGS.optim, remat=FLAGS.remat,
-                       gradient_accumulation_steps=FLAGS.gradient_accumulation_steps)
+                       gradient_accumulation_steps=FLAGS.gradient_accumulation_steps, lora_dtype=FLAGS.lora_dtype)
     gpu_bytes = GPUS.get(FLAGS.gpu) or int(float(FLAGS.gpu.removesuffix("GB").removesuffix("GiB")) * 2**30)
     print(f"{FLAGS.model}: {config.num_parameters() / 1e9:.2f} B parameters; QLoRA step with seq_len "
-          f"{FLAGS.seq_len}, batch {FLAGS.batch}, r={FLAGS.lora_r}, {FLAGS.quant}{'+DQ' if FLAGS.double_quant else ''}, "
+          f"{FLAGS.seq_len}, batch {FLAGS.batch}, r={FLAGS.lora_r} ({FLAGS.lora_dtype}), {FLAGS.quant}{'+DQ' if FLAGS.double_quant else ''}, "
           f"{FLAGS.optim}, remat {'on' if FLAGS.remat else 'off'}")
     print(format_plan(plan, gpu_bytes, FLAGS.gpu))
 

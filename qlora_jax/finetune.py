@@ -60,6 +60,7 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     lora_modules: str = "all-linear"
     use_rslora: bool = False
+    lora_dtype: str = "float32"
     full_finetune: bool = False
     adapter_init: str | None = None
     # data
@@ -187,7 +188,8 @@ def run(cfg: FinetuneConfig, *, log: Callable[[str], None] = print, progress: bo
 
     # --- model: frozen quantized base + fresh adapters -------------------------------------
     lora_config = LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                             target_modules=cfg.lora_modules, use_rslora=cfg.use_rslora)
+                             target_modules=cfg.lora_modules, use_rslora=cfg.use_rslora,
+                             dtype=cfg.lora_dtype)
     model, tokenizer = load_pretrained(cfg.model, quant=cfg.quant, double_quant=cfg.double_quant,
                                        blocksize=cfg.blocksize, lora=lora_config, full_finetune=cfg.full_finetune,
                                        compute_dtype=cfg.compute_dtype, remat=cfg.gradient_checkpointing,

@@ -5,7 +5,8 @@ training step actually uses (:mod:`qlora_jax.train`, :mod:`qlora_jax.models.llam
 
 * frozen base: quantized linear weights (codes + constants, :mod:`qlora_jax.quant.report`), and
   the 16-bit embeddings, norms and output head;
-* adapters, their gradients (float32, plus the accumulator of gradient accumulation);
+* adapters, their gradients (in the adapters' dtype, plus a float32 accumulator when accumulating)
+  and the optimizer's update;
 * optimizer state, on the device or in pinned host memory when offloaded (32-bit Adam: two float32
   moments; 8-bit: two uint8 moments and a float32 absmax per 256 values, bitsandbytes' layout),
   plus the transient device copy an offloaded state needs while it is updated (one layer at a time
@@ -168,7 +169,10 @@ def plan_memory(
     # Adapters, gradients and optimizer state.
     params = _adapter_params(config, lora_r, lora_targets)
     adapters = params * lora_bytes
-    grads = params * 4 * (2 if gradient_accumulation_steps > 1 else 1) + params * 4  # grads, accumulator, update
+    # Gradients in the adapters' dtype, a float32 accumulator when accumulating, and the update
+    # (in the gradients' dtype, see qlora_jax.optim.streaming; counted whole, as XLA does not
+    # always reuse the gradients' buffer for it).
+    grads = params * lora_bytes + (params * 4 if gradient_accumulation_steps > 1 else 0) + params * lora_bytes
     if optim.endswith("8bit"):
         state = params * 2 + 2 * 4 * -(-params // 256)
     else:

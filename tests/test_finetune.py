@@ -78,6 +78,29 @@ def test_tiny_run_learns_and_writes_outputs(tiny_model, tmp_path):
     assert len(samples) == 2 and all({"question", "reference", "before", "after"} <= set(s) for s in samples)
 
 
+def test_bfloat16_adapters_learn_and_export_as_bfloat16(tiny_model, tmp_path):
+    """--lora_dtype=bfloat16 (qlora.py with --bf16): the adapters train, are saved as bfloat16, reload."""
+    from safetensors import safe_open
+
+    from qlora_jax.peft_io import load_peft_adapter
+
+    out = tmp_path / "run"
+    result = run(small_config(tiny_model, out, max_steps=20, eval_steps=20, save_steps=20, num_sample_prompts=0,
+                              lora_dtype="bfloat16"), progress=False, log=lambda _: None)
+    losses = train_losses(out)
+    assert np.mean([losses[s] for s in range(16, 21)]) < np.mean([losses[s] for s in range(1, 6)]) - 0.3
+    assert result.final_eval_loss < result.first_eval_loss - 0.2
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "np") as f:
+        keys = list(f.keys())
+        assert keys and {f.get_slice(k).get_dtype() for k in keys} == {"BF16"}
+    from qlora_jax.models.config import LlamaConfig
+
+    config = LlamaConfig.from_hf_dict(json.loads((tiny_model / "config.json").read_text()))
+    lora, lora_config = load_peft_adapter(out / "adapter", config)
+    assert lora_config.r == 8
+    assert all(float(np.abs(np.asarray(x, np.float32)).max()) > 0 for x in jax.tree.leaves(lora))
+
+
 def test_resume_continues_exactly(tiny_model, tmp_path):
     """The losses after a resume equal those of the uninterrupted run (dropout on, so the RNG counts)."""
     common = dict(warmup_ratio=0.0, lora_dropout=0.1, save_steps=3, eval_steps=100, num_sample_prompts=0)

@@ -101,6 +101,34 @@ def test_make_optimizer_is_clipped_masked_adamw_with_warmup(rng, name):
     assert kinds == ({"pinned_host"} if name.startswith("paged") else {"device"})
 
 
+@pytest.mark.parametrize("name", ["adamw", "paged_adamw"])
+def test_bfloat16_parameters_keep_float32_moments(rng, name):
+    """bfloat16 adapters (qlora.py --bf16): float32 Adam state, updates as float64 AdamW computes them."""
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), llama_like(rng))
+    tx = optim.make_optimizer(name, 1e-2, max_grad_norm=None)
+    state = tx.init(params)
+    moments = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert moments and all(x.dtype == jnp.float32 for x in moments)
+    p = params
+    m = v = None
+    expected = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    step = jax.jit(tx.update)
+    for t in range(1, 4):
+        g = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 1.0, size=x.shape), jnp.bfloat16), params)
+        u, state = step(g, state, p)
+        p = optax.apply_updates(p, u)
+        g64 = jax.tree.map(lambda x: np.asarray(x, np.float64), g)
+        m = jax.tree.map(lambda gi: 0.1 * gi, g64) if m is None else jax.tree.map(lambda mi, gi: 0.9 * mi + 0.1 * gi, m, g64)
+        v = (jax.tree.map(lambda gi: 0.001 * gi * gi, g64) if v is None
+             else jax.tree.map(lambda vi, gi: 0.999 * vi + 0.001 * gi * gi, v, g64))
+        direction = jax.tree.map(lambda mi, vi: (mi / (1 - 0.9**t)) / (np.sqrt(vi / (1 - 0.999**t)) + 1e-8), m, v)
+        # The parameters are bfloat16: compare each step's update against the float64 direction.
+        for ours, ref in zip(jax.tree.leaves(u), jax.tree.leaves(direction)):
+            np.testing.assert_allclose(np.asarray(ours, np.float64), -1e-2 * ref, rtol=1e-2, atol=1e-7)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(p))
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)))
+
+
 def test_make_optimizer_accepts_a_schedule_and_no_clipping(rng):
     params = llama_like(rng)
     schedule = optax.linear_schedule(1e-3, 0.0, 10)

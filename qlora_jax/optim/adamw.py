@@ -8,6 +8,8 @@ wrapped whole in :func:`qlora_jax.optim.offload_state`.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from qlora_jax.optim import quantized_moments as qm
@@ -15,7 +17,7 @@ from qlora_jax.optim.adam8bit import scale_by_adam_8bit
 from qlora_jax.optim.masks import MaskLike, as_mask_fn, decay_mask
 from qlora_jax.quant.blockwise import BnbBackend
 
-__all__ = ["adamw", "adamw_8bit"]
+__all__ = ["adamw", "adamw_8bit", "scale_by_adam_float32"]
 
 
 def _check(learning_rate, weight_decay: float) -> None:
@@ -23,6 +25,27 @@ def _check(learning_rate, weight_decay: float) -> None:
         raise ValueError(f"learning_rate must be non-negative, got {learning_rate}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be non-negative, got {weight_decay}")
+
+
+def scale_by_adam_float32(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+    """``optax.scale_by_adam`` whose moments and output are float32 whatever the parameters' dtype.
+
+    ``optax.scale_by_adam`` keeps its second moment in the parameters' dtype, so bfloat16 adapters
+    would get bfloat16 moments; bitsandbytes' 32-bit optimizers (and this) keep float32 state for
+    16-bit parameters. For float32 parameters it is ``optax.scale_by_adam`` exactly.
+    """
+    inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=jnp.float32)
+
+    def init_fn(params):
+        zeros = optax.tree.zeros_like(params, dtype=jnp.float32)
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros,
+                                      nu=optax.tree.zeros_like(params, dtype=jnp.float32))
+
+    def update_fn(updates, state, params=None):
+        del params
+        return inner.update(jax.tree.map(lambda g: g.astype(jnp.float32), updates), state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def adamw(
@@ -36,12 +59,14 @@ def adamw(
 ) -> optax.GradientTransformation:
     """AdamW with float32 moments (``optax.adamw`` with QLoRA's defaults: ``b2=0.999``, no decay).
 
+    The moments stay float32 for bfloat16 parameters too (:func:`scale_by_adam_float32`).
+
     ``weight_decay_mask``: which leaves decay (default :func:`~qlora_jax.optim.decay_mask`: not biases
     or norms). Learning rate and weight decay follow PyTorch's AdamW convention.
     """
     _check(learning_rate, weight_decay)
     return optax.chain(
-        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        scale_by_adam_float32(b1=b1, b2=b2, eps=eps),
         optax.add_decayed_weights(weight_decay, as_mask_fn(weight_decay_mask)),
         optax.scale_by_learning_rate(learning_rate),
     )
