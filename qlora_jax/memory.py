@@ -170,8 +170,7 @@ def plan_memory(
     params = _adapter_params(config, lora_r, lora_targets)
     adapters = params * lora_bytes
     # Gradients in the adapters' dtype, a float32 accumulator when accumulating, and the update
-    # (in the gradients' dtype, see qlora_jax.optim.streaming; counted whole, as XLA does not
-    # always reuse the gradients' buffer for it).
+    # (in the gradients' dtype, see qlora_jax.optim.streaming).
     grads = params * lora_bytes + (params * 4 if gradient_accumulation_steps > 1 else 0) + params * lora_bytes
     if optim.endswith("8bit"):
         state = params * 2 + 2 * 4 * -(-params // 256)

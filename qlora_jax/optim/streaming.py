@@ -39,7 +39,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -178,9 +177,9 @@ def streamed(
     residency to one group; forgoes prefetching the next one). ``unroll``: ``lax.scan`` unroll of the
     layer loop (2 lets XLA overlap one layer's copies with the next one's compute, holding two).
     ``cast_updates``: return the layer-stacked updates in their gradients' dtype (float32 Adam
-    directions for bfloat16 adapters come back bfloat16), so that they can take the gradients'
-    buffer; adding a bfloat16 update to a bfloat16 parameter rounds twice instead of once, a
-    difference far below the parameter's own rounding.
+    directions for bfloat16 adapters come back bfloat16), halving the update buffer. Adding a
+    bfloat16 update to a bfloat16 parameter rounds twice instead of once, a difference far below
+    the parameter's own rounding.
     """
     inner = optax.with_extra_args_support(inner)
     if unroll < 1:
@@ -223,28 +222,15 @@ def streamed(
         new_layers = None
         previous = None
         if plan.layer_ids:
-            # The updates overwrite the gradients layer by layer in the loop carry, so that XLA can
-            # reuse the gradients' buffer for them instead of allocating a second adapter-sized one
-            # (an update replaces its gradient in place when both have the same dtype).
             def body(carry, xs):
-                index, g_all = carry
-                state_i, p_i = xs
-                g_i = jax.tree.map(lambda g: jax.lax.dynamic_index_in_dim(g, index, keepdims=False), g_all)
+                g_i, state_i, p_i = xs
                 u_i, new_i = inner.update(g_i, to_device(state_i), p_i, **extra_args)
                 if cast_updates:
                     u_i = jax.tree.map(lambda g, u: u.astype(g.dtype), g_i, u_i)
-                same = jax.tree.map(lambda g, u: g.dtype == u.dtype, g_i, u_i)
-                if all(jax.tree.leaves(same)):
-                    g_all = jax.tree.map(lambda g, u: jax.lax.dynamic_update_index_in_dim(g, u, index, 0), g_all, u_i)
-                    return (index + 1, g_all), (None, to_host(new_i))
-                return (index + 1, g_all), (u_i, to_host(new_i))
+                return carry, (u_i, to_host(new_i))
 
-            grads_in = plan.select(g_leaves, plan.layer_ids)
-            (_, carried), (u, new_layers) = jax.lax.scan(
-                body, (jnp.zeros((), jnp.int32), grads_in), (state.layers, piece_params(plan.layer_ids)),
-                unroll=unroll)
-            if u is None:
-                u = carried
+            xs = (plan.select(g_leaves, plan.layer_ids), state.layers, piece_params(plan.layer_ids))
+            _, (u, new_layers) = jax.lax.scan(body, None, xs, unroll=unroll)
             for i, x in zip(plan.layer_ids, plan.leaves_of(u, plan.layer_ids)):
                 out[i] = x
             previous = new_layers
