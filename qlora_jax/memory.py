@@ -169,9 +169,10 @@ def plan_memory(
     # Adapters, gradients and optimizer state.
     params = _adapter_params(config, lora_r, lora_targets)
     adapters = params * lora_bytes
-    # Gradients in the adapters' dtype, a float32 accumulator when accumulating, and the update
-    # (in the gradients' dtype, see qlora_jax.optim.streaming).
-    grads = params * lora_bytes + (params * 4 if gradient_accumulation_steps > 1 else 0) + params * lora_bytes
+    # Gradients and the update, both in the adapters' dtype (qlora_jax.optim.updates_in_params_dtype),
+    # and a float32 accumulator when accumulating.
+    accumulator = params * 4 if gradient_accumulation_steps > 1 else 0
+    grads = 2 * params * lora_bytes + accumulator
     if optim.endswith("8bit"):
         state = params * 2 + 2 * 4 * -(-params // 256)
     else:

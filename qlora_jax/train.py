@@ -120,16 +120,6 @@ def _accumulate(spec, trainable, frozen, batch, key, with_grad: bool):
         total, tokens = carry
         return (total + loss_sum, tokens + count), None
 
-    if accum == 1:
-        # No loop for a single micro-batch: a scan would hold a zeroed gradient accumulator beside
-        # the gradients (one more adapter-sized float32 buffer at the peak).
-        micro_batch = jax.tree.map(lambda x: x[0], batch)
-        micro_key = None if keys is None else keys[0]
-        if with_grad:
-            (loss_sum, count), grads = jax.value_and_grad(micro, has_aux=True)(trainable, micro_batch, micro_key)
-            return loss_sum, count, grads
-        return micro(trainable, micro_batch, micro_key)
-
     zero = jnp.zeros((), jnp.float32)
     init = (zero, zero, jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)) if with_grad else (zero, zero)
     out, _ = jax.lax.scan(body, init, (batch, keys))

@@ -110,17 +110,15 @@ def test_bfloat16_parameters_keep_float32_moments(rng, name):
     moments = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
     assert moments and all(x.dtype == jnp.float32 for x in moments)
     p = params
-    m = v = None
-    expected = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    m = v = jax.tree.map(lambda x: np.zeros(x.shape, np.float64), params)
     step = jax.jit(tx.update)
     for t in range(1, 4):
         g = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 1.0, size=x.shape), jnp.bfloat16), params)
         u, state = step(g, state, p)
         p = optax.apply_updates(p, u)
         g64 = jax.tree.map(lambda x: np.asarray(x, np.float64), g)
-        m = jax.tree.map(lambda gi: 0.1 * gi, g64) if m is None else jax.tree.map(lambda mi, gi: 0.9 * mi + 0.1 * gi, m, g64)
-        v = (jax.tree.map(lambda gi: 0.001 * gi * gi, g64) if v is None
-             else jax.tree.map(lambda vi, gi: 0.999 * vi + 0.001 * gi * gi, v, g64))
+        m = jax.tree.map(lambda mi, gi: 0.9 * mi + 0.1 * gi, m, g64)
+        v = jax.tree.map(lambda vi, gi: 0.999 * vi + 0.001 * gi * gi, v, g64)
         direction = jax.tree.map(lambda mi, vi: (mi / (1 - 0.9**t)) / (np.sqrt(vi / (1 - 0.999**t)) + 1e-8), m, v)
         # The parameters are bfloat16: compare each step's update against the float64 direction.
         for ours, ref in zip(jax.tree.leaves(u), jax.tree.leaves(direction)):

@@ -22,7 +22,7 @@ Typical use::
 """
 
 from qlora_jax.optim.adam8bit import ScaleByAdam8bitState, scale_by_adam_8bit
-from qlora_jax.optim.adamw import adamw, adamw_8bit, scale_by_adam_float32
+from qlora_jax.optim.adamw import adamw, adamw_8bit, scale_by_adam_float32, updates_in_params_dtype
 from qlora_jax.optim.factory import OPTIMIZER_NAMES, make_optimizer
 from qlora_jax.optim.jit import DonationError, TrainStep, check_donation, jit_train_step
 from qlora_jax.optim.masks import as_mask_fn, decay_mask, decays
@@ -65,5 +65,6 @@ __all__ = [
     "supports_memory_kind",
     "tree_memory_kinds",
     "tree_shardings",
+    "updates_in_params_dtype",
     "warmup_constant_schedule",
 ]

@@ -17,7 +17,7 @@ from qlora_jax.optim.adam8bit import scale_by_adam_8bit
 from qlora_jax.optim.masks import MaskLike, as_mask_fn, decay_mask
 from qlora_jax.quant.blockwise import BnbBackend
 
-__all__ = ["adamw", "adamw_8bit", "scale_by_adam_float32"]
+__all__ = ["adamw", "adamw_8bit", "scale_by_adam_float32", "updates_in_params_dtype"]
 
 
 def _check(learning_rate, weight_decay: float) -> None:
@@ -37,8 +37,8 @@ def scale_by_adam_float32(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8)
     inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=jnp.float32)
 
     def init_fn(params):
-        zeros = optax.tree.zeros_like(params, dtype=jnp.float32)
-        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros,
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32),
+                                      mu=optax.tree.zeros_like(params, dtype=jnp.float32),
                                       nu=optax.tree.zeros_like(params, dtype=jnp.float32))
 
     def update_fn(updates, state, params=None):
@@ -46,6 +46,22 @@ def scale_by_adam_float32(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8)
         return inner.update(jax.tree.map(lambda g: g.astype(jnp.float32), updates), state)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def updates_in_params_dtype() -> optax.GradientTransformation:
+    """Casts each update to its parameter's dtype (a no-op for float32 parameters; without params).
+
+    The last step of the AdamW chains: float32 directions for bfloat16 adapters would otherwise
+    hold a float32 buffer the size of the adapters. Adding a bfloat16 update to a bfloat16
+    parameter rounds twice instead of once, a difference far below the parameter's own rounding.
+    """
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            return updates, state
+        return jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def adamw(
@@ -59,7 +75,8 @@ def adamw(
 ) -> optax.GradientTransformation:
     """AdamW with float32 moments (``optax.adamw`` with QLoRA's defaults: ``b2=0.999``, no decay).
 
-    The moments stay float32 for bfloat16 parameters too (:func:`scale_by_adam_float32`).
+    The moments stay float32 for bfloat16 parameters too (:func:`scale_by_adam_float32`); the
+    updates come back in the parameters' dtype.
 
     ``weight_decay_mask``: which leaves decay (default :func:`~qlora_jax.optim.decay_mask`: not biases
     or norms). Learning rate and weight decay follow PyTorch's AdamW convention.
@@ -69,6 +86,7 @@ def adamw(
         scale_by_adam_float32(b1=b1, b2=b2, eps=eps),
         optax.add_decayed_weights(weight_decay, as_mask_fn(weight_decay_mask)),
         optax.scale_by_learning_rate(learning_rate),
+        updates_in_params_dtype(),
     )
 
 
@@ -96,4 +114,5 @@ def adamw_8bit(
                            bnb_backend=bnb_backend),
         optax.add_decayed_weights(weight_decay, as_mask_fn(weight_decay_mask)),
         optax.scale_by_learning_rate(learning_rate),
+        updates_in_params_dtype(),
     )

@@ -60,7 +60,6 @@ def offload_state(
     sequential: bool = True,
     unroll: int = 1,
     memory_kind: str = memory.HOST,
-    cast_updates: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """``inner`` with its state kept in host memory between steps.
 
@@ -70,7 +69,7 @@ def offload_state(
     :class:`~qlora_jax.optim.streaming.StreamedState`. ``stream=False``: the whole state moves at once
     and any inner transform works; the state has the inner transform's own structure.
 
-    ``sequential``, ``unroll``, ``cast_updates``: see :func:`qlora_jax.optim.streaming.streamed`. ``memory_kind``: only
+    ``sequential``, ``unroll``: see :func:`qlora_jax.optim.streaming.streamed`. ``memory_kind``: only
     ``"pinned_host"`` (see :mod:`qlora_jax.optim.memory`).
     """
     if memory_kind != memory.HOST:
@@ -87,7 +86,6 @@ def offload_state(
         streamed = streaming.streamed(
             inner, stacked=stacked, max_group_size=max_group_size, memory_kind=memory_kind,
             to_device=_to_device, to_host=_to_host, sequential=sequential, unroll=unroll,
-            cast_updates=cast_updates,
         )
 
         def init_fn(params):

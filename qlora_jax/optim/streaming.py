@@ -167,7 +167,6 @@ def streamed(
     to_host: Hook = _identity,
     sequential: bool = False,
     unroll: int = 1,
-    cast_updates: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """``inner`` applied piece by piece (see the module docstring), with placement hooks.
 
@@ -176,10 +175,6 @@ def streamed(
     group's state wait, before ``to_device``, for the previous piece's new state (bounds device
     residency to one group; forgoes prefetching the next one). ``unroll``: ``lax.scan`` unroll of the
     layer loop (2 lets XLA overlap one layer's copies with the next one's compute, holding two).
-    ``cast_updates``: return the layer-stacked updates in their gradients' dtype (float32 Adam
-    directions for bfloat16 adapters come back bfloat16), halving the update buffer. Adding a
-    bfloat16 update to a bfloat16 parameter rounds twice instead of once, a difference far below
-    the parameter's own rounding.
     """
     inner = optax.with_extra_args_support(inner)
     if unroll < 1:
@@ -225,8 +220,6 @@ def streamed(
             def body(carry, xs):
                 g_i, state_i, p_i = xs
                 u_i, new_i = inner.update(g_i, to_device(state_i), p_i, **extra_args)
-                if cast_updates:
-                    u_i = jax.tree.map(lambda g, u: u.astype(g.dtype), g_i, u_i)
                 return carry, (u_i, to_host(new_i))
 
             xs = (plan.select(g_leaves, plan.layer_ids), state.layers, piece_params(plan.layer_ids))
