@@ -47,13 +47,14 @@ def _sample(logits: jax.Array, key: jax.Array, temperature: float, top_p: float)
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
     if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Ranks break ties by token id, as argmax does, so that equal logits at the cutoff do not
+        # all stay: a nucleus below the top token's mass is exactly greedy decoding.
+        order = jnp.argsort(-logits, axis=-1, stable=True)
+        probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
         # Keep the smallest set of tokens whose mass reaches top_p (the first token always stays).
-        cumulative = jnp.cumsum(probs, axis=-1) - probs
-        cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True) - 1
-        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+        keep_ranked = jnp.cumsum(probs, axis=-1) - probs < top_p
+        keep = jnp.take_along_axis(keep_ranked, jnp.argsort(order, axis=-1), axis=-1)
+        logits = jnp.where(keep, logits, -jnp.inf)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 

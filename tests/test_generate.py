@@ -88,6 +88,22 @@ def test_sampling_is_seeded_and_top_p_restricts_to_the_nucleus(model, rng):
             generate_tokens(CONFIG, base, lora, [prompt], greedy, lora_config=lora_config)
 
 
+def test_nucleus_breaks_ties_like_argmax(rng):
+    """Equal top logits (common with bfloat16 logits): a tiny nucleus keeps only argmax's token."""
+    from qlora_jax.generate import _sample
+
+    logits = rng.normal(size=(4, 300)).astype(np.float32)
+    top = logits.argmax(axis=-1)
+    twins = np.array([rng.integers(t + 1, 300) if t < 299 else 299 for t in top])
+    logits[np.arange(4), twins] = logits[np.arange(4), top]
+    logits = jnp.asarray(logits)
+    for seed in range(8):
+        np.testing.assert_array_equal(_sample(logits, jax.random.key(seed), 1.0, 1e-6), top)
+    # A nucleus wider than the top token keeps both twins (and samples between them).
+    picked = {tuple(np.asarray(_sample(logits, jax.random.key(seed), 1.0, 0.999))) for seed in range(8)}
+    assert len(picked) > 1
+
+
 def test_bad_generation_requests():
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0.0)
