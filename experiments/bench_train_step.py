@@ -57,9 +57,10 @@ def run_ours(config, seq_len: int, batch: int) -> dict:
     from qlora_jax.lora import LoraConfig
     from qlora_jax.memory import plan_memory
     from qlora_jax.model import init_lora_params
+    from qlora_jax.models.spec import ModelSpec
     from qlora_jax.optim import jit_train_step, make_optimizer
     from qlora_jax.synthetic import abstract_base, random_base
-    from qlora_jax.train import ModelSpec, make_train_step
+    from qlora_jax.train import make_train_step
 
     mesh = make_mesh(FLAGS.mesh) if FLAGS.mesh else None
     shardings = param_shardings(abstract_base(config), mesh) if mesh is not None else None
@@ -68,12 +69,12 @@ def run_ours(config, seq_len: int, batch: int) -> dict:
     jax.block_until_ready(base)
     build_seconds = time.perf_counter() - started
     lora_config = LoraConfig(r=FLAGS.lora_r, dtype=FLAGS.lora_dtype)
-    lora = init_lora_params(jax.random.key(1), config, lora_config)
+    spec = ModelSpec(config, lora_config, compute_dtype="bfloat16", remat=FLAGS.remat)
+    lora = init_lora_params(jax.random.key(1), spec)
     if mesh is not None:
         lora = shard_tree(lora, param_shardings(lora, mesh))
     optimizer = make_optimizer(FLAGS.optim, learning_rate=1e-4)
     opt_state = optimizer.init(lora)
-    spec = ModelSpec(config, lora_config, compute_dtype="bfloat16", remat=FLAGS.remat)
     step = jit_train_step(make_train_step(spec, optimizer), opt_state, donate_argnums=(0, 1))
     rng = np.random.default_rng(0)
     host_batch = {"input_ids": rng.integers(0, config.vocab_size, (1, batch, seq_len)).astype(np.int32),

@@ -33,10 +33,10 @@ flags.DEFINE_float("lora_dropout", 0.0, "Dropout on the LoRA input (qlora.py scr
 flags.DEFINE_string("lora_modules", "all-linear",
                     "'all-linear' or a comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj.")
 flags.DEFINE_bool("use_rslora", False, "rsLoRA scaling alpha / sqrt(r).")
-flags.DEFINE_enum("lora_dtype", "float32", ["float32", "bfloat16"],
-                  "Storage dtype of LoRA A and B. bfloat16 (qlora.py with --bf16) halves adapter and gradient "
-                  "memory; float32 (PEFT's default) keeps updates smaller than a bfloat16 step. Adam's moments "
-                  "are float32 either way.")
+flags.DEFINE_enum("lora_dtype", "auto", ["auto", "float32", "bfloat16"],
+                  "Storage dtype of LoRA A and B. auto: the compute dtype (bfloat16 adapters on a bfloat16 model, "
+                  "as qlora.py with --bf16; half the adapter and gradient memory); float32 (PEFT's default) keeps "
+                  "updates smaller than a bfloat16 step. Adam's moments are float32 either way.")
 flags.DEFINE_bool("full_finetune", False, "Train every weight (needs --bits=16 or 32; no adapters).")
 flags.DEFINE_string("adapter_init", None, "Start from these adapters: a PEFT folder or an earlier run's checkpoints.")
 # data
@@ -97,7 +97,8 @@ def config_from_flags():
         model=FLAGS.model, bits=FLAGS.bits, quant_type=FLAGS.quant_type, double_quant=FLAGS.double_quant,
         blocksize=FLAGS.blocksize, compute_dtype=FLAGS.compute_dtype, lora_r=FLAGS.lora_r,
         lora_alpha=FLAGS.lora_alpha, lora_dropout=FLAGS.lora_dropout, lora_modules=FLAGS.lora_modules,
-        use_rslora=FLAGS.use_rslora, lora_dtype=FLAGS.lora_dtype, full_finetune=FLAGS.full_finetune,
+        use_rslora=FLAGS.use_rslora, lora_dtype=None if FLAGS.lora_dtype == "auto" else FLAGS.lora_dtype,
+        full_finetune=FLAGS.full_finetune,
         adapter_init=FLAGS.adapter_init,
         dataset=FLAGS.dataset, dataset_format=FLAGS.dataset_format, chat_template=FLAGS.chat_template,
         source_max_len=FLAGS.source_max_len, target_max_len=FLAGS.target_max_len,

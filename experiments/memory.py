@@ -20,7 +20,8 @@ flags.DEFINE_integer("seq_len", 512, "Tokens per sequence.")
 flags.DEFINE_integer("batch", 1, "Sequences per micro-batch (per device).")
 flags.DEFINE_integer("lora_r", 64, "LoRA rank.")
 flags.DEFINE_string("lora_modules", "all-linear", "'all-linear' or a comma list of linear layer names.")
-flags.DEFINE_enum("lora_dtype", "float32", ["float32", "bfloat16"], "Storage dtype of the LoRA matrices.")
+flags.DEFINE_enum("lora_dtype", "bfloat16", ["float32", "bfloat16"],
+                  "Storage dtype of the LoRA matrices (the finetune's default: bfloat16, its compute dtype).")
 flags.DEFINE_enum("quant", "nf4", ["nf4", "fp4", "int8", "bf16"], "Base weight storage.")
 flags.DEFINE_bool("double_quant", True, "Double-quantized scales.")
 flags.DEFINE_enum("optim", "paged_adamw_32bit",
@@ -35,9 +36,10 @@ def main(argv: list[str]) -> None:
     del argv
     from qlora_jax.lora import LoraConfig
     from qlora_jax.memory import GPUS, format_plan, model_config, plan_memory
+    from qlora_jax.models.layout import lora_targets
 
     config = model_config(FLAGS.model)
-    targets = LoraConfig(target_modules=FLAGS.lora_modules).targets
+    targets = lora_targets(LoraConfig(target_modules=FLAGS.lora_modules), config)
     plan = plan_memory(config, seq_len=FLAGS.seq_len, batch=FLAGS.batch, lora_r=FLAGS.lora_r, lora_targets=targets,
                        quant=FLAGS.quant, double_quant=FLAGS.double_quant, optim=FLAGS.optim, remat=FLAGS.remat,
                        gradient_accumulation_steps=FLAGS.gradient_accumulation_steps, lora_dtype=FLAGS.lora_dtype)

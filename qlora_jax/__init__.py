@@ -2,13 +2,40 @@
 
 ``qlora_jax.load_pretrained(path, quant="nf4", double_quant=True)`` gives a model and its
 tokenizer; every stage (``quant``, ``kernels``, ``models``, ``optim``, ``data``, ``train``,
-``checkpointing``, ``distributed``) is importable on its own.
+``checkpointing``, ``distributed``) is importable on its own. The names below are imported on
+first use, so that ``import qlora_jax.quant`` (numpy and jax only) does not pull in flax,
+safetensors or tokenizers.
 """
 
-from qlora_jax.model import CausalLM, load_pretrained
-from qlora_jax.quant import QuantizationError, QuantizedTensor, dequantize, quantize
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["CausalLM", "QuantizationError", "QuantizedTensor", "dequantize", "load_pretrained", "quantize",
-           "__version__"]
+# Public name -> the module that defines it.
+_LAZY = {
+    "CausalLM": "qlora_jax.model",
+    "load_pretrained": "qlora_jax.model",
+    "ModelSpec": "qlora_jax.models.spec",
+    "LoraConfig": "qlora_jax.lora",
+    "QuantizationError": "qlora_jax.quant",
+    "QuantizedTensor": "qlora_jax.quant",
+    "dequantize": "qlora_jax.quant",
+    "quantize": "qlora_jax.quant",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'qlora_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -35,8 +35,8 @@ from qlora_jax.generate import SamplingConfig, generate_tokens
 from qlora_jax.lora import LoraConfig
 from qlora_jax.model import load_pretrained
 from qlora_jax.optim import jit_train_step, make_optimizer
-from qlora_jax.peft_io import load_peft_adapter, save_peft_adapter
-from qlora_jax.train import ModelSpec, NonFiniteLossError, make_eval_step, make_train_step
+from qlora_jax.peft_io import adapter_targets, load_peft_adapter, save_peft_adapter
+from qlora_jax.train import NonFiniteLossError, make_eval_step, make_train_step
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "run"]
 
@@ -60,7 +60,7 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     lora_modules: str = "all-linear"
     use_rslora: bool = False
-    lora_dtype: str = "float32"
+    lora_dtype: str | None = None  # None: the compute dtype
     full_finetune: bool = False
     adapter_init: str | None = None
     # data
@@ -196,10 +196,8 @@ def run(cfg: FinetuneConfig, *, log: Callable[[str], None] = print, progress: bo
                                        seed=cfg.seed)
     if tokenizer is None:
         raise ValueError(f"{cfg.model} has no tokenizer.json; a finetune needs one")
-    config = model.config
+    config, spec = model.config, model.spec
     log(model.load_stats.summary())
-    spec = ModelSpec(config, None if cfg.full_finetune else lora_config, full_finetune=cfg.full_finetune,
-                     compute_dtype=cfg.compute_dtype, remat=cfg.gradient_checkpointing)
     frozen = None if cfg.full_finetune else model.base_params
     trainable = model.base_params if cfg.full_finetune else model.lora_params
     if cfg.adapter_init:
@@ -323,7 +321,7 @@ def run(cfg: FinetuneConfig, *, log: Callable[[str], None] = print, progress: bo
             bar.write(f"step {step}: held-out loss {eval_loss:.3f} nats (perplexity {math.exp(eval_loss):.1f})")
         if step % cfg.save_steps == 0 or step == cfg.max_steps:
             checkpointer.save(step, trainable, opt_state, data_state=batches.state, rng_key=rng, flags=flags_dict,
-                              extra={"lora_config": lora_config.to_peft_config(cfg.model)})
+                              extra={"lora_config": lora_config.to_peft_config(spec.lora_targets, cfg.model)})
     bar.close()
     checkpointer.close()
     metrics_file.close()
@@ -358,12 +356,8 @@ def _initial_adapters(path: str, config, trainable, log) -> Any:
         lora = load_trainable(source, trainable)
         log(f"adapters initialised from the checkpoint {source}")
     if jax.tree.structure(lora) != jax.tree.structure(trainable):
-        raise ValueError(f"adapters in {source} target other modules than this run ({cfg_targets(trainable)})")
+        raise ValueError(f"adapters in {source} target other modules than this run ({list(adapter_targets(trainable))})")
     return jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), lora, trainable)
-
-
-def cfg_targets(trainable) -> list[str]:
-    return sorted(name for group in trainable["layers"].values() for name in group)
 
 
 def _held_out_samples(examples, model, tokenizer, spec, frozen, trainable, cfg) -> list[dict[str, str]]:
@@ -381,8 +375,7 @@ def _held_out_samples(examples, model, tokenizer, spec, frozen, trainable, cfg) 
     stops = tuple(sorted({*spec.config.stop_token_ids, *([tokenizer.eos_id] if tokenizer.eos_id is not None else [])}))
     sampling = SamplingConfig(max_new_tokens=cfg.sample_max_new_tokens, stop_token_ids=stops)
     base, lora = (trainable, None) if spec.full_finetune else (frozen, trainable)
-    replies = generate_tokens(spec.config, base, lora, prompts, sampling, lora_config=spec.lora_config,
-                              compute_dtype=jnp.dtype(spec.compute_dtype), pad_id=tokenizer.pad_id)
+    replies = generate_tokens(spec, base, lora, prompts, sampling, pad_id=tokenizer.pad_id)
     for record_, reply in zip(records, replies):
         record_["before"] = tokenizer.decode(reply)
     return records

@@ -16,9 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlora_jax.lora import LoraConfig
 from qlora_jax.models import llama
-from qlora_jax.models.config import LlamaConfig
+from qlora_jax.models.spec import ModelSpec
 
 __all__ = ["SamplingConfig", "generate_tokens", "generate", "chat"]
 
@@ -58,15 +57,14 @@ def _sample(logits: jax.Array, key: jax.Array, temperature: float, top_p: float)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "lora_config", "sampling", "compute_dtype", "pad_id"))
-def _generate(config, base, lora, prompt_ids, prompt_mask, key, *, lora_config, sampling, compute_dtype, pad_id):
+@functools.partial(jax.jit, static_argnames=("spec", "sampling", "pad_id"))
+def _generate(spec, base, lora, prompt_ids, prompt_mask, key, *, sampling, pad_id):
     b, p = prompt_ids.shape
     total = p + sampling.max_new_tokens
-    cache = llama.init_kv_cache(config, b, total, compute_dtype)
+    cache = llama.init_kv_cache(spec.config, b, total, jnp.dtype(spec.compute_dtype))
     mask = jnp.concatenate([prompt_mask, jnp.zeros((b, sampling.max_new_tokens), jnp.int32)], axis=1)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
-    forward = functools.partial(llama.forward, config, base, lora, lora_config=lora_config,
-                                compute_dtype=compute_dtype)
+    forward = functools.partial(llama.forward, spec, base, lora)
     logits, cache = forward(prompt_ids, attention_mask=mask, positions=positions, cache=cache)
     stop_ids = jnp.asarray(sampling.stop_token_ids or (-1,), jnp.int32)
     out = jnp.full((b, sampling.max_new_tokens), pad_id, jnp.int32)
@@ -94,20 +92,23 @@ def _generate(config, base, lora, prompt_ids, prompt_mask, key, *, lora_config, 
 
 
 def generate_tokens(
-    config: LlamaConfig,
+    spec: ModelSpec,
     base: dict[str, Any],
     lora: dict[str, Any] | None,
     prompts: Sequence[Sequence[int]],
     sampling: SamplingConfig = SamplingConfig(),
     *,
-    lora_config: LoraConfig | None = None,
     key: jax.Array | None = None,
-    compute_dtype: Any = jnp.bfloat16,
     pad_id: int = 0,
 ) -> list[list[int]]:
-    """Generated token ids for each prompt (token id lists), without the stop token."""
+    """Generated token ids for each prompt (token id lists), without the stop token.
+
+    ``spec`` describes the model (:class:`~qlora_jax.models.spec.ModelSpec`); ``base``/``lora`` are
+    its pytrees (``lora`` None for the base alone); ``key`` seeds sampling (ignored when greedy).
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one non-empty prompt")
+    config = spec.config
     longest = max(len(p) for p in prompts)
     if longest + sampling.max_new_tokens > config.max_position_embeddings:
         raise ValueError(
@@ -120,8 +121,7 @@ def generate_tokens(
         ids[i, longest - len(prompt):] = prompt
         mask[i, longest - len(prompt):] = 1
     key = jax.random.key(0) if key is None else key
-    out, _ = _generate(config, base, lora, jnp.asarray(ids), jnp.asarray(mask), key, lora_config=lora_config,
-                       sampling=sampling, compute_dtype=jnp.dtype(compute_dtype), pad_id=pad_id)
+    out, _ = _generate(spec, base, lora, jnp.asarray(ids), jnp.asarray(mask), key, sampling=sampling, pad_id=pad_id)
     results = []
     stops = set(sampling.stop_token_ids)
     for row in np.asarray(out).tolist():
@@ -133,8 +133,7 @@ def generate_tokens(
 def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(), *,
              key: jax.Array | None = None, pad_id: int = 0) -> list[list[int]]:
     """:func:`generate_tokens` for a :class:`qlora_jax.model.CausalLM`."""
-    return generate_tokens(model.config, model.base_params, model.lora_params, prompts, sampling,
-                           lora_config=model.lora_config, key=key, compute_dtype=model.compute_dtype, pad_id=pad_id)
+    return generate_tokens(model.spec, model.base_params, model.lora_params, prompts, sampling, key=key, pad_id=pad_id)
 
 
 def chat(model, tokenizer, messages: Sequence[dict[str, str]] | str, *, max_new_tokens: int = 128,

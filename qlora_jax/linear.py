@@ -18,14 +18,15 @@ from qlora_jax.quant import QuantizedTensor
 __all__ = ["base_matmul", "lora_delta", "qlora_linear"]
 
 
-def base_matmul(x: jax.Array, weight: Any) -> jax.Array:
+def base_matmul(x: jax.Array, weight: Any, *, backend: str = "auto") -> jax.Array:
     """``x @ W.T`` for ``x: [..., in]`` and ``W: [out, in]`` (quantized or not), in ``x.dtype``.
 
-    Quantized weights go through :func:`qlora_jax.kernels.quantized_matmul`, whose custom VJP
-    keeps only the packed weight for the backward pass (the input gradient re-dequantizes it).
+    Quantized weights go through :func:`qlora_jax.kernels.quantized_matmul` with ``backend``,
+    whose custom VJP keeps only the packed weight for the backward pass (the input gradient
+    re-dequantizes it).
     """
     if isinstance(weight, QuantizedTensor):
-        return quantized_matmul(x, weight)
+        return quantized_matmul(x, weight, backend=backend)
     w = weight.astype(x.dtype)
     return jax.lax.dot_general(
         x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
@@ -61,12 +62,14 @@ def qlora_linear(
     scaling: float = 1.0,
     dropout_rate: float = 0.0,
     dropout_key: jax.Array | None = None,
+    backend: str = "auto",
 ) -> jax.Array:
     """A linear layer with an optional LoRA adapter ``{"lora_A": [r, in], "lora_B": [out, r]}``.
 
-    ``x: [..., in]`` -> ``[..., out]`` in ``x.dtype``.
+    ``x: [..., in]`` -> ``[..., out]`` in ``x.dtype``; ``backend``: the quantized matmul's kernel
+    backend (see :func:`qlora_jax.kernels.resolve_backend`).
     """
-    y = base_matmul(x, weight)
+    y = base_matmul(x, weight, backend=backend)
     if bias is not None:
         y = y + bias.astype(y.dtype)
     if lora is not None:

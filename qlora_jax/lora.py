@@ -4,36 +4,41 @@ An adapter on a linear layer ``y = x @ W.T`` adds ``scaling * dropout(x) @ A.T @
 ``A: [r, in]`` and ``B: [out, r]`` (PEFT's ``lora_A.weight`` / ``lora_B.weight`` orientation) and
 ``scaling = alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA). As in PEFT, ``A`` starts
 Kaiming-uniform and ``B`` at zero, so a fresh adapter changes nothing.
+
+Nothing here knows a model's layer names: which layers ``target_modules`` selects is the model's
+business (:func:`qlora_jax.models.layout.lora_targets` for the LLaMA family).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["LoraConfig", "ALL_LINEAR", "init_lora_pair", "module_group"]
+__all__ = ["LoraConfig", "ADAPTER_DTYPES", "init_lora_pair"]
 
-# Every linear layer of a LLaMA decoder layer (lm_head excluded, as PEFT's "all-linear").
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def module_group(name: str) -> str:
-    """The Hugging Face submodule a linear layer lives in: "self_attn" or "mlp"."""
-    return "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
+# A target_modules string made of names and commas only is a list of names ("q_proj,v_proj");
+# any other string is a regular expression (PEFT's meaning of a string).
+_NAME_LIST = re.compile(r"[\w\s,]+")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """LoRA hyperparameters (qlora.py's defaults: r=64, alpha=16).
 
-    ``target_modules``: "all-linear" or names among :data:`ALL_LINEAR`. ``dtype``: storage dtype of
-    A and B; float32 by default, as PEFT keeps adapters of a bf16 base in float32; the matmuls run
-    in the model's compute dtype either way.
+    ``target_modules``: ``"all-linear"`` (every linear layer but the output head), names of linear
+    layers (a tuple, or one comma-separated string such as ``"q_proj,v_proj"``), or a regular
+    expression matched in full against module names such as ``model.layers.3.self_attn.q_proj``
+    (PEFT's meaning of a string ``target_modules``). ``dtype``: storage dtype of A and B; None
+    follows the model's compute dtype (bfloat16 adapters on a bfloat16 model, as the QLoRA paper
+    trains), "float32" keeps PEFT's float32 adapters. The matmuls run in the compute dtype either
+    way, and AdamW keeps float32 moments for 16-bit adapters.
     """
 
     r: int = 64
@@ -41,35 +46,38 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: str | tuple[str, ...] = "all-linear"
     use_rslora: bool = False
-    dtype: str = "float32"
+    dtype: str | None = None
 
     def __post_init__(self):
         if self.r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
-            object.__setattr__(self, "target_modules", tuple(m.strip() for m in self.target_modules.split(",") if m))
-        if not isinstance(self.target_modules, str):
-            unknown = [m for m in self.target_modules if m not in ALL_LINEAR]
-            if unknown:
-                raise ValueError(f"unknown LoRA target modules {unknown}; choose among {ALL_LINEAR} or 'all-linear'")
-            if not self.target_modules:
-                raise ValueError("LoRA needs at least one target module")
-
-    @property
-    def targets(self) -> tuple[str, ...]:
-        """The targeted linear layers, in :data:`ALL_LINEAR` order."""
-        if self.target_modules == "all-linear":
-            return ALL_LINEAR
-        return tuple(m for m in ALL_LINEAR if m in self.target_modules)
+        if self.dtype is not None and self.dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"LoRA dtype must be one of {ADAPTER_DTYPES} or None (the compute dtype), "
+                             f"got {self.dtype!r}")
+        targets = self.target_modules
+        if isinstance(targets, str) and targets != "all-linear":
+            if _NAME_LIST.fullmatch(targets):
+                targets = tuple(m.strip() for m in targets.split(",") if m.strip())
+            else:
+                try:
+                    re.compile(targets)
+                except re.error as err:
+                    raise ValueError(f"LoRA target_modules {targets!r} is not a valid regular expression: "
+                                     f"{err}") from None
+        elif not isinstance(targets, str):
+            targets = tuple(targets)
+        if not targets:
+            raise ValueError("LoRA needs at least one target module")
+        object.__setattr__(self, "target_modules", targets)
 
     @property
     def scaling(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
-    def to_peft_config(self, base_model_name_or_path: str | None = None) -> dict[str, Any]:
-        """PEFT's ``adapter_config.json`` for these adapters."""
+    def to_peft_config(self, targets: Sequence[str], base_model_name_or_path: str | None = None) -> dict[str, Any]:
+        """PEFT's ``adapter_config.json`` for these adapters on the modules ``targets`` (short names)."""
         return {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -77,7 +85,7 @@ class LoraConfig:
             "r": self.r,
             "lora_alpha": self.alpha,
             "lora_dropout": self.dropout,
-            "target_modules": sorted(self.targets),
+            "target_modules": sorted(targets),
             "use_rslora": self.use_rslora,
             "bias": "none",
             "fan_in_fan_out": False,
@@ -88,7 +96,7 @@ class LoraConfig:
         }
 
     @classmethod
-    def from_peft_config(cls, cfg: dict[str, Any]) -> "LoraConfig":
+    def from_peft_config(cls, cfg: dict[str, Any]) -> LoraConfig:
         """Reads PEFT's ``adapter_config.json``; refuses adapter features we do not implement."""
         if cfg.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"not a LoRA adapter: peft_type={cfg.get('peft_type')!r}")
@@ -98,8 +106,8 @@ class LoraConfig:
         if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
             raise ValueError("PEFT adapter uses rank_pattern/alpha_pattern, which qlora-jax does not support")
         targets = cfg.get("target_modules") or "all-linear"
-        if isinstance(targets, str):
-            targets = "all-linear" if targets in ("all-linear", "all_linear") else tuple(targets.split(","))
+        if targets == "all_linear":
+            targets = "all-linear"
         return cls(
             r=int(cfg["r"]),
             alpha=float(cfg.get("lora_alpha", cfg["r"])),

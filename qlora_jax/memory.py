@@ -25,10 +25,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any
 
-from qlora_jax.lora import ALL_LINEAR
 from qlora_jax.models.config import LlamaConfig
+from qlora_jax.models.layout import LINEAR_LAYERS
 from qlora_jax.quant.report import storage_report_for
 
 __all__ = ["KNOWN_MODELS", "MemoryPlan", "plan_memory", "model_config", "GPUS", "format_plan"]
@@ -129,7 +128,7 @@ def plan_memory(
     seq_len: int,
     batch: int,
     lora_r: int = 64,
-    lora_targets: tuple[str, ...] = ALL_LINEAR,
+    lora_targets: tuple[str, ...] = LINEAR_LAYERS,
     quant: str = "nf4",
     double_quant: bool = True,
     blocksize: int = 64,

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from qlora_jax.lora import ALL_LINEAR, LoraConfig, module_group
+from qlora_jax.lora import LoraConfig
+from qlora_jax.models import layout
 from qlora_jax.models.config import LlamaConfig
-from qlora_jax.quant import QuantizedTensor, dequantize, quantize
-from qlora_jax.quant import bnb_format
+from qlora_jax.quant import QuantizedTensor, bnb_format, dequantize, quantize
 
 __all__ = ["merge_lora_weight", "export_merged", "MergeReport"]
 
@@ -108,18 +108,16 @@ def export_merged(
     tensors: dict[str, np.ndarray] = {"model.embed_tokens.weight": _host(base["embed_tokens"], np_dtype)}
     squared_error, squared_norm = 0.0, 0.0
     layers = base["layers"]
+    linears = layout.linear_entries(base)
     lora_layers = (lora or {}).get("layers", {})
     for layer in range(config.num_hidden_layers):
-        prefix = f"model.layers.{layer}."
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            tensors[f"{prefix}{norm}.weight"] = _host(layers[norm][layer], np_dtype)
-        for name in ALL_LINEAR:
-            group = module_group(name)
-            params = layers[group][name]
-            pair = lora_layers.get(group, {}).get(name)
+        for norm in layout.LAYER_NORMS:
+            tensors[layout.hf_key(layer, norm)] = _host(layers[norm][layer], np_dtype)
+        for name, params in linears.items():
+            pair = lora_layers.get(layout.module_group(name), {}).get(name)
             merged = merge_lora_weight(_layer_slice(params["weight"], layer), None if pair is None else
                                        _layer_slice(pair, layer), scaling)
-            key = f"{prefix}{group}.{name}.weight"
+            key = layout.hf_key(layer, name)
             if quantize_to is None:
                 tensors[key] = _host(merged, np_dtype)
             else:
@@ -129,7 +127,7 @@ def export_merged(
                 squared_norm += float(jnp.sum(merged * merged))
                 tensors.update(bnb_format.to_bnb_state_dict(jax.device_get(qt), key))
             if "bias" in params:
-                tensors[f"{prefix}{group}.{name}.bias"] = _host(params["bias"][layer], np_dtype)
+                tensors[layout.hf_key(layer, name, "bias")] = _host(params["bias"][layer], np_dtype)
     tensors["model.norm.weight"] = _host(base["norm"], np_dtype)
     if not config.tie_word_embeddings:
         tensors["lm_head.weight"] = _host(base["lm_head"], np_dtype)

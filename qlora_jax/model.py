@@ -1,9 +1,11 @@
 """The public model API: :func:`load_pretrained` and the :class:`CausalLM` Flax NNX module.
 
 ``CausalLM`` holds the frozen base in a non-trainable :class:`FrozenWeights` variable and the
-adapters in ``nnx.LoRAParam`` (``nnx.Param`` for full finetuning); its ``__call__`` is a thin
-wrapper over the pure functions of :mod:`qlora_jax.models.llama`, which plain-JAX and Linen users
-can call directly with the same pytrees (``model.base_params``, ``model.lora_params``).
+adapters in ``nnx.LoRAParam`` (``nnx.Param`` for full finetuning), with the static
+:class:`~qlora_jax.models.spec.ModelSpec` that says how they run (``model.spec``); its
+``__call__`` is a thin wrapper over the pure functions of :mod:`qlora_jax.models.llama`, which
+plain-JAX and Linen users can call directly with the same pytrees (``model.spec``,
+``model.base_params``, ``model.lora_params``).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from flax import nnx
 
 from qlora_jax import assets
 from qlora_jax.checkpoints.load import LoadStats, QuantConfig, load_base_params, open_checkpoint, read_config
-from qlora_jax.lora import LoraConfig, init_lora_pair, module_group
+from qlora_jax.lora import LoraConfig, init_lora_pair
 from qlora_jax.models import llama
 from qlora_jax.models.config import LlamaConfig
+from qlora_jax.models.layout import module_group
+from qlora_jax.models.spec import ModelSpec
 from qlora_jax.tokenizer import Tokenizer
 
 __all__ = ["CausalLM", "FrozenWeights", "load_pretrained", "init_lora_params", "default_compute_dtype",
@@ -30,18 +34,22 @@ class FrozenWeights(nnx.Variable):
     """Frozen base weights (quantized or not): never a target of ``nnx.Param``/``LoRAParam`` filters."""
 
 
-def default_compute_dtype() -> Any:
+def default_compute_dtype() -> str:
     """bfloat16 on accelerators; float32 on CPU, where XLA's bf16 matmuls are emulated and slower."""
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def init_lora_params(key: jax.Array, config: LlamaConfig, lora_config: LoraConfig) -> dict[str, Any]:
-    """Fresh adapters for every targeted layer: ``{"layers": {group: {name: {lora_A, lora_B}}}}``."""
+def init_lora_params(key: jax.Array, spec: ModelSpec) -> dict[str, Any]:
+    """Fresh adapters (PEFT's initialisation, ``spec.adapter_dtype``) for every layer ``spec`` targets:
+    ``{"layers": {group: {name: {"lora_A": [L, r, in], "lora_B": [L, out, r]}}}}``."""
+    if spec.lora_config is None:
+        raise ValueError("init_lora_params needs a spec with a lora_config")
+    config = spec.config
     shapes = config.linear_shapes()
-    dtype = jnp.dtype(lora_config.dtype)
+    dtype = jnp.dtype(spec.adapter_dtype)
     layers: dict[str, dict[str, Any]] = {}
-    for i, name in enumerate(lora_config.targets):
-        pair = init_lora_pair(jax.random.fold_in(key, i), shapes[name], lora_config.r, dtype,
+    for i, name in enumerate(spec.lora_targets):
+        pair = init_lora_pair(jax.random.fold_in(key, i), shapes[name], spec.lora_config.r, dtype,
                               leading=(config.num_hidden_layers,))
         layers.setdefault(module_group(name), {})[name] = pair
     return {"layers": layers}
@@ -50,28 +58,23 @@ def init_lora_params(key: jax.Array, config: LlamaConfig, lora_config: LoraConfi
 class CausalLM(nnx.Module):
     """A LLaMA-family causal LM with a frozen (quantized) base and LoRA adapters.
 
+    ``spec``: how it runs (:class:`~qlora_jax.models.spec.ModelSpec`); ``base``: the frozen base
+    pytree (trainable when ``spec.full_finetune``); ``lora``: the adapter pytree or None.
     ``model(input_ids)`` -> float32 logits ``[B, T, V]``.
     """
 
-    def __init__(
-        self,
-        config: LlamaConfig,
-        base: dict[str, Any],
-        lora: dict[str, Any] | None,
-        *,
-        lora_config: LoraConfig | None,
-        full_finetune: bool = False,
-        compute_dtype: Any = None,
-        remat: bool = False,
-    ):
-        self.config = config
-        self.lora_config = lora_config
-        self.full_finetune = full_finetune
-        self.compute_dtype = jnp.dtype(compute_dtype or default_compute_dtype())
-        self.remat = remat
-        self.base = nnx.Param(base) if full_finetune else FrozenWeights(base)
+    def __init__(self, spec: ModelSpec, base: dict[str, Any], lora: dict[str, Any] | None = None):
+        if spec.full_finetune and lora is not None:
+            raise ValueError("a fully finetuned model has no adapters: pass lora=None")
+        self.spec = spec
+        self.base = nnx.Param(base) if spec.full_finetune else FrozenWeights(base)
         self.lora = None if lora is None else nnx.LoRAParam(lora)
         self.load_stats: LoadStats | None = None
+
+    @property
+    def config(self) -> LlamaConfig:
+        """The architecture (``spec.config``)."""
+        return self.spec.config
 
     @property
     def base_params(self) -> dict[str, Any]:
@@ -89,11 +92,8 @@ class CausalLM(nnx.Module):
         positions: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
-        logits, _ = llama.forward(
-            self.config, self.base_params, self.lora_params, input_ids, lora_config=self.lora_config,
-            attention_mask=attention_mask, positions=positions, dropout_key=dropout_key, remat=self.remat,
-            compute_dtype=self.compute_dtype,
-        )
+        logits, _ = llama.forward(self.spec, self.base_params, self.lora_params, input_ids,
+                                  attention_mask=attention_mask, positions=positions, dropout_key=dropout_key)
         return logits
 
 
@@ -125,8 +125,9 @@ def load_pretrained(
     lora: LoraConfig | None = LoraConfig(),
     full_finetune: bool = False,
     adapter: str | pathlib.Path | None = None,
-    compute_dtype: Any = None,
+    compute_dtype: str | None = None,
     remat: bool = False,
+    kernel_backend: str = "auto",
     seed: int = 0,
     verbose: bool = False,
 ) -> tuple[CausalLM, Tokenizer | None]:
@@ -137,8 +138,10 @@ def load_pretrained(
     ``quant``: "nf4", "fp4", "int8" or "bf16"/"float16"/"float32" (no quantization).
     ``lora``: adapter hyperparameters, or None for no adapters. ``full_finetune`` makes the base
     itself trainable (requires an unquantized ``quant``). ``adapter``: a PEFT adapter folder to
-    load instead of fresh adapters. Returns ``(model, tokenizer)``; the tokenizer is None when
-    the folder has no ``tokenizer.json``.
+    load instead of fresh adapters. ``compute_dtype`` (None: bfloat16 on accelerators, float32 on
+    CPU), ``remat`` and ``kernel_backend`` go into the model's
+    :class:`~qlora_jax.models.spec.ModelSpec`. Returns ``(model, tokenizer)``; the tokenizer is
+    None when the folder has no ``tokenizer.json``.
     """
     if full_finetune and quant in ("nf4", "fp4", "int8"):
         raise ValueError("full finetuning needs an unquantized base: pass quant='bf16' (or float32)")
@@ -155,9 +158,11 @@ def load_pretrained(
         from qlora_jax.peft_io import load_peft_adapter
 
         lora_params, lora = load_peft_adapter(adapter, config)
-    elif lora is not None and not full_finetune:
-        lora_params = init_lora_params(jax.random.key(seed), config, lora)
-    model = CausalLM(config, base, lora_params, lora_config=lora if not full_finetune else None,
-                     full_finetune=full_finetune, compute_dtype=compute_dtype, remat=remat)
+    spec = ModelSpec(config, None if full_finetune else lora, full_finetune=full_finetune,
+                     compute_dtype=compute_dtype or default_compute_dtype(), remat=remat,
+                     kernel_backend=kernel_backend)
+    if lora_params is None and spec.lora_config is not None:
+        lora_params = init_lora_params(jax.random.key(seed), spec)
+    model = CausalLM(spec, base, lora_params)
     model.load_stats = stats
     return model, load_tokenizer(checkpoint_path)

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from qlora_jax.lora import ALL_LINEAR, module_group
+from qlora_jax.models import layout
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.quant import QuantizedTensor
 from qlora_jax.quant.tensor import codes_shape, double_quantize, scales_shape
@@ -84,30 +84,26 @@ def random_base(
         return node
 
     d = config.hidden_size
-    base: dict[str, Any] = {
-        "embed_tokens": _make(lambda k=next(keys): (jax.random.normal(k, (config.vocab_size, d)) * weight_std)
-                             .astype(dtype), sharding_of("embed_tokens")),
-        "norm": _make(lambda: jnp.ones((d,), dtype), sharding_of("norm")),
-    }
+    embed_tokens = _make(lambda k=next(keys): (jax.random.normal(k, (config.vocab_size, d)) * weight_std)
+                         .astype(dtype), sharding_of("embed_tokens"))
+    lm_head = None
     if not config.tie_word_embeddings:
-        base["lm_head"] = _make(lambda k=next(keys): (jax.random.normal(k, (config.vocab_size, d)) * weight_std)
-                               .astype(dtype), sharding_of("lm_head"))
-    layer_tree: dict[str, Any] = {
-        norm: _make(lambda: jnp.ones((layers, d), dtype), sharding_of("layers", norm))
-        for norm in ("input_layernorm", "post_attention_layernorm")
-    }
-    layer_tree.update(self_attn={}, mlp={})
+        lm_head = _make(lambda k=next(keys): (jax.random.normal(k, (config.vocab_size, d)) * weight_std)
+                        .astype(dtype), sharding_of("lm_head"))
+    layer_norms = {norm: _make(lambda: jnp.ones((layers, d), dtype), sharding_of("layers", norm))
+                   for norm in layout.LAYER_NORMS}
     shapes = config.linear_shapes()
-    for name in ALL_LINEAR:
-        group = module_group(name)
+    linears = {}
+    for name in layout.LINEAR_LAYERS:
+        group = layout.module_group(name)
         entry = {"weight": _random_linear(next(keys), layers, shapes[name], quant, double_quant, blocksize,
                                           weight_std, dtype, sharding_of("layers", group, name, "weight"))}
         if config.linear_has_bias(name):
-            entry["bias"] = _make(lambda: jnp.zeros((layers, shapes[name][0]), dtype),
+            entry["bias"] = _make(lambda n=name: jnp.zeros((layers, shapes[n][0]), dtype),
                                   sharding_of("layers", group, name, "bias"))
-        layer_tree[group][name] = entry
-    base["layers"] = layer_tree
-    return base
+        linears[name] = entry
+    return layout.assemble_base(embed_tokens=embed_tokens, lm_head=lm_head, layer_norms=layer_norms, linears=linears,
+                                norm=_make(lambda: jnp.ones((d,), dtype), sharding_of("norm")))
 
 
 def abstract_base(config: LlamaConfig, **kwargs: Any) -> Any:

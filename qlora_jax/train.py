@@ -16,7 +16,6 @@ anything, so that the last good checkpoint stays the latest (the launcher does).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -25,37 +24,24 @@ import jax.numpy as jnp
 import optax
 
 from qlora_jax.linear import base_matmul
-from qlora_jax.lora import LoraConfig
 from qlora_jax.models import llama
-from qlora_jax.models.config import LlamaConfig
+from qlora_jax.models.spec import ModelSpec
 
-__all__ = ["ModelSpec", "chunked_cross_entropy", "loss_and_count", "make_train_step", "make_eval_step",
-           "NonFiniteLossError"]
+__all__ = ["chunked_cross_entropy", "loss_and_count", "make_train_step", "make_eval_step", "NonFiniteLossError"]
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or the gradients became NaN or Inf."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """The static description of what is trained (hashable: a static argument of jit)."""
-
-    config: LlamaConfig
-    lora_config: LoraConfig | None
-    full_finetune: bool = False
-    compute_dtype: str = "bfloat16"
-    remat: bool = True
-    loss_chunk: int = 256  # tokens per chunk of the output projection + cross-entropy
-
-
 def chunked_cross_entropy(
-    hidden: jax.Array, head: Any, targets: jax.Array, mask: jax.Array, chunk: int
+    hidden: jax.Array, head: Any, targets: jax.Array, mask: jax.Array, chunk: int, *, backend: str = "auto"
 ) -> tuple[jax.Array, jax.Array]:
     """Sum of masked next-token cross-entropy (nats, float32) and the number of masked tokens.
 
     ``hidden``: ``[N, D]``, ``targets``/``mask``: ``[N]``. The vocabulary projection runs ``chunk``
     tokens at a time and is recomputed in the backward pass, so ``[N, V]`` logits never exist.
+    ``backend``: the kernel backend of a quantized ``head``.
     """
     n = hidden.shape[0]
     pad = (-n) % chunk
@@ -69,7 +55,7 @@ def chunked_cross_entropy(
 
     @jax.checkpoint
     def one_chunk(h, t, m):
-        logits = base_matmul(h, head).astype(jnp.float32)
+        logits = base_matmul(h, head, backend=backend).astype(jnp.float32)
         logz = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
         return jnp.sum((logz - target_logit) * m)
@@ -90,17 +76,15 @@ def loss_and_count(
 ) -> tuple[jax.Array, jax.Array]:
     """Summed target-token loss and target count for one micro-batch ``[B, T]``."""
     base, lora = (trainable, None) if spec.full_finetune else (frozen, trainable)
-    hidden, _ = llama.hidden_states(
-        spec.config, base, lora, batch["input_ids"], lora_config=spec.lora_config,
-        attention_mask=batch["attention_mask"], dropout_key=dropout_key, remat=spec.remat,
-        compute_dtype=jnp.dtype(spec.compute_dtype),
-    )
-    head = base["embed_tokens"] if spec.config.tie_word_embeddings else base["lm_head"]
+    hidden, _ = llama.hidden_states(spec, base, lora, batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    dropout_key=dropout_key)
+    head = llama.output_head(spec.config, base)
     # Hidden state t predicts token t + 1.
     targets = batch["input_ids"][:, 1:]
     mask = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).astype(jnp.float32)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    return chunked_cross_entropy(h, head, targets.reshape(-1), mask.reshape(-1), spec.loss_chunk)
+    return chunked_cross_entropy(h, head, targets.reshape(-1), mask.reshape(-1), spec.loss_chunk,
+                                 backend=spec.kernel_backend)
 
 
 def _accumulate(spec, trainable, frozen, batch, key, with_grad: bool):

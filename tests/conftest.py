@@ -126,15 +126,29 @@ def bnb_cuda_reference(tmp_path_factory) -> BnbCudaReference:
     return BnbCudaReference(library)
 
 
+# The run's entropy: every generator of the run derives from it, so QLORA_JAX_TEST_SEED replays
+# a whole run, module-scoped fixtures included.
+RUN_ENTROPY = int(os.environ.get("QLORA_JAX_TEST_SEED", np.random.SeedSequence().entropy % (1 << 63)))
+
+
 @pytest.fixture
 def rng(request) -> np.random.Generator:
     """A fresh generator per test, seeded from the test's name and the run's entropy.
 
     QLORA_JAX_TEST_SEED fixes the run's entropy to replay a failure; the seed is printed on failure.
     """
-    entropy = int(os.environ.get("QLORA_JAX_TEST_SEED", np.random.SeedSequence().entropy % (1 << 63)))
-    request.node.user_properties.append(("seed", entropy))
-    return np.random.default_rng([entropy, zlib.crc32(request.node.nodeid.encode())])
+    request.node.user_properties.append(("seed", RUN_ENTROPY))
+    return np.random.default_rng([RUN_ENTROPY, zlib.crc32(request.node.nodeid.encode())])
+
+
+@pytest.fixture(scope="module")
+def module_rng(request) -> np.random.Generator:
+    """A generator for module-scoped fixtures, seeded from the module's name and the run's entropy."""
+    return np.random.default_rng([RUN_ENTROPY, zlib.crc32(request.module.__name__.encode())])
+
+
+def pytest_report_header(config) -> str:
+    return f"random seed: QLORA_JAX_TEST_SEED={RUN_ENTROPY}"
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -142,6 +156,4 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     if report.failed:
-        for name, value in item.user_properties:
-            if name == "seed":
-                report.sections.append(("random seed", f"QLORA_JAX_TEST_SEED={value}"))
+        report.sections.append(("random seed", f"QLORA_JAX_TEST_SEED={RUN_ENTROPY}"))

@@ -7,28 +7,29 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import random_quantized_base
 
 from qlora_jax.checkpointing import TrainCheckpointer
 from qlora_jax.distributed import make_mesh, param_shardings, parse_mesh_spec, shard_batch, shard_tree
 from qlora_jax.lora import LoraConfig
 from qlora_jax.model import init_lora_params
 from qlora_jax.models.config import LlamaConfig
+from qlora_jax.models.spec import ModelSpec
 from qlora_jax.optim import jit_train_step, make_optimizer, tree_memory_kinds
-from qlora_jax.train import ModelSpec, make_train_step
-from test_memory import random_base
+from qlora_jax.train import make_train_step
 
 CONFIG = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=64)
 
 
 @pytest.fixture(scope="module")
-def setup():
-    rng = np.random.default_rng()
-    base = random_base(CONFIG, rng)
+def setup(module_rng):
+    rng = module_rng
+    base = random_quantized_base(CONFIG, rng)
     base["lm_head"] = jnp.asarray(rng.normal(size=(512, 256)) * 0.05, jnp.bfloat16)
-    lora_config = LoraConfig(r=8)
-    lora = init_lora_params(jax.random.key(1), CONFIG, lora_config)
-    lora = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(x.size), x.shape), lora)
+    lora_config = LoraConfig(r=8, dtype="float32")
+    lora = init_lora_params(jax.random.key(1), ModelSpec(CONFIG, lora_config))
+    lora = jax.tree.map(lambda x: x + 0.01 * jnp.asarray(rng.normal(size=x.shape), x.dtype), lora)
     batch = {"input_ids": rng.integers(0, 512, (2, 8, 64)).astype(np.int32),
              "attention_mask": np.ones((2, 8, 64), np.int32), "loss_mask": np.ones((2, 8, 64), np.int32)}
     return base, lora, lora_config, batch

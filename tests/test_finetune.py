@@ -173,11 +173,12 @@ def _restore_targets(model_path, out):
     """Abstract trainable/opt state of the small config, built the way the recipe builds them."""
     from qlora_jax.finetune import _lr_schedule
     from qlora_jax.lora import LoraConfig
-    from qlora_jax.model import init_lora_params, load_pretrained
+    from qlora_jax.model import load_pretrained
     from qlora_jax.optim import make_optimizer
 
     cfg = small_config(model_path, out)
-    model, _ = load_pretrained(cfg.model, lora=LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha))
+    model, _ = load_pretrained(cfg.model, lora=LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dtype=cfg.lora_dtype),
+                               compute_dtype=cfg.compute_dtype)
     trainable = model.lora_params
     optimizer = make_optimizer(cfg.optim, learning_rate=_lr_schedule(cfg), b2=cfg.adam_beta2,
                                max_grad_norm=cfg.max_grad_norm)

@@ -6,86 +6,80 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_quantized_base
 
 from qlora_jax.generate import SamplingConfig, generate_tokens
 from qlora_jax.lora import LoraConfig
 from qlora_jax.model import init_lora_params
 from qlora_jax.models import llama
 from qlora_jax.models.config import LlamaConfig
-from test_memory import random_base
+from qlora_jax.models.spec import ModelSpec
 
 CONFIG = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")
-def model():
-    rng = np.random.default_rng()
-    base = random_base(CONFIG, rng)
-    base["lm_head"] = jnp.asarray(rng.normal(size=(300, 128)) * 0.3, jnp.bfloat16)
-    lora_config = LoraConfig(r=4)
-    lora = init_lora_params(jax.random.key(3), CONFIG, lora_config)
-    lora = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(x.size), x.shape), lora)
-    return base, lora, lora_config
+def model(module_rng):
+    base = random_quantized_base(CONFIG, module_rng)
+    base["lm_head"] = jnp.asarray(module_rng.normal(size=(300, 128)) * 0.3, jnp.bfloat16)
+    spec = ModelSpec(CONFIG, LoraConfig(r=4), compute_dtype="float32")
+    lora = init_lora_params(jax.random.key(3), spec)
+    lora = jax.tree.map(lambda x: x + 0.02 * jnp.asarray(module_rng.normal(size=x.shape), x.dtype), lora)
+    return base, lora, spec
 
 
-def greedy_by_recomputation(base, lora, lora_config, prompt, steps):
+def greedy_by_recomputation(base, lora, spec, prompt, steps):
     """The reference: the whole sequence through the model again for every new token (no cache)."""
     ids = list(prompt)
     for _ in range(steps):
-        logits, _ = llama.forward(CONFIG, base, lora, jnp.asarray([ids]), lora_config=lora_config,
-                                  compute_dtype=jnp.float32)
+        logits, _ = llama.forward(spec, base, lora, jnp.asarray([ids]))
         ids.append(int(jnp.argmax(logits[0, -1])))
     return ids[len(prompt):]
 
 
 def test_kv_cache_greedy_equals_recomputation(model, rng):
-    base, lora, lora_config = model
+    base, lora, spec = model
     prompt = rng.integers(0, 300, size=9).tolist()
-    (cached,) = generate_tokens(CONFIG, base, lora, [prompt], SamplingConfig(max_new_tokens=12),
-                                lora_config=lora_config, compute_dtype=jnp.float32)
-    assert cached == greedy_by_recomputation(base, lora, lora_config, prompt, 12)
+    (cached,) = generate_tokens(spec, base, lora, [prompt], SamplingConfig(max_new_tokens=12))
+    assert cached == greedy_by_recomputation(base, lora, spec, prompt, 12)
 
 
 def test_left_padded_batch_equals_one_by_one(model, rng):
-    base, lora, lora_config = model
+    base, lora, spec = model
     prompts = [rng.integers(0, 300, size=n).tolist() for n in (3, 11, 7)]
     sampling = SamplingConfig(max_new_tokens=8)
-    batched = generate_tokens(CONFIG, base, lora, prompts, sampling, lora_config=lora_config,
-                              compute_dtype=jnp.float32)
+    batched = generate_tokens(spec, base, lora, prompts, sampling)
     for prompt, out in zip(prompts, batched):
-        assert out == generate_tokens(CONFIG, base, lora, [prompt], sampling, lora_config=lora_config,
-                                      compute_dtype=jnp.float32)[0]
+        assert out == generate_tokens(spec, base, lora, [prompt], sampling)[0]
 
 
 def test_stop_tokens_end_a_sequence(model, rng):
-    base, lora, lora_config = model
+    base, lora, spec = model
     prompt = rng.integers(0, 300, size=5).tolist()
-    (free,) = generate_tokens(CONFIG, base, lora, [prompt], SamplingConfig(max_new_tokens=10),
-                              lora_config=lora_config, compute_dtype=jnp.float32)
+    (free,) = generate_tokens(spec, base, lora, [prompt], SamplingConfig(max_new_tokens=10))
     stop = free[4]
-    (stopped,) = generate_tokens(CONFIG, base, lora, [prompt], SamplingConfig(max_new_tokens=10, stop_token_ids=(stop,)),
-                                 lora_config=lora_config, compute_dtype=jnp.float32)
+    (stopped,) = generate_tokens(spec, base, lora, [prompt], SamplingConfig(max_new_tokens=10, stop_token_ids=(stop,)))
     assert stopped == free[: free.index(stop)]
 
 
 def test_sampling_is_seeded_and_top_p_restricts_to_the_nucleus(model, rng):
-    base, lora, lora_config = model
+    base, lora, spec = model
     prompt = rng.integers(0, 300, size=6).tolist()
     hot = SamplingConfig(max_new_tokens=6, temperature=1.5)
-    a = generate_tokens(CONFIG, base, lora, [prompt], hot, lora_config=lora_config, key=jax.random.key(1))
-    b = generate_tokens(CONFIG, base, lora, [prompt], hot, lora_config=lora_config, key=jax.random.key(1))
+    a = generate_tokens(spec, base, lora, [prompt], hot, key=jax.random.key(1))
+    b = generate_tokens(spec, base, lora, [prompt], hot, key=jax.random.key(1))
     assert a == b
-    samples = {tuple(generate_tokens(CONFIG, base, lora, [prompt], hot, lora_config=lora_config,
+    samples = {tuple(generate_tokens(spec, base, lora, [prompt], hot,
                                      key=jax.random.key(s))[0]) for s in range(6)}
     assert len(samples) > 1  # temperature sampling varies with the key
     # A tiny nucleus keeps only the most likely token: the same as greedy decoding.
     nucleus = SamplingConfig(max_new_tokens=6, temperature=1.0, top_p=1e-6)
     greedy = SamplingConfig(max_new_tokens=6)
     for seed in range(3):
-        assert generate_tokens(CONFIG, base, lora, [prompt], nucleus, lora_config=lora_config,
+        assert generate_tokens(spec, base, lora, [prompt], nucleus,
                                key=jax.random.key(seed)) == \
-            generate_tokens(CONFIG, base, lora, [prompt], greedy, lora_config=lora_config)
+            generate_tokens(spec, base, lora, [prompt], greedy)
 
 
 def test_nucleus_breaks_ties_like_argmax(rng):
@@ -110,4 +104,4 @@ def test_bad_generation_requests():
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        generate_tokens(CONFIG, {}, None, [[1] * 200], SamplingConfig(max_new_tokens=100))
+        generate_tokens(ModelSpec(CONFIG), {}, None, [[1] * 200], SamplingConfig(max_new_tokens=100))

@@ -2,42 +2,25 @@
 
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import random_quantized_base
 
-from qlora_jax.checkpoints.load import _Stacker
-from qlora_jax.lora import ALL_LINEAR, LoraConfig, module_group
+from qlora_jax.lora import LoraConfig
 from qlora_jax.memory import KNOWN_MODELS, model_config, plan_memory
 from qlora_jax.model import init_lora_params
 from qlora_jax.models.config import LlamaConfig
-from qlora_jax.quant import quantize
-from qlora_jax.train import ModelSpec, make_train_step
+from qlora_jax.models.spec import ModelSpec
+from qlora_jax.train import make_train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def random_base(config: LlamaConfig, rng: np.random.Generator):
-    base = {"embed_tokens": jnp.asarray(rng.normal(size=(config.vocab_size, config.hidden_size)) * 0.5, jnp.bfloat16),
-            "norm": jnp.ones(config.hidden_size, jnp.bfloat16)}
-    stacker = _Stacker(config.num_hidden_layers)
-    for layer in range(config.num_hidden_layers):
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            stacker.put(norm, layer, jnp.ones(config.hidden_size, jnp.bfloat16))
-        for name, shape in config.linear_shapes().items():
-            stacker.put(name, layer, quantize((rng.normal(size=shape) * shape[1] ** -0.5).astype(np.float32)))
-    layers = {n: stacker.buffers[n] for n in ("input_layernorm", "post_attention_layernorm")}
-    layers.update(self_attn={}, mlp={})
-    for name in ALL_LINEAR:
-        layers[module_group(name)][name] = {"weight": stacker.buffers[name]}
-    base["layers"] = layers
-    return base
 
 
 @pytest.mark.parametrize("seq_len,batch,r,remat,hidden", [(256, 4, 16, True, 256), (256, 4, 16, False, 256),
@@ -46,12 +29,13 @@ def test_planner_within_30_percent_of_xla_buffer_assignment(rng, seq_len, batch,
     """XLA's compiled memory analysis of the real train step (CPU) is the measurement here."""
     config = LlamaConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, tie_word_embeddings=True)
-    lora_config = LoraConfig(r=r)
-    base = random_base(config, rng)
-    lora = init_lora_params(jax.random.key(0), config, lora_config)
+    lora_config = LoraConfig(r=r, dtype="float32")
+    spec = ModelSpec(config, lora_config, remat=remat)
+    base = random_quantized_base(config, rng)
+    lora = init_lora_params(jax.random.key(0), spec)
     optimizer = optax.adamw(1e-3)
     batch_arrays = {k: jnp.ones((1, batch, seq_len), jnp.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
-    step = jax.jit(make_train_step(ModelSpec(config, lora_config, remat=remat), optimizer), donate_argnums=(0, 1))
+    step = jax.jit(make_train_step(spec, optimizer), donate_argnums=(0, 1))
     analysis = step.lower(lora, optimizer.init(lora), base, batch_arrays, None).compile().memory_analysis()
     measured = (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes
                 - analysis.alias_size_in_bytes)

@@ -19,6 +19,7 @@ from qlora_jax.merge import export_merged
 from qlora_jax.model import FrozenWeights, init_lora_params, load_pretrained
 from qlora_jax.models import llama
 from qlora_jax.models.config import UnsupportedArchitectureError
+from qlora_jax.models.spec import ModelSpec
 from qlora_jax.peft_io import load_peft_adapter, save_peft_adapter
 
 BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -42,8 +43,8 @@ def workdir(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def inputs():
-    rng = np.random.default_rng()
+def inputs(module_rng):
+    rng = module_rng
     ids = rng.integers(0, BASE["vocab_size"], size=(2, SEQ)).astype(np.int32)
     mask = np.ones((2, SEQ), np.int32)
     mask[1, SEQ - 5:] = 0  # right padding on the second row
@@ -72,7 +73,7 @@ def valid(logits, mask):
     return logits[mask.astype(bool)]
 
 
-def ours(path, quant="float32", compute_dtype=jnp.float32, bnb_backend="cuda", lora=None, lora_params=None):
+def ours(path, quant="float32", compute_dtype="float32", bnb_backend="cuda", lora=None, lora_params=None):
     source, cfg = open_checkpoint(path)
     config = read_config(cfg)
     base, stats = load_base_params(source, config, QuantConfig(quant=quant, dtype="float32" if quant != "bf16"
@@ -80,9 +81,9 @@ def ours(path, quant="float32", compute_dtype=jnp.float32, bnb_backend="cuda", l
     return config, base, stats
 
 
-def run(config, base, ids, mask, lora=None, lora_config=None, compute_dtype=jnp.float32):
-    logits, _ = llama.forward(config, base, lora, jnp.asarray(ids), lora_config=lora_config,
-                              attention_mask=jnp.asarray(mask), compute_dtype=compute_dtype)
+def run(config, base, ids, mask, lora=None, lora_config=None, compute_dtype="float32"):
+    spec = ModelSpec(config, lora_config, compute_dtype=compute_dtype)
+    logits, _ = llama.forward(spec, base, lora, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     return np.asarray(logits)
 
 
@@ -98,7 +99,7 @@ def test_float32_logits_match_transformers(hf, workdir, inputs, name):
 def test_bf16_logits_match_transformers_within_bf16_tolerance(hf, workdir, inputs, name):
     ids, mask = inputs
     config, base, _ = ours(workdir / name, quant="bf16")
-    got = valid(run(config, base, ids, mask, compute_dtype=jnp.bfloat16), mask)
+    got = valid(run(config, base, ids, mask, compute_dtype="bfloat16"), mask)
     expected = valid(hf[f"{name}/logits_bf16"], mask)
     scale = np.abs(hf[f"{name}/logits_f32"]).max()
     # bf16 has 8 bits of mantissa: a few ulps of the largest logit, accumulated over two layers.
@@ -136,8 +137,8 @@ def test_peft_adapters_both_ways(oracle, hf, workdir, inputs):
     peft_dir, ours_dir = workdir / "peft_adapter", workdir / "our_adapter"
     # Our adapter, with non-zero B, for the second half of the round trip.
     config, base, _ = ours(workdir / "llama")
-    lora_config = LoraConfig(r=4, alpha=8.0, target_modules=tuple(targets))
-    lora = init_lora_params(jax.random.key(7), config, lora_config)
+    lora_config = LoraConfig(r=4, alpha=8.0, target_modules=tuple(targets), dtype="float32")
+    lora = init_lora_params(jax.random.key(7), ModelSpec(config, lora_config))
     lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape, x.dtype), lora)
     save_peft_adapter(ours_dir, lora, lora_config, config)
     arrays = {f"{c}/{k}": v for c in ("peft", "back") for k, v in (("input_ids", ids), ("attention_mask", mask))}
@@ -148,7 +149,7 @@ def test_peft_adapters_both_ways(oracle, hf, workdir, inputs):
     ]})
     # PEFT's adapter, loaded here.
     peft_lora, peft_config = load_peft_adapter(peft_dir, config)
-    assert peft_config.r == 8 and peft_config.scaling == 2.0 and set(peft_config.targets) == set(targets)
+    assert peft_config.r == 8 and peft_config.scaling == 2.0 and set(peft_config.target_modules) == set(targets)
     assert float(jnp.abs(peft_lora["layers"]["self_attn"]["q_proj"]["lora_B"]).max()) > 0
     got = run(config, base, ids, mask, peft_lora, peft_config)
     np.testing.assert_allclose(valid(got, mask), valid(out["peft/logits"], mask), atol=2e-4, rtol=1e-4)
@@ -162,8 +163,8 @@ def test_merged_export_reloads_in_transformers(oracle, workdir, inputs):
     ids, mask = inputs
     for name in ("llama_gqa_llama3_tied", "qwen2_bias"):
         config, base, _ = ours(workdir / name)
-        lora_config = LoraConfig(r=4, alpha=8.0)
-        lora = init_lora_params(jax.random.key(1), config, lora_config)
+        lora_config = LoraConfig(r=4, alpha=8.0, dtype="float32")
+        lora = init_lora_params(jax.random.key(1), ModelSpec(config, lora_config))
         lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.ndim), x.shape, x.dtype), lora)
         expected = run(config, base, ids, mask, lora, lora_config)
         export_merged(workdir / f"{name}_merged", config, base, lora, lora_config, dtype="float32")
@@ -186,7 +187,7 @@ def test_merged_export_reloads_in_transformers(oracle, workdir, inputs):
 def test_causal_lm_module_and_load_pretrained(hf, workdir, inputs):
     ids, mask = inputs
     model, tokenizer = load_pretrained(workdir / "llama", quant="float32", dtype="float32", lora=LoraConfig(r=4),
-                                       compute_dtype=jnp.float32)
+                                       compute_dtype="float32")
     assert tokenizer is None  # the random test models come without a tokenizer
     logits = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     assert logits.shape == (2, SEQ, BASE["vocab_size"])

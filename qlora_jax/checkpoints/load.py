@@ -24,10 +24,9 @@ import numpy as np
 from qlora_jax.checkpoints.errors import CheckpointError
 from qlora_jax.checkpoints.gguf_io import GGUFCheckpoint
 from qlora_jax.checkpoints.safetensors_io import SafetensorsFolder
-from qlora_jax.lora import ALL_LINEAR, module_group
+from qlora_jax.models import layout
 from qlora_jax.models.config import LlamaConfig
-from qlora_jax.quant import QuantizedTensor, dequantize, quantize
-from qlora_jax.quant import bnb_format
+from qlora_jax.quant import QuantizedTensor, bnb_format, dequantize, quantize
 
 __all__ = ["QuantConfig", "LoadStats", "TensorSource", "open_checkpoint", "load_base_params", "read_config"]
 
@@ -224,27 +223,21 @@ def load_base_params(
     stacker = _Stacker(config.num_hidden_layers)
     shapes = config.linear_shapes()
     for layer in range(config.num_hidden_layers):
-        layer_prefix = f"{prefix}layers.{layer}."
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            stacker.put(norm, layer, to_dtype(read_dense(f"{layer_prefix}{norm}.weight", (d,))))
-        for name in ALL_LINEAR:
-            key = f"{layer_prefix}{module_group(name)}.{name}"
-            stacker.put(f"{name}.weight", layer, read_linear(f"{key}.weight", shapes[name]))
+        for norm in layout.LAYER_NORMS:
+            stacker.put(norm, layer, to_dtype(read_dense(layout.hf_key(layer, norm, prefix=prefix), (d,))))
+        for name in layout.LINEAR_LAYERS:
+            stacker.put(f"{name}.weight", layer, read_linear(layout.hf_key(layer, name, prefix=prefix), shapes[name]))
             if config.linear_has_bias(name):
-                stacker.put(f"{name}.bias", layer, to_dtype(read_dense(f"{key}.bias", (shapes[name][0],))))
+                bias = read_dense(layout.hf_key(layer, name, "bias", prefix=prefix), (shapes[name][0],))
+                stacker.put(f"{name}.bias", layer, to_dtype(bias))
 
-    layers: dict[str, Any] = {
-        "input_layernorm": stacker.buffers["input_layernorm"],
-        "post_attention_layernorm": stacker.buffers["post_attention_layernorm"],
-        "self_attn": {},
-        "mlp": {},
-    }
-    for name in ALL_LINEAR:
-        entry = {"weight": stacker.buffers[f"{name}.weight"]}
+    linears = {}
+    for name in layout.LINEAR_LAYERS:
+        linears[name] = {"weight": stacker.buffers[f"{name}.weight"]}
         if config.linear_has_bias(name):
-            entry["bias"] = stacker.buffers[f"{name}.bias"]
-        layers[module_group(name)][name] = entry
-    base["layers"] = layers
+            linears[name]["bias"] = stacker.buffers[f"{name}.bias"]
+    base = layout.assemble_base(embed_tokens=base["embed_tokens"], norm=base["norm"], lm_head=base.get("lm_head"),
+                                layer_norms={n: stacker.buffers[n] for n in layout.LAYER_NORMS}, linears=linears)
 
     base_bytes = sum(x.nbytes for x in jax.tree.leaves(base))
     stats = LoadStats(

@@ -15,7 +15,10 @@ checkpoint key (``model.layers.{i}.<path>``):
 
 Layers run under ``jax.lax.scan`` (one compiled layer, whatever the depth), optionally
 rematerialised per layer. ``forward`` gives logits ``[B, T, V]``; ``hidden_states`` gives the
-final normalised hidden states for memory-frugal losses.
+final normalised hidden states for memory-frugal losses. Both take a
+:class:`~qlora_jax.models.spec.ModelSpec`, the static description of what runs (architecture,
+adapters, compute dtype, remat, kernel backend). Names and the pytree layout come from
+:mod:`qlora_jax.models.layout`.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ import jax
 import jax.numpy as jnp
 
 from qlora_jax.linear import base_matmul, qlora_linear
-from qlora_jax.lora import ALL_LINEAR, LoraConfig, module_group
 from qlora_jax.models import rope
 from qlora_jax.models.config import LlamaConfig
+from qlora_jax.models.layout import LINEAR_LAYERS
+from qlora_jax.models.spec import ModelSpec
 
-__all__ = ["KVCache", "init_kv_cache", "forward", "hidden_states", "logits_from_hidden", "rms_norm"]
+__all__ = ["KVCache", "init_kv_cache", "forward", "hidden_states", "logits_from_hidden", "output_head", "rms_norm"]
 
 _NEG_INF = -1e30
 
@@ -71,23 +75,24 @@ def _attention(q, k, v, mask):
     return out.reshape(b, t, h * hd).astype(v.dtype)
 
 
-def _linear(x, base_group, lora_group, name, lora_config, dropout_key):
+def _linear(x, base_group, lora_group, name, spec: ModelSpec, dropout_key):
     params = base_group[name]
     lora = None if lora_group is None else lora_group.get(name)
-    key = None if dropout_key is None else jax.random.fold_in(dropout_key, ALL_LINEAR.index(name))
+    key = None if dropout_key is None else jax.random.fold_in(dropout_key, LINEAR_LAYERS.index(name))
+    lora_config = spec.lora_config
     scaling = lora_config.scaling if lora_config is not None else 1.0
     dropout = lora_config.dropout if lora_config is not None else 0.0
     return qlora_linear(x, params["weight"], lora, params.get("bias"), scaling=scaling, dropout_rate=dropout,
-                        dropout_key=key)
+                        dropout_key=key, backend=spec.kernel_backend)
 
 
-def _layer(config: LlamaConfig, lora_config: LoraConfig | None, h, layer_base, layer_lora, cache_kv, *,
-           cos, sin, mask, cache_index, dropout_key):
+def _layer(spec: ModelSpec, h, layer_base, layer_lora, cache_kv, *, cos, sin, mask, cache_index, dropout_key):
+    config = spec.config
     b, t, _ = h.shape
     attn_base, mlp_base = layer_base["self_attn"], layer_base["mlp"]
     attn_lora = None if layer_lora is None else layer_lora.get("self_attn")
     mlp_lora = None if layer_lora is None else layer_lora.get("mlp")
-    lin = functools.partial(_linear, lora_config=lora_config, dropout_key=dropout_key)
+    lin = functools.partial(_linear, spec=spec, dropout_key=dropout_key)
 
     x = rms_norm(h, layer_base["input_layernorm"], config.rms_norm_eps)
     q = lin(x, attn_base, attn_lora, "q_proj").reshape(b, t, config.num_attention_heads, config.head_dim)
@@ -126,26 +131,25 @@ def _attention_mask(config, attention_mask, b, t, s, cache_index):
 
 
 def hidden_states(
-    config: LlamaConfig,
+    spec: ModelSpec,
     base: dict[str, Any],
     lora: dict[str, Any] | None,
     input_ids: jax.Array,
     *,
-    lora_config: LoraConfig | None = None,
     attention_mask: jax.Array | None = None,
     positions: jax.Array | None = None,
     cache: KVCache | None = None,
     dropout_key: jax.Array | None = None,
-    remat: bool = False,
-    compute_dtype: Any = jnp.bfloat16,
 ) -> tuple[jax.Array, KVCache | None]:
-    """Final normalised hidden states ``[B, T, D]`` (compute dtype) and the updated cache.
+    """Final normalised hidden states ``[B, T, D]`` (``spec.compute_dtype``) and the updated cache.
 
-    ``attention_mask``: ``[B, S]`` with 1 for real tokens, over the key slots (``S = T`` without a
-    cache, the cache length with one). ``positions``: rotary positions ``[B, T]`` (default: the
-    slot index; pass ``cumsum(mask) - 1`` for left-padded batches). ``dropout_key`` enables LoRA
-    dropout. ``remat`` recomputes each layer's activations in the backward pass.
+    ``input_ids``: int ``[B, T]``. ``attention_mask``: ``[B, S]`` with 1 for real tokens, over the
+    key slots (``S = T`` without a cache, the cache length with one). ``positions``: rotary
+    positions ``[B, T]`` (default: the slot index; pass ``cumsum(mask) - 1`` for left-padded
+    batches). ``dropout_key`` enables LoRA dropout (at ``spec.lora_config.dropout``).
     """
+    config = spec.config
+    compute_dtype = jnp.dtype(spec.compute_dtype)
     b, t = input_ids.shape
     cache_index = jnp.zeros((), jnp.int32) if cache is None else cache.index
     if positions is None:
@@ -164,11 +168,11 @@ def hidden_states(
 
     def body(carry, xs):
         layer_base, layer_lora_i, cache_kv, key = xs
-        out, new_cache = _layer(config, lora_config, carry, layer_base, layer_lora_i, cache_kv, cos=cos, sin=sin,
-                                mask=mask, cache_index=cache_index, dropout_key=key)
+        out, new_cache = _layer(spec, carry, layer_base, layer_lora_i, cache_kv, cos=cos, sin=sin, mask=mask,
+                                cache_index=cache_index, dropout_key=key)
         return out, new_cache
 
-    if remat:
+    if spec.remat:
         body = jax.checkpoint(body, prevent_cse=False)
     cache_kv = None if cache is None else (cache.k, cache.v)
     h, new_kv = jax.lax.scan(body, h, (base["layers"], layer_lora, cache_kv, keys))
@@ -177,21 +181,23 @@ def hidden_states(
     return h, new_cache
 
 
-def logits_from_hidden(config: LlamaConfig, base: dict[str, Any], h: jax.Array) -> jax.Array:
-    """float32 logits ``[..., V]`` from hidden states, through the (possibly tied) output head."""
-    head = base["embed_tokens"] if config.tie_word_embeddings else base["lm_head"]
-    if isinstance(head, dict):
-        head = head["weight"]
-    return base_matmul(h, head).astype(jnp.float32)
+def output_head(config: LlamaConfig, base: dict[str, Any]) -> Any:
+    """The output projection ``[V, D]``: ``embed_tokens`` for tied heads, else ``lm_head``."""
+    return base["embed_tokens"] if config.tie_word_embeddings else base["lm_head"]
+
+
+def logits_from_hidden(spec: ModelSpec, base: dict[str, Any], h: jax.Array) -> jax.Array:
+    """float32 logits ``[..., V]`` from hidden states ``[..., D]``, through the (possibly tied) head."""
+    return base_matmul(h, output_head(spec.config, base), backend=spec.kernel_backend).astype(jnp.float32)
 
 
 def forward(
-    config: LlamaConfig,
+    spec: ModelSpec,
     base: dict[str, Any],
     lora: dict[str, Any] | None,
     input_ids: jax.Array,
     **kwargs: Any,
 ) -> tuple[jax.Array, KVCache | None]:
     """Logits ``[B, T, V]`` (float32) and the updated cache; arguments as :func:`hidden_states`."""
-    h, cache = hidden_states(config, base, lora, input_ids, **kwargs)
-    return logits_from_hidden(config, base, h), cache
+    h, cache = hidden_states(spec, base, lora, input_ids, **kwargs)
+    return logits_from_hidden(spec, base, h), cache

@@ -11,7 +11,6 @@ import json
 import pathlib
 import re
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -116,15 +115,15 @@ def model_linear_weights(model: str, max_tensors: int = 0) -> tuple[str, dict[st
     """The linear-layer weights (float32) of a checkpoint ("embedded" for SmolLM2-135M)."""
     from qlora_jax import assets
     from qlora_jax.checkpoints.load import open_checkpoint, read_config
-    from qlora_jax.lora import ALL_LINEAR, module_group
+    from qlora_jax.models import layout
 
     path = assets.embedded_model_path() if model == "embedded" else pathlib.Path(model)
     source, cfg = open_checkpoint(path)
     config = read_config(cfg)
     tensors = {}
     for layer in range(config.num_hidden_layers):
-        for name in ALL_LINEAR:
-            key = f"model.layers.{layer}.{module_group(name)}.{name}.weight"
+        for name in layout.LINEAR_LAYERS:
+            key = layout.hf_key(layer, name)
             tensors[key] = np.asarray(source.get(key), np.float32)
             if max_tensors and len(tensors) >= max_tensors:
                 return path.name, tensors
@@ -155,13 +154,14 @@ def _heldout_conversations(tokenizer, count: int, max_tokens: int) -> list[list[
 def perplexity_table(model: str, conversations: int = 64, max_tokens: int = 256, batch: int = 8) -> dict[str, float]:
     """Held-out perplexity (chitchat, all tokens) of ``model`` with each data type as its base."""
     from qlora_jax.model import load_pretrained
-    from qlora_jax.train import ModelSpec, loss_and_count
+    from qlora_jax.models.spec import ModelSpec
+    from qlora_jax.train import loss_and_count
 
     results: dict[str, float] = {}
     for label, (quant, double_quant) in {"bf16": ("bf16", False), **DATA_TYPES}.items():
         lm, tokenizer = load_pretrained(model, quant=quant, double_quant=double_quant, lora=None)
         sequences = _heldout_conversations(tokenizer, conversations, max_tokens)
-        spec = ModelSpec(lm.config, None, compute_dtype="bfloat16", remat=False)
+        spec = ModelSpec(lm.config, None, compute_dtype="bfloat16")
         step = jax.jit(lambda frozen, b: loss_and_count(spec, None, frozen, b, None))
         total, count = 0.0, 0.0
         for start in range(0, len(sequences), batch):

@@ -12,6 +12,8 @@ CONFIG: {"cases": [{"name", "op", ...}]}; inputs "<name>/input_ids" (and optiona
   peft_random  {dir, r, alpha, targets, seed, save_dir} -> a PEFT LoRA adapter with random
                (non-zero) A and B saved to save_dir; logits of base+adapter.
   peft_load    {dir, adapter_dir} -> logits of PeftModel.from_pretrained(base, adapter_dir).
+  peft_targets {model_type, config, targets: [target_modules, ...]} -> "<name>/matched_<i>": the
+               module names PEFT puts LoRA on for each target_modules value (empty if it refuses).
 """
 
 import json
@@ -114,6 +116,21 @@ def main(in_path, config_path, out_path):
             base = AutoModelForCausalLM.from_pretrained(case["dir"], dtype=torch.float32)
             model = PeftModel.from_pretrained(base, case["adapter_dir"]).eval()
             out[f"{name}/logits"] = _logits(model, arrays, name)
+        elif op == "peft_targets":
+            from peft import LoraConfig, get_peft_model
+            from peft.tuners.lora import LoraLayer
+
+            config = AutoConfig.for_model(case["model_type"], **case["config"])
+            for i, targets in enumerate(case["targets"]):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+                try:
+                    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=targets))
+                    prefix = "base_model.model."
+                    matched = [n.removeprefix(prefix) for n, m in peft_model.named_modules()
+                               if isinstance(m, LoraLayer)]
+                except ValueError:  # PEFT refuses a target_modules that matches nothing
+                    matched = []
+                out[f"{name}/matched_{i}"] = np.array(sorted(matched), dtype=str)
         else:
             raise ValueError(f"unknown op {op!r}")
     np.savez(out_path, **out)

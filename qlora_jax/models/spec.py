@@ -1,0 +1,73 @@
+"""``ModelSpec``: the one static description of a LLaMA-family model as it runs.
+
+The architecture (:class:`~qlora_jax.models.config.LlamaConfig`), the adapters'
+hyperparameters, whether the base itself is trained, the compute dtype, per-layer
+rematerialisation and the kernel backend of the quantized matmuls: everything that shapes the
+compiled computation and is not an array. It is frozen and hashable, so it is a static argument
+of ``jax.jit``; :class:`~qlora_jax.model.CausalLM`, the decoder
+(:func:`qlora_jax.models.llama.forward`), the training step and generation all take it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax.numpy as jnp
+
+from qlora_jax.kernels import BACKENDS
+from qlora_jax.lora import LoraConfig
+from qlora_jax.models import layout
+from qlora_jax.models.config import LlamaConfig
+
+__all__ = ["ModelSpec"]
+
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What runs: architecture, adapters, dtypes, remat and kernels (hashable; a static jit argument).
+
+    ``lora_config``: None for a model without adapters (or for full finetuning, where the base is
+    what trains). ``compute_dtype``: activations and matmul inputs. ``remat``: recompute each
+    layer's activations in the backward pass. ``kernel_backend``: how quantized matmuls run
+    (:data:`qlora_jax.kernels.BACKENDS`; "auto" picks per op, platform and size). ``loss_chunk``:
+    tokens per chunk of the output projection + cross-entropy in training.
+    """
+
+    config: LlamaConfig
+    lora_config: LoraConfig | None = None
+    full_finetune: bool = False
+    compute_dtype: str = "bfloat16"
+    remat: bool = False
+    kernel_backend: str = "auto"
+    loss_chunk: int = 256
+
+    def __post_init__(self):
+        dtype = jnp.dtype(self.compute_dtype).name
+        if dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+        object.__setattr__(self, "compute_dtype", dtype)
+        if self.kernel_backend not in BACKENDS:
+            raise ValueError(f"kernel_backend must be one of {BACKENDS}, got {self.kernel_backend!r}")
+        if self.full_finetune and self.lora_config is not None:
+            raise ValueError("full finetuning trains the base itself: pass lora_config=None")
+        if self.loss_chunk <= 0:
+            raise ValueError(f"loss_chunk must be positive, got {self.loss_chunk}")
+        if self.lora_config is not None:
+            self.lora_targets  # noqa: B018 -- resolve now, so a bad target_modules fails here, not mid-trace
+
+    @functools.cached_property
+    def lora_targets(self) -> tuple[str, ...]:
+        """The adapted linear layers (names of :data:`~qlora_jax.models.layout.LINEAR_LAYERS`)."""
+        if self.lora_config is None:
+            return ()
+        return layout.lora_targets(self.lora_config, self.config)
+
+    @property
+    def adapter_dtype(self) -> str:
+        """Storage dtype of fresh adapters: the LoRA config's, else the compute dtype."""
+        if self.lora_config is not None and self.lora_config.dtype is not None:
+            return self.lora_config.dtype
+        return self.compute_dtype
