@@ -20,7 +20,7 @@ flags.DEFINE_multi_string("prompt", ["What is the capital of France?"], "User me
 flags.DEFINE_string("system", None, "An optional system message.")
 flags.DEFINE_enum("quant", "nf4", ["nf4", "fp4", "int8", "bf16", "float32"], "How the base weights are stored.")
 flags.DEFINE_bool("double_quant", True, "Double-quantize the 4-bit scales.")
-flags.DEFINE_string("adapter", None, "A PEFT adapter folder, or a finetune's output_dir (its adapter/ and saved base/).")
+flags.DEFINE_string("adapter", None, "A PEFT adapter folder, or a finetune's output_dir (uses its adapter/ and base/).")
 flags.DEFINE_string("template", None, "Chat template: the model's own (default), chatml, llama2 or llama3.")
 flags.DEFINE_integer("max_new_tokens", 128, "Generation budget per reply, in tokens.")
 flags.DEFINE_float("temperature", 0.0, "0 for greedy decoding.")

@@ -35,13 +35,14 @@ from qlora_jax.checkpoints.orbax_format import (
 )
 from qlora_jax.distributed import make_mesh
 from qlora_jax.lora import LoraConfig
-from qlora_jax.model import CausalLM, init_lora_params, load_pretrained, load_tokenizer
+from qlora_jax.model import CausalLM, init_lora_params, load_pretrained
 from qlora_jax.models import layout
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.spec import ModelSpec
 from qlora_jax.peft_io import save_peft_adapter
 from qlora_jax.quant import QuantizedTensor, codebooks, dequantize
-from qlora_jax.synthetic import abstract_base, random_base
+from qlora_jax.quant.tensor import codes_shape, nested_scales_shape, scales_shape
+from qlora_jax.synthetic import random_base
 from qlora_jax.tokenizer import CHAT_TEMPLATES, Tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -64,30 +65,61 @@ def tiny_tokenizer() -> Tokenizer:
     return Tokenizer(hf, eos_token="<|im_end|>", chat_template=CHAT_TEMPLATES["chatml"])
 
 
-def random_like(rng: np.random.Generator, abstract):
-    """Random arrays shaped like ``abstract``: integer codes of the whole range, positive float32
-    scales (absmax, nested absmax, offset), N(0, 0.02) 16-bit weights. Made on the host, so no
-    compilation: any bytes are a valid stored tensor."""
-    def fill(a):
-        dtype = np.dtype(a.dtype)
-        if np.issubdtype(dtype, np.integer):
-            info = np.iinfo(dtype)
-            return jnp.asarray(rng.integers(info.min, info.max, a.shape, endpoint=True, dtype=dtype))
-        if dtype == np.float32:
-            return jnp.asarray(rng.uniform(0.01, 0.05, a.shape).astype(np.float32))
-        return jnp.asarray(rng.normal(0, 0.02, a.shape).astype(dtype))
-    return jax.tree.map(fill, abstract)
+def random_quantized(rng: np.random.Generator, layers: int, shape: tuple[int, int], quant: str, double_quant: bool,
+                     blocksize: int) -> QuantizedTensor:
+    """A layer-stacked QuantizedTensor of random bytes (any bytes are a valid stored tensor): codes
+    over their whole range, positive float32 scales; made on the host, so nothing compiles."""
+    def ints(shape, dtype):
+        info = np.iinfo(dtype)
+        return jnp.asarray(rng.integers(info.min, info.max, shape, endpoint=True, dtype=dtype))
+
+    def positive(shape):
+        return jnp.asarray(rng.uniform(0.01, 0.05, shape).astype(np.float32))
+
+    lead = (layers,)
+    codes = ints(lead + codes_shape(shape, quant), np.int8 if quant == "int8" else np.uint8)
+    scales = lead + scales_shape(shape, blocksize)
+    if not double_quant:
+        return QuantizedTensor(codes, positive(scales), None, None, shape, "bfloat16", quant, blocksize)
+    nested = lead + nested_scales_shape(-(-shape[0] * shape[1] // blocksize), 256)
+    return QuantizedTensor(codes, ints(scales, np.uint8), positive(nested), positive(lead), shape, "bfloat16", quant,
+                           blocksize)
 
 
 def random_stored_base(rng, config, quant="nf4", double_quant=True, blocksize=64) -> dict:
-    return random_like(rng, abstract_base(config, quant=quant, double_quant=double_quant, blocksize=blocksize))
+    """A ``base`` pytree for ``config``: random linear weights stored as asked (or bf16), bf16 rest."""
+    layers, d = config.num_hidden_layers, config.hidden_size
+
+    def dense(shape):
+        return jnp.asarray(rng.normal(0, 0.02, shape), jnp.bfloat16)
+
+    linears = {}
+    for name, shape in config.linear_shapes().items():
+        if quant == "bf16":
+            weight = dense((layers, *shape))
+        else:
+            weight = random_quantized(rng, layers, shape, quant, double_quant, blocksize)
+        linears[name] = {"weight": weight}
+        if config.linear_has_bias(name):
+            linears[name]["bias"] = dense((layers, shape[0]))
+    return layout.assemble_base(embed_tokens=dense((config.vocab_size, d)), norm=dense((d,)), linears=linears,
+                                lm_head=None if config.tie_word_embeddings else dense((config.vocab_size, d)),
+                                layer_norms={n: dense((layers, d)) for n in layout.LAYER_NORMS})
 
 
 def tiny_model(rng, config, quant="nf4", double_quant=True, blocksize=64, lora=True) -> CausalLM:
-    """A CausalLM with a random base stored as asked and random (non-zero) adapters."""
+    """A CausalLM with a random base stored as asked and random (non-zero) float32 adapters."""
     spec = ModelSpec(config, LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"))
                      if lora else None, compute_dtype="float32")
-    adapters = random_like(rng, jax.eval_shape(lambda: init_lora_params(jax.random.key(0), spec))) if lora else None
+    adapters = None
+    if lora:
+        shapes, layers = config.linear_shapes(), config.num_hidden_layers
+        adapters = {"layers": {}}
+        for name in spec.lora_targets:
+            out_features, in_features = shapes[name]
+            adapters["layers"].setdefault(layout.module_group(name), {})[name] = {
+                "lora_A": jnp.asarray(rng.normal(size=(layers, 4, in_features)), jnp.float32),
+                "lora_B": jnp.asarray(rng.normal(size=(layers, out_features, 4)), jnp.float32)}
     return CausalLM(spec, random_stored_base(rng, config, quant, double_quant, blocksize), adapters)
 
 
@@ -167,8 +199,9 @@ def mixed_base(rng, config) -> dict:
     for name, (quant, dq, blocksize) in kinds.items():
         linears[name] = layout.linear_entries(random_stored_base(rng, config, quant, dq, blocksize))[name]
     base = random_stored_base(rng, config)
+    norms = {n: base["layers"][n] for n in layout.LAYER_NORMS}
     return layout.assemble_base(embed_tokens=base["embed_tokens"], norm=base["norm"], linears=linears,
-                                lm_head=base.get("lm_head"), layer_norms={n: base["layers"][n] for n in layout.LAYER_NORMS})
+                                lm_head=base.get("lm_head"), layer_norms=norms)
 
 
 READER_RUN = textwrap.dedent("""
@@ -408,7 +441,7 @@ Q = "layers/self_attn/q_proj/weight"
     (lambda m: m["tensors"][Q].update(blocksize=48), rf"manifest.tensors\['{Q}'\]: unsupported blocksize 48"),
     (lambda m: m["tensors"][Q].pop("nested_blocksize"), rf"manifest.tensors\['{Q}'\] is missing the field "
                                                         r"'nested_blocksize'"),
-    (lambda m: m["tensors"].pop("norm"), r"manifest.tensors does not fit the model config .*missing tensors \['norm'\]"),
+    (lambda m: m["tensors"].pop("norm"), r"manifest.tensors does not fit the model config .*missing tensors \['norm"),
     (lambda m: m["tensors"][Q].update(shape=[64, 128]), rf"tensor '{Q}' is \[2\] x \[64, 128\] but the model config "
                                                         r"implies \[2\] x \[64, 64\]"),
 ], ids=["version", "format", "blocksize", "double_quant", "quant_type", "dense_dtype", "bad_blocksize",
@@ -439,7 +472,7 @@ def test_missing_item_is_named(saved, item):
 def test_restore_target_that_disagrees_is_refused(saved):
     spec = ModelSpec(tiny_config(), LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj")),
                      compute_dtype="float32")
-    with pytest.raises(CheckpointError, match=r"tensor base/layers/\S+ is stored otherwise .*quant_type: 'nf4' vs 'fp4'"):
+    with pytest.raises(CheckpointError, match=r"tensor base/layers/\S+ is stored otherwise .*quant_type: 'nf4' vs 'fp"):
         restore_model(saved, abstract_model(spec, QuantConfig(quant="fp4")))
     other = ModelSpec(tiny_config(num_hidden_layers=3), None, compute_dtype="float32")
     with pytest.raises(CheckpointError, match="another model config: num_hidden_layers: saved 2, expected 3"):

@@ -69,13 +69,13 @@ class QuantizedBaseCache:
             return
         check_saved_base(self.path, config=expected)
 
-    def load(self, source: str | pathlib.Path, quant: QuantConfig, *, mesh: "Mesh | None" = None
+    def load(self, source: str | pathlib.Path, quant: QuantConfig, *, mesh: Mesh | None = None
              ) -> QuantizedCheckpoint:
         """The cached base, checked against ``source`` and ``quant`` (see :meth:`check`)."""
         self.check(source, quant)
         return load_quantized(self.path, mesh=mesh, expected_quant=quant)
 
-    def save(self, model: "CausalLM", tokenizer: "Tokenizer | None", source: str | pathlib.Path) -> pathlib.Path:
+    def save(self, model: CausalLM, tokenizer: Tokenizer | None, source: str | pathlib.Path) -> pathlib.Path:
         """Writes ``model``'s base (not its adapters: the run's checkpoints hold those) and tokenizer."""
         return save_quantized(self.path, model.base_params, config=model.config, tokenizer=tokenizer,
                               source=str(source))
@@ -83,7 +83,7 @@ class QuantizedBaseCache:
 
 def load_pretrained_cached(
     output_dir: str | pathlib.Path, path: str | pathlib.Path = "embedded", **kwargs: Any
-) -> tuple["CausalLM", "Tokenizer | None", bool]:
+) -> tuple[CausalLM, Tokenizer | None, bool]:
     """:func:`~qlora_jax.model.load_pretrained` of ``path`` through ``<output_dir>/base/``.
 
     The first call loads (and quantizes) ``path`` and saves its base there; later calls read the

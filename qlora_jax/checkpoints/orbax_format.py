@@ -164,7 +164,7 @@ class _Entry:
     double_quant: bool | None = None
 
     @classmethod
-    def of(cls, path: str, leaf: Any, leading: tuple[int, ...]) -> "_Entry":
+    def of(cls, path: str, leaf: Any, leading: tuple[int, ...]) -> _Entry:
         """The entry of a base leaf; ``leading``: its layer axes (those of a dense leaf are not
         recorded in the array itself; a QuantizedTensor's are the codes' extra leading axes)."""
         if isinstance(leaf, QuantizedTensor):
@@ -184,7 +184,7 @@ class _Entry:
         return out
 
     @classmethod
-    def from_json(cls, path: str, raw: Any) -> "_Entry":
+    def from_json(cls, path: str, raw: Any) -> _Entry:
         where = f"manifest.tensors[{path!r}]"
         if not isinstance(raw, Mapping):
             raise CheckpointError(f"{where} must be an object, got {raw!r}")
@@ -246,7 +246,7 @@ class _Entry:
                                self.shape, self.dtype, self.quant_type, self.blocksize,
                                self.nested_blocksize or NESTED_BLOCKSIZE)
 
-    def differences(self, other: "_Entry") -> list[str]:
+    def differences(self, other: _Entry) -> list[str]:
         """``"field: ours vs other's"`` for every metadata field in which two entries differ."""
         return [f"{f.name}: {getattr(self, f.name)!r} vs {getattr(other, f.name)!r}"
                 for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
@@ -376,8 +376,8 @@ class QuantizedCheckpoint:
     config: LlamaConfig
     base: dict[str, Any]
     lora: dict[str, Any] | None
-    lora_config: "LoraConfig | None"
-    tokenizer: "Tokenizer | None"
+    lora_config: LoraConfig | None
+    tokenizer: Tokenizer | None
     manifest: dict[str, Any]
     load_stats: LoadStats
 
@@ -392,13 +392,19 @@ class QuantizedCheckpoint:
         return self.manifest.get("source")
 
 
-def _tokenizer_files(tokenizer: "Tokenizer") -> dict[str, str]:
+def _tokenizer_files(tokenizer: Tokenizer) -> dict[str, str]:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="qlora_jax_tokenizer_") as tmp:
         tokenizer.save(tmp)
         return {name: (pathlib.Path(tmp) / name).read_text() for name in TOKENIZER_FILES
                 if (pathlib.Path(tmp) / name).exists()}
+
+
+@jax.jit
+def _all_finite(arrays: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    # One compiled reduction for a whole tree, on the devices that hold it (no host copy).
+    return {name: jnp.isfinite(a).all() for name, a in arrays.items()}
 
 
 def _check_finite(item: str, flat: Mapping[str, Any]) -> None:
@@ -408,8 +414,7 @@ def _check_finite(item: str, flat: Mapping[str, Any]) -> None:
         named = {f"{path}/{name}": getattr(leaf, name) for name in ("scales", "nested_scales", "offset")} \
             if isinstance(leaf, QuantizedTensor) else {path: leaf}
         arrays.update({name: a for name, a in named.items() if a is not None and jnp.issubdtype(a.dtype, jnp.floating)})
-    # One compiled reduction for the whole tree, on the devices that hold it (no host copy).
-    finite = jax.jit(lambda tree: {name: jnp.isfinite(a).all() for name, a in tree.items()})(arrays)
+    finite = _all_finite(arrays)
     bad = sorted(name for name, ok in finite.items() if not bool(ok))
     if bad:
         raise CheckpointError(f"refusing to save {', '.join(f'{item}/{name}' for name in bad)}: NaN or Inf values")
@@ -417,12 +422,12 @@ def _check_finite(item: str, flat: Mapping[str, Any]) -> None:
 
 def save_quantized(
     path: str | pathlib.Path,
-    model_or_params: "CausalLM | Mapping[str, Any]",
+    model_or_params: CausalLM | Mapping[str, Any],
     *,
     config: LlamaConfig | None = None,
-    tokenizer: "Tokenizer | None" = None,
+    tokenizer: Tokenizer | None = None,
     lora: Mapping[str, Any] | None = None,
-    lora_config: "LoraConfig | None" = None,
+    lora_config: LoraConfig | None = None,
     source: str | None = None,
     overwrite: bool = False,
 ) -> pathlib.Path:
@@ -468,6 +473,7 @@ def save_quantized(
         targets = adapter_targets(lora) if lora is not None else layout.lora_targets(lora_config, config)
         items["lora_config"] = ocp.args.JsonSave(lora_config.to_peft_config(targets, source))
     if lora is not None:
+        _check_lora_fits(path, lora, lora_config, config)
         _check_finite("lora", _flatten(lora))
         items["lora"] = ocp.args.StandardSave(dict(lora))
     if tokenizer is not None:
@@ -665,7 +671,7 @@ def check_saved_base(
 def load_quantized(
     path: str | pathlib.Path,
     *,
-    mesh: "Mesh | None" = None,
+    mesh: Mesh | None = None,
     expected_config: LlamaConfig | None = None,
     expected_quant: QuantConfig | None = None,
 ) -> QuantizedCheckpoint:
@@ -717,7 +723,7 @@ def load_quantized(
                                lora_config=lora_config, tokenizer=tokenizer, manifest=manifest, load_stats=stats)
 
 
-def _check_lora_fits(path: pathlib.Path, lora: Any, lora_config: "LoraConfig", config: LlamaConfig) -> None:
+def _check_lora_fits(path: pathlib.Path, lora: Any, lora_config: LoraConfig, config: LlamaConfig) -> None:
     """The adapters are the ``[L, r, in]`` / ``[L, out, r]`` pairs of the modules ``lora_config`` targets."""
     shapes, layers, r = config.linear_shapes(), config.num_hidden_layers, lora_config.r
     expected: dict[str, tuple[tuple[int, ...], str | None]] = {}
@@ -730,7 +736,7 @@ def _check_lora_fits(path: pathlib.Path, lora: Any, lora_config: "LoraConfig", c
                                                      f"target_modules={lora_config.target_modules})")
 
 
-def _tokenizer_from_files(path: pathlib.Path, files: Any) -> "Tokenizer":
+def _tokenizer_from_files(path: pathlib.Path, files: Any) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
     from qlora_jax.tokenizer import Tokenizer
@@ -750,19 +756,20 @@ def _tokenizer_from_files(path: pathlib.Path, files: Any) -> "Tokenizer":
 
 
 def abstract_model(
-    spec: "ModelSpec",
-    quant: QuantConfig = QuantConfig(),
+    spec: ModelSpec,
+    quant: QuantConfig | None = None,
     *,
     weight_dtype: str | None = None,
-    mesh: "Mesh | None" = None,
-) -> "CausalLM":
+    mesh: Mesh | None = None,
+) -> CausalLM:
     """An abstract :class:`~qlora_jax.model.CausalLM`: ShapeDtypeStructs, no weights, no checkpoint.
 
     Built with ``nnx.eval_shape`` from ``spec`` (architecture and adapters) and ``quant`` (how the
-    base is stored); ``weight_dtype`` is the quantized weights' original dtype (their
-    ``QuantizedTensor.dtype``; default ``quant.dtype``). With ``mesh``, every leaf carries its
-    :func:`qlora_jax.distributed.param_shardings` sharding, so a restore into it reads only each
-    device's shard. Pass it to :func:`restore_model` (or restore ``nnx.state`` of it with Orbax).
+    base is stored; default ``QuantConfig()``, NF4 + double quantization); ``weight_dtype`` is the
+    quantized weights' original dtype (their ``QuantizedTensor.dtype``; default ``quant.dtype``).
+    With ``mesh``, every leaf carries its :func:`qlora_jax.distributed.param_shardings` sharding,
+    so a restore into it reads only each device's shard. Pass it to :func:`restore_model` (or
+    restore each variable's value, ``nnx.split(model)[1][name]``, from the item ``name``).
     """
     from flax import nnx
 
@@ -770,6 +777,7 @@ def abstract_model(
     from qlora_jax.synthetic import random_base
 
     config = spec.config
+    quant = quant or QuantConfig()
     kwargs = dict(quant=quant.quant, double_quant=quant.double_quant,
                   blocksize=quant.blocksize, dtype=jnp.dtype(quant.dtype))
     weight_dtype = jnp.dtype(weight_dtype or quant.dtype).name
@@ -794,7 +802,7 @@ def abstract_model(
     return model
 
 
-def restore_model(path: str | pathlib.Path, abstract: "CausalLM") -> "CausalLM":
+def restore_model(path: str | pathlib.Path, abstract: CausalLM) -> CausalLM:
     """The model saved at ``path``, restored into ``abstract`` (e.g. :func:`abstract_model`).
 
     Each array lands with the target's sharding (default: the first local device). The target's
@@ -822,8 +830,8 @@ def restore_model(path: str | pathlib.Path, abstract: "CausalLM") -> "CausalLM":
     if "lora" in values:
         if "lora" not in manifest["items"]:
             raise CheckpointError(f"{path} has no adapters (item 'lora') but the restore target has some")
-        _check_arrays("lora", {p: (tuple(a.shape), jnp.dtype(a.dtype).name) for p, a in _flatten(values["lora"]).items()},
-                      _disk_arrays(path, "lora"), f"{path} (adapters, checkpoint vs restore target)")
+        wanted_lora = {p: (tuple(a.shape), jnp.dtype(a.dtype).name) for p, a in _flatten(values["lora"]).items()}
+        _check_arrays("lora", wanted_lora, _disk_arrays(path, "lora"), f"{path} (adapters, checkpoint vs target)")
     elif "lora" in manifest["items"]:
         log.info("%s holds adapters; the restore target has none, so they are not read", path)
     targets = {name: jax.tree.map(lambda a: a if getattr(a, "sharding", None) is not None
