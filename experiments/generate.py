@@ -38,14 +38,14 @@ def main(argv: list[str]) -> None:
 
     model_path, quant, adapter = FLAGS.model, dict(quant=FLAGS.quant, double_quant=FLAGS.double_quant), None
     if FLAGS.adapter:
-        from qlora_jax.checkpoints.base_cache import find_run_adapter
+        from qlora_jax.checkpoints.base_cache import find_run_adapter, source_name
         from qlora_jax.checkpoints.orbax_format import check_saved_base, read_manifest, read_saved_quantization
 
         adapter, saved_base = find_run_adapter(FLAGS.adapter)
         if saved_base is not None:
             # The run's base as it was saved; flags given explicitly must agree with it (checked on load).
             if FLAGS["model"].present:
-                check_saved_base(saved_base, source=FLAGS.model)
+                check_saved_base(saved_base, source=source_name(FLAGS.model))
             stored = read_saved_quantization(saved_base)
             model_path = saved_base
             quant = dict(quant=FLAGS.quant if FLAGS["quant"].present else stored.quant,

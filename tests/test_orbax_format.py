@@ -3,6 +3,7 @@ restores (one device and 8, sharded), the run's base cache with no quantizer cal
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -285,6 +286,11 @@ def test_nnx_eval_shape_then_plain_orbax_restore(rng, tmp_path):
 def test_sharded_restore_reads_each_shard_into_the_target_sharding(rng, tmp_path):
     config = tiny_config(intermediate_size=2048)  # up_proj: 256 rows of 1 scale a shard, one nested block
     model = tiny_model(rng, config)
+    # Weights quantized from float32 (as GGUF's): the target's original dtype (bf16) yields to the checkpoint's.
+    is_quantized = lambda x: isinstance(x, QuantizedTensor)  # noqa: E731
+    base = jax.tree.map(lambda x: dataclasses.replace(x, dtype="float32") if is_quantized(x) else x,
+                        model.base_params, is_leaf=is_quantized)
+    model = CausalLM(model.spec, base, model.lora_params)
     path = save_quantized(tmp_path / "ckpt", model)
     mesh = make_mesh("fsdp=8")
     abstract = abstract_model(model.spec, QuantConfig(), mesh=mesh)
@@ -302,6 +308,7 @@ def test_sharded_restore_reads_each_shard_into_the_target_sharding(rng, tmp_path
     assert len({shard.index for shard in codes.addressable_shards}) == 8  # row-split, not replicated
     nested = restored.base_params["layers"]["mlp"]["up_proj"]["weight"].nested_scales
     assert len({shard.index for shard in nested.addressable_shards}) == 8
+    assert jax.tree.structure(restored.base_params) == jax.tree.structure(model.base_params)  # dtype "float32"
     sharded = load_quantized(path, mesh=mesh)  # the same shardings without the NNX model
     assert sharded.base["layers"]["mlp"]["up_proj"]["weight"].codes.sharding == codes.sharding
 

@@ -31,12 +31,17 @@ if TYPE_CHECKING:
     from qlora_jax.model import CausalLM
     from qlora_jax.tokenizer import Tokenizer
 
-__all__ = ["BASE_DIR", "QuantizedBaseCache", "load_pretrained_cached", "find_run_adapter"]
+__all__ = ["BASE_DIR", "QuantizedBaseCache", "find_run_adapter", "load_pretrained_cached", "source_name"]
 
 log = logging.getLogger(__name__)
 
 BASE_DIR = "base"
 PEFT_ADAPTER_DIR = "adapter"
+
+
+def source_name(source: str | pathlib.Path) -> str:
+    """How a source is recorded: "embedded", or the absolute path (so ``./m`` and ``/abs/m`` agree)."""
+    return "embedded" if str(source) == "embedded" else str(pathlib.Path(source).absolute())
 
 
 class QuantizedBaseCache:
@@ -57,7 +62,7 @@ class QuantizedBaseCache:
     def check(self, source: str | pathlib.Path, quant: QuantConfig) -> None:
         """Refuses the cached base unless it was saved from ``source`` with ``quant``, for the model
         config ``source`` has now (read from its config alone, no tensors)."""
-        check_saved_base(self.path, source=str(source), quant=quant)
+        check_saved_base(self.path, source=source_name(source), quant=quant)
         try:
             from qlora_jax import assets
 
@@ -78,7 +83,7 @@ class QuantizedBaseCache:
     def save(self, model: CausalLM, tokenizer: Tokenizer | None, source: str | pathlib.Path) -> pathlib.Path:
         """Writes ``model``'s base (not its adapters: the run's checkpoints hold those) and tokenizer."""
         return save_quantized(self.path, model.base_params, config=model.config, tokenizer=tokenizer,
-                              source=str(source))
+                              source=source_name(source))
 
 
 def load_pretrained_cached(

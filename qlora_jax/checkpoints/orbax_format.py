@@ -759,17 +759,15 @@ def abstract_model(
     spec: ModelSpec,
     quant: QuantConfig | None = None,
     *,
-    weight_dtype: str | None = None,
     mesh: Mesh | None = None,
 ) -> CausalLM:
     """An abstract :class:`~qlora_jax.model.CausalLM`: ShapeDtypeStructs, no weights, no checkpoint.
 
     Built with ``nnx.eval_shape`` from ``spec`` (architecture and adapters) and ``quant`` (how the
-    base is stored; default ``QuantConfig()``, NF4 + double quantization); ``weight_dtype`` is the
-    quantized weights' original dtype (their ``QuantizedTensor.dtype``; default ``quant.dtype``).
-    With ``mesh``, every leaf carries its :func:`qlora_jax.distributed.param_shardings` sharding,
-    so a restore into it reads only each device's shard. Pass it to :func:`restore_model` (or
-    restore each variable's value, ``nnx.split(model)[1][name]``, from the item ``name``).
+    base is stored; default ``QuantConfig()``, NF4 + double quantization). With ``mesh``, every
+    leaf carries its :func:`qlora_jax.distributed.param_shardings` sharding, so a restore into it
+    reads only each device's shard. Pass it to :func:`restore_model` (or restore each variable's
+    value, ``nnx.split(model)[1][name]``, from the checkpoint's item ``name``).
     """
     from flax import nnx
 
@@ -780,12 +778,9 @@ def abstract_model(
     quant = quant or QuantConfig()
     kwargs = dict(quant=quant.quant, double_quant=quant.double_quant,
                   blocksize=quant.blocksize, dtype=jnp.dtype(quant.dtype))
-    weight_dtype = jnp.dtype(weight_dtype or quant.dtype).name
 
     def make() -> CausalLM:
         base = random_base(config, jax.random.key(0), **kwargs)
-        base = jax.tree.map(lambda x: dataclasses.replace(x, dtype=weight_dtype) if isinstance(x, QuantizedTensor)
-                            else x, base, is_leaf=lambda x: isinstance(x, QuantizedTensor))
         lora = init_lora_params(jax.random.key(1), spec) if spec.lora_config is not None else None
         return CausalLM(spec, base, lora)
 
@@ -805,9 +800,12 @@ def abstract_model(
 def restore_model(path: str | pathlib.Path, abstract: CausalLM) -> CausalLM:
     """The model saved at ``path``, restored into ``abstract`` (e.g. :func:`abstract_model`).
 
-    Each array lands with the target's sharding (default: the first local device). The target's
-    QuantizedTensor metadata and every array's shape and dtype must equal the checkpoint's; a
-    difference is a :class:`CheckpointError` naming the tensor and the field.
+    Each array lands with the target's sharding (default: the first local device). Every array's
+    shape and dtype and the target's QuantizedTensor layout (quant type, shape, block sizes,
+    double quantization) must equal the checkpoint's; a difference is a :class:`CheckpointError`
+    naming the tensor and the field. The original dtype of each quantized weight
+    (``QuantizedTensor.dtype``, which no array depends on and no config implies) is the
+    checkpoint's.
     """
     from flax import nnx
 
@@ -822,7 +820,10 @@ def restore_model(path: str | pathlib.Path, abstract: CausalLM) -> CausalLM:
     values = {name: state[name].get_value() for name in state.keys()}
     wanted = _entries_of(values["base"], config)
     for p, entry in entries.items():
-        differences = entry.differences(wanted[p])
+        target = wanted[p]
+        if entry.kind == "quantized" == target.kind:
+            target = dataclasses.replace(target, dtype=entry.dtype)
+        differences = entry.differences(target)
         if differences:
             raise CheckpointError(f"{path}: tensor base/{p} is stored otherwise than the restore target has it "
                                   f"(checkpoint vs target): {'; '.join(differences)}")
@@ -834,6 +835,9 @@ def restore_model(path: str | pathlib.Path, abstract: CausalLM) -> CausalLM:
         _check_arrays("lora", wanted_lora, _disk_arrays(path, "lora"), f"{path} (adapters, checkpoint vs target)")
     elif "lora" in manifest["items"]:
         log.info("%s holds adapters; the restore target has none, so they are not read", path)
+    values["base"] = _unflatten({p: dataclasses.replace(leaf, dtype=entries[p].dtype)
+                                 if isinstance(leaf, QuantizedTensor) else leaf
+                                 for p, leaf in _flatten(values["base"]).items()})
     targets = {name: jax.tree.map(lambda a: a if getattr(a, "sharding", None) is not None
                                   else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=_default_sharding()), tree)
                for name, tree in values.items()}
