@@ -237,11 +237,10 @@ class _Entry:
             arrays["offset"] = ((), "float32")
         return {f"{self.path}/{name}": (lead + tuple(shape), dtype) for name, (shape, dtype) in arrays.items()}
 
-    def quantized_tensor(self, arrays: Mapping[str, Any] | None = None, per_layer: bool = False) -> QuantizedTensor:
-        """The QuantizedTensor of this entry; ``arrays`` by name (default: ShapeDtypeStructs)."""
-        if arrays is None:
-            arrays = {path.rsplit("/", 1)[1]: jax.ShapeDtypeStruct(shape, dtype)
-                      for path, (shape, dtype) in self.arrays(per_layer).items()}
+    def quantized_tensor(self, per_layer: bool = False) -> QuantizedTensor:
+        """The abstract QuantizedTensor of this entry (ShapeDtypeStructs; one layer's if ``per_layer``)."""
+        arrays = {path.rsplit("/", 1)[1]: jax.ShapeDtypeStruct(shape, dtype)
+                  for path, (shape, dtype) in self.arrays(per_layer).items()}
         return QuantizedTensor(arrays["codes"], arrays["scales"], arrays.get("nested_scales"), arrays.get("offset"),
                                self.shape, self.dtype, self.quant_type, self.blocksize,
                                self.nested_blocksize or NESTED_BLOCKSIZE)
