@@ -1,8 +1,13 @@
 r"""Chat with a model: load it (4-bit by default), optionally with adapters, and generate.
 
     python -m experiments.generate --prompt="What is the capital of France?"
-    python -m experiments.generate --model=/path/to/hf_folder --adapter=outputs/finetune/adapter \
+    python -m experiments.generate --adapter=outputs/finetune --prompt="Tell me a joke."
+    python -m experiments.generate --model=/path/to/hf_folder --adapter=/path/to/peft_adapter \
         --temperature=0.7 --top_p=0.9 --prompt="Tell me a joke."
+
+``--adapter`` takes a PEFT adapter folder or a finetune's output directory. When the run saved its
+quantized base (``<output_dir>/base/``), the model starts from that, as stored, without reading
+or re-quantizing the source checkpoint; ``--model``/``--quant``/... then only need to agree with it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ flags.DEFINE_multi_string("prompt", ["What is the capital of France?"], "User me
 flags.DEFINE_string("system", None, "An optional system message.")
 flags.DEFINE_enum("quant", "nf4", ["nf4", "fp4", "int8", "bf16", "float32"], "How the base weights are stored.")
 flags.DEFINE_bool("double_quant", True, "Double-quantize the 4-bit scales.")
-flags.DEFINE_string("adapter", None, "A PEFT adapter folder (e.g. a finetune's output_dir/adapter).")
+flags.DEFINE_string("adapter", None, "A PEFT adapter folder, or a finetune's output_dir (uses its adapter/ and base/).")
 flags.DEFINE_string("template", None, "Chat template: the model's own (default), chatml, llama2 or llama3.")
 flags.DEFINE_integer("max_new_tokens", 128, "Generation budget per reply, in tokens.")
 flags.DEFINE_float("temperature", 0.0, "0 for greedy decoding.")
@@ -31,10 +36,26 @@ def main(argv: list[str]) -> None:
     from qlora_jax.generate import chat
     from qlora_jax.model import load_pretrained
 
-    model, tokenizer = load_pretrained(FLAGS.model, quant=FLAGS.quant, double_quant=FLAGS.double_quant,
-                                       lora=None, adapter=FLAGS.adapter, verbose=True)
+    model_path, quant, adapter = FLAGS.model, dict(quant=FLAGS.quant, double_quant=FLAGS.double_quant), None
+    if FLAGS.adapter:
+        from qlora_jax.checkpoints.base_cache import find_run_adapter, source_name
+        from qlora_jax.checkpoints.orbax_format import check_saved_base, read_manifest, read_saved_quantization
+
+        adapter, saved_base = find_run_adapter(FLAGS.adapter)
+        if saved_base is not None:
+            # The run's base as it was saved; flags given explicitly must agree with it (checked on load).
+            if FLAGS["model"].present:
+                check_saved_base(saved_base, source=source_name(FLAGS.model))
+            stored = read_saved_quantization(saved_base)
+            model_path = saved_base
+            quant = dict(quant=FLAGS.quant if FLAGS["quant"].present else stored.quant,
+                         double_quant=FLAGS.double_quant if FLAGS["double_quant"].present else stored.double_quant,
+                         blocksize=stored.blocksize, dtype=stored.dtype)
+            logging.warning("starting from the run's saved base %s (saved from %s)", saved_base,
+                            read_manifest(saved_base)["source"])
+    model, tokenizer = load_pretrained(model_path, **quant, lora=None, adapter=adapter, verbose=True)
     if tokenizer is None:
-        raise SystemExit(f"{FLAGS.model} has no tokenizer.json: cannot turn prompts into tokens")
+        raise SystemExit(f"{model_path} has no tokenizer: cannot turn prompts into tokens")
     key = jax.random.key(FLAGS.seed)
     for i, prompt in enumerate(FLAGS.prompt):
         messages = ([{"role": "system", "content": FLAGS.system}] if FLAGS.system else []) + [

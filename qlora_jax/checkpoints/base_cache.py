@@ -1,0 +1,127 @@
+"""A finetune's quantized base, saved once per output directory and read back on resume.
+
+Quantizing the base is the slow part of starting a run (tensor by tensor, on the host). A run
+writes its base once to ``<output_dir>/base/`` (:func:`~qlora_jax.checkpoints.orbax_format.save_quantized`);
+``--resume`` and ``experiments.generate --adapter=<output_dir>`` read that instead, with no
+source checkpoint read and no quantizer call. A cached base saved from another source, for another
+model config or stored otherwise than asked is refused with an error naming what differs.
+
+:func:`load_pretrained_cached` is :func:`~qlora_jax.model.load_pretrained` with this cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import TYPE_CHECKING, Any
+
+from qlora_jax.checkpoints.errors import CheckpointError
+from qlora_jax.checkpoints.load import QuantConfig, open_checkpoint, read_config
+from qlora_jax.checkpoints.orbax_format import (
+    QuantizedCheckpoint,
+    check_saved_base,
+    is_quantized_checkpoint,
+    load_quantized,
+    save_quantized,
+)
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from qlora_jax.model import CausalLM
+    from qlora_jax.tokenizer import Tokenizer
+
+__all__ = ["BASE_DIR", "QuantizedBaseCache", "find_run_adapter", "load_pretrained_cached", "source_name"]
+
+log = logging.getLogger(__name__)
+
+BASE_DIR = "base"
+PEFT_ADAPTER_DIR = "adapter"
+
+
+def source_name(source: str | pathlib.Path) -> str:
+    """How a source is recorded: "embedded", or the absolute path (so ``./m`` and ``/abs/m`` agree)."""
+    return "embedded" if str(source) == "embedded" else str(pathlib.Path(source).absolute())
+
+
+class QuantizedBaseCache:
+    """``<output_dir>/base/``: the run's quantized base (a :func:`save_quantized` checkpoint)."""
+
+    def __init__(self, output_dir: str | pathlib.Path):
+        self.path = pathlib.Path(output_dir).absolute() / BASE_DIR
+
+    def exists(self) -> bool:
+        """Whether a committed base is there; a ``base/`` that is something else is an error."""
+        if is_quantized_checkpoint(self.path):
+            return True
+        if self.path.exists():
+            raise CheckpointError(f"{self.path} exists but is not a quantized checkpoint written by save_quantized; "
+                                  "move it away (the run saves its base there)")
+        return False
+
+    def check(self, source: str | pathlib.Path, quant: QuantConfig) -> None:
+        """Refuses the cached base unless it was saved from ``source`` with ``quant``, for the model
+        config ``source`` has now (read from its config alone, no tensors)."""
+        check_saved_base(self.path, source=source_name(source), quant=quant)
+        try:
+            from qlora_jax import assets
+
+            source_path = assets.embedded_model_path() if str(source) == "embedded" else pathlib.Path(source)
+            expected = read_config(open_checkpoint(source_path)[1])
+        except (CheckpointError, FileNotFoundError) as err:
+            log.warning("cannot read the config of %s to check the cached base %s against it (%s); the source name "
+                        "matches, so the cached base is used", source, self.path, err)
+            return
+        check_saved_base(self.path, config=expected)
+
+    def load(self, source: str | pathlib.Path, quant: QuantConfig, *, mesh: Mesh | None = None
+             ) -> QuantizedCheckpoint:
+        """The cached base, checked against ``source`` and ``quant`` (see :meth:`check`)."""
+        self.check(source, quant)
+        return load_quantized(self.path, mesh=mesh, expected_quant=quant)
+
+    def save(self, model: CausalLM, tokenizer: Tokenizer | None, source: str | pathlib.Path) -> pathlib.Path:
+        """Writes ``model``'s base (not its adapters: the run's checkpoints hold those) and tokenizer."""
+        return save_quantized(self.path, model.base_params, config=model.config, tokenizer=tokenizer,
+                              source=source_name(source))
+
+
+def load_pretrained_cached(
+    output_dir: str | pathlib.Path, path: str | pathlib.Path = "embedded", **kwargs: Any
+) -> tuple[CausalLM, Tokenizer | None, bool]:
+    """:func:`~qlora_jax.model.load_pretrained` of ``path`` through ``<output_dir>/base/``.
+
+    The first call loads (and quantizes) ``path`` and saves its base there; later calls read the
+    saved base instead, after checking it was saved from ``path`` for the same model config and
+    quantization (``kwargs``: ``load_pretrained``'s, e.g. ``quant``, ``lora``, ``seed``). Returns
+    ``(model, tokenizer, was_cached)``; the model is the same, array for array, either way.
+    """
+    from qlora_jax.model import load_pretrained
+
+    cache = QuantizedBaseCache(output_dir)
+    quant = QuantConfig(quant=kwargs.get("quant", "nf4"), double_quant=kwargs.get("double_quant", True),
+                        blocksize=kwargs.get("blocksize", 64), dtype=kwargs.get("dtype", "bfloat16"))
+    if cache.exists():
+        cache.check(path, quant)
+        model, tokenizer = load_pretrained(cache.path, **kwargs)
+        log.info("base read from %s (saved from %s): %s", cache.path, path, model.load_stats.summary())
+        return model, tokenizer, True
+    model, tokenizer = load_pretrained(path, **kwargs)
+    cache.save(model, tokenizer, path)
+    log.info("base of %s saved to %s for resuming without re-quantizing", path, cache.path)
+    return model, tokenizer, False
+
+
+def find_run_adapter(path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path | None]:
+    """``(PEFT adapter folder, saved base or None)`` for a finetune's output directory or its
+    ``adapter/`` folder (or any PEFT adapter folder, whose parent may hold a saved base)."""
+    path = pathlib.Path(path).absolute()
+    if (path / "adapter_config.json").exists():
+        adapter, run = path, path.parent
+    elif (path / PEFT_ADAPTER_DIR / "adapter_config.json").exists():
+        adapter, run = path / PEFT_ADAPTER_DIR, path
+    else:
+        raise CheckpointError(f"{path} is neither a PEFT adapter folder (adapter_config.json) nor a finetune output "
+                              f"directory with {PEFT_ADAPTER_DIR}/adapter_config.json (a run writes it when it ends)")
+    base = run / BASE_DIR
+    return adapter, (base if is_quantized_checkpoint(base) else None)
