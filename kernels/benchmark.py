@@ -3,13 +3,14 @@
 For each weight shape ``[N, K]`` and token count ``M`` it times, in one process and one run:
 
 * ours (``quantized_matmul`` / ``quantized_matmul_grad`` with each requested backend, the
-  backend ``"auto"`` resolved to shown in the label),
+  backend ``"auto"`` resolved to shown in the label; ``jax_triton`` autotuned on the first call,
+  during the warm-up),
 * ``jnp.dot`` on a bf16 weight (what the 4-bit weight replaces),
 * XLA dequantize-then-dot (``backend="xla"``),
 * bitsandbytes through torch when both import in this process with CUDA: dequantize + matmul,
   and ``gemv_4bit`` at M = 1,
 
-and per shape the quantize and dequantize kernels against XLA (and bitsandbytes). Times are
+and per shape the quantize and dequantize kernels (``quantize_backends``) against XLA (and bitsandbytes). Times are
 medians over ``iters`` measurements after ``warmup`` calls. On a GPU, JAX functions are timed with
 CUPTI (summed kernel time per call, no launch overhead; ``timer="cupti"``) and torch functions
 with CUDA events around a CUDA-graph replay; elsewhere (``timer="wall"``) by wall clock around
@@ -20,6 +21,7 @@ a kernel that is fast but wrong shows up in the same table.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import statistics
 import time
@@ -42,6 +44,8 @@ __all__ = [
     "format_table",
     "nf4_weight_bytes",
 ]
+
+logger = logging.getLogger(__name__)
 
 LLAMA_7B_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # [N, K] = [out, in]: q/k/v/o, gate/up, down
 DEFAULT_MS = (1, 16, 256, 4096, 16384)
@@ -220,7 +224,7 @@ def run(
     ms: Sequence[int] = DEFAULT_MS,
     *,
     directions: Sequence[str] = ("forward", "input_grad"),
-    backends: Sequence[str] = ("auto", "triton", "mosaic"),
+    backends: Sequence[str] = ("auto", "jax_triton", "pallas_triton", "mosaic"),
     blocksize: int = 64,
     double_quant: bool = True,
     warmup: int = 3,
@@ -229,8 +233,9 @@ def run(
     interpret: bool = False,
     include_bnb: bool = True,
     include_quantize: bool = True,
+    quantize_backends: Sequence[str] = ("jax_triton", "pallas_triton"),
     seed: int = 0,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = logger.info,
 ) -> list[BenchRecord]:
     """Times every implementation for every shape and M; see the module docstring."""
     if timer == "cupti" and not _on_gpu():
@@ -242,8 +247,8 @@ def run(
         w = (jax.random.normal(wkey, (n, k), jnp.float32) * 0.02).astype(jnp.bfloat16)
         # The benchmark's weight comes from the reference quantizer: a failing kernel must only
         # fail its own row, not the set-up.
-        qt = ops.quantize(w, "nf4", blocksize=blocksize, double_quant=double_quant, backend="xla")
-        w_deq = ops.dequantize(qt, jnp.bfloat16, backend="xla")
+        qt = ops.quantize_fused(w, "nf4", blocksize=blocksize, double_quant=double_quant, backend="xla")
+        w_deq = ops.dequantize_fused(qt, jnp.bfloat16, backend="xla")
         q_bytes = nf4_weight_bytes(n, k, blocksize, double_quant)
         bnb = None
         if include_bnb:
@@ -270,16 +275,18 @@ def run(
 
         kernels_here = interpret or _on_gpu()
         if include_quantize and kernels_here:
-            quant = jax.jit(lambda w: ops.quantize(w, "nf4", blocksize=blocksize, double_quant=double_quant,
-                                                   backend="triton", interpret=interpret, check_finite=False))
-            quant_xla = jax.jit(lambda w: ops.quantize(w, "nf4", blocksize=blocksize, double_quant=double_quant,
-                                                       backend="xla", check_finite=False))
-            deq = jax.jit(lambda q: ops.dequantize(q, jnp.bfloat16, backend="triton", interpret=interpret))
-            deq_xla = jax.jit(lambda q: ops.dequantize(q, jnp.bfloat16, backend="xla"))
+            quant_xla = jax.jit(lambda w: ops.quantize_fused(w, "nf4", blocksize=blocksize, double_quant=double_quant,
+                                                             backend="xla", check_finite=False))
+            deq_xla = jax.jit(lambda q: ops.dequantize_fused(q, jnp.bfloat16, backend="xla"))
             bytes_q = n * k * 2 + q_bytes
-            add("quantize", None, "ours triton", quant, (w,), bytes_q, 0, check=_same_bytes(quant_xla(w)))
+            for backend in quantize_backends:
+                quant = jax.jit(lambda w, b=backend: ops.quantize_fused(
+                    w, "nf4", blocksize=blocksize, double_quant=double_quant, backend=b, interpret=interpret,
+                    check_finite=False))
+                deq = jax.jit(lambda q, b=backend: ops.dequantize_fused(q, jnp.bfloat16, backend=b, interpret=interpret))
+                add("quantize", None, f"ours {backend}", quant, (w,), bytes_q, 0, check=_same_bytes(quant_xla(w)))
+                add("dequantize", None, f"ours {backend}", deq, (qt,), bytes_q, 0, check=_close_to(w_deq))
             add("quantize", None, "xla", quant_xla, (w,), bytes_q, 0)
-            add("dequantize", None, "ours triton", deq, (qt,), bytes_q, 0, check=_close_to(w_deq))
             add("dequantize", None, "xla", deq_xla, (qt,), bytes_q, 0)
             if bnb is not None:
                 add("quantize", None, "bitsandbytes", None, (), bytes_q, 0, torch_fn=bnb.quantize())
@@ -314,10 +321,10 @@ def run(
                                                                                        interpret=interpret))
                     label = f"ours {backend}" + (f"->{chosen}" if chosen != backend else "")
                     add(direction, m, label, ours, (a, qt), act_bytes + q_bytes, flops, check=_close_to(reference))
-                    if backend == "triton" and chosen == "triton":
+                    if backend == "pallas_triton" and chosen == "pallas_triton":
                         # The other code lookup (select tree instead of a table gather), same tiles.
                         ours = _triton_with_lookup(direction, m, n, k, "select", interpret)
-                        add(direction, m, "ours triton lut=select", ours, (a, qt), act_bytes + q_bytes, flops,
+                        add(direction, m, "ours pallas_triton lut=select", ours, (a, qt), act_bytes + q_bytes, flops,
                             check=_close_to(reference))
                 if bnb is not None:
                     ta = bnb.tensor(a)

@@ -28,14 +28,14 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from qlora_jax.kernels import common
+from qlora_jax.kernels import common, support
 from qlora_jax.kernels.tiles import DequantTiles, quantize_tiles
 from qlora_jax.quant import QuantizedTensor, codebooks, double_quantize, quantize
 from qlora_jax.quant.tensor import NESTED_BLOCKSIZE
 
 __all__ = ["quantize_kernel", "quantize_blocks", "reference", "check_supported", "INPUT_DTYPES"]
 
-INPUT_DTYPES = ("bfloat16", "float16", "float32")
+INPUT_DTYPES = support.QUANTIZE_INPUT_DTYPES
 _NF4_MIDPOINTS = ((codebooks.NF4_CODE[:-1] + codebooks.NF4_CODE[1:]) / np.float32(2)).astype(np.float32)
 
 
@@ -90,20 +90,8 @@ def _kernel(w_ref, magnitude_ref, codes_ref, absmax_ref, *, n: int, tiles: Dequa
 
 
 def check_supported(w: Any, quant_type: str, blocksize: int) -> None:
-    """Raises ValueError naming the problem when the kernel cannot quantize ``w``."""
-    if quant_type not in common.KERNEL_QUANT_TYPES:
-        raise ValueError(f"the Triton kernel quantizes to {common.KERNEL_QUANT_TYPES}, not {quant_type!r}")
-    if jnp.dtype(w.dtype).name not in INPUT_DTYPES:
-        raise ValueError(f"the Triton kernel takes {INPUT_DTYPES} weights, not {jnp.dtype(w.dtype).name}")
-    if w.ndim == 0:
-        raise ValueError("cannot quantize a scalar")
-    if int(np.prod(w.shape, dtype=np.int64)) >= 2**31:
-        raise ValueError(f"the Triton kernel indexes in int32: {list(w.shape)} has 2^31 or more elements")
-    k = w.shape[-1]
-    if k % 2 or k % blocksize or blocksize & (blocksize - 1):
-        raise ValueError(
-            f"the Triton kernel needs the last dimension ({k}) even and a multiple of blocksize={blocksize}"
-        )
+    """Raises ValueError naming the problem when the kernel cannot quantize ``w`` (rules: :mod:`.support`)."""
+    support.check(support.Problem("quantize", quant_type, w.shape, blocksize, w.dtype), "pallas_triton")
 
 
 @functools.partial(jax.jit, static_argnames=("quant_type", "blocksize", "tiles", "interpret", "debug_poison_output"))

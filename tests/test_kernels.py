@@ -151,10 +151,10 @@ def test_dequantize_kernel_is_exact(rng, shape, qtype, bs, dq, dtype, tiles):
 def test_dequantize_entry_point_dispatches_and_falls_back(rng):
     nf4 = quantize(weights(rng, (2, 8, 128)), "nf4", blocksize=64)
     int8 = quantize(weights(rng, (8, 128)), "int8", blocksize=64)
-    out = kernels.dequantize(nf4, jnp.bfloat16, backend="triton", interpret=True)
+    out = kernels.dequantize_fused(nf4, jnp.bfloat16, backend="pallas_triton", interpret=True)
     np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32), np.float64), reference_values(nf4, "bfloat16"))
-    assert kernels.resolve_backend("dequantize", int8, dtype=jnp.bfloat16, backend="triton")[0] == "xla"
-    np.testing.assert_array_equal(np.asarray(kernels.dequantize(int8, jnp.float32, backend="triton", interpret=True)),
+    assert kernels.resolve_backend("dequantize", int8, dtype=jnp.bfloat16, backend="pallas_triton")[0] == "xla"
+    np.testing.assert_array_equal(np.asarray(kernels.dequantize_fused(int8, jnp.float32, backend="pallas_triton", interpret=True)),
                                   np.asarray(int8.dequantize(jnp.float32)))
 
 
@@ -191,7 +191,7 @@ def test_quantize_kernel_bytes_match_bitsandbytes_cuda(rng, bnb_cuda_reference, 
     np.testing.assert_array_equal(np.asarray(codes).reshape(-1), bnb_codes)
     np.testing.assert_array_equal(np.asarray(absmax).reshape(-1), bnb_absmax)
     for double_quant in (False, True):
-        ours = kernels.quantize(jnp.asarray(w), qtype, blocksize=bs, double_quant=double_quant, backend="triton",
+        ours = kernels.quantize_fused(jnp.asarray(w), qtype, blocksize=bs, double_quant=double_quant, backend="pallas_triton",
                                 interpret=True)
         expected = quantize(w, qtype, blocksize=bs, double_quant=double_quant, bnb_backend="cuda")
         assert ours.shape == expected.shape and ours.dtype == expected.dtype
@@ -207,7 +207,7 @@ def test_quantize_kernel_nonfinite_blocks_under_jit_match_the_reference(rng):
     w = weights(rng, (4, 256))
     w[0, 3] = np.inf
     w[2, 70] = np.nan
-    fn = jax.jit(lambda a: kernels.quantize(a, "nf4", blocksize=64, backend="triton", interpret=True))
+    fn = jax.jit(lambda a: kernels.quantize_fused(a, "nf4", blocksize=64, backend="pallas_triton", interpret=True))
     ours = fn(jnp.asarray(w))
     expected = jax.jit(lambda a: quantize(a, "nf4", blocksize=64, double_quant=True))(jnp.asarray(w))
     _, absmax = quantize_triton.quantize_blocks(jnp.asarray(w), "nf4", blocksize=64, interpret=True)
@@ -221,14 +221,14 @@ def test_quantize_refuses_nonfinite_outside_jit(rng):
     w = weights(rng, (4, 128))
     w[1, 5] = np.nan
     with pytest.raises(QuantizationError, match=r"non-finite.*\(1, 5\)"):
-        kernels.quantize(jnp.asarray(w), backend="triton", interpret=True)
+        kernels.quantize_fused(jnp.asarray(w), backend="pallas_triton", interpret=True)
 
 
 def _linear_loss(matmul, c):
     return lambda x: jnp.sum(matmul(x).astype(jnp.float32) * c)
 
 
-@pytest.mark.parametrize("backend,dq", [("triton", True), ("triton", False), ("xla", True)])
+@pytest.mark.parametrize("backend,dq", [("pallas_triton", True), ("pallas_triton", False), ("jax_triton", True), ("jax_triton", False), ("xla", True)])
 def test_custom_vjp_against_float64_and_jax_grad_of_the_reference(rng, backend, dq):
     n, k = 48, 256
     qt = quantize(weights(rng, (n, k)), "nf4", blocksize=64, double_quant=dq)
@@ -256,7 +256,7 @@ def test_custom_vjp_against_float64_and_jax_grad_of_the_reference(rng, backend, 
 def test_weight_cotangent_is_zero_of_the_right_kind(rng):
     qt = quantize(weights(rng, (32, 128)), "nf4", blocksize=64)
     x = activations(rng, (4, 128), "bfloat16")
-    grad = jax.grad(lambda q: jnp.sum(kernels.quantized_matmul(x, q, backend="triton", interpret=True)
+    grad = jax.grad(lambda q: jnp.sum(kernels.quantized_matmul(x, q, backend="pallas_triton", interpret=True)
                                       .astype(jnp.float32)), allow_int=True)(qt)
     assert isinstance(grad, QuantizedTensor)
     assert grad.codes.dtype == jax.dtypes.float0 and grad.scales.dtype == jax.dtypes.float0
@@ -267,12 +267,12 @@ def test_weight_cotangent_is_zero_of_the_right_kind(rng):
 def test_leading_batch_dims_and_matmul_grad_entry_point(rng):
     qt = quantize(weights(rng, (32, 128)), "fp4", blocksize=64)
     x = activations(rng, (2, 2, 3, 128), "bfloat16")
-    y = kernels.quantized_matmul(x, qt, backend="triton", interpret=True)
+    y = kernels.quantized_matmul(x, qt, backend="pallas_triton", interpret=True)
     assert y.shape == (2, 2, 3, 32)
     w64 = reference_values(qt, "bfloat16")
     assert_product_close(y.reshape(12, 32), x.reshape(12, 128), w64.T, "bfloat16")
     dy = activations(rng, (3, 5, 32), "bfloat16")
-    dx = kernels.quantized_matmul_grad(dy, qt, backend="triton", interpret=True)
+    dx = kernels.quantized_matmul_grad(dy, qt, backend="pallas_triton", interpret=True)
     assert dx.shape == (3, 5, 128)
     assert_product_close(dx.reshape(15, 128), dy.reshape(15, 32), w64, "bfloat16")
 
@@ -345,15 +345,15 @@ def test_unsupported_shapes_fall_back_to_xla_and_stay_correct(rng):
     cases = [(odd_k, "bfloat16", "not a multiple"), (int8, "bfloat16", "int8"), (nf4, "float32", "float32")]
     for qt, dtype, why in cases:
         x = activations(rng, (3, qt.shape[1]), dtype)
-        backend, reason = kernels.resolve_backend("matmul", qt, dtype=x.dtype, m=3, backend="triton")
+        backend, reason = kernels.resolve_backend("matmul", qt, dtype=x.dtype, m=3, backend="pallas_triton")
         assert backend == "xla" and why in reason
-        y = kernels.quantized_matmul(x, qt, backend="triton", interpret=True)
+        y = kernels.quantized_matmul(x, qt, backend="pallas_triton", interpret=True)
         expected = np.asarray(x.astype(jnp.float32), np.float64) @ qt.dequantize(dtype).astype(jnp.float32).T
         np.testing.assert_allclose(np.asarray(y.astype(jnp.float32)), expected, rtol=2**-7, atol=1e-4)
     assert kernels.resolve_backend("matmul", nf4, dtype=x32.dtype, m=3, backend="mosaic")[0] == "xla"
-    backend, reason = kernels.resolve_backend("matmul", nf4, dtype=jnp.bfloat16, m=2**31 // 64, backend="triton")
+    backend, reason = kernels.resolve_backend("matmul", nf4, dtype=jnp.bfloat16, m=2**31 // 64, backend="pallas_triton")
     assert backend == "xla" and "int32" in reason
-    empty = kernels.quantized_matmul(jnp.zeros((0, 128), jnp.bfloat16), nf4, backend="triton", interpret=True)
+    empty = kernels.quantized_matmul(jnp.zeros((0, 128), jnp.bfloat16), nf4, backend="pallas_triton", interpret=True)
     assert empty.shape == (0, 8)
 
 
@@ -364,13 +364,13 @@ A100 = Target("gpu", "cuda", (8, 0), 108)
 @pytest.mark.parametrize(
     "op,m,target,expected",
     [
-        ("matmul", 1, H100, "triton"),
-        ("matmul", 64, H100, "triton"),
+        ("matmul", 1, H100, "jax_triton"),
+        ("matmul", 64, H100, "jax_triton"),
         ("matmul", 65, H100, "xla"),
         ("matmul_grad", 4096, H100, "xla"),
-        ("matmul", 128, A100, "triton"),
+        ("matmul", 128, A100, "jax_triton"),
         ("matmul", 129, A100, "xla"),
-        ("dequantize", None, H100, "triton"),
+        ("dequantize", None, H100, "jax_triton"),
         ("matmul", 1, Target("cpu"), "xla"),
         ("matmul", 1, Target("tpu"), "xla"),
         ("matmul", 1, Target("gpu", "rocm", (9, 4), 304), "xla"),
@@ -399,7 +399,7 @@ def test_bad_inputs_are_named(rng):
     with pytest.raises(ValueError, match="unknown backend"):
         kernels.quantized_matmul(jnp.zeros((2, 128), jnp.bfloat16), qt, backend="cuda")
     with pytest.raises(RuntimeError, match="needs a CUDA GPU.*interpret=True"):
-        kernels.quantized_matmul(jnp.zeros((2, 128), jnp.bfloat16), qt, backend="triton")
+        kernels.quantized_matmul(jnp.zeros((2, 128), jnp.bfloat16), qt, backend="pallas_triton")
     with pytest.raises(ValueError, match=r"dy's last dimension \(31\) != the weight's out_features N \(32\)"):
         kernels.quantized_matmul_grad(jnp.zeros((2, 31), jnp.bfloat16), qt)
     with pytest.raises(ValueError, match="must be a power of two"):

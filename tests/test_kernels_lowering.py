@@ -88,8 +88,8 @@ def test_triton_dequantize_lowers(dtype, double_quant, blocksize):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_triton_quantize_lowers_with_ieee_division(quant_type, blocksize, dtype):
     w = jax.ShapeDtypeStruct((4096, 11008 if blocksize < 4096 else 4096), dtype)
-    exported = lowering.export_for_cuda(lambda w: kernels.quantize(w, quant_type, blocksize=blocksize,
-                                                                   backend="triton"), w)
+    exported = lowering.export_for_cuda(lambda w: kernels.quantize_fused(w, quant_type, blocksize=blocksize,
+                                                                   backend="pallas_triton"), w)
     assert lowering.TRITON_TARGET in lowering.custom_call_targets(exported)
     # Triton's float32 `/` is the approximate div.full.f32; bitsandbytes' bytes need div.rn.
     assert "div.rn.f32" in exported.mlir_module()
@@ -132,7 +132,7 @@ def test_training_step_lowers_with_both_kernels():
     x = jax.ShapeDtypeStruct((2, 8, 4096), jnp.bfloat16)
 
     def loss(x, q):
-        return jnp.sum(kernels.quantized_matmul(x, q, backend="triton").astype(jnp.float32) ** 2)
+        return jnp.sum(kernels.quantized_matmul(x, q, backend="pallas_triton").astype(jnp.float32) ** 2)
 
     exported = lowering.export_for_cuda(jax.grad(loss), x, qt)
     assert exported.mlir_module().count(f"custom_call @{lowering.TRITON_TARGET}") == 2
