@@ -25,14 +25,15 @@ import logging
 import math
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from qlora_jax.kernels import matmul_grad_triton, matmul_triton, ops
 from qlora_jax.kernels import tiles as tiles_lib
+
 from qlora_jax.quant import QuantizedTensor
 
 __all__ = [

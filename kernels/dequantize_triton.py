@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
-
 from qlora_jax.kernels import common, support
 from qlora_jax.kernels.tiles import DequantTiles, dequantize_tiles
+
 from qlora_jax.quant import QuantizedTensor, codebooks, dequantize
 
 __all__ = ["dequantize_kernel", "reference", "check_supported", "OUTPUT_DTYPES"]

@@ -24,6 +24,8 @@ given ``tiles``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,16 +35,18 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import triton
-
 from qlora_jax.kernels import common, jt_kernels, support
-from qlora_jax.kernels.jt_interpreter import InterpreterWorker
 from qlora_jax.kernels import tiles as tiles_lib
+from qlora_jax.kernels.jt_interpreter import InterpreterWorker
 from qlora_jax.kernels.target import current_target, triton_compute_capability
+
 from qlora_jax.quant import QuantizedTensor, codebooks, double_quantize
 from qlora_jax.quant.tensor import NESTED_BLOCKSIZE
 
 __all__ = [
     "BACKEND_OPTIONS",
+    "MIN_K_TILE",
+    "autotune_disabled",
     "triton_call",
     "matmul_configs",
     "matmul_grad_configs",
@@ -54,6 +58,20 @@ __all__ = [
     "quantize_blocks",
     "quantize_kernel",
 ]
+
+_AUTOTUNE = contextvars.ContextVar("qlora_jax_jt_autotune", default=True)
+
+
+@contextlib.contextmanager
+def autotune_disabled():
+    """Within this context the kernels compile only the first configuration of their list (no
+    autotuning): faster lowering, e.g. for tests, and a fixed choice."""
+    token = _AUTOTUNE.set(False)
+    try:
+        yield
+    finally:
+        _AUTOTUNE.reset(token)
+
 
 # No FMA contraction: the double-quant scale rounds its product before adding the offset, as
 # bitsandbytes (and the XLA reference) do.
@@ -90,6 +108,8 @@ def triton_call(
     as NaN / all ones, so that an unwritten tile shows.
     """
     configs = tuple((tuple(sorted(meta.items())), warps, stages) for meta, warps, stages in configs)
+    if not _AUTOTUNE.get():
+        configs = configs[:1]
     if not configs:
         raise ValueError(f"{name}: no kernel configuration fits this problem")
     if interpret:
@@ -134,7 +154,7 @@ _FORWARD_CLASSES = {
     "medium": [(32, 64, 128, 4, 3), (64, 64, 128, 4, 3), (32, 128, 64, 4, 4), (64, 128, 64, 4, 3),
                (64, 64, 64, 4, 4)],
     "prefill": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4),
-                (128, 64, 64, 4, 4), (128, 128, 32, 4, 4)],
+                (128, 64, 64, 4, 4)],
 }
 _GRAD_CLASSES = {
     "decode": [(16, 128, 128, 4, 4), (16, 64, 128, 4, 4), (16, 256, 64, 4, 4), (16, 128, 64, 4, 3),
@@ -143,6 +163,11 @@ _GRAD_CLASSES = {
     "prefill": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4),
                 (128, 64, 64, 4, 4)],
 }
+
+
+# Triton 3.9 fails to compile ("Illegal shared layout") a dequantized tile whose code rows are
+# narrower than 32 bytes: every K-step (forward) and K-tile (input gradient) is >= 64 elements.
+MIN_K_TILE = 64
 
 
 def _fits(block: int, size: int) -> bool:
@@ -162,7 +187,8 @@ def matmul_configs(m: int, n: int, k: int, num_sms: int | None = None) -> list[t
     for bm, bn, bk, warps, stages in _FORWARD_CLASSES[tiles_lib.size_class(m)]:
         if (k // split) % bk == 0 and _fits(bm, m) and _fits(bn, n):
             out.append(tiles_lib.MatmulTiles(bm, bn, bk, split, warps, stages))
-    return out or [tiles_lib.matmul_tiles(m, n, k, num_sms)]
+    # K's share per split may be too short for every listed step: no split, the largest step.
+    return out or [tiles_lib.MatmulTiles(16 if m <= 16 else 64, 64, common.largest_pow2_divisor(k, 256))]
 
 
 def matmul_grad_configs(m: int, n: int, k: int, num_sms: int | None = None) -> list[tiles_lib.MatmulTiles]:
@@ -173,7 +199,7 @@ def matmul_grad_configs(m: int, n: int, k: int, num_sms: int | None = None) -> l
     for bm, bk, bn, warps, stages in _GRAD_CLASSES[tiles_lib.size_class(m)]:
         if k % bk == 0 and _fits(bm, m) and _fits(bn, n):
             out.append(tiles_lib.MatmulTiles(bm, bk, bn, split, warps, stages))
-    return out or [tiles_lib.matmul_grad_tiles(m, n, k, num_sms)]
+    return out or [tiles_lib.MatmulTiles(16 if m <= 16 else 64, common.largest_pow2_divisor(k, 256), 64, split)]
 
 
 def dequantize_configs(n: int, k: int) -> list[tiles_lib.DequantTiles]:
@@ -256,6 +282,8 @@ def fused_matmul(
     for t in configs:
         if k % t.block_red or (k // t.block_red) % t.split:
             raise ValueError(f"{t} does not divide K={k} into whole steps per split")
+        if t.block_red < MIN_K_TILE:
+            raise ValueError(f"{t}: the jax_triton forward needs block_red >= {MIN_K_TILE}")
     return _matmul_call(jt_kernels.fused_matmul_kernel, x, qt, n, configs, "BLOCK_N", interpret,
                         debug_poison_output, "qlora_jt_fused_dequant_matmul")
 
@@ -283,6 +311,8 @@ def fused_matmul_grad(
     for t in configs:
         if k % t.block_out:
             raise ValueError(f"{t}: block_out must divide K={k}")
+        if t.block_out < MIN_K_TILE:
+            raise ValueError(f"{t}: the jax_triton input gradient needs block_out >= {MIN_K_TILE}")
     return _matmul_call(jt_kernels.fused_matmul_grad_kernel, dy, qt, k, configs, "BLOCK_K", interpret,
                         debug_poison_output, "qlora_jt_fused_dequant_matmul_grad")
 

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
-
 from qlora_jax.kernels import common, matmul_mosaic, support
+
 from qlora_jax.quant import QuantizedTensor, codebooks, decode_scales, dequantize
 
 __all__ = ["MosaicGradTiles", "fused_matmul_grad", "reference", "mosaic_grad_tiles"]

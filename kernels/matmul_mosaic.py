@@ -39,8 +39,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
-
 from qlora_jax.kernels import common, support
+
 from qlora_jax.quant import QuantizedTensor, codebooks, decode_scales, dequantize
 
 __all__ = [

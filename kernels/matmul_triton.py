@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
-
 from qlora_jax.kernels import common, support
 from qlora_jax.kernels.tiles import MatmulTiles, matmul_tiles
+
 from qlora_jax.quant import QuantizedTensor, codebooks, dequantize
 
 __all__ = ["fused_matmul", "reference", "check_supported"]

@@ -48,12 +48,18 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from qlora_jax.kernels import dequantize_triton, matmul_grad_triton, matmul_triton, partitioning, quantize_triton
-from qlora_jax.kernels import support
+from qlora_jax.kernels import (
+    dequantize_triton,
+    matmul_grad_triton,
+    matmul_triton,
+    partitioning,
+    quantize_triton,
+    support,
+)
 from qlora_jax.kernels import tiles as tiles_lib
 from qlora_jax.kernels.support import Op
 from qlora_jax.kernels.target import Target, current_target
+
 from qlora_jax.quant import QuantizationError, QuantizedTensor
 from qlora_jax.quant import dequantize as xla_dequantize
 from qlora_jax.quant import quantize as xla_quantize
@@ -298,8 +304,10 @@ def quantized_matmul(
     k = qweight.shape[1]
     lead = x.shape[:-1]
     m = math.prod(lead)
-    forward, _ = resolve_backend("matmul", qweight, dtype=x.dtype, m=m, backend=backend, interpret=interpret)
-    backward, _ = resolve_backend("matmul_grad", qweight, dtype=x.dtype, m=m, backend=backend, interpret=interpret)
+    # The size class is that of the rows each device multiplies (all of them without a mesh).
+    rows = partitioning.local_rows(m)
+    forward, _ = resolve_backend("matmul", qweight, dtype=x.dtype, m=rows, backend=backend, interpret=interpret)
+    backward, _ = resolve_backend("matmul_grad", qweight, dtype=x.dtype, m=rows, backend=backend, interpret=interpret)
     _check_kernel_platform(forward, interpret)
     _check_kernel_platform(backward, interpret)
     plan = _MatmulPlan(forward, backward, interpret, current_target().num_sms, tensor_parallel)
@@ -325,7 +333,8 @@ def quantized_matmul_grad(
     qweight.validate()
     lead = dy.shape[:-1]
     m = math.prod(lead)
-    chosen, _ = resolve_backend("matmul_grad", qweight, dtype=dy.dtype, m=m, backend=backend, interpret=interpret)
+    chosen, _ = resolve_backend("matmul_grad", qweight, dtype=dy.dtype, m=partitioning.local_rows(m),
+                                backend=backend, interpret=interpret)
     _check_kernel_platform(chosen, interpret)
     plan = _MatmulPlan("xla", chosen, interpret, current_target().num_sms)
     return _input_grad(plan, dy.reshape(m, n), qweight).reshape(*lead, k)

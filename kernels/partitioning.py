@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 from qlora_jax.quant import QuantizedTensor, codebooks
 from qlora_jax.quant.tensor import decode_dynamic8
 
-__all__ = ["BATCH_AXES", "FSDP_AXIS", "TENSOR_AXIS", "TensorParallel", "per_shard"]
+__all__ = ["BATCH_AXES", "FSDP_AXIS", "TENSOR_AXIS", "TensorParallel", "local_rows", "per_shard"]
 
 BATCH_AXES = ("data", "fsdp")
 FSDP_AXIS = "fsdp"
@@ -56,6 +56,16 @@ def _size(mesh, axes: tuple[str, ...]) -> int:
 
 def _spec(*dims) -> P:
     return P(*[(d if len(d) > 1 else d[0]) if d else None for d in dims])
+
+
+def local_rows(m: int) -> int:
+    """The activation rows one device multiplies when ``m`` rows are split over the batch axes of
+    the mesh in context (``m`` without a mesh, or when they do not divide)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return m
+    size = _size(mesh, _active(mesh, BATCH_AXES))
+    return m // size if m % size == 0 else m
 
 
 def _local_weight(codes, scales, nested, offset, qt: QuantizedTensor, *, shape, row0, col0, nested_local: bool):

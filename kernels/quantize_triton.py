@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
-
 from qlora_jax.kernels import common, support
 from qlora_jax.kernels.tiles import DequantTiles, quantize_tiles
+
 from qlora_jax.quant import QuantizedTensor, codebooks, double_quantize, quantize
 from qlora_jax.quant.tensor import NESTED_BLOCKSIZE
 

@@ -14,8 +14,8 @@ import math
 from typing import Any, Literal
 
 import jax.numpy as jnp
-
 from qlora_jax.kernels.common import KERNEL_DTYPES, KERNEL_QUANT_TYPES, largest_pow2_divisor
+
 from qlora_jax.quant import SUPPORTED_BLOCKSIZES, QuantizedTensor
 
 __all__ = [
@@ -115,6 +115,13 @@ def _mosaic_reason(p: Problem) -> str | None:
     return None
 
 
+def _jax_triton_reason(p: Problem) -> str | None:
+    if p.op in ("matmul", "matmul_grad") and largest_pow2_divisor(p.shape[-1], 64) < 64:
+        # Triton 3.9 cannot compile narrower dequantized tiles (jt_ops.MIN_K_TILE).
+        return f"K={p.shape[-1]} has no power-of-two factor >= 64 (the jax_triton kernels' K-tile)"
+    return None
+
+
 def unsupported_reason(problem: Problem, backend: str) -> str | None:
     """Why ``backend``'s kernel cannot take ``problem``, or None when it can."""
     if backend not in KERNEL_BACKENDS:
@@ -122,6 +129,8 @@ def unsupported_reason(problem: Problem, backend: str) -> str | None:
     reason = _common_reason(problem)
     if reason is None and backend == "mosaic":
         reason = _mosaic_reason(problem)
+    if reason is None and backend == "jax_triton":
+        reason = _jax_triton_reason(problem)
     return reason
 
 

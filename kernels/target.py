@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-
 from qlora_jax.kernels import tiles as tiles_lib
 
 __all__ = ["Target", "current_target", "triton_compute_capability"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-
 from qlora_jax.kernels.common import LOOKUPS, largest_pow2_divisor, pow2_ceil, pow2_floor
 
 __all__ = [
