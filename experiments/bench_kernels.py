@@ -24,7 +24,7 @@ flags.DEFINE_bool("smoke", False, "Tiny shapes, Pallas interpreters, 1 iteration
 flags.DEFINE_list("shapes", ["4096x4096", "11008x4096", "4096x11008"], "Weight shapes NxK ([out, in]).")
 flags.DEFINE_list("m", ["1", "16", "256", "4096", "16384"], "Token counts M (rows of x).")
 flags.DEFINE_list("directions", ["forward", "input_grad"], "forward (x @ W.T) and/or input_grad (dy @ W).")
-flags.DEFINE_list("backends", ["auto", "triton", "mosaic"], "Our backends to time.")
+flags.DEFINE_list("backends", ["auto", "jax_triton", "pallas_triton", "mosaic"], "Our backends to time.")
 flags.DEFINE_integer("blocksize", 64, "Quantization block size.")
 flags.DEFINE_bool("double_quant", True, "Double-quantized scales (QLoRA).")
 flags.DEFINE_integer("warmup", 3, "Untimed calls before measuring.")
@@ -68,7 +68,8 @@ def main(argv: list[str]) -> None:
     if FLAGS.json_out:
         path = pathlib.Path(FLAGS.json_out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        environment = {"device_kind": device.device_kind, "platform": device.platform, "jax": jax.__version__}
+        environment = {"device_kind": device.device_kind, "platform": device.platform, "jax": jax.__version__,
+                       "python": platform.python_version()}
         path.write_text(json.dumps({"environment": environment, "records": [
             {**r.__dict__, "gbps": r.gbps, "tflops": r.tflops} for r in records]}, indent=1))
         print(f"records: {path}")

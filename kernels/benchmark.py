@@ -43,6 +43,8 @@ __all__ = [
     "time_jax",
     "run",
     "format_table",
+    "format_markdown",
+    "records_from_json",
     "nf4_weight_bytes",
 ]
 
@@ -344,13 +346,24 @@ _BASELINES = {"jnp.dot bf16": "bf16", "xla dequant+dot": "xla", "xla": "xla", "b
               "bitsandbytes": "bnb"}
 
 
-def format_table(records: Sequence[BenchRecord], *, header: bool = True, ratios: bool = True) -> str:
-    """A plain-text table; with ``ratios``, each row's speedup over the bf16 dot, XLA and bitsandbytes
-    on the same problem (baseline time / this time: above 1 means faster than the baseline)."""
+def _speedups(records: Sequence[BenchRecord]) -> list[dict[str, float | None]]:
+    """Per record, its speedup over the bf16 dot, XLA and bitsandbytes on the same problem
+    (baseline time / this time: above 1 means faster than the baseline)."""
     baselines: dict[tuple, dict[str, float]] = {}
     for r in records:
         if r.time_us and r.impl in _BASELINES:
             baselines.setdefault((r.op, r.n, r.k, r.m), {})[_BASELINES[r.impl]] = r.time_us
+    out = []
+    for r in records:
+        base = baselines.get((r.op, r.n, r.k, r.m), {})
+        out.append({kind: (base[kind] / r.time_us if kind in base and r.time_us else None)
+                    for kind in ("bf16", "xla", "bnb")})
+    return out
+
+
+def format_table(records: Sequence[BenchRecord], *, header: bool = True, ratios: bool = True) -> str:
+    """A plain-text table; with ``ratios``, each row's speedup over the bf16 dot, XLA and bitsandbytes
+    on the same problem (baseline time / this time: above 1 means faster than the baseline)."""
     lines = []
     if header:
         lines.append(
@@ -358,15 +371,30 @@ def format_table(records: Sequence[BenchRecord], *, header: bool = True, ratios:
             + (f"{'vs bf16':>8} {'vs xla':>8} {'vs bnb':>8} " if ratios else "")
             + f"{'timer':<11} note"
         )
-    for r in records:
+    for r, speedup in zip(records, _speedups(records), strict=True):
         line = (
             f"{r.op:<11} {f'{r.n}x{r.k}':>12} {('-' if r.m is None else r.m):>6} {r.impl:<26} "
             f"{_fmt(r.time_us, '10.1f'):>10} {_fmt(r.gbps, '8.1f'):>8} {_fmt(r.tflops, '8.1f'):>8} "
         )
         if ratios:
-            base = baselines.get((r.op, r.n, r.k, r.m), {})
-            for kind in ("bf16", "xla", "bnb"):
-                ratio = base[kind] / r.time_us if kind in base and r.time_us else None
-                line += f"{_fmt(ratio, '8.2f'):>8} "
+            line += "".join(f"{_fmt(speedup[kind], '8.2f'):>8} " for kind in ("bf16", "xla", "bnb"))
         lines.append(line + f"{r.timer:<11} {r.note}")
     return "\n".join(lines)
+
+
+def format_markdown(records: Sequence[BenchRecord]) -> str:
+    """The same table as :func:`format_table` (with speedups) in Markdown, for BENCHMARKS.md."""
+    lines = ["| op | N x K | M | impl | time us | GB/s | TFLOP/s | vs bf16 | vs xla | vs bnb | timer | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r, speedup in zip(records, _speedups(records), strict=True):
+        cells = [r.op, f"{r.n}x{r.k}", "-" if r.m is None else str(r.m), r.impl, _fmt(r.time_us, ".1f"),
+                 _fmt(r.gbps, ".1f"), _fmt(r.tflops, ".1f"), *(_fmt(speedup[k], ".2f") for k in ("bf16", "xla", "bnb")),
+                 r.timer, r.note.replace("|", "/")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def records_from_json(rows: Sequence[dict[str, Any]]) -> list[BenchRecord]:
+    """BenchRecords back from the ``records`` of ``bench_kernels --json_out``."""
+    names = [f.name for f in dataclasses.fields(BenchRecord)]
+    return [BenchRecord(**{k: row[k] for k in names if k in row}) for row in rows]

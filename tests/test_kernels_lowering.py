@@ -1,4 +1,4 @@
-"""The kernels' real CUDA lowering, checked without a GPU.
+"""The Pallas kernels' real CUDA lowering, checked without a GPU (the jax_triton kernels': test_kernels_jax_triton.py).
 
 ``jax.export(..., platforms=["cuda"])`` under an abstract H100 (or A100) runs every Pallas
 lowering rule (jaxpr -> Triton IR, jaxpr -> Mosaic GPU MLIR) on the host. Only shapes and dtypes
@@ -15,7 +15,7 @@ import pytest
 
 from qlora_jax import kernels
 from qlora_jax.kernels import dequantize_triton, lowering, matmul_grad_mosaic, matmul_grad_triton, matmul_mosaic
-from qlora_jax.kernels import matmul_triton
+from qlora_jax.kernels import jt_ops, matmul_triton
 from qlora_jax.kernels import tiles as tiles_lib
 from qlora_jax.quant import QuantizedTensor
 
@@ -119,11 +119,12 @@ def test_mosaic_gpu_grad_lowers_for_h100(m, n, k, blocksize):
 
 @pytest.mark.parametrize("m,expected", [(1, True), (64, True), (65, False), (4096, False)])
 def test_auto_dispatch_under_an_abstract_h100(m, expected):
-    """backend="auto" reads the abstract device: fused kernels for memory-bound M, XLA above."""
+    """backend="auto" reads the abstract device: fused (jax_triton) kernels for memory-bound M, XLA above."""
     qt = abstract_weight(4096, 4096)
     x = jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16)
-    exported = lowering.export_for_cuda(lambda x, q: kernels.quantized_matmul(x, q), x, qt)
-    assert (lowering.TRITON_TARGET in lowering.custom_call_targets(exported)) == expected
+    with jt_ops.autotune_disabled():
+        exported = lowering.export_for_cuda(lambda x, q: kernels.quantized_matmul(x, q), x, qt)
+    assert (lowering.JAX_TRITON_TARGET in lowering.custom_call_targets(exported)) == expected
 
 
 def test_training_step_lowers_with_both_kernels():
