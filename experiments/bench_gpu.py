@@ -102,8 +102,8 @@ def _run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> d
         code, out, timed_out = proc.returncode, proc.stdout + proc.stderr, False
     except subprocess.TimeoutExpired as error:
         code, timed_out = None, True
-        out = (error.stdout or b"").decode(errors="replace") if isinstance(error.stdout, bytes) else (error.stdout or "")
-        out += (error.stderr or b"").decode(errors="replace") if isinstance(error.stderr, bytes) else (error.stderr or "")
+        out = "".join(s.decode(errors="replace") if isinstance(s, bytes) else s
+                      for s in (error.stdout or "", error.stderr or ""))
     return {"argv": cmd, "returncode": code, "timed_out": timed_out, "seconds": round(time.monotonic() - start, 1),
             "output_tail": out[-4000:]}
 
@@ -148,7 +148,9 @@ def install_bitsandbytes(wheel_dir: str) -> str:
                 f"--no-deps -d {wheel_dir}/ beforehand); its rows are skipped")
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", wheels[-1]],
                           capture_output=True, text=True, timeout=180)
-    return f"installed {wheels[-1]}" if proc.returncode == 0 else f"installing {wheels[-1]} failed: {proc.stderr[-500:]}"
+    if proc.returncode:
+        return f"installing {wheels[-1]} failed: {proc.stderr[-500:]}"
+    return f"installed {wheels[-1]}"
 
 
 # ------------------------------------------------------------------ part: correctness (in-process)
@@ -270,8 +272,10 @@ def markdown(report: dict[str, Any]) -> str:
     from qlora_jax.kernels import benchmark
 
     env = report["environment"]
-    out = [f"# GPU evidence run, {env.get('date_utc')}{' (SMOKE: tiny shapes on CPU, not figures)' if report['smoke'] else ''}",
-           "", _md(["", ""], [["device", f"{env.get('device_kind')} x{env.get('device_count')} ({env.get('platform')})"],
+    smoke = " (SMOKE: tiny shapes on CPU, not figures)" if report["smoke"] else ""
+    device = f"{env.get('device_kind')} x{env.get('device_count')} ({env.get('platform')})"
+    out = [f"# GPU evidence run, {env.get('date_utc')}{smoke}",
+           "", _md(["", ""], [["device", device],
                               ["nvidia-smi", env.get("nvidia_smi")], ["CUDA", env.get("cuda_version")],
                               ["compute capability", env.get("compute_capability")],
                               ["python", env.get("python")], ["bitsandbytes", report.get("bitsandbytes")],

@@ -40,10 +40,9 @@ def main(argv: list[str]) -> None:
     import warnings
 
     import jax
-
     from qlora_jax.kernels import benchmark
 
-    warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*", category=DeprecationWarning)
     if FLAGS.smoke:
         shapes, ms = [(64, 128)], [1, 16]
         options = dict(warmup=1, iters=1, timer="wall", interpret=True, include_bnb=False)
@@ -53,26 +52,33 @@ def main(argv: list[str]) -> None:
         options = dict(warmup=FLAGS.warmup, iters=FLAGS.iters, timer=FLAGS.timer, interpret=False,
                        include_bnb=FLAGS.bnb)
     device = jax.devices()[0]
-    print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, python {platform.python_version()}")
+    print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, "
+          f"python {platform.python_version()}")
     backends = FLAGS.backends
     if device.platform != "gpu" and not FLAGS.smoke:
         backends = [b for b in backends if b in ("auto", "xla")]
         print(f"no GPU: the Pallas kernels need one (or --smoke for their interpreters); timing backends {backends}")
+    environment = {"device_kind": device.device_kind, "platform": device.platform, "jax": jax.__version__,
+                   "python": platform.python_version()}
+
+    def save(records):
+        if FLAGS.json_out:
+            path = pathlib.Path(FLAGS.json_out)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rows = [{**r.__dict__, "gbps": r.gbps, "tflops": r.tflops} for r in records]
+            path.write_text(json.dumps({"environment": environment, "records": rows}, indent=1))
+
+    # Saved after every record: a run stopped by a time limit keeps what it measured.
     records = benchmark.run(shapes, ms, directions=FLAGS.directions, backends=backends,
                             blocksize=FLAGS.blocksize, double_quant=FLAGS.double_quant,
-                            include_quantize=FLAGS.quantize, **options)
+                            include_quantize=FLAGS.quantize, on_record=save, **options)
     print("\n" + benchmark.format_table(records))
     # Our rows must run and agree with XLA; a baseline that fails (e.g. a bitsandbytes API change)
     # is reported in the table but does not fail the run.
     failures = [r for r in records if r.impl.startswith("ours") and (r.time_us is None or "MISMATCH" in r.note)]
+    save(records)
     if FLAGS.json_out:
-        path = pathlib.Path(FLAGS.json_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        environment = {"device_kind": device.device_kind, "platform": device.platform, "jax": jax.__version__,
-                       "python": platform.python_version()}
-        path.write_text(json.dumps({"environment": environment, "records": [
-            {**r.__dict__, "gbps": r.gbps, "tflops": r.tflops} for r in records]}, indent=1))
-        print(f"records: {path}")
+        print(f"records: {FLAGS.json_out}")
     if failures:
         print(f"\n{len(failures)} row(s) failed or disagree with XLA:")
         print(benchmark.format_table(failures, ratios=False))

@@ -206,7 +206,7 @@ def _same_bytes(reference: QuantizedTensor) -> Callable[[QuantizedTensor], str]:
 
     def check(result: QuantizedTensor) -> str:
         same = all(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
-                   for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(reference)))
+                   for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(reference), strict=True))
         return "bytes identical to xla" if same else "bytes differ from xla  MISMATCH"
 
     return check
@@ -239,8 +239,13 @@ def run(
     quantize_backends: Sequence[str] = ("jax_triton", "pallas_triton"),
     seed: int = 0,
     log: Callable[[str], None] = logger.info,
+    on_record: Callable[[list[BenchRecord]], None] | None = None,
 ) -> list[BenchRecord]:
-    """Times every implementation for every shape and M; see the module docstring."""
+    """Times every implementation for every shape and M; see the module docstring.
+
+    ``on_record`` is called with all records so far after each one (e.g. to save them, so that a
+    run stopped by a time limit keeps what it measured).
+    """
     if timer == "cupti" and not _on_gpu():
         timer = "wall"
     records: list[BenchRecord] = []
@@ -260,7 +265,7 @@ def run(
             except Exception as error:  # noqa: BLE001 - bitsandbytes is optional
                 log(f"[{n}x{k}] bitsandbytes not benchmarked: {type(error).__name__}: {error}")
 
-        def add(op, m, impl, fn, args, bytes_moved, flops, check=None, torch_fn=None):
+        def add(op, m, impl, fn, args, bytes_moved, flops, check=None, torch_fn=None, n=n, k=k):
             note = ""
             try:
                 if torch_fn is not None:
@@ -275,6 +280,8 @@ def run(
             record = BenchRecord(op, n, k, m, impl, time_us, method, bytes_moved, flops, note)
             records.append(record)
             log(format_table([record], header=False, ratios=False))
+            if on_record is not None:
+                on_record(records)
 
         kernels_here = interpret or _on_gpu()
         if include_quantize and kernels_here:
@@ -286,7 +293,8 @@ def run(
                 quant = jax.jit(lambda w, b=backend: ops.quantize_fused(
                     w, "nf4", blocksize=blocksize, double_quant=double_quant, backend=b, interpret=interpret,
                     check_finite=False))
-                deq = jax.jit(lambda q, b=backend: ops.dequantize_fused(q, jnp.bfloat16, backend=b, interpret=interpret))
+                deq = jax.jit(lambda q, b=backend: ops.dequantize_fused(q, jnp.bfloat16, backend=b,
+                                                                        interpret=interpret))
                 add("quantize", None, f"ours {backend}", quant, (w,), bytes_q, 0, check=_same_bytes(quant_xla(w)))
                 add("dequantize", None, f"ours {backend}", deq, (qt,), bytes_q, 0, check=_close_to(w_deq))
             add("quantize", None, "xla", quant_xla, (w,), bytes_q, 0)
@@ -318,7 +326,8 @@ def run(
                     chosen, _ = ops.resolve_backend(op_name, qt, dtype=a.dtype, m=m, backend=backend,
                                                     interpret=interpret)
                     if direction == "forward":
-                        ours = jax.jit(lambda a, q, b=backend: ops.quantized_matmul(a, q, backend=b, interpret=interpret))
+                        ours = jax.jit(lambda a, q, b=backend: ops.quantized_matmul(a, q, backend=b,
+                                                                                      interpret=interpret))
                     else:
                         ours = jax.jit(lambda a, q, b=backend: ops.quantized_matmul_grad(a, q, backend=b,
                                                                                        interpret=interpret))

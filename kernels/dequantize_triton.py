@@ -60,7 +60,8 @@ def _kernel(*refs, n: int, k: int, tiles: DequantTiles, blocksize: int, nested_b
 
 
 def check_supported(qt: QuantizedTensor, dtype: Any) -> None:
-    """Raises ValueError naming the problem when the kernel cannot dequantize ``qt`` to ``dtype`` (rules: :mod:`.support`)."""
+    """Raises ValueError naming the problem when the kernel cannot dequantize ``qt`` to ``dtype``
+    (rules: :mod:`.support`)."""
     support.check(support.Problem.of_weight("dequantize", qt, dtype), "pallas_triton")
 
 

@@ -43,7 +43,8 @@ class HostTensor:
         if not array.flags.c_contiguous:
             raise ValueError("HostTensor needs a C-contiguous array")
         if array.dtype.name not in _TORCH_DTYPE_NAMES:
-            raise TypeError(f"no interpreter dtype for {array.dtype.name}; expected one of {sorted(_TORCH_DTYPE_NAMES)}")
+            raise TypeError(f"no interpreter dtype for {array.dtype.name}; "
+                            f"expected one of {sorted(_TORCH_DTYPE_NAMES)}")
         self.array = array
         self.dtype = f"torch.{array.dtype.name}"
 

@@ -40,8 +40,7 @@ from qlora_jax.kernels import tiles as tiles_lib
 from qlora_jax.kernels.jt_interpreter import InterpreterWorker
 from qlora_jax.kernels.target import current_target, triton_compute_capability
 
-from qlora_jax.quant import QuantizedTensor, codebooks, double_quantize
-from qlora_jax.quant.tensor import NESTED_BLOCKSIZE
+from qlora_jax.quant import QuantizedTensor, codebooks
 
 __all__ = [
     "BACKEND_OPTIONS",
@@ -56,7 +55,6 @@ __all__ = [
     "fused_matmul_grad",
     "dequantize_kernel",
     "quantize_blocks",
-    "quantize_kernel",
 ]
 
 _AUTOTUNE = contextvars.ContextVar("qlora_jax_jt_autotune", default=True)
@@ -116,8 +114,8 @@ def triton_call(
         meta = {**metaparams, **dict(configs[0][0])}
 
         def host(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
-            outputs = [np.full(s.shape, _poison(s.dtype), s.dtype) if debug_poison_output else np.zeros(s.shape, s.dtype)
-                       for s in out_shapes]
+            outputs = [np.full(s.shape, _poison(s.dtype), s.dtype) if debug_poison_output
+                       else np.zeros(s.shape, s.dtype) for s in out_shapes]
             return tuple(InterpreterWorker.run(kernel.fn.__name__, list(arrays), outputs, grid(meta), meta))
 
         return tuple(jax.pure_callback(host, tuple(out_shapes), *inputs))
@@ -390,33 +388,3 @@ def quantize_blocks(
         name="qlora_jt_quantize_4bit", debug_poison_output=debug_poison_output,
     )
     return codes.reshape(*w.shape[:-1], k // 2), absmax.reshape(*w.shape[:-1], k // blocksize)
-
-
-def quantize_kernel(
-    w: jax.Array,
-    quant_type: str = "nf4",
-    *,
-    blocksize: int = 64,
-    double_quant: bool = True,
-    nested_blocksize: int = NESTED_BLOCKSIZE,
-    offset: Any = None,
-    tiles: tiles_lib.DequantTiles | None = None,
-    interpret: bool = False,
-) -> QuantizedTensor:
-    """``w[..., K]`` -> QuantizedTensor, the bytes of ``quantize(w, ..., bnb_backend="cuda")``.
-
-    Double quantization (1/64 of the data) runs in XLA through the reference's own function.
-    """
-    codes, absmax = quantize_blocks(w, quant_type, blocksize=blocksize, tiles=tiles, interpret=interpret)
-    meta = dict(shape=tuple(int(d) for d in w.shape), dtype=jnp.dtype(w.dtype).name, quant_type=quant_type,
-                blocksize=blocksize, nested_blocksize=nested_blocksize)
-    if not double_quant:
-        return QuantizedTensor(codes=codes, scales=absmax, nested_scales=None, offset=None, **meta)
-    scale_codes, nested, off = _double_quantize(absmax.reshape(-1), nested_blocksize, offset)
-    return QuantizedTensor(codes=codes, scales=scale_codes.reshape(absmax.shape), nested_scales=nested, offset=off,
-                           **meta)
-
-
-@functools.partial(jax.jit, static_argnames=("nested_blocksize",))
-def _double_quantize(absmax: jax.Array, nested_blocksize: int, offset: Any) -> tuple[jax.Array, ...]:
-    return double_quantize(absmax, nested_blocksize, "cuda", offset)

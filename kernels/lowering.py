@@ -54,9 +54,11 @@ def export_for_cuda(fn: Callable[..., Any], *args: Any, device: dict | None = No
     """
     _register_mosaic_gpu_lowering()
     mesh = abstract_mesh(mesh_shape or {}, device)
-    disabled = [export.DisabledSafetyCheck.custom_call(t) for t in (TRITON_TARGET, JAX_TRITON_TARGET, MOSAIC_GPU_TARGET)]
+    targets = (TRITON_TARGET, JAX_TRITON_TARGET, MOSAIC_GPU_TARGET)
+    disabled = [export.DisabledSafetyCheck.custom_call(t) for t in targets]
     with jax.sharding.use_abstract_mesh(mesh), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*",
+                                category=DeprecationWarning)
         return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=disabled)(*args)
 
 

@@ -89,10 +89,20 @@ FUSED_MAX_M_AMPERE = 128
 
 @functools.cache
 def jax_triton_missing() -> str | None:
-    """Why the ``"jax_triton"`` backend cannot be used in this environment, or None."""
+    """Why the ``"jax_triton"`` backend cannot be used in this environment, or None.
+
+    Imports jax_triton (and so triton) once: an installed but incompatible pair (e.g. a triton
+    older than jax-triton asks for, installed without its dependencies) counts as missing.
+    """
     missing = [name for name in ("triton", "jax_triton") if importlib.util.find_spec(name) is None]
     if missing:
         return f"{' and '.join(missing)} not installed (pip install 'qlora-jax[gpu]')"
+    try:
+        import jax_triton  # noqa: F401, PLC0415
+
+        from qlora_jax.kernels import jt_ops  # noqa: F401, PLC0415
+    except Exception as error:  # noqa: BLE001 - any import failure makes the backend unusable
+        return f"jax_triton does not import: {type(error).__name__}: {error}"
     return None
 
 
@@ -145,13 +155,13 @@ def resolve_backend(
         why_not = support.unsupported_reason(problem, "pallas_triton")
         if why_not is not None:
             return "xla", f"fallback: {why_not}"
-        family = _triton_family()
         if interpret:
-            return family, "interpret mode"
+            return _triton_family(), "interpret mode"
         target = target or current_target()
         why_not = _auto_rejects(target)
         if why_not is not None:
             return "xla", why_not
+        family = _triton_family()
         if op in ("matmul", "matmul_grad"):
             capability = target.compute_capability or (0, 0)
             limit = FUSED_MAX_M_HOPPER if capability >= (9, 0) else FUSED_MAX_M_AMPERE
@@ -399,7 +409,8 @@ def quantize_fused(
         finite = jnp.isfinite(jnp.asarray(w))
         if not bool(jnp.all(finite)):
             first = tuple(int(i) for i in np.argwhere(~np.asarray(finite))[0])
-            raise QuantizationError(f"cannot quantize: non-finite value(s) (NaN or Inf) in the weights, first at {first}")
+            raise QuantizationError(
+                f"cannot quantize: non-finite value(s) (NaN or Inf) in the weights, first at {first}")
     _check_backend(backend)
     chosen = "xla"
     if backend != "xla":
@@ -409,10 +420,12 @@ def quantize_fused(
         return xla_quantize(w, quant_type, blocksize=blocksize, double_quant=double_quant,
                             nested_blocksize=nested_blocksize, bnb_backend="cuda", offset=offset, check_finite=False)
     _check_kernel_platform(chosen, interpret)
-    options = dict(blocksize=blocksize, double_quant=double_quant, nested_blocksize=nested_blocksize, offset=offset,
-                   interpret=interpret)
     if chosen == "jax_triton":
         from qlora_jax.kernels import jt_ops  # noqa: PLC0415 - triton is optional
 
-        return jt_ops.quantize_kernel(w, quant_type, **options)
-    return quantize_triton.quantize_kernel(w, quant_type, **options)
+        first_stage = jt_ops.quantize_blocks
+    else:
+        first_stage = quantize_triton.quantize_blocks
+    codes, absmax = first_stage(w, quant_type, blocksize=blocksize, interpret=interpret)
+    return quantize_triton.assemble(w, codes, absmax, quant_type, blocksize=blocksize, double_quant=double_quant,
+                                    nested_blocksize=nested_blocksize, offset=offset)

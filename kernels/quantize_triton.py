@@ -33,7 +33,7 @@ from qlora_jax.kernels.tiles import DequantTiles, quantize_tiles
 from qlora_jax.quant import QuantizedTensor, codebooks, double_quantize, quantize
 from qlora_jax.quant.tensor import NESTED_BLOCKSIZE
 
-__all__ = ["quantize_kernel", "quantize_blocks", "reference", "check_supported", "INPUT_DTYPES"]
+__all__ = ["quantize_kernel", "quantize_blocks", "assemble", "reference", "check_supported", "INPUT_DTYPES"]
 
 INPUT_DTYPES = support.QUANTIZE_INPUT_DTYPES
 _NF4_MIDPOINTS = ((codebooks.NF4_CODE[:-1] + codebooks.NF4_CODE[1:]) / np.float32(2)).astype(np.float32)
@@ -156,6 +156,17 @@ def quantize_kernel(
     under ``jit``; there the non-finite check cannot run (such blocks get NaN scales).
     """
     codes, absmax = quantize_blocks(w, quant_type, blocksize=blocksize, tiles=tiles, interpret=interpret)
+    return assemble(w, codes, absmax, quant_type, blocksize=blocksize, double_quant=double_quant,
+                    nested_blocksize=nested_blocksize, offset=offset)
+
+
+def assemble(w: jax.Array, codes: jax.Array, absmax: jax.Array, quant_type: str, *, blocksize: int,
+             double_quant: bool, nested_blocksize: int, offset: Any) -> QuantizedTensor:
+    """The QuantizedTensor of ``w`` from a quantize kernel's first stage ``(codes, absmax)``.
+
+    Double quantization (1/64 of the data) runs in XLA through the reference's own function
+    (:func:`qlora_jax.quant.double_quantize`), so its bytes are the reference's by construction.
+    """
     meta = dict(shape=tuple(int(d) for d in w.shape), dtype=jnp.dtype(w.dtype).name, quant_type=quant_type,
                 blocksize=blocksize, nested_blocksize=nested_blocksize)
     if not double_quant:

@@ -12,7 +12,8 @@ import numpy as np
 
 from qlora_jax.quant import DYNAMIC_MAP_SIGNED, FP4_CODE, NF4_CODE, QuantizedTensor
 
-__all__ = ["NP_DTYPES", "weights", "activations", "reference_values", "assert_product_close"]
+__all__ = ["NP_DTYPES", "MATMUL_SHAPES", "matmul_case_id", "weights", "activations", "reference_values",
+           "assert_product_close"]
 
 NP_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 
@@ -63,6 +64,25 @@ def assert_product_close(actual, x, w, dtype: str):
     assert np.all(np.isfinite(got)), "non-finite output: a tile was not written (poisoned buffer)"
     bad = np.abs(got - expected) > tol
     assert not bad.any(), (
-        f"{bad.sum()} of {bad.size} outputs off; worst at {np.unravel_index(np.argmax(np.abs(got - expected) - tol), got.shape)}: "
+        f"{bad.sum()} of {bad.size} outputs off; worst at "
+        f"{np.unravel_index(np.argmax(np.abs(got - expected) - tol), got.shape)}: "
         f"max |err| {np.max(np.abs(got - expected)):.3g} vs typical |y| {np.median(np.abs(expected)):.3g}"
     )
+
+
+# (m, n, k, quant_type, blocksize, double_quant, dtype, tiles): shapes every matmul backend is
+# tested at (each test module adds its own explicit-tile cases).
+MATMUL_SHAPES = [
+    (1, 80, 256, "nf4", 64, True, "bfloat16", None),  # decode, ragged N
+    (3, 64, 512, "nf4", 64, False, "bfloat16", None),
+    (16, 48, 256, "fp4", 128, True, "bfloat16", None),
+    (128, 96, 128, "nf4", 64, True, "bfloat16", None),  # medium class, two M tiles
+    (300, 64, 128, "nf4", 64, True, "bfloat16", None),  # prefill class, ragged M
+    (5, 64, 256, "nf4", 256, True, "float16", None),
+]
+
+
+def matmul_case_id(case) -> str:
+    """A readable pytest id for a MATMUL_SHAPES-style case."""
+    m, n, k, qtype, bs, dq, dtype, tiles = case
+    return f"m{m}-n{n}-k{k}-{qtype}-bs{bs}{'-dq' if dq else ''}-{dtype[:4]}{'-tiles' if tiles else ''}"

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
-from kernel_refs import activations, assert_product_close, reference_values, weights
+from kernel_refs import MATMUL_SHAPES, activations, assert_product_close, matmul_case_id, reference_values, weights
 from qlora_jax.kernels import (
     dequantize_triton,
     matmul_grad_mosaic,
@@ -36,25 +36,14 @@ from qlora_jax import kernels
 from qlora_jax.quant import DYNAMIC_MAP_SIGNED, QuantizationError, QuantizedTensor, quantize
 
 # (m, n, k, quant_type, blocksize, double_quant, dtype, tiles)
-MATMUL_CASES = [
-    (1, 80, 256, "nf4", 64, True, "bfloat16", None),  # decode, ragged N
-    (3, 64, 512, "nf4", 64, False, "bfloat16", None),
-    (16, 48, 256, "fp4", 128, True, "bfloat16", None),
-    (128, 96, 128, "nf4", 64, True, "bfloat16", None),  # medium class, two M tiles
-    (300, 64, 128, "nf4", 64, True, "bfloat16", None),  # prefill class, ragged M
-    (5, 64, 256, "nf4", 256, True, "float16", None),
+MATMUL_CASES = MATMUL_SHAPES + [
     (4, 40, 512, "nf4", 64, True, "bfloat16", MatmulTiles(16, 16, 64, split=4)),  # split reduction
     (7, 32, 256, "nf4", 128, False, "bfloat16", MatmulTiles(16, 32, 32, split=2)),  # step < block
     (9, 64, 256, "fp4", 64, True, "bfloat16", MatmulTiles(16, 32, 128, lookup="select")),  # select-tree LUT
 ]
 
 
-def _case_id(case):
-    m, n, k, qtype, bs, dq, dtype, tiles = case
-    return f"m{m}-n{n}-k{k}-{qtype}-bs{bs}{'-dq' if dq else ''}-{dtype[:4]}{'-tiles' if tiles else ''}"
-
-
-@pytest.mark.parametrize("case", MATMUL_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", MATMUL_CASES, ids=matmul_case_id)
 def test_fused_matmul_kernel_against_float64(rng, case):
     m, n, k, qtype, bs, dq, dtype, tiles = case
     qt = quantize(weights(rng, (n, k)), qtype, blocksize=bs, double_quant=dq)
@@ -64,7 +53,7 @@ def test_fused_matmul_kernel_against_float64(rng, case):
     assert_product_close(y, x, reference_values(qt, dtype).T, dtype)
 
 
-@pytest.mark.parametrize("case", MATMUL_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", MATMUL_CASES, ids=matmul_case_id)
 def test_fused_matmul_grad_kernel_against_float64(rng, case):
     m, n, k, qtype, bs, dq, dtype, tiles = case
     qt = quantize(weights(rng, (n, k)), qtype, blocksize=bs, double_quant=dq)
@@ -103,8 +92,8 @@ def test_dequantize_entry_point_dispatches_and_falls_back(rng):
     out = kernels.dequantize_fused(nf4, jnp.bfloat16, backend="pallas_triton", interpret=True)
     np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32), np.float64), reference_values(nf4, "bfloat16"))
     assert kernels.resolve_backend("dequantize", int8, dtype=jnp.bfloat16, backend="pallas_triton")[0] == "xla"
-    np.testing.assert_array_equal(np.asarray(kernels.dequantize_fused(int8, jnp.float32, backend="pallas_triton", interpret=True)),
-                                  np.asarray(int8.dequantize(jnp.float32)))
+    fallback = kernels.dequantize_fused(int8, jnp.float32, backend="pallas_triton", interpret=True)
+    np.testing.assert_array_equal(np.asarray(fallback), np.asarray(int8.dequantize(jnp.float32)))
 
 
 def test_dequantize_double_quant_rounds_the_product_before_the_offset(rng):
@@ -140,8 +129,8 @@ def test_quantize_kernel_bytes_match_bitsandbytes_cuda(rng, bnb_cuda_reference, 
     np.testing.assert_array_equal(np.asarray(codes).reshape(-1), bnb_codes)
     np.testing.assert_array_equal(np.asarray(absmax).reshape(-1), bnb_absmax)
     for double_quant in (False, True):
-        ours = kernels.quantize_fused(jnp.asarray(w), qtype, blocksize=bs, double_quant=double_quant, backend="pallas_triton",
-                                interpret=True)
+        ours = kernels.quantize_fused(jnp.asarray(w), qtype, blocksize=bs, double_quant=double_quant,
+                                      backend="pallas_triton", interpret=True)
         expected = quantize(w, qtype, blocksize=bs, double_quant=double_quant, bnb_backend="cuda")
         assert ours.shape == expected.shape and ours.dtype == expected.dtype
         for field in ("codes", "scales", "nested_scales", "offset"):
@@ -177,7 +166,8 @@ def _linear_loss(matmul, c):
     return lambda x: jnp.sum(matmul(x).astype(jnp.float32) * c)
 
 
-@pytest.mark.parametrize("backend,dq", [("pallas_triton", True), ("pallas_triton", False), ("jax_triton", True), ("jax_triton", False), ("xla", True)])
+@pytest.mark.parametrize("backend,dq", [("pallas_triton", True), ("pallas_triton", False), ("jax_triton", True),
+                                        ("jax_triton", False), ("xla", True)])
 def test_custom_vjp_against_float64_and_jax_grad_of_the_reference(rng, backend, dq):
     n, k = 48, 256
     qt = quantize(weights(rng, (n, k)), "nf4", blocksize=64, double_quant=dq)
@@ -185,7 +175,9 @@ def test_custom_vjp_against_float64_and_jax_grad_of_the_reference(rng, backend, 
     c = jnp.asarray(rng.standard_normal((2, 3, n)), jnp.float32)
     w64 = reference_values(qt, "bfloat16")
 
-    matmul = lambda x: kernels.quantized_matmul(x, qt, backend=backend, interpret=True)
+    def matmul(x):
+        return kernels.quantized_matmul(x, qt, backend=backend, interpret=True)
+
     loss, dx = jax.jit(jax.value_and_grad(_linear_loss(matmul, c)))(x)
     # The cotangent reaching the bf16 output is c rounded to bf16; dx = ct @ W, rounded to bf16.
     ct = c.astype(jnp.bfloat16)
@@ -278,7 +270,9 @@ def test_mosaic_backend_custom_vjp(rng):
     c = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
     for op in ("matmul", "matmul_grad"):
         assert kernels.resolve_backend(op, qt, dtype=x.dtype, m=3, backend="mosaic")[0] == "mosaic"
-    matmul = lambda x: kernels.quantized_matmul(x, qt, backend="mosaic", interpret=True)
+    def matmul(x):
+        return kernels.quantized_matmul(x, qt, backend="mosaic", interpret=True)
+
     y = matmul(x)
     dx = jax.grad(_linear_loss(matmul, c))(x)
     w64 = reference_values(qt, "bfloat16")

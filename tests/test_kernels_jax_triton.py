@@ -15,13 +15,13 @@ import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from kernel_refs import activations, assert_product_close, reference_values, weights
+from kernel_refs import MATMUL_SHAPES, activations, assert_product_close, matmul_case_id, reference_values, weights
+from qlora_jax.kernels import jt_ops, lowering, support
+from qlora_jax.kernels.tiles import DequantTiles, MatmulTiles
 
 from qlora_jax import kernels, synthetic
 from qlora_jax.distributed import make_mesh, param_shardings, shard_tree
 from qlora_jax.distributed.sharding import batch_sharding
-from qlora_jax.kernels import jt_ops, lowering, support
-from qlora_jax.kernels.tiles import DequantTiles, MatmulTiles
 from qlora_jax.lora import LoraConfig
 from qlora_jax.model import init_lora_params
 from qlora_jax.models.config import LlamaConfig
@@ -29,24 +29,13 @@ from qlora_jax.quant import QuantizedTensor, quantize
 from qlora_jax.train import ModelSpec, make_train_step
 
 # (m, n, k, quant_type, blocksize, double_quant, dtype, tiles): the Pallas tests' shapes.
-CASES = [
-    (1, 80, 256, "nf4", 64, True, "bfloat16", None),  # decode, ragged N
-    (3, 64, 512, "nf4", 64, False, "bfloat16", None),
-    (16, 48, 256, "fp4", 128, True, "bfloat16", None),
-    (128, 96, 128, "nf4", 64, True, "bfloat16", None),  # medium class, two M tiles
-    (300, 64, 128, "nf4", 64, True, "bfloat16", None),  # prefill class, ragged M
-    (5, 64, 256, "nf4", 256, True, "float16", None),
+CASES = MATMUL_SHAPES + [
     (4, 40, 512, "nf4", 64, True, "bfloat16", MatmulTiles(16, 16, 64, split=4)),  # split reduction
     (7, 32, 256, "nf4", 128, False, "bfloat16", MatmulTiles(16, 32, 64, split=2)),  # step < block
 ]
 
 
-def _case_id(case):
-    m, n, k, qtype, bs, dq, dtype, tiles = case
-    return f"m{m}-n{n}-k{k}-{qtype}-bs{bs}{'-dq' if dq else ''}-{dtype[:4]}{'-tiles' if tiles else ''}"
-
-
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES, ids=matmul_case_id)
 def test_forward_and_input_grad_in_the_interpreter(rng, case):
     m, n, k, qtype, bs, dq, dtype, tiles = case
     qt = quantize(weights(rng, (n, k)), qtype, blocksize=bs, double_quant=dq)

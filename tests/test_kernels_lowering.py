@@ -12,11 +12,18 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import pytest
+from qlora_jax.kernels import (
+    dequantize_triton,
+    jt_ops,
+    lowering,
+    matmul_grad_mosaic,
+    matmul_grad_triton,
+    matmul_mosaic,
+    matmul_triton,
+)
+from qlora_jax.kernels import tiles as tiles_lib
 
 from qlora_jax import kernels
-from qlora_jax.kernels import dequantize_triton, lowering, matmul_grad_mosaic, matmul_grad_triton, matmul_mosaic
-from qlora_jax.kernels import jt_ops, matmul_triton
-from qlora_jax.kernels import tiles as tiles_lib
 from qlora_jax.quant import QuantizedTensor
 
 LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # weight [N, K] = [out, in]
@@ -56,7 +63,7 @@ def test_triton_select_tree_lookup_lowers(lookup):
     for m in (1, 100, 512):
         tiles = dataclasses.replace(tiles_lib.matmul_tiles(m, 11008, 4096), lookup=lookup)
         x = jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16)
-        exported = lowering.export_for_cuda(lambda x, q: matmul_triton.fused_matmul(x, q, tiles=tiles), x, qt)
+        exported = lowering.export_for_cuda(lambda x, q, t=tiles: matmul_triton.fused_matmul(x, q, tiles=t), x, qt)
         assert lowering.TRITON_TARGET in lowering.custom_call_targets(exported)
     tiles = dataclasses.replace(tiles_lib.dequantize_tiles(11008, 4096), lookup=lookup)
     exported = lowering.export_for_cuda(lambda q: dequantize_triton.dequantize_kernel(q, tiles=tiles), qt)
