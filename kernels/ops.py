@@ -99,7 +99,6 @@ def jax_triton_missing() -> str | None:
         return f"{' and '.join(missing)} not installed (pip install 'qlora-jax[gpu]')"
     try:
         import jax_triton  # noqa: F401, PLC0415
-
         from qlora_jax.kernels import jt_ops  # noqa: F401, PLC0415
     except Exception as error:  # noqa: BLE001 - any import failure makes the backend unusable
         return f"jax_triton does not import: {type(error).__name__}: {error}"

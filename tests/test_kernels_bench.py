@@ -22,7 +22,8 @@ def test_bench_kernels_smoke(tmp_path):
     records = json.loads(out.read_text())["records"]
     seen = {(r["op"], r["impl"]) for r in records}
     for op in ("forward", "input_grad"):
-        for impl in ("jnp.dot bf16", "xla dequant+dot", "ours jax_triton", "ours pallas_triton", "ours auto->jax_triton"):
+        for impl in ("jnp.dot bf16", "xla dequant+dot", "ours jax_triton", "ours pallas_triton",
+                     "ours auto->jax_triton"):
             assert (op, impl) in seen, (op, impl)
     assert ("forward", "ours mosaic") in seen
     for op in ("quantize", "dequantize"):
