@@ -75,6 +75,7 @@ def autotune_disabled():
 # bitsandbytes (and the XLA reference) do.
 BACKEND_OPTIONS = {"enable_fp_fusion": False}
 
+
 def _poison(dtype: Any) -> Any:
     dtype = np.dtype(dtype)
     return np.nan if np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16 else np.iinfo(dtype).max
