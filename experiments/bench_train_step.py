@@ -178,6 +178,7 @@ def main(argv: list[str]) -> None:
     print(f"device: {device.device_kind} x{jax.device_count()}; model {FLAGS.model if not FLAGS.smoke else 'smoke'} "
           f"({config.num_parameters() / 1e9:.2f} B params), seq_len {seq_len}, batch {batch}, r={FLAGS.lora_r}, "
           f"{FLAGS.optim}, remat {'on' if FLAGS.remat else 'off'}")
+
     def save(results):
         if FLAGS.json_out:
             with open(FLAGS.json_out, "w") as f:
