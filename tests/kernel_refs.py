@@ -48,17 +48,21 @@ def reference_values(qt: QuantizedTensor, dtype: str) -> np.ndarray:
     return values.astype(NP_DTYPES[dtype]).astype(np.float64).reshape(qt.shape)
 
 
-def assert_product_close(actual, x, w, dtype: str):
+def assert_product_close(actual, x, w, dtype: str, *, rounded_partials: bool = False):
     """``actual`` (rounded to ``dtype``) vs the float64 product ``x @ w``.
 
     Allowed: rounding the result to ``dtype`` (half an ulp: 2^-8 relative for bf16, 2^-11 for
     f16) plus float32 accumulation in any order (K * 2^-24 of sum |x||w|, with margin).
+    ``rounded_partials``: the product is a sum of partial products each rounded to ``dtype``
+    first (a tensor-parallel reduction), which adds up to half an ulp of sum |x||w|.
     """
     x = np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
     expected = x @ w
     magnitude = np.abs(x) @ np.abs(w)
     half_ulp = {"bfloat16": 2.0**-8, "float16": 2.0**-11}[dtype]
     tol = half_ulp * np.abs(expected) + 4 * x.shape[-1] * 2.0**-24 * magnitude + 1e-30
+    if rounded_partials:
+        tol = tol + half_ulp * magnitude
     got = np.asarray(jnp.asarray(actual).astype(jnp.float32), np.float64)
     assert got.shape == expected.shape
     assert np.all(np.isfinite(got)), "non-finite output: a tile was not written (poisoned buffer)"

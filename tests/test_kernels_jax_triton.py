@@ -218,14 +218,15 @@ def test_sharded_matmul_and_grad_equal_unsharded(rng, mesh_spec, n, k, tensor_pa
         text = step.lower(x, sharded).as_text()
     assert "sdy.manual_computation" in text or "shard_map" in text  # the kernel ran per shard
     w64 = reference_values(qt, "bfloat16")
-    if tensor_parallel == "column":  # each device computes whole output features: identical bytes
-        np.testing.assert_array_equal(np.asarray(y_s, np.float32), np.asarray(y, np.float32))
-    # Sums of per-device partials round each partial to bf16 first: one more rounding allowed.
-    for got, want in ((y_s, y), (dx_s, dx)):
-        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2**-7, atol=2**-5)
-    # And both against float64: the unsharded forward is within the kernel contract.
-    assert_product_close(y.reshape(16, n), x.reshape(16, k), w64.T, "bfloat16")
-    assert np.isclose(float(loss_s), float(loss), rtol=2e-3)
+    ct = c.astype(jnp.bfloat16).reshape(16, n)  # the cotangent reaching the bf16 output
+    tensor = "tensor" in mesh_spec
+    # Both runs against float64. The devices' partial sums over a split reduction (row-parallel
+    # forward, column-parallel input gradient) are rounded to bf16 before they are added.
+    for got, reduced in ((y, False), (y_s, tensor and tensor_parallel == "row")):
+        assert_product_close(got.reshape(16, n), x.reshape(16, k), w64.T, "bfloat16", rounded_partials=reduced)
+    for got, reduced in ((dx, False), (dx_s, tensor and tensor_parallel == "column")):
+        assert_product_close(got.reshape(16, k), ct, w64, "bfloat16", rounded_partials=reduced)
+    np.testing.assert_allclose(float(loss_s), float(loss), rtol=1e-2)
 
 
 CONFIG = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
