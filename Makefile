@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup oracle test test-fast finetune datatypes generate bench-kernels clean
+.PHONY: setup oracle test test-fast finetune datatypes generate bench-kernels bench-gpu clean
 
 setup: $(VENV)/.installed
 oracle: $(ORACLE)/.installed
@@ -43,6 +43,13 @@ generate: setup
 
 bench-kernels: setup
 	$(PY) -m experiments.bench_kernels $(ARGS)
+
+# The GPU evidence run (BENCHMARKS.md), at most 8 minutes on one H100/H200, with the machine's own
+# Python (GPU_PY: jax with CUDA, torch, transformers, peft); wheels carried in .whl/ go in first.
+GPU_PY ?= python3
+bench-gpu:
+	scripts/prepare_gpu_run.sh $(GPU_PY)
+	$(GPU_PY) -m experiments.bench_gpu $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(ORACLE) .pytest_cache

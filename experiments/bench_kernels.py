@@ -24,7 +24,7 @@ flags.DEFINE_bool("smoke", False, "Tiny shapes, Pallas interpreters, 1 iteration
 flags.DEFINE_list("shapes", ["4096x4096", "11008x4096", "4096x11008"], "Weight shapes NxK ([out, in]).")
 flags.DEFINE_list("m", ["1", "16", "256", "4096", "16384"], "Token counts M (rows of x).")
 flags.DEFINE_list("directions", ["forward", "input_grad"], "forward (x @ W.T) and/or input_grad (dy @ W).")
-flags.DEFINE_list("backends", ["auto", "triton", "mosaic"], "Our backends to time.")
+flags.DEFINE_list("backends", ["auto", "jax_triton", "pallas_triton", "mosaic"], "Our backends to time.")
 flags.DEFINE_integer("blocksize", 64, "Quantization block size.")
 flags.DEFINE_bool("double_quant", True, "Double-quantized scales (QLoRA).")
 flags.DEFINE_integer("warmup", 3, "Untimed calls before measuring.")
@@ -40,10 +40,9 @@ def main(argv: list[str]) -> None:
     import warnings
 
     import jax
-
     from qlora_jax.kernels import benchmark
 
-    warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*", category=DeprecationWarning)
     if FLAGS.smoke:
         shapes, ms = [(64, 128)], [1, 16]
         options = dict(warmup=1, iters=1, timer="wall", interpret=True, include_bnb=False)
@@ -53,25 +52,33 @@ def main(argv: list[str]) -> None:
         options = dict(warmup=FLAGS.warmup, iters=FLAGS.iters, timer=FLAGS.timer, interpret=False,
                        include_bnb=FLAGS.bnb)
     device = jax.devices()[0]
-    print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, python {platform.python_version()}")
+    print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, "
+          f"python {platform.python_version()}")
     backends = FLAGS.backends
     if device.platform != "gpu" and not FLAGS.smoke:
         backends = [b for b in backends if b in ("auto", "xla")]
         print(f"no GPU: the Pallas kernels need one (or --smoke for their interpreters); timing backends {backends}")
+    environment = {"device_kind": device.device_kind, "platform": device.platform, "jax": jax.__version__,
+                   "python": platform.python_version()}
+
+    def save(records):
+        if FLAGS.json_out:
+            path = pathlib.Path(FLAGS.json_out)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rows = [{**r.__dict__, "gbps": r.gbps, "tflops": r.tflops} for r in records]
+            path.write_text(json.dumps({"environment": environment, "records": rows}, indent=1))
+
+    # Saved after every record: a run stopped by a time limit keeps what it measured.
     records = benchmark.run(shapes, ms, directions=FLAGS.directions, backends=backends,
                             blocksize=FLAGS.blocksize, double_quant=FLAGS.double_quant,
-                            include_quantize=FLAGS.quantize, **options)
+                            include_quantize=FLAGS.quantize, on_record=save, **options)
     print("\n" + benchmark.format_table(records))
     # Our rows must run and agree with XLA; a baseline that fails (e.g. a bitsandbytes API change)
     # is reported in the table but does not fail the run.
     failures = [r for r in records if r.impl.startswith("ours") and (r.time_us is None or "MISMATCH" in r.note)]
+    save(records)
     if FLAGS.json_out:
-        path = pathlib.Path(FLAGS.json_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        environment = {"device_kind": device.device_kind, "platform": device.platform, "jax": jax.__version__}
-        path.write_text(json.dumps({"environment": environment, "records": [
-            {**r.__dict__, "gbps": r.gbps, "tflops": r.tflops} for r in records]}, indent=1))
-        print(f"records: {path}")
+        print(f"records: {FLAGS.json_out}")
     if failures:
         print(f"\n{len(failures)} row(s) failed or disagree with XLA:")
         print(benchmark.format_table(failures, ratios=False))

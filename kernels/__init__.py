@@ -1,22 +1,26 @@
-"""qlora_jax.kernels: Pallas GPU kernels for 4-bit (NF4/FP4) weights, with an XLA reference path.
+"""qlora_jax.kernels: GPU kernels for 4-bit (NF4/FP4) weights, with an XLA reference path.
 
 Public API (see :mod:`qlora_jax.kernels.ops`):
 
-* :func:`quantized_matmul` (alias :func:`nf4_matmul`): ``y = x @ dequant(W).T`` for
-  ``x: [..., K]`` and a :class:`~qlora_jax.quant.QuantizedTensor` ``W: [N, K]``, differentiable
-  in ``x`` (custom VJP with a fused input-gradient kernel);
+* :func:`quantized_matmul`: ``y = x @ dequant(W).T`` for ``x: [..., K]`` and a
+  :class:`~qlora_jax.quant.QuantizedTensor` ``W: [N, K]`` (NF4, FP4 or int8), differentiable in
+  ``x`` (custom VJP with a fused input-gradient kernel), run per shard under a mesh;
 * :func:`quantized_matmul_grad`: that input gradient, ``dy @ dequant(W)``;
-* :func:`dequantize`: the weight in bf16/f16/f32, double-quantized scales decoded in-kernel;
-* :func:`quantize`: blockwise 4-bit quantization on the device, bitsandbytes' CUDA bytes;
+* :func:`dequantize_fused`: the weight in bf16/f16/f32, double-quantized scales decoded in-kernel
+  (the values of :func:`qlora_jax.quant.dequantize`);
+* :func:`quantize_fused`: blockwise 4-bit quantization on the device, bitsandbytes' CUDA bytes
+  (those of :func:`qlora_jax.quant.quantize` with ``bnb_backend="cuda"``);
 * :func:`resolve_backend`: which backend ``"auto"`` (or a fallback) picks, and why.
 
-Every op takes ``backend`` in ``("auto", "triton", "mosaic", "xla")`` and ``interpret``
-(run the Pallas kernels through the interpreter, e.g. on CPU). One kernel per module, each with
-its pure-JAX ``reference`` beside it: :mod:`.matmul_triton`, :mod:`.matmul_grad_triton`,
-:mod:`.dequantize_triton`, :mod:`.quantize_triton` (Pallas Triton), :mod:`.matmul_mosaic`,
-:mod:`.matmul_grad_mosaic` (Pallas Mosaic GPU); shared in-kernel pieces in :mod:`.common`; tile
-shapes per size class in :mod:`.tiles`; lowering for CUDA without a GPU in :mod:`.lowering`; the
-benchmark harness in :mod:`.benchmark`.
+Every op takes ``backend`` in :data:`BACKENDS` (``"auto"``, ``"jax_triton"``, ``"pallas_triton"``,
+``"mosaic"``, ``"xla"``) and ``interpret`` (run the kernels through their interpreters, e.g. on
+CPU). Kernels beside their pure-JAX ``reference``: :mod:`.jt_kernels` (Triton language) with
+:mod:`.jt_ops` (jax_triton calls, autotuning, the interpreter adapter); :mod:`.matmul_triton`,
+:mod:`.matmul_grad_triton`, :mod:`.dequantize_triton`, :mod:`.quantize_triton` (Pallas Triton);
+:mod:`.matmul_mosaic`, :mod:`.matmul_grad_mosaic` (Pallas Mosaic GPU). What each backend takes:
+:mod:`.support`; sharding: :mod:`.partitioning`; shared in-kernel pieces of the Pallas kernels:
+:mod:`.common`; their tiles: :mod:`.tiles`; the compile target: :mod:`.target`; lowering for
+CUDA without a GPU: :mod:`.lowering`; the benchmark harness: :mod:`.benchmark`.
 """
 
 from qlora_jax.kernels.ops import (
@@ -24,9 +28,9 @@ from qlora_jax.kernels.ops import (
     Backend,
     Target,
     current_target,
-    dequantize,
-    nf4_matmul,
-    quantize,
+    dequantize_fused,
+    jax_triton_missing,
+    quantize_fused,
     quantized_matmul,
     quantized_matmul_grad,
     resolve_backend,
@@ -40,9 +44,9 @@ __all__ = [
     "MatmulTiles",
     "Target",
     "current_target",
-    "dequantize",
-    "nf4_matmul",
-    "quantize",
+    "dequantize_fused",
+    "jax_triton_missing",
+    "quantize_fused",
     "quantized_matmul",
     "quantized_matmul_grad",
     "resolve_backend",

@@ -3,13 +3,14 @@
 For each weight shape ``[N, K]`` and token count ``M`` it times, in one process and one run:
 
 * ours (``quantized_matmul`` / ``quantized_matmul_grad`` with each requested backend, the
-  backend ``"auto"`` resolved to shown in the label),
+  backend ``"auto"`` resolved to shown in the label; ``jax_triton`` autotuned on the first call,
+  during the warm-up),
 * ``jnp.dot`` on a bf16 weight (what the 4-bit weight replaces),
 * XLA dequantize-then-dot (``backend="xla"``),
 * bitsandbytes through torch when both import in this process with CUDA: dequantize + matmul,
   and ``gemv_4bit`` at M = 1,
 
-and per shape the quantize and dequantize kernels against XLA (and bitsandbytes). Times are
+and per shape the quantize and dequantize kernels (``quantize_backends``) against XLA (and bitsandbytes). Times are
 medians over ``iters`` measurements after ``warmup`` calls. On a GPU, JAX functions are timed with
 CUPTI (summed kernel time per call, no launch overhead; ``timer="cupti"``) and torch functions
 with CUDA events around a CUDA-graph replay; elsewhere (``timer="wall"``) by wall clock around
@@ -20,17 +21,19 @@ a kernel that is fast but wrong shows up in the same table.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from qlora_jax.kernels import matmul_grad_triton, matmul_triton, ops
 from qlora_jax.kernels import tiles as tiles_lib
+
 from qlora_jax.quant import QuantizedTensor
 
 __all__ = [
@@ -40,8 +43,12 @@ __all__ = [
     "time_jax",
     "run",
     "format_table",
+    "format_markdown",
+    "records_from_json",
     "nf4_weight_bytes",
 ]
+
+logger = logging.getLogger(__name__)
 
 LLAMA_7B_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # [N, K] = [out, in]: q/k/v/o, gate/up, down
 DEFAULT_MS = (1, 16, 256, 4096, 16384)
@@ -199,7 +206,7 @@ def _same_bytes(reference: QuantizedTensor) -> Callable[[QuantizedTensor], str]:
 
     def check(result: QuantizedTensor) -> str:
         same = all(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
-                   for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(reference)))
+                   for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(reference), strict=True))
         return "bytes identical to xla" if same else "bytes differ from xla  MISMATCH"
 
     return check
@@ -220,7 +227,7 @@ def run(
     ms: Sequence[int] = DEFAULT_MS,
     *,
     directions: Sequence[str] = ("forward", "input_grad"),
-    backends: Sequence[str] = ("auto", "triton", "mosaic"),
+    backends: Sequence[str] = ("auto", "jax_triton", "pallas_triton", "mosaic"),
     blocksize: int = 64,
     double_quant: bool = True,
     warmup: int = 3,
@@ -229,10 +236,16 @@ def run(
     interpret: bool = False,
     include_bnb: bool = True,
     include_quantize: bool = True,
+    quantize_backends: Sequence[str] = ("jax_triton", "pallas_triton"),
     seed: int = 0,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = logger.info,
+    on_record: Callable[[list[BenchRecord]], None] | None = None,
 ) -> list[BenchRecord]:
-    """Times every implementation for every shape and M; see the module docstring."""
+    """Times every implementation for every shape and M; see the module docstring.
+
+    ``on_record`` is called with all records so far after each one (e.g. to save them, so that a
+    run stopped by a time limit keeps what it measured).
+    """
     if timer == "cupti" and not _on_gpu():
         timer = "wall"
     records: list[BenchRecord] = []
@@ -242,8 +255,8 @@ def run(
         w = (jax.random.normal(wkey, (n, k), jnp.float32) * 0.02).astype(jnp.bfloat16)
         # The benchmark's weight comes from the reference quantizer: a failing kernel must only
         # fail its own row, not the set-up.
-        qt = ops.quantize(w, "nf4", blocksize=blocksize, double_quant=double_quant, backend="xla")
-        w_deq = ops.dequantize(qt, jnp.bfloat16, backend="xla")
+        qt = ops.quantize_fused(w, "nf4", blocksize=blocksize, double_quant=double_quant, backend="xla")
+        w_deq = ops.dequantize_fused(qt, jnp.bfloat16, backend="xla")
         q_bytes = nf4_weight_bytes(n, k, blocksize, double_quant)
         bnb = None
         if include_bnb:
@@ -252,7 +265,7 @@ def run(
             except Exception as error:  # noqa: BLE001 - bitsandbytes is optional
                 log(f"[{n}x{k}] bitsandbytes not benchmarked: {type(error).__name__}: {error}")
 
-        def add(op, m, impl, fn, args, bytes_moved, flops, check=None, torch_fn=None):
+        def add(op, m, impl, fn, args, bytes_moved, flops, check=None, torch_fn=None, n=n, k=k):
             note = ""
             try:
                 if torch_fn is not None:
@@ -267,19 +280,24 @@ def run(
             record = BenchRecord(op, n, k, m, impl, time_us, method, bytes_moved, flops, note)
             records.append(record)
             log(format_table([record], header=False, ratios=False))
+            if on_record is not None:
+                on_record(records)
 
         kernels_here = interpret or _on_gpu()
         if include_quantize and kernels_here:
-            quant = jax.jit(lambda w: ops.quantize(w, "nf4", blocksize=blocksize, double_quant=double_quant,
-                                                   backend="triton", interpret=interpret, check_finite=False))
-            quant_xla = jax.jit(lambda w: ops.quantize(w, "nf4", blocksize=blocksize, double_quant=double_quant,
-                                                       backend="xla", check_finite=False))
-            deq = jax.jit(lambda q: ops.dequantize(q, jnp.bfloat16, backend="triton", interpret=interpret))
-            deq_xla = jax.jit(lambda q: ops.dequantize(q, jnp.bfloat16, backend="xla"))
+            quant_xla = jax.jit(lambda w: ops.quantize_fused(w, "nf4", blocksize=blocksize, double_quant=double_quant,
+                                                             backend="xla", check_finite=False))
+            deq_xla = jax.jit(lambda q: ops.dequantize_fused(q, jnp.bfloat16, backend="xla"))
             bytes_q = n * k * 2 + q_bytes
-            add("quantize", None, "ours triton", quant, (w,), bytes_q, 0, check=_same_bytes(quant_xla(w)))
+            for backend in quantize_backends:
+                quant = jax.jit(lambda w, b=backend: ops.quantize_fused(
+                    w, "nf4", blocksize=blocksize, double_quant=double_quant, backend=b, interpret=interpret,
+                    check_finite=False))
+                deq = jax.jit(lambda q, b=backend: ops.dequantize_fused(q, jnp.bfloat16, backend=b,
+                                                                        interpret=interpret))
+                add("quantize", None, f"ours {backend}", quant, (w,), bytes_q, 0, check=_same_bytes(quant_xla(w)))
+                add("dequantize", None, f"ours {backend}", deq, (qt,), bytes_q, 0, check=_close_to(w_deq))
             add("quantize", None, "xla", quant_xla, (w,), bytes_q, 0)
-            add("dequantize", None, "ours triton", deq, (qt,), bytes_q, 0, check=_close_to(w_deq))
             add("dequantize", None, "xla", deq_xla, (qt,), bytes_q, 0)
             if bnb is not None:
                 add("quantize", None, "bitsandbytes", None, (), bytes_q, 0, torch_fn=bnb.quantize())
@@ -308,16 +326,17 @@ def run(
                     chosen, _ = ops.resolve_backend(op_name, qt, dtype=a.dtype, m=m, backend=backend,
                                                     interpret=interpret)
                     if direction == "forward":
-                        ours = jax.jit(lambda a, q, b=backend: ops.quantized_matmul(a, q, backend=b, interpret=interpret))
+                        ours = jax.jit(lambda a, q, b=backend: ops.quantized_matmul(a, q, backend=b,
+                                                                                      interpret=interpret))
                     else:
                         ours = jax.jit(lambda a, q, b=backend: ops.quantized_matmul_grad(a, q, backend=b,
                                                                                        interpret=interpret))
                     label = f"ours {backend}" + (f"->{chosen}" if chosen != backend else "")
                     add(direction, m, label, ours, (a, qt), act_bytes + q_bytes, flops, check=_close_to(reference))
-                    if backend == "triton" and chosen == "triton":
+                    if backend == "pallas_triton" and chosen == "pallas_triton":
                         # The other code lookup (select tree instead of a table gather), same tiles.
                         ours = _triton_with_lookup(direction, m, n, k, "select", interpret)
-                        add(direction, m, "ours triton lut=select", ours, (a, qt), act_bytes + q_bytes, flops,
+                        add(direction, m, "ours pallas_triton lut=select", ours, (a, qt), act_bytes + q_bytes, flops,
                             check=_close_to(reference))
                 if bnb is not None:
                     ta = bnb.tensor(a)
@@ -336,13 +355,24 @@ _BASELINES = {"jnp.dot bf16": "bf16", "xla dequant+dot": "xla", "xla": "xla", "b
               "bitsandbytes": "bnb"}
 
 
-def format_table(records: Sequence[BenchRecord], *, header: bool = True, ratios: bool = True) -> str:
-    """A plain-text table; with ``ratios``, each row's speedup over the bf16 dot, XLA and bitsandbytes
-    on the same problem (baseline time / this time: above 1 means faster than the baseline)."""
+def _speedups(records: Sequence[BenchRecord]) -> list[dict[str, float | None]]:
+    """Per record, its speedup over the bf16 dot, XLA and bitsandbytes on the same problem
+    (baseline time / this time: above 1 means faster than the baseline)."""
     baselines: dict[tuple, dict[str, float]] = {}
     for r in records:
         if r.time_us and r.impl in _BASELINES:
             baselines.setdefault((r.op, r.n, r.k, r.m), {})[_BASELINES[r.impl]] = r.time_us
+    out = []
+    for r in records:
+        base = baselines.get((r.op, r.n, r.k, r.m), {})
+        out.append({kind: (base[kind] / r.time_us if kind in base and r.time_us else None)
+                    for kind in ("bf16", "xla", "bnb")})
+    return out
+
+
+def format_table(records: Sequence[BenchRecord], *, header: bool = True, ratios: bool = True) -> str:
+    """A plain-text table; with ``ratios``, each row's speedup over the bf16 dot, XLA and bitsandbytes
+    on the same problem (baseline time / this time: above 1 means faster than the baseline)."""
     lines = []
     if header:
         lines.append(
@@ -350,15 +380,30 @@ def format_table(records: Sequence[BenchRecord], *, header: bool = True, ratios:
             + (f"{'vs bf16':>8} {'vs xla':>8} {'vs bnb':>8} " if ratios else "")
             + f"{'timer':<11} note"
         )
-    for r in records:
+    for r, speedup in zip(records, _speedups(records), strict=True):
         line = (
             f"{r.op:<11} {f'{r.n}x{r.k}':>12} {('-' if r.m is None else r.m):>6} {r.impl:<26} "
             f"{_fmt(r.time_us, '10.1f'):>10} {_fmt(r.gbps, '8.1f'):>8} {_fmt(r.tflops, '8.1f'):>8} "
         )
         if ratios:
-            base = baselines.get((r.op, r.n, r.k, r.m), {})
-            for kind in ("bf16", "xla", "bnb"):
-                ratio = base[kind] / r.time_us if kind in base and r.time_us else None
-                line += f"{_fmt(ratio, '8.2f'):>8} "
+            line += "".join(f"{_fmt(speedup[kind], '8.2f'):>8} " for kind in ("bf16", "xla", "bnb"))
         lines.append(line + f"{r.timer:<11} {r.note}")
     return "\n".join(lines)
+
+
+def format_markdown(records: Sequence[BenchRecord]) -> str:
+    """The same table as :func:`format_table` (with speedups) in Markdown, for BENCHMARKS.md."""
+    lines = ["| op | N x K | M | impl | time us | GB/s | TFLOP/s | vs bf16 | vs xla | vs bnb | timer | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r, speedup in zip(records, _speedups(records), strict=True):
+        cells = [r.op, f"{r.n}x{r.k}", "-" if r.m is None else str(r.m), r.impl, _fmt(r.time_us, ".1f"),
+                 _fmt(r.gbps, ".1f"), _fmt(r.tflops, ".1f"), *(_fmt(speedup[k], ".2f") for k in ("bf16", "xla", "bnb")),
+                 r.timer, r.note.replace("|", "/")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def records_from_json(rows: Sequence[dict[str, Any]]) -> list[BenchRecord]:
+    """BenchRecords back from the ``records`` of ``bench_kernels --json_out``."""
+    names = [f.name for f in dataclasses.fields(BenchRecord)]
+    return [BenchRecord(**{k: row[k] for k in names if k in row}) for row in rows]

@@ -134,7 +134,8 @@ def weight_operands(qt: Any) -> list[jax.Array]:
 
 
 def unpack_weight_refs(refs: Any, double_quant: bool) -> tuple[Any, ScaleRefs, Any]:
-    """``(codes_ref, ScaleRefs, table_ref)`` from the refs of :func:`weight_operands` (extra refs after them are ignored)."""
+    """``(codes_ref, ScaleRefs, table_ref)`` from the refs of :func:`weight_operands` (extra refs
+    after them are ignored)."""
     if double_quant:
         codes, scales, nested, offset, dyn, table = refs[:6]
         return codes, ScaleRefs(scales, nested, offset, dyn), table

@@ -17,14 +17,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
-
-from qlora_jax.kernels import common
+from qlora_jax.kernels import common, support
 from qlora_jax.kernels.tiles import DequantTiles, dequantize_tiles
+
 from qlora_jax.quant import QuantizedTensor, codebooks, dequantize
 
 __all__ = ["dequantize_kernel", "reference", "check_supported", "OUTPUT_DTYPES"]
 
-OUTPUT_DTYPES = ("bfloat16", "float16", "float32")
+OUTPUT_DTYPES = support.DEQUANTIZE_OUTPUT_DTYPES
 
 
 def reference(qt: QuantizedTensor, dtype: Any = jnp.bfloat16) -> jax.Array:
@@ -60,16 +60,9 @@ def _kernel(*refs, n: int, k: int, tiles: DequantTiles, blocksize: int, nested_b
 
 
 def check_supported(qt: QuantizedTensor, dtype: Any) -> None:
-    """Raises ValueError naming the problem when the kernel cannot dequantize ``qt`` to ``dtype``."""
-    if qt.quant_type not in common.KERNEL_QUANT_TYPES:
-        raise ValueError(f"the Triton kernel takes {common.KERNEL_QUANT_TYPES} weights, not {qt.quant_type!r}")
-    k = qt.shape[-1]
-    if k % 2 or k % qt.blocksize:
-        raise ValueError(
-            f"the Triton kernel needs the last dimension ({k}) even and a multiple of blocksize={qt.blocksize}"
-        )
-    if jnp.dtype(dtype).name not in OUTPUT_DTYPES:
-        raise ValueError(f"the Triton kernel writes {OUTPUT_DTYPES}, not {jnp.dtype(dtype).name}")
+    """Raises ValueError naming the problem when the kernel cannot dequantize ``qt`` to ``dtype``
+    (rules: :mod:`.support`)."""
+    support.check(support.Problem.of_weight("dequantize", qt, dtype), "pallas_triton")
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "tiles", "interpret", "debug_poison_output"))

@@ -15,7 +15,7 @@ the forward (:mod:`qlora_jax.kernels.matmul_mosaic`), transposed:
 
 ``dy`` is the wgmma LHS, so M is padded to 64 (or 128 above 64 rows): this kernel is meant for
 the compute-bound training regime; the Triton kernel serves few-token backward passes.
-Requirements (:func:`unsupported_reason`): NF4/FP4, ``N % 64 == 0``, ``K % 128 == 0``, ``blocksize >= 64``, bf16.
+Requirements (:mod:`qlora_jax.kernels.support`): NF4/FP4, ``N % 64 == 0``, ``K % 128 == 0``, ``blocksize >= 64``, bf16.
 :func:`reference` beside it is the XLA computation the kernel must match.
 """
 
@@ -30,11 +30,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from qlora_jax.kernels import common, matmul_mosaic, support
 
-from qlora_jax.kernels import common, matmul_mosaic
 from qlora_jax.quant import QuantizedTensor, codebooks, decode_scales, dequantize
 
-__all__ = ["MosaicGradTiles", "fused_matmul_grad", "reference", "unsupported_reason", "mosaic_grad_tiles"]
+__all__ = ["MosaicGradTiles", "fused_matmul_grad", "reference", "mosaic_grad_tiles"]
 
 _RED_ROWS = 64  # weight rows (N) per pipeline step
 
@@ -55,14 +55,6 @@ class MosaicGradTiles:
 
 def mosaic_grad_tiles(m: int) -> MosaicGradTiles:
     return MosaicGradTiles(tile_m=64 if m <= 64 else 128)
-
-
-def unsupported_reason(m: int | None, qt: QuantizedTensor, dtype=jnp.bfloat16) -> str | None:
-    """Why this kernel cannot take ``dy: [m, N]`` of ``dtype`` times ``qt``, or None."""
-    reason = matmul_mosaic.unsupported_reason(m, qt, dtype)
-    if reason is None and qt.shape[1] % 128:
-        reason = f"K={qt.shape[1]} is not a multiple of 128"
-    return reason
 
 
 def _kernel_call(codes, scales_t, dy, *, table, blocksize: int, tiles: MosaicGradTiles, interpret):
@@ -145,9 +137,7 @@ def fused_matmul_grad(dy: jax.Array, qt: QuantizedTensor, *, tiles: MosaicGradTi
     m, n = dy.shape
     if len(qt.shape) == 2 and n != qt.shape[0]:
         raise ValueError(f"dy must be [M, N={qt.shape[0]}], got {list(dy.shape)}")
-    reason = unsupported_reason(m, qt, dy.dtype)
-    if reason is not None:
-        raise ValueError(f"the Mosaic GPU kernel cannot take this problem: {reason}")
+    support.check(support.Problem.of_weight("matmul_grad", qt, dy.dtype, m), "mosaic")
     k = qt.shape[1]
     tiles = tiles or mosaic_grad_tiles(m)
     mp = pl.cdiv(m, tiles.tile_m) * tiles.tile_m

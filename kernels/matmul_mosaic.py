@@ -22,7 +22,7 @@ Design:
   the 64-row instruction) and the kernel computes ``y.T``; for more tokens ``x`` is the LHS and
   the dequantized weight tile the RHS, giving ``y`` directly.
 
-Requirements (else :func:`unsupported_reason` says why and the dispatcher uses Triton): NF4/FP4,
+Requirements (:mod:`qlora_jax.kernels.support`; else the dispatcher uses the Pallas-Triton kernel): NF4/FP4,
 ``N % 64 == 0``, ``K % blocksize == 0``, ``blocksize >= 64`` (a K-step covers at most one block;
 narrower rows cannot be swizzled for TMA), bf16 activations. ``M`` is padded to the tile.
 :func:`reference` beside it is the XLA computation the kernel must match.
@@ -39,15 +39,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from qlora_jax.kernels import common, support
 
-from qlora_jax.kernels import common
 from qlora_jax.quant import QuantizedTensor, codebooks, decode_scales, dequantize
 
 __all__ = [
     "MosaicTiles",
     "fused_matmul",
     "reference",
-    "unsupported_reason",
     "mosaic_tiles",
     "interpret_params",
     "interpret_scope",
@@ -83,27 +82,6 @@ def mosaic_tiles(m: int, n: int) -> MosaicTiles:
     tile_n = 128 if n % 128 == 0 else 64
     tile_m = 64 if m <= 64 else 128
     return MosaicTiles(weight_lhs=False, tile_n=tile_n, tile_m=tile_m)
-
-
-def unsupported_reason(m: int | None, qt: QuantizedTensor, dtype=jnp.bfloat16) -> str | None:
-    """Why this kernel cannot take ``m`` rows of ``dtype`` activations times ``qt``, or None."""
-    if jnp.dtype(dtype) != jnp.bfloat16:
-        return f"{jnp.dtype(dtype).name} activations (the Mosaic GPU kernel takes bfloat16)"
-    if qt.quant_type not in common.KERNEL_QUANT_TYPES:
-        return f"{qt.quant_type} weights"
-    if len(qt.shape) != 2:
-        return f"weight of shape {list(qt.shape)} is not 2-D"
-    n, k = qt.shape
-    if n % 64:
-        return f"N={n} is not a multiple of 64"
-    if k % qt.blocksize or k % 2:
-        return f"K={k} is not a multiple of blocksize={qt.blocksize}"
-    if qt.blocksize < 64:
-        # A K-step covers one block: 16-byte code rows cannot be swizzled for TMA.
-        return f"blocksize={qt.blocksize} < 64"
-    if not m:
-        return "empty batch"
-    return None
 
 
 def _kernel_call(codes, scales_t, x_even, x_odd, *, table, blocksize: int, tiles: MosaicTiles, interpret):
@@ -208,9 +186,7 @@ def fused_matmul(x: jax.Array, qt: QuantizedTensor, *, tiles: MosaicTiles | None
     m, k = x.shape
     if len(qt.shape) == 2 and k != qt.shape[1]:
         raise ValueError(f"x must be [M, K={qt.shape[1]}], got {list(x.shape)}")
-    reason = unsupported_reason(m, qt, x.dtype)
-    if reason is not None:
-        raise ValueError(f"the Mosaic GPU kernel cannot take this problem: {reason}")
+    support.check(support.Problem.of_weight("matmul", qt, x.dtype, m), "mosaic")
     n = qt.shape[0]
     tiles = tiles or mosaic_tiles(m, n)
     mp = pl.cdiv(m, tiles.tile_m) * tiles.tile_m

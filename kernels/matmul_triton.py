@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
-
-from qlora_jax.kernels import common
+from qlora_jax.kernels import common, support
 from qlora_jax.kernels.tiles import MatmulTiles, matmul_tiles
+
 from qlora_jax.quant import QuantizedTensor, codebooks, dequantize
 
 __all__ = ["fused_matmul", "reference", "check_supported"]
@@ -85,18 +85,10 @@ def _kernel(*refs, m: int, n: int, k: int, tiles: MatmulTiles, blocksize: int, n
 
 
 def check_supported(x: jax.Array, qt: QuantizedTensor) -> None:
-    """Raises ValueError naming the problem when the kernel cannot take ``(x, qt)``."""
-    if qt.quant_type not in common.KERNEL_QUANT_TYPES:
-        raise ValueError(f"the Triton kernel takes {common.KERNEL_QUANT_TYPES} weights, not {qt.quant_type!r}")
-    if len(qt.shape) != 2:
-        raise ValueError(f"the Triton kernel takes a 2-D weight [N, K], got shape {list(qt.shape)}")
-    n, k = qt.shape
-    if k % 2 or k % qt.blocksize:
-        raise ValueError(f"the Triton kernel needs K={k} even and a multiple of blocksize={qt.blocksize}")
-    if x.ndim != 2 or x.shape[1] != k:
-        raise ValueError(f"x must be [M, K={k}], got {list(x.shape)}")
-    if jnp.dtype(x.dtype).name not in common.KERNEL_DTYPES:
-        raise ValueError(f"the Triton kernel takes x in {common.KERNEL_DTYPES}, got {jnp.dtype(x.dtype).name}")
+    """Raises ValueError naming the problem when the kernel cannot take ``(x, qt)`` (rules: :mod:`.support`)."""
+    if x.ndim != 2 or len(qt.shape) != 2 or x.shape[1] != qt.shape[1]:
+        raise ValueError(f"x must be [M, K] for a weight [N, K] = {list(qt.shape)}, got {list(x.shape)}")
+    support.check(support.Problem.of_weight("matmul", qt, x.dtype, x.shape[0]), "pallas_triton")
 
 
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret", "debug_poison_output"))

@@ -1,45 +1,66 @@
 """Entry points: the 4-bit matmul (with its custom VJP), dequantize and quantize, behind one backend switch.
 
-Backends:
+Backends (``backend=``):
 
-* ``"triton"``: the Pallas-Triton kernels (CUDA, compute capability >= 8.0: Ampere, Ada, Hopper).
+* ``"jax_triton"``: kernels written in the Triton language (:mod:`.jt_kernels`), called through
+  ``jax_triton.triton_call`` and autotuned per size class (:mod:`.jt_ops`); CUDA, compute
+  capability >= 8.0. Needs ``triton`` and ``jax-triton`` (the ``gpu`` extra).
+* ``"pallas_triton"``: the same algorithms as Pallas kernels on Pallas' Triton backend (which jax
+  0.11 deprecates; kept until a GPU run shows whether to retire them).
 * ``"mosaic"``: the Pallas Mosaic-GPU kernels (Hopper ``wgmma``): the matmul and its input
-  gradient, for the shapes :mod:`.matmul_mosaic` / :mod:`.matmul_grad_mosaic` accept (Triton
-  otherwise); dequantize and quantize run the Triton kernels under it. Opt-in: ``"auto"``
-  never picks it until a GPU benchmark shows where it wins.
+  gradient, for the shapes they accept (:mod:`.support`); everything else runs the Pallas-Triton
+  kernels under it. Opt-in: ``"auto"`` never picks it until a GPU benchmark shows where it wins.
 * ``"xla"``: dequantize with XLA, then ``dot`` (any platform; the reference).
 * ``"auto"``: picked per op, platform, GPU generation and size class (:func:`resolve_backend`).
 
-A kernel backend silently falls back to XLA for what it cannot take (int8 weights, K odd or not
-a multiple of the block size, float32 activations, an empty batch): :func:`resolve_backend`
-returns the reason. ``interpret=True`` runs the Pallas kernels through the interpreter on any
-platform (CPU tests); ``"auto"`` then means the Triton kernels.
+A kernel backend falls back to XLA for what it cannot take (int8 weights, K odd or not a multiple
+of the block size, float32 activations, an empty batch; the rules live in :mod:`.support`), and
+:func:`resolve_backend` returns the reason. ``interpret=True`` runs the kernels through their
+interpreters on any platform (CPU tests): Triton's interpreter for ``"jax_triton"``, the Pallas
+interpreters for the others; ``"auto"`` then means ``"jax_triton"`` (``"pallas_triton"`` where
+triton is not installed).
+
+Under sharding (``jax.jit`` over a mesh), the kernel backends run per shard
+(:mod:`.partitioning`): FSDP weights are gathered per layer, tensor-parallel weights stay split.
 
 The auto policy (constants below) is a starting point set without a GPU to measure on; the
 benchmark ``experiments/bench_kernels.py`` prints the numbers to revise it with:
 
 * not a CUDA GPU, or compute capability < 8.0 (no bf16 tensor-core ``dot``): XLA;
-* matmul and input gradient: Triton while the activation rows ``M <= FUSED_MAX_M`` (64 on
-  Hopper and newer, 128 before), where the weight's bytes dominate and reading 4 bits instead of
-  16 is the win; XLA (dequantize + cuBLAS) above, where the GEMM is compute-bound and cuBLAS'
-  ``wgmma`` beats Triton's ``mma`` (bitsandbytes draws the same line on H100);
-* dequantize and quantize: Triton.
+* matmul and input gradient: the Triton kernels while the activation rows ``M <= FUSED_MAX_M``
+  (64 on Hopper and newer, 128 before), where the weight's bytes dominate and reading 4 bits
+  instead of 16 is the win; XLA (dequantize + cuBLAS) above, where the GEMM is compute-bound and
+  cuBLAS' ``wgmma`` beats Triton's ``mma`` (bitsandbytes draws the same line on H100);
+* dequantize and quantize: the Triton kernels.
+
+"The Triton kernels" are ``"jax_triton"``, the successor of ``"pallas_triton"`` (which ``"auto"``
+picked before; it still does where triton or jax-triton is not installed).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import math
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from qlora_jax.kernels import common, dequantize_triton, matmul_grad_triton, matmul_triton, quantize_triton
+from qlora_jax.kernels import (
+    dequantize_triton,
+    matmul_grad_triton,
+    matmul_triton,
+    partitioning,
+    quantize_triton,
+    support,
+)
 from qlora_jax.kernels import tiles as tiles_lib
-from qlora_jax.quant import SUPPORTED_BLOCKSIZES, QuantizationError, QuantizedTensor
+from qlora_jax.kernels.support import Op
+from qlora_jax.kernels.target import Target, current_target
+
+from qlora_jax.quant import QuantizationError, QuantizedTensor
 from qlora_jax.quant import dequantize as xla_dequantize
 from qlora_jax.quant import quantize as xla_quantize
 from qlora_jax.quant.tensor import NESTED_BLOCKSIZE
@@ -51,100 +72,52 @@ __all__ = [
     "FUSED_MAX_M_AMPERE",
     "Target",
     "current_target",
+    "jax_triton_missing",
     "resolve_backend",
     "quantized_matmul",
-    "nf4_matmul",
     "quantized_matmul_grad",
-    "dequantize",
-    "quantize",
+    "dequantize_fused",
+    "quantize_fused",
 ]
 
-Backend = Literal["auto", "triton", "mosaic", "xla"]
-BACKENDS = ("auto", "triton", "mosaic", "xla")
-Op = Literal["matmul", "matmul_grad", "dequantize", "quantize"]
+Backend = Literal["auto", "jax_triton", "pallas_triton", "mosaic", "xla"]
+BACKENDS = ("auto", "jax_triton", "pallas_triton", "mosaic", "xla")
 
 FUSED_MAX_M_HOPPER = 64
 FUSED_MAX_M_AMPERE = 128
-_INT32_LIMIT = 2**31
 
 
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """What the computation will run on: ``platform`` ("cpu", "gpu", "tpu"), the GPU vendor runtime
-    ("cuda"/"rocm"/None), its compute capability as ``(major, minor)`` (None when unknown), and
-    the GPU's SM count."""
+@functools.cache
+def jax_triton_missing() -> str | None:
+    """Why the ``"jax_triton"`` backend cannot be used in this environment, or None.
 
-    platform: str
-    runtime: str | None = None
-    compute_capability: tuple[int, int] | None = None
-    num_sms: int = tiles_lib.DEFAULT_NUM_SMS
-
-
-# Device kinds -> compute capability, for abstract devices (export without a GPU), which carry
-# only a name. Checked in order; the first substring found wins.
-_KIND_CAPABILITY = (
-    ("GB200", (10, 0)), ("B200", (10, 0)), ("B100", (10, 0)),
-    ("GH200", (9, 0)), ("H200", (9, 0)), ("H100", (9, 0)), ("H800", (9, 0)), ("H20", (9, 0)),
-    ("L40", (8, 9)), ("L4", (8, 9)), ("RTX 40", (8, 9)), ("RTX 6000 Ada", (8, 9)),
-    ("A100", (8, 0)), ("A800", (8, 0)), ("A30", (8, 0)),
-    ("A10", (8, 6)), ("A40", (8, 6)), ("RTX 30", (8, 6)), ("RTX A", (8, 6)),
-    ("V100", (7, 0)), ("T4", (7, 5)),
-)
-
-
-def _capability_from_kind(kind: str) -> tuple[int, int] | None:
-    for name, capability in _KIND_CAPABILITY:
-        if name in kind:
-            return capability
+    Imports jax_triton (and so triton) once: an installed but incompatible pair (e.g. a triton
+    older than jax-triton asks for, installed without its dependencies) counts as missing.
+    """
+    missing = [name for name in ("triton", "jax_triton") if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"{' and '.join(missing)} not installed (pip install 'qlora-jax[gpu]')"
+    try:
+        import jax_triton  # noqa: F401, PLC0415
+        from qlora_jax.kernels import jt_ops  # noqa: F401, PLC0415
+    except Exception as error:  # noqa: BLE001 - any import failure makes the backend unusable
+        return f"jax_triton does not import: {type(error).__name__}: {error}"
     return None
 
 
-def current_target() -> Target:
-    """The target of the code being traced: the abstract device of an abstract mesh in scope
-    (``jax.sharding.use_abstract_mesh``, as when exporting for CUDA without a GPU), else the
-    default device."""
-    abstract = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    if abstract is not None:
-        platform = abstract.platform
-        runtime = "cuda" if platform == "gpu" and "AMD" not in abstract.device_kind else None
-        return Target(platform, runtime, _capability_from_kind(abstract.device_kind),
-                      abstract.num_cores or tiles_lib.DEFAULT_NUM_SMS)
-    device = jax.devices()[0]
-    if device.platform != "gpu":
-        return Target(device.platform)
-    runtime = "rocm" if "rocm" in str(getattr(device.client, "platform_version", "")).lower() else "cuda"
-    capability = None
-    raw = getattr(device, "compute_capability", None)
-    if raw:
-        major, _, minor = str(raw).partition(".")
-        capability = (int(major), int(minor or 0))
-    else:
-        capability = _capability_from_kind(device.device_kind)
-    return Target("gpu", runtime, capability, getattr(device, "core_count", None) or tiles_lib.DEFAULT_NUM_SMS)
+def _check_backend(backend: str) -> None:
+    if backend == "triton":
+        raise ValueError("backend 'triton' is now 'pallas_triton' (the Pallas kernels); 'jax_triton' runs the "
+                         f"Triton-language kernels; expected one of {BACKENDS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "jax_triton" and jax_triton_missing():
+        raise ImportError(f"backend 'jax_triton': {jax_triton_missing()}")
 
 
-def _kernel_unsupported(op: Op, qt: QuantizedTensor, dtype: Any, m: int | None) -> str | None:
-    """Why the Pallas kernels cannot take this problem, or None when they can."""
-    if qt.quant_type not in common.KERNEL_QUANT_TYPES:
-        return f"{qt.quant_type} weights have no kernel"
-    k = qt.shape[-1]
-    if k % 2 or k % qt.blocksize:
-        return f"K={k} is odd or not a multiple of blocksize={qt.blocksize}"
-    # The Triton kernels index with int32 offsets.
-    if qt.numel >= _INT32_LIMIT or (m and m * max(qt.shape[0], k) >= _INT32_LIMIT):
-        return "an operand has 2^31 or more elements (the kernels index in int32)"
-    if op in ("matmul", "matmul_grad"):
-        if len(qt.shape) != 2:
-            return f"the matmul kernels take 2-D weights, not {list(qt.shape)}"
-        if jnp.dtype(dtype).name not in common.KERNEL_DTYPES:
-            return f"{jnp.dtype(dtype).name} activations (the kernels' dot takes {common.KERNEL_DTYPES})"
-        if not m:
-            return "empty batch"
-        if common.largest_pow2_divisor(k, 16) < 16:
-            return f"K={k} has no power-of-two factor >= 16"
-    elif op == "dequantize" and jnp.dtype(dtype).name not in dequantize_triton.OUTPUT_DTYPES:
-        return f"{jnp.dtype(dtype).name} output"
-    return None
+def _triton_family() -> str:
+    """The Triton backend ``"auto"`` uses: jax_triton, or pallas_triton where it is missing."""
+    return "pallas_triton" if jax_triton_missing() else "jax_triton"
 
 
 def _auto_rejects(target: Target) -> str | None:
@@ -169,42 +142,38 @@ def resolve_backend(
 ) -> tuple[str, str]:
     """``(backend, reason)``: the backend that will run ``op`` and why.
 
-    ``dtype`` is the activation dtype (matmul ops) or the output dtype (dequantize); ``m`` the
-    number of activation rows. ``target`` defaults to :func:`current_target`.
+    ``dtype`` is the activation dtype (matmul ops), the output dtype (dequantize) or the input
+    weight's dtype (quantize, with ``qt`` describing the result); ``m`` the number of activation
+    rows. ``target`` defaults to :func:`current_target`.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _check_backend(backend)
     if backend == "xla":
         return "xla", "requested"
-    why_not = _kernel_unsupported(op, qt, dtype, m)
-    if why_not is not None:
-        return "xla", f"fallback: {why_not}"
-    if backend == "mosaic":
-        if op == "matmul":
-            from qlora_jax.kernels.matmul_mosaic import unsupported_reason
-        elif op == "matmul_grad":
-            from qlora_jax.kernels.matmul_grad_mosaic import unsupported_reason
-        else:
-            return "triton", f"the Mosaic GPU backend has no {op} kernel"
-        why_not = unsupported_reason(m, qt, dtype)
+    problem = support.Problem.of_weight(op, qt, dtype, m)
+    if backend == "auto":
+        why_not = support.unsupported_reason(problem, "pallas_triton")
         if why_not is not None:
-            return "triton", f"fallback: {why_not}"
-        return "mosaic", "requested"
-    if backend == "triton":
-        return "triton", "requested"
-    if interpret:
-        return "triton", "interpret mode"
-    target = target or current_target()
-    why_not = _auto_rejects(target)
-    if why_not is not None:
-        return "xla", why_not
-    capability = target.compute_capability or (0, 0)
-    if op in ("matmul", "matmul_grad"):
-        limit = FUSED_MAX_M_HOPPER if capability >= (9, 0) else FUSED_MAX_M_AMPERE
-        if m > limit:
-            return "xla", f"auto: M={m} > {limit}, compute-bound: dequantize + vendor GEMM"
-        return "triton", f"auto: M={m} <= {limit}, memory-bound: fused 4-bit kernel"
-    return "triton", "auto: CUDA GPU"
+            return "xla", f"fallback: {why_not}"
+        if interpret:
+            return _triton_family(), "interpret mode"
+        target = target or current_target()
+        why_not = _auto_rejects(target)
+        if why_not is not None:
+            return "xla", why_not
+        family = _triton_family()
+        if op in ("matmul", "matmul_grad"):
+            capability = target.compute_capability or (0, 0)
+            limit = FUSED_MAX_M_HOPPER if capability >= (9, 0) else FUSED_MAX_M_AMPERE
+            if m > limit:
+                return "xla", f"auto: M={m} > {limit}, compute-bound: dequantize + vendor GEMM"
+            return family, f"auto: M={m} <= {limit}, memory-bound: fused 4-bit kernel"
+        return family, "auto: CUDA GPU"
+    why_not = support.unsupported_reason(problem, backend)
+    if why_not is None:
+        return backend, "requested"
+    if backend == "mosaic" and support.unsupported_reason(problem, "pallas_triton") is None:
+        return "pallas_triton", f"fallback: {why_not}"
+    return "xla", f"fallback: {why_not}"
 
 
 def _check_kernel_platform(backend: str, interpret: bool) -> None:
@@ -214,7 +183,7 @@ def _check_kernel_platform(backend: str, interpret: bool) -> None:
     if target.platform != "gpu" or target.runtime != "cuda":
         raise RuntimeError(
             f"backend={backend!r} needs a CUDA GPU (this is {target.platform}); pass interpret=True to run "
-            "the kernel through the Pallas interpreter, or use backend='auto' or 'xla'"
+            "the kernel through its interpreter, or use backend='auto' or 'xla'"
         )
 
 
@@ -230,35 +199,59 @@ def _zero_cotangent(qt: QuantizedTensor) -> QuantizedTensor:
 
 
 @dataclasses.dataclass(frozen=True)
+class _MatmulKernel:
+    """One direction's kernel on a 2-D problem: ``forward`` ``x @ W.T`` or ``input_grad`` ``dy @ W``.
+
+    Hashable (a static argument of the partitioned call); ``__call__`` runs the kernel on (local)
+    arrays.
+    """
+
+    direction: Literal["forward", "input_grad"]
+    backend: str
+    interpret: bool
+    num_sms: int
+
+    def __call__(self, a: jax.Array, qt: QuantizedTensor) -> jax.Array:
+        n, k = qt.shape
+        forward = self.direction == "forward"
+        if self.backend == "jax_triton":
+            from qlora_jax.kernels import jt_ops  # noqa: PLC0415 - triton is optional
+
+            fn = jt_ops.fused_matmul if forward else jt_ops.fused_matmul_grad
+            return fn(a, qt, interpret=self.interpret)
+        if self.backend == "mosaic":
+            from qlora_jax.kernels import matmul_grad_mosaic, matmul_mosaic  # noqa: PLC0415
+
+            fn = matmul_mosaic.fused_matmul if forward else matmul_grad_mosaic.fused_matmul_grad
+            return fn(a, qt, interpret=self.interpret)
+        if forward:
+            tiles = tiles_lib.matmul_tiles(a.shape[0], n, k, self.num_sms)
+            return matmul_triton.fused_matmul(a, qt, tiles=tiles, interpret=self.interpret)
+        tiles = tiles_lib.matmul_grad_tiles(a.shape[0], n, k, self.num_sms)
+        return matmul_grad_triton.fused_matmul_grad(a, qt, tiles=tiles, interpret=self.interpret)
+
+
+@dataclasses.dataclass(frozen=True)
 class _MatmulPlan:
     forward: str
     backward: str
     interpret: bool
     num_sms: int
+    tensor_parallel: str = "column"
 
 
 def _forward(plan: _MatmulPlan, x: jax.Array, qt: QuantizedTensor) -> jax.Array:
     if plan.forward == "xla":
         return matmul_triton.reference(x, qt)
-    if plan.forward == "mosaic":
-        from qlora_jax.kernels import matmul_mosaic
-
-        return matmul_mosaic.fused_matmul(x, qt, interpret=plan.interpret)
-    m, k = x.shape
-    tiles = tiles_lib.matmul_tiles(m, qt.shape[0], k, plan.num_sms)
-    return matmul_triton.fused_matmul(x, qt, tiles=tiles, interpret=plan.interpret)
+    kernel = _MatmulKernel("forward", plan.forward, plan.interpret, plan.num_sms)
+    return partitioning.per_shard(kernel, x, qt, direction="forward", tensor_parallel=plan.tensor_parallel)
 
 
 def _input_grad(plan: _MatmulPlan, dy: jax.Array, qt: QuantizedTensor) -> jax.Array:
     if plan.backward == "xla":
         return matmul_grad_triton.reference(dy, qt)
-    if plan.backward == "mosaic":
-        from qlora_jax.kernels import matmul_grad_mosaic
-
-        return matmul_grad_mosaic.fused_matmul_grad(dy, qt, interpret=plan.interpret)
-    n, k = qt.shape
-    tiles = tiles_lib.matmul_grad_tiles(dy.shape[0], n, k, plan.num_sms)
-    return matmul_grad_triton.fused_matmul_grad(dy, qt, tiles=tiles, interpret=plan.interpret)
+    kernel = _MatmulKernel("input_grad", plan.backward, plan.interpret, plan.num_sms)
+    return partitioning.per_shard(kernel, dy, qt, direction="input_grad", tensor_parallel=plan.tensor_parallel)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -278,11 +271,15 @@ def _matmul_2d_bwd(plan, qt, dy):
 _matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
 
 
-def _check_matmul_args(x: Any, qweight: Any) -> None:
+def _check_weight(qweight: Any) -> None:
     if not isinstance(qweight, QuantizedTensor):
         raise TypeError(f"qweight must be a qlora_jax.quant.QuantizedTensor, got {type(qweight).__name__}")
     if len(qweight.shape) != 2:
         raise ValueError(f"qweight must be a 2-D weight [out_features, in_features], got shape {list(qweight.shape)}")
+
+
+def _check_matmul_args(x: Any, qweight: Any) -> None:
+    _check_weight(qweight)
     if not hasattr(x, "shape") or len(x.shape) < 1:
         raise ValueError("x must be an array [..., in_features]")
     if x.shape[-1] != qweight.shape[1]:
@@ -300,29 +297,31 @@ def quantized_matmul(
     *,
     backend: Backend = "auto",
     interpret: bool = False,
+    tensor_parallel: partitioning.TensorParallel = "column",
 ) -> jax.Array:
     """``y = x @ dequant(W).T`` for ``x: [..., K]`` and a quantized ``W: [N, K]`` -> ``[..., N]`` in ``x.dtype``.
 
-    Accumulates in float32. Differentiable in ``x`` (custom VJP: the backward computes
-    ``dx = dy @ dequant(W)`` from the packed weight, with the backend chosen for the same M);
-    the weight is frozen, its cotangent is zero (float0 for the integer arrays). See the module
-    docstring for ``backend`` and ``interpret``.
+    NF4, FP4 or int8 weights. Accumulates in float32. Differentiable in ``x`` (custom VJP: the
+    backward computes ``dx = dy @ dequant(W)`` from the packed weight, with the backend chosen for
+    the same M); the weight is frozen, its cotangent is zero (float0 for the integer arrays). See
+    the module docstring for ``backend`` and ``interpret``. Under a mesh in context the kernels
+    run per shard; ``tensor_parallel`` says how a ``tensor`` mesh axis splits this weight
+    (:mod:`.partitioning`).
     """
     _check_matmul_args(x, qweight)
     qweight.validate()
     k = qweight.shape[1]
     lead = x.shape[:-1]
     m = math.prod(lead)
-    forward, _ = resolve_backend("matmul", qweight, dtype=x.dtype, m=m, backend=backend, interpret=interpret)
-    backward, _ = resolve_backend("matmul_grad", qweight, dtype=x.dtype, m=m, backend=backend, interpret=interpret)
+    # The size class is that of the rows each device multiplies (all of them without a mesh).
+    rows = partitioning.local_rows(m)
+    forward, _ = resolve_backend("matmul", qweight, dtype=x.dtype, m=rows, backend=backend, interpret=interpret)
+    backward, _ = resolve_backend("matmul_grad", qweight, dtype=x.dtype, m=rows, backend=backend, interpret=interpret)
     _check_kernel_platform(forward, interpret)
     _check_kernel_platform(backward, interpret)
-    plan = _MatmulPlan(forward, backward, interpret, current_target().num_sms)
+    plan = _MatmulPlan(forward, backward, interpret, current_target().num_sms, tensor_parallel)
     y = _matmul_2d(plan, x.reshape(m, k), qweight)
     return y.reshape(*lead, qweight.shape[0])
-
-
-nf4_matmul = quantized_matmul
 
 
 def quantized_matmul_grad(
@@ -336,43 +335,55 @@ def quantized_matmul_grad(
 
     The input gradient of :func:`quantized_matmul`, callable on its own (e.g. to benchmark it).
     """
-    if not isinstance(qweight, QuantizedTensor):
-        raise TypeError(f"qweight must be a qlora_jax.quant.QuantizedTensor, got {type(qweight).__name__}")
-    if len(qweight.shape) != 2:
-        raise ValueError(f"qweight must be 2-D [out_features, in_features], got shape {list(qweight.shape)}")
+    _check_weight(qweight)
     n, k = qweight.shape
     if dy.shape[-1] != n:
         raise ValueError(f"dy's last dimension ({dy.shape[-1]}) != the weight's out_features N ({n})")
     qweight.validate()
     lead = dy.shape[:-1]
     m = math.prod(lead)
-    chosen, _ = resolve_backend("matmul_grad", qweight, dtype=dy.dtype, m=m, backend=backend, interpret=interpret)
+    chosen, _ = resolve_backend("matmul_grad", qweight, dtype=dy.dtype, m=partitioning.local_rows(m),
+                                backend=backend, interpret=interpret)
     _check_kernel_platform(chosen, interpret)
     plan = _MatmulPlan("xla", chosen, interpret, current_target().num_sms)
     return _input_grad(plan, dy.reshape(m, n), qweight).reshape(*lead, k)
 
 
-def dequantize(
+def dequantize_fused(
     qweight: QuantizedTensor,
     dtype: Any = jnp.bfloat16,
     *,
     backend: Backend = "auto",
     interpret: bool = False,
 ) -> jax.Array:
-    """The tensor in ``dtype``, shape ``qweight.shape``: the values of :func:`qlora_jax.quant.dequantize`."""
+    """The weight in ``dtype``, shape ``qweight.shape``, decoded by one kernel pass (double-quant
+    scales, code lookup, scaling and store fused); the values of :func:`qlora_jax.quant.dequantize`.
+
+    Falls back to that XLA function where no kernel applies (:func:`resolve_backend`).
+    """
     if not isinstance(qweight, QuantizedTensor):
         raise TypeError(f"qweight must be a qlora_jax.quant.QuantizedTensor, got {type(qweight).__name__}")
     qweight.validate()
     chosen, _ = resolve_backend("dequantize", qweight, dtype=dtype, backend=backend, interpret=interpret)
-    if chosen == "mosaic":
-        chosen = "triton"
     _check_kernel_platform(chosen, interpret)
     if chosen == "xla":
         return xla_dequantize(qweight, dtype)
+    if chosen == "jax_triton":
+        from qlora_jax.kernels import jt_ops  # noqa: PLC0415 - triton is optional
+
+        return jt_ops.dequantize_kernel(qweight, jnp.dtype(dtype), interpret=interpret)
     return dequantize_triton.dequantize_kernel(qweight, jnp.dtype(dtype), interpret=interpret)
 
 
-def quantize(
+def _quantize_problem_weight(w: Any, quant_type: str, blocksize: int, nested_blocksize: int) -> QuantizedTensor:
+    """A shape-only QuantizedTensor describing the result of quantizing ``w`` (for the rules)."""
+    sds = jax.ShapeDtypeStruct
+    return QuantizedTensor(codes=sds((1,), jnp.uint8), scales=sds((1,), jnp.float32), nested_scales=None,
+                           offset=None, shape=tuple(w.shape), dtype="float32", quant_type=quant_type,
+                           blocksize=blocksize, nested_blocksize=nested_blocksize)
+
+
+def quantize_fused(
     w: jax.Array,
     quant_type: str = "nf4",
     *,
@@ -384,11 +395,12 @@ def quantize(
     interpret: bool = False,
     check_finite: bool = True,
 ) -> QuantizedTensor:
-    """Quantizes ``w`` on the device: the bytes of ``qlora_jax.quant.quantize(..., bnb_backend="cuda")``.
+    """Quantizes ``w`` on the device with one kernel pass (absmax, reciprocal, code search and
+    packing fused): the bytes of ``qlora_jax.quant.quantize(..., bnb_backend="cuda")``.
 
     Outside ``jit``, non-finite weights raise QuantizationError (``check_finite``; the check runs
-    on the device and moves one bool to the host). Shapes the kernel cannot take (int8, a last
-    dimension that is odd or not a multiple of ``blocksize``) go through the XLA quantizer.
+    on the device and moves one bool to the host). Shapes no kernel takes (int8, a last dimension
+    that is odd or not a multiple of ``blocksize``) go through the XLA quantizer.
     """
     if not hasattr(w, "shape") or not hasattr(w, "dtype"):
         w = jnp.asarray(w)
@@ -396,23 +408,23 @@ def quantize(
         finite = jnp.isfinite(jnp.asarray(w))
         if not bool(jnp.all(finite)):
             first = tuple(int(i) for i in np.argwhere(~np.asarray(finite))[0])
-            raise QuantizationError(f"cannot quantize: non-finite value(s) (NaN or Inf) in the weights, first at {first}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    use_kernel = (
-        backend != "xla"
-        and blocksize in SUPPORTED_BLOCKSIZES
-        and nested_blocksize in SUPPORTED_BLOCKSIZES
-        and (backend in ("triton", "mosaic") or interpret or _auto_rejects(current_target()) is None)
-    )
-    if use_kernel:
-        try:
-            quantize_triton.check_supported(w, quant_type, blocksize)
-        except ValueError:  # int8, odd or ragged last dimension, unsupported dtype: XLA decides
-            use_kernel = False
-    if not use_kernel:
+            raise QuantizationError(
+                f"cannot quantize: non-finite value(s) (NaN or Inf) in the weights, first at {first}")
+    _check_backend(backend)
+    chosen = "xla"
+    if backend != "xla":
+        described = _quantize_problem_weight(w, quant_type, blocksize, nested_blocksize)
+        chosen, _ = resolve_backend("quantize", described, dtype=w.dtype, backend=backend, interpret=interpret)
+    if chosen == "xla":
         return xla_quantize(w, quant_type, blocksize=blocksize, double_quant=double_quant,
                             nested_blocksize=nested_blocksize, bnb_backend="cuda", offset=offset, check_finite=False)
-    _check_kernel_platform("triton", interpret)
-    return quantize_triton.quantize_kernel(w, quant_type, blocksize=blocksize, double_quant=double_quant,
-                                           nested_blocksize=nested_blocksize, offset=offset, interpret=interpret)
+    _check_kernel_platform(chosen, interpret)
+    if chosen == "jax_triton":
+        from qlora_jax.kernels import jt_ops  # noqa: PLC0415 - triton is optional
+
+        first_stage = jt_ops.quantize_blocks
+    else:
+        first_stage = quantize_triton.quantize_blocks
+    codes, absmax = first_stage(w, quant_type, blocksize=blocksize, interpret=interpret)
+    return quantize_triton.assemble(w, codes, absmax, quant_type, blocksize=blocksize, double_quant=double_quant,
+                                    nested_blocksize=nested_blocksize, offset=offset)

@@ -27,15 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
-
-from qlora_jax.kernels import common
+from qlora_jax.kernels import common, support
 from qlora_jax.kernels.tiles import DequantTiles, quantize_tiles
+
 from qlora_jax.quant import QuantizedTensor, codebooks, double_quantize, quantize
 from qlora_jax.quant.tensor import NESTED_BLOCKSIZE
 
-__all__ = ["quantize_kernel", "quantize_blocks", "reference", "check_supported", "INPUT_DTYPES"]
+__all__ = ["quantize_kernel", "quantize_blocks", "assemble", "reference", "check_supported", "INPUT_DTYPES"]
 
-INPUT_DTYPES = ("bfloat16", "float16", "float32")
+INPUT_DTYPES = support.QUANTIZE_INPUT_DTYPES
 _NF4_MIDPOINTS = ((codebooks.NF4_CODE[:-1] + codebooks.NF4_CODE[1:]) / np.float32(2)).astype(np.float32)
 
 
@@ -90,20 +90,8 @@ def _kernel(w_ref, magnitude_ref, codes_ref, absmax_ref, *, n: int, tiles: Dequa
 
 
 def check_supported(w: Any, quant_type: str, blocksize: int) -> None:
-    """Raises ValueError naming the problem when the kernel cannot quantize ``w``."""
-    if quant_type not in common.KERNEL_QUANT_TYPES:
-        raise ValueError(f"the Triton kernel quantizes to {common.KERNEL_QUANT_TYPES}, not {quant_type!r}")
-    if jnp.dtype(w.dtype).name not in INPUT_DTYPES:
-        raise ValueError(f"the Triton kernel takes {INPUT_DTYPES} weights, not {jnp.dtype(w.dtype).name}")
-    if w.ndim == 0:
-        raise ValueError("cannot quantize a scalar")
-    if int(np.prod(w.shape, dtype=np.int64)) >= 2**31:
-        raise ValueError(f"the Triton kernel indexes in int32: {list(w.shape)} has 2^31 or more elements")
-    k = w.shape[-1]
-    if k % 2 or k % blocksize or blocksize & (blocksize - 1):
-        raise ValueError(
-            f"the Triton kernel needs the last dimension ({k}) even and a multiple of blocksize={blocksize}"
-        )
+    """Raises ValueError naming the problem when the kernel cannot quantize ``w`` (rules: :mod:`.support`)."""
+    support.check(support.Problem("quantize", quant_type, w.shape, blocksize, w.dtype), "pallas_triton")
 
 
 @functools.partial(jax.jit, static_argnames=("quant_type", "blocksize", "tiles", "interpret", "debug_poison_output"))
@@ -168,6 +156,17 @@ def quantize_kernel(
     under ``jit``; there the non-finite check cannot run (such blocks get NaN scales).
     """
     codes, absmax = quantize_blocks(w, quant_type, blocksize=blocksize, tiles=tiles, interpret=interpret)
+    return assemble(w, codes, absmax, quant_type, blocksize=blocksize, double_quant=double_quant,
+                    nested_blocksize=nested_blocksize, offset=offset)
+
+
+def assemble(w: jax.Array, codes: jax.Array, absmax: jax.Array, quant_type: str, *, blocksize: int,
+             double_quant: bool, nested_blocksize: int, offset: Any) -> QuantizedTensor:
+    """The QuantizedTensor of ``w`` from a quantize kernel's first stage ``(codes, absmax)``.
+
+    Double quantization (1/64 of the data) runs in XLA through the reference's own function
+    (:func:`qlora_jax.quant.double_quantize`), so its bytes are the reference's by construction.
+    """
     meta = dict(shape=tuple(int(d) for d in w.shape), dtype=jnp.dtype(w.dtype).name, quant_type=quant_type,
                 blocksize=blocksize, nested_blocksize=nested_blocksize)
     if not double_quant:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-
 from qlora_jax.kernels.common import LOOKUPS, largest_pow2_divisor, pow2_ceil, pow2_floor
 
 __all__ = [
@@ -36,6 +35,7 @@ __all__ = [
     "dequantize_tiles",
     "quantize_tiles",
     "device_num_sms",
+    "reduction_split",
 ]
 
 DECODE_MAX_M = 16
@@ -119,7 +119,7 @@ def device_num_sms() -> int:
     return DEFAULT_NUM_SMS
 
 
-def _split(tiles: int, m: int, red_steps: int, red_size: int, num_sms: int) -> int:
+def reduction_split(tiles: int, m: int, red_steps: int, red_size: int, num_sms: int) -> int:
     """Reduction split that fills ~2 waves of SMs without the partials outweighing the weight."""
     if tiles >= num_sms:
         return 1
@@ -152,7 +152,7 @@ def matmul_tiles(m: int, n: int, k: int, num_sms: int | None = None) -> MatmulTi
         raise ValueError(f"K={k} has no power-of-two divisor >= 16: use the XLA path")
     block_out = min(block_out, max(16, pow2_ceil(n)))
     tiles = -(-m // block_m) * -(-n // block_out)
-    split = _split(tiles, m, k // block_red, k, num_sms)
+    split = reduction_split(tiles, m, k // block_red, k, num_sms)
     return MatmulTiles(block_m, block_out, block_red, split, warps, stages)
 
 
@@ -172,7 +172,7 @@ def matmul_grad_tiles(m: int, n: int, k: int, num_sms: int | None = None) -> Mat
     block_red = min(block_red, max(16, pow2_ceil(n)))
     red_steps = -(-n // block_red)
     tiles = -(-m // block_m) * (k // block_out)
-    split = _split(tiles, m, red_steps, n, num_sms)
+    split = reduction_split(tiles, m, red_steps, n, num_sms)
     return MatmulTiles(block_m, block_out, block_red, split, warps, stages)
 
 

@@ -28,4 +28,9 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 quiet_pip "${PIP[@]}" install -q -c requirements/ci.txt -e ".[test,data]"
 quiet_pip "${PIP[@]}" install -q --no-deps --require-hashes -r requirements/assets.txt
+# The CUDA plugin's jaxlib extensions (not its CUDA libraries): jax_triton needs them to lower the
+# Triton kernels for CUDA, which the tests do on this GPU-less machine. Same version as jaxlib.
+if [[ "$(uname -s)" == "Linux" ]]; then
+  quiet_pip "${PIP[@]}" install -q --no-deps -c requirements/ci.txt jax-cuda13-plugin
+fi
 "$VENV/bin/python" -c "import jax, qlora_jax, qlora_jax.kernels; print('qlora-jax', qlora_jax.__version__, 'with jax', jax.__version__)"

@@ -17,8 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
-
-from qlora_jax import kernels
+from kernel_refs import MATMUL_SHAPES, activations, assert_product_close, matmul_case_id, reference_values, weights
 from qlora_jax.kernels import (
     dequantize_triton,
     matmul_grad_mosaic,
@@ -26,86 +25,25 @@ from qlora_jax.kernels import (
     matmul_mosaic,
     matmul_triton,
     quantize_triton,
+)
+from qlora_jax.kernels import (
     tiles as tiles_lib,
 )
 from qlora_jax.kernels.ops import Target
 from qlora_jax.kernels.tiles import DequantTiles, MatmulTiles
-from qlora_jax.quant import DYNAMIC_MAP_SIGNED, FP4_CODE, NF4_CODE, QuantizationError, QuantizedTensor, quantize
 
-NP_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
-
-
-def weights(rng, shape, dtype=np.float32):
-    """Gaussian rows with log-normal per-row magnitudes, like trained linear layers."""
-    w = rng.standard_normal(shape) * np.exp(rng.normal(-2.0, 0.7, size=shape[:-1] + (1,)))
-    return w.astype(dtype)
-
-
-def activations(rng, shape, dtype):
-    return jnp.asarray(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
-
-
-def reference_values(qt: QuantizedTensor, dtype: str) -> np.ndarray:
-    """The weight as the kernels must produce it, from the raw bytes: float64 ``qt.shape``.
-
-    Scale: ``round32(round32(dyn[q] * nested) + offset)`` (double quant) or the float32 absmax;
-    value: ``round32(code * scale)``, then rounded to ``dtype``.
-    """
-    packed = np.asarray(qt.codes).reshape(-1)
-    codes = np.stack([packed >> 4, packed & 0xF], axis=-1).reshape(-1)[: qt.numel]
-    table = NF4_CODE if qt.quant_type == "nf4" else FP4_CODE
-    if qt.double_quant:
-        q = np.asarray(qt.scales).reshape(-1)
-        nested = np.asarray(qt.nested_scales, np.float32)[np.arange(q.size) // qt.nested_blocksize]
-        product = (DYNAMIC_MAP_SIGNED[q] * nested).astype(np.float32)
-        scales = (product + np.float32(np.asarray(qt.offset))).astype(np.float32)
-    else:
-        scales = np.asarray(qt.scales, np.float32).reshape(-1)
-    values = (table[codes] * np.repeat(scales, qt.blocksize)[: qt.numel]).astype(np.float32)
-    return values.astype(NP_DTYPES[dtype]).astype(np.float64).reshape(qt.shape)
-
-
-def assert_product_close(actual, x, w, dtype: str):
-    """``actual`` (rounded to ``dtype``) vs the float64 product ``x @ w``.
-
-    Allowed: rounding the result to ``dtype`` (half an ulp: 2^-8 relative for bf16, 2^-11 for
-    f16) plus float32 accumulation in any order (K * 2^-24 of sum |x||w|, with margin).
-    """
-    x = np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
-    expected = x @ w
-    magnitude = np.abs(x) @ np.abs(w)
-    half_ulp = {"bfloat16": 2.0**-8, "float16": 2.0**-11}[dtype]
-    tol = half_ulp * np.abs(expected) + 4 * x.shape[-1] * 2.0**-24 * magnitude + 1e-30
-    got = np.asarray(jnp.asarray(actual).astype(jnp.float32), np.float64)
-    assert got.shape == expected.shape
-    assert np.all(np.isfinite(got)), "non-finite output: a tile was not written (poisoned buffer)"
-    bad = np.abs(got - expected) > tol
-    assert not bad.any(), (
-        f"{bad.sum()} of {bad.size} outputs off; worst at {np.unravel_index(np.argmax(np.abs(got - expected) - tol), got.shape)}: "
-        f"max |err| {np.max(np.abs(got - expected)):.3g} vs typical |y| {np.median(np.abs(expected)):.3g}"
-    )
-
+from qlora_jax import kernels
+from qlora_jax.quant import DYNAMIC_MAP_SIGNED, QuantizationError, QuantizedTensor, quantize
 
 # (m, n, k, quant_type, blocksize, double_quant, dtype, tiles)
-MATMUL_CASES = [
-    (1, 80, 256, "nf4", 64, True, "bfloat16", None),  # decode, ragged N
-    (3, 64, 512, "nf4", 64, False, "bfloat16", None),
-    (16, 48, 256, "fp4", 128, True, "bfloat16", None),
-    (128, 96, 128, "nf4", 64, True, "bfloat16", None),  # medium class, two M tiles
-    (300, 64, 128, "nf4", 64, True, "bfloat16", None),  # prefill class, ragged M
-    (5, 64, 256, "nf4", 256, True, "float16", None),
+MATMUL_CASES = MATMUL_SHAPES + [
     (4, 40, 512, "nf4", 64, True, "bfloat16", MatmulTiles(16, 16, 64, split=4)),  # split reduction
     (7, 32, 256, "nf4", 128, False, "bfloat16", MatmulTiles(16, 32, 32, split=2)),  # step < block
     (9, 64, 256, "fp4", 64, True, "bfloat16", MatmulTiles(16, 32, 128, lookup="select")),  # select-tree LUT
 ]
 
 
-def _case_id(case):
-    m, n, k, qtype, bs, dq, dtype, tiles = case
-    return f"m{m}-n{n}-k{k}-{qtype}-bs{bs}{'-dq' if dq else ''}-{dtype[:4]}{'-tiles' if tiles else ''}"
-
-
-@pytest.mark.parametrize("case", MATMUL_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", MATMUL_CASES, ids=matmul_case_id)
 def test_fused_matmul_kernel_against_float64(rng, case):
     m, n, k, qtype, bs, dq, dtype, tiles = case
     qt = quantize(weights(rng, (n, k)), qtype, blocksize=bs, double_quant=dq)
@@ -115,7 +53,7 @@ def test_fused_matmul_kernel_against_float64(rng, case):
     assert_product_close(y, x, reference_values(qt, dtype).T, dtype)
 
 
-@pytest.mark.parametrize("case", MATMUL_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", MATMUL_CASES, ids=matmul_case_id)
 def test_fused_matmul_grad_kernel_against_float64(rng, case):
     m, n, k, qtype, bs, dq, dtype, tiles = case
     qt = quantize(weights(rng, (n, k)), qtype, blocksize=bs, double_quant=dq)
@@ -151,11 +89,11 @@ def test_dequantize_kernel_is_exact(rng, shape, qtype, bs, dq, dtype, tiles):
 def test_dequantize_entry_point_dispatches_and_falls_back(rng):
     nf4 = quantize(weights(rng, (2, 8, 128)), "nf4", blocksize=64)
     int8 = quantize(weights(rng, (8, 128)), "int8", blocksize=64)
-    out = kernels.dequantize(nf4, jnp.bfloat16, backend="triton", interpret=True)
+    out = kernels.dequantize_fused(nf4, jnp.bfloat16, backend="pallas_triton", interpret=True)
     np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32), np.float64), reference_values(nf4, "bfloat16"))
-    assert kernels.resolve_backend("dequantize", int8, dtype=jnp.bfloat16, backend="triton")[0] == "xla"
-    np.testing.assert_array_equal(np.asarray(kernels.dequantize(int8, jnp.float32, backend="triton", interpret=True)),
-                                  np.asarray(int8.dequantize(jnp.float32)))
+    assert kernels.resolve_backend("dequantize", int8, dtype=jnp.bfloat16, backend="pallas_triton")[0] == "xla"
+    fallback = kernels.dequantize_fused(int8, jnp.float32, backend="pallas_triton", interpret=True)
+    np.testing.assert_array_equal(np.asarray(fallback), np.asarray(int8.dequantize(jnp.float32)))
 
 
 def test_dequantize_double_quant_rounds_the_product_before_the_offset(rng):
@@ -191,8 +129,8 @@ def test_quantize_kernel_bytes_match_bitsandbytes_cuda(rng, bnb_cuda_reference, 
     np.testing.assert_array_equal(np.asarray(codes).reshape(-1), bnb_codes)
     np.testing.assert_array_equal(np.asarray(absmax).reshape(-1), bnb_absmax)
     for double_quant in (False, True):
-        ours = kernels.quantize(jnp.asarray(w), qtype, blocksize=bs, double_quant=double_quant, backend="triton",
-                                interpret=True)
+        ours = kernels.quantize_fused(jnp.asarray(w), qtype, blocksize=bs, double_quant=double_quant,
+                                      backend="pallas_triton", interpret=True)
         expected = quantize(w, qtype, blocksize=bs, double_quant=double_quant, bnb_backend="cuda")
         assert ours.shape == expected.shape and ours.dtype == expected.dtype
         for field in ("codes", "scales", "nested_scales", "offset"):
@@ -207,7 +145,7 @@ def test_quantize_kernel_nonfinite_blocks_under_jit_match_the_reference(rng):
     w = weights(rng, (4, 256))
     w[0, 3] = np.inf
     w[2, 70] = np.nan
-    fn = jax.jit(lambda a: kernels.quantize(a, "nf4", blocksize=64, backend="triton", interpret=True))
+    fn = jax.jit(lambda a: kernels.quantize_fused(a, "nf4", blocksize=64, backend="pallas_triton", interpret=True))
     ours = fn(jnp.asarray(w))
     expected = jax.jit(lambda a: quantize(a, "nf4", blocksize=64, double_quant=True))(jnp.asarray(w))
     _, absmax = quantize_triton.quantize_blocks(jnp.asarray(w), "nf4", blocksize=64, interpret=True)
@@ -221,14 +159,15 @@ def test_quantize_refuses_nonfinite_outside_jit(rng):
     w = weights(rng, (4, 128))
     w[1, 5] = np.nan
     with pytest.raises(QuantizationError, match=r"non-finite.*\(1, 5\)"):
-        kernels.quantize(jnp.asarray(w), backend="triton", interpret=True)
+        kernels.quantize_fused(jnp.asarray(w), backend="pallas_triton", interpret=True)
 
 
 def _linear_loss(matmul, c):
     return lambda x: jnp.sum(matmul(x).astype(jnp.float32) * c)
 
 
-@pytest.mark.parametrize("backend,dq", [("triton", True), ("triton", False), ("xla", True)])
+@pytest.mark.parametrize("backend,dq", [("pallas_triton", True), ("pallas_triton", False), ("jax_triton", True),
+                                        ("jax_triton", False), ("xla", True)])
 def test_custom_vjp_against_float64_and_jax_grad_of_the_reference(rng, backend, dq):
     n, k = 48, 256
     qt = quantize(weights(rng, (n, k)), "nf4", blocksize=64, double_quant=dq)
@@ -236,7 +175,9 @@ def test_custom_vjp_against_float64_and_jax_grad_of_the_reference(rng, backend, 
     c = jnp.asarray(rng.standard_normal((2, 3, n)), jnp.float32)
     w64 = reference_values(qt, "bfloat16")
 
-    matmul = lambda x: kernels.quantized_matmul(x, qt, backend=backend, interpret=True)
+    def matmul(x):
+        return kernels.quantized_matmul(x, qt, backend=backend, interpret=True)
+
     loss, dx = jax.jit(jax.value_and_grad(_linear_loss(matmul, c)))(x)
     # The cotangent reaching the bf16 output is c rounded to bf16; dx = ct @ W, rounded to bf16.
     ct = c.astype(jnp.bfloat16)
@@ -256,7 +197,7 @@ def test_custom_vjp_against_float64_and_jax_grad_of_the_reference(rng, backend, 
 def test_weight_cotangent_is_zero_of_the_right_kind(rng):
     qt = quantize(weights(rng, (32, 128)), "nf4", blocksize=64)
     x = activations(rng, (4, 128), "bfloat16")
-    grad = jax.grad(lambda q: jnp.sum(kernels.quantized_matmul(x, q, backend="triton", interpret=True)
+    grad = jax.grad(lambda q: jnp.sum(kernels.quantized_matmul(x, q, backend="pallas_triton", interpret=True)
                                       .astype(jnp.float32)), allow_int=True)(qt)
     assert isinstance(grad, QuantizedTensor)
     assert grad.codes.dtype == jax.dtypes.float0 and grad.scales.dtype == jax.dtypes.float0
@@ -267,12 +208,12 @@ def test_weight_cotangent_is_zero_of_the_right_kind(rng):
 def test_leading_batch_dims_and_matmul_grad_entry_point(rng):
     qt = quantize(weights(rng, (32, 128)), "fp4", blocksize=64)
     x = activations(rng, (2, 2, 3, 128), "bfloat16")
-    y = kernels.quantized_matmul(x, qt, backend="triton", interpret=True)
+    y = kernels.quantized_matmul(x, qt, backend="pallas_triton", interpret=True)
     assert y.shape == (2, 2, 3, 32)
     w64 = reference_values(qt, "bfloat16")
     assert_product_close(y.reshape(12, 32), x.reshape(12, 128), w64.T, "bfloat16")
     dy = activations(rng, (3, 5, 32), "bfloat16")
-    dx = kernels.quantized_matmul_grad(dy, qt, backend="triton", interpret=True)
+    dx = kernels.quantized_matmul_grad(dy, qt, backend="pallas_triton", interpret=True)
     assert dx.shape == (3, 5, 128)
     assert_product_close(dx.reshape(15, 128), dy.reshape(15, 32), w64, "bfloat16")
 
@@ -329,7 +270,9 @@ def test_mosaic_backend_custom_vjp(rng):
     c = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
     for op in ("matmul", "matmul_grad"):
         assert kernels.resolve_backend(op, qt, dtype=x.dtype, m=3, backend="mosaic")[0] == "mosaic"
-    matmul = lambda x: kernels.quantized_matmul(x, qt, backend="mosaic", interpret=True)
+    def matmul(x):
+        return kernels.quantized_matmul(x, qt, backend="mosaic", interpret=True)
+
     y = matmul(x)
     dx = jax.grad(_linear_loss(matmul, c))(x)
     w64 = reference_values(qt, "bfloat16")
@@ -345,15 +288,15 @@ def test_unsupported_shapes_fall_back_to_xla_and_stay_correct(rng):
     cases = [(odd_k, "bfloat16", "not a multiple"), (int8, "bfloat16", "int8"), (nf4, "float32", "float32")]
     for qt, dtype, why in cases:
         x = activations(rng, (3, qt.shape[1]), dtype)
-        backend, reason = kernels.resolve_backend("matmul", qt, dtype=x.dtype, m=3, backend="triton")
+        backend, reason = kernels.resolve_backend("matmul", qt, dtype=x.dtype, m=3, backend="pallas_triton")
         assert backend == "xla" and why in reason
-        y = kernels.quantized_matmul(x, qt, backend="triton", interpret=True)
+        y = kernels.quantized_matmul(x, qt, backend="pallas_triton", interpret=True)
         expected = np.asarray(x.astype(jnp.float32), np.float64) @ qt.dequantize(dtype).astype(jnp.float32).T
         np.testing.assert_allclose(np.asarray(y.astype(jnp.float32)), expected, rtol=2**-7, atol=1e-4)
     assert kernels.resolve_backend("matmul", nf4, dtype=x32.dtype, m=3, backend="mosaic")[0] == "xla"
-    backend, reason = kernels.resolve_backend("matmul", nf4, dtype=jnp.bfloat16, m=2**31 // 64, backend="triton")
+    backend, reason = kernels.resolve_backend("matmul", nf4, dtype=jnp.bfloat16, m=2**31 // 64, backend="pallas_triton")
     assert backend == "xla" and "int32" in reason
-    empty = kernels.quantized_matmul(jnp.zeros((0, 128), jnp.bfloat16), nf4, backend="triton", interpret=True)
+    empty = kernels.quantized_matmul(jnp.zeros((0, 128), jnp.bfloat16), nf4, backend="pallas_triton", interpret=True)
     assert empty.shape == (0, 8)
 
 
@@ -364,13 +307,13 @@ A100 = Target("gpu", "cuda", (8, 0), 108)
 @pytest.mark.parametrize(
     "op,m,target,expected",
     [
-        ("matmul", 1, H100, "triton"),
-        ("matmul", 64, H100, "triton"),
+        ("matmul", 1, H100, "jax_triton"),
+        ("matmul", 64, H100, "jax_triton"),
         ("matmul", 65, H100, "xla"),
         ("matmul_grad", 4096, H100, "xla"),
-        ("matmul", 128, A100, "triton"),
+        ("matmul", 128, A100, "jax_triton"),
         ("matmul", 129, A100, "xla"),
-        ("dequantize", None, H100, "triton"),
+        ("dequantize", None, H100, "jax_triton"),
         ("matmul", 1, Target("cpu"), "xla"),
         ("matmul", 1, Target("tpu"), "xla"),
         ("matmul", 1, Target("gpu", "rocm", (9, 4), 304), "xla"),
@@ -399,7 +342,7 @@ def test_bad_inputs_are_named(rng):
     with pytest.raises(ValueError, match="unknown backend"):
         kernels.quantized_matmul(jnp.zeros((2, 128), jnp.bfloat16), qt, backend="cuda")
     with pytest.raises(RuntimeError, match="needs a CUDA GPU.*interpret=True"):
-        kernels.quantized_matmul(jnp.zeros((2, 128), jnp.bfloat16), qt, backend="triton")
+        kernels.quantized_matmul(jnp.zeros((2, 128), jnp.bfloat16), qt, backend="pallas_triton")
     with pytest.raises(ValueError, match=r"dy's last dimension \(31\) != the weight's out_features N \(32\)"):
         kernels.quantized_matmul_grad(jnp.zeros((2, 31), jnp.bfloat16), qt)
     with pytest.raises(ValueError, match="must be a power of two"):

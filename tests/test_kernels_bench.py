@@ -22,10 +22,12 @@ def test_bench_kernels_smoke(tmp_path):
     records = json.loads(out.read_text())["records"]
     seen = {(r["op"], r["impl"]) for r in records}
     for op in ("forward", "input_grad"):
-        for impl in ("jnp.dot bf16", "xla dequant+dot", "ours triton"):
+        for impl in ("jnp.dot bf16", "xla dequant+dot", "ours jax_triton", "ours pallas_triton",
+                     "ours auto->jax_triton"):
             assert (op, impl) in seen, (op, impl)
     assert ("forward", "ours mosaic") in seen
-    assert {"quantize", "dequantize"} <= {r["op"] for r in records}
+    for op in ("quantize", "dequantize"):
+        assert {(op, "ours jax_triton"), (op, "ours pallas_triton"), (op, "xla")} <= seen, op
     assert all(r["time_us"] and r["time_us"] > 0 for r in records)
     # Every kernel row was checked against XLA in the same run.
     for r in records:

@@ -1,4 +1,4 @@
-"""The kernels' real CUDA lowering, checked without a GPU.
+"""The Pallas kernels' real CUDA lowering, checked without a GPU (the jax_triton kernels': test_kernels_jax_triton.py).
 
 ``jax.export(..., platforms=["cuda"])`` under an abstract H100 (or A100) runs every Pallas
 lowering rule (jaxpr -> Triton IR, jaxpr -> Mosaic GPU MLIR) on the host. Only shapes and dtypes
@@ -12,11 +12,18 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import pytest
+from qlora_jax.kernels import (
+    dequantize_triton,
+    jt_ops,
+    lowering,
+    matmul_grad_mosaic,
+    matmul_grad_triton,
+    matmul_mosaic,
+    matmul_triton,
+)
+from qlora_jax.kernels import tiles as tiles_lib
 
 from qlora_jax import kernels
-from qlora_jax.kernels import dequantize_triton, lowering, matmul_grad_mosaic, matmul_grad_triton, matmul_mosaic
-from qlora_jax.kernels import matmul_triton
-from qlora_jax.kernels import tiles as tiles_lib
 from qlora_jax.quant import QuantizedTensor
 
 LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # weight [N, K] = [out, in]
@@ -56,7 +63,7 @@ def test_triton_select_tree_lookup_lowers(lookup):
     for m in (1, 100, 512):
         tiles = dataclasses.replace(tiles_lib.matmul_tiles(m, 11008, 4096), lookup=lookup)
         x = jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16)
-        exported = lowering.export_for_cuda(lambda x, q: matmul_triton.fused_matmul(x, q, tiles=tiles), x, qt)
+        exported = lowering.export_for_cuda(lambda x, q, t=tiles: matmul_triton.fused_matmul(x, q, tiles=t), x, qt)
         assert lowering.TRITON_TARGET in lowering.custom_call_targets(exported)
     tiles = dataclasses.replace(tiles_lib.dequantize_tiles(11008, 4096), lookup=lookup)
     exported = lowering.export_for_cuda(lambda q: dequantize_triton.dequantize_kernel(q, tiles=tiles), qt)
@@ -88,8 +95,8 @@ def test_triton_dequantize_lowers(dtype, double_quant, blocksize):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_triton_quantize_lowers_with_ieee_division(quant_type, blocksize, dtype):
     w = jax.ShapeDtypeStruct((4096, 11008 if blocksize < 4096 else 4096), dtype)
-    exported = lowering.export_for_cuda(lambda w: kernels.quantize(w, quant_type, blocksize=blocksize,
-                                                                   backend="triton"), w)
+    exported = lowering.export_for_cuda(lambda w: kernels.quantize_fused(w, quant_type, blocksize=blocksize,
+                                                                   backend="pallas_triton"), w)
     assert lowering.TRITON_TARGET in lowering.custom_call_targets(exported)
     # Triton's float32 `/` is the approximate div.full.f32; bitsandbytes' bytes need div.rn.
     assert "div.rn.f32" in exported.mlir_module()
@@ -119,11 +126,12 @@ def test_mosaic_gpu_grad_lowers_for_h100(m, n, k, blocksize):
 
 @pytest.mark.parametrize("m,expected", [(1, True), (64, True), (65, False), (4096, False)])
 def test_auto_dispatch_under_an_abstract_h100(m, expected):
-    """backend="auto" reads the abstract device: fused kernels for memory-bound M, XLA above."""
+    """backend="auto" reads the abstract device: fused (jax_triton) kernels for memory-bound M, XLA above."""
     qt = abstract_weight(4096, 4096)
     x = jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16)
-    exported = lowering.export_for_cuda(lambda x, q: kernels.quantized_matmul(x, q), x, qt)
-    assert (lowering.TRITON_TARGET in lowering.custom_call_targets(exported)) == expected
+    with jt_ops.autotune_disabled():
+        exported = lowering.export_for_cuda(lambda x, q: kernels.quantized_matmul(x, q), x, qt)
+    assert (lowering.JAX_TRITON_TARGET in lowering.custom_call_targets(exported)) == expected
 
 
 def test_training_step_lowers_with_both_kernels():
@@ -132,7 +140,7 @@ def test_training_step_lowers_with_both_kernels():
     x = jax.ShapeDtypeStruct((2, 8, 4096), jnp.bfloat16)
 
     def loss(x, q):
-        return jnp.sum(kernels.quantized_matmul(x, q, backend="triton").astype(jnp.float32) ** 2)
+        return jnp.sum(kernels.quantized_matmul(x, q, backend="pallas_triton").astype(jnp.float32) ** 2)
 
     exported = lowering.export_for_cuda(jax.grad(loss), x, qt)
     assert exported.mlir_module().count(f"custom_call @{lowering.TRITON_TARGET}") == 2

@@ -90,7 +90,7 @@ def test_kernel_backend_reaches_the_quantized_matmuls(rng):
     np.testing.assert_array_equal(np.asarray(xla), np.asarray(auto))
     # A GPU kernel asked for on CPU (without the interpreter) is refused: the choice got through.
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
-        llama.forward(ModelSpec(config, compute_dtype="bfloat16", kernel_backend="triton"), base, None, ids)
+        llama.forward(ModelSpec(config, compute_dtype="bfloat16", kernel_backend="pallas_triton"), base, None, ids)
     with pytest.raises(ValueError, match="kernel_backend"):
         ModelSpec(CONFIG, kernel_backend="cublas")
 
