@@ -226,7 +226,10 @@ def test_sharded_matmul_and_grad_equal_unsharded(rng, mesh_spec, n, k, tensor_pa
         assert_product_close(got.reshape(16, n), x.reshape(16, k), w64.T, "bfloat16", rounded_partials=reduced)
     for got, reduced in ((dx, False), (dx_s, tensor and tensor_parallel == "column")):
         assert_product_close(got.reshape(16, k), ct, w64, "bfloat16", rounded_partials=reduced)
-    np.testing.assert_allclose(float(loss_s), float(loss), rtol=1e-2)
+    # The loss sums products of either sign, so it can cancel: bound the difference by the sum of
+    # magnitudes (each bf16 output is within a few ulps, 2^-8 relative, of the other run's).
+    magnitude = float(jnp.sum(jnp.abs(y.astype(jnp.float32) * c)))
+    assert abs(float(loss_s) - float(loss)) <= 1e-2 * magnitude, (float(loss_s), float(loss), magnitude)
 
 
 CONFIG = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
