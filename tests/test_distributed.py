@@ -103,7 +103,7 @@ def test_offloaded_state_stays_sharded_and_on_host(setup):
     mesh = make_mesh("fsdp=8")
     sharded_lora = shard_tree(lora, param_shardings(lora, mesh))
     sharded_base = shard_tree(base, param_shardings(base, mesh))
-    optimizer = make_optimizer("paged_adamw_32bit", learning_rate=1e-3)
+    optimizer = make_optimizer("paged_adamw_32bit", learning_rate=1e-3, placement="layers")
     opt_state = optimizer.init(sharded_lora)
     step = jit_train_step(make_train_step(ModelSpec(CONFIG, lora_config), optimizer), opt_state)
     new_lora, new_state, metrics = step(sharded_lora, opt_state, sharded_base, shard_batch(batch, mesh), None)

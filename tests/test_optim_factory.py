@@ -78,7 +78,8 @@ def test_make_optimizer_is_clipped_masked_adamw_with_warmup(rng, name):
     params = llama_like(rng)
     grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 1.0, size=x.shape), jnp.float32), params)
              for _ in range(6)]
-    ours = optim.make_optimizer(name, 1e-2, warmup_steps=3, weight_decay=0.05)
+    ours = optim.make_optimizer(name, 1e-2, warmup_steps=3, weight_decay=0.05,
+                                **({"placement": "layers"} if name.startswith("paged") else {}))
     mask = {"embed_tokens": True, "norm": False,
             "layers": {"input_layernorm": False,
                        "self_attn": {"q_proj": {"lora_A": True, "lora_B": True, "bias": False}},

@@ -29,7 +29,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
-from qlora_jax.optim.memory import refresh_host_avals
+from qlora_jax.optim.memory_kinds import refresh_host_avals
 from qlora_jax.optim.shardings import tree_shardings
 
 __all__ = ["DonationError", "check_donation", "jit_train_step", "TrainStep"]
@@ -265,7 +265,7 @@ def jit_train_step(
 
     Each call checks that the state is where the step expects it and raises ValueError naming the
     leaf if not (e.g. a checkpoint restored to device memory), and re-tags host arrays whose
-    abstract value says device memory (:func:`~qlora_jax.optim.memory.refresh_host_avals`; Orbax
+    abstract value says device memory (:func:`~qlora_jax.optim.memory_kinds.refresh_host_avals`; Orbax
     restores give such arrays).
     """
     if any(i < 0 for i in donate_argnums):
