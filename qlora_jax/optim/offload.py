@@ -31,8 +31,10 @@ restores under another, and ``optax.tree_utils.tree_get(state, "learning_rate")`
 ``update`` follows where the state is: host-resident state is streamed, device state is not, and
 the new state goes where the old one was (so ``optax.MultiSteps``' branches agree).
 
-Between steps a host-resident state leaf is a ``pinned_host`` array with the sharding of the
-parameter it belongs to (replicated for scalars; :mod:`qlora_jax.optim.shardings`). On CPU every
+Offloaded, every per-parameter state leaf with at least one axis is a ``pinned_host`` array between
+steps, with the sharding of the parameter it belongs to (:mod:`qlora_jax.optim.shardings`); the
+global leaves (step counts, injected hyperparameters) and 0-d leaves stay on the device (a few
+bytes, and optax wrappers such as ``optax.MultiSteps`` compute on them). On CPU every
 memory kind is the same RAM and the copies are no-ops: tests there check placement, the structure
 of the update and numerics, not the savings (``experiments/bench_optimizer.py`` on a GPU).
 
@@ -236,16 +238,25 @@ def _mib(n: int | None) -> str:
 
 
 def _to_device(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device), tree)
+    def one(x):
+        if jax.typeof(x).memory_space != jax.memory.Space.Host:
+            # Offloaded state whose abstract value says device (built by jit out_shardings alone, or
+            # restored by Orbax; see memory_kinds.refresh_host_avals): re-tag it, or the copy to the
+            # device would be dropped. Best effort: refresh such state before the jit instead.
+            x = jax.device_put(x, jax.memory.Space.Host)
+        return jax.device_put(x, jax.memory.Space.Device)
+
+    return jax.tree.map(one, tree)
 
 
 def _to_host(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Host), tree)
 
 
-def _on_host(state: Any) -> bool:
-    """Whether the state's leaves are in host memory (all of them; a mix is an error)."""
-    spaces = {jax.typeof(x).memory_space for x in jax.tree.leaves(state)}
+def _on_host(layout: streaming.StateLayout, state: Any) -> bool:
+    """Whether the state is offloaded: its per-parameter leaves in host memory (all or none of them)."""
+    leaves = jax.tree.leaves(state)
+    spaces = {jax.typeof(leaves[i]).memory_space for i in layout.offloadable_ids}
     if len(spaces) > 1:
         raise ValueError(f"the optimizer state is partly on the device and partly in host memory ({spaces}); "
                          "restore or build it with the placement of optimizer.init(params)")
@@ -316,13 +327,14 @@ def offload_state(
     def update_fn(updates, state, params=None, **extra_args):
         layout = layouts(updates)
         streaming.check_state(layout, state)
-        if not _on_host(state):
+        chosen = decided.get(key_of(updates))
+        if not _on_host(layout, state) and not (chosen is not None and chosen.on_host):
             if elementwise:
                 return inner.update(updates, state, params, **extra_args)
             return streaming.update_pieces(inner, layout, updates, state, params, extra_args, layers_per_chunk=1)
-        # Host-resident: the chunk size decided at init (one layer if this instance never saw init,
-        # e.g. inside optax.inject_hyperparams, which rebuilds the transform every step).
-        chosen = decided.get(key_of(updates))
+        # Host-resident (the state says so, or this instance's init put it there: an abstract value can
+        # say device for a host array). The chunk size is the one decided at init; one layer if this
+        # instance never saw init (e.g. inside optax.inject_hyperparams, which rebuilds it every step).
         if chosen is None or not chosen.on_host:
             chosen = Placement("host", 1)
         if chosen.whole:

@@ -176,6 +176,17 @@ class StateLayout:
         """The full state as a tree of ShapeDtypeStructs."""
         return self.treedef.unflatten(self.abstract)
 
+    @property
+    def offloadable_ids(self) -> tuple[int, ...]:
+        """Leaves an offloaded state keeps in host memory: per-parameter leaves with at least one axis.
+
+        Global leaves (step counts, injected hyperparameters) and 0-d leaves stay on the device: they
+        are a few bytes, and optax wrappers compute on them (``optax.MultiSteps``' ``jnp.where`` on a
+        0-d host array gives a device array, and its ``cond`` branches would then disagree).
+        """
+        globals_set = set(self.global_ids)
+        return tuple(i for i, x in enumerate(self.abstract) if i not in globals_set and len(x.shape) >= 1)
+
     def leaf_bytes(self, ids: Sequence[int]) -> int:
         """Global bytes of the full-state leaves ``ids``."""
         return sum(int(np.prod(self.abstract[i].shape, dtype=np.int64)) * self.abstract[i].dtype.itemsize
@@ -319,17 +330,28 @@ def init_state(inner: optax.GradientTransformation, layout: StateLayout, params:
 
             for i, x in zip(layout.layer_ids, jax.lax.map(one_layer, plan.select(leaves, plan.layer_ids))):
                 full[i] = x
+        offloadable = set(layout.offloadable_ids)
         for ids, piece in zip(plan.groups, layout.group_pieces):
             state = piece.treedef.flatten_up_to(inner.init(plan.select(leaves, ids)))
             for q, i in enumerate(piece.sources):
                 if i not in globals_set:
-                    full[i] = to_host(state[q])
+                    full[i] = to_host(state[q]) if i in offloadable else state[q]
         return layout.treedef.unflatten(full)
 
     if is_traced(params):
         state = build(params)
-        return jax.device_put(state, jax.memory.Space.Host) if memory_kind == "pinned_host" else state
-    shardings = state_shardings(layout.abstract_state(), params, memory_kind)
+        if memory_kind != "pinned_host":
+            return state
+        offloadable = set(layout.offloadable_ids)
+        leaves = [jax.device_put(x, jax.memory.Space.Host) if i in offloadable else x
+                  for i, x in enumerate(layout.treedef.flatten_up_to(state))]
+        return layout.treedef.unflatten(leaves)
+    shardings = state_shardings(layout.abstract_state(), params)
+    if memory_kind is not None:
+        offloadable = set(layout.offloadable_ids)
+        flat = [x.with_memory_kind(memory_kind) if i in offloadable else x
+                for i, x in enumerate(layout.treedef.flatten_up_to(shardings))]
+        shardings = layout.treedef.unflatten(flat)
     # The device_put inside as well as out_shardings: with out_shardings alone jax 0.11 returns
     # host arrays whose abstract value still says device memory, and a later jit would then skip
     # the copy to the device.
@@ -361,7 +383,8 @@ def update_pieces(
     g_leaves = plan.treedef.flatten_up_to(updates)
     p_leaves = None if params is None else plan.treedef.flatten_up_to(params)
     globals_set = set(layout.global_ids)
-    glob = dict(zip(layout.global_ids, to_device(_pick(full, layout.global_ids))))
+    offloadable = set(layout.offloadable_ids)
+    glob = dict(zip(layout.global_ids, _pick(full, layout.global_ids)))  # on the device already
     new_full = list(full)
     out: list[Any] = [None] * len(g_leaves)
 
@@ -396,14 +419,15 @@ def update_pieces(
             local, _ = jax.lax.optimization_barrier((local, previous))
         g_tree = plan.select(g_leaves, ids)
         p_tree = None if p_leaves is None else plan.select(p_leaves, ids)
+        local_ids = [i for i in piece.sources if i not in globals_set]
         u, new_local, new_glob = run_piece(piece, to_device(local), g_tree, p_tree)
-        new_local = to_host(new_local)
+        new_local = [to_host(x) if i in offloadable else x for i, x in zip(local_ids, new_local)]
         for i, x in zip(ids, plan.leaves_of(u, ids)):
             out[i] = x
-        for i, x in zip([i for i in piece.sources if i not in globals_set], new_local):
+        for i, x in zip(local_ids, new_local):
             new_full[i] = x
         previous = new_local
-    for i, x in zip(layout.global_ids, to_host(list(new_glob))):
+    for i, x in zip(layout.global_ids, new_glob):
         new_full[i] = x
     return plan.treedef.unflatten(out), layout.treedef.unflatten(new_full)
 
