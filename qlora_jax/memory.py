@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any
 
 from qlora_jax.lora import ALL_LINEAR
 from qlora_jax.models.config import LlamaConfig
@@ -217,7 +216,7 @@ def plan_memory(
 
     # Frozen base.
     codes = constants = 0
-    for name, shape in config.linear_shapes().items():
+    for shape in config.linear_shapes().values():
         report = storage_report_for(shape, quant if quant in ("nf4", "fp4", "int8") else base_dtype, blocksize,
                                     double_quant)
         codes += layers * report.codes_bytes
