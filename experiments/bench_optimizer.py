@@ -252,7 +252,8 @@ def main(argv: list[str]) -> None:
 
     for variant in FLAGS.variants:
         name, placement = parse_variant(variant)
-        if name not in OPTIMIZER_NAMES or (placement and (placement not in PLACEMENTS or not name.startswith("paged_"))):
+        bad_placement = placement and (placement not in PLACEMENTS or not name.startswith("paged_"))
+        if name not in OPTIMIZER_NAMES or bad_placement:
             raise app.UsageError(f"unknown variant {variant!r}: OPTIMIZER[:PLACEMENT] with an optimizer among "
                                  f"{OPTIMIZER_NAMES} and, for paged ones, a placement among {PLACEMENTS}")
     records = []
@@ -265,7 +266,8 @@ def main(argv: list[str]) -> None:
             proc = subprocess.run(args, capture_output=True, text=True, env=os.environ.copy())
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RECORD ")]
             if proc.returncode != 0 or not lines:
-                raise RuntimeError(f"{variant} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+                raise RuntimeError(f"{variant} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                                   f"{proc.stderr[-4000:]}")
             records.append(json.loads(lines[-1][len("RECORD "):]))
         else:
             records.append(run_one(variant))
