@@ -1,8 +1,9 @@
-"""make_optimizer, the weight-decay mask, the warmup schedule, and the optimizer benchmark's smoke run."""
+"""make_optimizer, the weight-decay mask, the learning-rate schedules, and the optimizer benchmark's smoke run."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -179,3 +180,30 @@ def test_bench_optimizer_smoke(tmp_path):
     # CPU reports no memory statistics: the table says so instead of printing a number.
     assert base["peak_device_bytes"] is None and "not available" in proc.stdout
     assert "paged_adamw:layers" in proc.stdout and "vs base" in proc.stdout
+
+
+@pytest.mark.parametrize("schedule_type", optim.SCHEDULE_TYPES)
+@pytest.mark.parametrize("max_steps,warmup_ratio", [(20, 0.0), (20, 0.03), (37, 0.25)])
+def test_lr_schedule_is_hugging_faces(schedule_type, max_steps, warmup_ratio):
+    """transformers.get_scheduler's lambdas (optimization.py), written out, times the base rate."""
+    lr = 3e-4
+    warmup = math.ceil(warmup_ratio * max_steps)  # TrainingArguments.get_warmup_steps
+
+    def hf(step):
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, max_steps - warmup)
+        if schedule_type == "constant":
+            return 1.0
+        if schedule_type == "linear":
+            return max(0.0, (max_steps - step) / max(1, max_steps - warmup))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    schedule = optim.lr_schedule(schedule_type, lr, max_steps=max_steps, warmup_ratio=warmup_ratio)
+    for step in range(max_steps + 1):
+        assert float(schedule(step)) == pytest.approx(lr * hf(step), rel=1e-5, abs=1e-10), step
+    assert optim.schedules.warmup_steps_for(max_steps, warmup_ratio, warmup_steps=5) == 5
+    with pytest.raises(ValueError, match="unknown lr_scheduler_type 'step'"):
+        optim.lr_schedule("step", lr, max_steps=10)
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        optim.lr_schedule("linear", lr, max_steps=10, warmup_ratio=1.5)
