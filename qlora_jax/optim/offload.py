@@ -322,9 +322,9 @@ def offload_state(
             _mib(traffic.to_host_bytes_per_step), _mib(traffic.device_transient_bytes))
         if not chosen.on_host:
             return streaming.init_state(inner, layout, params)
-        logger.info("paged optimizer state in host memory: compile the step with qlora_jax.optim.jit_train_step, or "
-                    "check your own jax.jit with qlora_jax.optim.check_donation (jax 0.11 aborts the process when a "
-                    "jit pairs a donated host buffer with a device output)")
+        logger.info("paged optimizer with host-resident state: compile the step with "
+                    "qlora_jax.optim.jit_train_step, or check your own jax.jit with qlora_jax.optim.check_donation "
+                    "(jax 0.11 aborts the process when a jit pairs a donated host buffer with a device output)")
         return streaming.init_state(inner, layout, params, memory_kind=memory_kind, to_host=_to_host)
 
     def update_fn(updates, state, params=None, **extra_args):
