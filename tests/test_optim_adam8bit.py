@@ -202,7 +202,7 @@ def test_paged_8bit_equals_unpaged_8bit(rng):
     grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params) for _ in range(4)]
     results = []
     for name in ("adamw_8bit", "paged_adamw_8bit"):
-        tx = optim.make_optimizer(name, 1e-2, weight_decay=0.1)
+        tx = optim.make_optimizer(name, 1e-2, weight_decay=0.1, **({"placement": "layers"} if "paged" in name else {}))
         p, s = params, tx.init(params)
         update = jax.jit(tx.update)
         for g in grads:
