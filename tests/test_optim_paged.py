@@ -198,6 +198,19 @@ def _ssa_graph(body: str) -> tuple[dict, dict, list[str]]:
     return defs, uses, lines
 
 
+def _depends_on(name: str, defs: dict) -> set[str]:
+    """Every SSA value ``name`` is computed from inside the region ``defs`` describes (itself included)."""
+    frontier, seen = {name}, set()
+    while frontier:
+        value = frontier.pop()
+        if value in seen:
+            continue
+        seen.add(value)
+        if value in defs:
+            frontier |= set(re.findall(r"%\w+", defs[value].split(" = ", 1)[1]))
+    return seen
+
+
 def _while_body(text: str) -> str:
     start = text.index("} do {")
     depth, i = 1, start + len("} do {")
@@ -242,14 +255,14 @@ def test_exported_cuda_update_prefetches_the_next_layer_during_the_current_one(r
         source = re.search(r"annotate_device_placement\((%\w+)\)", line).group(1)
         assert "dynamic_slice" in defs[source], defs[source]
     assert any("stablehlo.minimum" in line for line in lines)
-    # The update of this iteration reads the state carried in from the previous one.
-    carried = set(re.findall(r"%iterArg_\d+", " ".join(lines)))
-    arithmetic = [line for line in lines if re.search(r"stablehlo\.(sqrt|divide)", line)]
-    assert arithmetic, "no update arithmetic in the loop body"
-    for line in to_host:  # each write-back comes from arithmetic on carried values, not the new copies
-        value = re.search(r"annotate_device_placement\((%\w+)\)", line).group(1)
-        assert value not in {re.match(r"(%\w+) = ", d).group(1) for d in to_device}
-    assert carried
+    # The update of this iteration reads the state carried in from the previous iteration: what each
+    # write-back copies depends on loop-carried values and on none of this iteration's prefetches.
+    prefetched = {re.match(r"(%\w+) = ", line).group(1) for line in to_device}
+    for line in to_host:
+        closure = _depends_on(re.search(r"annotate_device_placement\((%\w+)\)", line).group(1), defs)
+        assert not closure & prefetched, f"the write-back waits for the prefetch: {line}"
+        assert any(name.startswith("%iterArg") for name in closure), line
+        assert any(re.search(r"stablehlo\.(multiply|add) ", defs[name]) for name in closure if name in defs), line
 
     # Before the loop: the first layer's copies, which depend on no gradient (arguments 0.. of g).
     prologue = text[text.index("func.func public @main"):text.index("stablehlo.while")]
@@ -258,15 +271,8 @@ def test_exported_cuda_update_prefetches_the_next_layer_during_the_current_one(r
     grads_args = {f"%arg{i}" for i in range(len(jax.tree.leaves(params)))}
     p_defs, _, _ = _ssa_graph(prologue)
     for line in first:
-        frontier, seen = set(re.findall(r"%\w+", line.split(" = ", 1)[1])), set()
-        while frontier:
-            name = frontier.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            if name in p_defs:
-                frontier |= set(re.findall(r"%\w+", p_defs[name].split(" = ", 1)[1]))
-        assert not seen & grads_args, f"the first layer's copy depends on the gradients: {line}"
+        closure = _depends_on(re.search(r"annotate_device_placement\((%\w+)\)", line).group(1), p_defs)
+        assert not closure & grads_args, f"the first layer's copy depends on the gradients: {line}"
 
     # What the program moves per step equals the planner's accounting (float32 moments).
     per_layer = sum(x.size // L * x.dtype.itemsize for x in layer_state)
@@ -274,10 +280,6 @@ def test_exported_cuda_update_prefetches_the_next_layer_during_the_current_one(r
     groups = plan.host_bytes - L * per_layer
     assert plan.to_device_bytes_per_step == (L + 1) * per_layer + groups  # L in the loop + the first, groups
     assert plan.to_host_bytes_per_step == L * per_layer + groups
-
-
-def reference_chain():
-    return optax.chain(optim.adamw(LR, weight_decay=WD))
 
 
 def assert_close(a, b, rtol=1e-5, atol=1e-6):
