@@ -99,7 +99,7 @@ def test_make_optimizer_is_clipped_masked_adamw_with_warmup(rng, name):
         rp = optax.apply_updates(rp, ru)
     for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(rp)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    kinds = set(jax.tree.leaves(optim.tree_memory_kinds(s)))
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(s) if x.ndim}  # the moments (counts: device)
     assert kinds == ({"pinned_host"} if name.startswith("paged") else {"device"})
 
 

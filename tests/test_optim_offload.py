@@ -96,6 +96,12 @@ def leaf_kinds(tree) -> set[str]:
     return set(jax.tree.leaves(optim.tree_memory_kinds(tree)))
 
 
+def assert_offloaded(state) -> None:
+    """Offloaded: the moments (leaves with an axis) in pinned host memory, the step counts on the device."""
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(state) if x.ndim >= 1} == {"pinned_host"}
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(state) if x.ndim == 0} == {"device"}
+
+
 def assert_trees_close(actual, expected, rtol, atol):
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(actual)[0], jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol,
@@ -120,7 +126,7 @@ def test_offloaded_adamw_matches_optax_over_20_steps(rng, variant):
     initial = jax.tree.map(np.asarray, params)
     optimizer = paged(variant)
     state = optimizer.init(params)
-    assert leaf_kinds(state) == {"pinned_host"}
+    assert_offloaded(state)
     train_step = optim.jit_train_step(make_step(optimizer), state, donate_argnums=(0, 1))
 
     reference = reference_optimizer()
@@ -132,8 +138,8 @@ def test_offloaded_adamw_matches_optax_over_20_steps(rng, variant):
         ref_params, ref_state = ref_step(ref_params, ref_state, x, y)
         # Between steps every state leaf lives in pinned host memory, and jax's abstract value
         # agrees (a stale "device" aval would make the next step skip the copy to the device).
-        assert leaf_kinds(state) == {"pinned_host"}
-        assert all(jax.typeof(s).memory_space == jax.memory.Space.Host for s in jax.tree.leaves(state))
+        assert_offloaded(state)
+        assert all(jax.typeof(s).memory_space == jax.memory.Space.Host for s in jax.tree.leaves(state) if s.ndim)
     # The trajectory moved well beyond float32 rounding, and matches optax to it.
     moved = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(jax.tree.leaves(params),
                                                                            jax.tree.leaves(initial)))
@@ -245,9 +251,9 @@ def test_sharded_state_stays_sharded_and_pinned(rng):
             p, state = train_step(p, state, x, y)
         final[name] = p
         adam = state[1][0]  # chain(clip, offloaded AdamW chain): the Adam scaling's own state
-        assert leaf_kinds(state) == {"pinned_host"}
+        assert_offloaded(state)
         for leaf in jax.tree.leaves(state):
-            assert leaf.sharding.mesh == mesh and leaf.sharding.memory_kind == "pinned_host"
+            assert leaf.sharding.mesh == mesh
         # Each moment keeps its parameter's partitioning: only the memory kind changed.
         for moment in (adam.mu, adam.nu):
             for (path, m), spec in zip(jax.tree_util.tree_flatten_with_path(moment["layers"])[0],
@@ -304,7 +310,7 @@ DONATION_SCRIPT = textwrap.dedent("""
             old = state
             p, state, metrics = f(p, state, grads)
             assert all(x.is_deleted() for x in jax.tree.leaves(old)), "the state was not donated"
-            kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state)}
+            kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state) if x.ndim}
             assert kinds == ({"device"} if "auto" in config else {"pinned_host"}), kinds
         print(config, "RAN", float(metrics["norm"]), flush=True)
 """)
@@ -344,7 +350,7 @@ def test_step_rejects_state_in_the_wrong_memory(rng):
     state = optimizer.init(params)
     train_step = optim.jit_train_step(make_step(optimizer), state)
     on_device = jax.device_put(state, jax.memory.Space.Device)
-    expected = r"optimizer state leaf \[1\]\[0\]\.count.* placed as .*memory_kind=device.* expects .*pinned_host"
+    expected = r"optimizer state leaf \[1\]\[0\]\.mu.* placed as .*memory_kind=device.* expects .*pinned_host"
     with pytest.raises(ValueError, match=expected):
         train_step(params, on_device, x, y)
 
@@ -387,13 +393,13 @@ def test_offloaded_state_survives_an_orbax_round_trip(rng, tmp_path):
     checkpointer.wait_until_finished()
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
     restored = checkpointer.restore(tmp_path / "state", target)
-    assert leaf_kinds(restored) == {"pinned_host"}
+    assert_offloaded(restored)
     # Orbax's arrays are in host memory but jax's abstract values say device; the step re-tags
     # them, so that the state it traces is host-resident and gets copied to the device.
     refreshed = optim.refresh_host_avals(restored)
-    assert all(jax.typeof(x).memory_space == jax.memory.Space.Host for x in jax.tree.leaves(refreshed))
+    assert all(jax.typeof(x).memory_space == jax.memory.Space.Host for x in jax.tree.leaves(refreshed) if x.ndim)
     traced = train_step.jitted(params, refreshed, x, y).trace(params, refreshed, x, y)
-    assert all(a.memory_space == jax.memory.Space.Host for a in jax.tree.leaves(traced.in_avals[0][1]))
+    assert all(a.memory_space == jax.memory.Space.Host for a in jax.tree.leaves(traced.in_avals[0][1]) if a.ndim)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     expected, _ = train_step(params, state, x, y)
