@@ -7,6 +7,7 @@ numbers; not the savings (experiments/bench_optimizer.py on a GPU).
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 
@@ -74,9 +75,15 @@ def paged_adamw(placement, **kwargs):
                                 placement=placement, **kwargs)
 
 
+@functools.cache
+def jitted_update(optimizer):
+    """One compiled update per optimizer (a NamedTuple of functions, so hashable), reused across calls."""
+    return jax.jit(lambda g, s, p: optimizer.update(g, s, p))
+
+
 def run_steps(optimizer, params, grads_per_step, state=None):
     state = optimizer.init(params) if state is None else state
-    step = jax.jit(lambda g, s, p: optimizer.update(g, s, p))
+    step = jitted_update(optimizer)
     for grads in grads_per_step:
         updates, state = step(grads, state, params)
         params = optax.apply_updates(params, updates)
