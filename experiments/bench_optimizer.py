@@ -1,18 +1,29 @@
-r"""Optimizer benchmark: device memory and step time of AdamW with and without offload, 32- and 8-bit.
+r"""Optimizer benchmark: the paged optimizer's placements against a plain AdamW step, side by side.
 
-    python -m experiments.bench_optimizer                     # 7B-shaped LoRA, r=64 (~160M params)
-    python -m experiments.bench_optimizer --smoke             # tiny shapes, seconds on a CPU
+    python -m experiments.bench_optimizer --json=outputs/bench_optimizer.json   # 7B-shaped LoRA, r=64
+    python -m experiments.bench_optimizer --smoke                              # tiny shapes, seconds on a CPU
 
 The parameters are LoRA adapters on q, k, v, o, gate, up and down of every layer, stacked over the
 layers as qlora_jax.models.llama stores them (float32, as PEFT keeps adapters). One optimizer step
-(clipping, AdamW, parameter update; gradients given) is compiled with
-``qlora_jax.optim.jit_train_step`` and timed. Each optimizer runs in its own process (unless
-``--noisolate``) so that the device's peak-memory counter starts from zero for each.
+(clipping, AdamW, parameter update; gradients given, no model forward/backward) is compiled with
+``qlora_jax.optim.jit_train_step`` and timed, for each variant:
 
-Reported per optimizer: where the state lives (bytes per memory kind, from the arrays), the
-device's measured peak (``device.memory_stats()["peak_bytes_in_use"]``; CPU backends report no
-memory stats, and say so), XLA's compile-time memory analysis, and the median step time; then
-ratios against ``adamw``. The model's forward/backward is not part of the step.
+* ``adamw``: the plain (unpaged) AdamW, the baseline of the 32-bit rows;
+* ``paged_adamw:auto``: the paged optimizer's default; on a GPU with enough free memory it keeps
+  the state on the device (issue target: at most 1.01x the baseline);
+* ``paged_adamw:layers`` / ``:groups`` / ``:whole``: the state in pinned host memory, streamed one
+  layer at a time, in groups sized to the free memory, or whole (target for streaming: 1.05x);
+* ``adamw_8bit``, ``paged_adamw_8bit:auto``, ``paged_adamw_8bit:layers``: the same for 8-bit AdamW
+  (baseline ``adamw_8bit``).
+
+Each variant runs in its own process (unless ``--noisolate``) so that the device's peak-memory
+counter starts from zero. Reported per variant: the placement "auto" chose and why, the bytes the
+step moves each way (the planner's accounting, ``qlora_jax.memory.plan_optimizer_state``), where
+the state lives (bytes per memory kind, from the arrays), the device peak
+(``memory_stats()["peak_bytes_in_use"]``; CPU backends have none, and say so), the number of
+asynchronous ``copy-start``/``copy-done`` pairs in the compiled program (XLA's host-offload pass
+on GPU; none on CPU, where the copies are no-ops), the median step time and its ratio to the
+baseline, and, for streamed variants, the transfer rate the extra time implies.
 """
 
 from __future__ import annotations
@@ -24,27 +35,30 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("smoke", False, "Tiny shapes (2 layers, hidden 256, r 16) and 2 timed steps: a fast CPU check.")
+flags.DEFINE_bool("smoke", False, "Tiny shapes (4 layers, hidden 256, r 16) and 2 timed steps: a CPU check in seconds.")
 flags.DEFINE_integer("layers", 32, "Decoder layers.")
 flags.DEFINE_integer("hidden", 4096, "Hidden size (q, k, v, o are hidden x hidden).")
 flags.DEFINE_integer("intermediate", 11008, "MLP intermediate size.")
 flags.DEFINE_integer("rank", 64, "LoRA rank.")
 flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
-flags.DEFINE_list("optimizers", ["adamw", "paged_adamw", "adamw_8bit", "paged_adamw_8bit"],
-                  "Optimizers to compare (qlora_jax.optim.OPTIMIZER_NAMES); the first is the baseline.")
-flags.DEFINE_bool("isolate", True, "Run each optimizer in a fresh process (clean peak-memory counter).")
-flags.DEFINE_string("json_out", None, "Also write the records as JSON here.")
-flags.DEFINE_string("only", None, "Internal: run this one optimizer and print its record as JSON.")
+flags.DEFINE_list("variants", ["adamw", "paged_adamw:auto", "paged_adamw:layers", "paged_adamw:groups",
+                               "paged_adamw:whole", "adamw_8bit", "paged_adamw_8bit:auto", "paged_adamw_8bit:layers"],
+                  "OPTIMIZER[:PLACEMENT] to compare (qlora_jax.optim.OPTIMIZER_NAMES, PLACEMENTS); each paged one is "
+                  "compared with the unpaged optimizer of its bit width.")
+flags.DEFINE_bool("isolate", True, "Run each variant in a fresh process (clean peak-memory counter).")
+flags.DEFINE_string("json", None, "Also write the records as JSON to this path.")
+flags.DEFINE_alias("json_out", "json")
+flags.DEFINE_string("only", None, "Internal: run this one variant and print its record as JSON.")
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def sizes() -> dict[str, int]:
     if FLAGS.smoke:
-        return {"layers": 2, "hidden": 256, "intermediate": 512, "rank": 16, "steps": 2}
+        return {"layers": 4, "hidden": 256, "intermediate": 512, "rank": 16, "steps": 2}
     return {"layers": FLAGS.layers, "hidden": FLAGS.hidden, "intermediate": FLAGS.intermediate,
             "rank": FLAGS.rank, "steps": FLAGS.steps}
 
@@ -75,12 +89,24 @@ def computed_state_bytes(shapes: dict[str, tuple[int, ...]], eight_bit: bool) ->
     return total
 
 
-def run_one(name: str) -> dict:
+def parse_variant(variant: str) -> tuple[str, str | None]:
+    name, _, placement = variant.partition(":")
+    return name, (placement or None)
+
+
+def baseline_of(variant: str) -> str:
+    name, _ = parse_variant(variant)
+    return "adamw_8bit" if name.endswith("8bit") else "adamw"
+
+
+def run_one(variant: str) -> dict:
     import jax
     import optax
 
     from qlora_jax import optim
+    from qlora_jax.optim import offload
 
+    name, placement = parse_variant(variant)
     s = sizes()
     shapes = lora_shapes(s["layers"], s["hidden"], s["intermediate"], s["rank"])
     device = jax.devices()[0]
@@ -95,9 +121,19 @@ def run_one(name: str) -> dict:
     make = jax.jit(lambda key: tree(lambda i, shape: 0.01 * jax.random.normal(jax.random.fold_in(key, i), shape)))
     params = make(jax.random.key(0))
     grads = make(jax.random.key(1))
-    optimizer = optim.make_optimizer(name, learning_rate=2e-4, max_grad_norm=0.3)
+    kwargs = {"placement": placement} if placement else {}
+    optimizer = optim.make_optimizer(name, learning_rate=2e-4, max_grad_norm=0.3, **kwargs)
+    free_before = offload.measure_free_device_bytes([device])
     state = optimizer.init(params)
     state_bytes = optim.bytes_by_memory_kind(state)
+
+    decision, traffic = None, None
+    if name.startswith("paged_"):
+        core = optim.adamw_8bit(2e-4) if name.endswith("8bit") else optim.adamw(2e-4)
+        layout = optim.state_layout(core, params, optim.layer_stacked, optim.streaming.DEFAULT_MAX_GROUP_SIZE)
+        # The decision init made, replayed with the free memory it saw (the log line says the same).
+        decision = optim.choose_placement(layout, params, placement or "auto", free_device_bytes=free_before)
+        traffic = offload.state_plan(layout, params, decision)
 
     def step(p, st, g):
         updates, st = optimizer.update(g, st, p)
@@ -105,6 +141,7 @@ def run_one(name: str) -> dict:
 
     train_step = optim.jit_train_step(step, state, donate_argnums=(0, 1))
     compiled = train_step.lower(params, state, grads).compile()
+    hlo = compiled.as_text()
     analysis = compiled.memory_analysis()
     times = []
     for i in range(2 + s["steps"]):
@@ -115,19 +152,30 @@ def run_one(name: str) -> dict:
             times.append(time.perf_counter() - tick)
     stats = device.memory_stats()
     peak = stats.get("peak_bytes_in_use") if stats else None
-    kinds = set(jax.tree.leaves(optim.tree_memory_kinds(state)))
     return {
+        "variant": variant,
         "optimizer": name,
+        "baseline": baseline_of(variant),
         "backend": f"{device.platform} ({device.device_kind})",
+        "jax_version": jax.__version__,
         "params": sum(math.prod(v) for v in shapes.values()),
+        "placement_requested": placement or ("auto" if name.startswith("paged_") else None),
+        "placement": None if decision is None else {"where": decision.where,
+                                                    "layers_per_chunk": decision.layers_per_chunk,
+                                                    "whole": decision.whole, "reason": decision.reason},
+        "bytes_to_device_per_step": None if traffic is None else traffic.to_device_bytes_per_step,
+        "bytes_to_host_per_step": None if traffic is None else traffic.to_host_bytes_per_step,
+        "free_device_bytes_at_init": free_before,
         "state_bytes_by_memory_kind": state_bytes,
-        "state_memory_kinds_after_steps": sorted(kinds),
+        "state_memory_kinds_after_steps": sorted(set(jax.tree.leaves(optim.tree_memory_kinds(state)))),
         "computed_state_bytes": computed_state_bytes(shapes, name.endswith("8bit")),
         "peak_device_bytes": peak,
         "memory_stats_available": stats is not None,
         "xla_argument_bytes": getattr(analysis, "argument_size_in_bytes", None),
         "xla_temp_bytes": getattr(analysis, "temp_size_in_bytes", None),
         "xla_host_argument_bytes": getattr(analysis, "host_argument_size_in_bytes", None),
+        "hlo_copy_start": hlo.count(" copy-start("),
+        "hlo_copy_done": hlo.count(" copy-done("),
         "step_seconds_median": sorted(times)[len(times) // 2],
         "isolated": bool(FLAGS.only),
     }
@@ -137,38 +185,61 @@ def _fmt_bytes(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:,.1f} MiB"
 
 
-def _ratio(a, b) -> str:
-    return "n/a" if a is None or b in (None, 0) else f"{a / b:.2f}x"
+def add_ratios(records: list[dict]) -> None:
+    """Time and peak ratios against each record's baseline, and the transfer rate streaming implies."""
+    by_variant = {r["variant"]: r for r in records}
+    for r in records:
+        base = by_variant.get(r["baseline"])
+        r["time_ratio"] = None if base is None else r["step_seconds_median"] / base["step_seconds_median"]
+        r["peak_ratio"] = (None if base is None or not r["peak_device_bytes"] or not base["peak_device_bytes"]
+                           else r["peak_device_bytes"] / base["peak_device_bytes"])
+        extra = None if base is None else r["step_seconds_median"] - base["step_seconds_median"]
+        moved = (r["bytes_to_device_per_step"] or 0) + (r["bytes_to_host_per_step"] or 0)
+        # Only where copies are real transfers (on CPU every memory kind is the same RAM).
+        real = not r["backend"].startswith("cpu")
+        r["implied_transfer_bytes_per_second"] = moved / extra if real and moved and extra and extra > 0 else None
 
 
 def report(records: list[dict]) -> str:
-    base = records[0]
-    lines = [f"backend: {base['backend']}; {base['params']:,} LoRA parameters; baseline {base['optimizer']}", ""]
-    header = (f"{'optimizer':<18} {'state on device':>16} {'state on host':>15} {'computed m, v':>15} "
-              f"{'peak device':>13} {'peak ratio':>10} {'step ms':>9} {'time ratio':>10}")
+    first = records[0]
+    lines = [f"backend: {first['backend']}, jax {first['jax_version']}; {first['params']:,} LoRA parameters", ""]
+    header = (f"{'variant':<24} {'placement':<26} {'state on device':>16} {'state on host':>14} "
+              f"{'to dev/step':>12} {'to host/step':>12} {'copies':>7} {'peak device':>12} {'step ms':>9} "
+              f"{'vs base':>8}")
     lines += [header, "-" * len(header)]
     for r in records:
         by_kind = r["state_bytes_by_memory_kind"]
+        placement = r["placement"]
+        where = "-" if placement is None else (
+            "device" if placement["where"] == "device" else
+            "host, whole" if placement["whole"] else f"host, {placement['layers_per_chunk']} layer(s)/chunk")
+        ratio = "base" if r["time_ratio"] is None or r["variant"] == r["baseline"] else f"{r['time_ratio']:.3f}x"
         lines.append(
-            f"{r['optimizer']:<18} {_fmt_bytes(by_kind.get('device', 0)):>16} "
-            f"{_fmt_bytes(by_kind.get('pinned_host', 0)):>15} {_fmt_bytes(r['computed_state_bytes']):>15} "
-            f"{_fmt_bytes(r['peak_device_bytes']):>13} {_ratio(r['peak_device_bytes'], base['peak_device_bytes']):>10} "
-            f"{1e3 * r['step_seconds_median']:>9.2f} "
-            f"{_ratio(r['step_seconds_median'], base['step_seconds_median']):>10}"
-        )
+            f"{r['variant']:<24} {where:<26} {_fmt_bytes(by_kind.get('device', 0)):>16} "
+            f"{_fmt_bytes(by_kind.get('pinned_host', 0)):>14} {_fmt_bytes(r['bytes_to_device_per_step']):>12} "
+            f"{_fmt_bytes(r['bytes_to_host_per_step']):>12} {r['hlo_copy_start']:>7} "
+            f"{_fmt_bytes(r['peak_device_bytes']):>12} {1e3 * r['step_seconds_median']:>9.2f} {ratio:>8}")
     lines.append("")
-    if not base["memory_stats_available"]:
-        lines.append(f"peak device memory: not available, the {base['backend']} backend reports no memory stats "
+    for r in records:
+        if r["placement"] is not None:
+            lines.append(f"{r['variant']}: {r['placement']['reason']}")
+        if r["implied_transfer_bytes_per_second"]:
+            lines.append(f"{r['variant']}: the extra time over {r['baseline']} is "
+                         f"{r['implied_transfer_bytes_per_second'] / 1e9:.1f} GB/s of the bytes it moves")
+    lines.append("")
+    lines.append("targets (issue 15): paged 'auto' with enough device memory <= 1.01x its baseline; streamed <= 1.05x.")
+    if not first["memory_stats_available"]:
+        lines.append(f"peak device memory: not available, the {first['backend']} backend reports no memory stats "
                      "(device.memory_stats() is None); run on a GPU for measured peaks.")
     elif not all(r["isolated"] for r in records):
-        lines.append("warning: --noisolate: the optimizers shared one process, so each peak includes the previous "
+        lines.append("warning: --noisolate: the variants shared one process, so each peak includes the previous "
                      "ones'; compare peaks only from an isolated run.")
-    if base["backend"].startswith("cpu"):
-        lines.append("note: on CPU 'device' and 'pinned_host' are the same RAM and the copies are no-ops, so step "
-                     "times here measure the streaming overhead only, not PCIe transfers.")
-    lines.append("'state on device/host': bytes of the optimizer state by memory kind after init (measured from "
-                 "the arrays); 'computed m, v': Adam moments from the shapes (float32, or 8-bit codes + absmax per "
-                 "256 values).")
+    if first["backend"].startswith("cpu"):
+        lines.append("note: on CPU 'device' and 'pinned_host' are the same RAM and the copies are no-ops (no "
+                     "copy-start in the program), so step times here measure the streaming loop's overhead only, "
+                     "not PCIe transfers; 'auto' keeps the state on the device.")
+    lines.append("'to dev/step', 'to host/step': bytes the compiled step copies each way (the planner's accounting); "
+                 "'copies': copy-start ops in the compiled program.")
     return "\n".join(lines)
 
 
@@ -177,29 +248,34 @@ def main(argv: list[str]) -> None:
     if FLAGS.only:
         print("RECORD " + json.dumps(run_one(FLAGS.only)), flush=True)
         return
-    from qlora_jax.optim import OPTIMIZER_NAMES
+    from qlora_jax.optim import OPTIMIZER_NAMES, PLACEMENTS
 
-    unknown = [n for n in FLAGS.optimizers if n not in OPTIMIZER_NAMES]
-    if unknown:
-        raise app.UsageError(f"unknown optimizers {unknown}; choose among {OPTIMIZER_NAMES}")
+    for variant in FLAGS.variants:
+        name, placement = parse_variant(variant)
+        bad_placement = placement and (placement not in PLACEMENTS or not name.startswith("paged_"))
+        if name not in OPTIMIZER_NAMES or bad_placement:
+            raise app.UsageError(f"unknown variant {variant!r}: OPTIMIZER[:PLACEMENT] with an optimizer among "
+                                 f"{OPTIMIZER_NAMES} and, for paged ones, a placement among {PLACEMENTS}")
     records = []
-    for name in FLAGS.optimizers:
+    for variant in FLAGS.variants:
         if FLAGS.isolate:
-            args = [sys.executable, "-m", "experiments.bench_optimizer", f"--only={name}"]
+            args = [sys.executable, "-m", "experiments.bench_optimizer", f"--only={variant}"]
             args += ["--smoke"] if FLAGS.smoke else [
                 f"--layers={FLAGS.layers}", f"--hidden={FLAGS.hidden}", f"--intermediate={FLAGS.intermediate}",
                 f"--rank={FLAGS.rank}", f"--steps={FLAGS.steps}"]
             proc = subprocess.run(args, capture_output=True, text=True, env=os.environ.copy())
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RECORD ")]
             if proc.returncode != 0 or not lines:
-                raise RuntimeError(f"{name} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+                raise RuntimeError(f"{variant} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                                   f"{proc.stderr[-4000:]}")
             records.append(json.loads(lines[-1][len("RECORD "):]))
         else:
-            records.append(run_one(name))
-        print(f"{name}: done", flush=True)
+            records.append(run_one(variant))
+        logging.info("%s: done", variant)
+    add_ratios(records)
     print(report(records))
-    if FLAGS.json_out:
-        with open(FLAGS.json_out, "w") as f:
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
             json.dump({"sizes": sizes(), "records": records}, f, indent=2)
 
 

@@ -34,7 +34,7 @@ from qlora_jax.distributed import make_mesh, param_shardings, shard_batch, shard
 from qlora_jax.generate import SamplingConfig, generate_tokens
 from qlora_jax.lora import LoraConfig
 from qlora_jax.model import load_pretrained
-from qlora_jax.optim import jit_train_step, make_optimizer
+from qlora_jax.optim import jit_train_step, lr_schedule, make_optimizer
 from qlora_jax.peft_io import adapter_targets, load_peft_adapter, save_peft_adapter
 from qlora_jax.train import NonFiniteLossError, make_eval_step, make_train_step
 
@@ -126,20 +126,8 @@ class FinetuneResult:
 
 
 def _lr_schedule(cfg: FinetuneConfig) -> Callable:
-    warmup = int(math.ceil(cfg.warmup_ratio * cfg.max_steps))
-    import optax
-
-    if cfg.lr_scheduler_type == "constant":
-        main = optax.constant_schedule(cfg.learning_rate)
-    elif cfg.lr_scheduler_type == "linear":
-        main = optax.linear_schedule(cfg.learning_rate, 0.0, max(1, cfg.max_steps - warmup))
-    elif cfg.lr_scheduler_type == "cosine":
-        main = optax.cosine_decay_schedule(cfg.learning_rate, max(1, cfg.max_steps - warmup))
-    else:
-        raise ValueError(f"unknown lr_scheduler_type {cfg.lr_scheduler_type!r}: constant, linear or cosine")
-    if warmup == 0:
-        return main
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), main], [warmup])
+    return lr_schedule(cfg.lr_scheduler_type, cfg.learning_rate, max_steps=cfg.max_steps,
+                       warmup_ratio=cfg.warmup_ratio)
 
 
 def _peak_host_bytes() -> int:

@@ -9,8 +9,8 @@ training step actually uses (:mod:`qlora_jax.train`, :mod:`qlora_jax.models.llam
   and the optimizer's update;
 * optimizer state, on the device or in pinned host memory when offloaded (32-bit Adam: two float32
   moments; 8-bit: two uint8 moments and a float32 absmax per 256 values, bitsandbytes' layout),
-  plus the transient device copy an offloaded state needs while it is updated (one layer at a time
-  when streamed);
+  plus the transient device copies an offloaded state needs while it is updated
+  (:func:`plan_optimizer_state`: three chunks of layers when streamed, the whole state when not);
 * activations: with per-layer rematerialisation, each layer's input is kept and one layer's
   internals are live at a time (twice: forward values and their cotangents); without it, every
   layer's internals are kept. Attention scores are ``[B, heads, T, T]`` float32;
@@ -30,7 +30,8 @@ from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.layout import LINEAR_LAYERS
 from qlora_jax.quant.report import storage_report_for
 
-__all__ = ["KNOWN_MODELS", "MemoryPlan", "plan_memory", "model_config", "GPUS", "format_plan"]
+__all__ = ["KNOWN_MODELS", "MemoryPlan", "OptimizerStatePlan", "plan_memory", "plan_optimizer_state", "model_config",
+           "GPUS", "format_plan"]
 
 GiB = 2**30
 
@@ -116,6 +117,63 @@ class MemoryPlan:
     def fits(self, gpu_bytes: int) -> bool:
         return self.device_peak_bytes <= gpu_bytes
 
+    @property
+    def step_transient_bytes(self) -> int:
+        """Device bytes the step allocates beyond the base, the adapters and the optimizer state.
+
+        What a paged optimizer deciding at ``init`` (when the base and adapters are already on the
+        device) must leave free: pass it as ``reserve_device_bytes`` to
+        :func:`qlora_jax.optim.make_optimizer` / :func:`~qlora_jax.optim.offload_state`.
+        """
+        return (self.adapter_gradients + self.activations_saved + self.activations_layer + self.loss_chunk
+                + self.dequantized_layer + self.workspace)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerStatePlan:
+    """Where an optimizer's state lives and what it moves each step (bytes, per device)."""
+
+    device_bytes: int  # on the device between steps
+    device_transient_bytes: int  # on the device only while the update runs (copies of offloaded state)
+    host_bytes: int  # in pinned host memory between steps
+    to_device_bytes_per_step: int
+    to_host_bytes_per_step: int
+
+
+def plan_optimizer_state(
+    state_bytes: int,
+    *,
+    on_host: bool,
+    layer_state_bytes: int = 0,
+    num_layers: int = 0,
+    layers_per_chunk: int | None = 1,
+    max_group_bytes: int = 0,
+    global_bytes: int = 0,
+) -> OptimizerStatePlan:
+    """Bytes of an optimizer state kept on the device, or in host memory and streamed (see below).
+
+    ``state_bytes``: the whole state; ``layer_state_bytes``: its part stacked over ``num_layers``
+    layers; ``max_group_bytes``: the largest group of the other leaves; ``global_bytes``: the
+    global leaves (step counters). On the device the update works in place (donated state).
+    Offloaded (:func:`qlora_jax.optim.offload_state`), the layers move ``layers_per_chunk`` at a
+    time (None: all at once) through a double-buffered loop that holds three chunks on the device
+    (the one being updated, the next one arriving, the new state leaving) and re-reads the last
+    chunk once; the groups move one at a time (old and new state on the device).
+    """
+    if not on_host:
+        return OptimizerStatePlan(state_bytes, 0, 0, 0, 0)
+    transient, to_device = global_bytes, state_bytes
+    if layer_state_bytes:
+        if num_layers < 1:
+            raise ValueError("layer_state_bytes needs num_layers >= 1")
+        per_chunk = layers_per_chunk or num_layers
+        chunks = num_layers // per_chunk
+        chunk_bytes = layer_state_bytes // chunks
+        transient += 3 * chunk_bytes if chunks > 1 else 2 * chunk_bytes
+        to_device += chunk_bytes if chunks > 1 else 0
+    transient = max(transient, 2 * max_group_bytes + global_bytes)
+    return OptimizerStatePlan(0, transient, state_bytes, to_device, state_bytes)
+
 
 def _adapter_params(config: LlamaConfig, r: int, targets: tuple[str, ...]) -> int:
     shapes = config.linear_shapes()
@@ -158,7 +216,7 @@ def plan_memory(
 
     # Frozen base.
     codes = constants = 0
-    for name, shape in config.linear_shapes().items():
+    for shape in config.linear_shapes().values():
         report = storage_report_for(shape, quant if quant in ("nf4", "fp4", "int8") else base_dtype, blocksize,
                                     double_quant)
         codes += layers * report.codes_bytes
@@ -177,12 +235,10 @@ def plan_memory(
     else:
         state = params * 8
     offloaded = optim.startswith("paged")
-    if offloaded:
-        # While updating, the state of one layer (streamed) or all of it is on the device.
-        transient = state // layers if streamed_offload else state
-        optimizer_device, optimizer_host = transient, state
-    else:
-        optimizer_device, optimizer_host = state, 0
+    state_plan = plan_optimizer_state(state, on_host=offloaded, layer_state_bytes=state, num_layers=layers,
+                                      layers_per_chunk=1 if streamed_offload else None)
+    optimizer_device = state_plan.device_bytes + state_plan.device_transient_bytes
+    optimizer_host = state_plan.host_bytes
 
     # Activations.
     r_total = lora_r * len(lora_targets)

@@ -57,7 +57,10 @@ def test_known_shapes_and_paper_numbers():
     assert abs(8 * (plan.base_linear_codes + plan.base_quant_constants) / linear - 4.127) < 0.001
     offloaded = plan_memory(KNOWN_MODELS["llama-7b"], seq_len=512, batch=1, optim="paged_adamw_32bit")
     on_device = plan_memory(KNOWN_MODELS["llama-7b"], seq_len=512, batch=1, optim="adamw")
-    assert on_device.optimizer_device - offloaded.optimizer_device > 1.2e9  # ~1.3 GB moved to the host
+    # ~1.28 GB moved to the host; three layers' state (~40 MB each) are on the device while streaming.
+    assert on_device.optimizer_device == offloaded.optimizer_host
+    assert offloaded.optimizer_device == 3 * (offloaded.optimizer_host // 32)
+    assert on_device.optimizer_device - offloaded.optimizer_device > 1.1e9
 
 
 def test_more_tokens_and_no_remat_cost_more():

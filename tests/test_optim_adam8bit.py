@@ -126,10 +126,9 @@ def test_adamw_8bit_matches_bitsandbytes_adamw8bit(rng, oracle):
             assert np.mean(diff <= 1e-3 * lr) >= 0.999, (t, i, diff.max() / lr)
             assert diff.max() <= lr, (t, i, diff.max() / lr)
 
-    adam = state.layers[0]
-    groups = state.groups[0][0]
-    ours = {i: (groups.mu["plain"][i], groups.mu_absmax["plain"][i], groups.nu["plain"][i],
-                groups.nu_absmax["plain"][i]) for i in range(n_plain)}
+    adam = state[0]  # the 8-bit Adam scaling's own state (optax's layout): per-layer leaves stacked
+    ours = {i: (adam.mu["plain"][i], adam.mu_absmax["plain"][i], adam.nu["plain"][i],
+                adam.nu_absmax["plain"][i]) for i in range(n_plain)}
     for j in range(layers):
         ours[n_plain + j] = (adam.mu["layers"]["w"][j], adam.mu_absmax["layers"]["w"][j],
                              adam.nu["layers"]["w"][j], adam.nu_absmax["layers"]["w"][j])
@@ -203,7 +202,7 @@ def test_paged_8bit_equals_unpaged_8bit(rng):
     grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params) for _ in range(4)]
     results = []
     for name in ("adamw_8bit", "paged_adamw_8bit"):
-        tx = optim.make_optimizer(name, 1e-2, weight_decay=0.1)
+        tx = optim.make_optimizer(name, 1e-2, weight_decay=0.1, **({"placement": "layers"} if "paged" in name else {}))
         p, s = params, tx.init(params)
         update = jax.jit(tx.update)
         for g in grads:

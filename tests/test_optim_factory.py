@@ -1,8 +1,9 @@
-"""make_optimizer, the weight-decay mask, the warmup schedule, and the optimizer benchmark's smoke run."""
+"""make_optimizer, the weight-decay mask, the learning-rate schedules, and the optimizer benchmark's smoke run."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -78,7 +79,8 @@ def test_make_optimizer_is_clipped_masked_adamw_with_warmup(rng, name):
     params = llama_like(rng)
     grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 1.0, size=x.shape), jnp.float32), params)
              for _ in range(6)]
-    ours = optim.make_optimizer(name, 1e-2, warmup_steps=3, weight_decay=0.05)
+    ours = optim.make_optimizer(name, 1e-2, warmup_steps=3, weight_decay=0.05,
+                                **({"placement": "layers"} if name.startswith("paged") else {}))
     mask = {"embed_tokens": True, "norm": False,
             "layers": {"input_layernorm": False,
                        "self_attn": {"q_proj": {"lora_A": True, "lora_B": True, "bias": False}},
@@ -97,7 +99,7 @@ def test_make_optimizer_is_clipped_masked_adamw_with_warmup(rng, name):
         rp = optax.apply_updates(rp, ru)
     for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(rp)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    kinds = set(jax.tree.leaves(optim.tree_memory_kinds(s)))
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(s) if x.ndim}  # the moments (counts: device)
     assert kinds == ({"pinned_host"} if name.startswith("paged") else {"device"})
 
 
@@ -149,24 +151,59 @@ def test_make_optimizer_errors():
 
 
 def test_bench_optimizer_smoke(tmp_path):
+    """The benchmark's CPU smoke run: paged "auto" and streaming beside plain AdamW, in one process."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.bench_optimizer", "--smoke", "--optimizers=adamw,paged_adamw_8bit",
-         f"--json_out={out}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        [sys.executable, "-m", "experiments.bench_optimizer", "--smoke", "--noisolate",
+         "--variants=adamw,paged_adamw:auto,paged_adamw:layers", f"--json={out}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    records = {r["optimizer"]: r for r in json.loads(out.read_text())["records"]}
-    base, paged = records["adamw"], records["paged_adamw_8bit"]
-    assert base["isolated"] and paged["isolated"]
+    records = {r["variant"]: r for r in json.loads(out.read_text())["records"]}
+    base, auto, layers = (records[v] for v in ("adamw", "paged_adamw:auto", "paged_adamw:layers"))
+    # "auto" on CPU (no separate device memory): the state stays on the device, nothing moves.
+    assert auto["placement"]["where"] == "device" and "no separate device memory" in auto["placement"]["reason"]
+    assert auto["bytes_to_device_per_step"] == auto["bytes_to_host_per_step"] == 0
     # Where the state lives, measured from the arrays, agrees with the moment sizes computed from the
-    # shapes (plus a few int32 step counters).
-    for record, kind in ((base, "device"), (paged, "pinned_host")):
+    # shapes (plus the int32 step counters, which stay on the device).
+    for record, kind in ((base, "device"), (auto, "device"), (layers, "pinned_host")):
         measured = record["state_bytes_by_memory_kind"]
-        assert set(measured) == {kind}
-        assert 0 <= measured[kind] - record["computed_state_bytes"] <= 64
-    assert paged["state_memory_kinds_after_steps"] == ["pinned_host"]
-    assert paged["computed_state_bytes"] < 0.3 * base["computed_state_bytes"]
-    assert all(r["step_seconds_median"] > 0 for r in records.values())
+        assert 0 <= measured[kind] - record["computed_state_bytes"] <= 64, (record["variant"], measured)
+        assert sum(measured.values()) - measured[kind] <= 64
+    assert layers["state_memory_kinds_after_steps"] == ["device", "pinned_host"]
+    # Streamed: each step copies the state both ways, plus the first layer's state again.
+    per_layer = layers["computed_state_bytes"] // 4
+    assert layers["bytes_to_host_per_step"] - layers["computed_state_bytes"] in range(0, 65)
+    assert layers["bytes_to_device_per_step"] - layers["bytes_to_host_per_step"] == per_layer
+    assert all(r["step_seconds_median"] > 0 and r["hlo_copy_start"] == 0 for r in records.values())
+    assert records["paged_adamw:auto"]["time_ratio"] > 0 and base["time_ratio"] == 1.0
     # CPU reports no memory statistics: the table says so instead of printing a number.
     assert base["peak_device_bytes"] is None and "not available" in proc.stdout
+    assert "paged_adamw:layers" in proc.stdout and "vs base" in proc.stdout
+
+
+@pytest.mark.parametrize("schedule_type", optim.SCHEDULE_TYPES)
+@pytest.mark.parametrize("max_steps,warmup_ratio", [(20, 0.0), (20, 0.03), (37, 0.25)])
+def test_lr_schedule_is_hugging_faces(schedule_type, max_steps, warmup_ratio):
+    """transformers.get_scheduler's lambdas (optimization.py), written out, times the base rate."""
+    lr = 3e-4
+    warmup = math.ceil(warmup_ratio * max_steps)  # TrainingArguments.get_warmup_steps
+
+    def hf(step):
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, max_steps - warmup)
+        if schedule_type == "constant":
+            return 1.0
+        if schedule_type == "linear":
+            return max(0.0, (max_steps - step) / max(1, max_steps - warmup))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    schedule = optim.lr_schedule(schedule_type, lr, max_steps=max_steps, warmup_ratio=warmup_ratio)
+    ours = np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(max_steps + 1)))
+    np.testing.assert_allclose(ours, [lr * hf(step) for step in range(max_steps + 1)], rtol=1e-5, atol=1e-10)
+    assert optim.schedules.warmup_steps_for(max_steps, warmup_ratio, warmup_steps=5) == 5
+    with pytest.raises(ValueError, match="unknown lr_scheduler_type 'step'"):
+        optim.lr_schedule("step", lr, max_steps=10)
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        optim.lr_schedule("linear", lr, max_steps=10, warmup_ratio=1.5)

@@ -96,6 +96,12 @@ def leaf_kinds(tree) -> set[str]:
     return set(jax.tree.leaves(optim.tree_memory_kinds(tree)))
 
 
+def assert_offloaded(state) -> None:
+    """Offloaded: the moments (leaves with an axis) in pinned host memory, the step counts on the device."""
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(state) if x.ndim >= 1} == {"pinned_host"}
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(state) if x.ndim == 0} == {"device"}
+
+
 def assert_trees_close(actual, expected, rtol, atol):
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(actual)[0], jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol,
@@ -106,10 +112,12 @@ def paged(name_or_stream):
     """The offloaded optimizers under test: the factory's, and offload_state's two modes."""
     core = optim.adamw(optim.warmup_constant_schedule(LR, WARMUP), weight_decay=WD)
     if name_or_stream == "stream":
-        return optax.chain(optax.clip_by_global_norm(CLIP), optim.offload_state(core, max_group_size=64))
+        return optax.chain(optax.clip_by_global_norm(CLIP),
+                           optim.offload_state(core, placement="layers", elementwise=True, max_group_size=64))
     if name_or_stream == "whole":
-        return optax.chain(optax.clip_by_global_norm(CLIP), optim.offload_state(core, stream=False))
-    return optim.make_optimizer(name_or_stream, LR, warmup_steps=WARMUP, weight_decay=WD, max_grad_norm=CLIP)
+        return optax.chain(optax.clip_by_global_norm(CLIP), optim.offload_state(core, placement="whole"))
+    return optim.make_optimizer(name_or_stream, LR, warmup_steps=WARMUP, weight_decay=WD, max_grad_norm=CLIP,
+                                placement="layers")
 
 
 @pytest.mark.parametrize("variant", ["paged_adamw", "stream", "whole"])
@@ -118,7 +126,7 @@ def test_offloaded_adamw_matches_optax_over_20_steps(rng, variant):
     initial = jax.tree.map(np.asarray, params)
     optimizer = paged(variant)
     state = optimizer.init(params)
-    assert leaf_kinds(state) == {"pinned_host"}
+    assert_offloaded(state)
     train_step = optim.jit_train_step(make_step(optimizer), state, donate_argnums=(0, 1))
 
     reference = reference_optimizer()
@@ -130,8 +138,8 @@ def test_offloaded_adamw_matches_optax_over_20_steps(rng, variant):
         ref_params, ref_state = ref_step(ref_params, ref_state, x, y)
         # Between steps every state leaf lives in pinned host memory, and jax's abstract value
         # agrees (a stale "device" aval would make the next step skip the copy to the device).
-        assert leaf_kinds(state) == {"pinned_host"}
-        assert all(jax.typeof(s).memory_space == jax.memory.Space.Host for s in jax.tree.leaves(state))
+        assert_offloaded(state)
+        assert all(jax.typeof(s).memory_space == jax.memory.Space.Host for s in jax.tree.leaves(state) if s.ndim)
     # The trajectory moved well beyond float32 rounding, and matches optax to it.
     moved = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(jax.tree.leaves(params),
                                                                            jax.tree.leaves(initial)))
@@ -168,10 +176,10 @@ def _device_puts(jaxpr, inside_scan=False, found=None):
 
 
 def test_state_reaches_the_device_one_piece_at_a_time(rng):
-    """The compiled update moves one layer's state (inside the layer scan) or one group at a time."""
+    """The compiled update moves one layer's state (the loop's prefetch) or one group at a time."""
     params = lora_params(rng)
     max_group = D * OUT  # head alone fills a group; head_bias gets its own
-    optimizer = optim.offload_state(optax.adam(1e-3), max_group_size=max_group)
+    optimizer = optim.offload_state(optax.adam(1e-3), placement="layers", elementwise=True, max_group_size=max_group)
     state = optimizer.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
     jaxpr = jax.make_jaxpr(lambda g, s, p: optimizer.update(g, s, p))(grads, state, params).jaxpr
@@ -179,15 +187,14 @@ def test_state_reaches_the_device_one_piece_at_a_time(rng):
     assert puts, "the offloaded update never copies state to the device"
 
     stacked = {tuple(x.shape) for x in jax.tree.leaves(params["layers"])}
-    per_layer = {s[1:] for s in stacked}
+    one_layer = {(1, *s[1:]) for s in stacked}
     for inside_scan, shapes in puts:
         for shape in shapes:
             assert shape not in stacked, f"a whole layer-stacked state leaf {shape} is copied at once"
-            if inside_scan:
-                assert shape in per_layer or shape == (), shape
-            else:
-                assert int(np.prod(shape)) <= max_group, shape
-    # The layer loop runs once per layer and the groups are the unstacked leaves.
+            if inside_scan:  # the next layer's state, prefetched
+                assert shape in one_layer, shape
+            else:  # the first layer's, the groups, the step count
+                assert shape in one_layer or int(np.prod(shape)) <= max_group, shape
     assert any(inside for inside, _ in puts) and any(not inside for inside, _ in puts)
     plan = streaming.plan_pieces(params, streaming.layer_stacked, max_group)
     assert plan.num_layers == L and len(plan.groups) == 2
@@ -236,28 +243,26 @@ def test_sharded_state_stays_sharded_and_pinned(rng):
         # eps=1e-3: Adam divides by sqrt(v), so a near-zero gradient turns the float32 noise of a
         # different (sharded) reduction order into a full-size update; a larger eps damps exactly those.
         optimizer = optim.make_optimizer(name, LR, warmup_steps=WARMUP, weight_decay=WD, min_8bit_size=64,
-                                         eps=SHARDED_EPS)
+                                         eps=SHARDED_EPS, placement="layers")
         state = optimizer.init(params)
         train_step = optim.jit_train_step(make_step(optimizer), state, donate_argnums=(1,))
         p = params
         for _ in range(3):
             p, state = train_step(p, state, x, y)
         final[name] = p
-        inner = state[1]  # chain(clip, offloaded AdamW)
-        assert leaf_kinds(state) == {"pinned_host"}
+        adam = state[1][0]  # chain(clip, offloaded AdamW chain): the Adam scaling's own state
+        assert_offloaded(state)
         for leaf in jax.tree.leaves(state):
-            assert leaf.sharding.mesh == mesh and leaf.sharding.memory_kind == "pinned_host"
+            assert leaf.sharding.mesh == mesh
         # Each moment keeps its parameter's partitioning: only the memory kind changed.
-        adam = inner.layers[0]
         for moment in (adam.mu, adam.nu):
             for (path, m), spec in zip(jax.tree_util.tree_flatten_with_path(moment["layers"])[0],
                                        jax.tree.leaves(specs["layers"])):
                 assert m.sharding.spec == spec, (name, jax.tree_util.keystr(path), m.sharding.spec, spec)
-        assert adam.count.sharding.spec == P() and adam.count.shape == (L,)
-        group_state = inner.groups[0][0]
-        assert group_state.mu["head"].sharding.spec == P("data", "model")
+        assert adam.count.sharding.spec == P() and adam.count.shape == ()
+        assert adam.mu["head"].sharding.spec == P("data", "model")
         if name.endswith("8bit"):
-            assert group_state.mu["head"].dtype == jnp.uint8 and group_state.mu_absmax["head"].sharding.spec == P()
+            assert adam.mu["head"].dtype == jnp.uint8 and adam.mu_absmax["head"].sharding.spec == P()
         for leaf, spec in zip(jax.tree.leaves(p), jax.tree.leaves(specs)):
             assert leaf.sharding.spec == spec and leaf.sharding.memory_kind == "device"
 
@@ -280,7 +285,8 @@ DONATION_SCRIPT = textwrap.dedent("""
 
     def build(config):
         name = "paged_adamw_8bit" if "8bit" in config else "paged_adamw"
-        optimizer = optim.make_optimizer(name, 1e-2, min_8bit_size=256)
+        placement = "auto" if "auto" in config else "layers"
+        optimizer = optim.make_optimizer(name, 1e-2, min_8bit_size=256, placement=placement)
         state = optimizer.init(params)
 
         def step(p, s, g):
@@ -304,7 +310,8 @@ DONATION_SCRIPT = textwrap.dedent("""
             old = state
             p, state, metrics = f(p, state, grads)
             assert all(x.is_deleted() for x in jax.tree.leaves(old)), "the state was not donated"
-            assert {x.sharding.memory_kind for x in jax.tree.leaves(state)} == {"pinned_host"}
+            kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state) if x.ndim}
+            assert kinds == ({"device"} if "auto" in config else {"pinned_host"}), kinds
         print(config, "RAN", float(metrics["norm"]), flush=True)
 """)
 
@@ -315,17 +322,19 @@ def _run_donation(*configs: str) -> subprocess.CompletedProcess:
                           timeout=300, cwd=REPO, env=env)
 
 
-def test_donated_offloaded_state_runs_with_the_helper_and_check_donation_predicts_the_abort():
+def test_donation_under_plain_jit_and_the_helper():
     """Donation on, in subprocesses: an abort there fails this test instead of killing pytest.
 
-    The helper-built step donates offloaded state (32- and 8-bit, alone or with the parameters)
-    and runs; the plain ``jax.jit(step, donate_argnums=(1,))`` really aborts the process, and
-    check_donation flags it (and only it) beforehand.
+    With "auto" (the state on the device: CPU has no separate device memory) the user's own
+    ``jax.jit(step, donate_argnums=(1,))`` donates the state and runs, 32- and 8-bit. With the state
+    in host memory the helper-built step donates it and runs, and so does a plain jit donating
+    parameters and state together; the plain ``donate_argnums=(1,)`` really aborts the process
+    (jax 0.11), and check_donation flags it (and only it) beforehand.
     """
-    safe = _run_donation("helper_d1", "helper_d01_8bit", "raw_d01")
+    safe = _run_donation("auto_raw_d1", "auto_raw_d1_8bit", "helper_d1", "helper_d01_8bit", "raw_d01")
     assert safe.returncode == 0, safe.stdout + safe.stderr[-3000:]
     lines = safe.stdout.splitlines()
-    for config in ("helper_d1", "helper_d01_8bit", "raw_d01"):
+    for config in ("auto_raw_d1", "auto_raw_d1_8bit", "helper_d1", "helper_d01_8bit", "raw_d01"):
         assert f"{config} CHECK ok" in lines, (config, safe.stdout)
         assert any(line.startswith(f"{config} RAN") for line in lines), (config, safe.stdout)
 
@@ -337,18 +346,18 @@ def test_donated_offloaded_state_runs_with_the_helper_and_check_donation_predict
 
 def test_step_rejects_state_in_the_wrong_memory(rng):
     params, (x, y) = lora_params(rng), data(rng)
-    optimizer = optim.make_optimizer("paged_adamw", LR)
+    optimizer = optim.make_optimizer("paged_adamw", LR, placement="layers")
     state = optimizer.init(params)
     train_step = optim.jit_train_step(make_step(optimizer), state)
     on_device = jax.device_put(state, jax.memory.Space.Device)
-    expected = r"optimizer state leaf \[1\]\.layers.* placed as .*memory_kind=device.* expects .*pinned_host"
+    expected = r"optimizer state leaf \[1\]\[0\]\.mu.* placed as .*memory_kind=device.* expects .*pinned_host"
     with pytest.raises(ValueError, match=expected):
         train_step(params, on_device, x, y)
 
 
 def test_state_for_another_tree_is_rejected(rng):
     params = lora_params(rng)
-    optimizer = optim.offload_state(optax.adam(1e-3))
+    optimizer = optim.offload_state(optax.adam(1e-3), placement="layers")
     state = optimizer.init({"head": params["head"]})
     with pytest.raises(ValueError, match="does not fit these gradients"):
         optimizer.update(params, state, params)
@@ -375,7 +384,7 @@ def test_offloaded_state_survives_an_orbax_round_trip(rng, tmp_path):
     import orbax.checkpoint as ocp
 
     params, (x, y) = lora_params(rng), data(rng)
-    optimizer = optim.make_optimizer("paged_adamw_8bit", LR, min_8bit_size=64)
+    optimizer = optim.make_optimizer("paged_adamw_8bit", LR, min_8bit_size=64, placement="layers")
     state = optimizer.init(params)
     train_step = optim.jit_train_step(make_step(optimizer), state, donate_argnums=())
     params, state = train_step(params, state, x, y)
@@ -384,13 +393,13 @@ def test_offloaded_state_survives_an_orbax_round_trip(rng, tmp_path):
     checkpointer.wait_until_finished()
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
     restored = checkpointer.restore(tmp_path / "state", target)
-    assert leaf_kinds(restored) == {"pinned_host"}
+    assert_offloaded(restored)
     # Orbax's arrays are in host memory but jax's abstract values say device; the step re-tags
     # them, so that the state it traces is host-resident and gets copied to the device.
     refreshed = optim.refresh_host_avals(restored)
-    assert all(jax.typeof(x).memory_space == jax.memory.Space.Host for x in jax.tree.leaves(refreshed))
+    assert all(jax.typeof(x).memory_space == jax.memory.Space.Host for x in jax.tree.leaves(refreshed) if x.ndim)
     traced = train_step.jitted(params, refreshed, x, y).trace(params, refreshed, x, y)
-    assert all(a.memory_space == jax.memory.Space.Host for a in jax.tree.leaves(traced.in_avals[0][1]))
+    assert all(a.memory_space == jax.memory.Space.Host for a in jax.tree.leaves(traced.in_avals[0][1]) if a.ndim)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     expected, _ = train_step(params, state, x, y)

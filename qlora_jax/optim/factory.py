@@ -4,16 +4,19 @@
 name                              optimizer
 ================================  =========================================================
 ``adamw``, ``adamw_32bit``        AdamW, float32 moments on the device
-``paged_adamw``,                  the same, state offloaded to ``pinned_host`` and streamed
-``paged_adamw_32bit``             per layer (bitsandbytes' PagedAdamW32bit, qlora.py's default)
+``paged_adamw``,                  the same as a paged optimizer (bitsandbytes' PagedAdamW32bit,
+``paged_adamw_32bit``             qlora.py's default): state on the device when it fits, else
+                                  in ``pinned_host`` memory, streamed per layer or group
 ``adamw_8bit``                    8-bit AdamW (bitsandbytes' AdamW8bit), per-layer blocks
-``paged_adamw_8bit``              8-bit AdamW, state offloaded and streamed per layer
+``paged_adamw_8bit``              8-bit AdamW as a paged optimizer
 ================================  =========================================================
 
 Every one is ``chain(clip_by_global_norm(max_grad_norm), X)`` where ``X`` is the AdamW chain,
 wrapped in :func:`~qlora_jax.optim.offload_state` for the paged ones (clipping stays outside: it
-needs the norm over all parameters). The 8-bit ones always see one layer at a time
-(:func:`~qlora_jax.optim.per_layer`), so paged and unpaged 8-bit give the same numbers.
+needs the norm over all parameters; ``placement`` is its policy, ``"auto"`` by default). The 8-bit
+ones always see one layer at a time (:func:`~qlora_jax.optim.per_layer`), so paged and unpaged
+8-bit give the same numbers. The state is optax's own tree in every case, e.g. for
+``paged_adamw``: ``(EmptyState(), (ScaleByAdamState(count, mu, nu), ...))``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from qlora_jax.optim import quantized_moments as qm
 from qlora_jax.optim import streaming
 from qlora_jax.optim.adamw import adamw, adamw_8bit
 from qlora_jax.optim.masks import MaskLike, decay_mask
-from qlora_jax.optim.offload import offload_state
+from qlora_jax.optim.offload import FreeBytes, Placement, measure_free_device_bytes, offload_state
 from qlora_jax.optim.schedules import warmup_constant_schedule
 from qlora_jax.quant.blockwise import BnbBackend
 
@@ -47,6 +50,9 @@ def make_optimizer(
     stacked: streaming.Stacked = streaming.layer_stacked,
     bnb_backend: BnbBackend = "cuda",
     min_8bit_size: int = qm.MIN_8BIT_SIZE,
+    placement: str | Placement = "auto",
+    free_device_bytes: FreeBytes = measure_free_device_bytes,
+    reserve_device_bytes: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The optimizer ``name`` (see the module docstring) with QLoRA's defaults.
 
@@ -56,6 +62,9 @@ def make_optimizer(
     applies to the leaves ``weight_decay_mask`` selects (default: not biases or norms).
     ``stacked``: which leaves carry a leading layer axis (default: those under a "layers" key).
     ``bnb_backend``, ``min_8bit_size``: 8-bit only, see :func:`~qlora_jax.optim.scale_by_adam_8bit`.
+    ``placement``, ``free_device_bytes``, ``reserve_device_bytes``: paged only, see
+    :func:`~qlora_jax.optim.offload_state` (``reserve_device_bytes``: e.g.
+    ``qlora_jax.memory.plan_memory(...).step_transient_bytes``).
     """
     if name not in OPTIMIZER_NAMES:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
@@ -74,7 +83,10 @@ def make_optimizer(
     else:
         core = adamw(schedule, **common)
     if name.startswith("paged_"):
-        core = offload_state(core, stacked=stacked)
+        core = offload_state(core, placement=placement, elementwise=not name.endswith("8bit"), stacked=stacked,
+                             free_device_bytes=free_device_bytes, reserve_device_bytes=reserve_device_bytes)
+    elif placement != "auto":
+        raise ValueError(f"placement applies to the paged optimizers only, not {name!r}")
     elif name.endswith("8bit"):
         core = streaming.per_layer(core, stacked=stacked)
 

@@ -15,9 +15,23 @@ to a device output aborts at run time. Whether it happens depends on shapes and 
 does it (the new parameters take the old moments' host buffers); ``donate_argnums=(0, 1)`` happens
 to pair them right; ``in_shardings`` alone does not make it safe.
 
-:func:`jit_train_step` builds the ``jit`` with explicit shardings and memory kinds for every input
-and output, so donation pairs only same-memory buffers. :func:`check_donation` replays jax's
-pairing for a ``jit`` you built yourself and raises :class:`DonationError` instead of aborting.
+(jax derives the output memory kinds from the program, ``propagated_out_mem_kinds`` in
+``pxla.py``, but ``_set_up_aliases`` does not use them; that is where an upstream fix belongs.)
+
+What this package does about it:
+
+* The paged optimizers keep their state on the device whenever it fits (``placement="auto"``,
+  and always on a CPU), and the global leaves (step counts, hyperparameters) on the device in
+  every placement. Such a state has no host buffers: **any** ``jax.jit`` with any
+  ``donate_argnums`` works, the user's own included.
+* State that does live in host memory cannot be protected from inside the optimizer (the pairing
+  is decided by the user's ``jit``, which the optimizer never sees, and a layout that dodged it
+  would no longer be optax's). :func:`jit_train_step` builds the ``jit`` with explicit shardings
+  and memory kinds for every input and output, so donation pairs only same-memory buffers; a
+  plain ``jax.jit`` that donates the parameters and the state together, outputs in argument
+  order, also pairs them right. :func:`check_donation` replays jax's pairing for any ``jit`` and
+  raises :class:`DonationError` instead of aborting (``tests/test_optim_offload.py`` runs each
+  configuration in a subprocess: only the one it flags aborts).
 """
 
 from __future__ import annotations
@@ -29,7 +43,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
-from qlora_jax.optim.memory import refresh_host_avals
+from qlora_jax.optim.memory_kinds import refresh_host_avals
 from qlora_jax.optim.shardings import tree_shardings
 
 __all__ = ["DonationError", "check_donation", "jit_train_step", "TrainStep"]
@@ -265,7 +279,7 @@ def jit_train_step(
 
     Each call checks that the state is where the step expects it and raises ValueError naming the
     leaf if not (e.g. a checkpoint restored to device memory), and re-tags host arrays whose
-    abstract value says device memory (:func:`~qlora_jax.optim.memory.refresh_host_avals`; Orbax
+    abstract value says device memory (:func:`~qlora_jax.optim.memory_kinds.refresh_host_avals`; Orbax
     restores give such arrays).
     """
     if any(i < 0 for i in donate_argnums):
