@@ -26,7 +26,8 @@ from qlora_jax.lora import LoraConfig
 from qlora_jax.model import init_lora_params
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.quant import QuantizedTensor, quantize
-from qlora_jax.train import ModelSpec, make_train_step
+from qlora_jax.models.spec import ModelSpec
+from qlora_jax.train import make_train_step
 
 # (m, n, k, quant_type, blocksize, double_quant, dtype, tiles): the Pallas tests' shapes.
 CASES = MATMUL_SHAPES + [
@@ -241,10 +242,10 @@ def test_sharded_train_step_lowers_to_our_kernels_for_cuda():
     """The train step over an abstract 2x2x2 mesh of H100s: "auto" picks the jax_triton kernels
     (the rows per device are few), each inside a shard_map body; no dequantize-then-dot."""
     base = synthetic.abstract_base(CONFIG)
-    lora_config = LoraConfig(r=8)
-    lora = init_lora_params(jax.random.key(1), CONFIG, lora_config)
+    spec = ModelSpec(CONFIG, LoraConfig(r=8))
+    lora = init_lora_params(jax.random.key(1), spec)
     sgd = optax.sgd(1.0)
-    step = make_train_step(ModelSpec(CONFIG, lora_config), sgd)
+    step = make_train_step(spec, sgd)
     shape = {"data": 2, "fsdp": 2, "tensor": 2}
     mesh = lowering.abstract_mesh(shape)
 

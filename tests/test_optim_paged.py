@@ -426,13 +426,15 @@ def tiny_training(rng, devices: int):
     what these tests are about.
     """
     from qlora_jax.distributed import make_mesh, param_shardings, shard_batch, shard_tree
-    from qlora_jax.lora import ALL_LINEAR, LoraConfig, module_group
+    from qlora_jax.lora import LoraConfig
     from qlora_jax.model import init_lora_params
     from qlora_jax.models.config import LlamaConfig
-    from qlora_jax.train import ModelSpec
+    from qlora_jax.models import layout
+    from qlora_jax.models.spec import ModelSpec
 
     config = LlamaConfig(**TINY)
-    lora_config = LoraConfig(r=2, target_modules=("q_proj", "v_proj", "down_proj"))
+    lora_config = LoraConfig(r=2, target_modules=("q_proj", "v_proj", "down_proj"), dtype="float32")
+    spec = ModelSpec(config, lora_config, compute_dtype="float32", remat=False)
     layers, d = config.num_hidden_layers, config.hidden_size
     def f32(x):
         return jnp.asarray(x, jnp.float32)
@@ -442,9 +444,9 @@ def tiny_training(rng, devices: int):
                        "post_attention_layernorm": f32(np.ones((layers, d))), "self_attn": {}, "mlp": {}}}
     for name, (out_features, in_features) in config.linear_shapes().items():
         weight = f32(rng.normal(0, in_features**-0.5, (layers, out_features, in_features)))
-        base["layers"][module_group(name)][name] = {"weight": weight}
-    assert set(config.linear_shapes()) == set(ALL_LINEAR)
-    lora = init_lora_params(jax.random.key(int(rng.integers(1 << 30))), config, lora_config)
+        base["layers"][layout.module_group(name)][name] = {"weight": weight}
+    assert set(config.linear_shapes()) == set(layout.LINEAR_LAYERS)
+    lora = init_lora_params(jax.random.key(int(rng.integers(1 << 30))), spec)
     lora = jax.tree.map(lambda x: x + 0.05 * jnp.asarray(rng.normal(size=x.shape), x.dtype), lora)
     batches = [{"input_ids": rng.integers(0, config.vocab_size, (1, 8, 8)).astype(np.int32),
                 "attention_mask": np.ones((1, 8, 8), np.int32), "loss_mask": np.ones((1, 8, 8), np.int32)}
@@ -456,7 +458,7 @@ def tiny_training(rng, devices: int):
         base = shard_tree(base, param_shardings(base, mesh))
         lora = shard_tree(lora, param_shardings(lora, mesh))
         batches = [shard_batch(b, mesh) for b in batches]
-    return ModelSpec(config, lora_config, compute_dtype="float32", remat=False), base, lora, batches
+    return spec, base, lora, batches
 
 
 @pytest.mark.slow
