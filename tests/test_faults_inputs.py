@@ -185,7 +185,8 @@ def test_integer_weight_is_refused_with_what_it_probably_is(tmp_path, good, dtyp
         load(bad)
 
 
-@pytest.mark.parametrize("key, shape", [("model.norm.weight", (1, 64)), ("model.layers.1.mlp.up_proj.weight", (64, 128)),
+@pytest.mark.parametrize("key, shape", [("model.norm.weight", (1, 64)),
+                                        ("model.layers.1.mlp.up_proj.weight", (64, 128)),
                                         ("model.embed_tokens.weight", (65, 64))])
 def test_wrong_shape_or_rank_is_named_before_reading(tmp_path, good, key, shape):
     bad = variant(tmp_path, good, add={key: np.zeros(shape, np.float32)})
@@ -419,7 +420,8 @@ def test_adapter_round_trip_then_corruptions(tmp_path, rng):
     with pytest.raises(CheckpointError, match=r"is missing tensor 'base_model\.model\.model\.layers\.0\.self_attn\."
                                               r"q_proj\.lora_A\.weight'"):
         load_peft_adapter(corrupt("partial", partial), config)
-    with pytest.raises(CheckpointError, match=r"lora_A\.weight' has shape \[4, 64\] but config\.json implies \[8, 64\]"):
+    with pytest.raises(CheckpointError, match=r"lora_A\.weight' has shape \[4, 64\] but config\.json implies "
+                                              r"\[8, 64\]"):
         load_peft_adapter(corrupt("rank", cfg=dict(adapter_cfg, r=8)), config)
     ints = dict(tensors, **{key: tensors[key].astype(np.int32)})
     with pytest.raises(CheckpointError, match=rf"'{key}' is int32"):
@@ -434,17 +436,21 @@ def test_adapter_round_trip_then_corruptions(tmp_path, rng):
 
 GGUF_METADATA = {"llama.block_count": 2, "llama.context_length": 128, "llama.embedding_length": 64,
                  "llama.feed_forward_length": 128, "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
-                 "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.vocab_size": 64, "llama.rope.dimension_count": 16}
+                 "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.vocab_size": 64,
+                 "llama.rope.dimension_count": 16}
+
+
+# llama.cpp's tensor names (convert_hf_to_gguf.py), written here independently of the reader's table.
+LLAMA_CPP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+                   "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                   "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
+                   "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 
 def gguf_file(path: pathlib.Path, tensors: dict[str, np.ndarray], *, extra=None, **metadata) -> pathlib.Path:
     """A llama GGUF file of transformers ``tensors`` (float32), as llama.cpp's converter names and orders them."""
     import gguf
 
-    from qlora_jax.checkpoints.gguf_io import _GLOBAL_NAMES, _LAYER_NAMES
-
-    global_names = {v: k for k, v in _GLOBAL_NAMES.items()}
-    layer_names = {v: k for k, v in _LAYER_NAMES.items()}
     writer = gguf.GGUFWriter(str(path), "llama")
     for key, value in {**GGUF_METADATA, **{k.replace("__", "."): v for k, v in metadata.items()}}.items():
         {int: writer.add_uint32, float: writer.add_float32, str: writer.add_string}[type(value)](key, value)
@@ -455,10 +461,10 @@ def gguf_file(path: pathlib.Path, tensors: dict[str, np.ndarray], *, extra=None,
             heads = {"q_proj": 4, "k_proj": 2}.get(name)
             if heads:  # llama.cpp's interleaved rotary row order
                 value = value.reshape(heads, 2, value.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(value.shape)
-            name = f"blk.{layer}.{layer_names[name]}.{suffix}"
+            name = f"blk.{layer}.{LLAMA_CPP_NAMES[name]}.{suffix}"
         else:
             base, suffix = key.rsplit(".", 1)
-            name = f"{global_names[base]}.{suffix}"
+            name = f"{LLAMA_CPP_NAMES[base]}.{suffix}"
         writer.add_tensor(name, np.ascontiguousarray(value))
     for name, value in (extra or {}).items():
         writer.add_tensor(name, value)
@@ -496,6 +502,12 @@ def test_gguf_loads_like_the_folder_then_faults(tmp_path, good):
         load(gguf_file(tmp_path / "blocks.gguf", good[1], llama__block_count=3))
     with pytest.raises(CheckpointError, match=r"metadata 'llama\.attention\.head_count' is '4'; expected an integer"):
         open_checkpoint(gguf_file(tmp_path / "meta.gguf", good[1], llama__attention__head_count="4"))
+    with pytest.raises(CheckpointError, match=r"'llama\.rope\.scaling\.type' is 'yarn'; qlora-jax reads GGUF rotary "
+                                              r"scaling 'none' or 'linear'"):
+        open_checkpoint(gguf_file(tmp_path / "yarn.gguf", good[1], llama__rope__scaling__type="yarn"))
+    _, cfg = open_checkpoint(gguf_file(tmp_path / "linear.gguf", good[1], llama__rope__scaling__type="linear",
+                                       llama__rope__scaling__factor=4.0))
+    assert read_config(cfg).rope_scaling_dict == {"rope_type": "linear", "factor": 4.0}  # not silently dropped
 
 
 # ------------------------------------------------------------------------ class 6: errors that help
@@ -504,7 +516,8 @@ def test_gguf_loads_like_the_folder_then_faults(tmp_path, good):
 @pytest.mark.parametrize("edit, match", [
     (lambda c: "{not json", r"config\.json is not valid JSON"),
     (lambda c: [c], r"config\.json: expected a JSON object of model settings, got list"),
-    (lambda c: {k: v for k, v in c.items() if k != "hidden_size"}, r"missing field 'hidden_size' \(expected a positive"),
+    (lambda c: {k: v for k, v in c.items() if k != "hidden_size"}, r"missing field 'hidden_size' \(expected a "
+                                                                    r"positive"),
     (lambda c: {**c, "hidden_size": "64"}, r"field 'hidden_size' is '64' \(str\); expected a positive integer"),
     (lambda c: {**c, "num_hidden_layers": 0}, r"field 'num_hidden_layers' is 0 .*positive integer"),
     (lambda c: {**c, "rms_norm_eps": float("nan")}, r"field 'rms_norm_eps' is nan .*positive finite number"),
@@ -698,7 +711,8 @@ def reference_kept(base, lora, lora_config, merged_dir, plain_dir):
             key = layout.hf_key(layer, name)
             effect = decode_bnb(merged, key) - decode_bnb(plain, key)
             error = decode_bnb(merged, key) - (w + delta)
-            s = np.array([np.vdot(delta, delta), np.vdot(effect, delta), np.vdot(effect, effect), np.vdot(error, error)])
+            s = np.array([np.vdot(delta, delta), np.vdot(effect, delta), np.vdot(effect, effect),
+                          np.vdot(error, error)])
             sums += s
             rows.append((s[1] / s[0], math.sqrt(s[2] / s[0]), math.sqrt(s[3] / s[0])))
     overall = (sums[1] / sums[0], math.sqrt(sums[2] / sums[0]), math.sqrt(sums[3] / sums[0]))
@@ -771,7 +785,8 @@ def test_merged_export_refuses_non_finite_weights(tmp_path, rng, merge_base):
     lora["layers"]["self_attn"]["k_proj"]["lora_B"] = lora["layers"]["self_attn"]["k_proj"]["lora_B"].at[1, 0, 0].set(
         jnp.nan)
     with pytest.raises(ValueError, match=r"merged weight 'model\.layers\.1\.self_attn\.k_proj\.weight' holds NaN"):
-        export_merged(tmp_path / "nan", MERGE_CONFIG, merge_base, lora, lora_config, quantize_to="nf4", allow_lossy=True)
+        export_merged(tmp_path / "nan", MERGE_CONFIG, merge_base, lora, lora_config, quantize_to="nf4",
+                      allow_lossy=True)
     assert not (tmp_path / "nan").exists()
 
 

@@ -20,7 +20,7 @@ from qlora_jax.models import layout
 
 __all__ = ["GGUFCheckpoint", "unpermute_rotary_rows"]
 
-# GGUF tensor names -> the names of qlora_jax.models.layout (per layer) and transformers' keys (global).
+# GGUF tensor names -> qlora_jax.models.layout's layer names, and the global names of load.hf_global_key.
 _LAYER_NAMES = {
     "attn_q": "q_proj",
     "attn_k": "k_proj",
@@ -32,7 +32,7 @@ _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GLOBAL_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
 
 
 def unpermute_rotary_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -47,8 +47,10 @@ def _hf_key(name: str, path: pathlib.Path) -> str:
         _, layer, kind = base.split(".", 2)
         if kind in _LAYER_NAMES and layer.isdigit():
             return layout.hf_key(int(layer), _LAYER_NAMES[kind], suffix)
-    elif base in _GLOBAL_NAMES:
-        return f"{_GLOBAL_NAMES[base]}.{suffix}"
+    elif base in _GLOBAL_NAMES and suffix == "weight":
+        from qlora_jax.checkpoints.load import hf_global_key  # load imports this module
+
+        return hf_global_key(_GLOBAL_NAMES[base])
     raise CheckpointError(f"GGUF file {path} holds tensor {name!r}, which a LLaMA model has no use for (expected "
                           f"blk.N.{{{','.join(_LAYER_NAMES)}}}.weight or {', '.join(_GLOBAL_NAMES)}); nothing in "
                           "a checkpoint is ignored")
@@ -126,6 +128,8 @@ class GGUFCheckpoint:
 
     def config_dict(self) -> dict[str, Any]:
         """A transformers ``config.json`` dict for the model in the file (metadata types checked)."""
+        from qlora_jax.checkpoints.load import hf_global_key  # load imports this module
+
         heads = self._meta_number("llama.attention.head_count", int)
         hidden = self._meta_number("llama.embedding_length", int)
         vocab = (self._meta_number("llama.vocab_size", int) if "llama.vocab_size" in self.metadata
@@ -143,12 +147,23 @@ class GGUFCheckpoint:
             "rms_norm_eps": self._meta_number("llama.attention.layer_norm_rms_epsilon", float),
             "rope_theta": self._meta_number("llama.rope.freq_base", float, 10000.0),
             "max_position_embeddings": self._meta_number("llama.context_length", int, 2048),
-            "tie_word_embeddings": "lm_head.weight" not in self._tensors,
+            "tie_word_embeddings": hf_global_key("lm_head") not in self._tensors,
             "bos_token_id": self.metadata.get("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self.metadata.get("tokenizer.ggml.eos_token_id"),
             "pad_token_id": self.metadata.get("tokenizer.ggml.padding_token_id"),
             "hidden_act": "silu",
+            "rope_scaling": self._rope_scaling(),
         }
+
+    def _rope_scaling(self) -> dict[str, Any] | None:
+        """transformers' ``rope_scaling`` from llama.cpp's ``llama.rope.scaling.*`` metadata (none or linear)."""
+        kind = self.metadata.get("llama.rope.scaling.type", "none")
+        if kind == "none":
+            return None
+        if kind == "linear":
+            return {"rope_type": "linear", "factor": self._meta_number("llama.rope.scaling.factor", float)}
+        raise CheckpointError(f"GGUF file {self.path}: metadata 'llama.rope.scaling.type' is {kind!r}; qlora-jax "
+                              "reads GGUF rotary scaling 'none' or 'linear'")
 
     def keys(self) -> list[str]:
         return list(self._tensors)

@@ -1,10 +1,13 @@
 """Checkpoint -> frozen base pytree, quantizing tensor by tensor.
 
 Reads a Hugging Face folder (single or sharded safetensors, including bitsandbytes 4-bit
-checkpoints saved by transformers) or a GGUF file, checks every tensor against ``config.json``,
-and builds the ``base`` pytree of :mod:`qlora_jax.models.llama`. Each linear weight is read,
-quantized and written into its layer-stacked buffer before the next is read, so host memory
-peaks near one 16-bit tensor plus the quantized model. Pre-quantized bitsandbytes weights are
+checkpoints saved by transformers) or a GGUF file and builds the ``base`` pytree of
+:mod:`qlora_jax.models.llama`. The plan of what a model with ``config.json`` consumes is matched
+with the file's tensors before anything is read, and every tensor goes through one validation
+pass (:class:`~qlora_jax.checkpoints.validate.CheckedSource`: shape, dtype, finite, consumed),
+so a checkpoint is either loaded whole and as stored, or refused naming what is wrong. Each
+linear weight is read, quantized and written into its layer-stacked buffer before the next is
+read, so host memory peaks near one 16-bit tensor plus the quantized model. Pre-quantized bitsandbytes weights are
 taken as they are (no re-quantization).
 """
 
@@ -247,8 +250,8 @@ def load_base_params(
         except QuantizationError as err:
             raise CheckpointError(f"{checked.where(entry.key)}: bitsandbytes weight {entry.key!r}: {err}") from err
         if tuple(qt.shape) != tuple(entry.shape):
-            raise CheckpointError(f"{checked.where(entry.key)}: tensor {entry.key!r} has shape {list(qt.shape)} (its quant "
-                                  f"state) but config.json implies {list(entry.shape)}")
+            raise CheckpointError(f"{checked.where(entry.key)}: tensor {entry.key!r} has shape {list(qt.shape)} "
+                                  f"(its quant state) but config.json implies {list(entry.shape)}")
         if quant.quantized and qt.quant_type != quant.quant:
             raise CheckpointError(
                 f"{checked.where(entry.key)}: {entry.key!r} is stored as bitsandbytes {qt.quant_type}, but quant="
