@@ -145,7 +145,8 @@ def load_peft_adapter(
     weights = path / ADAPTER_WEIGHTS
     if not weights.exists():
         raise CheckpointError(f"{path} has no {ADAPTER_WEIGHTS} (only safetensors adapters are supported)")
-    source = CheckedSource(SafetensorsFolder.from_file(weights), weights)
+    source = CheckedSource(SafetensorsFolder.from_file(weights), weights,
+                           shapes_from=f"{ADAPTER_CONFIG} (r={lora_config.r}) with the model's config")
     targets = layout.lora_targets(lora_config, config)
     lora_config = dataclasses.replace(lora_config, target_modules=targets, dtype=dtype)
     shapes = config.linear_shapes()

@@ -301,10 +301,18 @@ BNB_KEY = "model.layers.1.self_attn.v_proj.weight"
 
 
 def test_bnb_folder_loads_without_requantization(tmp_path, good, bnb_tensors):
-    base, stats = load(write_folder(tmp_path / "bnb", CONFIG, bnb_tensors), quant="nf4")
+    import ml_dtypes
+
+    # bitsandbytes' quant_storage option stores the packed bytes under another dtype: bytes, not values
+    # (as bfloat16 some byte pairs read as NaN, which must not be taken for corrupt weights).
+    packed = bnb_tensors[BNB_KEY].reshape(-1).copy()
+    packed[:2] = (0xC0, 0x7F)  # codes that read as a bfloat16 NaN (0x7FC0)
+    as_bf16 = dict(bnb_tensors, **{BNB_KEY: packed.view(ml_dtypes.bfloat16).reshape(-1, 1)})
+    assert np.isnan(as_bf16[BNB_KEY].astype(np.float32)).any()
+    base, stats = load(write_folder(tmp_path / "bnb", CONFIG, as_bf16), quant="nf4")
     assert stats.prequantized == 14 and stats.requantized == 0
     stored = base["layers"]["self_attn"]["v_proj"]["weight"]
-    np.testing.assert_array_equal(np.asarray(stored.codes[1]).reshape(-1), bnb_tensors[BNB_KEY].reshape(-1))
+    np.testing.assert_array_equal(np.asarray(stored.codes[1]).reshape(-1), packed)
 
 
 def test_bnb_missing_nested_tensors_in_every_layer_is_an_error(tmp_path, bnb_tensors):
@@ -420,8 +428,8 @@ def test_adapter_round_trip_then_corruptions(tmp_path, rng):
     with pytest.raises(CheckpointError, match=r"is missing tensor 'base_model\.model\.model\.layers\.0\.self_attn\."
                                               r"q_proj\.lora_A\.weight'"):
         load_peft_adapter(corrupt("partial", partial), config)
-    with pytest.raises(CheckpointError, match=r"lora_A\.weight' has shape \[4, 64\] but config\.json implies "
-                                              r"\[8, 64\]"):
+    with pytest.raises(CheckpointError, match=r"lora_A\.weight' has shape \[4, 64\] but adapter_config\.json "
+                                              r"\(r=8\) with the model's config implies \[8, 64\]"):
         load_peft_adapter(corrupt("rank", cfg=dict(adapter_cfg, r=8)), config)
     ints = dict(tensors, **{key: tensors[key].astype(np.int32)})
     with pytest.raises(CheckpointError, match=rf"'{key}' is int32"):

@@ -244,7 +244,8 @@ def load_base_params(
         return value
 
     def read_prequantized(entry: _Entry) -> QuantizedTensor:
-        tensors = {k: checked.read(k, numeric=False) for k in [entry.key, *stored_aux[entry.key]]}
+        tensors = {entry.key: checked.read(entry.key, kind="bytes")}
+        tensors.update({k: checked.read(k, kind="state") for k in stored_aux[entry.key]})
         try:
             qt = bnb_format.from_bnb_state_dict(tensors, entry.key)
         except QuantizationError as err:

@@ -97,12 +97,14 @@ class CheckedSource:
     """A :class:`TensorSource` whose every read is validated and recorded (see the module docstring).
 
     ``origin`` names the checkpoint in error messages; a source with a ``file_of(key)`` method
-    (a sharded folder) has the file holding each tensor named instead.
+    (a sharded folder) has the file holding each tensor named instead. ``shapes_from`` names
+    what the expected shapes come from.
     """
 
-    def __init__(self, source: TensorSource, origin: str | pathlib.Path):
+    def __init__(self, source: TensorSource, origin: str | pathlib.Path, *, shapes_from: str = "config.json"):
         self.source = source
         self.origin = str(origin)
+        self.shapes_from = shapes_from
         self._consumed: set[str] = set()
 
     def keys(self) -> list[str]:
@@ -124,28 +126,31 @@ class CheckedSource:
         """The keys read so far."""
         return frozenset(self._consumed)
 
-    def read(self, key: str, shape: tuple[int, ...] | None = None, *, numeric: bool = True) -> np.ndarray:
+    def read(self, key: str, shape: tuple[int, ...] | None = None, *, kind: str = "values") -> np.ndarray:
         """The tensor ``key``, validated: shape (checked from the header, before reading), dtype, finite.
 
-        ``numeric``: the tensor holds values (it must be floating point); False for packed codes and
-        serialized state, which may be integers. Floating-point tensors are checked finite either way.
+        ``kind``: "values" (numbers: floating point and finite), "state" (quantization state:
+        any dtype, floating-point ones finite) or "bytes" (packed codes, whatever dtype they are
+        stored under: not interpreted here).
         """
+        if kind not in ("values", "state", "bytes"):
+            raise ValueError(f"kind must be 'values', 'state' or 'bytes', got {kind!r}")
         if key not in self.source:
             raise CheckpointError(f"{self.origin} is missing tensor {key!r}")
         if shape is not None:
             stored = self.shape(key)
             if stored != tuple(shape):
-                raise CheckpointError(f"{self.where(key)}: tensor {key!r} has shape {list(stored)} but config.json "
-                                      f"implies {list(shape)}")
+                raise CheckpointError(f"{self.where(key)}: tensor {key!r} has shape {list(stored)} but "
+                                      f"{self.shapes_from} implies {list(shape)}")
         value = np.asarray(self.source.get(key))
         dtype = value.dtype.name
-        if dtype in FLOAT_DTYPES:
+        if dtype in FLOAT_DTYPES and kind != "bytes":
             _check_finite(value, f"{self.where(key)}: tensor {key!r}")
-        elif numeric:
+        elif kind == "values" and dtype not in FLOAT_DTYPES:
             hint = _DTYPE_HINTS.get(dtype, "").format(key=key)
             raise CheckpointError(f"{self.where(key)}: tensor {key!r} is {dtype}{list(value.shape)}; expected "
-                                  f"floating-point values ({', '.join(FLOAT_DTYPES[:3])})" + (f" ({hint})" if hint
-                                                                                             else ""))
+                                  f"floating-point values ({', '.join(FLOAT_DTYPES[:3])})"
+                                  + (f" ({hint})" if hint else ""))
         self._consumed.add(key)
         return value
 
