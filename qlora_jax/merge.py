@@ -77,9 +77,9 @@ class LayerMergeStats:
 class MergeReport:
     """Where the export went and what of the adapter survives it.
 
-    ``layers``: per adapted linear layer; ``kept_fraction``, ``kept_norm_ratio``,
-    ``error_ratio``: the same over all of them (sums of squares and inner products), None without
-    an adapter. ``requantization_relative_rmse``: ||R(W+ΔW) − (W+ΔW)|| / ||W+ΔW|| over all linear
+    ``layers``: per linear layer whose adapter update is not zero; ``kept_fraction``,
+    ``kept_norm_ratio``, ``error_ratio``: the same over all of them (sums of squares and inner
+    products), None without an adapter (or with a zero one). ``requantization_relative_rmse``: ||R(W+ΔW) − (W+ΔW)|| / ||W+ΔW|| over all linear
     layers, for a quantized export (small though the adapter may be lost: compare ``error_ratio``).
     ``base_loss``, ``unmerged_loss``, ``merged_loss``: mean held-out loss (nats per target token)
     of the base alone, base + adapter, and the exported weights, when batches were given;
@@ -183,14 +183,11 @@ def _merge_layer(weight: Any, pair: Any, scaling: jax.Array, *, quantize_to: str
     function per weight shape, rather than a compilation per operation and shape.
     """
     w = _dense(weight)
-    merged = w if pair is None else w + _delta(pair, scaling)
+    delta = jnp.zeros_like(w) if pair is None else _delta(pair, scaling)
+    merged = w + delta
     stored, rounded = _round_to_export(merged, quantize_to, dtype)
     error = rounded - merged
-    if pair is None:
-        delta = effect = jnp.zeros_like(w)
-    else:
-        delta = merged - w
-        effect = rounded - _round_to_export(w, quantize_to, dtype)[1]
+    effect = jnp.zeros_like(w) if pair is None else rounded - _round_to_export(w, quantize_to, dtype)[1]
     sums = jnp.stack([jnp.isfinite(merged).all().astype(jnp.float32), jnp.vdot(delta, delta),
                       jnp.vdot(effect, effect), jnp.vdot(effect, delta), jnp.vdot(error, error),
                       jnp.vdot(merged, merged)])
@@ -274,7 +271,7 @@ def export_merged(
                 raise ValueError(f"the merged weight {key!r} holds NaN or Inf (from the adapter or the base); "
                                  "refusing to export it")
             totals += sums
-            if pair is not None:
+            if sums[1] > 0:  # an adapter with a non-zero update (a fresh adapter, B = 0, has nothing to lose)
                 layer_stats.append(LayerMergeStats(layer, name, float(np.sqrt(sums[1])), *_ratios(sums[1:])))
             stored = jax.device_get(stored)
             if quantize_to is None:

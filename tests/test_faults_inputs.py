@@ -735,8 +735,9 @@ def merge_base(module_rng):
 @pytest.mark.parametrize("size, lost", [(1e-4, True), (0.3, False)])
 def test_merged_4bit_export_reports_what_survives(tmp_path, rng, merge_base, caplog, size, lost):
     _, lora, lora_config = random_adapter(rng, targets=layout.LINEAR_LAYERS, size=size)
-    plain = export_merged(tmp_path / "plain", MERGE_CONFIG, merge_base, None, None, quantize_to="nf4")
-    assert plain.kept_fraction is None and not plain.lossy
+    zero = jax.tree.map(jnp.zeros_like, lora)  # R(W): the base alone, through the same export
+    plain = export_merged(tmp_path / "plain", MERGE_CONFIG, merge_base, zero, lora_config, quantize_to="nf4")
+    assert plain.kept_fraction is None and not plain.lossy and plain.layers == ()
     if lost:
         with pytest.raises(LossyMergeError, match=r"(?s)apply .*% of the adapter's update.*quantize_to=None .*"
                                                   r"save_peft_adapter.*allow_lossy=True"):
@@ -789,7 +790,7 @@ def test_merged_export_measures_held_out_losses(tmp_path, rng, merge_base):
 
 
 def test_merged_export_refuses_non_finite_weights(tmp_path, rng, merge_base):
-    _, lora, lora_config = random_adapter(rng, targets=("k_proj",))
+    _, lora, lora_config = random_adapter(rng, targets=layout.LINEAR_LAYERS)
     lora["layers"]["self_attn"]["k_proj"]["lora_B"] = lora["layers"]["self_attn"]["k_proj"]["lora_B"].at[1, 0, 0].set(
         jnp.nan)
     with pytest.raises(ValueError, match=r"merged weight 'model\.layers\.1\.self_attn\.k_proj\.weight' holds NaN"):
