@@ -79,8 +79,9 @@ class MergeReport:
 
     ``layers``: per linear layer whose adapter update is not zero; ``kept_fraction``,
     ``kept_norm_ratio``, ``error_ratio``: the same over all of them (sums of squares and inner
-    products), None without an adapter (or with a zero one). ``requantization_relative_rmse``: ||R(W+ΔW) − (W+ΔW)|| / ||W+ΔW|| over all linear
-    layers, for a quantized export (small though the adapter may be lost: compare ``error_ratio``).
+    products), None without an adapter (or with a zero one). ``requantization_relative_rmse``:
+    ||R(W+ΔW) − (W+ΔW)|| / ||W+ΔW|| over all linear layers, for a quantized export (small though
+    the adapter may be lost: compare ``error_ratio``).
     ``base_loss``, ``unmerged_loss``, ``merged_loss``: mean held-out loss (nats per target token)
     of the base alone, base + adapter, and the exported weights, when batches were given;
     ``loss_improvement_kept``: (base − merged) / (base − unmerged). ``lossy``: whether most of the
