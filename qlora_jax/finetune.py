@@ -203,9 +203,10 @@ def run(cfg: FinetuneConfig, *, log: Callable[[str], None] = print, progress: bo
 
     # --- data: held-out split, chat template, source masked ---------------------------------
     examples = data_lib.load_examples(cfg.dataset, cfg.dataset_format)
-    train_examples, eval_examples = data_lib.train_eval_split(
+    train_examples, eval_examples, cleaning = data_lib.train_eval_split(
         examples, cfg.eval_dataset_size, cfg.seed, max_train_samples=cfg.max_train_samples,
         max_eval_samples=cfg.max_eval_samples)
+    log(cleaning.summary())
     workers = cfg.data_workers or os.cpu_count() or 1
     tokenize = lambda ex: data_lib.tokenize_examples(  # noqa: E731
         ex, tokenizer, template=cfg.chat_template, source_max_len=cfg.source_max_len,

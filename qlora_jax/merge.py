@@ -1,18 +1,38 @@
-"""Fold LoRA adapters into the base weights and export a Hugging Face model folder.
+"""Fold LoRA adapters into the base weights and export a Hugging Face model folder, saying what survives.
 
-Merging dequantizes each base weight to float32, adds ``scaling * B @ A`` and casts to the
-export dtype. The merged folder (``config.json``, ``model.safetensors`` shards, tokenizer files)
-loads in transformers' ``AutoModelForCausalLM.from_pretrained``. With ``quantize="nf4"`` the
-merged weights are re-quantized and written in bitsandbytes' 4-bit format (what transformers'
-``save_pretrained`` writes for a 4-bit model), and the re-quantization error is reported: a merge
-into 4-bit weights is not lossless, and the report says by how much.
+Merging dequantizes each base weight ``W`` to float32, adds the adapter's update
+``ΔW = scaling * B @ A`` and rounds the sum to the export's format ``R``: a cast to the export
+dtype, or with ``quantize_to="nf4"`` a re-quantization written in bitsandbytes' 4-bit format
+(what transformers' ``save_pretrained`` writes for a 4-bit model). The folder (``config.json``,
+``model.safetensors`` shards, tokenizer files) loads in ``AutoModelForCausalLM.from_pretrained``.
+
+**What survives.** A QLoRA base already sits on the NF4 grid, so rounding ``W + ΔW`` back to it
+undoes every update smaller than half a quantization step: on SmolLM2 with a trained adapter, a
+4-bit merge kept 0.1% of the finetune's loss improvement (PEFT's ``merge_and_unload`` on
+bitsandbytes does the same; peft#2321, transformers#31293). A re-quantization error that looks
+small against ``W`` can be the size of ``ΔW`` itself. So every export measures, per linear layer
+and overall, against ``ΔW``:
+
+* ``kept_fraction`` = <R(W+ΔW) − R(W), ΔW> / ||ΔW||²: the part of the adapter's update that the
+  exported weights still apply (1: all of it, 0: none);
+* ``kept_norm_ratio`` = ||R(W+ΔW) − R(W)|| / ||ΔW||: the size of the change they apply (rounding
+  noise counts here, so it can exceed 1 while nothing useful survives);
+* ``error_ratio`` = ||R(W+ΔW) − (W+ΔW)|| / ||ΔW||: the rounding error relative to the update;
+
+and, when held-out batches are given, the loss of the merged model against the unmerged one
+and the base: ``loss_improvement_kept`` = (base − merged) / (base − unmerged). A merge that
+loses most of the adapter (see :func:`export_merged`) is refused unless ``allow_lossy=True``,
+pointing to the 16-bit merge or the unmerged adapter.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 import pathlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -20,35 +40,99 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
+from qlora_jax.checkpoints.load import _Stacker, hf_global_key
+from qlora_jax.checkpoints.validate import FLOAT_DTYPES
 from qlora_jax.lora import LoraConfig
 from qlora_jax.models import layout
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.quant import QuantizedTensor, bnb_format, dequantize, quantize
 
-__all__ = ["merge_lora_weight", "export_merged", "MergeReport"]
+__all__ = ["merge_lora_weight", "export_merged", "MergeReport", "LayerMergeStats", "LossyMergeError"]
+
+log = logging.getLogger(__name__)
 
 MAX_SHARD_BYTES = 2 * 2**30
 
 
+class LossyMergeError(ValueError):
+    """A merged export would lose most of the adapter's effect (the message holds the report)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerMergeStats:
+    """How much of one linear layer's adapter update survives the export (see the module docstring).
+
+    ``delta_norm``: ||ΔW||, Frobenius, in the weights' units; the ratios are dimensionless.
+    """
+
+    layer: int
+    module: str
+    delta_norm: float
+    kept_fraction: float
+    kept_norm_ratio: float
+    error_ratio: float
+
+
 @dataclasses.dataclass(frozen=True)
 class MergeReport:
-    """Where the export went, and (for a quantized export) the re-quantization error."""
+    """Where the export went and what of the adapter survives it.
+
+    ``layers``: per linear layer whose adapter update is not zero; ``kept_fraction``,
+    ``kept_norm_ratio``, ``error_ratio``: the same over all of them (sums of squares and inner
+    products), None without an adapter (or with a zero one). ``requantization_relative_rmse``:
+    ||R(W+ΔW) − (W+ΔW)|| / ||W+ΔW|| over all linear layers, for a quantized export (small though
+    the adapter may be lost: compare ``error_ratio``).
+    ``base_loss``, ``unmerged_loss``, ``merged_loss``: mean held-out loss (nats per target token)
+    of the base alone, base + adapter, and the exported weights, when batches were given;
+    ``loss_improvement_kept``: (base − merged) / (base − unmerged). ``lossy``: whether most of the
+    adapter was lost (the criterion of :func:`export_merged`).
+    """
 
     path: pathlib.Path
     num_tensors: int
     total_bytes: int
-    # Relative RMS error of the re-quantized merged weights, over all linear layers (None if 16-bit).
     requantization_relative_rmse: float | None = None
+    layers: tuple[LayerMergeStats, ...] = ()
+    kept_fraction: float | None = None
+    kept_norm_ratio: float | None = None
+    error_ratio: float | None = None
+    base_loss: float | None = None
+    unmerged_loss: float | None = None
+    merged_loss: float | None = None
+    loss_improvement_kept: float | None = None
+    lossy: bool = False
+
+    def summary(self) -> str:
+        """A few lines for a log: the overall figures and the layers that keep least."""
+        if self.kept_fraction is None:
+            return f"merged export at {self.path}: no adapter to merge"
+        worst = sorted(self.layers, key=lambda s: s.kept_fraction)[:3]
+        lines = [f"merged export at {self.path}: the exported weights apply {self.kept_fraction:.1%} of the "
+                 f"adapter's update (norm ratio {self.kept_norm_ratio:.3f}, rounding error {self.error_ratio:.3f} "
+                 f"x ||ΔW||) over {len(self.layers)} adapted layers; least kept: "
+                 + ", ".join(f"layer {s.layer} {s.module} {s.kept_fraction:.1%}" for s in worst)]
+        if self.merged_loss is not None:
+            lines.append(f"held-out loss: base {self.base_loss:.4f}, unmerged {self.unmerged_loss:.4f}, merged "
+                         f"{self.merged_loss:.4f}"
+                         + ("" if self.loss_improvement_kept is None
+                            else f" ({self.loss_improvement_kept:.1%} of the adapter's improvement kept)"))
+        return "\n".join(lines)
 
 
 def merge_lora_weight(weight: Any, pair: dict[str, jax.Array] | None, scaling: float) -> jax.Array:
     """float32 ``W + scaling * B @ A`` for one layer's weight ``[out, in]`` (quantized or not)."""
-    w = dequantize(weight, jnp.float32) if isinstance(weight, QuantizedTensor) else jnp.asarray(weight, jnp.float32)
+    w = _dense(weight)
     if pair is None:
         return w
-    a = jnp.asarray(pair["lora_A"], jnp.float32)
-    b = jnp.asarray(pair["lora_B"], jnp.float32)
-    return w + scaling * (b @ a)
+    return w + _delta(pair, scaling)
+
+
+def _dense(weight: Any) -> jax.Array:
+    return dequantize(weight, jnp.float32) if isinstance(weight, QuantizedTensor) else jnp.asarray(weight, jnp.float32)
+
+
+def _delta(pair: Mapping[str, jax.Array], scaling: float) -> jax.Array:
+    return scaling * (jnp.asarray(pair["lora_B"], jnp.float32) @ jnp.asarray(pair["lora_A"], jnp.float32))
 
 
 def _layer_slice(tree: Any, layer: int) -> Any:
@@ -83,6 +167,57 @@ def _host(x: jax.Array, dtype: Any) -> np.ndarray:
     return np.asarray(jax.device_get(jnp.asarray(x).astype(dtype)))
 
 
+def _round_to_export(w: jax.Array, quantize_to: str | None, dtype: str) -> tuple[Any, jax.Array]:
+    """The stored form of a float32 weight (cast, or re-quantized) and what it reads back as (float32)."""
+    if quantize_to is None:
+        stored = w.astype(dtype)
+        return stored, stored.astype(jnp.float32)
+    qt = quantize(w, quantize_to, double_quant=True)
+    return qt, dequantize(qt, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("quantize_to", "dtype"))
+def _merge_layer(weight: Any, pair: Any, scaling: jax.Array, *, quantize_to: str | None, dtype: str):
+    """One layer's exported weight and float32 sums: [finite, ||ΔW||², ||E||², <E, ΔW>, ||err||², ||W+ΔW||²].
+
+    E = R(W+ΔW) − R(W), err = R(W+ΔW) − (W+ΔW), with R the export's rounding; one compiled
+    function per weight shape, rather than a compilation per operation and shape.
+    """
+    w = _dense(weight)
+    delta = jnp.zeros_like(w) if pair is None else _delta(pair, scaling)
+    merged = w + delta
+    stored, rounded = _round_to_export(merged, quantize_to, dtype)
+    error = rounded - merged
+    effect = jnp.zeros_like(w) if pair is None else rounded - _round_to_export(w, quantize_to, dtype)[1]
+    sums = jnp.stack([jnp.isfinite(merged).all().astype(jnp.float32), jnp.vdot(delta, delta),
+                      jnp.vdot(effect, effect), jnp.vdot(effect, delta), jnp.vdot(error, error),
+                      jnp.vdot(merged, merged)])
+    return stored, sums
+
+
+def _ratios(sums: np.ndarray) -> tuple[float, float, float]:
+    """(kept_fraction, kept_norm_ratio, error_ratio) from sums [||ΔW||², ||E||², <E, ΔW>, ||err||²]."""
+    d = max(float(sums[0]), 1e-300)
+    return float(sums[2]) / d, float(np.sqrt(sums[1] / d)), float(np.sqrt(sums[3] / d))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_sum(spec: Any, trainable: Any, frozen: Any, batch: dict[str, jax.Array]):
+    from qlora_jax.train import loss_and_count
+
+    return loss_and_count(spec, trainable, frozen, batch, None)
+
+
+def _mean_loss(spec: Any, trainable: Any, frozen: Any, batches: Sequence[Mapping[str, np.ndarray]]) -> float:
+    total = count = 0.0
+    for batch in batches:
+        loss_sum, tokens = _loss_sum(spec, trainable, frozen, {k: jnp.asarray(v) for k, v in batch.items()})
+        total, count = total + float(loss_sum), count + float(tokens)
+    if count == 0:
+        raise ValueError("the held-out batches given to export_merged hold no target tokens")
+    return total / count
+
+
 def export_merged(
     path: str | pathlib.Path,
     config: LlamaConfig,
@@ -93,20 +228,33 @@ def export_merged(
     dtype: str = "bfloat16",
     quantize_to: str | None = None,
     tokenizer: Any = None,
+    eval_batches: Sequence[Mapping[str, np.ndarray]] | None = None,
+    compute_dtype: str = "float32",
+    min_kept_fraction: float = 0.5,
+    allow_lossy: bool = False,
 ) -> MergeReport:
-    """Writes a transformers-loadable folder with the adapters folded into the weights.
+    """Writes a transformers-loadable folder with the adapters folded into the weights; reports what survives.
 
     ``dtype``: dtype of the written 16/32-bit tensors (and the compute dtype recorded for a
-    quantized export). ``quantize_to``: None (16-bit export), or "nf4"/"fp4" for bitsandbytes
+    quantized export). ``quantize_to``: None (16/32-bit export), or "nf4"/"fp4" for bitsandbytes
     4-bit weights with double quantization. ``tokenizer``: a :class:`qlora_jax.tokenizer.Tokenizer`
-    whose files are written alongside.
+    whose files are written alongside. ``eval_batches``: held-out batches (``{"input_ids",
+    "attention_mask", "loss_mask"}``, int32 ``[B, T]``, e.g. :func:`qlora_jax.data.eval_batches`)
+    on which the base, unmerged and merged losses are measured, in ``compute_dtype``.
+
+    The export is **lossy** when the held-out loss keeps less than ``min_kept_fraction`` of the
+    adapter's improvement (if batches were given and the adapter improves the loss), otherwise
+    when the weights apply less than ``min_kept_fraction`` of its update or their rounding error
+    exceeds the update itself (``error_ratio > 1``). A lossy export raises
+    :class:`LossyMergeError` before anything is written, unless ``allow_lossy=True``, which
+    writes it with a warning. Non-finite merged weights are always refused.
     """
     path = pathlib.Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     np_dtype = jnp.dtype(dtype)
-    scaling = lora_config.scaling if lora_config is not None else 1.0
-    tensors: dict[str, np.ndarray] = {"model.embed_tokens.weight": _host(base["embed_tokens"], np_dtype)}
-    squared_error, squared_norm = 0.0, 0.0
+    scaling = jnp.float32(lora_config.scaling if lora_config is not None else 1.0)
+    tensors: dict[str, np.ndarray] = {hf_global_key("embed_tokens"): _host(base["embed_tokens"], np_dtype)}
+    merged_stack = _Stacker(config.num_hidden_layers) if eval_batches is not None else None
+    totals, layer_stats = np.zeros(6), []
     layers = base["layers"]
     linears = layout.linear_entries(base)
     lora_layers = (lora or {}).get("layers", {})
@@ -114,25 +262,81 @@ def export_merged(
         for norm in layout.LAYER_NORMS:
             tensors[layout.hf_key(layer, norm)] = _host(layers[norm][layer], np_dtype)
         for name, params in linears.items():
-            pair = lora_layers.get(layout.module_group(name), {}).get(name)
-            merged = merge_lora_weight(_layer_slice(params["weight"], layer), None if pair is None else
-                                       _layer_slice(pair, layer), scaling)
             key = layout.hf_key(layer, name)
+            pair = lora_layers.get(layout.module_group(name), {}).get(name)
+            stored, sums = _merge_layer(_layer_slice(params["weight"], layer),
+                                        None if pair is None else _layer_slice(pair, layer), scaling,
+                                        quantize_to=quantize_to, dtype=np_dtype.name)
+            sums = np.asarray(jax.device_get(sums), np.float64)
+            if not sums[0]:
+                raise ValueError(f"the merged weight {key!r} holds NaN or Inf (from the adapter or the base); "
+                                 "refusing to export it")
+            totals += sums
+            if sums[1] > 0:  # an adapter with a non-zero update (a fresh adapter, B = 0, has nothing to lose)
+                layer_stats.append(LayerMergeStats(layer, name, float(np.sqrt(sums[1])), *_ratios(sums[1:])))
+            stored = jax.device_get(stored)
             if quantize_to is None:
-                tensors[key] = _host(merged, np_dtype)
+                tensors[key] = np.asarray(stored)
             else:
-                qt = quantize(merged, quantize_to, double_quant=True)
-                error = dequantize(qt, jnp.float32) - merged
-                squared_error += float(jnp.sum(error * error))
-                squared_norm += float(jnp.sum(merged * merged))
-                tensors.update(bnb_format.to_bnb_state_dict(jax.device_get(qt), key))
+                tensors.update(bnb_format.to_bnb_state_dict(stored, key))
+            if merged_stack is not None:
+                merged_stack.put(name, layer, stored)
             if "bias" in params:
                 tensors[layout.hf_key(layer, name, "bias")] = _host(params["bias"][layer], np_dtype)
-    tensors["model.norm.weight"] = _host(base["norm"], np_dtype)
+    tensors[hf_global_key("norm")] = _host(base["norm"], np_dtype)
     if not config.tie_word_embeddings:
-        tensors["lm_head.weight"] = _host(base["lm_head"], np_dtype)
-    total = _write_shards(path, tensors)
+        tensors[hf_global_key("lm_head")] = _host(base["lm_head"], np_dtype)
+    for key, value in tensors.items():
+        if value.dtype.name in FLOAT_DTYPES and not np.isfinite(value).all():
+            raise ValueError(f"tensor {key!r} of the merged export holds NaN or Inf; refusing to export it")
 
+    losses: dict[str, float] = {}
+    if eval_batches is not None:
+        from qlora_jax.models.spec import ModelSpec
+
+        merged_base = layout.assemble_base(
+            embed_tokens=jnp.asarray(tensors[hf_global_key("embed_tokens")]),
+            norm=jnp.asarray(tensors[hf_global_key("norm")]),
+            lm_head=None if config.tie_word_embeddings else jnp.asarray(tensors[hf_global_key("lm_head")]),
+            layer_norms={n: jnp.asarray(layers[n]).astype(np_dtype) for n in layout.LAYER_NORMS},
+            linears={name: {"weight": merged_stack.buffers[name],
+                            **({"bias": jnp.asarray(p["bias"]).astype(np_dtype)} if "bias" in p else {})}
+                     for name, p in linears.items()})
+        plain = ModelSpec(config, None, compute_dtype=compute_dtype)
+        losses["base_loss"] = _mean_loss(plain, None, base, eval_batches)
+        losses["merged_loss"] = _mean_loss(plain, None, merged_base, eval_batches)
+        losses["unmerged_loss"] = (_mean_loss(ModelSpec(config, lora_config, compute_dtype=compute_dtype), lora, base,
+                                              eval_batches) if lora is not None else losses["base_loss"])
+
+    kept = kept_norm = error_ratio = improvement_kept = None
+    lossy = False
+    if layer_stats:
+        kept, kept_norm, error_ratio = _ratios(totals[1:])
+        lossy = kept < min_kept_fraction or error_ratio > 1.0
+        if losses and losses["unmerged_loss"] < losses["base_loss"]:
+            improvement_kept = ((losses["base_loss"] - losses["merged_loss"])
+                                / (losses["base_loss"] - losses["unmerged_loss"]))
+            lossy = improvement_kept < min_kept_fraction
+    report = MergeReport(
+        path=path, num_tensors=len(tensors), total_bytes=sum(v.nbytes for v in tensors.values()),
+        requantization_relative_rmse=(None if quantize_to is None
+                                      else float(np.sqrt(totals[4] / max(totals[5], 1e-30)))),
+        layers=tuple(layer_stats), kept_fraction=kept, kept_norm_ratio=kept_norm, error_ratio=error_ratio,
+        loss_improvement_kept=improvement_kept, lossy=lossy, **losses)
+    if lossy:
+        alternative = ("export with quantize_to=None (a 16-bit merge)" if quantize_to is not None
+                       else "export with dtype='float32'")
+        message = (f"{report.summary()}\nThis {quantize_to or dtype} merge loses most of the finetune: the adapter's "
+                   f"update is small against the {quantize_to or dtype} rounding step. Instead {alternative}, or ship "
+                   "the adapter unmerged (qlora_jax.peft_io.save_peft_adapter; PEFT loads it on the 4-bit base)")
+        if not allow_lossy:
+            raise LossyMergeError(message + "; pass allow_lossy=True to write this export anyway")
+        log.warning("%s (written anyway: allow_lossy=True)", message)
+    elif layer_stats:
+        log.info("%s", report.summary())
+
+    path.mkdir(parents=True, exist_ok=True)
+    _write_shards(path, tensors)
     hf_config = config.to_hf_dict()
     hf_config["torch_dtype"] = dtype
     if quantize_to is not None:
@@ -149,5 +353,4 @@ def export_merged(
     (path / "config.json").write_text(json.dumps(hf_config, indent=2))
     if tokenizer is not None:
         tokenizer.save(path)
-    rel = None if quantize_to is None else float(np.sqrt(squared_error / max(squared_norm, 1e-30)))
-    return MergeReport(path, len(tensors), total, rel)
+    return report

@@ -122,6 +122,7 @@ def load_pretrained(
     *,
     blocksize: int = 64,
     dtype: str = "bfloat16",
+    bnb_backend: str = "cuda",
     lora: LoraConfig | None = LoraConfig(),
     full_finetune: bool = False,
     adapter: str | pathlib.Path | None = None,
@@ -139,6 +140,9 @@ def load_pretrained(
     for another ``quant``/``double_quant``/``blocksize``/``dtype`` is an error; its adapters, if
     any, replace fresh ones unless ``adapter`` or ``lora=None`` says otherwise).
     ``quant``: "nf4", "fp4", "int8" or "bf16"/"float16"/"float32" (no quantization).
+    ``bnb_backend``: whose bytes double quantization reproduces when the base is quantized here,
+    bitsandbytes' "cuda" kernels (default: what published checkpoints hold) or its "cpu" backend
+    (they encode a few of the 8-bit scale codes differently; pre-quantized weights are kept as stored).
     ``lora``: adapter hyperparameters, or None for no adapters. ``full_finetune`` makes the base
     itself trainable (requires an unquantized ``quant``). ``adapter``: a PEFT adapter folder to
     load instead of fresh adapters. ``compute_dtype`` (None: bfloat16 on accelerators, float32 on
@@ -149,7 +153,8 @@ def load_pretrained(
     if full_finetune and quant in ("nf4", "fp4", "int8"):
         raise ValueError("full finetuning needs an unquantized base: pass quant='bf16' (or float32)")
     checkpoint_path = assets.embedded_model_path() if str(path) == "embedded" else pathlib.Path(path)
-    quant_config = QuantConfig(quant=quant, double_quant=double_quant, blocksize=blocksize, dtype=dtype)
+    quant_config = QuantConfig(quant=quant, double_quant=double_quant, blocksize=blocksize, dtype=dtype,
+                               bnb_backend=bnb_backend)
     lora_params = None
     from qlora_jax.checkpoints.orbax_format import is_quantized_checkpoint, load_quantized  # imports orbax
 

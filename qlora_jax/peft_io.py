@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
-import re
 from typing import Any
 
 import jax
@@ -21,6 +21,7 @@ from safetensors.numpy import save_file
 
 from qlora_jax.checkpoints.errors import CheckpointError
 from qlora_jax.checkpoints.safetensors_io import SafetensorsFolder
+from qlora_jax.checkpoints.validate import CheckedSource
 from qlora_jax.lora import LoraConfig
 from qlora_jax.models import layout
 from qlora_jax.models.config import LlamaConfig
@@ -72,7 +73,55 @@ def save_peft_adapter(
     return path
 
 
-_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(lora_A|lora_B)(?:\.[\w-]+)?\.weight$")
+# adapter_config.json fields (PEFT 0.21) that change what a LoRA adapter computes; qlora-jax
+# implements none of them, so each must be off (null, false or empty). Initialisation-only
+# settings (init_lora_weights, loftq/eva/corda configs, ...) do not matter once trained.
+_MUST_BE_OFF = ("use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save", "exclude_modules",
+                "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "trainable_token_indices",
+                "layer_replication", "target_parameters", "alora_invocation_tokens", "use_qalora", "use_bdlora",
+                "monteclora_config", "arrow_config", "kasa_config")
+_OFF = (None, False, "", [], {})
+
+
+def _read_adapter_config(file: pathlib.Path, config: LlamaConfig) -> LoraConfig:
+    """The :class:`LoraConfig` of a PEFT ``adapter_config.json``, every field checked and named on error."""
+    try:
+        cfg = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file} is not valid JSON: {err}") from err
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(cfg).__name__}")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{file}: field 'peft_type' is {cfg.get('peft_type')!r}; expected 'LORA'")
+    r = cfg.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise CheckpointError(f"{file}: field 'r' is {r!r}; expected a positive integer (the LoRA rank)")
+    for field in ("lora_alpha", "lora_dropout"):
+        value = cfg.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise CheckpointError(f"{file}: field {field!r} is {value!r}; expected a finite number")
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        raise CheckpointError(f"{file}: field 'use_rslora' is {cfg['use_rslora']!r}; expected true or false")
+    targets = cfg.get("target_modules")
+    if targets is not None and not (isinstance(targets, str) or (
+            isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
+        raise CheckpointError(f"{file}: field 'target_modules' is {targets!r:.80}; expected a module name list or "
+                              "a regular expression string")
+    for field in _MUST_BE_OFF:
+        if cfg.get(field) not in _OFF:
+            raise CheckpointError(f"{file}: field {field!r} is {cfg[field]!r:.80}; qlora-jax implements plain LoRA "
+                                  "only, so it must be null, false or empty")
+    if cfg.get("bias", "none") != "none":
+        raise CheckpointError(f"{file}: field 'bias' is {cfg['bias']!r}; qlora-jax adapters train no biases "
+                              "(expected 'none')")
+    try:
+        # PEFT's LoraConfig defaults lora_alpha to 8 when the field is absent.
+        lora_config = LoraConfig.from_peft_config({"lora_alpha": 8, **cfg})
+        layout.lora_targets(lora_config, config)
+    except ValueError as err:
+        raise CheckpointError(f"{file}: {err}") from err
+    return lora_config
 
 
 def load_peft_adapter(
@@ -80,44 +129,39 @@ def load_peft_adapter(
 ) -> tuple[dict[str, Any], LoraConfig]:
     """Reads a PEFT LoRA adapter folder into our stacked pytree and its :class:`LoraConfig`.
 
-    ``dtype``: the adapters' dtype (None: as stored). The returned config's ``target_modules``
-    are the modules the file holds adapters for. Raises :class:`CheckpointError` naming the key
-    for missing matrices, unexpected keys (e.g. an adapter on a module we do not implement) and
-    shapes that disagree with the model.
+    ``dtype``: the adapters' dtype (None: as stored). ``adapter_config.json`` is checked field by
+    field (settings that change what the adapter computes, such as DoRA, biases or per-module
+    ranks, are refused). Its ``target_modules`` decide which modules have adapters, and the
+    weights file must hold exactly their matrices for every layer of ``config``: read through a
+    :class:`~qlora_jax.checkpoints.validate.CheckedSource`, missing and extra tensors (another
+    layer count, another module, an adapter on ``lm_head``) are errors listing them by name, and
+    each matrix is checked for shape (rank ``r``), floating-point dtype and finite values.
     """
     path = pathlib.Path(path)
     config_file = path / ADAPTER_CONFIG
     if not config_file.exists():
         raise CheckpointError(f"{path} has no {ADAPTER_CONFIG}")
-    lora_config = LoraConfig.from_peft_config(json.loads(config_file.read_text()))
-    if not (path / ADAPTER_WEIGHTS).exists():
+    lora_config = _read_adapter_config(config_file, config)
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.exists():
         raise CheckpointError(f"{path} has no {ADAPTER_WEIGHTS} (only safetensors adapters are supported)")
-    source = SafetensorsFolder.from_file(path / ADAPTER_WEIGHTS)
-    found: dict[tuple[int, str, str], str] = {}
-    for key in source.keys():
-        match = _KEY.match(key)
-        if match is None or match.group(3) not in layout.LINEAR_LAYERS:
-            raise CheckpointError(f"unexpected tensor {key!r} in {path / ADAPTER_WEIGHTS}")
-        found[(int(match.group(1)), match.group(3), match.group(4))] = key
-    targets = tuple(sorted({name for _, name, _ in found}, key=layout.LINEAR_LAYERS.index))
+    source = CheckedSource(SafetensorsFolder.from_file(weights), weights,
+                           shapes_from=f"{ADAPTER_CONFIG} (r={lora_config.r}) with the model's config")
+    targets = layout.lora_targets(lora_config, config)
     lora_config = dataclasses.replace(lora_config, target_modules=targets, dtype=dtype)
     shapes = config.linear_shapes()
-    layers: dict[str, dict[str, Any]] = {}
+    expected: dict[tuple[str, str], tuple[int, int]] = {}
     for name in targets:
         out_features, in_features = shapes[name]
-        expected = {"lora_A": (lora_config.r, in_features), "lora_B": (out_features, lora_config.r)}
-        pair = {}
-        for matrix, shape in expected.items():
-            per_layer = []
-            for layer in range(config.num_hidden_layers):
-                key = found.get((layer, name, matrix))
-                if key is None:
-                    raise CheckpointError(f"{path / ADAPTER_WEIGHTS} is missing {peft_key(layer, name, matrix)!r}")
-                value = source.get(key)
-                if value.shape != shape:
-                    raise CheckpointError(f"adapter tensor {key!r} has shape {list(value.shape)}, expected {list(shape)}")
-                per_layer.append(value)
-            stacked = jnp.asarray(np.stack(per_layer))
-            pair[matrix] = stacked if dtype is None else stacked.astype(dtype)
-        layers.setdefault(layout.module_group(name), {})[name] = pair
+        expected[name, "lora_A"] = (lora_config.r, in_features)
+        expected[name, "lora_B"] = (out_features, lora_config.r)
+    source.expect([peft_key(layer, name, matrix) for (name, matrix) in expected
+                   for layer in range(config.num_hidden_layers)], num_layers=config.num_hidden_layers)
+    layers: dict[str, dict[str, Any]] = {}
+    for (name, matrix), shape in expected.items():
+        stacked = jnp.asarray(np.stack([source.read(peft_key(layer, name, matrix), shape)
+                                        for layer in range(config.num_hidden_layers)]))
+        layers.setdefault(layout.module_group(name), {}).setdefault(name, {})[matrix] = (
+            stacked if dtype is None else stacked.astype(dtype))
+    source.check_all_consumed()
     return {"layers": layers}, lora_config

@@ -15,7 +15,13 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
-__all__ = ["Tokenizer", "CHAT_TEMPLATES", "compile_chat_template", "render_chat_template"]
+__all__ = ["Tokenizer", "CHAT_TEMPLATES", "ChatTemplateError", "compile_chat_template", "render_chat_template",
+           "check_chat_template"]
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that does not parse or render, or that cannot be split into source and target text."""
+
 
 CHAT_TEMPLATES = {
     "chatml": (
@@ -72,6 +78,40 @@ def render_chat_template(template: str, messages: Sequence[dict[str, str]], **va
     return compile_chat_template(template).render(messages=list(messages), **variables)
 
 
+# A plain exchange every chat template must render, with contents it must reproduce.
+_PROBE = ({"role": "user", "content": "probe question 4711"}, {"role": "assistant", "content": "probe answer 1147"})
+
+
+@functools.lru_cache(maxsize=32)
+def check_chat_template(template: str, origin: str, bos_token: str = "", eos_token: str = "") -> None:
+    """Checks a chat template before it meets any data; raises :class:`ChatTemplateError` naming ``origin``.
+
+    The template must parse as Jinja and render a plain user/assistant exchange (with and without
+    the generation prompt) to text that contains both messages. So a template that fails on every
+    conversation is reported as the template's problem, here, and not blamed on the first row.
+    """
+    import jinja2
+
+    try:
+        compiled = compile_chat_template(template)
+    except jinja2.TemplateSyntaxError as err:
+        raise ChatTemplateError(f"{origin}: the chat template is not valid Jinja (line {err.lineno}: "
+                                f"{err.message})") from err
+    variables = {"bos_token": bos_token, "eos_token": eos_token}
+    try:
+        full = compiled.render(messages=list(_PROBE), add_generation_prompt=False, **variables)
+        prompt = compiled.render(messages=list(_PROBE[:1]), add_generation_prompt=True, **variables)
+    except Exception as err:  # a template's runtime failure can be any exception (TypeError, UndefinedError, ...)
+        raise ChatTemplateError(f"{origin}: the chat template fails to render a plain user/assistant exchange: "
+                                f"{type(err).__name__}: {err}") from err
+    missing = [m["content"] for m in _PROBE if m["content"] not in full]
+    if missing or _PROBE[0]["content"] not in prompt:
+        known = ", ".join(CHAT_TEMPLATES)
+        raise ChatTemplateError(
+            f"{origin}: the chat template does not write the messages' contents (a user/assistant exchange renders "
+            f"as {full[:80]!r}); expected a Jinja template over `messages`, or a built-in name ({known})")
+
+
 class Tokenizer:
     """Text <-> token ids, special tokens, and chat formatting for one model."""
 
@@ -84,45 +124,99 @@ class Tokenizer:
         pad_token: str | None = None,
         add_bos_token: bool = False,
         chat_template: str | None = None,
+        chat_template_origin: str = "the tokenizer's chat_template",
     ):
         self.hf = tokenizer
         self.bos_token, self.eos_token = bos_token, eos_token
         self.pad_token = pad_token or eos_token
         self.add_bos_token = add_bos_token
         self.chat_template = chat_template
+        self.chat_template_origin = chat_template_origin
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_folder(cls, path: str | pathlib.Path) -> "Tokenizer":
-        """Reads ``tokenizer.json`` and, if present, ``tokenizer_config.json`` / ``special_tokens_map.json``."""
+    def from_folder(cls, path: str | pathlib.Path) -> Tokenizer:
+        """Reads ``tokenizer.json`` and, if present, ``tokenizer_config.json`` / ``special_tokens_map.json``.
+
+        Errors name the file and the field: a file that is not valid JSON or not a ``tokenizers``
+        file, a special token of the wrong type or absent from the vocabulary, a chat template
+        that is not a string (or list of named templates).
+        """
+        from qlora_jax.checkpoints.errors import CheckpointError
+
         path = pathlib.Path(path)
         file = path / "tokenizer.json"
         if not file.exists():
             raise FileNotFoundError(f"no tokenizer.json in {path}")
         config: dict[str, Any] = {}
+        origins: dict[str, str] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             if (path / name).exists():
-                config.update(json.loads((path / name).read_text()))
+                try:
+                    content = json.loads((path / name).read_text())
+                except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                    raise CheckpointError(f"{path / name} is not valid JSON: {err}") from err
+                if not isinstance(content, dict):
+                    raise CheckpointError(f"{path / name}: expected a JSON object, got {type(content).__name__}")
+                config.update(content)
+                origins.update({key: str(path / name) for key in content})
         template_file = path / "chat_template.jinja"
         if "chat_template" not in config and template_file.exists():
             config["chat_template"] = template_file.read_text()
-        return cls.from_config(HFTokenizer.from_file(str(file)), config)
+            origins["chat_template"] = str(template_file)
+        try:
+            tokenizer = HFTokenizer.from_file(str(file))
+        except Exception as err:  # the Rust library raises a plain Exception
+            raise CheckpointError(f"{file} is not a valid Hugging Face tokenizers file: {err}") from err
+        return cls.from_config(tokenizer, config, origins=origins)
 
     @classmethod
-    def from_config(cls, tokenizer: HFTokenizer, config: dict[str, Any]) -> "Tokenizer":
-        def token(value):
-            return value.get("content") if isinstance(value, dict) else value
+    def from_config(cls, tokenizer: HFTokenizer, config: dict[str, Any],
+                    origins: dict[str, str] | None = None) -> Tokenizer:
+        """A tokenizer from transformers-style ``tokenizer_config.json`` fields.
+
+        ``origins``: the file each field came from, for error messages (default "tokenizer config").
+        """
+        from qlora_jax.checkpoints.errors import CheckpointError
+
+        origins = origins or {}
+
+        def where(field):
+            return f"{origins.get(field, 'tokenizer config')}: field {field!r}"
+
+        def token(field):
+            value = config.get(field)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if value is None:
+                return None
+            if not isinstance(value, str):
+                raise CheckpointError(f"{where(field)} is {config[field]!r:.60}; expected a token string or "
+                                      "{'content': token}")
+            if tokenizer.token_to_id(value) is None:
+                raise CheckpointError(f"{where(field)} names {value!r}, which is not in the tokenizer's vocabulary")
+            return value
 
         template = config.get("chat_template")
         if isinstance(template, list):  # transformers' list of named templates
+            if not template or not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in template):
+                raise CheckpointError(f"{where('chat_template')} must be a string or a non-empty list of "
+                                      "{'name', 'template'} objects")
             template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+        if template is not None and not isinstance(template, str):
+            raise CheckpointError(f"{where('chat_template')} is {template!r:.40}; expected a Jinja string")
+        add_bos = config.get("add_bos_token", False)
+        if not isinstance(add_bos, bool):
+            raise CheckpointError(f"{where('add_bos_token')} is {add_bos!r}; expected true or false")
+        token("unk_token")
         return cls(
             tokenizer,
-            bos_token=token(config.get("bos_token")),
-            eos_token=token(config.get("eos_token")),
-            pad_token=token(config.get("pad_token")),
-            add_bos_token=bool(config.get("add_bos_token", False)),
+            bos_token=token("bos_token"),
+            eos_token=token("eos_token"),
+            pad_token=token("pad_token"),
+            add_bos_token=add_bos,
             chat_template=template,
+            chat_template_origin=origins.get("chat_template", "tokenizer config") + ": chat_template",
         )
 
     def save(self, path: str | pathlib.Path) -> None:
@@ -177,12 +271,22 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ chat
     def resolve_template(self, template: str | None = None) -> str:
-        """A built-in template by name, a Jinja string, or (default) the model's own template."""
+        """A built-in template by name, a Jinja string, or (default) the model's own template, checked.
+
+        Raises :class:`ChatTemplateError` naming where the template came from when it does not
+        parse or render (see :func:`check_chat_template`).
+        """
         if template is None:
             if self.chat_template is None:
-                raise ValueError("this tokenizer has no chat template; pass one of " + ", ".join(CHAT_TEMPLATES))
-            return self.chat_template
-        return CHAT_TEMPLATES.get(template, template)
+                raise ChatTemplateError("this tokenizer has no chat template; pass one of " + ", ".join(CHAT_TEMPLATES))
+            source, origin = self.chat_template, self.chat_template_origin
+        elif template in CHAT_TEMPLATES:
+            source, origin = CHAT_TEMPLATES[template], f"built-in chat template {template!r}"
+        else:
+            shown = f"{template[:40]!r}{'...' if len(template) > 40 else ''}"
+            source, origin = template, f"chat template {shown} (passed as template= / --chat_template)"
+        check_chat_template(source, origin, self.bos_token or "", self.eos_token or "")
+        return source
 
     def apply_chat_template(
         self,

@@ -317,6 +317,7 @@ def test_split_caps_take_nested_random_subsets(rng):
     # A random subset, not the start of the file.
     assert small_train.max() > 100
     examples = [f"example {i}" for i in range(n)]
-    train_examples, eval_examples = train_eval_split(examples, 40, seed, max_eval_samples=7)
+    train_examples, eval_examples, cleaning = train_eval_split(examples, 40, seed, max_eval_samples=7)
     assert eval_examples == [examples[i] for i in small_eval]
     assert train_examples == [examples[i] for i in train]
+    assert (cleaning.total, cleaning.kept, cleaning.duplicates) == (n, n, 0)

@@ -143,7 +143,8 @@ def test_templates_that_cannot_be_split_are_rejected(tok):
     with pytest.raises(ChatTemplateError, match="without a special end-of-turn token"):
         tokenize_example(example, tok, template=no_end_token)
     two_users = make_example([("user", "a"), ("user", "b"), ("assistant", "c")], "data.jsonl:9")
-    with pytest.raises(ChatTemplateError, match=r"^data\.jsonl:9: the chat template failed .*must alternate"):
+    with pytest.raises(ChatTemplateError, match=r"^data\.jsonl:9: the chat template refuses this conversation: "
+                                                r".*must alternate"):
         tokenize_example(two_users, tok, template="llama2")
 
 

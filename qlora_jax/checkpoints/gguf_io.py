@@ -16,21 +16,23 @@ from typing import Any
 import numpy as np
 
 from qlora_jax.checkpoints.errors import CheckpointError
+from qlora_jax.models import layout
 
 __all__ = ["GGUFCheckpoint", "unpermute_rotary_rows"]
 
+# GGUF tensor names -> qlora_jax.models.layout's layer names, and the global names of load.hf_global_key.
 _LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+    "attn_q": "q_proj",
+    "attn_k": "k_proj",
+    "attn_v": "v_proj",
+    "attn_output": "o_proj",
+    "ffn_gate": "gate_proj",
+    "ffn_up": "up_proj",
+    "ffn_down": "down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GLOBAL_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
 
 
 def unpermute_rotary_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -39,31 +41,68 @@ def unpermute_rotary_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _hf_key(name: str) -> str:
+def _hf_key(name: str, path: pathlib.Path) -> str:
     base, _, suffix = name.rpartition(".")
     if base.startswith("blk."):
         _, layer, kind = base.split(".", 2)
-        if kind not in _LAYER_NAMES:
-            raise CheckpointError(f"unexpected GGUF tensor {name!r}")
-        return f"model.layers.{layer}.{_LAYER_NAMES[kind]}.{suffix}"
-    if base not in _GLOBAL_NAMES:
-        raise CheckpointError(f"unexpected GGUF tensor {name!r}")
-    return f"{_GLOBAL_NAMES[base]}.{suffix}"
+        if kind in _LAYER_NAMES and layer.isdigit():
+            return layout.hf_key(int(layer), _LAYER_NAMES[kind], suffix)
+    elif base in _GLOBAL_NAMES and suffix == "weight":
+        from qlora_jax.checkpoints.load import hf_global_key  # load imports this module
+
+        return hf_global_key(_GLOBAL_NAMES[base])
+    raise CheckpointError(f"GGUF file {path} holds tensor {name!r}, which a LLaMA model has no use for (expected "
+                          f"blk.N.{{{','.join(_LAYER_NAMES)}}}.weight or {', '.join(_GLOBAL_NAMES)}); nothing in "
+                          "a checkpoint is ignored")
+
+
+def _open_reader(path: pathlib.Path):
+    """``gguf.GGUFReader`` of ``path``, with a truncated file reported as such before any tensor is mapped.
+
+    The reader's own failure on a truncated file is a numpy reshape error; here the bytes the
+    tensor infos need are compared with the file size first.
+    """
+    import gguf
+
+    size = path.stat().st_size
+
+    class CheckedReader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs, fields):
+            ends = []
+            for field in fields:
+                _, name, _, dims, raw_type, offset = field.parts
+                try:
+                    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_type[0]))]
+                except (ValueError, KeyError):
+                    raise CheckpointError(f"GGUF file {path}: tensor {bytes(name).decode(errors='replace')!r} has "
+                                          f"unknown GGML type {int(raw_type[0])}") from None
+                n_bytes = int(np.prod(dims.astype(np.int64))) * type_size // block
+                ends.append((int(start_offs) + int(offset[0]) + n_bytes, bytes(name).decode(errors="replace")))
+            if ends and max(ends)[0] > size:
+                end, name = max(ends)
+                beyond = sum(e > size for e, _ in ends)
+                raise CheckpointError(
+                    f"GGUF file {path} is truncated: its tensor table needs {end} bytes but the file has {size} "
+                    f"({beyond} of {len(ends)} tensors end past it, e.g. {name!r}); re-download or re-convert it")
+            super()._build_tensors(start_offs, fields)
+
+    try:
+        return CheckedReader(path)
+    except CheckpointError:
+        raise
+    except Exception as err:  # the reader raises ValueError, IndexError, struct errors ... on a bad header
+        raise CheckpointError(f"cannot read GGUF file {path} ({size} bytes): {type(err).__name__}: {err} "
+                              "(truncated or corrupt header?)") from err
 
 
 class GGUFCheckpoint:
     """Tensors (transformers key names, float32 numpy), config and tokenizer of a GGUF file."""
 
     def __init__(self, path: str | pathlib.Path):
-        import gguf
-
         self.path = pathlib.Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"no GGUF file at {self.path}")
-        try:
-            self._reader = gguf.GGUFReader(self.path)
-        except Exception as err:  # the reader raises ValueError, struct.error, ... on a bad file
-            raise CheckpointError(f"cannot read GGUF file {self.path}: {err}") from err
+        self._reader = _open_reader(self.path)
         self.metadata = {name: field.contents() for name, field in self._reader.fields.items()}
         arch = self.metadata.get("general.architecture")
         if arch != "llama":
@@ -72,7 +111,14 @@ class GGUFCheckpoint:
             raise UnsupportedArchitectureError(
                 f"GGUF architecture {arch!r} in {self.path} is not supported: qlora-jax reads 'llama' GGUF files"
             )
-        self._tensors = {_hf_key(t.name): t for t in self._reader.tensors}
+        self._tensors = {_hf_key(t.name, self.path): t for t in self._reader.tensors}
+
+    def _meta_number(self, key: str, kind: type, default: Any = None) -> Any:
+        value = self._meta(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            raise CheckpointError(f"GGUF file {self.path}: metadata {key!r} is {value!r:.60}; expected "
+                                  f"{'an integer' if kind is int else 'a number'}")
+        return kind(value)
 
     def _meta(self, key: str, default: Any = None) -> Any:
         value = self.metadata.get(key, default)
@@ -81,29 +127,43 @@ class GGUFCheckpoint:
         return value
 
     def config_dict(self) -> dict[str, Any]:
-        """A transformers ``config.json`` dict for the model in the file."""
-        heads = int(self._meta("llama.attention.head_count"))
-        hidden = int(self._meta("llama.embedding_length"))
-        vocab = self.metadata.get("llama.vocab_size") or len(self._meta("tokenizer.ggml.tokens"))
+        """A transformers ``config.json`` dict for the model in the file (metadata types checked)."""
+        from qlora_jax.checkpoints.load import hf_global_key  # load imports this module
+
+        heads = self._meta_number("llama.attention.head_count", int)
+        hidden = self._meta_number("llama.embedding_length", int)
+        vocab = (self._meta_number("llama.vocab_size", int) if "llama.vocab_size" in self.metadata
+                 else len(self._meta("tokenizer.ggml.tokens")))
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
-            "vocab_size": int(vocab),
+            "vocab_size": vocab,
             "hidden_size": hidden,
-            "intermediate_size": int(self._meta("llama.feed_forward_length")),
-            "num_hidden_layers": int(self._meta("llama.block_count")),
+            "intermediate_size": self._meta_number("llama.feed_forward_length", int),
+            "num_hidden_layers": self._meta_number("llama.block_count", int),
             "num_attention_heads": heads,
-            "num_key_value_heads": int(self.metadata.get("llama.attention.head_count_kv", heads)),
-            "head_dim": int(self.metadata.get("llama.rope.dimension_count", hidden // heads)),
-            "rms_norm_eps": float(self._meta("llama.attention.layer_norm_rms_epsilon")),
-            "rope_theta": float(self.metadata.get("llama.rope.freq_base", 10000.0)),
-            "max_position_embeddings": int(self.metadata.get("llama.context_length", 2048)),
-            "tie_word_embeddings": "lm_head.weight" not in self._tensors,
+            "num_key_value_heads": self._meta_number("llama.attention.head_count_kv", int, heads),
+            "head_dim": self._meta_number("llama.rope.dimension_count", int, hidden // max(heads, 1)),
+            "rms_norm_eps": self._meta_number("llama.attention.layer_norm_rms_epsilon", float),
+            "rope_theta": self._meta_number("llama.rope.freq_base", float, 10000.0),
+            "max_position_embeddings": self._meta_number("llama.context_length", int, 2048),
+            "tie_word_embeddings": hf_global_key("lm_head") not in self._tensors,
             "bos_token_id": self.metadata.get("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self.metadata.get("tokenizer.ggml.eos_token_id"),
             "pad_token_id": self.metadata.get("tokenizer.ggml.padding_token_id"),
             "hidden_act": "silu",
+            "rope_scaling": self._rope_scaling(),
         }
+
+    def _rope_scaling(self) -> dict[str, Any] | None:
+        """transformers' ``rope_scaling`` from llama.cpp's ``llama.rope.scaling.*`` metadata (none or linear)."""
+        kind = self.metadata.get("llama.rope.scaling.type", "none")
+        if kind == "none":
+            return None
+        if kind == "linear":
+            return {"rope_type": "linear", "factor": self._meta_number("llama.rope.scaling.factor", float)}
+        raise CheckpointError(f"GGUF file {self.path}: metadata 'llama.rope.scaling.type' is {kind!r}; qlora-jax "
+                              "reads GGUF rotary scaling 'none' or 'linear'")
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -124,13 +184,17 @@ class GGUFCheckpoint:
         if key not in self._tensors:
             raise CheckpointError(f"GGUF file {self.path} is missing tensor {key!r}")
         tensor = self._tensors[key]
-        values = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+        try:
+            values = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+        except NotImplementedError as err:
+            raise CheckpointError(f"GGUF file {self.path}: tensor {tensor.name!r} is stored as "
+                                  f"{tensor.tensor_type.name}, which gguf {err}") from err
         values = values.reshape(self.shape(key))
+        heads = self._meta_number("llama.attention.head_count", int)
         if key.endswith("self_attn.q_proj.weight"):
-            values = unpermute_rotary_rows(values, int(self._meta("llama.attention.head_count")))
+            values = unpermute_rotary_rows(values, heads)
         elif key.endswith("self_attn.k_proj.weight"):
-            heads = self.metadata.get("llama.attention.head_count_kv", self._meta("llama.attention.head_count"))
-            values = unpermute_rotary_rows(values, int(heads))
+            values = unpermute_rotary_rows(values, self._meta_number("llama.attention.head_count_kv", int, heads))
         return values
 
     def tokenizer_json(self) -> str:
@@ -142,6 +206,9 @@ class GGUFCheckpoint:
             raise CheckpointError(f"GGUF tokenizer model {model!r} is not supported (byte-level BPE 'gpt2' is)")
         tokens = list(self._meta("tokenizer.ggml.tokens"))
         types = list(self._meta("tokenizer.ggml.token_type"))
+        if len(types) != len(tokens):
+            raise CheckpointError(f"GGUF file {self.path}: metadata 'tokenizer.ggml.token_type' has {len(types)} "
+                                  f"entries for {len(tokens)} tokens")
         merges = [tuple(m.split(" ", 1)) for m in self._meta("tokenizer.ggml.merges")]
         tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
         splitters = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
@@ -150,7 +217,7 @@ class GGUFCheckpoint:
             splitters.insert(0, pre_tokenizers.Digits(individual_digits=True))
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(splitters)
         tokenizer.decoder = decoders.ByteLevel()
-        control = [t for t, kind in zip(tokens, types) if kind == 3]  # GGML token type 3: control
+        control = [t for t, kind in zip(tokens, types, strict=True) if kind == 3]  # GGML token type 3: control
         tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
         return tokenizer.to_str()
 

@@ -1,10 +1,13 @@
 """Checkpoint -> frozen base pytree, quantizing tensor by tensor.
 
 Reads a Hugging Face folder (single or sharded safetensors, including bitsandbytes 4-bit
-checkpoints saved by transformers) or a GGUF file, checks every tensor against ``config.json``,
-and builds the ``base`` pytree of :mod:`qlora_jax.models.llama`. Each linear weight is read,
-quantized and written into its layer-stacked buffer before the next is read, so host memory
-peaks near one 16-bit tensor plus the quantized model. Pre-quantized bitsandbytes weights are
+checkpoints saved by transformers) or a GGUF file and builds the ``base`` pytree of
+:mod:`qlora_jax.models.llama`. The plan of what a model with ``config.json`` consumes is matched
+with the file's tensors before anything is read, and every tensor goes through one validation
+pass (:class:`~qlora_jax.checkpoints.validate.CheckedSource`: shape, dtype, finite, consumed),
+so a checkpoint is either loaded whole and as stored, or refused naming what is wrong. Each
+linear weight is read, quantized and written into its layer-stacked buffer before the next is
+read, so host memory peaks near one 16-bit tensor plus the quantized model. Pre-quantized bitsandbytes weights are
 taken as they are (no re-quantization).
 """
 
@@ -12,10 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import logging
 import pathlib
 import resource
 import time
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,13 +29,30 @@ import numpy as np
 from qlora_jax.checkpoints.errors import CheckpointError
 from qlora_jax.checkpoints.gguf_io import GGUFCheckpoint
 from qlora_jax.checkpoints.safetensors_io import SafetensorsFolder
+from qlora_jax.checkpoints.validate import CheckedSource, TensorSource, validate_hf_config
 from qlora_jax.models import layout
-from qlora_jax.models.config import LlamaConfig
-from qlora_jax.quant import QuantizedTensor, bnb_format, dequantize, quantize
+from qlora_jax.models.config import LlamaConfig, UnsupportedArchitectureError
+from qlora_jax.quant import QuantizationError, QuantizedTensor, bnb_format, dequantize, quantize
 
-__all__ = ["QuantConfig", "LoadStats", "TensorSource", "open_checkpoint", "load_base_params", "read_config"]
+__all__ = ["QuantConfig", "LoadStats", "TensorSource", "open_checkpoint", "load_base_params", "read_config",
+           "hf_global_key"]
+
+log = logging.getLogger(__name__)
 
 QUANT_MODES = ("nf4", "fp4", "int8", "bf16", "float16", "float32")
+BNB_BACKENDS = ("cuda", "cpu")
+
+
+def hf_global_key(name: str, *, prefix: str = "model.") -> str:
+    """Transformers' key of a tensor outside the decoder layers: "embed_tokens", "norm" or "lm_head".
+
+    (The layers' keys are :func:`qlora_jax.models.layout.hf_key`.)
+    """
+    if name == "lm_head":
+        return "lm_head.weight"
+    if name not in ("embed_tokens", "norm"):
+        raise ValueError(f"{name!r} is not a global tensor of a LLaMA model; expected embed_tokens, norm or lm_head")
+    return f"{prefix}{name}.weight"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +73,9 @@ class QuantConfig:
     def __post_init__(self):
         if self.quant not in QUANT_MODES:
             raise ValueError(f"unsupported quant {self.quant!r}: expected one of {QUANT_MODES}")
+        if self.bnb_backend not in BNB_BACKENDS:
+            raise ValueError(f"unsupported bnb_backend {self.bnb_backend!r}: expected one of {BNB_BACKENDS} "
+                             "(whose bitsandbytes double-quant encoding to reproduce)")
 
     @property
     def quantized(self) -> bool:
@@ -79,21 +104,16 @@ class LoadStats:
         )
 
 
-class TensorSource(Protocol):
-    def keys(self) -> list[str]: ...
-    def __contains__(self, key: str) -> bool: ...
-    def shape(self, key: str) -> tuple[int, ...]: ...
-    def get(self, key: str) -> np.ndarray: ...
-
-
 def open_checkpoint(path: str | pathlib.Path) -> tuple[TensorSource, dict[str, Any]]:
-    """The tensor source and the transformers config dict of a folder or a ``.gguf`` file."""
-    import json
+    """The tensor source and the transformers config dict of a folder or a ``.gguf`` file.
 
+    The config is checked (:func:`~qlora_jax.checkpoints.validate.validate_hf_config`) and the
+    files' headers read, so that a bad folder fails here, before any tensor is read.
+    """
     path = pathlib.Path(path)
     if path.is_file() and path.suffix == ".gguf":
         source = GGUFCheckpoint(path)
-        return source, source.config_dict()
+        return source, validate_hf_config(source.config_dict(), f"{path} (config from its GGUF metadata)")
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
     config_file = path / "config.json"
@@ -101,13 +121,20 @@ def open_checkpoint(path: str | pathlib.Path) -> tuple[TensorSource, dict[str, A
         raise CheckpointError(f"{path} has no config.json")
     try:
         cfg = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
-    return SafetensorsFolder(path), cfg
+    return SafetensorsFolder(path), validate_hf_config(cfg, config_file)
 
 
-def read_config(cfg: dict[str, Any]) -> LlamaConfig:
-    return LlamaConfig.from_hf_dict(cfg)
+def read_config(cfg: dict[str, Any], origin: str | pathlib.Path = "config.json") -> LlamaConfig:
+    """The :class:`LlamaConfig` of a transformers config dict; errors name ``origin`` and the field."""
+    validate_hf_config(cfg, origin)
+    try:
+        return LlamaConfig.from_hf_dict(cfg)
+    except UnsupportedArchitectureError as err:
+        raise UnsupportedArchitectureError(f"{origin}: {err}") from err
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{origin}: {err}") from err
 
 
 def _rss_bytes() -> int:
@@ -140,30 +167,43 @@ class _Stacker:
         self.buffers[name] = jax.tree.map(lambda buf, x: _set_layer(buf, jnp.asarray(x), layer), stacked, value)
 
 
-def _expect_shape(source: TensorSource, key: str, expected: tuple[int, ...]) -> None:
-    shape = source.shape(key)
-    if tuple(shape) != tuple(expected):
-        raise CheckpointError(
-            f"tensor {key!r} has shape {list(shape)} but config.json implies {list(expected)}"
-        )
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """One tensor the model consumes: its key, the shape config.json implies, and where it goes.
+
+    ``slot``: "embed_tokens", "norm", "lm_head", "tied_lm_head" (a stored copy of a tied head,
+    checked equal to the embeddings), or a per-layer name ("input_layernorm", "q_proj.weight",
+    "q_proj.bias", ...) stacked over ``layer``. ``linear``: a linear weight, quantized here or
+    taken pre-quantized.
+    """
+
+    key: str
+    shape: tuple[int, ...]
+    slot: str
+    layer: int | None = None
+    linear: bool = False
 
 
-def _prequantized_type(source: TensorSource, key: str) -> str | None:
-    for quant_type in ("nf4", "fp4"):
-        if f"{key}.quant_state.bitsandbytes__{quant_type}" in source:
-            return quant_type
-    return None
-
-
-def _read_prequantized(source: TensorSource, key: str, expected: tuple[int, ...]) -> QuantizedTensor:
-    keys = [k for k in source.keys() if k == key or k.startswith(key + ".")]
-    try:
-        qt = bnb_format.from_bnb_state_dict({k: source.get(k) for k in keys}, key)
-    except ValueError as err:
-        raise CheckpointError(f"bitsandbytes weight {key!r}: {err}") from err
-    if tuple(qt.shape) != tuple(expected):
-        raise CheckpointError(f"tensor {key!r} has shape {list(qt.shape)} but config.json implies {list(expected)}")
-    return qt
+def _plan(config: LlamaConfig, source: CheckedSource, prefix: str) -> list[_Entry]:
+    """Every tensor a model with ``config`` consumes, in the order they are read."""
+    d, vocab = config.hidden_size, config.vocab_size
+    plan = [_Entry(hf_global_key("embed_tokens", prefix=prefix), (vocab, d), "embed_tokens"),
+            _Entry(hf_global_key("norm", prefix=prefix), (d,), "norm")]
+    head = hf_global_key("lm_head")
+    if not config.tie_word_embeddings:
+        plan.append(_Entry(head, (vocab, d), "lm_head"))
+    elif head in source:
+        plan.append(_Entry(head, (vocab, d), "tied_lm_head"))
+    shapes = config.linear_shapes()
+    for layer in range(config.num_hidden_layers):
+        plan += [_Entry(layout.hf_key(layer, norm, prefix=prefix), (d,), norm, layer) for norm in layout.LAYER_NORMS]
+        for name in layout.LINEAR_LAYERS:
+            plan.append(_Entry(layout.hf_key(layer, name, prefix=prefix), shapes[name], f"{name}.weight", layer,
+                               linear=True))
+            if config.linear_has_bias(name):
+                plan.append(_Entry(layout.hf_key(layer, name, "bias", prefix=prefix), (shapes[name][0],),
+                                   f"{name}.bias", layer))
+    return plan
 
 
 def load_base_params(
@@ -173,70 +213,99 @@ def load_base_params(
     *,
     prefix: str = "model.",
 ) -> tuple[dict[str, Any], LoadStats]:
-    """The frozen ``base`` pytree (see :mod:`qlora_jax.models.llama`) and what loading it cost."""
+    """The frozen ``base`` pytree (see :mod:`qlora_jax.models.llama`) and what loading it cost.
+
+    Every tensor is read through a :class:`~qlora_jax.checkpoints.validate.CheckedSource`: the
+    file's tensor names are matched with what ``config`` implies before anything is read
+    (missing and unused tensors are errors that list them), and each tensor is checked for
+    shape, dtype and finite values as it is read. A linear weight stored in bitsandbytes' 4-bit
+    format is taken as it is (its quant state checked against its tensors); it must be of the
+    asked ``quant.quant`` type, or dequantized when ``quant`` is 16/32-bit.
+    """
     started, rss_before = time.perf_counter(), _rss_bytes()
+    checked = source if isinstance(source, CheckedSource) else CheckedSource(source, getattr(source, "path",
+                                                                                             "checkpoint"))
+    plan = _plan(config, checked, prefix)
+    # bitsandbytes' tensors beside a linear weight mark it pre-quantized; they are part of the plan.
+    stored_aux = {e.key: [k for k in bnb_format.auxiliary_keys(e.key) if k in checked] for e in plan if e.linear}
+    checked.expect([e.key for e in plan] + [k for keys in stored_aux.values() for k in keys],
+                   num_layers=config.num_hidden_layers)
+    checked.check_derived(config)
+
     dtype = jnp.dtype(quant.dtype)
     held = {"quantized": 0, "largest": 0, "peak": 0}
     counts = {"prequantized": 0, "requantized": 0}
+    kept_as_stored: set[str] = set()
 
-    def read_dense(key: str, expected: tuple[int, ...]) -> np.ndarray:
-        _expect_shape(source, key, expected)
-        value = source.get(key)
+    def read_dense(entry: _Entry) -> np.ndarray:
+        value = checked.read(entry.key, entry.shape)
         held["largest"] = max(held["largest"], value.nbytes)
         held["peak"] = max(held["peak"], held["quantized"] + value.nbytes)
         return value
 
-    def to_dtype(value: np.ndarray) -> jax.Array:
-        return jnp.asarray(value).astype(dtype)
+    def read_prequantized(entry: _Entry) -> QuantizedTensor:
+        tensors = {entry.key: checked.read(entry.key, kind="bytes")}
+        tensors.update({k: checked.read(k, kind="state") for k in stored_aux[entry.key]})
+        try:
+            qt = bnb_format.from_bnb_state_dict(tensors, entry.key)
+        except QuantizationError as err:
+            raise CheckpointError(f"{checked.where(entry.key)}: bitsandbytes weight {entry.key!r}: {err}") from err
+        if tuple(qt.shape) != tuple(entry.shape):
+            raise CheckpointError(f"{checked.where(entry.key)}: tensor {entry.key!r} has shape {list(qt.shape)} "
+                                  f"(its quant state) but config.json implies {list(entry.shape)}")
+        if quant.quantized and qt.quant_type != quant.quant:
+            raise CheckpointError(
+                f"{checked.where(entry.key)}: {entry.key!r} is stored as bitsandbytes {qt.quant_type}, but quant="
+                f"{quant.quant!r} was asked: load it with quant={qt.quant_type!r} (kept as stored), or a 16-bit quant "
+                f"to dequantize it; re-quantizing 4-bit weights would compound two rounding errors")
+        if (qt.blocksize, qt.double_quant) != (quant.blocksize, quant.double_quant):
+            kept_as_stored.add(f"blocksize {qt.blocksize}, double_quant={qt.double_quant}")
+        return qt
 
-    def read_linear(key: str, expected: tuple[int, ...]) -> Any:
-        stored_type = _prequantized_type(source, key)
-        if stored_type is not None:
-            qt = _read_prequantized(source, key, expected)
+    def read_linear(entry: _Entry) -> Any:
+        if stored_aux[entry.key]:
+            qt = read_prequantized(entry)
             counts["prequantized"] += 1
             if not quant.quantized:
                 return dequantize(qt, dtype)
             held["quantized"] += sum(x.nbytes for x in jax.tree.leaves(qt))
             return jax.tree.map(jnp.asarray, qt)
-        value = read_dense(key, expected)
-        if not np.all(np.isfinite(np.asarray(value, np.float32))):
-            raise CheckpointError(f"tensor {key!r} holds NaN or Inf values")
+        value = read_dense(entry)
         if not quant.quantized:
-            return to_dtype(value)
+            return jnp.asarray(value).astype(dtype)
         qt = quantize(value, quant.quant, blocksize=quant.blocksize, double_quant=quant.double_quant,
-                      bnb_backend=quant.bnb_backend, check_finite=False)
+                      bnb_backend=quant.bnb_backend, check_finite=False)  # CheckedSource checked it
         counts["requantized"] += 1
         held["quantized"] += sum(x.nbytes for x in jax.tree.leaves(qt))
         return qt
 
-    d = config.hidden_size
-    base: dict[str, Any] = {
-        "embed_tokens": to_dtype(read_dense(f"{prefix}embed_tokens.weight", (config.vocab_size, d))),
-        "norm": to_dtype(read_dense(f"{prefix}norm.weight", (d,))),
-    }
-    if not config.tie_word_embeddings:
-        key = "lm_head.weight"
-        if key not in source:
-            raise CheckpointError(f"checkpoint is missing tensor {key!r} (config.json says tie_word_embeddings=false)")
-        base["lm_head"] = to_dtype(read_dense(key, (config.vocab_size, d)))
-
+    globals_: dict[str, Any] = {}
     stacker = _Stacker(config.num_hidden_layers)
-    shapes = config.linear_shapes()
-    for layer in range(config.num_hidden_layers):
-        for norm in layout.LAYER_NORMS:
-            stacker.put(norm, layer, to_dtype(read_dense(layout.hf_key(layer, norm, prefix=prefix), (d,))))
-        for name in layout.LINEAR_LAYERS:
-            stacker.put(f"{name}.weight", layer, read_linear(layout.hf_key(layer, name, prefix=prefix), shapes[name]))
-            if config.linear_has_bias(name):
-                bias = read_dense(layout.hf_key(layer, name, "bias", prefix=prefix), (shapes[name][0],))
-                stacker.put(f"{name}.bias", layer, to_dtype(bias))
+    for entry in plan:
+        value = read_linear(entry) if entry.linear else jnp.asarray(read_dense(entry)).astype(dtype)
+        if entry.layer is not None:
+            stacker.put(entry.slot, entry.layer, value)
+        elif entry.slot == "tied_lm_head":
+            if not bool(jnp.array_equal(value, globals_["embed_tokens"])):
+                raise CheckpointError(
+                    f"{checked.origin}: config.json says tie_word_embeddings=true, but {entry.key!r} differs from "
+                    f"{hf_global_key('embed_tokens', prefix=prefix)!r}; set tie_word_embeddings=false if the head "
+                    "is its own matrix")
+        else:
+            globals_[entry.slot] = value
+    checked.check_all_consumed()
+    if kept_as_stored:
+        log.warning("%s: kept %d pre-quantized weights as stored (%s) although blocksize=%d, double_quant=%s was "
+                    "asked: bitsandbytes weights are never re-quantized", checked.origin, counts["prequantized"],
+                    "; ".join(sorted(kept_as_stored)), quant.blocksize, quant.double_quant)
 
     linears = {}
     for name in layout.LINEAR_LAYERS:
         linears[name] = {"weight": stacker.buffers[f"{name}.weight"]}
         if config.linear_has_bias(name):
             linears[name]["bias"] = stacker.buffers[f"{name}.bias"]
-    base = layout.assemble_base(embed_tokens=base["embed_tokens"], norm=base["norm"], lm_head=base.get("lm_head"),
+    base = layout.assemble_base(embed_tokens=globals_["embed_tokens"], norm=globals_["norm"],
+                                lm_head=globals_.get("lm_head"),
                                 layer_norms={n: stacker.buffers[n] for n in layout.LAYER_NORMS}, linears=linears)
 
     base_bytes = sum(x.nbytes for x in jax.tree.leaves(base))

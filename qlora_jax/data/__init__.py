@@ -3,7 +3,7 @@
 ::
 
     examples = load_examples("chatterbot")                      # or "chitchat", "/path/data.jsonl"
-    train, held_out = train_eval_split(examples, eval_dataset_size=0.1, seed=42)
+    train, held_out, cleaning = train_eval_split(examples, eval_dataset_size=0.1, seed=42)  # deduplicated first
     train_tokens = tokenize_examples(train, tokenizer, source_max_len=1024, target_max_len=256)
     buckets = bucket_lengths(1024 + 256)
     batches = BatchIterator(train_tokens, batch_size=4, pad_id=tokenizer.pad_id, buckets=buckets,
@@ -12,7 +12,7 @@
     saved_state = batches.state                                      # store with the checkpoint
 
 One idea per module: :mod:`.example` (the normal form), :mod:`.files`, :mod:`.formats`,
-:mod:`.oasst`, :mod:`.corpora` and :mod:`.sources` (reading), :mod:`.split`,
+:mod:`.oasst`, :mod:`.corpora` and :mod:`.sources` (reading), :mod:`.split` (deduplication and split),
 :mod:`.tokenization` (rendering and masking), :mod:`.batching` (padding), :mod:`.ordering`
 (shuffling and length grouping) and :mod:`.iterator` (the resumable stream).
 """
@@ -25,12 +25,19 @@ from qlora_jax.data.iterator import BatchIterator, eval_batches
 from qlora_jax.data.oasst import OASST_POLICIES
 from qlora_jax.data.ordering import epoch_batches, length_grouped_order
 from qlora_jax.data.sources import BUILTIN_DATASETS, load_examples, load_file
-from qlora_jax.data.split import eval_count, split_indices, train_eval_split
-from qlora_jax.data.tokenization import (ChatRenderer, ChatTemplateError, TokenizedExample, chat_segments,
-                                         tokenize_example, tokenize_examples)
+from qlora_jax.data.split import DataCleaning, DataSplit, clean_examples, eval_count, split_indices, train_eval_split
+from qlora_jax.data.tokenization import (
+                                         ChatRenderer,
+                                         ChatTemplateError,
+                                         TokenizedExample,
+                                         chat_segments,
+                                         tokenize_example,
+                                         tokenize_examples,
+)
 
 __all__ = [
-    "Batch", "BatchIterator", "BUILTIN_DATASETS", "ChatRenderer", "ChatTemplateError", "DatasetError", "Example",
+    "Batch", "BatchIterator", "BUILTIN_DATASETS", "ChatRenderer", "ChatTemplateError", "DataCleaning", "DataSplit",
+    "DatasetError", "Example", "clean_examples",
     "FORMATS", "OASST_POLICIES", "ROLES", "TokenizedExample", "bucket_lengths", "chat_segments", "collate",
     "detect_format", "epoch_batches", "eval_batches", "eval_count", "length_grouped_order", "load_chatterbot",
     "load_chitchat", "load_examples", "load_file", "make_example", "padded_length", "split_indices",

@@ -43,7 +43,7 @@ import jinja2
 import numpy as np
 
 from qlora_jax.data.example import Example
-from qlora_jax.tokenizer import Tokenizer, compile_chat_template
+from qlora_jax.tokenizer import ChatTemplateError, Tokenizer, check_chat_template, compile_chat_template
 
 __all__ = ["ChatTemplateError", "ChatRenderer", "TokenizedExample", "chat_segments", "tokenize_example",
            "tokenize_examples"]
@@ -51,10 +51,6 @@ __all__ = ["ChatTemplateError", "ChatRenderer", "TokenizedExample", "chat_segmen
 log = logging.getLogger(__name__)
 
 Render = Callable[..., str]
-
-
-class ChatTemplateError(ValueError):
-    """A chat template that cannot be split into source and target text by rendering prefixes."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # arrays: compare with np.array_equal, not ==
@@ -76,12 +72,14 @@ class ChatRenderer:
     keeps the template's source), so that worker processes can rebuild it.
     """
 
-    def __init__(self, template_source: str, *, bos_token: str = "", eos_token: str = ""):
+    def __init__(self, template_source: str, *, bos_token: str = "", eos_token: str = "",
+                 origin: str = "chat template"):
+        check_chat_template(template_source, origin, bos_token, eos_token)
         self.template_source, self.bos_token, self.eos_token = template_source, bos_token, eos_token
         self._template = compile_chat_template(template_source)
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: Tokenizer, template: str | None = None) -> "ChatRenderer":
+    def for_tokenizer(cls, tokenizer: Tokenizer, template: str | None = None) -> ChatRenderer:
         """``template``: a built-in name, a Jinja string, or None for the tokenizer's own."""
         return cls(tokenizer.resolve_template(template), bos_token=tokenizer.bos_token or "",
                    eos_token=tokenizer.eos_token or "")
@@ -99,7 +97,7 @@ def _rebuild_renderer(template_source: str, bos_token: str, eos_token: str) -> C
 
 
 def _divergence(expected_prefix: str, text: str) -> str:
-    at = next((i for i, (a, b) in enumerate(zip(expected_prefix, text)) if a != b),
+    at = next((i for i, (a, b) in enumerate(zip(expected_prefix, text, strict=False)) if a != b),
               min(len(expected_prefix), len(text)))
     return f"at character {at}: {expected_prefix[at:at + 40]!r} versus {text[at:at + 40]!r}"
 
@@ -110,7 +108,8 @@ def chat_segments(messages: Sequence[dict[str, str]], render: Render, origin: st
     try:
         return _chat_segments(messages, render, origin)
     except jinja2.TemplateError as error:
-        raise ChatTemplateError(f"{origin}: the chat template failed on this conversation: {error}") from error
+        # The template renders a plain exchange (ChatRenderer checked it), so this conversation's shape is at fault.
+        raise ChatTemplateError(f"{origin}: the chat template refuses this conversation: {error}") from error
 
 
 def _chat_segments(messages, render, origin):
@@ -255,7 +254,7 @@ def tokenize_examples(
     # One batched call: the Rust tokenizer encodes in parallel (same ids as Tokenizer.encode).
     encoded = iter(e.ids for e in tokenizer.hf.encode_batch(texts, add_special_tokens=False))
     results, cut_sources, cut_responses = [], 0, 0
-    for example, pieces in zip(examples, segmented):
+    for example, pieces in zip(examples, segmented, strict=True):
         tokenized, cut_source, cut_response = _assemble(
             [(next(encoded), is_target) for _, is_target in pieces], special_ids, bos_id=bos_id,
             source_max_len=source_max_len, target_max_len=target_max_len, train_on_source=train_on_source,

@@ -25,7 +25,7 @@ import numpy as np
 from qlora_jax.quant import codebooks
 from qlora_jax.quant.tensor import QuantizationError, QuantizedTensor, codes_shape, scales_shape
 
-__all__ = ["to_bnb_state_dict", "from_bnb_state_dict", "bnb_quant_state_keys", "is_bnb_4bit_key"]
+__all__ = ["to_bnb_state_dict", "from_bnb_state_dict", "bnb_quant_state_keys", "is_bnb_4bit_key", "auxiliary_keys"]
 
 _SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
@@ -84,31 +84,84 @@ def _get(tensors: Mapping[str, Any], key: str) -> np.ndarray:
     return np.asarray(tensors[key])
 
 
+def _meta_field(meta: Mapping[str, Any], field: str, state_key: str, kind: type, *, positive: bool = False) -> Any:
+    """``meta[field]`` of a quant state JSON, checked: present and of ``kind`` (int, float or list)."""
+    if field not in meta:
+        raise QuantizationError(f"{state_key!r}: the quant state has no field {field!r}")
+    value = meta[field]
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+    else:
+        ok = isinstance(value, kind) and not isinstance(value, bool) and (not positive or value > 0)
+    if not ok:
+        expected = {float: "a finite number", list: "a list", int: "a positive integer" if positive else "an integer"}
+        raise QuantizationError(f"{state_key!r}: quant state field {field!r} is {value!r}; expected {expected[kind]}")
+    return value
+
+
+def _check_scales(array: np.ndarray, key: str) -> None:
+    # absmax values are absolute maxima of blocks: finite and >= 0 (NaN fails both tests).
+    bad = ~(np.isfinite(array) & (array >= 0))
+    if bad.any():
+        first = array.reshape(-1)[np.argmax(bad.reshape(-1))]
+        raise QuantizationError(f"{key!r} holds {int(bad.sum())} value(s) that are not finite and >= 0 (the first "
+                                f"is {first!r}); absmax scales are block maxima")
+
+
+def auxiliary_keys(name: str) -> tuple[str, ...]:
+    """Every key bitsandbytes may write besides the packed weight ``name`` (both quant types)."""
+    return tuple(f"{name}.{suffix}" for suffix in _SUFFIXES) + tuple(
+        f"{name}.quant_state.bitsandbytes__{quant_type}" for quant_type in ("nf4", "fp4"))
+
+
 def from_bnb_state_dict(tensors: Mapping[str, Any], name: str) -> QuantizedTensor:
     """The QuantizedTensor stored by bitsandbytes under ``name`` in ``tensors`` (no re-quantization).
 
-    ``tensors`` maps keys to arrays (numpy or anything ``np.asarray`` accepts). Raises
-    QuantizationError naming the key when a tensor is missing, has the wrong size, or uses a code
-    table other than bitsandbytes' NF4/FP4 and signed dynamic map.
+    ``tensors`` maps keys to arrays (numpy or anything ``np.asarray`` accepts). The quant state
+    JSON decides whether the scales are double-quantized (bitsandbytes writes ``nested_offset``
+    and ``nested_blocksize`` there then), and the nested tensors must agree with it: both present
+    when it says nested, both absent otherwise. Raises QuantizationError naming the key when a
+    tensor or quant-state field is missing, has the wrong size or dtype, holds scales that are not
+    finite and >= 0, or uses a code table other than bitsandbytes' NF4/FP4 and signed dynamic map.
     """
     state_keys = [k for k in tensors if k.startswith(f"{name}.quant_state.bitsandbytes__")]
     if len(state_keys) != 1:
+        present = [k for k in auxiliary_keys(name) if k in tensors]
         raise QuantizationError(
-            f"bitsandbytes 4-bit weight {name!r} needs exactly one '{name}.quant_state.bitsandbytes__<type>' "
-            f"tensor, found {state_keys or 'none'}"
-        )
+            f"bitsandbytes 4-bit weight {name!r} needs exactly one '{name}.quant_state.bitsandbytes__<nf4|fp4>' "
+            f"tensor (the JSON that says how to decode it), found {state_keys or 'none'}"
+            + (f" beside {present}" if present and not state_keys else ""))
+    state_key = state_keys[0]
     try:
-        meta = json.loads(bytes(_get(tensors, state_keys[0]).astype(np.uint8)).decode("utf-8"))
+        meta = json.loads(bytes(_get(tensors, state_key).astype(np.uint8)).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise QuantizationError(f"{state_keys[0]!r} does not hold bitsandbytes' JSON quant state: {err}") from err
+        raise QuantizationError(f"{state_key!r} does not hold bitsandbytes' JSON quant state: {err}") from err
+    if not isinstance(meta, dict):
+        raise QuantizationError(f"{state_key!r} holds JSON {type(meta).__name__}, not bitsandbytes' quant state object")
     quant_type = meta.get("quant_type")
-    if quant_type not in ("nf4", "fp4"):
-        raise QuantizationError(f"{state_keys[0]!r}: unsupported quant_type {quant_type!r}")
-    shape = tuple(int(d) for d in meta["shape"])
-    blocksize = int(meta["blocksize"])
+    if quant_type not in ("nf4", "fp4") or not state_key.endswith(f"__{quant_type}"):
+        raise QuantizationError(f"{state_key!r}: quant_type {quant_type!r} is not the key's nf4 or fp4")
+    shape_field = _meta_field(meta, "shape", state_key, list)
+    if not shape_field or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape_field):
+        raise QuantizationError(f"{state_key!r}: quant state field 'shape' is {shape_field!r}; expected positive "
+                                "integers")
+    shape = tuple(shape_field)
+    blocksize = _meta_field(meta, "blocksize", state_key, int, positive=True)
     dtype = str(meta.get("dtype", "float32"))
-    double_quant = f"{name}.nested_absmax" in tensors
     numel = int(np.prod(shape))
+
+    nested_in_state = "nested_offset" in meta or "nested_blocksize" in meta
+    nested_keys = [f"{name}.nested_absmax", f"{name}.nested_quant_map"]
+    nested_present = [k for k in nested_keys if k in tensors]
+    if nested_in_state and len(nested_present) < 2:
+        missing = [k for k in nested_keys if k not in tensors]
+        raise QuantizationError(f"{state_key!r} says the scales are double-quantized (nested_offset="
+                                f"{meta.get('nested_offset')!r}) but {missing} is missing: the checkpoint lost its "
+                                "nested (double-quant) tensors")
+    if nested_present and not nested_in_state:
+        raise QuantizationError(f"{state_key!r} says the scales are not double-quantized (no nested_offset), but "
+                                f"{nested_present} is present")
+    double_quant = nested_in_state
 
     quant_map = _get(tensors, f"{name}.quant_map").astype(np.float32).reshape(-1)
     if quant_map.shape != (16,) or not np.array_equal(quant_map, codebooks.codebook(quant_type)):
@@ -128,17 +181,26 @@ def from_bnb_state_dict(tensors: Mapping[str, Any], name: str) -> QuantizedTenso
     num_blocks = -(-numel // blocksize)
     if absmax.size != num_blocks:
         raise QuantizationError(f"{name}.absmax has {absmax.size} entries, expected {num_blocks} blocks")
+    expected_absmax = np.uint8 if double_quant else np.float32
+    if absmax.dtype != expected_absmax:
+        raise QuantizationError(
+            f"{name}.absmax is {absmax.dtype.name}; bitsandbytes stores {np.dtype(expected_absmax).name} absmax "
+            f"{'codes with double quantization' if double_quant else 'without double quantization'} (the quant "
+            "state and the tensors disagree)")
     nested, offset, nested_blocksize = None, None, 256
     if double_quant:
         nested_map = _get(tensors, f"{name}.nested_quant_map").astype(np.float32).reshape(-1)
         if not np.array_equal(nested_map, codebooks.DYNAMIC_MAP_SIGNED):
             raise QuantizationError(f"{name}.nested_quant_map is not bitsandbytes' signed dynamic map")
-        nested_blocksize = int(meta["nested_blocksize"])
-        nested = _get(tensors, f"{name}.nested_absmax").astype(np.float32).reshape(-1)
-        offset = np.float32(meta["nested_offset"])
-        absmax = absmax.astype(np.uint8)
+        nested_blocksize = _meta_field(meta, "nested_blocksize", state_key, int, positive=True)
+        offset = np.float32(_meta_field(meta, "nested_offset", state_key, float))
+        nested = _get(tensors, f"{name}.nested_absmax")
+        if nested.dtype != np.float32:
+            raise QuantizationError(f"{name}.nested_absmax is {nested.dtype.name}; bitsandbytes stores float32")
+        nested = nested.reshape(-1)
+        _check_scales(nested, f"{name}.nested_absmax")
     else:
-        absmax = absmax.astype(np.float32)
+        _check_scales(absmax, f"{name}.absmax")
     qt = QuantizedTensor(
         codes=packed.reshape(codes_shape(shape, quant_type)),
         scales=absmax.reshape(scales_shape(shape, blocksize)),
