@@ -95,14 +95,16 @@ def pack_weight(matrix: Any, quant: QuantConfig) -> QuantizedTensor | jax.Array:
     one ``[out, in]`` slice and whose arrays carry the leading axes; each slice is quantized on its
     own (byte-identical to ``quantize(matrix[i])``), one after another, so the temporaries stay
     those of one slice. Unquantized modes ("bf16", "float16", "float32") store the matrix in
-    ``quant.dtype``, as the checkpoint loader does. Non-finite values raise QuantizationError.
+    ``quant.dtype``, as the checkpoint loader does. Non-finite values raise QuantizationError
+    (outside tracing).
     """
     matrix = jnp.asarray(matrix)
     if matrix.ndim < 2:
         raise ValueError(f"pack_weight takes an [*lead, out, in] matrix, got shape {list(matrix.shape)}")
     if not quant.quantized:
         return matrix.astype(quant.dtype)
-    if not bool(jnp.all(jnp.isfinite(matrix))):
+    # Under tracing (jax.eval_shape of an init, jit) the check cannot run; quantize then gives NaN scales.
+    if not isinstance(matrix, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(matrix))):
         bad = np.argwhere(~np.isfinite(np.asarray(matrix, np.float32)))
         raise QuantizationError(f"cannot quantize: {len(bad)} non-finite value(s) (NaN or Inf) in the weight, the "
                                 f"first at index {tuple(int(i) for i in bad[0])}")
