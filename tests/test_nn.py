@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +34,9 @@ from qlora_jax.quant import QuantizedTensor, dequantize, quantize
 from qlora_jax.quant.bnb_format import to_bnb_state_dict
 
 D, HEADS, FF, VOCAB, T = 64, 4, 128, 32, 8
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Dequantization for the references, compiled once per shape.
+dequantize32 = jax.jit(functools.partial(dequantize, dtype=jnp.float32))
 
 
 def seed_of(rng: np.random.Generator) -> int:
@@ -94,7 +101,7 @@ def linear_params(layer) -> dict:
     if isinstance(layer, nnx.Linear):
         return dict(W=np.asarray(layer.kernel[...]).T, b=None if layer.bias is None else np.asarray(layer.bias[...]))
     weight = layer.weight.get_value()
-    w = dequantize(weight, jnp.float32) if isinstance(weight, QuantizedTensor) else weight
+    w = dequantize32(weight) if isinstance(weight, QuantizedTensor) else weight
     p = dict(W=np.asarray(w, np.float32), b=None if layer.bias is None else np.asarray(layer.bias[...], np.float32))
     if layer.lora_A is not None:
         p.update(A=np.asarray(layer.lora_A[...], np.float32), B=np.asarray(layer.lora_B[...], np.float32),
@@ -225,7 +232,8 @@ def test_fresh_adapters_leave_the_model_within_quantization_error(transformer, r
         path = tuple(int(k) if k.isdigit() else k for k in layer.path.split("."))
         x = jnp.asarray(rng.normal(size=(4, layer.shape[1])), jnp.float32)
         quant_type = modules[path].weight.get_value().quant_type
-        assert 1e-4 < rel_err(modules[path](x), np.asarray(originals[path](x), np.float64)) < LAYER_ERROR[quant_type]
+        error = rel_err(forward(modules[path], x), np.asarray(forward(originals[path], x), np.float64))
+        assert 1e-4 < error < LAYER_ERROR[quant_type], (layer.path, quant_type, error)
 
 
 def test_transformer_matches_float64_reference(transformer, rng):
@@ -373,6 +381,11 @@ def test_lora_dropout_touches_only_the_adapter_path(rng):
     assert not np.allclose(layer(x), train)  # a fresh mask per call
     layer.eval()
     np.testing.assert_allclose(layer(x), ref_linear(np, np.asarray(x, np.float64), p), rtol=2e-5, atol=2e-5)
+    # Through apply_qlora: each layer gets its own dropout stream (its key is part of the model's state).
+    model = MLP(nnx.Rngs(seed_of(rng)))
+    report = apply_qlora(model, LoraConfig(r=4, dropout=0.1), rngs=nnx.Rngs(0))
+    assert isinstance(model.fc1.lora_dropout, nnx.Dropout) and model.fc1.lora_dropout.rate == 0.1
+    assert report.bytes_after == sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
 
 
 def bias_broadcast(einsum_str: str, kernel_shape: tuple[int, ...], out_ndim: int) -> list[int]:
@@ -409,7 +422,7 @@ def test_einsum_layers_match_float64_reference(rng, einsum_str, kernel_shape, bi
     deq = functools.partial(dequantize, dtype=jnp.float32)
     for _ in layout.batch_axes:  # one [out, in] matrix per batch index
         deq = jax.vmap(deq)
-    w = np.asarray(deq(layer.weight.get_value()), np.float64)
+    w = np.asarray(jax.jit(deq)(layer.weight.get_value()), np.float64)
     a, b = np.asarray(layer.lora_A[...], np.float64), np.asarray(layer.lora_B[...], np.float64)
     kernel = np.asarray(layout.unpack(jnp.asarray(w + layer.scaling * b @ a)), np.float64)
     ref = np.einsum(einsum_str, np.asarray(x, np.float64), kernel)
@@ -499,7 +512,7 @@ def test_stacked_layers_under_nnx_scan(rng):
         for name in ("fc1", "fc2"):
             q = getattr(model.layers, name)
             w = q.weight.get_value()
-            layer[name] = dict(W=np.asarray(dequantize(jax.tree.map(lambda v, i=i: v[i], w), jnp.float32), np.float64),
+            layer[name] = dict(W=np.asarray(dequantize32(jax.tree.map(lambda v, i=i: v[i], w)), np.float64),
                                b=np.asarray(q.bias[...][i], np.float64), A=np.asarray(q.lora_A[...][i], np.float64),
                                B=np.asarray(q.lora_B[...][i], np.float64), s=q.scaling)
         u = ref_linear(np, h, layer["fc1"])
@@ -609,3 +622,20 @@ def test_bad_rules_and_models_are_refused_before_anything_changes(rng):
     stacked = pack_weight(jnp.ones((2, D, D)), QuantConfig())
     with pytest.raises(NotImplementedError, match="dropout on a layer stacked over axes \\[2\\]"):
         QLoRALinear(stacked, lora=LoraConfig(r=2, dropout=0.1), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.slow
+def test_custom_model_example_trains_saves_and_restores(tmp_path):
+    """`python -m experiments.custom_model`, shortened: only adapters move, the loss falls, restore is exact."""
+    figures_path = tmp_path / "figures.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.custom_model", f"--workdir={tmp_path / 'run'}", "--pretrain_steps=40",
+         "--steps=30", f"--json_out={figures_path}"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    figures = json.loads(figures_path.read_text())
+    assert figures["frozen_unchanged"] and figures["restored_identical"], figures
+    assert figures["qlora_loss_b_after"] < 0.5 * figures["qlora_loss_b_before"], figures
+    # 2 blocks x (qkv, out, fc_in, fc_out), r=8: r * (in + out) each; the head is excluded.
+    assert figures["layers_replaced"] == 8
+    assert figures["trainable_params"] == 2 * 8 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
+    assert figures["adapter_bytes"] == 4 * figures["trainable_params"]  # float32 adapters on a float32 model

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
 import string
 from typing import Any
@@ -56,8 +55,6 @@ __all__ = [
     "weight_shape",
     "leading_shape",
 ]
-
-logger = logging.getLogger(__name__)
 
 # QLoRA's defaults (qlora.py: r=64, alpha=16; NF4 with double quantization in blocks of 64).
 DEFAULT_LORA = LoraConfig()
@@ -109,16 +106,22 @@ def pack_weight(matrix: Any, quant: QuantConfig) -> QuantizedTensor | jax.Array:
         raise QuantizationError(f"cannot quantize: {len(bad)} non-finite value(s) (NaN or Inf) in the weight, the "
                                 f"first at index {tuple(int(i) for i in bad[0])}")
 
-    def one(w):
-        return quantize(w, quant.quant, blocksize=quant.blocksize, double_quant=quant.double_quant,
-                        bnb_backend=quant.bnb_backend, check_finite=False)
-
     lead = matrix.shape[:-2]
     if not lead:
-        return one(matrix)
-    flat = matrix.reshape(-1, *matrix.shape[-2:])
-    stacked = jax.jit(lambda m: jax.lax.map(one, m))(flat)
+        return _quantize_one(matrix, quant)
+    stacked = _quantize_slices(matrix.reshape(-1, *matrix.shape[-2:]), quant)
     return jax.tree.map(lambda a: a.reshape(*lead, *a.shape[1:]), stacked)
+
+
+def _quantize_one(w: jax.Array, quant: QuantConfig) -> QuantizedTensor:
+    return quantize(w, quant.quant, blocksize=quant.blocksize, double_quant=quant.double_quant,
+                    bnb_backend=quant.bnb_backend, check_finite=False)
+
+
+@functools.partial(jax.jit, static_argnames="quant")
+def _quantize_slices(matrices: jax.Array, quant: QuantConfig) -> QuantizedTensor:
+    """``[n, out, in]`` quantized slice by slice (``lax.map``: one slice's temporaries at a time)."""
+    return jax.lax.map(lambda w: _quantize_one(w, quant), matrices)
 
 
 def _adapter_dtype(lora: LoraConfig, dtype: Any, param_dtype: Any) -> jnp.dtype:

@@ -39,6 +39,7 @@ from qlora_jax.nn.surgery import (
     as_rules,
     match_rules,
     ragged_blocks_reason,
+    tree_nbytes,
 )
 from qlora_jax.quant import QuantizedTensor
 
@@ -146,10 +147,6 @@ def _storage_of_config(quant: QuantConfig) -> str:
     return _storage(QLoRARule(lora=None, quant=quant))
 
 
-def _nbytes(tree: Any) -> int:
-    return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
-
-
 def convert_params(
     variables: Mapping[str, Any],
     rules: QLoRARule | LoraConfig | Sequence[QLoRARule | LoraConfig],
@@ -225,7 +222,7 @@ def convert_params(
         layers.append(ConvertedLayer(
             path=names[m], kind="Dense", rule=i, shape=weight_shape(weight), stacked=(), storage=_storage(rule),
             rank=None if rule.lora is None else rule.lora.r, ragged=ragged_blocks_reason(kernel.shape[0], rule.quant),
-            bytes_before=_nbytes(group), bytes_after=_nbytes([frozen[(*m, k)] for k in ("weight", "bias")
+            bytes_before=tree_nbytes(group), bytes_after=tree_nbytes([frozen[(*m, k)] for k in ("weight", "bias")
                                                               if (*m, k) in frozen])))
     out = {name: value for name, value in variables.items() if name not in ("params", FROZEN, LORA)}
     out["params"] = traverse_util.unflatten_dict(params) if params else {}
@@ -233,4 +230,4 @@ def convert_params(
     if lora:
         out[LORA] = traverse_util.unflatten_dict(lora)
     trainable = int(sum(np.prod(x.shape) for x in jax.tree.leaves(out.get(LORA, {}))))
-    return out, QLoRAReport(tuple(layers), trainable, _nbytes(dict(variables)), _nbytes(out))
+    return out, QLoRAReport(tuple(layers), trainable, tree_nbytes(dict(variables)), tree_nbytes(out))

@@ -52,6 +52,7 @@ __all__ = [
     "nearest_paths",
     "ragged_blocks_reason",
     "set_kernel_backend",
+    "tree_nbytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -248,9 +249,13 @@ def _module_table(root: nnx.Module) -> list[_Module]:
     return list(table.values())
 
 
+def tree_nbytes(tree: Any) -> int:
+    """Bytes of the arrays of a pytree (PRNG keys included: an nnx.Dropout's stream is state too)."""
+    return int(sum(int(x.nbytes) for x in jax.tree.leaves(tree) if hasattr(x, "nbytes")))
+
+
 def _state_bytes(node: Any) -> int:
-    return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(node))
-                   if hasattr(x, "dtype")))
+    return tree_nbytes(nnx.state(node))
 
 
 def _describe(module: Any) -> str:
