@@ -165,8 +165,9 @@ def test_training_the_lora_collection_alone_with_reference_gradients(converted, 
     ref = jax.jit(jax.grad(ref_loss))(pairs)
     grads = jax.jit(jax.grad(loss))(lora)
     for p in paths:
-        np.testing.assert_allclose(grads[p[0]][p[1]]["lora_A"], ref[p][0], rtol=2e-3, atol=1e-6)
-        np.testing.assert_allclose(grads[p[0]][p[1]]["lora_B"], ref[p][1], rtol=2e-3, atol=1e-6)
+        for i, name in enumerate(("lora_A", "lora_B")):  # float32 sums in different orders: relative to the scale
+            want = np.asarray(ref[p][i])
+            np.testing.assert_allclose(grads[p[0]][p[1]][name], want, rtol=2e-3, atol=1e-4 * np.abs(want).max())
     tx = make_optimizer("adamw", 1e-3, max_grad_norm=None)
     state = tx.init(lora)
     updates, _ = jax.jit(tx.update)(grads, state, lora)
