@@ -42,6 +42,7 @@ flags.DEFINE_string("compute_dtype", "float32", "Activations' dtype (float32: XL
 SHAPES = {
     "tiny": (2, 64, 128, 4, 2, 256),
     "small": (8, 256, 512, 8, 4, 1024),
+    "deep": (24, 256, 512, 8, 4, 1024),
     "smollm2-135m": (30, 576, 1536, 9, 3, 49152),
 }
 

@@ -208,6 +208,7 @@ def test_rules_convert_exactly_the_selected_layers(transformer):
     assert model.layers[0].up_proj.weight.get_value().quant_type == "int8"
     assert model.layers[0].attn.q_proj.lora_A[...].shape == (4, D)  # PEFT's [r, in]
     assert model.layers[0].down_proj.lora_B[...].shape == (D, 2)  # PEFT's [out, r]
+    assert model.layers[1].attn.v_proj.scaling == 8.0 / 4 and model.layers[1].up_proj.scaling == 4.0 / math.sqrt(2)
     lora_values = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
     assert report.trainable_params == lora_values == 2 * (2 * 4 * (D + D) + 2 * ((D + FF) + (FF + D)))
     assert report.bytes_after < report.bytes_before
