@@ -1,7 +1,8 @@
 """The public model API: :func:`load_pretrained` and the :class:`CausalLM` Flax NNX module.
 
-``CausalLM`` holds the frozen base in a non-trainable :class:`FrozenWeights` variable and the
-adapters in ``nnx.LoRAParam`` (``nnx.Param`` for full finetuning), with the static
+``CausalLM`` holds the frozen base in a non-trainable :class:`~qlora_jax.nn.FrozenWeights` variable
+(the one :class:`~qlora_jax.nn.QLoRALinear` uses) and the adapters in ``nnx.LoRAParam``
+(``nnx.Param`` for full finetuning), with the static
 :class:`~qlora_jax.models.spec.ModelSpec` that says how they run (``model.spec``); its
 ``__call__`` is a thin wrapper over the pure functions of :mod:`qlora_jax.models.llama`, which
 plain-JAX and Linen users can call directly with the same pytrees (``model.spec``,
@@ -24,14 +25,11 @@ from qlora_jax.models import llama
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.layout import module_group
 from qlora_jax.models.spec import ModelSpec
+from qlora_jax.nn.layers import FrozenWeights
 from qlora_jax.tokenizer import Tokenizer
 
 __all__ = ["CausalLM", "FrozenWeights", "load_pretrained", "init_lora_params", "default_compute_dtype",
            "load_tokenizer"]
-
-
-class FrozenWeights(nnx.Variable):
-    """Frozen base weights (quantized or not): never a target of ``nnx.Param``/``LoRAParam`` filters."""
 
 
 def default_compute_dtype() -> str:
