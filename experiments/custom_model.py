@@ -112,7 +112,7 @@ def run(workdir: pathlib.Path) -> dict:
     from qlora_jax.checkpoints.load import QuantConfig
     from qlora_jax.lora import LoraConfig
     from qlora_jax.nn import QLoRARule, apply_qlora
-    from qlora_jax.optim import make_optimizer, no_layers
+    from qlora_jax.optim import make_optimizer
 
     TinyLM = make_model_class()
     shutil.rmtree(workdir, ignore_errors=True)
@@ -158,7 +158,7 @@ def run(workdir: pathlib.Path) -> dict:
     figures["qlora_loss_b_before"] = float(evaluate(model, *held_out_b))
 
     # 3. Train the adapters only, with the project's optimizer chain.
-    optimizer = nnx.Optimizer(model, make_optimizer(FLAGS.optimizer, FLAGS.learning_rate, stacked=no_layers),
+    optimizer = nnx.Optimizer(model, make_optimizer(FLAGS.optimizer, FLAGS.learning_rate),
                               wrt=nnx.LoRAParam)
 
     @nnx.jit

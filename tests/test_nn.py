@@ -29,7 +29,7 @@ from qlora_jax.nn import (
     pack_weight,
     set_kernel_backend,
 )
-from qlora_jax.optim import make_optimizer, no_layers
+from qlora_jax.optim import make_optimizer
 from qlora_jax.quant import QuantizedTensor, dequantize, quantize
 from qlora_jax.quant.bnb_format import to_bnb_state_dict
 
@@ -300,18 +300,21 @@ def test_training_step_moves_only_adapters_with_reference_gradients(transformer,
 
 def test_paged_adamw_trains_through_nnx_optimizer_like_adamw(rng):
     seed = seed_of(rng)
-    x = jnp.asarray(rng.normal(size=(4, D)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, VOCAB, (2, 6)), jnp.int32)
     results = []
-    for name in ("adamw", "paged_adamw_32bit"):
-        model = MLP(nnx.Rngs(seed))
+    # State streamed through host memory ("layers"; "auto" keeps it on the device on CPU). The
+    # model's `layers` is an nnx.List of separate blocks: the default predicate must not take it
+    # for arrays stacked over a layer axis.
+    for name, placement in (("adamw", None), ("paged_adamw_32bit", "layers")):
+        model = TinyTransformer(nnx.Rngs(seed))
         apply_qlora(model, LoraConfig(r=4), rngs=nnx.Rngs(seed))
         randomize_lora_b(model, np.random.default_rng(seed))
-        # The user's layers are not stacked over a leading axis: stream them as leaf groups.
-        opt = nnx.Optimizer(model, make_optimizer(name, 1e-2, stacked=no_layers), wrt=nnx.LoRAParam)
+        kwargs = {} if placement is None else {"placement": placement}
+        opt = nnx.Optimizer(model, make_optimizer(name, 1e-2, **kwargs), wrt=nnx.LoRAParam)
 
         @nnx.jit
         def step(m, o):
-            o.update(m, nnx.grad(lambda m: jnp.mean(m(x) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(m))
+            o.update(m, nnx.grad(lambda m: jnp.mean(m(ids) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(m))
 
         for _ in range(2):
             step(model, opt)

@@ -81,8 +81,19 @@ DEFAULT_MAX_GROUP_SIZE = 1 << 24
 
 
 def layer_stacked(path: tuple, leaf: Any) -> bool:
-    """Default ``stacked`` predicate: leaves under a ``"layers"`` key with at least one axis."""
-    return getattr(leaf, "ndim", 0) >= 1 and any(key_name(k) == "layers" for k in path)
+    """Default ``stacked`` predicate: leaves with at least one axis under a ``"layers"`` key that holds
+    arrays stacked over a leading layer axis (the built-in LLaMA's layout).
+
+    A ``layers`` key followed by a list index (``layers/0/...``: a Python list or ``nnx.List`` of
+    separate layers) is not stacked: each of those layers is its own group.
+    """
+    if getattr(leaf, "ndim", 0) < 1:
+        return False
+    for i, k in enumerate(path):
+        if key_name(k) == "layers":
+            following = path[i + 1] if i + 1 < len(path) else None
+            return following is None or not key_name(following).isdigit()
+    return False
 
 
 def no_layers(path: tuple, leaf: Any) -> bool:
