@@ -533,9 +533,9 @@ def test_stacked_layers_under_nnx_scan(rng):
 def test_kernel_backend_per_model_per_rule_per_layer(rng):
     seed = seed_of(rng)
     model = MLP(nnx.Rngs(seed), dtype=jnp.bfloat16)  # the kernels take 16-bit activations
-    apply_qlora(model, [QLoRARule("fc1", lora=LoraConfig(r=2), kernel_backend="triton"),
+    apply_qlora(model, [QLoRARule("fc1", lora=LoraConfig(r=2), kernel_backend="jax_triton"),
                         QLoRARule("fc2", lora=LoraConfig(r=2))], rngs=nnx.Rngs(seed), kernel_backend="xla")
-    assert (model.fc1.kernel_backend, model.fc2.kernel_backend) == ("triton", "xla")
+    assert (model.fc1.kernel_backend, model.fc2.kernel_backend) == ("jax_triton", "xla")
     x = jnp.ones((2, D))
     # The backend reaches quantized_matmul: the Triton kernels need a GPU (or interpret mode).
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
