@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import pathlib
 
-from absl import app, flags, logging
+from absl import flags
+
+from experiments import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("shape", "4096,4096", "Shape of the N(0, 1) weight matrix, comma separated.")
@@ -31,7 +33,6 @@ flags.DEFINE_string("output_dir", "outputs/datatypes", "Where to write the histo
 
 def main(argv: list[str]) -> None:
     del argv
-    logging.set_verbosity(logging.WARNING)
     import numpy as np
 
     from qlora_jax.reports import datatypes as report
@@ -63,4 +64,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -7,13 +7,16 @@ r"""Chat with a model: load it (4-bit by default), optionally with adapters, and
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags
+
+from experiments import cli
+from qlora_jax.checkpoints.load import QUANT_MODES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "embedded", "A Hugging Face folder, a .gguf file, or 'embedded' (SmolLM2-135M).")
 flags.DEFINE_multi_string("prompt", ["What is the capital of France?"], "User message(s); one reply each.")
 flags.DEFINE_string("system", None, "An optional system message.")
-flags.DEFINE_enum("quant", "nf4", ["nf4", "fp4", "int8", "bf16", "float32"], "How the base weights are stored.")
+flags.DEFINE_enum("quant", "nf4", QUANT_MODES, "How the base weights are stored.")
 flags.DEFINE_bool("double_quant", True, "Double-quantize the 4-bit scales.")
 flags.DEFINE_string("adapter", None, "A PEFT adapter folder (e.g. a finetune's output_dir/adapter).")
 flags.DEFINE_string("template", None, "Chat template: the model's own (default), chatml, llama2 or llama3.")
@@ -25,7 +28,6 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 def main(argv: list[str]) -> None:
     del argv
-    logging.set_verbosity(logging.WARNING)
     import jax
 
     from qlora_jax.generate import chat
@@ -46,4 +48,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

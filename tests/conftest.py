@@ -5,6 +5,7 @@
   in and out through .npz files. A missing oracle environment fails the tests that need it,
   loudly; set QLORA_JAX_SKIP_ORACLE=1 to skip them instead on a machine that cannot build it.
 * ``bnb_cuda_reference``: bitsandbytes' CUDA quantization code, compiled for the host with g++.
+* ``tiny_model``: a small random Llama folder with the embedded model's tokenizer (for recipe tests).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 # Eight host devices for the sharding tests; set before anything imports jax.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
+import atexit
 import ctypes
 import json
 import pathlib
@@ -21,6 +23,17 @@ import shutil
 import subprocess
 import tempfile
 import zlib
+
+# One persistent XLA compilation cache for the session (its workers and the subprocesses tests
+# start inherit it): many tests compile the same programs (a train step of the same tiny model),
+# and on 2 cores compilation is most of their time. Executables from the cache are the compiled
+# ones, so results do not change. A fresh directory per session, removed at exit;
+# QLORA_JAX_TEST_COMPILATION_CACHE=0 turns it off.
+if os.environ.get("QLORA_JAX_TEST_COMPILATION_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="qlora_jax_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import numpy as np
 import pytest
@@ -157,3 +170,12 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if report.failed:
         report.sections.append(("random seed", f"QLORA_JAX_TEST_SEED={RUN_ENTROPY}"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> pathlib.Path:
+    """A 2-layer, 64-wide random Llama with the embedded model's tokenizer (so the chat data fits it)."""
+    from helpers import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"),
+                            np.random.default_rng([RUN_ENTROPY, zlib.crc32(b"tiny_model")]))
