@@ -46,7 +46,7 @@ def run(cfg: FinetuneConfig, *, progress: bool = True) -> FinetuneResult:
         train_step, eval_step = steps.compile_steps(model.spec, optimizer, state.opt_state)
         put_batch = functools.partial(steps.device_batch, mesh=mesh)
         held_out = steps.held_out_batches(data, cfg.per_device_eval_batch_size * shards, tokenizer.pad_id)
-        with MetricsLog(out / steps.METRICS, keep_through_step=state.step if cfg.resume else None) as metrics:
+        with MetricsLog(out / steps.METRICS, keep_through_step=state.step or None) as metrics:
             loop = steps.train_loop(
                 cfg, state, train_step=train_step, frozen=frozen, schedule=schedule, checkpointer=checkpointer,
                 batches=steps.training_batches(cfg, data, tokenizer.pad_id, state, shards),

@@ -69,11 +69,11 @@ class DivergenceMonitor:
         self._suspect_count = 0
 
     def _suspicion(self, loss: float, grad_norm: float) -> str | None:
-        if grad_norm == 0.0:
-            return "zero gradient norm on the trainable parameters"
         if abs(loss - self.uniform_loss) < self.uniform_tolerance and grad_norm < self.flat_grad_norm:
             return (f"collapse to the uniform output: loss {loss:.6f} = ln(vocab) {self.uniform_loss:.6f} with a flat "
                     f"gradient (norm {grad_norm:.3g})")
+        if grad_norm == 0.0:
+            return f"zero gradient norm on the trainable parameters (loss {loss:.6f})"
         return None
 
     def update(self, step: int, *, loss: float, grad_norm: float, tokens: float) -> Health:

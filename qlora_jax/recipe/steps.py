@@ -188,19 +188,20 @@ def open_checkpoints(cfg: FinetuneConfig) -> TrainCheckpointer:
     the checkpoint's step.
     """
     checkpointer = TrainCheckpointer(pathlib.Path(cfg.output_dir) / "checkpoints", max_to_keep=cfg.save_total_limit)
-    latest = checkpointer.latest_step()
-    if latest is None:
-        return checkpointer
-    if not cfg.resume:
+    try:
+        latest = checkpointer.latest_step()
+        if latest is not None and not cfg.resume:
+            raise FileExistsError(
+                f"{checkpointer.directory} already holds checkpoints (latest step {latest}): pass resume=True "
+                "(--resume) to continue that run, or choose another output_dir")
+        if latest is not None:
+            check_resume_settings(checkpointer.read_meta(latest).get("flags", {}), cfg, str(checkpointer.directory))
+            if latest > cfg.max_steps:
+                raise ConfigError(f"max_steps={cfg.max_steps}: the checkpoint in {checkpointer.directory} is already "
+                                  f"at step {latest}; pass max_steps >= {latest} (a larger value continues the run)")
+    except BaseException:
         checkpointer.close()
-        raise FileExistsError(
-            f"{checkpointer.directory} already holds checkpoints (latest step {latest}): pass resume=True "
-            "(--resume) to continue that run, or choose another output_dir")
-    check_resume_settings(checkpointer.read_meta(latest).get("flags", {}), cfg, str(checkpointer.directory))
-    if latest > cfg.max_steps:
-        checkpointer.close()
-        raise ConfigError(f"max_steps={cfg.max_steps}: the checkpoint in {checkpointer.directory} is already at step "
-                          f"{latest}; pass max_steps >= {latest} (a larger value continues the run)")
+        raise
     return checkpointer
 
 
