@@ -25,8 +25,9 @@ import time
 
 from absl import flags
 
-from experiments import cli
 from qlora_jax.optim.factory import OPTIMIZER_NAMES
+
+from . import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "llama-7b", "A known model shape (qlora_jax.memory.KNOWN_MODELS) or a config.json.")
@@ -208,5 +209,10 @@ def main(argv: list[str]) -> None:
                       indent=2, default=str)
 
 
+def entry_point() -> None:
+    """The ``qlora-jax-bench-train-step`` console script."""
+    cli.run(main, __name__)
+
+
 if __name__ == "__main__":
-    cli.run(main)
+    entry_point()

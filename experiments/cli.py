@@ -56,8 +56,20 @@ class _QuietOrbax(std_logging.Filter):
         return absl_logging.get_verbosity() >= absl_logging.DEBUG
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-    """``absl.app.run(main)`` with the fixes in the module docstring."""
+def _adopt_as_main(module_name: str) -> None:
+    """For a console script, whose ``__main__`` is a generated wrapper: ``--help`` shows the
+    launcher's docstring and flags, as with ``python -m``."""
+    main_module = sys.modules["__main__"]
+    if not main_module.__doc__:
+        main_module.__doc__ = sys.modules[module_name].__doc__
+    for flag in FLAGS.get_key_flags_for_module(module_name):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
+def run(main: Callable[[list[str]], None], module_name: str = "__main__") -> None:
+    """``absl.app.run(main)`` with the fixes in the module docstring; ``module_name``: the launcher's."""
+    if module_name != "__main__":
+        _adopt_as_main(module_name)
     _define_help_flags()
     absl_logging.get_absl_handler().addFilter(_QuietOrbax())
     app.run(main)

@@ -16,7 +16,7 @@ import pathlib
 
 from absl import flags
 
-from experiments import cli
+from . import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("shape", "4096,4096", "Shape of the N(0, 1) weight matrix, comma separated.")
@@ -63,5 +63,10 @@ def main(argv: list[str]) -> None:
         print(report.format_perplexity_table(table))
 
 
+def entry_point() -> None:
+    """The ``qlora-jax-datatypes`` console script."""
+    cli.run(main, __name__)
+
+
 if __name__ == "__main__":
-    cli.run(main)
+    entry_point()

@@ -1,12 +1,13 @@
-r"""QLoRA finetuning: `python -m experiments.finetune [--flags]` (or `--flagfile=run.flags`).
+r"""QLoRA finetuning: `python -m experiments.finetune [--flags]` in a clone, `qlora-jax-finetune` once installed.
 
 With no flags: SmolLM2-135M-Instruct (embedded, 4-bit NF4 + double quantization) gets LoRA
 adapters (r=64, alpha=16) on every linear layer and trains on chatterbot-corpus question/answer
 pairs for a few minutes on a CPU, with a held-out split, checkpoints and a PEFT adapter at the end.
 
-Every flag but the launcher's own (--progress and the multi-host ones) is a field of
-qlora_jax.recipe.config.FinetuneConfig, declared there once with its help text and checks; names
-follow artidoro/qlora's qlora.py, and where our default differs the help says qlora.py's value.
+Settings may come from a file (`--flagfile=run.flags`). Every flag but the launcher's own
+(--progress and the multi-host ones) is a field of qlora_jax.recipe.config.FinetuneConfig,
+declared there once with its help text and checks; names follow artidoro/qlora's qlora.py, and
+where our default differs the help says qlora.py's value.
 A bad value stops the run before any work, naming the flag. The first step of each batch shape
 compiles (minutes for a large model): the log says so, and the progress bar's estimate means
 nothing until then.
@@ -23,10 +24,11 @@ import dataclasses
 
 from absl import app, flags
 
-from experiments import cli
 from qlora_jax.recipe.config import FinetuneConfig
 from qlora_jax.recipe.flags import define_flags, from_flags
 from qlora_jax.recipe.settings import ConfigError, non_negative, positive, setting, validate
+
+from . import cli
 
 FLAGS = flags.FLAGS
 
@@ -88,5 +90,10 @@ def main(argv: list[str]) -> None:
     print_summary(result)
 
 
+def entry_point() -> None:
+    """The ``qlora-jax-finetune`` console script."""
+    cli.run(main, __name__)
+
+
 if __name__ == "__main__":
-    cli.run(main)
+    entry_point()

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from absl import flags
 
-from experiments import cli
 from qlora_jax.checkpoints.load import QUANT_MODES
+
+from . import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "embedded", "A Hugging Face folder, a .gguf file, or 'embedded' (SmolLM2-135M).")
@@ -47,5 +48,10 @@ def main(argv: list[str]) -> None:
         print(f"\n>>> {prompt}\n{reply}")
 
 
+def entry_point() -> None:
+    """The ``qlora-jax-generate`` console script."""
+    cli.run(main, __name__)
+
+
 if __name__ == "__main__":
-    cli.run(main)
+    entry_point()

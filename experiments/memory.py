@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from absl import flags
 
-from experiments import cli
 from qlora_jax.optim.factory import OPTIMIZER_NAMES
+
+from . import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "llama-7b", "A known model name or a config.json path (or its folder).")
@@ -53,5 +54,10 @@ def main(argv: list[str]) -> None:
     print(format_plan(plan, gpu_bytes, FLAGS.gpu))
 
 
+def entry_point() -> None:
+    """The ``qlora-jax-memory`` console script."""
+    cli.run(main, __name__)
+
+
 if __name__ == "__main__":
-    cli.run(main)
+    entry_point()

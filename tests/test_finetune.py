@@ -192,3 +192,14 @@ def test_default_cli_run_with_few_steps(tmp_path):
     assert len(evals) == 2 and 3.5 < evals[0] < 5.0, evals  # the base model's response loss on chatterbot, ~4.2 nats
     assert evals[-1] < evals[0] - 0.3, evals
     assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "loss_curve.png").exists()
+
+
+@pytest.mark.slow
+def test_readme_library_snippet_runs_as_written():
+    """The README's first Python block, executed as it stands (embedded model, NF4 + DQ)."""
+    readme = (REPO / "README.md").read_text()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    proc = subprocess.run([sys.executable, "-c", snippet], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) >= 2 and all(line.strip() for line in lines[:2]), proc.stdout
