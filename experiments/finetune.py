@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from qlora_jax.recipe.config import FinetuneConfig
 from qlora_jax.recipe.flags import define_flags, from_flags
@@ -80,6 +80,8 @@ def main(argv: list[str]) -> None:
     from qlora_jax.distributed import initialize_distributed
     from qlora_jax.recipe.run_lock import RunLockedError
 
+    changed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
+    logging.info("finetune settings other than the defaults: %s", changed or "none")
     initialize_distributed(launcher.coordinator_address, launcher.num_processes, launcher.process_id)
     try:
         result = finetune.run(cfg, progress=launcher.progress)

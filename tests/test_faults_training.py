@@ -98,9 +98,12 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def test_cli_rejects_bad_flags_before_any_work_and_help_exits_0(tmp_path):
     out = tmp_path / "never"
-    bad = _cli("--learning_rate=nan", f"--output_dir={out}")
+    flagfile = tmp_path / "run.flags"
+    flagfile.write_text(f"--output_dir={out}\n--learning_rate=nan\n")
+    bad = _cli(f"--flagfile={flagfile}")
     assert bad.returncode == 1 and "--learning_rate=nan" in bad.stderr, bad.stderr[-2000:]
     assert not out.exists()  # nothing was created, let alone loaded
+    assert _cli("--helpfull").returncode == 0
     shown = _cli("--help")
     assert shown.returncode == 0, shown.stderr[-2000:]
     # Flags generated from FinetuneConfig, with their help, including those that had none before.
