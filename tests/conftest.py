@@ -15,7 +15,6 @@ import os
 # Eight host devices for the sharding tests; set before anything imports jax.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-import atexit
 import ctypes
 import json
 import pathlib
@@ -23,17 +22,6 @@ import shutil
 import subprocess
 import tempfile
 import zlib
-
-# One persistent XLA compilation cache for the session (its workers and the subprocesses tests
-# start inherit it): many tests compile the same programs (a train step of the same tiny model),
-# and on 2 cores compilation is most of their time. Executables from the cache are the compiled
-# ones, so results do not change. A fresh directory per session, removed at exit;
-# QLORA_JAX_TEST_COMPILATION_CACHE=0 turns it off.
-if os.environ.get("QLORA_JAX_TEST_COMPILATION_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _cache = tempfile.mkdtemp(prefix="qlora_jax_xla_cache_")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import numpy as np
 import pytest

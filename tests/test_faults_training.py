@@ -443,9 +443,13 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def start_driver(settings: dict, kill_in_save: int = 0, delay: float = 0.0) -> subprocess.Popen:
+def start_driver(settings: dict, cache: pathlib.Path, kill_in_save: int = 0, delay: float = 0.0) -> subprocess.Popen:
+    """The recipe in a subprocess. The processes share a persistent XLA compilation cache: they
+    compile the same programs, and on 2 cores compiling is most of their time (executables from
+    the cache are the compiled ones, so the results do not change)."""
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     return subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(settings), str(kill_in_save), str(delay)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def kill_when_step_logged(proc: subprocess.Popen, metrics: pathlib.Path, step: int, delay: float) -> None:
@@ -477,8 +481,9 @@ def test_kill_9_during_training_and_saves_then_resume_equals_an_uninterrupted_ru
                   learning_rate=3e-3, lora_r=8, lora_alpha=16, lora_dropout=0.1, warmup_ratio=0.0,
                   source_max_len=32, target_max_len=32, num_sample_prompts=0, data_workers=1,
                   compute_dtype="float32", chat_template="chatml")
+    cache = tmp_path / "xla_cache"
     reference = tmp_path / "reference"
-    proc = start_driver({**common, "output_dir": str(reference)})
+    proc = start_driver({**common, "output_dir": str(reference)}, cache)
     assert proc.wait(timeout=900) == 0, proc.stderr.read()[-3000:]
 
     out = tmp_path / "killed"
@@ -493,10 +498,10 @@ def test_kill_9_during_training_and_saves_then_resume_equals_an_uninterrupted_ru
     for i, (where, step, delay) in enumerate(plan):
         resume = dict(resume=True, force_unlock=True) if i else {}
         if where == "save":
-            proc = start_driver({**settings, **resume}, kill_in_save=step, delay=delay)
+            proc = start_driver({**settings, **resume}, cache, kill_in_save=step, delay=delay)
             proc.wait(timeout=900)
         else:
-            proc = start_driver({**settings, **resume})
+            proc = start_driver({**settings, **resume}, cache)
             kill_when_step_logged(proc, out / "metrics.jsonl", step, delay)
         assert proc.returncode == -signal.SIGKILL, (where, step, proc.stderr.read()[-3000:])
         found = checkpoints_restorable(out, targets)
@@ -505,7 +510,7 @@ def test_kill_9_during_training_and_saves_then_resume_equals_an_uninterrupted_ru
         if i == 0:  # the killed run's lock is stale: a plain resume is refused, saying what to do
             with pytest.raises(StaleRunLockError, match="--force_unlock"):
                 RunLock(out).acquire()
-    proc = start_driver({**settings, "resume": True, "force_unlock": True})
+    proc = start_driver({**settings, "resume": True, "force_unlock": True}, cache)
     assert proc.wait(timeout=900) == 0, proc.stderr.read()[-3000:]
 
     assert train_losses(out) == train_losses(reference)  # every step, bit for bit
