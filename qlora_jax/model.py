@@ -32,6 +32,9 @@ __all__ = ["CausalLM", "FrozenWeights", "load_pretrained", "init_lora_params", "
 
 log = logging.getLogger(__name__)
 
+# qlora.py's adapters (r=64, alpha=16, every linear layer); frozen, so one shared default is safe.
+DEFAULT_LORA = LoraConfig()
+
 
 class FrozenWeights(nnx.Variable):
     """Frozen base weights (quantized or not): never a target of ``nnx.Param``/``LoRAParam`` filters."""
@@ -126,7 +129,7 @@ def load_pretrained(
     blocksize: int = 64,
     dtype: str = "bfloat16",
     bnb_backend: str = "cuda",
-    lora: LoraConfig | None = LoraConfig(),
+    lora: LoraConfig | None = DEFAULT_LORA,
     full_finetune: bool = False,
     adapter: str | pathlib.Path | None = None,
     compute_dtype: str | None = None,
