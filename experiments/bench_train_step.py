@@ -23,7 +23,11 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags
+
+from qlora_jax.optim.factory import OPTIMIZER_NAMES
+
+from . import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "llama-7b", "A known model shape (qlora_jax.memory.KNOWN_MODELS) or a config.json.")
@@ -32,7 +36,7 @@ flags.DEFINE_integer("batch", 1, "Sequences per step.")
 flags.DEFINE_integer("lora_r", 64, "LoRA rank on every linear layer.")
 flags.DEFINE_enum("lora_dtype", "float32", ["float32", "bfloat16"],
                   "Storage dtype of the LoRA matrices (bfloat16: the paper's setting).")
-flags.DEFINE_string("optim", "paged_adamw_32bit", "Optimizer name (qlora_jax.optim.make_optimizer).")
+flags.DEFINE_enum("optim", "paged_adamw_32bit", OPTIMIZER_NAMES, "Optimizer (qlora_jax.optim.make_optimizer).")
 flags.DEFINE_bool("remat", True, "Per-layer rematerialisation.")
 flags.DEFINE_integer("steps", 5, "Timed steps, after 2 warm-up steps.")
 flags.DEFINE_string("mesh", None, "Shard over devices, e.g. 'fsdp=8' (default: one device).")
@@ -124,7 +128,8 @@ model = model.to_empty(device="cuda")
 for module in model.modules():  # random weights, quantized by bitsandbytes on the GPU
     if isinstance(module, bnb.nn.Linear4bit):
         w = torch.randn(module.out_features, module.in_features, device="cuda", dtype=torch.bfloat16) * 0.02
-        module.weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True).cuda()
+        module.weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type="nf4",
+                                          compress_statistics=True).cuda()
     elif isinstance(module, torch.nn.Embedding):
         torch.nn.init.normal_(module.weight, std=0.02)
     elif hasattr(module, "weight") and module.weight is not None and module.weight.ndim == 1:
@@ -160,7 +165,6 @@ def run_torch(config, seq_len: int, batch: int) -> dict:
 
 def main(argv: list[str]) -> None:
     del argv
-    logging.set_verbosity(logging.WARNING)
     import jax
 
     from qlora_jax.memory import model_config
@@ -200,7 +204,8 @@ def main(argv: list[str]) -> None:
         print(f"{r['impl']:<32} {r['tokens_per_second']:10.1f} tokens/s   step {r['step_seconds_median'] * 1e3:8.1f} ms"
               f"   peak device memory {peak}")
         if "planned_device_bytes" in r:
-            ratio = "" if r["planned_over_measured"] is None else f" (planned/measured {r['planned_over_measured']:.3f})"
+            ratio = ("" if r["planned_over_measured"] is None else
+                     f" (planned/measured {r['planned_over_measured']:.3f})")
             print(f"{'':<32} planner: {r['planned_device_bytes'] / gib:.2f} GiB{ratio}; optimizer state on host "
                   f"{r['host_optimizer_bytes'] / gib:.2f} GiB")
     if len(results) == 2 and "error" not in results[1]:
@@ -209,5 +214,10 @@ def main(argv: list[str]) -> None:
     save(results)
 
 
+def entry_point() -> None:
+    """The ``qlora-jax-bench-train-step`` console script."""
+    cli.run(main, __name__)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    entry_point()

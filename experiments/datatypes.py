@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import pathlib
 
-from absl import app, flags, logging
+from absl import flags
+
+from . import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("shape", "4096,4096", "Shape of the N(0, 1) weight matrix, comma separated.")
@@ -31,7 +33,6 @@ flags.DEFINE_string("output_dir", "outputs/datatypes", "Where to write the histo
 
 def main(argv: list[str]) -> None:
     del argv
-    logging.set_verbosity(logging.WARNING)
     import numpy as np
 
     from qlora_jax.reports import datatypes as report
@@ -62,5 +63,10 @@ def main(argv: list[str]) -> None:
         print(report.format_perplexity_table(table))
 
 
+def entry_point() -> None:
+    """The ``qlora-jax-datatypes`` console script."""
+    cli.run(main, __name__)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    entry_point()

@@ -12,13 +12,17 @@ or re-quantizing the source checkpoint; ``--model``/``--quant``/... then only ne
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from qlora_jax.checkpoints.load import QUANT_MODES
+
+from . import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "embedded", "A Hugging Face folder, a .gguf file, or 'embedded' (SmolLM2-135M).")
 flags.DEFINE_multi_string("prompt", ["What is the capital of France?"], "User message(s); one reply each.")
 flags.DEFINE_string("system", None, "An optional system message.")
-flags.DEFINE_enum("quant", "nf4", ["nf4", "fp4", "int8", "bf16", "float32"], "How the base weights are stored.")
+flags.DEFINE_enum("quant", "nf4", QUANT_MODES, "How the base weights are stored.")
 flags.DEFINE_bool("double_quant", True, "Double-quantize the 4-bit scales.")
 flags.DEFINE_string("adapter", None, "A PEFT adapter folder, or a finetune's output_dir (uses its adapter/ and base/).")
 flags.DEFINE_string("template", None, "Chat template: the model's own (default), chatml, llama2 or llama3.")
@@ -30,7 +34,6 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 def main(argv: list[str]) -> None:
     del argv
-    logging.set_verbosity(logging.WARNING)
     import jax
 
     from qlora_jax.generate import chat
@@ -51,7 +54,7 @@ def main(argv: list[str]) -> None:
             quant = dict(quant=FLAGS.quant if FLAGS["quant"].present else stored.quant,
                          double_quant=FLAGS.double_quant if FLAGS["double_quant"].present else stored.double_quant,
                          blocksize=stored.blocksize, dtype=stored.dtype)
-            logging.warning("starting from the run's saved base %s (saved from %s)", saved_base,
+            logging.info("starting from the run's saved base %s (saved from %s)", saved_base,
                             read_manifest(saved_base)["source"])
     model, tokenizer = load_pretrained(model_path, **quant, lora=None, adapter=adapter, verbose=True)
     if tokenizer is None:
@@ -66,5 +69,10 @@ def main(argv: list[str]) -> None:
         print(f"\n>>> {prompt}\n{reply}")
 
 
+def entry_point() -> None:
+    """The ``qlora-jax-generate`` console script."""
+    cli.run(main, __name__)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    entry_point()

@@ -12,7 +12,11 @@ llama-13b, llama-33b, llama-65b, llama2-70b, llama3-8b, llama3-70b, smollm2-135m
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
+
+from qlora_jax.optim.factory import OPTIMIZER_NAMES
+
+from . import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "llama-7b", "A known model name or a config.json path (or its folder).")
@@ -24,8 +28,7 @@ flags.DEFINE_enum("lora_dtype", "bfloat16", ["float32", "bfloat16"],
                   "Storage dtype of the LoRA matrices (the finetune's default: bfloat16, its compute dtype).")
 flags.DEFINE_enum("quant", "nf4", ["nf4", "fp4", "int8", "bf16"], "Base weight storage.")
 flags.DEFINE_bool("double_quant", True, "Double-quantized scales.")
-flags.DEFINE_enum("optim", "paged_adamw_32bit",
-                  ["adamw", "adamw_32bit", "paged_adamw", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit"],
+flags.DEFINE_enum("optim", "paged_adamw_32bit", OPTIMIZER_NAMES,
                   "Optimizer (paged: state in pinned host memory between steps).")
 flags.DEFINE_bool("remat", True, "Per-layer rematerialisation (gradient checkpointing).")
 flags.DEFINE_integer("gradient_accumulation_steps", 1, "Micro-batches per optimizer step.")
@@ -45,10 +48,16 @@ def main(argv: list[str]) -> None:
                        gradient_accumulation_steps=FLAGS.gradient_accumulation_steps, lora_dtype=FLAGS.lora_dtype)
     gpu_bytes = GPUS.get(FLAGS.gpu) or int(float(FLAGS.gpu.removesuffix("GB").removesuffix("GiB")) * 2**30)
     print(f"{FLAGS.model}: {config.num_parameters() / 1e9:.2f} B parameters; QLoRA step with seq_len "
-          f"{FLAGS.seq_len}, batch {FLAGS.batch}, r={FLAGS.lora_r} ({FLAGS.lora_dtype}), {FLAGS.quant}{'+DQ' if FLAGS.double_quant else ''}, "
+          f"{FLAGS.seq_len}, batch {FLAGS.batch}, r={FLAGS.lora_r} ({FLAGS.lora_dtype}), "
+          f"{FLAGS.quant}{'+DQ' if FLAGS.double_quant else ''}, "
           f"{FLAGS.optim}, remat {'on' if FLAGS.remat else 'off'}")
     print(format_plan(plan, gpu_bytes, FLAGS.gpu))
 
 
+def entry_point() -> None:
+    """The ``qlora-jax-memory`` console script."""
+    cli.run(main, __name__)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    entry_point()

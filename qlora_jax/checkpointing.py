@@ -11,6 +11,13 @@ saves). A step directory holds:
 Orbax writes each step into a temporary directory and renames it when complete, so a process
 killed while saving leaves the previous checkpoint as the latest restorable one. Adapters alone
 (PEFT format, or ``trainable`` of a checkpoint) can seed another run (``adapter_init``).
+
+Retention (``max_to_keep``) counts *confirmed* checkpoints only: a new checkpoint is unconfirmed
+until the caller proves its state good (:meth:`TrainCheckpointer.confirm`, after the next step ran
+healthy), and older checkpoints are deleted only then. So a run that dies right after a save
+still has a good checkpoint to go back to (:meth:`TrainCheckpointer.discard_after` removes the
+unconfirmed ones), even with ``max_to_keep=1``; between a save and its confirmation there may be
+``max_to_keep + 1`` checkpoints.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["TrainCheckpointer", "RestoredState", "abstract_like", "load_trainable"]
+__all__ = ["TrainCheckpointer", "RestoredState", "abstract_like", "load_trainable", "load_step_meta"]
 
 
 @dataclasses.dataclass
@@ -51,18 +58,32 @@ def abstract_like(tree: Any) -> Any:
 
 
 class TrainCheckpointer:
-    """Saves and restores training state under ``directory`` (``directory/<step>/...``)."""
+    """Saves and restores training state under ``directory`` (``directory/<step>/...``).
+
+    ``max_to_keep``: confirmed checkpoints to keep (None: all); see the module docstring. A
+    context manager: leaving it waits for pending saves and closes the manager.
+    """
 
     def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int | None = 2, async_save: bool = True):
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be at least 1 (or None: keep all), got {max_to_keep}")
         self.directory = pathlib.Path(directory).absolute()
+        self.max_to_keep = max_to_keep
+        self._unconfirmed: set[int] = set()
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep,
+                max_to_keep=None,  # retention is ours: confirmed checkpoints only
                 enable_async_checkpointing=async_save,
                 create=True,
             ),
         )
+
+    def __enter__(self) -> TrainCheckpointer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -98,6 +119,37 @@ class TrainCheckpointer:
             ),
             force=True,
         )
+        self._unconfirmed.add(int(step))
+
+    def confirm(self, through_step: int) -> None:
+        """Marks the checkpoints up to ``through_step`` good, then deletes the oldest confirmed ones
+        beyond ``max_to_keep``."""
+        self._unconfirmed = {s for s in self._unconfirmed if s > through_step}
+        if self.max_to_keep is None:
+            return
+        confirmed = [s for s in self.all_steps() if s not in self._unconfirmed]
+        if len(confirmed) > self.max_to_keep:
+            self.manager.wait_until_finished()
+            for step in sorted(confirmed)[: -self.max_to_keep]:
+                self.manager.delete(step)
+
+    def discard_after(self, step: int) -> list[int]:
+        """Deletes the checkpoints of steps after ``step`` (states found bad); returns those steps."""
+        self.manager.wait_until_finished()
+        doomed = sorted(s for s in self.all_steps() if s > step)
+        for s in doomed:
+            self.manager.delete(s)
+        self._unconfirmed -= set(doomed)
+        return doomed
+
+    def read_meta(self, step: int | None = None) -> dict[str, Any] | None:
+        """The JSON ``meta`` item of ``step`` (default: the latest), without restoring any array;
+        None if there is no checkpoint."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored.meta)
 
     def restore(self, trainable_like: Any, opt_state_like: Any, step: int | None = None) -> RestoredState | None:
         """The state saved at ``step`` (default: the latest complete one), or None if there is none.
@@ -126,14 +178,26 @@ class TrainCheckpointer:
         self.manager.close()
 
 
+def _step_directory(path: str | pathlib.Path) -> pathlib.Path:
+    """A checkpoint step directory (``.../<step>``), or the latest step under a checkpoint directory."""
+    path = pathlib.Path(path).absolute()
+    if (path / "trainable").exists():
+        return path
+    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "trainable").exists()) \
+        if path.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint with adapters ('trainable') under {path}")
+    return path / str(steps[-1])
+
+
 def load_trainable(path: str | pathlib.Path, trainable_like: Any) -> Any:
     """The ``trainable`` item of a checkpoint step directory (``.../<step>``), or of the latest
     step under a checkpoint directory: adapters to start another run from."""
-    path = pathlib.Path(path).absolute()
-    if not (path / "trainable").exists():
-        steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "trainable").exists())
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint with adapters ('trainable') under {path}")
-        path = path / str(steps[-1])
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(path / "trainable", abstract_like(trainable_like))
+        return checkpointer.restore(_step_directory(path) / "trainable", abstract_like(trainable_like))
+
+
+def load_step_meta(path: str | pathlib.Path) -> dict[str, Any]:
+    """The ``meta`` JSON (step, flags, LoRA config, ...) of the checkpoint :func:`load_trainable` reads."""
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+        return dict(checkpointer.restore(_step_directory(path) / "meta"))

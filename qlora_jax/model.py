@@ -11,6 +11,7 @@ plain-JAX and Linen users can call directly with the same pytrees (``model.spec`
 
 from __future__ import annotations
 
+import logging
 import pathlib
 from typing import Any
 
@@ -30,6 +31,11 @@ from qlora_jax.tokenizer import Tokenizer
 
 __all__ = ["CausalLM", "FrozenWeights", "load_pretrained", "init_lora_params", "default_compute_dtype",
            "load_tokenizer"]
+
+log = logging.getLogger(__name__)
+
+# qlora.py's adapters (r=64, alpha=16, every linear layer); frozen, so one shared default is safe.
+DEFAULT_LORA = LoraConfig()
 
 
 def default_compute_dtype() -> str:
@@ -121,7 +127,7 @@ def load_pretrained(
     blocksize: int = 64,
     dtype: str = "bfloat16",
     bnb_backend: str = "cuda",
-    lora: LoraConfig | None = LoraConfig(),
+    lora: LoraConfig | None = DEFAULT_LORA,
     full_finetune: bool = False,
     adapter: str | pathlib.Path | None = None,
     compute_dtype: str | None = None,
@@ -138,15 +144,16 @@ def load_pretrained(
     for another ``quant``/``double_quant``/``blocksize``/``dtype`` is an error; its adapters, if
     any, replace fresh ones unless ``adapter`` or ``lora=None`` says otherwise).
     ``quant``: "nf4", "fp4", "int8" or "bf16"/"float16"/"float32" (no quantization).
-    ``bnb_backend``: whose bytes double quantization reproduces when the base is quantized here,
-    bitsandbytes' "cuda" kernels (default: what published checkpoints hold) or its "cpu" backend
-    (they encode a few of the 8-bit scale codes differently; pre-quantized weights are kept as stored).
+    ``bnb_backend``: whose bytes quantization reproduces where bitsandbytes' CUDA and CPU backends
+    differ (double-quant scale codes, FP4 near zero): "cuda" (default; nearly every published
+    checkpoint) or "cpu" (a checkpoint bitsandbytes quantized on a CPU).
     ``lora``: adapter hyperparameters, or None for no adapters. ``full_finetune`` makes the base
     itself trainable (requires an unquantized ``quant``). ``adapter``: a PEFT adapter folder to
     load instead of fresh adapters. ``compute_dtype`` (None: bfloat16 on accelerators, float32 on
     CPU), ``remat`` and ``kernel_backend`` go into the model's
     :class:`~qlora_jax.models.spec.ModelSpec`. Returns ``(model, tokenizer)``; the tokenizer is
-    None when the folder has no ``tokenizer.json``.
+    None when the folder has no ``tokenizer.json``. The loading statistics are logged (INFO when
+    ``verbose``, else DEBUG) and kept as ``model.load_stats``.
     """
     if full_finetune and quant in ("nf4", "fp4", "int8"):
         raise ValueError("full finetuning needs an unquantized base: pass quant='bf16' (or float32)")
@@ -168,8 +175,7 @@ def load_pretrained(
         config = read_config(cfg)
         base, stats = load_base_params(source, config, quant_config)
         tokenizer = load_tokenizer(checkpoint_path)
-    if verbose:
-        print(stats.summary())
+    log.log(logging.INFO if verbose else logging.DEBUG, "%s", stats.summary())
     if adapter is not None:
         from qlora_jax.peft_io import load_peft_adapter
 

@@ -5,6 +5,7 @@
   in and out through .npz files. A missing oracle environment fails the tests that need it,
   loudly; set QLORA_JAX_SKIP_ORACLE=1 to skip them instead on a machine that cannot build it.
 * ``bnb_cuda_reference``: bitsandbytes' CUDA quantization code, compiled for the host with g++.
+* ``tiny_model``: a small random Llama folder with the embedded model's tokenizer (for recipe tests).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import ctypes
+import gc
 import json
 import pathlib
 import shutil
 import subprocess
+import sys
 import tempfile
 import zlib
 
@@ -157,3 +160,29 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if report.failed:
         report.sections.append(("random seed", f"QLORA_JAX_TEST_SEED={RUN_ENTROPY}"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> pathlib.Path:
+    """A 2-layer, 64-wide random Llama with the embedded model's tokenizer (so the chat data fits it)."""
+    from helpers import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"),
+                            np.random.default_rng([RUN_ENTROPY, zlib.crc32(b"tiny_model")]))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session) -> None:
+    """Frees JAX's compiled programs and collects garbage while the session still counts as running.
+
+    Why: when an xdist run ends, the controller tells each worker to stop, and execnet sends a
+    worker that is still busy 5 s later a SIGINT (``execnet.gateway_base``, ``_terminate_execution``).
+    A worker is then still in pytest's session-end garbage collection (the unraisableexception
+    plugin's, several rounds over every compiled program the tests left); on 2 loaded cores that
+    took longer, and the SIGINT surfaced as ``PytestUnraisableExceptionWarning: KeyboardInterrupt``
+    in jax's ``_xla_gc_callback``. This runs before the worker reports that it has finished, so the
+    clock starts on a small heap.
+    """
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+    gc.collect()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -26,3 +29,52 @@ def random_quantized_base(config: LlamaConfig, rng: np.random.Generator) -> dict
         layer_norms={n: stacker.buffers[n] for n in layout.LAYER_NORMS},
         linears={n: {"weight": stacker.buffers[n]} for n in layout.LINEAR_LAYERS},
     )
+
+
+def write_tiny_llama(path: pathlib.Path, rng: np.random.Generator, *, hidden: int = 64, intermediate: int = 128,
+                     layers: int = 2) -> pathlib.Path:
+    """A random Llama folder (config.json, float32 model.safetensors, the embedded model's tokenizer)
+    small enough to train in seconds: embeddings std 0.5, linear weights std 1/sqrt(in), tied head."""
+    from safetensors.numpy import save_file
+
+    from qlora_jax.model import load_tokenizer
+
+    tokenizer = load_tokenizer("embedded")
+    vocab, d, f, kv = tokenizer.vocab_size, hidden, intermediate, hidden // 2
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab, "hidden_size": d,
+              "intermediate_size": f, "num_hidden_layers": layers, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+              "tie_word_embeddings": True, "eos_token_id": tokenizer.eos_id, "bos_token_id": tokenizer.bos_id}
+    (path / "config.json").write_text(json.dumps(config))
+    shapes = {"self_attn.q_proj": (d, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
+              "self_attn.o_proj": (d, d), "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d), "mlp.down_proj": (d, f)}
+    tensors = {"model.embed_tokens.weight": rng.normal(0, 0.5, (vocab, d)), "model.norm.weight": np.ones(d)}
+    for i in range(layers):
+        for name, shape in shapes.items():
+            tensors[f"model.layers.{i}.{name}.weight"] = rng.normal(0, shape[1] ** -0.5, shape)
+        tensors[f"model.layers.{i}.input_layernorm.weight"] = np.ones(d)
+        tensors[f"model.layers.{i}.post_attention_layernorm.weight"] = np.ones(d)
+    save_file({k: v.astype(np.float32) for k, v in tensors.items()}, str(path / "model.safetensors"))
+    tokenizer.save(path)
+    return path
+
+
+def small_finetune_config(model: pathlib.Path, out: pathlib.Path, **overrides):
+    """A :class:`~qlora_jax.finetune.FinetuneConfig` that trains ``model`` (e.g. the ``tiny_model``
+    fixture) in seconds: 96 chatterbot conversations, 64-token sequences (one padding bucket, so one
+    compilation of each step), batch 4, r=8, float32."""
+    from qlora_jax.finetune import FinetuneConfig
+
+    settings = dict(model=str(model), output_dir=str(out), max_train_samples=96, eval_dataset_size=16,
+                    per_device_train_batch_size=4, per_device_eval_batch_size=8, max_steps=20, eval_steps=10,
+                    save_steps=10, learning_rate=3e-3, lora_r=8, lora_alpha=16, source_max_len=32,
+                    target_max_len=32, num_sample_prompts=2, sample_max_new_tokens=8, data_workers=1,
+                    compute_dtype="float32", chat_template="chatml")
+    settings.update(overrides)
+    return FinetuneConfig(**settings)
+
+
+def train_losses(out: pathlib.Path) -> dict[int, float]:
+    """``{step: training loss}`` from a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}

@@ -1,0 +1,708 @@
+"""The finetune recipe's steps, each usable alone over explicit pytrees (torchtune-style).
+
+:func:`qlora_jax.finetune.run` is their sequence; a JAX user writing their own loop takes the ones
+they need::
+
+    mesh = setup_mesh(cfg)                                     # jax Mesh or None
+    model, tokenizer = setup_model(cfg, mesh)                  # CausalLM: spec + (sharded) base + adapters
+    data = setup_data(cfg, tokenizer, data_parallel=data_parallel_size(mesh))
+    optimizer, schedule = setup_optimizer(cfg)                 # optax transform, step -> learning rate
+    trainable, frozen = split_trainable(model)                 # the pytrees the train step takes
+    state = restore_or_init(cfg, checkpointer, trainable, optimizer)  # TrainState
+    train_step, eval_step = compile_steps(model.spec, optimizer, state.opt_state)
+    # ... then train_loop(...) and write_outputs(...), or a loop of one's own.
+
+Before any of these, :func:`check_adapter_init`, :func:`open_checkpoints` and
+:func:`finished_result` refuse what cannot work (from files alone, in seconds) and
+:class:`~qlora_jax.recipe.run_lock.RunLock` keeps a second run out of ``output_dir``. Messages go to
+``logging`` (``qlora_jax.recipe.steps``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import resource
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qlora_jax import assets
+from qlora_jax import data as data_lib
+from qlora_jax.checkpointing import TrainCheckpointer, load_step_meta, load_trainable
+from qlora_jax.checkpoints.load import open_checkpoint, read_config
+from qlora_jax.distributed import make_mesh, param_shardings, shard_batch, shard_tree
+from qlora_jax.generate import SamplingConfig, generate_tokens
+from qlora_jax.lora import LoraConfig
+from qlora_jax.model import CausalLM, load_pretrained
+from qlora_jax.models.layout import lora_targets
+from qlora_jax.models.spec import ModelSpec
+from qlora_jax.optim import jit_train_step, lr_schedule, make_optimizer
+from qlora_jax.peft_io import adapter_targets, load_peft_adapter, save_peft_adapter
+from qlora_jax.recipe.config import FinetuneConfig
+from qlora_jax.recipe.divergence import DivergenceMonitor, Health
+from qlora_jax.recipe.run_lock import RunLock
+from qlora_jax.recipe.settings import ConfigError
+from qlora_jax.tokenizer import Tokenizer
+from qlora_jax.train import NonFiniteLossError, make_eval_step, make_train_step
+
+__all__ = [
+    "FinetuneData", "FinetuneResult", "LoopResult", "MetricsLog", "TrainState", "TrainingCollapsedError",
+    "check_adapter_init", "check_resume_settings", "checkpoint_extra", "compile_steps", "lock_output_dir",
+    "training_batches", "data_parallel_size", "device_batch",
+    "evaluate", "finished_result", "held_out_answers", "held_out_batches", "open_checkpoints", "restore_or_init",
+    "samples_before_training", "setup_data",
+    "setup_mesh", "setup_model", "setup_optimizer", "split_trainable", "train_loop", "tree_all_finite",
+    "with_trainable", "write_outputs",
+]
+
+log = logging.getLogger(__name__)
+
+METRICS, SAMPLES, SUMMARY, COMPLETED = "metrics.jsonl", "samples.json", "summary.json", "completed"
+
+
+class TrainingCollapsedError(FloatingPointError):
+    """Training went on but the model died (uniform output, no gradient); see DivergenceMonitor."""
+
+
+class TrainState(NamedTuple):
+    """What a step changes: the step count, the trainable pytree, the optimizer state, the RNG key
+    (dropout; ``jax.random.fold_in(rng_key, step)`` per step) and the data position
+    (:attr:`qlora_jax.data.BatchIterator.state`, None at the start)."""
+
+    step: int
+    trainable: Any
+    opt_state: Any
+    rng_key: jax.Array
+    data_state: dict[str, int] | None
+
+
+class FinetuneData(NamedTuple):
+    """Tokenized training and held-out conversations, the held-out conversations whose first
+    question is answered before and after training, and the padding buckets (tokens)."""
+
+    train: list[data_lib.TokenizedExample]
+    held_out: list[data_lib.TokenizedExample]
+    sample_conversations: list[data_lib.Example]
+    buckets: tuple[int, ...]
+
+
+class LoopResult(NamedTuple):
+    """The state after the loop, the held-out loss of that state (nats) and the training
+    throughput (target and prompt tokens per second, steps that compiled excluded)."""
+
+    state: TrainState
+    eval_loss: float
+    tokens_per_second: float
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    """What a finetune produced (also written to ``summary.json``); losses in nats per target token."""
+
+    output_dir: pathlib.Path
+    final_step: int
+    first_eval_loss: float | None
+    final_eval_loss: float | None
+    train_tokens_per_second: float
+    wall_seconds: float
+    peak_host_memory_bytes: int
+    samples: list[dict[str, str]]
+
+
+# ----------------------------------------------------------------------------- before any work
+def check_adapter_init(cfg: FinetuneConfig) -> None:
+    """Refuses ``adapter_init`` adapters whose rank, alpha or rsLoRA differ from the run's.
+
+    Decided: refuse rather than adopt, so that the exported adapter's config always describes its
+    tensors and the run trains exactly what its flags say. Reads the PEFT ``adapter_config.json``
+    or the checkpoint's saved LoRA config; no array is loaded.
+    """
+    if not cfg.adapter_init:
+        return
+    source = pathlib.Path(cfg.adapter_init)
+    if (source / "adapter_config.json").exists():
+        peft_config = json.loads((source / "adapter_config.json").read_text())
+    else:
+        try:
+            peft_config = load_step_meta(source).get("lora_config")
+        except FileNotFoundError as err:
+            raise ConfigError(f"adapter_init={cfg.adapter_init!r}: neither a PEFT adapter folder (no "
+                              f"adapter_config.json) nor a run's checkpoints ({err})") from None
+        if peft_config is None:
+            raise ConfigError(f"adapter_init={cfg.adapter_init!r}: the checkpoint holds no LoRA config")
+    saved = LoraConfig.from_peft_config(peft_config)
+    ours = cfg.lora_config()
+    differ = [f"{flag}: adapters {theirs}, run {mine}" for flag, theirs, mine in (
+        ("lora_r", saved.r, ours.r), ("lora_alpha", saved.alpha, ours.alpha),
+        ("use_rslora", saved.use_rslora, ours.use_rslora)) if theirs != mine]
+    if differ:
+        raise ConfigError(f"adapter_init={cfg.adapter_init!r}: its adapters do not match this run ("
+                          + "; ".join(differ) + "). Pass the adapters' values (e.g. --lora_r="
+                          f"{saved.r} --lora_alpha={saved.alpha:g}) to continue from them")
+
+
+def check_resume_settings(saved_flags: dict[str, Any], cfg: FinetuneConfig, where: str) -> None:
+    """Refuses to resume with settings other than the saved ones, but for those that may change
+    (:meth:`FinetuneConfig.resume_may_change`). A setting the saved run did not have yet counts as
+    unchanged when it has its default."""
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    allowed = set(cfg.resume_may_change())
+    differ = []
+    for name, value in now.items():
+        if name in allowed:
+            continue
+        if name not in saved_flags:
+            if value != json.loads(json.dumps(cfg.field_default(name))):
+                differ.append(f"{name}: (not saved) -> {value!r}")
+        elif saved_flags[name] != value:
+            differ.append(f"{name}: {saved_flags[name]!r} -> {value!r}")
+    if differ:
+        raise ConfigError(
+            f"resume: the checkpoint in {where} was saved with other settings: " + "; ".join(differ)
+            + f". Only {', '.join(sorted(allowed))} may change on --resume. Pass the saved values, or train in "
+            f"a new output_dir (e.g. with --adapter_init={where})")
+    old_steps = saved_flags.get("max_steps", cfg.max_steps)
+    if old_steps != cfg.max_steps and (cfg.lr_scheduler_type != "constant" or
+                                       math.ceil(cfg.warmup_ratio * old_steps) !=
+                                       math.ceil(cfg.warmup_ratio * cfg.max_steps)):
+        log.warning("max_steps %d -> %d: the %s learning-rate schedule (and its warmup) follows max_steps, so from "
+                    "the resumed step on it is that of a %d-step run", old_steps, cfg.max_steps,
+                    cfg.lr_scheduler_type, cfg.max_steps)
+
+
+def open_checkpoints(cfg: FinetuneConfig) -> TrainCheckpointer:
+    """The run's checkpointer, after the checks that need only its files.
+
+    A fresh run refuses a directory that holds checkpoints (it would lose them); ``resume``
+    compares the saved settings (:func:`check_resume_settings`) and refuses a ``max_steps`` below
+    the checkpoint's step.
+    """
+    checkpointer = TrainCheckpointer(pathlib.Path(cfg.output_dir) / "checkpoints", max_to_keep=cfg.save_total_limit)
+    try:
+        latest = checkpointer.latest_step()
+        if latest is not None and not cfg.resume:
+            raise FileExistsError(
+                f"{checkpointer.directory} already holds checkpoints (latest step {latest}): pass resume=True "
+                "(--resume) to continue that run, or choose another output_dir")
+        if latest is not None:
+            check_resume_settings(checkpointer.read_meta(latest).get("flags", {}), cfg, str(checkpointer.directory))
+            if latest > cfg.max_steps:
+                raise ConfigError(f"max_steps={cfg.max_steps}: the checkpoint in {checkpointer.directory} is already "
+                                  f"at step {latest}; pass max_steps >= {latest} (a larger value continues the run)")
+    except BaseException:
+        checkpointer.close()
+        raise
+    return checkpointer
+
+
+def finished_result(cfg: FinetuneConfig, checkpointer: TrainCheckpointer) -> FinetuneResult | None:
+    """The saved result of a run that already finished at ``max_steps`` (a ``--resume`` with nothing
+    to do), else None. A run that continues loses its ``completed`` marker until it finishes again."""
+    out = pathlib.Path(cfg.output_dir)
+    done = cfg.resume and checkpointer.latest_step() == cfg.max_steps and (out / COMPLETED).exists()
+    if done and (out / SUMMARY).exists():
+        log.info("%s already finished at step %d: nothing to do (pass a larger --max_steps to train further)", out,
+                 cfg.max_steps)
+        summary = json.loads((out / SUMMARY).read_text())
+        return FinetuneResult(**{**summary, "output_dir": out})
+    (out / COMPLETED).unlink(missing_ok=True)
+    return None
+
+
+def lock_output_dir(cfg: FinetuneConfig):
+    """The :class:`~qlora_jax.recipe.run_lock.RunLock` of ``output_dir`` (held by process 0 of a
+    multi-host run; a no-op context on the others)."""
+    if jax.process_index() != 0:
+        return contextlib.nullcontext()
+    return RunLock(cfg.output_dir, force=cfg.force_unlock)
+
+
+# ----------------------------------------------------------------------------- model, data, optimizer
+def setup_mesh(cfg: FinetuneConfig) -> jax.sharding.Mesh | None:
+    """The device mesh ``cfg.mesh`` names over all devices, or None for the default device."""
+    if not cfg.mesh:
+        return None
+    try:
+        mesh = make_mesh(cfg.mesh)
+    except ValueError as err:
+        raise ConfigError(f"mesh={cfg.mesh!r}: {err}") from None
+    log.info("mesh %s over %d devices; global batch %d", dict(mesh.shape), mesh.size,
+             cfg.per_device_train_batch_size * data_parallel_size(mesh))
+    return mesh
+
+
+def data_parallel_size(mesh: jax.sharding.Mesh | None) -> int:
+    """How many ways a batch is split: the mesh's data x fsdp axes (1 without a mesh)."""
+    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def split_trainable(model: CausalLM) -> tuple[Any, Any]:
+    """``(trainable, frozen)``: the adapters and the frozen base, or for a full finetune the base and None."""
+    if model.spec.full_finetune:
+        return model.base_params, None
+    return model.lora_params, model.base_params
+
+
+def with_trainable(model: CausalLM, trainable: Any) -> CausalLM:
+    """The same model (spec, frozen base) with ``trainable`` as its adapters (or as its base, when full)."""
+    if model.spec.full_finetune:
+        new = CausalLM(model.spec, trainable)
+    else:
+        new = CausalLM(model.spec, model.base_params, trainable)
+    new.load_stats = model.load_stats
+    return new
+
+
+def _check_model_settings(cfg: FinetuneConfig) -> None:
+    """What the model's config.json decides (adapter targets, context length), before loading weights."""
+    _, hf_config = open_checkpoint(assets.embedded_model_path() if cfg.model == "embedded" else cfg.model)
+    config = read_config(hf_config)
+    if not cfg.full_finetune:
+        try:
+            lora_targets(cfg.lora_config(), config)
+        except ValueError as err:
+            raise ConfigError(f"lora_modules={cfg.lora_modules!r}: {err}") from None
+    context = cfg.source_max_len + cfg.target_max_len
+    if context > config.max_position_embeddings:
+        raise ConfigError(f"source_max_len + target_max_len = {context}: longer than the model's "
+                          f"max_position_embeddings ({config.max_position_embeddings})")
+
+
+def setup_model(cfg: FinetuneConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[CausalLM, Tokenizer]:
+    """The model (frozen quantized base, fresh or ``adapter_init`` adapters) and its tokenizer.
+
+    With a mesh, the packed base and the adapters (and so later the optimizer state) are sharded
+    over it (:func:`qlora_jax.distributed.param_shardings`).
+    """
+    _check_model_settings(cfg)
+    model, tokenizer = load_pretrained(
+        cfg.model, quant=cfg.quant, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
+        bnb_backend=cfg.bnb_backend, lora=None if cfg.full_finetune else cfg.lora_config(),
+        full_finetune=cfg.full_finetune, compute_dtype=cfg.compute_dtype, remat=cfg.gradient_checkpointing,
+        seed=cfg.seed)
+    if tokenizer is None:
+        raise ConfigError(f"model={cfg.model!r}: has no tokenizer.json; a finetune needs one")
+    log.info("%s", model.load_stats.summary())
+    trainable, frozen = split_trainable(model)
+    if cfg.adapter_init:
+        trainable = _initial_adapters(cfg.adapter_init, model)
+    if mesh is not None:
+        trainable = shard_tree(trainable, param_shardings(trainable, mesh))
+        frozen = None if frozen is None else shard_tree(frozen, param_shardings(frozen, mesh))
+    if model.spec.full_finetune:
+        sharded = CausalLM(model.spec, trainable)
+    else:
+        sharded = CausalLM(model.spec, frozen, trainable)
+    sharded.load_stats = model.load_stats
+    return sharded, tokenizer
+
+
+def _initial_adapters(path: str, model: CausalLM) -> Any:
+    """Adapters from a PEFT folder or an earlier run's checkpoint, as the model's adapter dtypes."""
+    source = pathlib.Path(path)
+    fresh = model.lora_params
+    if (source / "adapter_config.json").exists():
+        lora, _ = load_peft_adapter(source, model.config)
+        log.info("adapters initialised from the PEFT adapter %s", source)
+    else:
+        lora = load_trainable(source, fresh)
+        log.info("adapters initialised from the checkpoint %s", source)
+    if jax.tree.structure(lora) != jax.tree.structure(fresh):
+        raise ConfigError(f"adapter_init={path!r}: its adapters target {list(adapter_targets(lora))}, this run "
+                          f"{list(adapter_targets(fresh))} (lora_modules={model.spec.lora_config.target_modules!r})")
+    return jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), lora, fresh)
+
+
+def setup_data(cfg: FinetuneConfig, tokenizer: Tokenizer, *, data_parallel: int = 1) -> FinetuneData:
+    """The held-out split, chat-templated and tokenized with the source masked (see :mod:`qlora_jax.data`)."""
+    examples = data_lib.load_examples(cfg.dataset, cfg.dataset_format)
+    train, held_out, cleaning = data_lib.train_eval_split(examples, cfg.eval_dataset_size, cfg.seed,
+                                                          max_train_samples=cfg.max_train_samples,
+                                                          max_eval_samples=cfg.max_eval_samples)
+    log.info("%s", cleaning.summary())
+    global_batch = cfg.per_device_train_batch_size * data_parallel
+    if len(train) < global_batch:
+        raise ConfigError(f"per_device_train_batch_size={cfg.per_device_train_batch_size}: a global batch of "
+                          f"{global_batch} needs at least that many training conversations; {cfg.dataset} leaves "
+                          f"{len(train)} after holding out {len(held_out)}")
+    workers = cfg.data_workers or os.cpu_count() or 1
+
+    def tokenize(part):
+        return data_lib.tokenize_examples(part, tokenizer, template=cfg.chat_template,
+                                          source_max_len=cfg.source_max_len, target_max_len=cfg.target_max_len,
+                                          train_on_source=cfg.train_on_source, num_workers=workers)
+
+    askable = [ex for ex in held_out if any(m["role"] == "user" for m in ex.messages)
+               and ex.messages[0]["role"] != "assistant"]
+    data = FinetuneData(tokenize(train), tokenize(held_out), askable[: cfg.num_sample_prompts],
+                        data_lib.bucket_lengths(cfg.source_max_len + cfg.target_max_len))
+    log.info("data: %d training and %d held-out conversations from %s", len(data.train), len(data.held_out),
+             cfg.dataset)
+    return data
+
+
+def _lr_schedule(cfg: FinetuneConfig) -> Callable:
+    return lr_schedule(cfg.lr_scheduler_type, cfg.learning_rate, max_steps=cfg.max_steps,
+                       warmup_ratio=cfg.warmup_ratio)
+
+
+def training_batches(cfg: FinetuneConfig, data: FinetuneData, pad_id: int, state: TrainState,
+                     data_parallel: int = 1) -> data_lib.BatchIterator:
+    """The endless training batches of global size ``per_device_train_batch_size * data_parallel``,
+    from ``state``'s data position."""
+    return data_lib.BatchIterator(data.train, batch_size=cfg.per_device_train_batch_size * data_parallel,
+                                  pad_id=pad_id, buckets=data.buckets, seed=cfg.seed,
+                                  group_by_length=cfg.group_by_length, state=state.data_state)
+
+
+def setup_optimizer(cfg: FinetuneConfig):
+    """``(optimizer, schedule)``: the optax transform ``cfg.optim`` and its learning rate per step."""
+    schedule = _lr_schedule(cfg)
+    optimizer = make_optimizer(cfg.optim, learning_rate=schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2,
+                               weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
+    return optimizer, schedule
+
+
+def restore_or_init(cfg: FinetuneConfig, checkpointer: TrainCheckpointer, trainable: Any, optimizer) -> TrainState:
+    """The latest checkpoint's state when ``cfg.resume`` (and there is one), else step 0 with
+    ``trainable``, a fresh optimizer state and the seed's RNG key. ``trainable`` also gives the
+    restored arrays their structure, dtypes and shardings."""
+    opt_state = optimizer.init(trainable)
+    fresh = TrainState(0, trainable, opt_state, jax.random.key(cfg.seed), None)
+    if not cfg.resume:
+        return fresh
+    restored = checkpointer.restore(trainable, opt_state)
+    if restored is None:
+        log.info("--resume: no checkpoint in %s, starting from step 0", checkpointer.directory)
+        return fresh
+    log.info("resumed from step %d (%s)", restored.step, checkpointer.directory / str(restored.step))
+    return TrainState(restored.step, restored.trainable, restored.opt_state, restored.rng_key, restored.data_state)
+
+
+def checkpoint_extra(cfg: FinetuneConfig, model: CausalLM) -> dict[str, Any]:
+    """What a checkpoint's meta says about the adapters: their PEFT config (None for a full finetune)."""
+    spec = model.spec
+    return {"lora_config": None if spec.lora_config is None else
+            spec.lora_config.to_peft_config(spec.lora_targets, cfg.model)}
+
+
+def compile_steps(spec: ModelSpec, optimizer, opt_state: Any) -> tuple[Callable, Callable]:
+    """``(train_step, eval_step)`` jitted (see :func:`qlora_jax.train.make_train_step`); the train
+    step donates the trainable pytree and the optimizer state, whose shardings it keeps."""
+    train_step = jit_train_step(make_train_step(spec, optimizer), opt_state, donate_argnums=(0, 1))
+    return train_step, jax.jit(make_eval_step(spec))
+
+
+# ----------------------------------------------------------------------------- evaluation and samples
+def device_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh | None = None) -> dict[str, jax.Array]:
+    """A host batch on the device (split over the mesh's data axes when there is one)."""
+    if mesh is not None:
+        return shard_batch(batch, mesh)
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def held_out_batches(data: FinetuneData, batch_size: int, pad_id: int) -> list[dict[str, np.ndarray]]:
+    """Every held-out conversation once, in batches ``[1, batch_size, T]`` (the eval step's layout)."""
+    return [data_lib.stack_batches([batch], pad_id) for batch in
+            data_lib.eval_batches(data.held_out, batch_size=batch_size, pad_id=pad_id, buckets=data.buckets)]
+
+
+def evaluate(eval_step: Callable, trainable: Any, frozen: Any, batches: Sequence[dict[str, np.ndarray]],
+             put_batch: Callable = device_batch) -> float:
+    """Mean response-token loss (nats) over held-out ``batches`` (:func:`held_out_batches`),
+    weighted by their target-token counts."""
+    total, count = 0.0, 0.0
+    for batch in batches:
+        loss_sum, tokens = eval_step(trainable, frozen, put_batch(batch))
+        total, count = total + float(loss_sum), count + float(tokens)
+    return total / max(count, 1.0)
+
+
+def _first_question(example: data_lib.Example) -> tuple[list[dict[str, str]], str]:
+    first_user = next(i for i, m in enumerate(example.messages) if m["role"] == "user")
+    reference = next((m["content"] for m in example.messages[first_user + 1:] if m["role"] == "assistant"), "")
+    return list(example.messages[: first_user + 1]), reference
+
+
+def held_out_answers(model: CausalLM, tokenizer: Tokenizer, examples: Sequence[data_lib.Example], *,
+                     max_new_tokens: int, template: str | None = None) -> list[dict[str, str]]:
+    """``model``'s greedy answers to the first user turn of each conversation:
+    ``[{"question", "reference", "answer"}]``."""
+    if not examples:
+        return []
+    questions = [_first_question(ex) for ex in examples]
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                              template=template)) for messages, _ in questions]
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens,
+                              stop_token_ids=tuple(sorted({*model.config.stop_token_ids, *eos})))
+    replies = generate_tokens(model.spec, model.base_params, model.lora_params, prompts, sampling,
+                              pad_id=tokenizer.pad_id)
+    return [{"question": messages[-1]["content"], "reference": reference, "answer": tokenizer.decode(reply)}
+            for (messages, reference), reply in zip(questions, replies, strict=True)]
+
+
+# ----------------------------------------------------------------------------- the loop
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per logged step or evaluation; a context manager.
+
+    ``keep_through_step``: on resume, the rows up to the restored step are kept and the rest (from
+    steps after the checkpoint, which will run again) dropped; None starts an empty file.
+    """
+
+    def __init__(self, path: str | pathlib.Path, *, keep_through_step: int | None = None):
+        self.path = pathlib.Path(path)
+        self.keep_through_step = keep_through_step
+        self._file = None
+
+    def __enter__(self) -> MetricsLog:
+        kept = [] if self.keep_through_step is None else [
+            row for row in self.read(self.path) if row["step"] <= self.keep_through_step]
+        self._file = self.path.open("w")
+        for row in kept:
+            self.write(row)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._file.close()
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    @staticmethod
+    def read(path: str | pathlib.Path) -> list[dict[str, Any]]:
+        """The rows of a metrics file (none if it does not exist)."""
+        path = pathlib.Path(path)
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def tree_all_finite(tree: Any) -> bool:
+    """Whether every floating-point leaf of ``tree`` is finite.
+
+    Device arrays are reduced on the device (sharded ones too); host-memory arrays (offloaded
+    optimizer state) are checked shard by shard on the host.
+    """
+    device, host = [], []
+    for x in jax.tree.leaves(tree):
+        if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            continue
+        kind = getattr(getattr(x, "sharding", None), "memory_kind", None)
+        (host if kind in ("pinned_host", "unpinned_host") else device).append(x)
+    if device and not bool(_all_finite(device)):
+        return False
+    return all(np.isfinite(np.asarray(shard.data)).all() for x in host for shard in x.addressable_shards)
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _stop(health: Health, checkpointer: TrainCheckpointer, monitor: DivergenceMonitor) -> None:
+    """Removes the checkpoints after the last good state and raises, naming the last good checkpoint."""
+    removed = checkpointer.discard_after(monitor.last_good_state)
+    good = checkpointer.latest_step()
+    where = (f"the last good checkpoint is step {good} in {checkpointer.directory}" if good is not None else
+             f"no good checkpoint was saved in {checkpointer.directory}")
+    note = f" (removed the checkpoints of steps {removed}, whose states led here)" if removed else ""
+    advice = (f"; continue from it with a lower learning_rate in a new output_dir: "
+              f"--adapter_init={checkpointer.directory / str(good)}" if good is not None else "")
+    cls = TrainingCollapsedError if "non-finite" not in health.reason else NonFiniteLossError
+    raise cls(f"training diverged at step {health.step}: {health.reason}. Stopped without saving{note}; "
+              f"{where}{advice}")
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step % every == 0 or step == last
+
+
+def train_loop(
+    cfg: FinetuneConfig,
+    state: TrainState,
+    *,
+    train_step: Callable,
+    frozen: Any,
+    batches: data_lib.BatchIterator,
+    evaluate_fn: Callable[[Any], float],
+    schedule: Callable[[int], Any],
+    checkpointer: TrainCheckpointer,
+    metrics: MetricsLog,
+    monitor: DivergenceMonitor,
+    put_batch: Callable = device_batch,
+    checkpoint_extra: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> LoopResult:
+    """Steps from ``state.step`` to ``cfg.max_steps``: the held-out loss first (from step 0),
+    metrics every ``logging_steps``, the held-out loss every ``eval_steps`` and checkpoints every
+    ``save_steps`` (and at the end).
+
+    ``train_step(trainable, opt_state, frozen, batch, key) -> (trainable, opt_state, metrics)``
+    (metrics: loss, grad_norm, tokens); ``batches``: ``next_batches(k)`` and ``state``;
+    ``evaluate_fn(trainable)`` -> held-out loss. ``monitor`` sees every step: the loop stops with
+    :class:`~qlora_jax.train.NonFiniteLossError` or :class:`TrainingCollapsedError` when it says
+    diverged, saves only while it says healthy and the state is finite, and keeps the checkpoints
+    it has proven good (see :class:`~qlora_jax.checkpointing.TrainCheckpointer`).
+    """
+    from tqdm.auto import tqdm
+
+    trainable, opt_state, step = state.trainable, state.opt_state, state.step
+    flags = dataclasses.asdict(cfg)
+    compiled: set[tuple[int, ...]] = set()
+    tokens_seen, seconds_spent, eval_loss = 0.0, 0.0, None
+    if step == 0:
+        first = evaluate_fn(trainable)
+        metrics.write({"kind": "eval", "step": 0, "eval_loss": first, "eval_perplexity": _perplexity(first)})
+        log.info("held-out loss before training: %.3f nats (perplexity %.1f)", first, _perplexity(first))
+    with tqdm(total=cfg.max_steps, initial=step, disable=not progress, dynamic_ncols=True, desc="finetune") as bar:
+        while step < cfg.max_steps:
+            batch = put_batch(batches.next_batches(cfg.gradient_accumulation_steps))
+            key = jax.random.fold_in(state.rng_key, step) if cfg.lora_dropout > 0 else None
+            shape = tuple(batch["input_ids"].shape)
+            if shape not in compiled:
+                log.info("compiling the training step for batches of shape %s (minutes for a large model; the "
+                         "progress bar's time estimate means nothing until it is done)...", shape)
+            tick = time.perf_counter()
+            trainable, opt_state, out = train_step(trainable, opt_state, frozen, batch, key)
+            loss, grad_norm, tokens = float(out["loss"]), float(out["grad_norm"]), float(out["tokens"])
+            seconds = time.perf_counter() - tick
+            sequence_tokens = float(np.sum(np.asarray(batch["attention_mask"])))
+            if shape in compiled:
+                tokens_seen, seconds_spent = tokens_seen + sequence_tokens, seconds_spent + seconds
+            else:
+                compiled.add(shape)
+                log.info("compiled and ran the first step of shape %s in %.1f s", shape, seconds)
+            step += 1
+            lr = float(schedule(step - 1))
+            health = monitor.update(step, loss=loss, grad_norm=grad_norm, tokens=tokens)
+            if _due(step, cfg.logging_steps, cfg.max_steps) or health.diverged:
+                metrics.write({"kind": "train", "step": step, "loss": loss, "learning_rate": lr, "grad_norm": grad_norm,
+                               "tokens": sequence_tokens, "seconds": seconds, "epoch": batches.epoch})
+            if health.diverged:
+                _stop(health, checkpointer, monitor)
+            if health.healthy:
+                checkpointer.confirm(monitor.last_good_state)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{sequence_tokens / seconds:.0f}")
+            bar.update(1)
+            if _due(step, cfg.eval_steps, cfg.max_steps):
+                eval_loss = evaluate_fn(trainable)
+                metrics.write({"kind": "eval", "step": step, "eval_loss": eval_loss,
+                               "eval_perplexity": _perplexity(eval_loss)})
+                log.info("step %d: held-out loss %.3f nats (perplexity %.1f)", step, eval_loss, _perplexity(eval_loss))
+                verdict = monitor.check_eval(step, eval_loss)
+                if verdict.diverged:
+                    _stop(verdict, checkpointer, monitor)
+            if _due(step, cfg.save_steps, cfg.max_steps):
+                if not health.healthy:
+                    log.warning("not saving step %d: %s (since step %s)", step, health.reason, health.since_step)
+                elif not tree_all_finite((trainable, opt_state)):
+                    _stop(Health(step, "diverged", "the state after the update is non-finite (NaN/Inf)"),
+                          checkpointer, monitor)
+                else:
+                    checkpointer.save(step, trainable, opt_state, data_state=batches.state, rng_key=state.rng_key,
+                                      flags=flags, extra={**(checkpoint_extra or {}),
+                                                          "health": {"loss": loss, "grad_norm": grad_norm}})
+    if eval_loss is None:  # nothing left to train (a resume at max_steps whose outputs were not written)
+        eval_loss = evaluate_fn(trainable)
+    monitor.confirm_final(step, eval_loss)
+    checkpointer.confirm(monitor.last_good_state)
+    final = TrainState(step, trainable, opt_state, state.rng_key, batches.state)
+    return LoopResult(final, eval_loss, tokens_seen / seconds_spent if seconds_spent else 0.0)
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0)) if math.isfinite(loss) else math.nan
+
+
+# ----------------------------------------------------------------------------- outputs
+def _plot_losses(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if r["kind"] == "eval"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if train:
+        steps, losses = zip(*train, strict=True)
+        ax.plot(steps, losses, alpha=0.35, label="train loss (per step)")
+        window = max(1, len(losses) // 20)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, label=f"train loss ({window}-step mean)")
+    if evals:
+        steps, losses = zip(*evals, strict=True)
+        ax.plot(steps, losses, "o-", label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("response-token loss (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _adapter_rank(lora: Any) -> int:
+    ranks = {pair["lora_A"].shape[-2] for group in lora["layers"].values() for pair in group.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"adapters of several ranks {sorted(ranks)}")
+    return ranks.pop()
+
+
+def write_outputs(cfg: FinetuneConfig, model: CausalLM, loop: LoopResult, *, tokenizer: Tokenizer,
+                  data: FinetuneData, samples_before: list[dict[str, str]], started: float) -> FinetuneResult:
+    """The PEFT adapter, held-out answers after training, the loss plot, ``summary.json`` and the
+    ``completed`` marker; returns the :class:`FinetuneResult`. Refuses to export a non-finite state."""
+    out = pathlib.Path(cfg.output_dir)
+    trainable = loop.state.trainable
+    if not tree_all_finite(trainable):
+        raise NonFiniteLossError(f"the final state of {out} is non-finite: nothing exported")
+    trained = with_trainable(model, trainable)
+    if not cfg.full_finetune:
+        lora_config = model.spec.lora_config
+        if _adapter_rank(trainable) != lora_config.r:
+            raise ValueError(f"adapters of rank {_adapter_rank(trainable)} under a config of r={lora_config.r}")
+        save_peft_adapter(out / "adapter", trainable, lora_config, model.config, base_model_name_or_path=cfg.model)
+    after = held_out_answers(trained, tokenizer, data.sample_conversations, max_new_tokens=cfg.sample_max_new_tokens,
+                             template=cfg.chat_template)
+    samples = [{**before, "after": answer["answer"]} for before, answer in zip(samples_before, after, strict=True)]
+    (out / SAMPLES).write_text(json.dumps(samples, indent=2))
+    rows = MetricsLog.read(out / METRICS)
+    _plot_losses(rows, out / "loss_curve.png")
+    result = FinetuneResult(
+        output_dir=out, final_step=loop.state.step,
+        first_eval_loss=next((r["eval_loss"] for r in rows if r["kind"] == "eval" and r["step"] == 0), None),
+        final_eval_loss=loop.eval_loss, train_tokens_per_second=loop.tokens_per_second,
+        wall_seconds=time.perf_counter() - started,
+        peak_host_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, samples=samples)
+    summary = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in dataclasses.asdict(result).items()}
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    (out / COMPLETED).write_text(f"step {loop.state.step}\n")
+    return result
+
+
+def samples_before_training(cfg: FinetuneConfig, model: CausalLM, tokenizer: Tokenizer,
+                            data: FinetuneData) -> list[dict[str, str]]:
+    """Held-out answers of the model as loaded (``samples.json`` of an earlier start of this run, if
+    any), written to ``samples.json`` at once so that a resumed run compares with the same answers."""
+    path = pathlib.Path(cfg.output_dir) / SAMPLES
+    if cfg.resume and path.exists():
+        return [{k: s[k] for k in ("question", "reference", "before")} for s in json.loads(path.read_text())]
+    answers = held_out_answers(model, tokenizer, data.sample_conversations, max_new_tokens=cfg.sample_max_new_tokens,
+                               template=cfg.chat_template)
+    samples = [{"question": a["question"], "reference": a["reference"], "before": a["answer"]} for a in answers]
+    path.write_text(json.dumps(samples, indent=2))
+    return samples
+
