@@ -10,8 +10,9 @@ the adapter in PEFT's format. ``experiments/finetune.py`` generates its flags fr
 Outputs in ``output_dir``: ``metrics.jsonl`` (one JSON object per logged step or evaluation),
 ``loss_curve.png``, ``samples.json`` (held-out answers before and after), ``summary.json``,
 ``completed``, ``checkpoints/<step>/`` (Orbax: adapters, optimizer state, data position, RNG,
-settings) and ``adapter/`` (``adapter_model.safetensors`` + ``adapter_config.json``); ``.lock``
-while the run is alive.
+settings), ``base/`` (the quantized base, :func:`~qlora_jax.checkpoints.orbax_format.save_quantized`,
+read back on resume instead of re-quantizing) and ``adapter/`` (``adapter_model.safetensors`` +
+``adapter_config.json``); ``.lock`` while the run is alive.
 """
 
 from __future__ import annotations

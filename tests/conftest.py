@@ -186,3 +186,29 @@ def pytest_sessionfinish(session) -> None:
     if "jax" in sys.modules:
         sys.modules["jax"].clear_caches()
     gc.collect()
+
+
+@pytest.fixture
+def quantizer_calls(monkeypatch):
+    """Counts calls into the quantizer: every name bound to its entry points in any qlora_jax module."""
+    import sys
+
+    import qlora_jax.quant.tensor as tensor
+
+    originals = {id(tensor.quantize): tensor.quantize, id(tensor.double_quantize): tensor.double_quantize,
+                 id(tensor._quantize_jit): tensor._quantize_jit}
+    calls = {"count": 0, "forbidden": False}
+
+    def spy(function):
+        def wrapper(*args, **kwargs):
+            if calls["forbidden"]:
+                raise AssertionError(f"the quantizer was called ({function.__name__})")
+            calls["count"] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    for module in [m for name, m in sys.modules.items() if name.startswith("qlora_jax") and m is not None]:
+        for attribute, value in list(vars(module).items()):
+            if id(value) in originals:
+                monkeypatch.setattr(module, attribute, spy(value))
+    return calls

@@ -74,13 +74,16 @@ def test_bfloat16_adapters_learn_and_export_as_bfloat16(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly(tiny_model, tmp_path, caplog):
-    """The losses after a resume equal those of the uninterrupted run (dropout on, so the RNG counts)."""
+def test_resume_continues_exactly(tiny_model, tmp_path, caplog, quantizer_calls):
+    """The losses after a resume equal those of the uninterrupted run (dropout on, so the RNG counts),
+    and the resumed run reads the base its first part saved instead of quantizing again."""
     common = dict(warmup_ratio=0.0, lora_dropout=0.1, save_steps=3, eval_steps=100, num_sample_prompts=0)
     whole = tmp_path / "whole"
     run(small_config(tiny_model, whole, max_steps=7, **common), progress=False)
     split = tmp_path / "split"
     run(small_config(tiny_model, split, max_steps=3, **common), progress=False)
+    assert quantizer_calls["count"] > 0 and (split / "base").is_dir()
+    quantizer_calls["forbidden"] = True
     with caplog.at_level(logging.INFO, logger=RECIPE_LOG):
         run(small_config(tiny_model, split, max_steps=7, resume=True, **common), progress=False)
     assert "resumed from step 3" in caplog.text

@@ -39,7 +39,8 @@ import numpy as np
 from qlora_jax import assets
 from qlora_jax import data as data_lib
 from qlora_jax.checkpointing import TrainCheckpointer, load_step_meta, load_trainable
-from qlora_jax.checkpoints.load import open_checkpoint, read_config
+from qlora_jax.checkpoints.base_cache import load_pretrained_cached
+from qlora_jax.checkpoints.load import QuantConfig, open_checkpoint, read_config
 from qlora_jax.distributed import make_mesh, param_shardings, shard_batch, shard_tree
 from qlora_jax.generate import SamplingConfig, generate_tokens
 from qlora_jax.lora import LoraConfig
@@ -285,11 +286,16 @@ def setup_model(cfg: FinetuneConfig, mesh: jax.sharding.Mesh | None = None) -> t
     over it (:func:`qlora_jax.distributed.param_shardings`).
     """
     _check_model_settings(cfg)
-    model, tokenizer = load_pretrained(
-        cfg.model, quant=cfg.quant, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
-        bnb_backend=cfg.bnb_backend, lora=None if cfg.full_finetune else cfg.lora_config(),
-        full_finetune=cfg.full_finetune, compute_dtype=cfg.compute_dtype, remat=cfg.gradient_checkpointing,
-        seed=cfg.seed)
+    kwargs = dict(quant=cfg.quant, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
+                  bnb_backend=cfg.bnb_backend, lora=None if cfg.full_finetune else cfg.lora_config(),
+                  full_finetune=cfg.full_finetune, compute_dtype=cfg.compute_dtype,
+                  remat=cfg.gradient_checkpointing, seed=cfg.seed)
+    if QuantConfig(cfg.quant).quantized:
+        # The quantized base is written once per output directory (base/) and read back on resume:
+        # no second quantization of the source checkpoint, the same bytes.
+        model, tokenizer, _ = load_pretrained_cached(cfg.output_dir, cfg.model, **kwargs)
+    else:
+        model, tokenizer = load_pretrained(cfg.model, **kwargs)
     if tokenizer is None:
         raise ConfigError(f"model={cfg.model!r}: has no tokenizer.json; a finetune needs one")
     log.info("%s", model.load_stats.summary())
