@@ -160,8 +160,8 @@ def format_table(results: list[dict]) -> str:
     mc = results[0]["mc_after"]["mc_count"]
     lines = [
         f"| base | bits/param (linear) | held-out loss before -> after (perplexity) | reply retrieval acc before -> "
-        f"after ({mc} questions) | acc_norm before -> after | peak RSS (finetune) |",
-        "|---|---|---|---|---|---|",
+        f"after ({mc} questions) | acc_norm before -> after | true-reply loss before -> after | peak RSS (finetune) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
@@ -169,6 +169,7 @@ def format_table(results: list[dict]) -> str:
             f"{r['eval_loss_after']:.3f} ({r['perplexity_before']:.1f} -> {r['perplexity_after']:.2f}) | "
             f"{_acc(r['mc_before'], 'acc')} -> {_acc(r['mc_after'], 'acc')} | "
             f"{_acc(r['mc_before'], 'acc_norm')} -> {_acc(r['mc_after'], 'acc_norm')} | "
+            f"{r['mc_before']['mc_answer_loss']:.2f} -> {r['mc_after']['mc_answer_loss']:.2f} | "
             f"{r['finetune_peak_rss_bytes'] / 2**30:.2f} GiB |")
     return "\n".join(lines)
 

@@ -290,7 +290,7 @@ def test_plot_accuracy_draws_the_eval_entries(tmp_path):
                {"kind": "mc_eval", "step": 0, "mc_acc": 0.25, "mc_acc_stderr": None, "mc_acc_norm": 0.3}]
     fig, ax = plt.subplots()
     twin = plot_accuracy(ax, history)
-    lines = [line for line in twin.get_lines() if len(line.get_xdata()) == 2]
+    lines = [container.lines[0] for container in twin.containers]  # each errorbar's data line
     assert [list(line.get_xdata()) for line in lines] == [[0, 10], [0, 10]]
     assert [list(line.get_ydata()) for line in lines] == [[0.25, 0.5], [0.3, 0.4]]
     assert plot_accuracy(ax, history[:1]) is None
