@@ -30,7 +30,9 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from . import cli
 
 FLAGS = flags.FLAGS
 
@@ -48,7 +50,7 @@ flags.DEFINE_string("model", "embedded", "Hugging Face folder, .gguf file, or 'e
 flags.DEFINE_integer("max_steps", 40, "Optimizer steps per base (the recipe's default is 100).")
 flags.DEFINE_integer("seed", 0, "Seed of the adapters, the data split and order (the same for every base).")
 flags.DEFINE_integer("eval_dataset_size", 96, "Held-out conversations (the recipe's default).")
-flags.DEFINE_integer("mc_batch_size", 8, "Questions per compiled multiple-choice batch.")
+flags.DEFINE_integer("mc_batch_size", 8, "Rows per compiled evaluation batch (held-out loss and multiple choice).")
 flags.DEFINE_string("output_dir", "outputs/datatype_finetune", "Where each base's run and the table go.")
 flags.DEFINE_string("worker", None, "Internal: run one base in this process and write its result.")
 
@@ -59,61 +61,50 @@ def _finetune_config(name: str, output_dir: pathlib.Path):
     _, fields = BASES[name]
     return FinetuneConfig(model=FLAGS.model, max_steps=FLAGS.max_steps, eval_steps=FLAGS.max_steps,
                           save_steps=FLAGS.max_steps, seed=FLAGS.seed, eval_dataset_size=FLAGS.eval_dataset_size,
+                          per_device_eval_batch_size=FLAGS.mc_batch_size, mc_eval_file="chatterbot",
                           num_sample_prompts=0, output_dir=str(output_dir), **fields)
 
 
-def _linear_bits_per_param(base) -> float:
-    """Stored bits per element of the linear weights, from the arrays (layer-stacked QuantizedTensors included)."""
+def _linear_bits_per_param(output_dir: pathlib.Path, cfg) -> float:
+    """Stored bits per element of the linear weights, from the arrays of the run's saved base
+    (``base/``: codes, scales, nested scales, offsets); 8 x the element size for a 16/32-bit base."""
     import math
 
-    from qlora_jax.quant import QuantizedTensor
+    from qlora_jax.checkpoints.load import QuantConfig
+    from qlora_jax.checkpoints.orbax_format import load_quantized
+    from qlora_jax.models.layout import linear_entries
 
+    if not QuantConfig(cfg.quant).quantized:
+        return {"bf16": 16.0, "float16": 16.0, "float32": 32.0}[cfg.quant]
+    base = load_quantized(output_dir / "base").base
     bits, elements = 0, 0
-    for group in ("self_attn", "mlp"):
-        for params in base["layers"][group].values():
-            weight = params["weight"]
-            if isinstance(weight, QuantizedTensor):
-                parts = (weight.codes, weight.scales, weight.nested_scales, weight.offset)
-                arrays = [a for a in parts if a is not None]
-                per_layer = math.prod(weight.shape)
-                layers = weight.scales.size // (-(-per_layer // weight.blocksize))
-                bits += sum(8 * a.size * a.dtype.itemsize for a in arrays)
-                elements += per_layer * layers
-            else:
-                bits += 8 * weight.size * weight.dtype.itemsize
-                elements += weight.size
+    for params in linear_entries(base).values():
+        weight = params["weight"]
+        arrays = [a for a in (weight.codes, weight.scales, weight.nested_scales, weight.offset) if a is not None]
+        per_layer = math.prod(weight.shape)
+        layers = weight.scales.size // (-(-per_layer // weight.blocksize))
+        bits += sum(8 * a.size * a.dtype.itemsize for a in arrays)
+        elements += per_layer * layers
     return bits / elements
 
 
 def run_worker(name: str) -> None:
-    """One base: the recipe, then the multiple-choice task before and after, written to result.json."""
-    import dataclasses
+    """One base: the recipe (which evaluates the multiple-choice task at step 0, with its fresh
+    adapters, B = 0, and at the end), its figures written to result.json."""
     import math
     import resource
 
-    import jax
-
     from qlora_jax import finetune
-    from qlora_jax.eval import MultipleChoiceEvaluator, chatterbot_task
-    from qlora_jax.model import init_lora_params, load_pretrained
-    from qlora_jax.peft_io import load_peft_adapter
+    from qlora_jax.recipe.steps import METRICS, MetricsLog
 
     out = pathlib.Path(FLAGS.output_dir) / name
     cfg = _finetune_config(name, out)
     started = time.perf_counter()
-    result = finetune.run(cfg, progress=False, log=lambda message: logging.info("%s", message))
+    result = finetune.run(cfg, progress=False)
     finetune_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    model, tokenizer = load_pretrained(cfg.model, quant=cfg.quant, double_quant=cfg.double_quant,
-                                       blocksize=cfg.blocksize, lora=None, compute_dtype=cfg.compute_dtype)
-    trained, lora_config = load_peft_adapter(out / "adapter", model.config)
-    spec = dataclasses.replace(model.spec, lora_config=lora_config)
-    fresh = init_lora_params(jax.random.key(cfg.seed), spec)  # B = 0: the base model, as at step 0
-    task = chatterbot_task(dataset=cfg.dataset, eval_dataset_size=cfg.eval_dataset_size, seed=cfg.seed,
-                           max_eval_samples=cfg.max_eval_samples)
-    evaluator = MultipleChoiceEvaluator(spec, tokenizer, task, batch_size=FLAGS.mc_batch_size,
-                                        template=cfg.chat_template)
-    before, after = evaluator(model.base_params, fresh), evaluator(model.base_params, trained)
+    mc_rows = [r for r in MetricsLog.read(out / METRICS) if r["kind"] == "mc_eval"]
+    before = next(r for r in mc_rows if r["step"] == 0)
+    after = next(r for r in mc_rows if r["step"] == cfg.max_steps)
     summary = {
         "base": BASES[name][0],
         "config": {k: getattr(cfg, k) for k in ("bits", "quant_type", "double_quant", "blocksize", "compute_dtype",
@@ -121,8 +112,8 @@ def run_worker(name: str) -> None:
                                                 "per_device_train_batch_size", "learning_rate")},
         "eval_loss_before": result.first_eval_loss, "eval_loss_after": result.final_eval_loss,
         "perplexity_before": math.exp(result.first_eval_loss), "perplexity_after": math.exp(result.final_eval_loss),
-        "mc_before": before, "mc_after": after, "mc_task": task.description,
-        "linear_bits_per_param": _linear_bits_per_param(model.base_params),
+        "mc_before": before, "mc_after": after, "mc_task": "the held-out chatterbot reply-retrieval task",
+        "linear_bits_per_param": _linear_bits_per_param(out, cfg),
         "finetune_peak_rss_bytes": finetune_peak, "recipe_peak_rss_bytes": result.peak_host_memory_bytes,
         "train_tokens_per_second": result.train_tokens_per_second, "finetune_seconds": result.wall_seconds,
         "worker_seconds": time.perf_counter() - started,
@@ -181,7 +172,6 @@ def main(argv: list[str]) -> None:
     if unknown:
         raise app.UsageError(f"unknown --bases {unknown}; expected some of {', '.join(BASES)}")
     if FLAGS.worker is not None:
-        logging.set_verbosity(logging.WARNING)
         run_worker(FLAGS.worker)
         return
     output_dir = pathlib.Path(FLAGS.output_dir)
@@ -203,4 +193,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, __name__)

@@ -47,6 +47,7 @@ def run(cfg: FinetuneConfig, *, progress: bool = True) -> FinetuneResult:
         train_step, eval_step = steps.compile_steps(model.spec, optimizer, state.opt_state)
         put_batch = functools.partial(steps.device_batch, mesh=mesh)
         held_out = steps.held_out_batches(data, cfg.per_device_eval_batch_size * shards, tokenizer.pad_id)
+        mc_eval = steps.setup_mc_eval(cfg, model, tokenizer, mesh, frozen)
         with MetricsLog(out / steps.METRICS, keep_through_step=state.step or None) as metrics:
             loop = steps.train_loop(
                 cfg, state, train_step=train_step, frozen=frozen, schedule=schedule, checkpointer=checkpointer,
@@ -54,6 +55,7 @@ def run(cfg: FinetuneConfig, *, progress: bool = True) -> FinetuneResult:
                 evaluate_fn=functools.partial(steps.evaluate, eval_step, frozen=frozen, batches=held_out,
                                               put_batch=put_batch),
                 metrics=metrics, monitor=DivergenceMonitor(model.config.vocab_size, start_step=state.step),
-                put_batch=put_batch, checkpoint_extra=steps.checkpoint_extra(cfg, model), progress=progress)
+                put_batch=put_batch, checkpoint_extra=steps.checkpoint_extra(cfg, model), mc_eval_fn=mc_eval,
+                progress=progress)
         return steps.write_outputs(cfg, model, loop, tokenizer=tokenizer, data=data, samples_before=samples_before,
                                    started=started)
