@@ -25,8 +25,8 @@ from qlora_jax.distributed.sharding import batch_sharding
 from qlora_jax.lora import LoraConfig
 from qlora_jax.model import init_lora_params
 from qlora_jax.models.config import LlamaConfig
-from qlora_jax.quant import QuantizedTensor, quantize
 from qlora_jax.models.spec import ModelSpec
+from qlora_jax.quant import QuantizedTensor, quantize
 from qlora_jax.train import make_train_step
 
 # (m, n, k, quant_type, blocksize, double_quant, dtype, tiles): the Pallas tests' shapes.
