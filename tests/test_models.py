@@ -104,7 +104,12 @@ def test_bf16_logits_match_transformers_within_bf16_tolerance(hf, workdir, input
     scale = np.abs(hf[f"{name}/logits_f32"]).max()
     # bf16 has 8 bits of mantissa: a few ulps of the largest logit, accumulated over two layers.
     np.testing.assert_allclose(got, expected, atol=0.03 * scale)
-    assert np.mean(np.argmax(got, -1) == np.argmax(expected, -1)) > 0.9
+    # The same top token wherever transformers' top two logits are further apart than a few bf16
+    # ulps of the largest logit (a tiny random model has near ties, which bf16 may break either way).
+    top2 = np.sort(expected, -1)[..., -2:]
+    decisive = top2[..., 1] - top2[..., 0] > 4 * 2.0**-8 * scale
+    assert decisive.mean() > 0.5, decisive.mean()
+    np.testing.assert_array_equal(np.argmax(got, -1)[decisive], np.argmax(expected, -1)[decisive])
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2_bias"])
