@@ -29,6 +29,8 @@ import time
 
 from absl import app, flags, logging
 
+from . import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["tiny", "small"], "Shapes to measure (see SHAPES).")
 flags.DEFINE_integer("steps", 10, "Timed steps per implementation (after one warm-up).")
@@ -259,4 +261,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, __name__)

@@ -53,6 +53,8 @@ from typing import Any
 
 from absl import app, flags, logging
 
+from . import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("smoke", False, "Every part with tiny shapes on CPU (kernels through their interpreters).")
 flags.DEFINE_string("out_dir", "outputs/bench_gpu", "Where bench_gpu.json and bench_gpu.md go.")
@@ -359,4 +361,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, __name__)

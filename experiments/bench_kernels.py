@@ -17,7 +17,9 @@ import json
 import pathlib
 import platform
 
-from absl import app, flags
+from absl import flags
+
+from . import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("smoke", False, "Tiny shapes, Pallas interpreters, 1 iteration: a CPU check of the harness.")
@@ -86,4 +88,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, __name__)

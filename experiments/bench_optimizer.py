@@ -37,6 +37,8 @@ import time
 
 from absl import app, flags, logging
 
+from . import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("smoke", False, "Tiny shapes (4 layers, hidden 256, r 16) and 2 timed steps: a CPU check in seconds.")
 flags.DEFINE_integer("layers", 32, "Decoder layers.")
@@ -280,4 +282,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, __name__)

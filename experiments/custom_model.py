@@ -23,7 +23,9 @@ import json
 import pathlib
 import shutil
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from . import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "outputs/custom_model", "Where the pretrained weights and the adapters go.")
@@ -213,4 +215,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, __name__)

@@ -10,9 +10,17 @@ safetensors or tokenizers.
 from __future__ import annotations
 
 import importlib
+import pathlib
 from typing import Any
 
 __version__ = "0.1.0"
+
+# From a source tree (a clone on PYTHONPATH, Bazel's runfiles), the top-level kernels/ and
+# experiments/ folders are this package's `kernels` and `experiments` subpackages, as an installed
+# wheel has them (pyproject.toml's package-dir): the repository root joins the package's path.
+_SOURCE_ROOT = pathlib.Path(__file__).resolve().parent.parent
+if (_SOURCE_ROOT / "kernels" / "ops.py").is_file() and not (pathlib.Path(__file__).parent / "kernels").exists():
+    __path__.append(str(_SOURCE_ROOT))
 
 # Public name -> the module that defines it.
 _LAZY = {

@@ -62,14 +62,14 @@ def write_tiny_llama(path: pathlib.Path, rng: np.random.Generator, *, hidden: in
 def small_finetune_config(model: pathlib.Path, out: pathlib.Path, **overrides):
     """A :class:`~qlora_jax.finetune.FinetuneConfig` that trains ``model`` (e.g. the ``tiny_model``
     fixture) in seconds: 96 chatterbot conversations, 64-token sequences (one padding bucket, so one
-    compilation of each step), batch 4, r=8, float32."""
+    compilation of each step), batch 4, r=8, float32; no multiple-choice evaluation."""
     from qlora_jax.finetune import FinetuneConfig
 
     settings = dict(model=str(model), output_dir=str(out), max_train_samples=96, eval_dataset_size=16,
                     per_device_train_batch_size=4, per_device_eval_batch_size=8, max_steps=20, eval_steps=10,
                     save_steps=10, learning_rate=3e-3, lora_r=8, lora_alpha=16, source_max_len=32,
                     target_max_len=32, num_sample_prompts=2, sample_max_new_tokens=8, data_workers=1,
-                    compute_dtype="float32", chat_template="chatml")
+                    compute_dtype="float32", chat_template="chatml", mc_eval_file="none")
     settings.update(overrides)
     return FinetuneConfig(**settings)
 

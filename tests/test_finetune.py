@@ -31,8 +31,12 @@ RECIPE_LOG = "qlora_jax.recipe.steps"
 
 @pytest.mark.slow
 def test_tiny_run_learns_and_writes_outputs(tiny_model, tmp_path):
+    from qlora_jax.eval import MultipleChoiceEvaluator, load_task
+    from qlora_jax.model import load_pretrained
+
     out = tmp_path / "run"
-    result = run(small_config(tiny_model, out, max_steps=30), progress=False)
+    cfg = small_config(tiny_model, out, max_steps=30, mc_eval_file="chatterbot", mc_eval_steps=20)
+    result = run(cfg, progress=False)
     losses = train_losses(out)
     assert sorted(losses) == list(range(1, 31))
     assert np.mean([losses[s] for s in range(26, 31)]) < np.mean([losses[s] for s in range(1, 6)]) - 0.5
@@ -48,6 +52,19 @@ def test_tiny_run_learns_and_writes_outputs(tiny_model, tmp_path):
     assert [s["after"] for s in samples] != [s["before"] for s in samples]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_step"] == 30 and summary["final_eval_loss"] == pytest.approx(result.final_eval_loss)
+    # The multiple-choice evaluation ran at step 0, every mc_eval_steps and at the end, on the model
+    # being trained: the last row is what the harness gives for the exported adapter.
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    mc = {r["step"]: r for r in rows if r["kind"] == "mc_eval"}
+    assert sorted(mc) == [0, 20, 30]
+    model, tokenizer = load_pretrained(cfg.model, quant=cfg.quant, adapter=out / "adapter", compute_dtype="float32")
+    task = load_task("chatterbot", eval_dataset_size=cfg.eval_dataset_size, seed=cfg.seed)
+    direct = MultipleChoiceEvaluator(model.spec, tokenizer, task, template=cfg.chat_template,
+                                     max_length=model.config.max_position_embeddings)(model.base_params,
+                                                                                      model.lora_params)
+    assert mc[30]["mc_count"] == direct["mc_count"] > 0
+    assert mc[30]["mc_acc"] == pytest.approx(direct["mc_acc"])
+    assert mc[30]["mc_answer_loss"] == pytest.approx(direct["mc_answer_loss"], rel=1e-4)
 
 
 @pytest.mark.slow

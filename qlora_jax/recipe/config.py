@@ -58,6 +58,12 @@ def _dataset(value: str) -> str | None:
             "(nothing is downloaded)")
 
 
+def _mc_eval_file(value: str) -> str | None:
+    if value in ("auto", "none") or value.partition(":")[0] == "chatterbot":
+        return None
+    return _existing_path(value)
+
+
 def _held_out_size(value: int | float) -> str | None:
     if isinstance(value, int):
         return None if value >= 1 else "a count must be at least 1"
@@ -158,6 +164,19 @@ class FinetuneConfig:
                            resume_may_change=True)
     force_unlock: bool = setting(False, "Take over output_dir even though a lock file says another run holds it "
                                  "(after a crash; never while that run is alive).", resume_may_change=True)
+    # multiple-choice evaluation during training (qlora.py's --do_mmlu_eval)
+    mc_eval_file: str = setting("auto", "Multiple-choice evaluation: 'chatterbot' (the held-out reply-retrieval "
+                                "task built from this run's held-out split), a qlora.py MMLU JSON "
+                                "(five_shot_mmlu_val.json) or an MMLU / lm-eval-style JSONL or parquet file, 'none'; "
+                                "'auto': chatterbot when dataset is chatterbot, else none.", check=_mc_eval_file,
+                                resume_may_change=True)
+    mc_eval_steps: int | None = setting(None, "Run the multiple-choice evaluation every N steps (default: with "
+                                        "every held-out evaluation, eval_steps) and at the end.", check=positive,
+                                        resume_may_change=True)
+    mc_eval_shots: int = setting(0, "Worked examples per multiple-choice prompt (question files only; qlora.py's "
+                                 "five_shot_* files are already 5-shot).", check=non_negative, resume_may_change=True)
+    mc_eval_dev_file: str | None = setting(None, "Where the worked examples come from (default: the evaluated file, "
+                                           "same subject).", check=_existing_path, resume_may_change=True)
     num_sample_prompts: int = setting(4, "Held-out questions answered before and after training.",
                                       check=non_negative)
     sample_max_new_tokens: int = setting(48, "Token budget of each of those answers.", check=positive)
@@ -181,11 +200,25 @@ class FinetuneConfig:
         if self.dataset_format != "auto" and _builtin_dataset(self.dataset):
             raise ConfigError(f"dataset_format={self.dataset_format!r}: applies to local files only, not to the "
                               f"built-in dataset {self.dataset!r}")
+        task = self.mc_eval_task
+        if task is not None and task.partition(":")[0] == "chatterbot" and not pathlib.Path(task).exists() and (
+                self.mc_eval_shots or self.mc_eval_dev_file):
+            raise ConfigError(f"mc_eval_shots={self.mc_eval_shots}, mc_eval_dev_file={self.mc_eval_dev_file!r}: the "
+                              "chatterbot task is zero-shot chat; worked examples apply to question files only")
         if not self.full_finetune:
             try:
                 self.lora_config()
             except ValueError as err:  # the regex of lora_modules
                 raise ConfigError(f"lora_modules={self.lora_modules!r}: {err}") from None
+
+    @property
+    def mc_eval_task(self) -> str | None:
+        """The multiple-choice task to evaluate (``mc_eval_file`` with "auto" and "none" resolved)."""
+        if self.mc_eval_file == "none":
+            return None
+        if self.mc_eval_file == "auto":
+            return self.dataset if self.dataset.partition(":")[0] == "chatterbot" else None
+        return self.mc_eval_file
 
     @property
     def quant(self) -> str:

@@ -466,6 +466,31 @@ def device_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh | None = 
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
+# Longest multiple-choice prompt + choice scored (tokens); longer contexts lose their start.
+MC_EVAL_MAX_LENGTH = 2048
+
+
+def setup_mc_eval(cfg: FinetuneConfig, model: CausalLM, tokenizer: Tokenizer, mesh: jax.sharding.Mesh | None,
+                  frozen: Any) -> Callable[[Any], dict[str, Any]] | None:
+    """The multiple-choice evaluation of ``cfg.mc_eval_task`` (None when there is none):
+    ``mc_eval(trainable) -> metrics`` (``mc_acc``, ``mc_acc_norm``, ``mc_answer_loss``, per subject;
+    :class:`qlora_jax.eval.MultipleChoiceEvaluator`), for the frozen base ``frozen``."""
+    if cfg.mc_eval_task is None:
+        return None
+    from qlora_jax import eval as eval_lib
+
+    task = eval_lib.load_task(cfg.mc_eval_task, shots=cfg.mc_eval_shots, dev_file=cfg.mc_eval_dev_file,
+                              eval_dataset_size=cfg.eval_dataset_size, seed=cfg.seed,
+                              max_eval_samples=cfg.max_eval_samples)
+    evaluator = eval_lib.MultipleChoiceEvaluator(
+        model.spec, tokenizer, task, batch_size=cfg.per_device_eval_batch_size * data_parallel_size(mesh), mesh=mesh,
+        template=cfg.chat_template, max_length=min(model.config.max_position_embeddings, MC_EVAL_MAX_LENGTH))
+    log.info("multiple-choice evaluation: %s", task.description)
+    if cfg.full_finetune:
+        return lambda trainable: evaluator(trainable, None)
+    return lambda trainable: evaluator(frozen, trainable)
+
+
 def held_out_batches(data: FinetuneData, batch_size: int, pad_id: int,
                      rows: Sequence[int] | None = None) -> list[dict[str, np.ndarray]]:
     """Every held-out conversation once, in batches ``[1, batch_size, T]`` (the eval step's layout);
@@ -617,6 +642,7 @@ def train_loop(
     monitor: DivergenceMonitor,
     put_batch: Callable = device_batch,
     checkpoint_extra: dict[str, Any] | None = None,
+    mc_eval_fn: Callable[[Any], dict[str, Any]] | None = None,
     progress: bool = True,
 ) -> LoopResult:
     """Steps from ``state.step`` to ``cfg.max_steps``: the held-out loss first (from step 0),
@@ -625,7 +651,9 @@ def train_loop(
 
     ``train_step(trainable, opt_state, frozen, batch, key) -> (trainable, opt_state, metrics)``
     (metrics: loss, grad_norm, tokens); ``batches``: ``next_batches(k)`` and ``state``;
-    ``evaluate_fn(trainable)`` -> held-out loss. ``monitor`` sees every step: the loop stops with
+    ``evaluate_fn(trainable)`` -> held-out loss; ``mc_eval_fn(trainable)`` -> multiple-choice
+    metrics (:func:`setup_mc_eval`), logged as ``"mc_eval"`` rows at step 0, every
+    ``mc_eval_steps`` (default ``eval_steps``) and at the end. ``monitor`` sees every step: the loop stops with
     :class:`~qlora_jax.train.NonFiniteLossError` or :class:`TrainingCollapsedError` when it says
     diverged, saves only while it says healthy and the state is finite, and keeps the checkpoints
     it has proven good (see :class:`~qlora_jax.checkpointing.TrainCheckpointer`).
@@ -636,10 +664,20 @@ def train_loop(
     flags = dataclasses.asdict(cfg)
     compiled: set[tuple[int, ...]] = set()
     tokens_seen, seconds_spent, eval_loss = 0.0, 0.0, None
+    mc_every = cfg.mc_eval_steps or cfg.eval_steps
+
+    def multiple_choice(at_step: int) -> None:
+        if mc_eval_fn is not None:
+            result = mc_eval_fn(trainable)
+            metrics.write({"kind": "mc_eval", "step": at_step, **result})
+            log.info("step %d: multiple-choice accuracy %.3f (acc_norm %.3f) over %d questions", at_step,
+                     result["mc_acc"], result["mc_acc_norm"], result["mc_count"])
+
     if step == 0:
         first = evaluate_fn(trainable)
         metrics.write({"kind": "eval", "step": 0, "eval_loss": first, "eval_perplexity": _perplexity(first)})
         log.info("held-out loss before training: %.3f nats (perplexity %.1f)", first, _perplexity(first))
+        multiple_choice(0)
     with tqdm(total=cfg.max_steps, initial=step, disable=not progress or not multiprocess.is_primary(),
               dynamic_ncols=True, desc="finetune") as bar:
         while step < cfg.max_steps:
@@ -679,6 +717,8 @@ def train_loop(
                 verdict = monitor.check_eval(step, eval_loss)
                 if verdict.diverged:
                     _stop(verdict, checkpointer, monitor)
+            if _due(step, mc_every, cfg.max_steps):
+                multiple_choice(step)
             if _due(step, cfg.save_steps, cfg.max_steps):
                 if not health.healthy:
                     log.warning("not saving step %d: %s (since step %s)", step, health.reason, health.since_step)
@@ -711,6 +751,10 @@ def _plot_losses(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
     train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
     evals = [(r["step"], r["eval_loss"]) for r in rows if r["kind"] == "eval"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    if any(r["kind"] == "mc_eval" for r in rows):
+        from qlora_jax.eval import plot_accuracy
+
+        plot_accuracy(ax, rows)  # accuracy on a 0-1 axis at the right
     if train:
         steps, losses = zip(*train, strict=True)
         ax.plot(steps, losses, alpha=0.35, label="train loss (per step)")
