@@ -40,8 +40,16 @@ from qlora_jax import data as data_lib
 from qlora_jax.checkpointing import TrainCheckpointer, load_step_meta, load_trainable
 from qlora_jax.checkpoints.base_cache import load_pretrained_cached
 from qlora_jax.checkpoints.load import QuantConfig, open_checkpoint, read_config
-from qlora_jax.distributed import (axes_across_processes, make_mesh, multiprocess, param_shardings,
-                                   parse_mesh_spec, process_rows, shard_batch, shard_tree)
+from qlora_jax.distributed import (
+    axes_across_processes,
+    make_mesh,
+    multiprocess,
+    param_shardings,
+    parse_mesh_spec,
+    process_rows,
+    shard_batch,
+    shard_tree,
+)
 from qlora_jax.generate import SamplingConfig, generate_tokens
 from qlora_jax.lora import LoraConfig
 from qlora_jax.model import CausalLM, load_pretrained
@@ -58,8 +66,8 @@ from qlora_jax.train import NonFiniteLossError, make_eval_step, make_train_step
 
 __all__ = [
     "FinetuneData", "FinetuneResult", "LoopResult", "MetricsLog", "TrainState", "TrainingCollapsedError",
-    "check_adapter_init", "check_resume_batch", "check_resume_settings", "checkpoint_extra", "compile_steps", "lock_output_dir",
-    "training_batches", "data_parallel_size", "device_batch", "process_rows",
+    "check_adapter_init", "check_resume_batch", "check_resume_settings", "checkpoint_extra", "compile_steps",
+    "lock_output_dir", "training_batches", "data_parallel_size", "device_batch", "process_rows",
     "evaluate", "finished_result", "held_out_answers", "held_out_batches", "open_checkpoints", "restore_or_init",
     "samples_before_training", "setup_data",
     "setup_mesh", "setup_model", "setup_optimizer", "split_trainable", "train_loop", "tree_all_finite",
