@@ -109,7 +109,7 @@ def load_pretrained_cached(
     cache = QuantizedBaseCache(output_dir)
     quant = QuantConfig(quant=kwargs.get("quant", "nf4"), double_quant=kwargs.get("double_quant", True),
                         blocksize=kwargs.get("blocksize", 64), dtype=kwargs.get("dtype", "bfloat16"))
-    if multiprocess.primary_value(cache.exists() if multiprocess.is_primary() else None, "the cached base"):
+    if multiprocess.from_primary(cache.exists, "looking for the cached base"):
         cache.check(path, quant)
         model, tokenizer = load_pretrained(cache.path, mesh=mesh, **kwargs)
         log.info("base read from %s (saved from %s): %s", cache.path, path, model.load_stats.summary())

@@ -16,7 +16,8 @@ holds only its devices' shards. Three kinds of failure must end it, each within 
   every process at once instead.
 
 Decisions taken from files (is there a cached base? a finished run?) are process 0's, shared by
-:func:`primary_value`, so that no process takes another branch because it looked a moment later.
+:func:`from_primary` (:func:`primary_value` for a value at hand), so that no process takes another
+branch because it looked a moment later.
 With one process every function here is a plain local call.
 """
 
@@ -42,6 +43,7 @@ __all__ = [
     "DistributedSetupError",
     "PrimaryProcessError",
     "agreed_free_device_bytes",
+    "from_primary",
     "gather_to_host",
     "initialize_distributed",
     "is_primary",
@@ -243,6 +245,14 @@ def on_primary(function: Callable[[], T], name: str, timeout_seconds: float = BA
     if shared is not None:
         raise PrimaryProcessError(f"process 0 failed ({name}): {shared}")
     return result
+
+
+def from_primary(function: Callable[[], T], name: str, timeout_seconds: float = BARRIER_TIMEOUT_SECONDS) -> T:
+    """``function()`` run on process 0 only, its (JSON-serialisable) result returned on every process.
+
+    For reading (or writing) the run's files once; errors reach every process as in :func:`on_primary`.
+    """
+    return primary_value(on_primary(function, name, timeout_seconds), name, timeout_seconds)
 
 
 @contextlib.contextmanager

@@ -241,15 +241,16 @@ def finished_result(cfg: FinetuneConfig, checkpointer: TrainCheckpointer) -> Fin
     """The saved result of a run that already finished at ``max_steps`` (a ``--resume`` with nothing
     to do), else None. A run that continues loses its ``completed`` marker until it finishes again."""
     out = pathlib.Path(cfg.output_dir)
-    summary = None
-    if multiprocess.is_primary():
+
+    def read() -> dict[str, Any] | None:
         done = cfg.resume and checkpointer.latest_step() == cfg.max_steps and (out / COMPLETED).exists()
         if done and (out / SUMMARY).exists():
-            summary = json.loads((out / SUMMARY).read_text())
-        else:
-            (out / COMPLETED).unlink(missing_ok=True)
+            return json.loads((out / SUMMARY).read_text())
+        (out / COMPLETED).unlink(missing_ok=True)
+        return None
+
     # Process 0's reading, so that no process sees the marker another has just removed.
-    summary = multiprocess.primary_value(summary, "finished run")
+    summary = multiprocess.from_primary(read, "the finished run")
     if summary is None:
         return None
     log.info("%s already finished at step %d: nothing to do (pass a larger --max_steps to train further)", out,
@@ -558,14 +559,15 @@ class MetricsLog:
         self._file = None
 
     def __enter__(self) -> MetricsLog:
-        if not multiprocess.is_primary():
-            return self
+        multiprocess.on_primary(self._open, "opening metrics.jsonl")
+        return self
+
+    def _open(self) -> None:
         kept = [] if self.keep_through_step is None else [
             row for row in self.read(self.path) if row["step"] <= self.keep_through_step]
         self._file = self.path.open("w")
         for row in kept:
             self.write(row)
-        return self
 
     def __exit__(self, *exc_info) -> None:
         if self._file is not None:
@@ -827,7 +829,7 @@ def write_outputs(cfg: FinetuneConfig, model: CausalLM, loop: LoopResult, *, tok
         return summary
 
     # The others wait for process 0's files and return its summary (the run's).
-    summary = multiprocess.primary_value(multiprocess.on_primary(write, "writing the outputs"), "the run's summary")
+    summary = multiprocess.from_primary(write, "writing the outputs")
     return FinetuneResult(**{**summary, "output_dir": out})
 
 
@@ -837,10 +839,13 @@ def samples_before_training(cfg: FinetuneConfig, model: CausalLM, tokenizer: Tok
     any), written to ``samples.json`` at once so that a resumed run compares with the same answers.
     Process 0 reads and writes the file; every process returns the same answers."""
     path = pathlib.Path(cfg.output_dir) / SAMPLES
-    saved = None
-    if multiprocess.is_primary() and cfg.resume and path.exists():
-        saved = [{k: s[k] for k in ("question", "reference", "before")} for s in json.loads(path.read_text())]
-    saved = multiprocess.primary_value(saved, "saved samples")
+
+    def read() -> list[dict[str, str]] | None:
+        if not (cfg.resume and path.exists()):
+            return None
+        return [{k: s[k] for k in ("question", "reference", "before")} for s in json.loads(path.read_text())]
+
+    saved = multiprocess.from_primary(read, "the saved samples")
     if saved is not None:
         return saved
     answers = held_out_answers(model, tokenizer, data.sample_conversations, max_new_tokens=cfg.sample_max_new_tokens,
