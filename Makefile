@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup oracle test test-fast finetune datatypes generate bench-kernels bench-gpu clean
+.PHONY: setup oracle lint test test-fast finetune datatypes generate bench-kernels bench-gpu clean
 
 setup: $(VENV)/.installed
 oracle: $(ORACLE)/.installed
@@ -22,6 +22,10 @@ $(VENV)/.installed: pyproject.toml requirements/ci.txt requirements/assets.txt s
 $(ORACLE)/.installed: requirements/oracle.txt scripts/setup_oracle.sh
 	scripts/setup_oracle.sh $(ORACLE)
 	touch $@
+
+# ruff with the rules of pyproject.toml (E, F, B, I, UP), as CI runs it.
+lint: setup
+	$(VENV)/bin/ruff check .
 
 # The whole suite, as CI runs it (.ci/run).
 test: setup oracle

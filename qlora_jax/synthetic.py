@@ -84,11 +84,13 @@ def random_base(
         return node
 
     d = config.hidden_size
-    embed_tokens = _make(lambda k=next(keys): (jax.random.normal(k, (config.vocab_size, d)) * weight_std)
+    embed_key = next(keys)
+    embed_tokens = _make(lambda: (jax.random.normal(embed_key, (config.vocab_size, d)) * weight_std)
                          .astype(dtype), sharding_of("embed_tokens"))
     lm_head = None
     if not config.tie_word_embeddings:
-        lm_head = _make(lambda k=next(keys): (jax.random.normal(k, (config.vocab_size, d)) * weight_std)
+        head_key = next(keys)
+        lm_head = _make(lambda: (jax.random.normal(head_key, (config.vocab_size, d)) * weight_std)
                         .astype(dtype), sharding_of("lm_head"))
     layer_norms = {norm: _make(lambda: jnp.ones((layers, d), dtype), sharding_of("layers", norm))
                    for norm in layout.LAYER_NORMS}

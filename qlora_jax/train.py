@@ -105,7 +105,8 @@ def _accumulate(spec, trainable, frozen, batch, key, with_grad: bool):
         return (total + loss_sum, tokens + count), None
 
     zero = jnp.zeros((), jnp.float32)
-    init = (zero, zero, jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)) if with_grad else (zero, zero)
+    init = ((zero, zero, jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)) if with_grad
+            else (zero, zero))
     out, _ = jax.lax.scan(body, init, (batch, keys))
     return out
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from qlora_jax.kernels.tiles import DequantTiles
 
 from qlora_jax.quant import DYNAMIC_MAP_SIGNED, FP4_CODE, NF4_CODE, QuantizedTensor
 
-__all__ = ["NP_DTYPES", "MATMUL_SHAPES", "matmul_case_id", "weights", "activations", "reference_values",
-           "assert_product_close"]
+__all__ = ["NP_DTYPES", "DEQUANT_CASES", "MATMUL_SHAPES", "matmul_case_id", "weights", "activations",
+           "reference_values", "assert_product_close"]
 
 NP_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 
@@ -83,6 +84,17 @@ MATMUL_SHAPES = [
     (128, 96, 128, "nf4", 64, True, "bfloat16", None),  # medium class, two M tiles
     (300, 64, 128, "nf4", 64, True, "bfloat16", None),  # prefill class, ragged M
     (5, 64, 256, "nf4", 256, True, "float16", None),
+]
+
+
+# (shape, quant_type, blocksize, double_quant, dtype, tiles): cases every dequantize kernel is
+# tested at (each test module adds its own).
+DEQUANT_CASES = [
+    ((24, 256), "nf4", 64, True, "bfloat16", None),
+    ((37, 128), "nf4", 64, False, "bfloat16", None),  # ragged rows
+    ((2, 12, 256), "fp4", 128, True, "float16", None),  # leading dims flatten
+    ((16, 512), "nf4", 256, True, "float32", DequantTiles(4, 64)),  # tile narrower than a block
+    ((9, 64), "nf4", 32, True, "bfloat16", DequantTiles(8, 64)),  # two blocks per tile row
 ]
 
 

@@ -7,14 +7,20 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
-import jax.numpy as jnp
-import ml_dtypes
-
-from qlora_jax.quant import DYNAMIC_MAP_SIGNED, DYNAMIC_MAP_UNSIGNED, FP4_CODE, NF4_CODE, quantize
-from qlora_jax.quant import blockwise, bnb_format
+from qlora_jax.quant import (
+    DYNAMIC_MAP_SIGNED,
+    DYNAMIC_MAP_UNSIGNED,
+    FP4_CODE,
+    NF4_CODE,
+    blockwise,
+    bnb_format,
+    quantize,
+)
 from qlora_jax.quant.tensor import dequantize, double_quantize
 
 # (shape, blocksize): multiples of the block, a tail block, odd sizes, a tensor smaller than one

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
 import pytest
 
-from qlora_jax.data import (BatchIterator, TokenizedExample, bucket_lengths, collate, epoch_batches, eval_batches,
-                            length_grouped_order, padded_length, stack_batches)
+from qlora_jax.data import (
+    BatchIterator,
+    TokenizedExample,
+    bucket_lengths,
+    collate,
+    epoch_batches,
+    eval_batches,
+    length_grouped_order,
+    padded_length,
+    stack_batches,
+)
 from qlora_jax.data.ordering import epoch_rng
 
 PAD = 2
@@ -68,7 +78,7 @@ def test_shuffle_is_deterministic_per_seed_and_epoch(rng):
     assert len(first) == 103 // 8 and all(len(b) == 8 for b in first)
     visited = np.concatenate(first)
     assert len(set(visited.tolist())) == len(visited) == 96  # no repeats, 7 dropped
-    assert all(np.array_equal(a, b) for a, b in zip(first, epoch_batches(lengths, 8, seed, epoch=0)))
+    assert all(np.array_equal(a, b) for a, b in zip(first, epoch_batches(lengths, 8, seed, epoch=0), strict=True))
     assert not np.array_equal(visited, np.concatenate(epoch_batches(lengths, 8, seed, epoch=1)))
     assert not np.array_equal(visited, np.concatenate(epoch_batches(lengths, 8, seed + 1, epoch=0)))
     kept_all = epoch_batches(lengths, 8, seed, epoch=0, drop_remainder=False)
@@ -108,7 +118,7 @@ def test_group_by_length_batches_hold_similar_lengths(rng):
     # one before (apart from the swapped-in longest example in the first batch).
     for start in range(0, len(grouped), 50):
         mega = [lengths[b] for b in grouped[start:start + 50]]
-        for before, after in zip(mega[1:], mega[2:]):
+        for before, after in itertools.pairwise(mega[1:]):
             assert after.max() <= before.min()
 
     def padding_fraction(batches):  # of the tokens of batches padded to their longest example
@@ -118,7 +128,7 @@ def test_group_by_length_batches_hold_similar_lengths(rng):
     # random batches of 8 pad ~44% (1 - E[mean] / E[max of 8]).
     assert padding_fraction(grouped) < 0.04 and padding_fraction(plain) > 0.35
     again = epoch_batches(lengths, batch_size, seed, 0, group_by_length=True)
-    assert all(np.array_equal(a, b) for a, b in zip(grouped, again))
+    assert all(np.array_equal(a, b) for a, b in zip(grouped, again, strict=True))
     other = epoch_batches(lengths, batch_size, seed + 1, 0, group_by_length=True)
     assert not np.array_equal(np.concatenate(grouped), np.concatenate(other))
     assert sorted(np.concatenate(grouped).tolist()) == list(range(4000))

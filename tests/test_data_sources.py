@@ -11,8 +11,18 @@ import pytest
 import yaml
 
 from qlora_jax import assets
-from qlora_jax.data import (DatasetError, Example, detect_format, eval_count, load_chatterbot, load_chitchat,
-                            load_examples, load_file, split_indices, train_eval_split)
+from qlora_jax.data import (
+    DatasetError,
+    Example,
+    detect_format,
+    eval_count,
+    load_chatterbot,
+    load_chitchat,
+    load_examples,
+    load_file,
+    split_indices,
+    train_eval_split,
+)
 
 
 def write_jsonl(path, rows, blank_lines_after=()):
@@ -235,7 +245,7 @@ def test_chatterbot_english_counts_and_content():
     assert [(name, i) for name, i, c in raw if not isinstance(c, list)] == [("trivia.yml", 13)]
     examples = load_chatterbot()
     assert len(examples) == len(valid) == 2025
-    for example, (name, index, texts) in zip(examples, valid):
+    for example, (name, index, texts) in zip(examples, valid, strict=True):
         kept = len(texts) // 2 * 2
         assert conversation(example) == [("user" if j % 2 == 0 else "assistant", t) for j, t in enumerate(texts[:kept])]
         assert example.origin.endswith(f"{name}: conversations[{index}]")

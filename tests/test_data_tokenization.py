@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qlora_jax.data import (ChatRenderer, ChatTemplateError, Example, load_chatterbot, make_example,
-                            tokenize_example, tokenize_examples)
+from qlora_jax.data import (
+    ChatRenderer,
+    ChatTemplateError,
+    Example,
+    load_chatterbot,
+    make_example,
+    tokenize_example,
+    tokenize_examples,
+)
 from qlora_jax.model import load_tokenizer
 from qlora_jax.tokenizer import Tokenizer
 

@@ -50,7 +50,7 @@ def test_sharded_step_matches_single_device(setup, mesh_spec):
     sharded_lora = shard_tree(lora, param_shardings(lora, mesh))
     new_lora, _, metrics = step(sharded_lora, sgd.init(sharded_lora), sharded_base, shard_batch(batch, mesh), None)
     np.testing.assert_allclose(float(metrics["loss"]), float(ref["loss"]), rtol=1e-5)
-    for old, a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(new_lora), jax.tree.leaves(ref_lora)):
+    for old, a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(new_lora), jax.tree.leaves(ref_lora), strict=True):
         got, want = np.asarray(a) - np.asarray(old), np.asarray(b) - np.asarray(old)
         # Reduction order differs across shardings: compare per leaf in norm (float32 noise ~1e-6).
         assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want) + 1e-12
@@ -92,10 +92,10 @@ def test_checkpoint_saved_on_8_devices_restores_on_fewer(setup, tmp_path, restor
     target_state = jax.jit(optimizer.init)(target)
     restored = TrainCheckpointer(tmp_path / "ckpt").restore(target, target_state)
     assert restored.step == 5 and restored.data_state == {"index": 3}
-    for a, b in zip(jax.tree.leaves(restored.trainable), jax.tree.leaves(lora)):
+    for a, b in zip(jax.tree.leaves(restored.trainable), jax.tree.leaves(lora), strict=True):
         assert len(a.sharding.device_set) == restore_on
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    for a, b in zip(jax.tree.leaves(restored.opt_state), jax.tree.leaves(opt_state)):
+    for a, b in zip(jax.tree.leaves(restored.opt_state), jax.tree.leaves(opt_state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

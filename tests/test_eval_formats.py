@@ -219,7 +219,7 @@ def chatterbot_split():
 
 
 def test_chatterbot_task_is_deterministic_and_never_trained_on(chatterbot_split):
-    train, held_out = chatterbot_split
+    train, held_out = chatterbot_split.train, chatterbot_split.eval
     task = chatterbot_task(eval_dataset_size=96, seed=0)
     again = load_task("chatterbot", eval_dataset_size=96, seed=0)
     assert task.items == again.items and len(task) >= 10

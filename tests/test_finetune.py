@@ -209,7 +209,9 @@ def test_default_cli_run_with_few_steps(tmp_path):
     assert "compiling the training step" in proc.stderr  # absl logging at the default (INFO) verbosity
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [e["eval_loss"] for e in evals if e["kind"] == "eval"]
-    assert len(evals) == 2 and 3.5 < evals[0] < 5.0, evals  # the base model's response loss on chatterbot, ~4.2 nats
+    # A pretrained model's response loss on held-out chatterbot (3.4-4.2 nats, by split), far
+    # below a model that knows nothing (ln 49152 = 10.8 nats).
+    assert len(evals) == 2 and 2.5 < evals[0] < 5.0, evals
     assert evals[-1] < evals[0] - 0.3, evals
     assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "loss_curve.png").exists()
 

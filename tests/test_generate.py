@@ -50,7 +50,7 @@ def test_left_padded_batch_equals_one_by_one(model, rng):
     prompts = [rng.integers(0, 300, size=n).tolist() for n in (3, 11, 7)]
     sampling = SamplingConfig(max_new_tokens=8)
     batched = generate_tokens(spec, base, lora, prompts, sampling)
-    for prompt, out in zip(prompts, batched):
+    for prompt, out in zip(prompts, batched, strict=True):
         assert out == generate_tokens(spec, base, lora, [prompt], sampling)[0]
 
 

@@ -17,7 +17,15 @@ import ml_dtypes
 import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
-from kernel_refs import MATMUL_SHAPES, activations, assert_product_close, matmul_case_id, reference_values, weights
+from kernel_refs import (
+    DEQUANT_CASES,
+    MATMUL_SHAPES,
+    activations,
+    assert_product_close,
+    matmul_case_id,
+    reference_values,
+    weights,
+)
 from qlora_jax.kernels import (
     dequantize_triton,
     matmul_grad_mosaic,
@@ -69,11 +77,7 @@ def test_fused_matmul_grad_kernel_against_float64(rng, case):
 @pytest.mark.parametrize(
     "shape,qtype,bs,dq,dtype,tiles",
     [
-        ((24, 256), "nf4", 64, True, "bfloat16", None),
-        ((37, 128), "nf4", 64, False, "bfloat16", None),  # ragged rows
-        ((2, 12, 256), "fp4", 128, True, "float16", None),  # leading dims flatten
-        ((16, 512), "nf4", 256, True, "float32", DequantTiles(4, 64)),  # tile narrower than a block
-        ((9, 64), "nf4", 32, True, "bfloat16", DequantTiles(8, 64)),  # two blocks per tile row
+        *DEQUANT_CASES,
         ((3, 1024), "nf4", 1024, False, "bfloat16", None),
         ((5, 256), "fp4", 64, True, "bfloat16", DequantTiles(8, 128, lookup="select")),
     ],

@@ -15,7 +15,15 @@ import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from kernel_refs import MATMUL_SHAPES, activations, assert_product_close, matmul_case_id, reference_values, weights
+from kernel_refs import (
+    DEQUANT_CASES,
+    MATMUL_SHAPES,
+    activations,
+    assert_product_close,
+    matmul_case_id,
+    reference_values,
+    weights,
+)
 from qlora_jax.kernels import jt_ops, lowering, support
 from qlora_jax.kernels.tiles import DequantTiles, MatmulTiles
 
@@ -25,8 +33,8 @@ from qlora_jax.distributed.sharding import batch_sharding
 from qlora_jax.lora import LoraConfig
 from qlora_jax.model import init_lora_params
 from qlora_jax.models.config import LlamaConfig
-from qlora_jax.quant import QuantizedTensor, quantize
 from qlora_jax.models.spec import ModelSpec
+from qlora_jax.quant import QuantizedTensor, quantize
 from qlora_jax.train import make_train_step
 
 # (m, n, k, quant_type, blocksize, double_quant, dtype, tiles): the Pallas tests' shapes.
@@ -53,16 +61,7 @@ def test_forward_and_input_grad_in_the_interpreter(rng, case):
     assert_product_close(dx, dy, w64, dtype)
 
 
-@pytest.mark.parametrize(
-    "shape,qtype,bs,dq,dtype,tiles",
-    [
-        ((24, 256), "nf4", 64, True, "bfloat16", None),
-        ((37, 128), "nf4", 64, False, "bfloat16", None),  # ragged rows
-        ((2, 12, 256), "fp4", 128, True, "float16", None),  # leading dims flatten
-        ((16, 512), "nf4", 256, True, "float32", DequantTiles(4, 64)),  # tile narrower than a block
-        ((9, 64), "nf4", 32, True, "bfloat16", DequantTiles(8, 64)),  # two blocks per tile row
-    ],
-)
+@pytest.mark.parametrize("shape,qtype,bs,dq,dtype,tiles", DEQUANT_CASES)
 def test_dequantize_is_exact_in_the_interpreter(rng, shape, qtype, bs, dq, dtype, tiles):
     qt = quantize(weights(rng, shape), qtype, blocksize=bs, double_quant=dq)
     out = jt_ops.dequantize_kernel(qt, jnp.dtype(dtype), tiles=tiles, interpret=True, debug_poison_output=True)

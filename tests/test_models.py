@@ -113,7 +113,8 @@ def test_4bit_logits_match_transformers_bitsandbytes(hf, workdir, inputs, name, 
     ids, mask = inputs
     config, base, stats = ours(workdir / name, quant=quant_type, bnb_backend="cpu")
     assert stats.requantized == 14
-    np.testing.assert_allclose(valid(run(config, base, ids, mask), mask), valid(hf[f"{name}_{quant_type}/logits"], mask),
+    np.testing.assert_allclose(valid(run(config, base, ids, mask), mask),
+                               valid(hf[f"{name}_{quant_type}/logits"], mask),
                                atol=2e-4, rtol=1e-4)
 
 
@@ -127,7 +128,8 @@ def test_bitsandbytes_checkpoint_loads_without_requantization(hf, workdir, input
     assert any(k.endswith("weight.nested_absmax") for k in keys)  # double quantization kept
     config, base, stats = ours(saved, quant=quant_type)
     assert stats.prequantized == 14 and stats.requantized == 0
-    np.testing.assert_allclose(valid(run(config, base, ids, mask), mask), valid(hf[f"{name}_{quant_type}/logits"], mask),
+    np.testing.assert_allclose(valid(run(config, base, ids, mask), mask),
+                               valid(hf[f"{name}_{quant_type}/logits"], mask),
                                atol=2e-4, rtol=1e-4)
 
 
@@ -224,7 +226,8 @@ def test_shape_disagreeing_with_config_is_named(hf, workdir):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["intermediate_size"] = 192
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"gate_proj\.weight' has shape \[128, 64\] but config\.json implies \[192, 64\]"):
+    with pytest.raises(CheckpointError,
+                       match=r"gate_proj\.weight' has shape \[128, 64\] but config\.json implies \[192, 64\]"):
         ours(bad, quant="nf4")
 
 

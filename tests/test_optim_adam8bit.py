@@ -89,7 +89,7 @@ def _bnb_case(rng):
     params = [rng.normal(0, 0.1, size=s).astype(np.float32) for s in shapes]
     params += [rng.normal(0, 0.1, size=layer_shape).astype(np.float32) for _ in range(layers)]
     scales = [np.exp(rng.normal(-2.0, 1.0, size=p.shape)).astype(np.float32) for p in params]
-    grads = [[(rng.standard_normal(p.shape) * s).astype(np.float32) for p, s in zip(params, scales)]
+    grads = [[(rng.standard_normal(p.shape) * s).astype(np.float32) for p, s in zip(params, scales, strict=True)]
              for _ in range(10)]
     return params, grads, len(shapes), layers
 
@@ -121,7 +121,8 @@ def test_adamw_8bit_matches_bitsandbytes_adamw8bit(rng, oracle):
     for t in range(steps):
         updates, state = update(pack(grads[t]), state, p)
         p = optax.apply_updates(p, updates)
-        for i, (ours, theirs) in enumerate(zip(unpack(p), (ref[f"c/p/{t + 1}/{i}"] for i in range(len(params))))):
+        theirs_all = (ref[f"c/p/{t + 1}/{i}"] for i in range(len(params)))
+        for i, (ours, theirs) in enumerate(zip(unpack(p), theirs_all, strict=True)):
             diff = np.abs(ours - theirs)
             assert np.mean(diff <= 1e-3 * lr) >= 0.999, (t, i, diff.max() / lr)
             assert diff.max() <= lr, (t, i, diff.max() / lr)
@@ -209,7 +210,7 @@ def test_paged_8bit_equals_unpaged_8bit(rng):
             u, s = update(g, s, p)
             p = optax.apply_updates(p, u)
         results.append(p)
-    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

@@ -97,7 +97,7 @@ def test_make_optimizer_is_clipped_masked_adamw_with_warmup(rng, name):
         p = optax.apply_updates(p, u)
         ru, rs = ref_step(g, rs, rp)
         rp = optax.apply_updates(rp, ru)
-    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(rp)):
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(rp), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     kinds = {x.sharding.memory_kind for x in jax.tree.leaves(s) if x.ndim}  # the moments (counts: device)
     assert kinds == ({"pinned_host"} if name.startswith("paged") else {"device"})
@@ -121,12 +121,13 @@ def test_bfloat16_parameters_keep_float32_moments(rng, name):
         g64 = jax.tree.map(lambda x: np.asarray(x, np.float64), g)
         m = jax.tree.map(lambda mi, gi: 0.9 * mi + 0.1 * gi, m, g64)
         v = jax.tree.map(lambda vi, gi: 0.999 * vi + 0.001 * gi * gi, v, g64)
-        direction = jax.tree.map(lambda mi, vi: (mi / (1 - 0.9**t)) / (np.sqrt(vi / (1 - 0.999**t)) + 1e-8), m, v)
+        direction = jax.tree.map(lambda mi, vi, t=t: (mi / (1 - 0.9**t)) / (np.sqrt(vi / (1 - 0.999**t)) + 1e-8), m, v)
         # The parameters are bfloat16: compare each step's update against the float64 direction.
-        for ours, ref in zip(jax.tree.leaves(u), jax.tree.leaves(direction)):
+        for ours, ref in zip(jax.tree.leaves(u), jax.tree.leaves(direction), strict=True):
             np.testing.assert_allclose(np.asarray(ours, np.float64), -1e-2 * ref, rtol=1e-2, atol=1e-7)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(p))
-    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)))
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b))
+                   for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params), strict=True))
 
 
 def test_make_optimizer_accepts_a_schedule_and_no_clipping(rng):

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from qlora_jax import optim
 from qlora_jax.optim import streaming
@@ -103,7 +104,7 @@ def assert_offloaded(state) -> None:
 
 
 def assert_trees_close(actual, expected, rtol, atol):
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(actual)[0], jax.tree.leaves(expected)):
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(actual)[0], jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol,
                                    err_msg=jax.tree_util.keystr(path))
 
@@ -142,7 +143,7 @@ def test_offloaded_adamw_matches_optax_over_20_steps(rng, variant):
         assert all(jax.typeof(s).memory_space == jax.memory.Space.Host for s in jax.tree.leaves(state) if s.ndim)
     # The trajectory moved well beyond float32 rounding, and matches optax to it.
     moved = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(jax.tree.leaves(params),
-                                                                           jax.tree.leaves(initial)))
+                                                                           jax.tree.leaves(initial), strict=True))
     assert moved > 0.05
     assert_trees_close(params, ref_params, rtol=2e-5, atol=2e-6)
     assert len(train_step._compiled) == 1  # one compilation: the state came back where it was expected
@@ -257,13 +258,13 @@ def test_sharded_state_stays_sharded_and_pinned(rng):
         # Each moment keeps its parameter's partitioning: only the memory kind changed.
         for moment in (adam.mu, adam.nu):
             for (path, m), spec in zip(jax.tree_util.tree_flatten_with_path(moment["layers"])[0],
-                                       jax.tree.leaves(specs["layers"])):
+                                       jax.tree.leaves(specs["layers"]), strict=True):
                 assert m.sharding.spec == spec, (name, jax.tree_util.keystr(path), m.sharding.spec, spec)
         assert adam.count.sharding.spec == P() and adam.count.shape == ()
         assert adam.mu["head"].sharding.spec == P("data", "model")
         if name.endswith("8bit"):
             assert adam.mu["head"].dtype == jnp.uint8 and adam.mu_absmax["head"].sharding.spec == P()
-        for leaf, spec in zip(jax.tree.leaves(p), jax.tree.leaves(specs)):
+        for leaf, spec in zip(jax.tree.leaves(p), jax.tree.leaves(specs), strict=True):
             assert leaf.sharding.spec == spec and leaf.sharding.memory_kind == "device"
 
     # Sharding changes nothing numerically: the same steps on one device with optax's AdamW.
@@ -400,7 +401,7 @@ def test_offloaded_state_survives_an_orbax_round_trip(rng, tmp_path):
     assert all(jax.typeof(x).memory_space == jax.memory.Space.Host for x in jax.tree.leaves(refreshed) if x.ndim)
     traced = train_step.jitted(params, refreshed, x, y).trace(params, refreshed, x, y)
     assert all(a.memory_space == jax.memory.Space.Host for a in jax.tree.leaves(traced.in_avals[0][1]) if a.ndim)
-    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     expected, _ = train_step(params, state, x, y)
     resumed, _ = train_step(params, restored, x, y)

@@ -118,7 +118,7 @@ def test_each_placement_equals_float64_adamw_and_keeps_the_state_where_it_said(r
     assert kinds_by_role(state) == expected
     reference = adamw_float64(params, grads)
     moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(params)))
+                for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(params), strict=True))
     assert moved > 0.02
     for key, x in _flat(final).items():
         np.testing.assert_allclose(np.asarray(x, np.float64), reference[key], rtol=1e-5, atol=1e-6, err_msg=key)
@@ -290,7 +290,7 @@ def test_exported_cuda_update_prefetches_the_next_layer_during_the_current_one(r
 
 
 def assert_close(a, b, rtol=1e-5, atol=1e-6):
-    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
                                    err_msg=jax.tree_util.keystr(path))
 
@@ -428,8 +428,8 @@ def tiny_training(rng, devices: int):
     from qlora_jax.distributed import make_mesh, param_shardings, shard_batch, shard_tree
     from qlora_jax.lora import LoraConfig
     from qlora_jax.model import init_lora_params
-    from qlora_jax.models.config import LlamaConfig
     from qlora_jax.models import layout
+    from qlora_jax.models.config import LlamaConfig
     from qlora_jax.models.spec import ModelSpec
 
     config = LlamaConfig(**TINY)
@@ -495,14 +495,14 @@ def test_exact_resume_through_the_checkpointer(rng, tmp_path, name, devices):
     target = fresh.init(lora)
     restored = TrainCheckpointer(tmp_path / "ckpt").restore(lora, target)
     assert restored.step == 2
-    for a, b in zip(jax.tree.leaves(restored.opt_state), jax.tree.leaves(target)):
+    for a, b in zip(jax.tree.leaves(restored.opt_state), jax.tree.leaves(target), strict=True):
         assert a.sharding.memory_kind == b.sharding.memory_kind and a.sharding.is_equivalent_to(b.sharding, a.ndim)
     p, s = restored.trainable, restored.opt_state
     for i, batch in enumerate(batches[2:], start=2):
         p, s, metrics = step(p, s, base, batch, None)
         assert float(metrics["loss"]) == losses[i], (i, float(metrics["loss"]), losses[i])
     assert len(step._compiled) == 1
-    for a, b in zip(jax.tree.leaves((p, s)), jax.tree.leaves((params, state))):
+    for a, b in zip(jax.tree.leaves((p, s)), jax.tree.leaves((params, state)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert all(np.isfinite(losses)) and len(set(losses)) == 4
     assert not np.array_equal(np.asarray(jax.tree.leaves(p)[0]), np.asarray(jax.tree.leaves(lora)[0]))
@@ -521,5 +521,5 @@ def test_exact_resume_through_the_checkpointer(rng, tmp_path, name, devices):
         for like in (plain.init(lora), on_device.init(lora)):
             again = TrainCheckpointer(tmp_path / "ckpt").restore(lora, like)
             assert jax.tree.structure(again.opt_state) == jax.tree.structure(restored.opt_state)
-            for a, b in zip(jax.tree.leaves(again.opt_state), jax.tree.leaves(restored.opt_state)):
+            for a, b in zip(jax.tree.leaves(again.opt_state), jax.tree.leaves(restored.opt_state), strict=True):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

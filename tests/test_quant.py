@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
 import ml_dtypes
+import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec as P
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from qlora_jax.quant import (
     DYNAMIC_MAP_SIGNED,
@@ -17,11 +17,11 @@ from qlora_jax.quant import (
     NF4_CODE,
     QuantizationError,
     QuantizedTensor,
+    blockwise,
     decode_scales,
     dequantize,
     quantize,
 )
-from qlora_jax.quant import blockwise
 from qlora_jax.quant.report import storage_report, storage_report_for
 
 SHAPES = [(64, 128), (48, 200), (3, 7), (33, 65), (2, 3, 64), (1000,)]
@@ -184,7 +184,7 @@ def test_quantize_and_dequantize_under_jit(rng):
     w = jnp.asarray(weights(rng, (64, 256)))
     eager = quantize(w, "nf4")
     traced = jax.jit(lambda x: quantize(x, "nf4"))(w)
-    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(traced)):
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(traced), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(jax.jit(dequantize)(eager)), np.asarray(dequantize(eager)))
     assert len(jax.tree.leaves(eager)) == 4 and len(jax.tree.leaves(quantize(w, double_quant=False))) == 2
@@ -229,7 +229,7 @@ def test_orbax_roundtrip(rng, tmp_path):
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
         restored = ckpt.restore(tmp_path / "ckpt", target)
     assert jax.tree.structure(restored) == jax.tree.structure(tree)
-    for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(restored)):
+    for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert restored["q_proj"].shape == (64, 128) and restored["fp4"].quant_type == "fp4"
 

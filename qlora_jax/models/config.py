@@ -143,7 +143,7 @@ class LlamaConfig:
         return out
 
     @classmethod
-    def from_hf_dict(cls, cfg: dict[str, Any]) -> "LlamaConfig":
+    def from_hf_dict(cls, cfg: dict[str, Any]) -> LlamaConfig:
         """Reads a transformers config dict (``config.json``); unknown architectures are refused."""
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -194,7 +194,7 @@ class LlamaConfig:
             raise ValueError(f"config.json is missing the field {err.args[0]!r}") from err
 
     @classmethod
-    def from_json_file(cls, path: str | pathlib.Path) -> "LlamaConfig":
+    def from_json_file(cls, path: str | pathlib.Path) -> LlamaConfig:
         """Reads ``config.json``."""
         path = pathlib.Path(path)
         try:

@@ -122,7 +122,7 @@ def scale_by_adam_8bit(
         flat = [
             treedef.flatten_up_to(t) for t in (updates, state.mu, state.mu_absmax, state.nu, state.nu_absmax)
         ]
-        out = [leaf(*xs) for xs in zip(*flat)]
+        out = [leaf(*xs) for xs in zip(*flat, strict=True)]
         pick = lambda i: treedef.unflatten([o[i] for o in out])  # noqa: E731
         new_state = ScaleByAdam8bitState(count, pick(1), pick(2), pick(3), pick(4))
         return pick(0), new_state

@@ -95,7 +95,7 @@ def check_donation(jitted: Callable, *args: Any, **kwargs: Any) -> None:
     if len(values) != len(infos):
         values = [None] * len(infos)
     donated = []
-    for (path, info), aval, value in zip(infos, in_avals, values):
+    for (path, info), aval, value in zip(infos, in_avals, values, strict=True):
         if info.donated:
             kind = getattr(getattr(value, "sharding", None), "memory_kind", None)
             donated.append((_describe(path), aval, _is_host(aval) or kind in ("pinned_host", "unpinned_host")))
@@ -157,7 +157,7 @@ class TrainStep:
                 f"argument {self.state_argnum} (optimizer state) has {len(leaves)} leaves, the step was built for "
                 f"{len(expected)} (structure {expected_def} vs {treedef})"
             )
-        for (path, want), x in zip(expected, leaves):
+        for (path, want), x in zip(expected, leaves, strict=True):
             have = getattr(x, "sharding", None)
             if have is None or have.memory_kind != want.memory_kind or not have.is_equivalent_to(want, x.ndim):
                 raise ValueError(

@@ -129,7 +129,7 @@ def measure_free_device_bytes(devices: Iterable[jax.Device]) -> int | None:
 def _per_device_bytes(abstract: Any, shards: Any) -> list[int]:
     """Bytes each leaf of ``abstract`` occupies on one device under ``shards`` (same structure)."""
     out = []
-    for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shards, is_leaf=lambda s: s is None)):
+    for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shards, is_leaf=lambda s: s is None), strict=True):
         shape = s.shard_shape(x.shape) if s is not None else x.shape
         out.append(int(np.prod(shape, dtype=np.int64)) * x.dtype.itemsize)
     return out

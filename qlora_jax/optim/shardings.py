@@ -81,7 +81,7 @@ def state_shardings(abstract_state: Any, params: Any, memory_kind: str | None = 
         leaves = p_def.flatten_up_to(node)
         out = [
             kind(_sharding(p)) if getattr(s, "shape", None) == p.shape else replicated
-            for s, p in zip(leaves, p_leaves)
+            for s, p in zip(leaves, p_leaves, strict=True)
         ]
         return p_def.unflatten(out)
 

@@ -228,7 +228,7 @@ def _overlay(trees: list, path: str = "") -> Any:
                     "over all parameters outside offload_state / per_layer."
                 )
         return first
-    children, treedefs = zip(*(_one_level(t) for t in present))
+    children, treedefs = zip(*(_one_level(t) for t in present), strict=True)
     if any(d != treedefs[0] for d in treedefs[1:]):
         raise ValueError(f"the inner transform's state has a different structure at {path or '(root)'} for "
                          f"different pieces of the parameters: {set(map(str, treedefs))}")
@@ -328,7 +328,7 @@ def init_state(inner: optax.GradientTransformation, layout: StateLayout, params:
         leaves = plan.treedef.flatten_up_to(params)
         full: list[Any] = [None] * len(layout.abstract)
         empty = jax.tree.leaves(inner.init(plan.select(leaves, ())))
-        for i, x in zip(layout.global_ids, empty):
+        for i, x in zip(layout.global_ids, empty, strict=True):
             full[i] = x
         globals_set = set(layout.global_ids)
         if plan.layer_ids:
@@ -339,10 +339,10 @@ def init_state(inner: optax.GradientTransformation, layout: StateLayout, params:
                 state = piece.treedef.flatten_up_to(inner.init(layer_params))
                 return to_host(_pick(state, local_pos))
 
-            for i, x in zip(layout.layer_ids, jax.lax.map(one_layer, plan.select(leaves, plan.layer_ids))):
+            for i, x in zip(layout.layer_ids, jax.lax.map(one_layer, plan.select(leaves, plan.layer_ids)), strict=True):
                 full[i] = x
         offloadable = set(layout.offloadable_ids)
-        for ids, piece in zip(plan.groups, layout.group_pieces):
+        for ids, piece in zip(plan.groups, layout.group_pieces, strict=True):
             state = piece.treedef.flatten_up_to(inner.init(plan.select(leaves, ids)))
             for q, i in enumerate(piece.sources):
                 if i not in globals_set:
@@ -395,7 +395,7 @@ def update_pieces(
     p_leaves = None if params is None else plan.treedef.flatten_up_to(params)
     globals_set = set(layout.global_ids)
     offloadable = set(layout.offloadable_ids)
-    glob = dict(zip(layout.global_ids, _pick(full, layout.global_ids)))  # on the device already
+    glob = dict(zip(layout.global_ids, _pick(full, layout.global_ids), strict=True))  # on the device already
     new_full = list(full)
     out: list[Any] = [None] * len(g_leaves)
 
@@ -405,8 +405,8 @@ def update_pieces(
         leaves = [glob[i] if i in globals_set else next(it) for i in piece.sources]
         u, new_state = inner.update(g_tree, piece.treedef.unflatten(leaves), p_tree, **extra_args)
         new_leaves = piece.treedef.flatten_up_to(new_state)
-        new_local = [x for x, i in zip(new_leaves, piece.sources) if i not in globals_set]
-        new_glob = [x for x, i in zip(new_leaves, piece.sources) if i in globals_set]
+        new_local = [x for x, i in zip(new_leaves, piece.sources, strict=True) if i not in globals_set]
+        new_glob = [x for x, i in zip(new_leaves, piece.sources, strict=True) if i in globals_set]
         return u, new_local, new_glob
 
     new_glob = _pick(full, layout.global_ids)
@@ -416,13 +416,13 @@ def update_pieces(
             layout, run_piece, _pick(g_leaves, plan.layer_ids), None if p_leaves is None else
             _pick(p_leaves, plan.layer_ids), _pick(full, layout.layer_ids), layers_per_chunk,
             to_device, to_host, prefetch, unroll)
-        for i, x in zip(plan.layer_ids, u_layers):
+        for i, x in zip(plan.layer_ids, u_layers, strict=True):
             out[i] = x
-        for i, x in zip(layout.layer_ids, new_layers):
+        for i, x in zip(layout.layer_ids, new_layers, strict=True):
             new_full[i] = x
         previous = new_layers
 
-    for ids, piece in zip(plan.groups, layout.group_pieces):
+    for ids, piece in zip(plan.groups, layout.group_pieces, strict=True):
         local = [full[i] for i in piece.sources if i not in globals_set]
         if previous is not None and to_device is not _identity:
             # Tie this group's (host) state to the previous piece's result, so that its copy to
@@ -432,13 +432,13 @@ def update_pieces(
         p_tree = None if p_leaves is None else plan.select(p_leaves, ids)
         local_ids = [i for i in piece.sources if i not in globals_set]
         u, new_local, new_glob = run_piece(piece, to_device(local), g_tree, p_tree)
-        new_local = [to_host(x) if i in offloadable else x for i, x in zip(local_ids, new_local)]
-        for i, x in zip(ids, plan.leaves_of(u, ids)):
+        new_local = [to_host(x) if i in offloadable else x for i, x in zip(local_ids, new_local, strict=True)]
+        for i, x in zip(ids, plan.leaves_of(u, ids), strict=True):
             out[i] = x
-        for i, x in zip(local_ids, new_local):
+        for i, x in zip(local_ids, new_local, strict=True):
             new_full[i] = x
         previous = new_local
-    for i, x in zip(layout.global_ids, new_glob):
+    for i, x in zip(layout.global_ids, new_glob, strict=True):
         new_full[i] = x
     return plan.treedef.unflatten(out), layout.treedef.unflatten(new_full)
 
@@ -454,7 +454,7 @@ def _layer_loop(layout, run_piece, grads, params, state, layers_per_chunk, to_de
 
     def tree_of(leaves):
         full = [None] * plan.treedef.num_leaves
-        for i, x in zip(plan.layer_ids, leaves):
+        for i, x in zip(plan.layer_ids, leaves, strict=True):
             full[i] = x
         return plan.treedef.unflatten(full)
 
@@ -553,7 +553,7 @@ def check_state(layout: StateLayout, state: Any) -> None:
             f"  {treedef}\nthe inner transform's state for these gradients is\n  {layout.treedef}\n"
             "(was the state initialised for another parameter tree or another transform?)"
         )
-    for i, (x, want) in enumerate(zip(jax.tree.leaves(state), layout.abstract)):
+    for i, (x, want) in enumerate(zip(jax.tree.leaves(state), layout.abstract, strict=True)):
         if tuple(x.shape) != tuple(want.shape):
             raise ValueError(f"optimizer state does not fit these gradients: leaf {i} has shape {tuple(x.shape)}, "
                              f"expected {tuple(want.shape)}")

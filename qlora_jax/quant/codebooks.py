@@ -47,7 +47,8 @@ NF4_CODE = np.array(
 )
 
 # bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bit, exponent bias 3 with a subnormal), in
-# bit-pattern order: bit 3 is the sign. Code 8 ("-0") holds +0.0, as in bitsandbytes' table. Normalised by its absmax, 12, in float32 as
+# bit-pattern order: bit 3 is the sign. Code 8 ("-0") holds +0.0, as in bitsandbytes' table.
+# Normalised by its absmax, 12, in float32 as
 # ``get_4bit_type("fp4")`` does.
 FP4_CODE = (
     np.array(

@@ -39,8 +39,9 @@ class StorageReport:
         """Bits per parameter spent on quantization constants (scales, nested scales, offset)."""
         return 8.0 * (self.total_bytes - self.codes_bytes) / self.numel
 
-    def __add__(self, other: "StorageReport") -> "StorageReport":
-        return StorageReport(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+    def __add__(self, other: StorageReport) -> StorageReport:
+        return StorageReport(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other),
+                                                     strict=True)))
 
 
 def storage_report_for(

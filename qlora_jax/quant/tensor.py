@@ -122,7 +122,7 @@ class QuantizedTensor:
         """The tensor in ``dtype`` (default: the original dtype). See :func:`dequantize`."""
         return dequantize(self, dtype)
 
-    def validate(self) -> "QuantizedTensor":
+    def validate(self) -> QuantizedTensor:
         """Checks that the arrays agree with the metadata; raises QuantizationError naming the field.
 
         Works on concrete arrays and on tracers (it only reads shapes and dtypes).
@@ -172,7 +172,8 @@ def _validate_metadata(shape: tuple[int, ...], dtype: str, quant_type: str, bloc
             f"unsupported blocksize {blocksize}; expected one of {SUPPORTED_BLOCKSIZES} (as bitsandbytes)"
         )
     if nested_blocksize not in SUPPORTED_BLOCKSIZES:
-        raise QuantizationError(f"unsupported nested_blocksize {nested_blocksize}; expected one of {SUPPORTED_BLOCKSIZES}")
+        raise QuantizationError(f"unsupported nested_blocksize {nested_blocksize}; "
+                                f"expected one of {SUPPORTED_BLOCKSIZES}")
     if len(shape) == 0 or any(int(d) <= 0 for d in shape):
         raise QuantizationError(f"cannot quantize a tensor of shape {list(shape)}: it needs at least one element")
     if dtype not in SUPPORTED_INPUT_DTYPES:

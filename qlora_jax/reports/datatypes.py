@@ -162,7 +162,7 @@ def perplexity_table(model: str, conversations: int = 64, max_tokens: int = 256,
         lm, tokenizer = load_pretrained(model, quant=quant, double_quant=double_quant, lora=None)
         sequences = _heldout_conversations(tokenizer, conversations, max_tokens)
         spec = ModelSpec(lm.config, None, compute_dtype="bfloat16")
-        step = jax.jit(lambda frozen, b: loss_and_count(spec, None, frozen, b, None))
+        step = jax.jit(lambda frozen, b, spec=spec: loss_and_count(spec, None, frozen, b, None))
         total, count = 0.0, 0.0
         for start in range(0, len(sequences), batch):
             chunk = sequences[start:start + batch]
