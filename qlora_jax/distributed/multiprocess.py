@@ -34,7 +34,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any
 
 import jax
 import numpy as np
@@ -56,7 +56,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 # A process waits this long for the others at a barrier. Generous: process 0 may be writing
 # outputs; a dead process ends the wait sooner through JAX's heartbeats.
@@ -212,7 +211,7 @@ def sync_processes(name: str, timeout_seconds: float = BARRIER_TIMEOUT_SECONDS) 
     _client().wait_at_barrier(_key(name), int(timeout_seconds * 1000))
 
 
-def primary_value(value: T, name: str, timeout_seconds: float = BARRIER_TIMEOUT_SECONDS) -> T:
+def primary_value[T](value: T, name: str, timeout_seconds: float = BARRIER_TIMEOUT_SECONDS) -> T:
     """Process 0's ``value`` (JSON-serialisable) on every process; the others' own are ignored.
 
     For decisions taken from files, which must be the same everywhere.
@@ -226,7 +225,7 @@ def primary_value(value: T, name: str, timeout_seconds: float = BARRIER_TIMEOUT_
     return json.loads(_client().blocking_key_value_get(key, int(timeout_seconds * 1000)))
 
 
-def on_primary(function: Callable[[], T], name: str, timeout_seconds: float = BARRIER_TIMEOUT_SECONDS) -> T | None:
+def on_primary[T](function: Callable[[], T], name: str, timeout_seconds: float = BARRIER_TIMEOUT_SECONDS) -> T | None:
     """Runs ``function`` on process 0 only and tells every process how it went.
 
     Returns its result on process 0 (None on the others). If it raises there, it raises on process
@@ -247,7 +246,7 @@ def on_primary(function: Callable[[], T], name: str, timeout_seconds: float = BA
     return result
 
 
-def from_primary(function: Callable[[], T], name: str, timeout_seconds: float = BARRIER_TIMEOUT_SECONDS) -> T:
+def from_primary[T](function: Callable[[], T], name: str, timeout_seconds: float = BARRIER_TIMEOUT_SECONDS) -> T:
     """``function()`` run on process 0 only, its (JSON-serialisable) result returned on every process.
 
     For reading (or writing) the run's files once; errors reach every process as in :func:`on_primary`.
