@@ -16,6 +16,10 @@ nothing until then.
     python -m experiments.finetune --output_dir=outputs/run1 --resume          # continue a run
     python -m experiments.finetune --model=/models/llama-2-7b-hf --dataset=data/alpaca.json \
         --per_device_train_batch_size=1 --gradient_accumulation_steps=16 --max_steps=1875
+
+Several processes (hosts): the same command on each, with --coordinator_address (process 0's
+host:port), --num_processes, its own --process_id and a --mesh over all their devices; the
+output_dir must be one directory every process sees (README, "Several hosts").
 """
 
 from __future__ import annotations
@@ -37,10 +41,19 @@ FLAGS = flags.FLAGS
 class LauncherSettings:
     """The launcher's own flags: how this process runs, not what the finetune computes."""
 
-    progress: bool = setting(True, "Show a progress bar.")
-    coordinator_address: str | None = setting(None, "Multi-host: host:port of process 0 (jax.distributed).")
-    num_processes: int | None = setting(None, "Multi-host: number of processes.", check=positive)
-    process_id: int | None = setting(None, "Multi-host: this process's index.", check=non_negative)
+    progress: bool = setting(True, "Show a progress bar (process 0).")
+    coordinator_address: str | None = setting(None, "Multi-host: host:port where process 0 serves the coordinator "
+                                              "(jax.distributed); the same on every process.")
+    num_processes: int | None = setting(None, "Multi-host: number of processes (the same on every process).",
+                                        check=positive)
+    process_id: int | None = setting(None, "Multi-host: this process's index, 0 to num_processes - 1.",
+                                     check=non_negative)
+    init_timeout_seconds: int = setting(300, "Multi-host: how long a process waits for all the others to start "
+                                        "before it stops with an error.", check=positive)
+    heartbeat_timeout_seconds: int = setting(100, "Multi-host: a process silent this long counts as dead, and "
+                                             "the others stop (JAX's coordination service).", check=positive)
+    shutdown_timeout_seconds: int = setting(300, "Multi-host: how long a finished (or failed) process waits for "
+                                            "the others at the end before all stop with an error.", check=positive)
 
     def __post_init__(self):
         validate(self)
@@ -77,19 +90,24 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"finetune: --{err} (see --help)") from None
     from qlora_jax import finetune
     from qlora_jax.data import DatasetError
-    from qlora_jax.distributed import initialize_distributed
+    from qlora_jax.distributed import DistributedSetupError, PrimaryProcessError, initialize_distributed, is_primary
     from qlora_jax.recipe.run_lock import RunLockedError
 
     changed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
     logging.info("finetune settings other than the defaults: %s", changed or "none")
-    initialize_distributed(launcher.coordinator_address, launcher.num_processes, launcher.process_id)
     try:
+        initialize_distributed(launcher.coordinator_address, launcher.num_processes, launcher.process_id,
+                               init_timeout_seconds=launcher.init_timeout_seconds,
+                               heartbeat_timeout_seconds=launcher.heartbeat_timeout_seconds,
+                               shutdown_timeout_seconds=launcher.shutdown_timeout_seconds)
         result = finetune.run(cfg, progress=launcher.progress)
     except ConfigError as err:  # found once the files were read (resume, adapters, model, devices)
         raise SystemExit(f"finetune: --{err}") from None
-    except (RunLockedError, FileExistsError, DatasetError, FloatingPointError) as err:
+    except (DistributedSetupError, PrimaryProcessError, RunLockedError, FileExistsError, DatasetError,
+            FloatingPointError) as err:
         raise SystemExit(f"finetune: {err}") from None
-    print_summary(result)
+    if is_primary():
+        print_summary(result)
 
 
 def entry_point() -> None:

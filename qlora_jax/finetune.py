@@ -45,17 +45,20 @@ def run(cfg: FinetuneConfig, *, progress: bool = True) -> FinetuneResult:
         trainable, frozen = steps.split_trainable(model)
         state = steps.restore_or_init(cfg, checkpointer, trainable, optimizer)
         train_step, eval_step = steps.compile_steps(model.spec, optimizer, state.opt_state)
-        put_batch = functools.partial(steps.device_batch, mesh=mesh)
-        held_out = steps.held_out_batches(data, cfg.per_device_eval_batch_size * shards, tokenizer.pad_id)
+        # Each process reads only the rows of every global batch that its devices hold.
+        train_size, eval_size = cfg.per_device_train_batch_size * shards, cfg.per_device_eval_batch_size * shards
+        train_rows, eval_rows = steps.process_rows(mesh, train_size), steps.process_rows(mesh, eval_size)
+        held_out = steps.held_out_batches(data, eval_size, tokenizer.pad_id, rows=eval_rows)
         mc_eval = steps.setup_mc_eval(cfg, model, tokenizer, mesh, frozen)
         with MetricsLog(out / steps.METRICS, keep_through_step=state.step or None) as metrics:
             loop = steps.train_loop(
                 cfg, state, train_step=train_step, frozen=frozen, schedule=schedule, checkpointer=checkpointer,
-                batches=steps.training_batches(cfg, data, tokenizer.pad_id, state, shards),
+                batches=steps.training_batches(cfg, data, tokenizer.pad_id, state, shards, rows=train_rows),
                 evaluate_fn=functools.partial(steps.evaluate, eval_step, frozen=frozen, batches=held_out,
-                                              put_batch=put_batch),
+                                              put_batch=functools.partial(steps.device_batch, mesh=mesh,
+                                                                          rows=eval_rows, batch_size=eval_size)),
                 metrics=metrics, monitor=DivergenceMonitor(model.config.vocab_size, start_step=state.step),
-                put_batch=put_batch, checkpoint_extra=steps.checkpoint_extra(cfg, model), mc_eval_fn=mc_eval,
-                progress=progress)
+                put_batch=functools.partial(steps.device_batch, mesh=mesh, rows=train_rows, batch_size=train_size),
+                checkpoint_extra=steps.checkpoint_extra(cfg, model), mc_eval_fn=mc_eval, progress=progress)
         return steps.write_outputs(cfg, model, loop, tokenizer=tokenizer, data=data, samples_before=samples_before,
                                    started=started)

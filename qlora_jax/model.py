@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,9 @@ from qlora_jax.models.layout import module_group
 from qlora_jax.models.spec import ModelSpec
 from qlora_jax.nn.layers import FrozenWeights
 from qlora_jax.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 __all__ = ["CausalLM", "FrozenWeights", "load_pretrained", "init_lora_params", "default_compute_dtype",
            "load_tokenizer"]
@@ -135,6 +138,7 @@ def load_pretrained(
     kernel_backend: str = "auto",
     seed: int = 0,
     verbose: bool = False,
+    mesh: Mesh | None = None,
 ) -> tuple[CausalLM, Tokenizer | None]:
     """Loads a LLaMA-family checkpoint with a quantized frozen base and fresh LoRA adapters.
 
@@ -153,7 +157,9 @@ def load_pretrained(
     CPU), ``remat`` and ``kernel_backend`` go into the model's
     :class:`~qlora_jax.models.spec.ModelSpec`. Returns ``(model, tokenizer)``; the tokenizer is
     None when the folder has no ``tokenizer.json``. The loading statistics are logged (INFO when
-    ``verbose``, else DEBUG) and kept as ``model.load_stats``.
+    ``verbose``, else DEBUG) and kept as ``model.load_stats``. ``mesh``: the base and adapters come
+    back sharded over it (:func:`qlora_jax.distributed.param_shardings`); a ``save_quantized``
+    directory is then read shard by shard, each process reading only its devices' shards.
     """
     if full_finetune and quant in ("nf4", "fp4", "int8"):
         raise ValueError("full finetuning needs an unquantized base: pass quant='bf16' (or float32)")
@@ -166,7 +172,7 @@ def load_pretrained(
     if is_quantized_checkpoint(checkpoint_path):
         # A save_quantized directory: its packed base as stored (refused if stored otherwise than
         # asked, never re-quantized), and its adapters unless others or none are asked for.
-        saved = load_quantized(checkpoint_path, expected_quant=quant_config)
+        saved = load_quantized(checkpoint_path, expected_quant=quant_config, mesh=mesh)
         config, base, stats, tokenizer = saved.config, saved.base, saved.load_stats, saved.tokenizer
         if saved.lora is not None and adapter is None and lora is not None and not full_finetune:
             lora_params, lora = saved.lora, saved.lora_config
@@ -185,6 +191,11 @@ def load_pretrained(
                      kernel_backend=kernel_backend)
     if lora_params is None and spec.lora_config is not None:
         lora_params = init_lora_params(jax.random.key(seed), spec)
+    if mesh is not None:
+        from qlora_jax.distributed import param_shardings, shard_tree
+
+        base = shard_tree(base, param_shardings(base, mesh))
+        lora_params = None if lora_params is None else shard_tree(lora_params, param_shardings(lora_params, mesh))
     model = CausalLM(spec, base, lora_params)
     model.load_stats = stats
     return model, tokenizer

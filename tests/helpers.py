@@ -78,3 +78,15 @@ def train_losses(out: pathlib.Path) -> dict[int, float]:
     """``{step: training loss}`` from a run's metrics.jsonl."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def restore_targets(model_path: pathlib.Path, out: pathlib.Path, **overrides):
+    """The trainable pytree and optimizer state of :func:`small_finetune_config` (with
+    ``overrides``), built as the recipe builds them: the targets to restore a run's checkpoints into."""
+    from qlora_jax.recipe import steps
+
+    cfg = small_finetune_config(model_path, out, **overrides)
+    model, _ = steps.setup_model(cfg)
+    optimizer, _ = steps.setup_optimizer(cfg)
+    trainable, _ = steps.split_trainable(model)
+    return trainable, optimizer.init(trainable)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import small_finetune_config, train_losses
+from helpers import restore_targets, small_finetune_config, train_losses
 
 from qlora_jax.checkpointing import TrainCheckpointer
 from qlora_jax.finetune import FinetuneConfig, run
@@ -286,15 +286,6 @@ def test_learning_rate_1e25_stops_at_nan_and_names_a_finite_checkpoint(tiny_mode
     trainable, opt_state = restore_targets(tiny_model, out)
     state = checkpointer.restore(trainable, opt_state)
     assert steps.tree_all_finite((state.trainable, state.opt_state))
-
-
-def restore_targets(model_path, out):
-    """The trainable pytree and optimizer state of small_finetune_config, built as the recipe builds them."""
-    cfg = small_finetune_config(model_path, out)
-    model, _ = steps.setup_model(cfg)
-    optimizer, _ = steps.setup_optimizer(cfg)
-    trainable, _ = steps.split_trainable(model)
-    return trainable, optimizer.init(trainable)
 
 
 # ============================================================================ class 4: resume, adapter_init

@@ -87,7 +87,8 @@ class QuantizedBaseCache:
 
 
 def load_pretrained_cached(
-    output_dir: str | pathlib.Path, path: str | pathlib.Path = "embedded", **kwargs: Any
+    output_dir: str | pathlib.Path, path: str | pathlib.Path = "embedded", *, mesh: Mesh | None = None,
+    **kwargs: Any
 ) -> tuple[CausalLM, Tokenizer | None, bool]:
     """:func:`~qlora_jax.model.load_pretrained` of ``path`` through ``<output_dir>/base/``.
 
@@ -95,18 +96,25 @@ def load_pretrained_cached(
     saved base instead, after checking it was saved from ``path`` for the same model config and
     quantization (``kwargs``: ``load_pretrained``'s, e.g. ``quant``, ``lora``, ``seed``). Returns
     ``(model, tokenizer, was_cached)``; the model is the same, array for array, either way.
+
+    ``mesh``: the model comes back sharded over it. In a multi-process run every process calls
+    this: each quantizes the source (the same bytes: quantization is deterministic) and keeps its
+    devices' shards, and the save is one Orbax checkpoint that every process writes its shards of
+    (process 0 the metadata); a cached base is read by every process, each its own shards.
+    Whether the cache is there is process 0's reading, shared by all.
     """
+    from qlora_jax.distributed import multiprocess
     from qlora_jax.model import load_pretrained
 
     cache = QuantizedBaseCache(output_dir)
     quant = QuantConfig(quant=kwargs.get("quant", "nf4"), double_quant=kwargs.get("double_quant", True),
                         blocksize=kwargs.get("blocksize", 64), dtype=kwargs.get("dtype", "bfloat16"))
-    if cache.exists():
+    if multiprocess.from_primary(cache.exists, "looking for the cached base"):
         cache.check(path, quant)
-        model, tokenizer = load_pretrained(cache.path, **kwargs)
+        model, tokenizer = load_pretrained(cache.path, mesh=mesh, **kwargs)
         log.info("base read from %s (saved from %s): %s", cache.path, path, model.load_stats.summary())
         return model, tokenizer, True
-    model, tokenizer = load_pretrained(path, **kwargs)
+    model, tokenizer = load_pretrained(path, mesh=mesh, **kwargs)
     cache.save(model, tokenizer, path)
     log.info("base of %s saved to %s for resuming without re-quantizing", path, cache.path)
     return model, tokenizer, False

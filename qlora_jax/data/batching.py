@@ -58,15 +58,22 @@ def collate(
     buckets: Sequence[int],
     *,
     batch_size: int | None = None,
+    length: int | None = None,
 ) -> Batch:
-    """A right-padded batch ``[B, T]`` with T the bucket of the longest example.
+    """A right-padded batch ``[B, T]`` with T the bucket of the longest example (or ``length``).
 
     ``batch_size`` (default: the number of examples) adds all-masked filler rows to reach it.
+    ``length``: pad to this many tokens instead (a bucket at least as long as the longest example;
+    the processes of a multi-process run each collate their rows of one batch to the same length).
     """
     batch_size = len(examples) if batch_size is None else batch_size
-    if not 0 < len(examples) <= batch_size:
+    if len(examples) > batch_size or (not examples and (length is None or batch_size == 0)):
         raise ValueError(f"cannot make a batch of {batch_size} rows from {len(examples)} examples")
-    length = padded_length(max(len(e) for e in examples), buckets)
+    longest = max((len(e) for e in examples), default=0)
+    if length is None:
+        length = padded_length(longest, buckets)
+    elif length < longest:
+        raise ValueError(f"length {length} is shorter than the longest example ({longest} tokens)")
     input_ids = np.full((batch_size, length), pad_id, np.int32)
     attention_mask = np.zeros((batch_size, length), np.int32)
     loss_mask = np.zeros((batch_size, length), np.int32)

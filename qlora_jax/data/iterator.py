@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from qlora_jax.data.batching import Batch, collate, stack_batches
+from qlora_jax.data.batching import Batch, collate, padded_length, stack_batches
 from qlora_jax.data.ordering import epoch_batches
 from qlora_jax.data.tokenization import TokenizedExample
 
@@ -34,6 +34,12 @@ class BatchIterator:
     :mod:`.ordering`; ``group_by_length`` for HF's length grouping), drops the last partial batch
     so that every batch has ``batch_size`` rows, and pads to ``buckets`` (:mod:`.batching`).
     ``state`` (from :attr:`state` of an earlier run) resumes where that run stopped.
+
+    ``rows``: yield only these rows of every batch (ascending positions in ``0..batch_size-1``):
+    a process of a multi-process run reads the rows its devices hold
+    (:func:`qlora_jax.distributed.process_rows`) and pads them to the bucket of the whole batch, so
+    that the parts of every process fit together. The order, the position and :attr:`state` stay
+    those of the global batches, whatever the rows (a checkpoint resumes on any process count).
     """
 
     def __init__(
@@ -47,6 +53,7 @@ class BatchIterator:
         group_by_length: bool = False,
         mega_batch_mult: int | None = None,
         state: Mapping[str, Any] | None = None,
+        rows: Sequence[int] | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -55,6 +62,10 @@ class BatchIterator:
         self._examples = examples
         self._lengths = np.array([len(e) for e in examples], np.int64)
         self._pad_id, self._buckets = pad_id, tuple(buckets)
+        self._rows = None if rows is None else np.asarray(rows, np.int64)
+        if self._rows is not None and (self._rows.ndim != 1 or not len(self._rows) or np.any(np.diff(self._rows) <= 0)
+                                       or self._rows[0] < 0 or self._rows[-1] >= batch_size):
+            raise ValueError(f"rows must be ascending positions in 0..{batch_size - 1}, got {self._rows.tolist()}")
         self._mega_batch_mult = mega_batch_mult
         self._config = {"seed": int(seed), "num_examples": len(examples), "batch_size": int(batch_size),
                         "group_by_length": int(bool(group_by_length)), "fingerprint": _fingerprint(self._lengths)}
@@ -116,15 +127,22 @@ class BatchIterator:
         return self
 
     def __next__(self) -> Batch:
-        indices = self.next_indices()
-        return collate([self._examples[i] for i in indices], self._pad_id, self._buckets)
+        return self._collate([self.next_indices()])[0]
+
+    def _collate(self, step: list[np.ndarray]) -> list[Batch]:
+        """The batches of ``step`` (example indices per batch), this reader's rows of each, all
+        padded to the bucket of the longest example of the whole step."""
+        length = padded_length(int(max(self._lengths[indices].max() for indices in step)), self._buckets)
+        picked = step if self._rows is None else [indices[self._rows] for indices in step]
+        return [collate([self._examples[i] for i in indices], self._pad_id, self._buckets, length=length)
+                for indices in picked]
 
     def next_batches(self, count: int) -> Batch:
         """The next ``count`` batches stacked ``[count, B, T]``: one step's micro-batches for
-        gradient accumulation, padded to their longest bucket."""
+        gradient accumulation, padded to their longest bucket (``B``: the reader's rows)."""
         if count < 1:
             raise ValueError(f"count must be positive, got {count}")
-        return stack_batches([next(self) for _ in range(count)], self._pad_id)
+        return stack_batches(self._collate([self.next_indices() for _ in range(count)]), self._pad_id)
 
 
 def eval_batches(
@@ -133,13 +151,24 @@ def eval_batches(
     batch_size: int,
     pad_id: int,
     buckets: Sequence[int],
+    rows: Sequence[int] | None = None,
 ) -> list[Batch]:
     """Every example once, longest first (least padding), the last batch filled with all-masked rows.
 
-    The order does not matter for a token-weighted mean loss; every batch has ``batch_size`` rows.
+    The order does not matter for a token-weighted mean loss; every batch has ``batch_size`` rows,
+    or, with ``rows`` (ascending positions, as :meth:`BatchIterator.next_batches` takes them), just
+    those rows of each, padded to the bucket of the whole batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
-    return [collate([examples[i] for i in order[start:start + batch_size]], pad_id, buckets, batch_size=batch_size)
-            for start in range(0, len(order), batch_size)]
+    batches = []
+    for start in range(0, len(order), batch_size):
+        members = order[start:start + batch_size]
+        length = padded_length(max(len(examples[i]) for i in members), buckets)
+        if rows is None:
+            picked, size = members, batch_size
+        else:
+            picked, size = [members[r] for r in rows if r < len(members)], len(rows)
+        batches.append(collate([examples[i] for i in picked], pad_id, buckets, batch_size=size, length=length))
+    return batches

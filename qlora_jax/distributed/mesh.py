@@ -1,4 +1,4 @@
-"""Device meshes and multi-host initialisation, through JAX's own distributed machinery.
+"""Device meshes over all the devices of a run (every process's, in a multi-process run).
 
 A mesh spec is a string like ``"fsdp=8"``, ``"data=2,fsdp=4"`` or ``"data=2,fsdp=2,tensor=2"``
 (axes in that order; ``-1`` takes the remaining devices). Axes:
@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh
 
-__all__ = ["MESH_AXES", "parse_mesh_spec", "make_mesh", "initialize_distributed"]
+__all__ = ["MESH_AXES", "axes_across_processes", "parse_mesh_spec", "make_mesh"]
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -61,18 +62,13 @@ def make_mesh(spec: str = "fsdp=-1", devices: list | None = None) -> Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
-    """``jax.distributed.initialize`` for a multi-host run (no-op for a single process).
-
-    All three values are needed for an explicit setup; on managed clusters (SLURM, TPU pods)
-    pass none and JAX discovers them.
-    """
-    given = [coordinator_address is not None, num_processes is not None, process_id is not None]
-    if not any(given):
-        return
-    if num_processes == 1 and coordinator_address is None:
-        return
-    if not all(given):
-        raise ValueError("multi-host needs --coordinator_address, --num_processes and --process_id together")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+def axes_across_processes(mesh: Mesh) -> dict[str, int]:
+    """For each mesh axis, how many processes one line of devices along it spans (the most over
+    all lines): 1 when the axis stays within each process (host), more when its collectives cross
+    the network. Devices are laid out process after process, so the last axes stay within a host."""
+    processes = np.vectorize(lambda d: d.process_index)(mesh.devices)
+    spans = {}
+    for dim, name in enumerate(mesh.axis_names):
+        lines = np.moveaxis(processes, dim, -1).reshape(-1, processes.shape[dim])
+        spans[name] = max(len(set(line.tolist())) for line in lines)
+    return spans

@@ -11,7 +11,8 @@ Rules (``fsdp`` and ``tensor`` mesh axes together are the "parameter" axes):
 * adapters ``A: [L, r, in]`` split ``in``, ``B: [L, out, r]`` split ``out``; any other leaf
   splits its largest dimension that the axes divide, or is replicated;
 * the optimizer state follows the adapters (:func:`qlora_jax.optim.state_shardings`);
-* batches ``[accum, B, T]`` split ``B`` over ``data`` and ``fsdp``.
+* batches ``[accum, B, T]`` split ``B`` over ``data`` and ``fsdp``; each process reads only the rows
+  its devices hold (:func:`process_rows`).
 
 Layer-stacked leaves never split the layer axis: ``lax.scan`` runs the layers in sequence.
 """
@@ -28,7 +29,8 @@ from jax.sharding import PartitionSpec as P
 
 from qlora_jax.quant import QuantizedTensor
 
-__all__ = ["param_shardings", "batch_sharding", "shard_tree", "shard_batch", "PARAM_AXES", "BATCH_AXES"]
+__all__ = ["param_shardings", "batch_sharding", "process_rows", "shard_tree", "shard_batch", "PARAM_AXES",
+           "BATCH_AXES"]
 
 PARAM_AXES = ("fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -110,14 +112,49 @@ def shard_tree(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Global ``[accum, B, T]`` arrays from host batches that every process computes identically.
+def process_rows(mesh: Mesh | None, batch_size: int) -> np.ndarray:
+    """The rows of a global ``[accum, batch_size, T]`` batch that this process's devices hold
+    (ascending; every row without a mesh, or when one process holds the whole mesh).
 
-    Each process materialises only the rows its devices hold, so this works across hosts.
+    Under :func:`batch_sharding` the rows split over the data-parallel axes; devices that differ
+    only along ``tensor`` hold the same rows. A process reads and pads only these rows of each
+    batch, and :func:`shard_batch` assembles the global array from what every process holds.
     """
-    sharding = batch_sharding(mesh)
-    rows = batch["input_ids"].shape[1]
-    if rows % _axes_size(mesh, BATCH_AXES):
-        raise ValueError(f"the batch of {rows} sequences does not split over the data axes "
+    if mesh is None:
+        return np.arange(batch_size)
+    if batch_size % _axes_size(mesh, BATCH_AXES):
+        raise ValueError(f"the batch of {batch_size} sequences does not split over the data axes "
                          f"({_axes_size(mesh, BATCH_AXES)} ways): make it a multiple")
-    return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
+    held = batch_sharding(mesh).addressable_devices_indices_map((1, batch_size, 1)).values()
+    return np.unique(np.concatenate([np.arange(batch_size)[index[1]] for index in held]))
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, *, rows: np.ndarray | None = None,
+                batch_size: int | None = None) -> dict[str, jax.Array]:
+    """Global ``[accum, B, T]`` arrays, split over the data axes, from this process's host rows.
+
+    ``batch`` holds rows ``rows`` (ascending, :func:`process_rows`) of a global batch of
+    ``batch_size`` rows; by default the whole batch (then every process passes the same). Each
+    device gets its rows from its own process: nothing crosses processes.
+    """
+    local = batch["input_ids"].shape[1]
+    batch_size = local if batch_size is None else batch_size
+    rows = np.arange(batch_size) if rows is None else np.asarray(rows)
+    if len(rows) != local:
+        raise ValueError(f"the host batch has {local} rows but {len(rows)} row indices were given")
+    if batch_size % _axes_size(mesh, BATCH_AXES):
+        raise ValueError(f"the batch of {batch_size} sequences does not split over the data axes "
+                         f"({_axes_size(mesh, BATCH_AXES)} ways): make it a multiple")
+    sharding = batch_sharding(mesh)
+    position = np.full(batch_size, -1)
+    position[rows] = np.arange(len(rows))
+
+    def rows_of(value: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
+        wanted = position[np.arange(batch_size)[index[1]]]
+        if (wanted < 0).any():
+            raise ValueError(f"a device of this process needs rows {np.arange(batch_size)[index[1]].tolist()} "
+                             f"of the batch, which holds rows {rows.tolist()}")
+        return value[index[0], wanted[0]:wanted[-1] + 1, index[2]]  # a device's rows are consecutive
+
+    return {k: jax.make_array_from_callback((v.shape[0], batch_size, *v.shape[2:]), sharding,
+                                            lambda index, v=v: rows_of(v, index)) for k, v in batch.items()}

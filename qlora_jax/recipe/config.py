@@ -129,8 +129,10 @@ class FinetuneConfig:
     max_train_samples: int | None = setting(None, "Use at most this many training conversations.", check=positive)
     max_eval_samples: int | None = setting(None, "Use at most this many held-out conversations.", check=positive)
     # optimisation
-    per_device_train_batch_size: int = setting(8, "Micro-batch size per data-parallel device (qlora.py: 1).",
-                                               check=positive)
+    per_device_train_batch_size: int = setting(8, "Micro-batch size per data-parallel device (qlora.py: 1). May "
+                                               "change on --resume if the global batch (this x the mesh's data x "
+                                               "fsdp devices) stays the same.", check=positive,
+                                               resume_may_change=True)
     per_device_eval_batch_size: int = setting(16, "Evaluation batch size per data-parallel device.",
                                               check=positive, resume_may_change=True)
     gradient_accumulation_steps: int = setting(1, "Micro-batches per optimizer step (qlora.py: 16).", check=positive)
@@ -157,7 +159,9 @@ class FinetuneConfig:
     seed: int = setting(0, "Seed of the adapters, the data split and order, and dropout.", check=non_negative)
     resume: bool = setting(False, "Continue from the latest checkpoint in output_dir; its settings must be this "
                            "run's but for max_steps, the *_steps cadences, save_total_limit, "
-                           "per_device_eval_batch_size, data_workers and output_dir.", resume_may_change=True)
+                           "per_device_eval_batch_size, data_workers, output_dir, and the mesh and "
+                           "per_device_train_batch_size as long as the global batch stays the same.",
+                           resume_may_change=True)
     force_unlock: bool = setting(False, "Take over output_dir even though a lock file says another run holds it "
                                  "(after a crash; never while that run is alive).", resume_may_change=True)
     # multiple-choice evaluation during training (qlora.py's --do_mmlu_eval)
@@ -179,8 +183,11 @@ class FinetuneConfig:
     data_workers: int = setting(0, "Processes rendering the chat template (0: one per CPU core).",
                                 check=non_negative, resume_may_change=True)
     # devices: a mesh spec such as "fsdp=8" or "data=2,fsdp=4" (None: the default device only)
-    mesh: str | None = setting(None, "Device mesh, e.g. 'fsdp=8' or 'data=2,fsdp=4' (axes data, fsdp, tensor; "
-                               "-1 = the rest).", check=_mesh)
+    mesh: str | None = setting(None, "Device mesh over every process's devices, e.g. 'fsdp=8' or 'data=2,fsdp=4' "
+                               "(axes data, fsdp, tensor; -1 = the rest; needed for a multi-process run). May change "
+                               "on --resume (another device or process count) if the global batch stays the same; "
+                               "the losses then agree to float rounding, not bit for bit.", check=_mesh,
+                               resume_may_change=True)
 
     def __post_init__(self):
         validate(self)

@@ -20,7 +20,6 @@ Before any of these, :func:`check_adapter_init`, :func:`open_checkpoints` and
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -41,7 +40,16 @@ from qlora_jax import data as data_lib
 from qlora_jax.checkpointing import TrainCheckpointer, load_step_meta, load_trainable
 from qlora_jax.checkpoints.base_cache import load_pretrained_cached
 from qlora_jax.checkpoints.load import QuantConfig, open_checkpoint, read_config
-from qlora_jax.distributed import make_mesh, param_shardings, shard_batch, shard_tree
+from qlora_jax.distributed import (
+    axes_across_processes,
+    make_mesh,
+    multiprocess,
+    param_shardings,
+    parse_mesh_spec,
+    process_rows,
+    shard_batch,
+    shard_tree,
+)
 from qlora_jax.generate import SamplingConfig, generate_tokens
 from qlora_jax.lora import LoraConfig
 from qlora_jax.model import CausalLM, load_pretrained
@@ -58,8 +66,8 @@ from qlora_jax.train import NonFiniteLossError, make_eval_step, make_train_step
 
 __all__ = [
     "FinetuneData", "FinetuneResult", "LoopResult", "MetricsLog", "TrainState", "TrainingCollapsedError",
-    "check_adapter_init", "check_resume_settings", "checkpoint_extra", "compile_steps", "lock_output_dir",
-    "training_batches", "data_parallel_size", "device_batch",
+    "check_adapter_init", "check_resume_batch", "check_resume_settings", "checkpoint_extra", "compile_steps",
+    "lock_output_dir", "training_batches", "data_parallel_size", "device_batch", "process_rows",
     "evaluate", "finished_result", "held_out_answers", "held_out_batches", "open_checkpoints", "restore_or_init",
     "samples_before_training", "setup_data",
     "setup_mesh", "setup_model", "setup_optimizer", "split_trainable", "train_loop", "tree_all_finite",
@@ -181,6 +189,27 @@ def check_resume_settings(saved_flags: dict[str, Any], cfg: FinetuneConfig, wher
                     cfg.lr_scheduler_type, cfg.max_steps)
 
 
+def check_resume_batch(saved_data_state: dict[str, Any] | None, cfg: FinetuneConfig, where: str) -> None:
+    """Refuses a resume whose global batch differs from the checkpoint's: the mesh and
+    ``per_device_train_batch_size`` may change (another device or process count), their product
+    with the data-parallel devices may not (the data order and each step's mean depend on it)."""
+    if not saved_data_state or "batch_size" not in saved_data_state:
+        return
+    try:
+        shards = 1 if not cfg.mesh else math.prod(
+            n for axis, n in parse_mesh_spec(cfg.mesh, jax.device_count()).items() if axis in ("data", "fsdp"))
+    except ValueError:
+        return  # setup_mesh names the problem with the mesh
+    saved, now = int(saved_data_state["batch_size"]), cfg.per_device_train_batch_size * shards
+    if saved != now:
+        raise ConfigError(
+            f"per_device_train_batch_size={cfg.per_device_train_batch_size}: with mesh={cfg.mesh!r} over "
+            f"{jax.device_count()} devices the global batch is {now} sequences, but the checkpoint in {where} was "
+            f"trained with {saved}. A resume may change the mesh but not the global batch: pass "
+            f"per_device_train_batch_size={saved // shards if saved % shards == 0 else '...'} "
+            f"({shards} data-parallel devices), or another mesh")
+
+
 def open_checkpoints(cfg: FinetuneConfig) -> TrainCheckpointer:
     """The run's checkpointer, after the checks that need only its files.
 
@@ -196,7 +225,9 @@ def open_checkpoints(cfg: FinetuneConfig) -> TrainCheckpointer:
                 f"{checkpointer.directory} already holds checkpoints (latest step {latest}): pass resume=True "
                 "(--resume) to continue that run, or choose another output_dir")
         if latest is not None:
-            check_resume_settings(checkpointer.read_meta(latest).get("flags", {}), cfg, str(checkpointer.directory))
+            meta = checkpointer.read_meta(latest)
+            check_resume_settings(meta.get("flags", {}), cfg, str(checkpointer.directory))
+            check_resume_batch(meta.get("data_state"), cfg, str(checkpointer.directory))
             if latest > cfg.max_steps:
                 raise ConfigError(f"max_steps={cfg.max_steps}: the checkpoint in {checkpointer.directory} is already "
                                   f"at step {latest}; pass max_steps >= {latest} (a larger value continues the run)")
@@ -210,28 +241,39 @@ def finished_result(cfg: FinetuneConfig, checkpointer: TrainCheckpointer) -> Fin
     """The saved result of a run that already finished at ``max_steps`` (a ``--resume`` with nothing
     to do), else None. A run that continues loses its ``completed`` marker until it finishes again."""
     out = pathlib.Path(cfg.output_dir)
-    done = cfg.resume and checkpointer.latest_step() == cfg.max_steps and (out / COMPLETED).exists()
-    if done and (out / SUMMARY).exists():
-        log.info("%s already finished at step %d: nothing to do (pass a larger --max_steps to train further)", out,
-                 cfg.max_steps)
-        summary = json.loads((out / SUMMARY).read_text())
-        return FinetuneResult(**{**summary, "output_dir": out})
-    (out / COMPLETED).unlink(missing_ok=True)
-    return None
+
+    def read() -> dict[str, Any] | None:
+        done = cfg.resume and checkpointer.latest_step() == cfg.max_steps and (out / COMPLETED).exists()
+        if done and (out / SUMMARY).exists():
+            return json.loads((out / SUMMARY).read_text())
+        (out / COMPLETED).unlink(missing_ok=True)
+        return None
+
+    # Process 0's reading, so that no process sees the marker another has just removed.
+    summary = multiprocess.from_primary(read, "the finished run")
+    if summary is None:
+        return None
+    log.info("%s already finished at step %d: nothing to do (pass a larger --max_steps to train further)", out,
+             cfg.max_steps)
+    return FinetuneResult(**{**summary, "output_dir": out})
 
 
 def lock_output_dir(cfg: FinetuneConfig):
-    """The :class:`~qlora_jax.recipe.run_lock.RunLock` of ``output_dir`` (held by process 0 of a
-    multi-host run; a no-op context on the others)."""
-    if jax.process_index() != 0:
-        return contextlib.nullcontext()
-    return RunLock(cfg.output_dir, force=cfg.force_unlock)
+    """The :class:`~qlora_jax.recipe.run_lock.RunLock` of ``output_dir``, held by process 0 of a
+    multi-process run; every process enters once process 0 holds it, and all raise if it cannot
+    (the others :class:`~qlora_jax.distributed.PrimaryProcessError`, with process 0's message)."""
+    return multiprocess.primary_context(lambda: RunLock(cfg.output_dir, force=cfg.force_unlock), "the run lock")
 
 
 # ----------------------------------------------------------------------------- model, data, optimizer
 def setup_mesh(cfg: FinetuneConfig) -> jax.sharding.Mesh | None:
-    """The device mesh ``cfg.mesh`` names over all devices, or None for the default device."""
+    """The device mesh ``cfg.mesh`` names over all devices (every process's), or None for the
+    default device. A run over several processes needs one."""
     if not cfg.mesh:
+        if jax.process_count() > 1:
+            raise ConfigError(f"mesh=None: a run over {jax.process_count()} processes needs a mesh over all their "
+                              f"{jax.device_count()} devices, e.g. --mesh=fsdp=-1 or --mesh=data={jax.process_count()},"
+                              "fsdp=-1")
         return None
     try:
         mesh = make_mesh(cfg.mesh)
@@ -239,6 +281,14 @@ def setup_mesh(cfg: FinetuneConfig) -> jax.sharding.Mesh | None:
         raise ConfigError(f"mesh={cfg.mesh!r}: {err}") from None
     log.info("mesh %s over %d devices; global batch %d", dict(mesh.shape), mesh.size,
              cfg.per_device_train_batch_size * data_parallel_size(mesh))
+    if jax.process_count() > 1:
+        spans = axes_across_processes(mesh)
+        log.info("mesh over %d processes: %s", jax.process_count(), ", ".join(
+            f"{axis}={mesh.shape[axis]} " + ("within each process" if n == 1 else f"across {n} processes")
+            for axis, n in spans.items() if mesh.shape[axis] > 1))
+        if spans["tensor"] > 1:
+            log.warning("the tensor axis spans %d processes: every layer's activations cross the network; put "
+                        "tensor within a host (a tensor size that divides the devices of one process)", spans["tensor"])
     return mesh
 
 
@@ -293,9 +343,9 @@ def setup_model(cfg: FinetuneConfig, mesh: jax.sharding.Mesh | None = None) -> t
     if QuantConfig(cfg.quant).quantized:
         # The quantized base is written once per output directory (base/) and read back on resume:
         # no second quantization of the source checkpoint, the same bytes.
-        model, tokenizer, _ = load_pretrained_cached(cfg.output_dir, cfg.model, **kwargs)
+        model, tokenizer, _ = load_pretrained_cached(cfg.output_dir, cfg.model, mesh=mesh, **kwargs)
     else:
-        model, tokenizer = load_pretrained(cfg.model, **kwargs)
+        model, tokenizer = load_pretrained(cfg.model, mesh=mesh, **kwargs)
     if tokenizer is None:
         raise ConfigError(f"model={cfg.model!r}: has no tokenizer.json; a finetune needs one")
     log.info("%s", model.load_stats.summary())
@@ -363,19 +413,22 @@ def _lr_schedule(cfg: FinetuneConfig) -> Callable:
 
 
 def training_batches(cfg: FinetuneConfig, data: FinetuneData, pad_id: int, state: TrainState,
-                     data_parallel: int = 1) -> data_lib.BatchIterator:
+                     data_parallel: int = 1, rows: Sequence[int] | None = None) -> data_lib.BatchIterator:
     """The endless training batches of global size ``per_device_train_batch_size * data_parallel``,
-    from ``state``'s data position."""
+    from ``state``'s (global) data position; ``rows``: the rows of each this process reads
+    (:func:`process_rows`; default all)."""
     return data_lib.BatchIterator(data.train, batch_size=cfg.per_device_train_batch_size * data_parallel,
                                   pad_id=pad_id, buckets=data.buckets, seed=cfg.seed,
-                                  group_by_length=cfg.group_by_length, state=state.data_state)
+                                  group_by_length=cfg.group_by_length, state=state.data_state, rows=rows)
 
 
 def setup_optimizer(cfg: FinetuneConfig):
     """``(optimizer, schedule)``: the optax transform ``cfg.optim`` and its learning rate per step."""
     schedule = _lr_schedule(cfg)
+    # The paged state's placement is decided from free device memory: the same on every process.
     optimizer = make_optimizer(cfg.optim, learning_rate=schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2,
-                               weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
+                               weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                               free_device_bytes=multiprocess.agreed_free_device_bytes)
     return optimizer, schedule
 
 
@@ -410,10 +463,15 @@ def compile_steps(spec: ModelSpec, optimizer, opt_state: Any) -> tuple[Callable,
 
 
 # ----------------------------------------------------------------------------- evaluation and samples
-def device_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh | None = None) -> dict[str, jax.Array]:
-    """A host batch on the device (split over the mesh's data axes when there is one)."""
+def device_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh | None = None, *,
+                 rows: Sequence[int] | None = None, batch_size: int | None = None) -> dict[str, jax.Array]:
+    """A host batch on the device (split over the mesh's data axes when there is one).
+
+    ``rows``/``batch_size``: the host batch holds these rows of a global batch of ``batch_size``
+    (:func:`process_rows`; default: the whole batch), and the result is the global batch.
+    """
     if mesh is not None:
-        return shard_batch(batch, mesh)
+        return shard_batch(batch, mesh, rows=rows, batch_size=batch_size)
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
@@ -442,10 +500,13 @@ def setup_mc_eval(cfg: FinetuneConfig, model: CausalLM, tokenizer: Tokenizer, me
     return lambda trainable: evaluator(frozen, trainable)
 
 
-def held_out_batches(data: FinetuneData, batch_size: int, pad_id: int) -> list[dict[str, np.ndarray]]:
-    """Every held-out conversation once, in batches ``[1, batch_size, T]`` (the eval step's layout)."""
+def held_out_batches(data: FinetuneData, batch_size: int, pad_id: int,
+                     rows: Sequence[int] | None = None) -> list[dict[str, np.ndarray]]:
+    """Every held-out conversation once, in batches ``[1, batch_size, T]`` (the eval step's layout);
+    ``rows``: only these rows of each (:func:`process_rows`)."""
     return [data_lib.stack_batches([batch], pad_id) for batch in
-            data_lib.eval_batches(data.held_out, batch_size=batch_size, pad_id=pad_id, buckets=data.buckets)]
+            data_lib.eval_batches(data.held_out, batch_size=batch_size, pad_id=pad_id, buckets=data.buckets,
+                                  rows=rows)]
 
 
 def evaluate(eval_step: Callable, trainable: Any, frozen: Any, batches: Sequence[dict[str, np.ndarray]],
@@ -488,7 +549,8 @@ class MetricsLog:
     """``metrics.jsonl``: one JSON object per logged step or evaluation; a context manager.
 
     ``keep_through_step``: on resume, the rows up to the restored step are kept and the rest (from
-    steps after the checkpoint, which will run again) dropped; None starts an empty file.
+    steps after the checkpoint, which will run again) dropped; None starts an empty file. Only
+    process 0 of a multi-process run writes it (the values are global, the same on every process).
     """
 
     def __init__(self, path: str | pathlib.Path, *, keep_through_step: int | None = None):
@@ -497,17 +559,23 @@ class MetricsLog:
         self._file = None
 
     def __enter__(self) -> MetricsLog:
+        multiprocess.on_primary(self._open, "opening metrics.jsonl")
+        return self
+
+    def _open(self) -> None:
         kept = [] if self.keep_through_step is None else [
             row for row in self.read(self.path) if row["step"] <= self.keep_through_step]
         self._file = self.path.open("w")
         for row in kept:
             self.write(row)
-        return self
 
     def __exit__(self, *exc_info) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def write(self, row: dict[str, Any]) -> None:
+        if self._file is None:
+            return
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
 
@@ -524,7 +592,8 @@ def tree_all_finite(tree: Any) -> bool:
     """Whether every floating-point leaf of ``tree`` is finite.
 
     Device arrays are reduced on the device (sharded ones too); host-memory arrays (offloaded
-    optimizer state) are checked shard by shard on the host.
+    optimizer state) are checked shard by shard on the host, each process its own shards, and the
+    processes agree on the answer.
     """
     device, host = [], []
     for x in jax.tree.leaves(tree):
@@ -534,12 +603,21 @@ def tree_all_finite(tree: Any) -> bool:
         (host if kind in ("pinned_host", "unpinned_host") else device).append(x)
     if device and not bool(_all_finite(device)):
         return False
-    return all(np.isfinite(np.asarray(shard.data)).all() for x in host for shard in x.addressable_shards)
+    if not host:
+        return True
+    return multiprocess.all_processes_agree(
+        all(np.isfinite(np.asarray(shard.data)).all() for x in host for shard in x.addressable_shards))
 
 
 @jax.jit
 def _all_finite(leaves: list[jax.Array]) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+@jax.jit
+def _total(x: jax.Array) -> jax.Array:
+    # Over the global batch: a process holds only its rows.
+    return jnp.sum(x)
 
 
 def _stop(health: Health, checkpointer: TrainCheckpointer, monitor: DivergenceMonitor) -> None:
@@ -610,7 +688,8 @@ def train_loop(
         metrics.write({"kind": "eval", "step": 0, "eval_loss": first, "eval_perplexity": _perplexity(first)})
         log.info("held-out loss before training: %.3f nats (perplexity %.1f)", first, _perplexity(first))
         multiple_choice(0)
-    with tqdm(total=cfg.max_steps, initial=step, disable=not progress, dynamic_ncols=True, desc="finetune") as bar:
+    with tqdm(total=cfg.max_steps, initial=step, disable=not progress or not multiprocess.is_primary(),
+              dynamic_ncols=True, desc="finetune") as bar:
         while step < cfg.max_steps:
             batch = put_batch(batches.next_batches(cfg.gradient_accumulation_steps))
             key = jax.random.fold_in(state.rng_key, step) if cfg.lora_dropout > 0 else None
@@ -622,7 +701,7 @@ def train_loop(
             trainable, opt_state, out = train_step(trainable, opt_state, frozen, batch, key)
             loss, grad_norm, tokens = float(out["loss"]), float(out["grad_norm"]), float(out["tokens"])
             seconds = time.perf_counter() - tick
-            sequence_tokens = float(np.sum(np.asarray(batch["attention_mask"])))
+            sequence_tokens = float(_total(batch["attention_mask"]))
             if shape in compiled:
                 tokens_seen, seconds_spent = tokens_seen + sequence_tokens, seconds_spent + seconds
             else:
@@ -714,45 +793,63 @@ def _adapter_rank(lora: Any) -> int:
 def write_outputs(cfg: FinetuneConfig, model: CausalLM, loop: LoopResult, *, tokenizer: Tokenizer,
                   data: FinetuneData, samples_before: list[dict[str, str]], started: float) -> FinetuneResult:
     """The PEFT adapter, held-out answers after training, the loss plot, ``summary.json`` and the
-    ``completed`` marker; returns the :class:`FinetuneResult`. Refuses to export a non-finite state."""
+    ``completed`` marker; returns the :class:`FinetuneResult`. Refuses to export a non-finite state.
+
+    Every process of a multi-process run takes part (the answers and the gathering of the sharded
+    adapters are collectives); process 0 alone writes, and every process returns its result.
+    """
     out = pathlib.Path(cfg.output_dir)
     trainable = loop.state.trainable
     if not tree_all_finite(trainable):
         raise NonFiniteLossError(f"the final state of {out} is non-finite: nothing exported")
     trained = with_trainable(model, trainable)
-    if not cfg.full_finetune:
-        lora_config = model.spec.lora_config
-        if _adapter_rank(trainable) != lora_config.r:
-            raise ValueError(f"adapters of rank {_adapter_rank(trainable)} under a config of r={lora_config.r}")
-        save_peft_adapter(out / "adapter", trainable, lora_config, model.config, base_model_name_or_path=cfg.model)
     after = held_out_answers(trained, tokenizer, data.sample_conversations, max_new_tokens=cfg.sample_max_new_tokens,
                              template=cfg.chat_template)
     samples = [{**before, "after": answer["answer"]} for before, answer in zip(samples_before, after, strict=True)]
-    (out / SAMPLES).write_text(json.dumps(samples, indent=2))
-    rows = MetricsLog.read(out / METRICS)
-    _plot_losses(rows, out / "loss_curve.png")
-    result = FinetuneResult(
-        output_dir=out, final_step=loop.state.step,
-        first_eval_loss=next((r["eval_loss"] for r in rows if r["kind"] == "eval" and r["step"] == 0), None),
-        final_eval_loss=loop.eval_loss, train_tokens_per_second=loop.tokens_per_second,
-        wall_seconds=time.perf_counter() - started,
-        peak_host_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, samples=samples)
-    summary = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in dataclasses.asdict(result).items()}
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
-    (out / COMPLETED).write_text(f"step {loop.state.step}\n")
-    return result
+    adapters = None if cfg.full_finetune else multiprocess.gather_to_host(trainable)
+
+    def write() -> dict[str, Any]:
+        if adapters is not None:
+            lora_config = model.spec.lora_config
+            if _adapter_rank(adapters) != lora_config.r:
+                raise ValueError(f"adapters of rank {_adapter_rank(adapters)} under a config of r={lora_config.r}")
+            save_peft_adapter(out / "adapter", adapters, lora_config, model.config, base_model_name_or_path=cfg.model)
+        (out / SAMPLES).write_text(json.dumps(samples, indent=2))
+        rows = MetricsLog.read(out / METRICS)
+        _plot_losses(rows, out / "loss_curve.png")
+        result = FinetuneResult(
+            output_dir=out, final_step=loop.state.step,
+            first_eval_loss=next((r["eval_loss"] for r in rows if r["kind"] == "eval" and r["step"] == 0), None),
+            final_eval_loss=loop.eval_loss, train_tokens_per_second=loop.tokens_per_second,
+            wall_seconds=time.perf_counter() - started,
+            peak_host_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, samples=samples)
+        summary = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in dataclasses.asdict(result).items()}
+        (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+        (out / COMPLETED).write_text(f"step {loop.state.step}\n")
+        return summary
+
+    # The others wait for process 0's files and return its summary (the run's).
+    summary = multiprocess.from_primary(write, "writing the outputs")
+    return FinetuneResult(**{**summary, "output_dir": out})
 
 
 def samples_before_training(cfg: FinetuneConfig, model: CausalLM, tokenizer: Tokenizer,
                             data: FinetuneData) -> list[dict[str, str]]:
     """Held-out answers of the model as loaded (``samples.json`` of an earlier start of this run, if
-    any), written to ``samples.json`` at once so that a resumed run compares with the same answers."""
+    any), written to ``samples.json`` at once so that a resumed run compares with the same answers.
+    Process 0 reads and writes the file; every process returns the same answers."""
     path = pathlib.Path(cfg.output_dir) / SAMPLES
-    if cfg.resume and path.exists():
+
+    def read() -> list[dict[str, str]] | None:
+        if not (cfg.resume and path.exists()):
+            return None
         return [{k: s[k] for k in ("question", "reference", "before")} for s in json.loads(path.read_text())]
+
+    saved = multiprocess.from_primary(read, "the saved samples")
+    if saved is not None:
+        return saved
     answers = held_out_answers(model, tokenizer, data.sample_conversations, max_new_tokens=cfg.sample_max_new_tokens,
                                template=cfg.chat_template)
     samples = [{"question": a["question"], "reference": a["reference"], "before": a["answer"]} for a in answers]
-    path.write_text(json.dumps(samples, indent=2))
+    multiprocess.on_primary(lambda: path.write_text(json.dumps(samples, indent=2)), "writing samples.json")
     return samples
-
