@@ -45,6 +45,7 @@ __all__ = [
     "QLoRAReport",
     "Candidate",
     "ConvertedLayer",
+    "LeftWeight",
     "QLoRAConversionError",
     "apply_qlora",
     "as_rules",
@@ -176,17 +177,31 @@ class ConvertedLayer:
     ragged: str | None
     bytes_before: int
     bytes_after: int
+    layout: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class LeftWeight:
+    """A contraction weight :func:`apply_qlora` left in 16/32 bits: its path, shape, and why
+    (``"excluded by rule i"``, ``"not selected"``, ``"embedding (used by lookup)"``, or the
+    non-linear operation that also uses it)."""
+
+    path: str
+    shape: tuple[int, ...]
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True)
 class QLoRAReport:
-    """What :func:`apply_qlora` did: the layers replaced (in model order), the trainable (LoRA)
-    parameter count after it, and the bytes of the model's whole state before and after."""
+    """What :func:`apply_qlora` did: the layers (or weights) converted, in model order, the
+    trainable (LoRA) parameter count after it, the bytes of the model's whole state before and
+    after, and (with example inputs) every contraction weight left unconverted, with the reason."""
 
     layers: tuple[ConvertedLayer, ...]
     trainable_params: int
     bytes_before: int
     bytes_after: int
+    left: tuple[LeftWeight, ...] = ()
 
     @property
     def ragged_layers(self) -> tuple[str, ...]:
@@ -202,8 +217,13 @@ class QLoRAReport:
             stacked = f"{list(layer.stacked)} x " if layer.stacked else ""
             lora = f"r={layer.rank}" if layer.rank else "no adapter"
             ragged = f" [{layer.ragged}: XLA dequantize]" if layer.ragged else ""
-            lines.append(f"  {layer.path}: {layer.kind} {stacked}{list(layer.shape)} {layer.storage}, {lora}, rule "
-                         f"{layer.rule}, {layer.bytes_before * mib:.3f} -> {layer.bytes_after * mib:.3f} MiB{ragged}")
+            layout = f" [{layer.layout}]" if layer.layout else ""
+            lines.append(f"  {layer.path}: {layer.kind}{layout} {stacked}{list(layer.shape)} {layer.storage}, {lora}, "
+                         f"rule {layer.rule}, {layer.bytes_before * mib:.3f} -> {layer.bytes_after * mib:.3f} "
+                         f"MiB{ragged}")
+        if self.left:
+            lines.append(f"left in 16/32 bits ({len(self.left)} contraction weights):")
+            lines += [f"  {w.path}: {list(w.shape)}, {w.reason}" for w in self.left]
         return "\n".join(lines)
 
 
@@ -288,7 +308,10 @@ def match_rules(rules: Sequence[QLoRARule], candidates: Sequence[Candidate], own
     earlier rules took, is a QLoRAConversionError naming it (and the nearest paths). ``owner``: for messages."""
     claims: dict[Any, int] = {}
     for i, rule in enumerate(rules):
-        hits = [c for c in candidates if any(rule.selects(p, c.is_linear) for p in c.paths)]
+        # A candidate with several paths (a weight and its module) is excluded if any of them is.
+        hits = [c for c in candidates if any(rule.selects(p, c.is_linear) for p in c.paths)
+                and not (rule.exclude is not None and any(_path_matches(rule.exclude, p, c.is_linear)
+                                                          for p in c.paths))]
         if not hits:
             raise QLoRAConversionError(f"QLoRA rule {i} (module_path={rule.module_path!r}) matches no module of "
                                        f"{owner}; the nearest paths are: {nearest_paths(rule, candidates)}")
@@ -386,13 +409,34 @@ def _storage(rule: QLoRARule) -> str:
 def apply_qlora(
     model: nnx.Module,
     rules: QLoRARule | LoraConfig | Sequence[QLoRARule | LoraConfig],
-    *,
+    *example_args: Any,
     rngs: nnx.Rngs | None = None,
     kernel_backend: str = "auto",
+    methods: Sequence[str] = ("__call__",),
+    **example_kwargs: Any,
 ) -> QLoRAReport:
-    """Replaces the ``nnx.Linear``/``nnx.Einsum`` layers of ``model`` that ``rules`` select, in place,
-    by :class:`~qlora_jax.nn.QLoRALinear`/:class:`~qlora_jax.nn.QLoRAEinsum` (same paths, so the
-    model's own ``__call__`` runs them unchanged).
+    """Makes ``model`` QLoRA in place: the weights ``rules`` select become frozen packed weights with adapters.
+
+    **With example inputs** (``apply_qlora(model, rules, *args, rngs=..., **kwargs)``: what
+    ``model.<methods[0]>`` takes), the selection is by what each weight does: the forward pass is
+    traced once, and every weight that is the non-activation operand of a contraction
+    (``jnp.einsum``, ``jnp.dot``/``matmul``/``@``, ``lax.dot_general``), in whatever module, is a
+    candidate (:mod:`qlora_jax.nn.traced`). Rules match parameter paths (``layers.3.attn.q_proj.w``)
+    and the paths of the modules holding them (``layers.3.attn.q_proj``); ``"all-linear"`` takes
+    every weight used only by contractions (embeddings used by lookup are not: a tied head stays
+    16/32-bit). The model's code is not edited: its class is swapped for a subclass whose
+    ``methods`` run the contractions of converted weights through
+    :func:`qlora_jax.kernels.quantized_matmul` plus the LoRA term. The report lists every
+    contraction weight left unconverted, with the reason. Raises QLoRAConversionError (before
+    changing anything) for a selected weight that no contraction consumes, one also used by a
+    non-linear operation (a lookup included), one consumed in two layouts, a ragged block size
+    with ``on_ragged_blocks="error"``, and a weight converted before.
+
+    **Without example inputs**, it replaces the ``nnx.Linear``/``nnx.Einsum`` layers ``rules``
+    select by :class:`~qlora_jax.nn.QLoRALinear`/:class:`~qlora_jax.nn.QLoRAEinsum` (same paths,
+    so the model's own ``__call__`` runs them unchanged); ``"all-linear"`` then refuses a model
+    with other weights of two or more axes (it cannot tell, without a forward pass, whether they
+    are projections), naming them.
 
     ``rules``: :class:`QLoRARule`\\ s (first match wins), or a PEFT-style ``LoraConfig``.
     ``rngs``: initialises the adapters (``rngs.params()``, one draw per layer in model order) and
@@ -408,6 +452,11 @@ def apply_qlora(
         raise ValueError(f"kernel_backend must be one of {BACKENDS}, got {kernel_backend!r}")
     if rngs is None and any(rule.lora is not None for rule in rules):
         raise ValueError("apply_qlora needs rngs=nnx.Rngs(...) to initialise the LoRA adapters")
+    if example_args or example_kwargs:
+        return _apply_traced(model, rules, example_args, example_kwargs, rngs=rngs, kernel_backend=kernel_backend,
+                             methods=tuple(methods))
+    if any(r.module_path == "all-linear" for r in rules):
+        _refuse_untraced_weights(model)
     plan = _plan(model, rules)
     bytes_before = _state_bytes(model)
     layers = []
@@ -429,11 +478,6 @@ def apply_qlora(
             rank=None if rule.lora is None else rule.lora.r, ragged=ragged_blocks_reason(new.in_features, rule.quant),
             bytes_before=before, bytes_after=_state_bytes(new)))
         del old, new
-    if any(r.module_path == "all-linear" for r in rules):
-        left = [p for m in _module_table(model) for p in m.paths
-                if isinstance(m.module, (nnx.LinearGeneral, nnx.Conv, nnx.ConvTranspose))]
-        if left:
-            logger.warning("'all-linear' converts nnx.Linear and nnx.Einsum only; left as they are: %s", left)
     trainable = int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))))
     report = QLoRAReport(tuple(layers), trainable, bytes_before, _state_bytes(model))
     for path in report.ragged_layers:
@@ -457,3 +501,185 @@ def set_kernel_backend(model: nnx.Module, backend: str, module_path: str | Seque
     if not count:
         raise QLoRAConversionError(f"set_kernel_backend: module_path={module_path!r} selects no QLoRA layer")
     return count
+
+
+def _refuse_untraced_weights(model: nnx.Module) -> None:
+    """'all-linear' without a forward pass: weights of 2+ axes outside Linear/Einsum/Embed would be left silently."""
+    unknown = []
+    for m in _module_table(model):
+        if isinstance(m.module, (*_CONVERTIBLE, _QLoRABase, nnx.Embed)):
+            continue
+        for key, value in vars(m.module).items():
+            if isinstance(value, nnx.Param) and not isinstance(value, nnx.LoRAParam) and value.ndim >= 2:
+                unknown.append(f"{m.paths[0]}.{key} {list(value.shape)}")
+    if unknown:
+        raise QLoRAConversionError(
+            f"'all-linear' without example inputs converts nnx.Linear/nnx.Einsum layers only, and this model has "
+            f"other weights that may be projections: {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}. "
+            "Pass example inputs (apply_qlora(model, rules, *args, rngs=...)) so that every contraction weight is "
+            "found, or name the layers")
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(k) for k in path)
+
+
+def _apply_traced(model, rules, args, kwargs, *, rngs, kernel_backend, methods) -> QLoRAReport:
+    from qlora_jax.nn import traced
+
+    for i, rule in enumerate(rules):
+        if rule.lora is not None and rule.lora.dropout > 0:
+            raise NotImplementedError(f"rule {i}: LoRA dropout is not supported when converting by a traced forward "
+                                      "pass; use dropout=0")
+    if not methods:
+        raise ValueError("apply_qlora(methods=...) needs at least one method name")
+
+    def is_candidate(path, var):
+        if isinstance(var, traced.QLoRAWeight):
+            return True
+        return isinstance(var, nnx.Param) and not isinstance(var, nnx.LoRAParam) and var.ndim >= 2
+
+    facts = traced.trace_weight_uses(model, methods[0], args, kwargs, is_candidate)
+    _, flat = traced._call_state(model)
+    variables = dict(flat)
+    converted = {p for p in facts if isinstance(variables[p], traced.QLoRAWeight)}
+    candidates = [Candidate(p, (_dotted(p), _dotted(p[:-1])), facts[p].is_linear and p not in converted,
+                            "converted" if p in converted else _use_kind(facts[p])) for p in facts]
+    claims = match_rules(rules, candidates, f"this {type(model).__name__}")
+    owner = f"{type(model).__name__}.{methods[0]}"
+    layouts = {}
+    for p, i in claims.items():
+        layouts[p] = _traced_layout(p, i, rules[i], facts[p], p in converted, owner)
+        _holder(model, p, i, rules[i])
+    bytes_before = _state_bytes(model)
+    layers = []
+    for p, i in sorted(claims.items(), key=lambda item: list(facts).index(item[0])):
+        layers.append(_convert_weight(model, p, i, rules[i], layouts[p], rngs, kernel_backend))
+    left = tuple(traced_left(facts, claims, rules, converted))
+    traced.wrap_methods(model, methods)
+    trainable = int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))))
+    report = QLoRAReport(tuple(layers), trainable, bytes_before, _state_bytes(model), left)
+    logger.info("%s", report.summary())
+    return report
+
+
+def _use_kind(facts) -> str:
+    kinds = sorted({u.op for u in facts.uses})
+    return "contraction" if facts.is_linear else ("unused" if not kinds else "+".join(kinds))
+
+
+def _traced_layout(path, i, rule, facts, converted: bool, owner: str):
+    where = f"QLoRA rule {i} (module_path={rule.module_path!r}) matches the weight {_dotted(path)!r}"
+    if converted:
+        raise QLoRAConversionError(f"{where}, which is converted already (apply_qlora runs once per weight)")
+    if not facts.uses:
+        raise QLoRAConversionError(f"{where}, which no contraction consumes in {owner} on the example inputs")
+    others = sorted({u.op for u in facts.uses if u.kind != "contraction"})
+    if others:
+        kind = "a lookup (an embedding)" if facts.is_lookup else "a non-linear operation"
+        raise QLoRAConversionError(f"{where}, which {kind} also uses ({', '.join(others)}); QLoRA converts weights "
+                                   "used only by contractions: narrow the rule")
+    found = list(dict.fromkeys(u.layout for u in facts.contractions))
+    if len(found) > 1:
+        raise QLoRAConversionError(f"{where}, which contractions consume in different layouts: "
+                                   f"{'; '.join(x.describe() for x in found)}; one packed layout cannot serve both")
+    layout = found[0]
+    ragged = ragged_blocks_reason(layout.in_features, rule.quant)
+    if ragged and rule.on_ragged_blocks == "error":
+        raise QLoRAConversionError(f"{where}: {ragged} (the contracted size of {layout.describe()}), so its blocks "
+                                   "would straddle rows (on_ragged_blocks='error'); pick a blocksize dividing "
+                                   f"{layout.in_features}, or on_ragged_blocks='fallback'")
+    return layout
+
+
+def _holder(model, path, i, rule):
+    node = model
+    for key in path[:-1]:
+        node = node[key] if isinstance(node, (nnx.List, nnx.Dict, list, dict)) else getattr(node, key)
+    if not isinstance(node, nnx.Module) or isinstance(node, (nnx.List, nnx.Dict)):
+        raise QLoRAConversionError(f"QLoRA rule {i} (module_path={rule.module_path!r}) matches the weight "
+                                   f"{_dotted(path)!r}, which sits in a {type(node).__name__}, not as an attribute "
+                                   "of a module; its adapters need a module to live in")
+    return node
+
+
+def _convert_weight(model, path, i, rule, layout, rngs, kernel_backend) -> ConvertedLayer:
+    from qlora_jax.nn import traced
+
+    holder, name = _holder(model, path, i, rule), path[-1]
+    old = getattr(holder, name)
+    weight = old.get_value()
+    packed = traced.pack_for_layout(weight, layout, rule.quant)
+    jax.block_until_ready(packed)
+    lora = rule.lora
+    backend = rule.kernel_backend or kernel_backend
+    value = traced.PackedWeight(packed, layout, jnp.dtype(weight.dtype), 0.0 if lora is None else lora.scaling, backend,
+                                lora is not None)
+    names = old.get_metadata().get("out_sharding")
+    lead_names = out_name = in_name = None
+    metadata = {}
+    if names:
+        lead_names = tuple(names[a] for a in layout.layers + layout.batch)
+        out_name = next((names[a] for a in layout.out if names[a] is not None), None)
+        in_name = next((names[a] for a in layout.in_ if names[a] is not None), None)
+        metadata["packed_sharding"] = (*lead_names, out_name, in_name)
+    new = traced.QLoRAWeight(value, **metadata)
+    for container, key in _variable_homes(model, old):
+        if isinstance(container, (nnx.List, nnx.Dict, list, dict)):
+            container[key] = new
+        else:
+            setattr(container, key, new)
+    after = traced.packed_nbytes(packed)
+    if lora is not None:
+        from qlora_jax.nn.layers import _adapter_dtype
+
+        pair = traced.new_adapters(rngs.params(), layout, lora.r, _adapter_dtype(lora, rule.dtype, weight.dtype))
+        a_name, b_name = traced.adapter_names(name)
+        extra_a = extra_b = {}
+        if names:
+            extra_a = {"out_sharding": (*lead_names, None, in_name), "eager_sharding": False}
+            extra_b = {"out_sharding": (*lead_names, out_name, None), "eager_sharding": False}
+        setattr(holder, a_name, nnx.LoRAParam(pair["lora_A"], **extra_a))
+        setattr(holder, b_name, nnx.LoRAParam(pair["lora_B"], **extra_b))
+        after += int(pair["lora_A"].nbytes + pair["lora_B"].nbytes)
+    return ConvertedLayer(
+        path=_dotted(path), kind="contraction", rule=i, shape=(layout.out_features, layout.in_features),
+        stacked=layout.lead_shape, storage=_storage(rule), rank=None if lora is None else lora.r,
+        ragged=ragged_blocks_reason(layout.in_features, rule.quant), bytes_before=int(weight.nbytes),
+        bytes_after=after, layout=layout.describe())
+
+
+def _variable_homes(model, variable) -> list[tuple[Any, Any]]:
+    homes, seen = [], set()
+
+    def visit(node):
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        for key, child in _children(node):
+            if child is variable:
+                homes.append((node, key))
+            elif isinstance(child, (nnx.Module, list, tuple, dict)):
+                visit(child)
+
+    visit(model)
+    return homes
+
+
+def traced_left(facts, claims, rules, converted) -> list[LeftWeight]:
+    """Contraction weights not converted, with the reason (for :class:`QLoRAReport.left`)."""
+    left = []
+    for p, f in facts.items():
+        if p in claims or p in converted or not f.contractions:
+            continue
+        dotted = (_dotted(p), _dotted(p[:-1]))
+        if f.is_lookup:
+            reason = "embedding (used by lookup)"
+        elif not f.is_linear:
+            reason = f"also used by {', '.join(sorted({u.op for u in f.uses if u.kind != 'contraction'}))}"
+        else:
+            excluded = [i for i, r in enumerate(rules) if r.exclude is not None
+                        and any(_path_matches(r.exclude, d, True) for d in dotted)]
+            reason = f"excluded by rule {excluded[0]}" if excluded else "not selected"
+        left.append(LeftWeight(_dotted(p), f.shape, reason))
+    return left
