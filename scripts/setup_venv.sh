@@ -28,6 +28,8 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 quiet_pip "${PIP[@]}" install -q -c requirements/ci.txt -e ".[test,data]"
 quiet_pip "${PIP[@]}" install -q --no-deps --require-hashes -r requirements/assets.txt
+# Third-party JAX models the tests convert unedited, and qwix (requirements/thirdparty.txt says why --no-deps).
+quiet_pip "${PIP[@]}" install -q --no-deps -r requirements/thirdparty.txt
 # The CUDA plugin's jaxlib extensions (not its CUDA libraries): jax_triton needs them to lower the
 # Triton kernels for CUDA, which the tests do on this GPU-less machine. Same version as jaxlib.
 if [[ "$(uname -s)" == "Linux" ]]; then

@@ -400,3 +400,211 @@ def test_bare_read_of_a_converted_weight_is_a_clear_error():
     with pytest.raises(RuntimeError, match="converted by apply_qlora"):
         model.q(jnp.ones((1, 2, 64)))
     assert model.q.w.shape == (2, 64, 32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Linen, unmodified: gemma 2.0.0's Transformer (google-deepmind/gemma from the package index).
+
+
+def _gemma(qkv: bool):
+    from gemma import modules as gemma_modules
+    from gemma import transformer as gemma_transformer
+
+    cfg = gemma_transformer.TransformerConfig(
+        num_layers=2, num_embed=128, embed_dim=64, hidden_dim=128, num_heads=2, head_dim=32,
+        num_kv_heads=2 if qkv else 1, final_logit_softcap=30.0, use_post_attn_norm=True, use_post_ffw_norm=True,
+        attention_types=[gemma_modules.AttentionType.GLOBAL, gemma_modules.AttentionType.LOCAL_SLIDING],
+        sliding_window_size=4)
+    model = gemma_transformer.Transformer(cfg)
+    tokens, positions, mask = _inputs()
+    variables = model.init(jax.random.key(SEED), tokens, positions, None, mask)
+    rng = np.random.default_rng(SEED + 3)
+    variables = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.05, x.shape), x.dtype) if x.ndim >= 2 else x,
+                             variables)
+    return model, variables, (tokens, positions, None, mask)
+
+
+def _linen_merged(variables, converted):
+    """The original variables with every packed weight replaced by dequant(W) + s * B @ A."""
+    from flax import traverse_util
+
+    from qlora_jax.nn.linen import FROZEN, LORA
+
+    params = traverse_util.flatten_dict(dict(variables["params"]))
+    lora = traverse_util.flatten_dict(dict(converted.get(LORA, {})))
+    for path, packed in traverse_util.flatten_dict(dict(converted[FROZEN])).items():
+        w = dequantize_stacked(packed.packed)
+        if packed.has_lora:
+            a_name, b_name = adapter_names(path[-1])
+            w = w + packed.scaling * jnp.matmul(lora[(*path[:-1], b_name)], lora[(*path[:-1], a_name)])
+        params[path] = packed.layout.unpack(w).astype(packed.dtype)
+    return {**variables, "params": traverse_util.unflatten_dict(params)}
+
+
+@pytest.mark.parametrize("qkv", [False, True], ids=["kv-stack", "fused-qkv"])
+def test_gemma_linen_every_projection_logits_and_gradients(qkv):
+    from qlora_jax.nn.linen import LORA, apply_converted, convert_variables, qlora_module
+
+    model, variables, args = _gemma(qkv)
+    converted, report = convert_variables(model, variables, QLoRARule("all-linear", lora=LoraConfig(r=4)), *args,
+                                          key=jax.random.key(1))
+    per_layer = ["attn.qkv_einsum.w"] if qkv else ["attn.q_einsum.w", "attn.kv_einsum.w"]
+    per_layer += ["attn.attn_vec_einsum.w", "mlp.gating_einsum", "mlp.linear"]
+    assert {layer.path for layer in report.layers} == {f"layer_{i}.{n}" for i in range(2) for n in per_layer}
+    assert [(w.path, w.reason) for w in report.left] == [("embedder.input_embedding", "embedding (used by lookup)")]
+    stacked = {layer.path: layer.stacked for layer in report.layers}
+    assert stacked["layer_0.attn.qkv_einsum.w" if qkv else "layer_0.attn.kv_einsum.w"] == ((3,) if qkv else (2,))
+    # Random adapters B, so that the LoRA path is checked too.
+    rng = np.random.default_rng(SEED + 4)
+    converted[LORA] = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.asarray(rng.normal(0, 0.02, x.shape), x.dtype) if "lora_B" in str(p[-1]) else x,
+        converted[LORA])
+    logits, _ = apply_converted(model, converted, *args)
+    ref_logits, _ = model.apply(_linen_merged(variables, converted), *args)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=1e-4, atol=1e-4)
+    # A trainer that calls model.apply gets the same through qlora_module.
+    wrapped = qlora_module(model)
+    np.testing.assert_array_equal(np.asarray(wrapped.apply(converted, *args)[0]), np.asarray(logits))
+    targets = jnp.roll(args[0], -1, axis=1)
+
+    def loss(lora, apply_fn, base):
+        out, _ = apply_fn({**base, LORA: lora}, *args)
+        return optax.softmax_cross_entropy_with_integer_labels(out, targets).mean()
+
+    grads = jax.jit(jax.grad(lambda lora: loss(lora, wrapped.apply, converted)))(converted[LORA])
+    ref = jax.grad(lambda lora: loss(lora, lambda v, *a: model.apply(_linen_merged(variables, v), *a),
+                                     converted))(converted[LORA])
+    jax.tree.map(lambda g, r: np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-3, atol=2e-6),
+                 grads, ref)
+
+
+def test_linen_einsum_with_its_equation_at_call_time():
+    import flax.linen as nn
+
+    from qlora_jax.nn.linen import apply_converted, convert_variables
+
+    class CallTimeEinsum(nn.Module):
+        shape: tuple
+
+        @nn.compact
+        def __call__(self, eqn, x):
+            return jnp.einsum(eqn, x, self.param("w", nn.initializers.normal(0.1), self.shape))
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = CallTimeEinsum((64, 2, 32), name="proj")("BTD,DNH->BTNH", x)
+            return CallTimeEinsum((2, 32, 64), name="out")("BTNH,NHD->BTD", jax.nn.relu(h))
+
+    model = Block()
+    x = jnp.asarray(np.random.default_rng(SEED).normal(size=(2, 3, 64)), jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    converted, report = convert_variables(model, variables, QLoRARule("all-linear", lora=LoraConfig(r=2)), x,
+                                          key=jax.random.key(1))
+    assert [layer.layout for layer in report.layers] == ["out (1:2,2:32) x in (0:64)", "out (2:64) x in (0:2,1:32)"]
+    np.testing.assert_allclose(np.asarray(apply_converted(model, converted, x)),
+                               np.asarray(model.apply(_linen_merged(variables, converted), x)), rtol=1e-5, atol=1e-6)
+
+
+def test_sharding_annotations_are_carried_and_a_sharded_forward_agrees():
+    from qlora_jax.nn.traced import state_shardings
+
+    original = _llama3()
+    _randomise_weights(original)
+    model = nnx.clone(original)
+    tokens, positions, mask = _inputs()
+    apply_qlora(model, QLoRARule("all-linear", lora=LoraConfig(r=4)), tokens, positions, None, mask,
+                rngs=nnx.Rngs(1))
+    _set_adapters_b(model)
+    attn = model.layers[0].attn
+    # tunix annotates q_proj.w [D, N, H] as ('fsdp', 'tp', None): rows (N, H) -> 'tp', columns (D) -> 'fsdp'.
+    assert attn.q_proj.w.get_metadata()["packed_sharding"] == ("tp", "fsdp")
+    assert attn.q_proj.w_lora_A.get_metadata()["out_sharding"] == (None, "fsdp")
+    assert attn.q_proj.w_lora_B.get_metadata()["out_sharding"] == ("tp", None)
+    expected, _ = model(tokens, positions, None, mask)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("fsdp", "tp"))
+    placed = jax.device_put(nnx.state(model), state_shardings(model, mesh))
+    nnx.update(model, placed)
+    codes = attn.q_proj.w.get_raw_value().packed.codes
+    assert codes.sharding.spec == jax.sharding.PartitionSpec("tp", None)
+    assert len(codes.addressable_shards) == 4 and codes.addressable_shards[0].data.shape == (32, 32)
+    logits, _ = nnx.jit(lambda m, *a: m(*a))(model, tokens, positions, None, mask)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+class ScannedBlocks(nnx.Module):
+    """Layers built by nnx.vmap (stacked Params [L, ...]) and run by nnx.scan, with an Einsum inside."""
+
+    def __init__(self, layers=3, d=64, *, rngs):
+        @nnx.split_rngs(splits=layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(r):
+            return _Block(d, rngs=r)
+
+        self.blocks = make(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def run(block, h):
+            return block(h)
+
+        return run(self.blocks, x)
+
+
+class _Block(nnx.Module):
+    def __init__(self, d, *, rngs):
+        self.up = nnx.Linear(d, 2 * d, use_bias=False, rngs=rngs)
+        self.heads = Einsum("BD,DNH->BNH", (d, 2, d), rngs=rngs)
+
+    def __call__(self, h):
+        return h + jnp.tanh(self.up(h))[:, : h.shape[-1]] + self.heads(h).mean(axis=1)
+
+
+def test_nnx_vmap_stacked_layers_run_by_nnx_scan():
+    original = ScannedBlocks(rngs=nnx.Rngs(SEED))
+    x = jnp.asarray(np.random.default_rng(SEED).normal(size=(2, 64)), jnp.float32)
+    model = nnx.clone(original)
+    report = apply_qlora(model, QLoRARule("all-linear", lora=LoraConfig(r=2)), x, rngs=nnx.Rngs(3))
+    layouts = {layer.path: layer.layout for layer in report.layers}
+    assert layouts == {"blocks.up.kernel": "layers (0:3) out (2:128) x in (1:64)",
+                       "blocks.heads.w": "layers (0:3) out (2:2,3:64) x in (1:64)"}
+    assert model.blocks.up.kernel_lora_A.shape == (3, 2, 64)
+    _set_adapters_b(model)
+    reference = _merged_reference(original, model)
+    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(reference(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_tunix_peft_trainer_trains_the_converted_model():
+    """The host codebase's own trainer (tunix's PeftTrainer: nnx.Optimizer(wrt=nnx.LoRAParam)) runs unchanged."""
+    _tunix_models()
+    from tunix.sft import peft_trainer
+    from tunix.sft import utils as sft_utils
+
+    model = _llama3()
+    _randomise_weights(model)
+    tokens, positions, mask = _inputs()
+    apply_qlora(model, QLoRARule("all-linear", lora=LoraConfig(r=4)), tokens, positions, None, mask,
+                rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(SEED + 5)
+    data = jnp.asarray(rng.integers(0, 128, (2, 8)), jnp.int32)
+    batches = [peft_trainer.TrainingInput(input_tokens=data, input_mask=jnp.ones((2, 8), bool))] * 6
+
+    def model_inputs(x):
+        return {"input_tokens": x.input_tokens, "input_mask": x.input_mask,
+                "positions": sft_utils.build_positions_from_mask(x.input_mask),
+                "attention_mask": sft_utils.make_causal_attn_mask(x.input_mask)}
+
+    def loss():
+        return float(peft_trainer._default_loss_fn(model, **model_inputs(batches[0])))
+
+    packed_before = jax.tree.map(np.asarray, nnx.state(model, QLoRAWeight))
+    lora_before = jax.tree.map(np.asarray, nnx.state(model, nnx.LoRAParam))
+    loss_before = loss()
+    config = peft_trainer.TrainingConfig(eval_every_n_steps=100, max_steps=6)
+    trainer = peft_trainer.PeftTrainer(model, optax.adamw(1e-2), config).with_gen_model_input_fn(model_inputs)
+    trainer.train(batches)
+    assert trainer.train_steps == 6
+    jax.tree.map(np.testing.assert_array_equal, packed_before, jax.tree.map(np.asarray, nnx.state(model, QLoRAWeight)))
+    changed = jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))), lora_before, nnx.state(model, nnx.LoRAParam))
+    assert all(jax.tree.leaves(changed))
+    assert loss() < loss_before

@@ -16,6 +16,7 @@ parameter paths, and :func:`convert_params` turns the ``nn.Dense`` model's varia
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,7 +44,7 @@ from qlora_jax.nn.surgery import (
 )
 from qlora_jax.quant import QuantizedTensor
 
-__all__ = ["FROZEN", "LORA", "QLoRADense", "convert_params"]
+__all__ = ["FROZEN", "LORA", "QLoRADense", "apply_converted", "convert_params", "convert_variables", "qlora_module"]
 
 FROZEN = "frozen"
 LORA = "lora"
@@ -231,3 +232,175 @@ def convert_params(
         out[LORA] = traverse_util.unflatten_dict(lora)
     trainable = int(sum(np.prod(x.shape) for x in jax.tree.leaves(out.get(LORA, {}))))
     return out, QLoRAReport(tuple(layers), trainable, tree_nbytes(dict(variables)), tree_nbytes(out))
+
+
+# ------------------------------------------------------------------------------------------------
+# Any Linen model, unmodified: the weights a traced forward pass contracts (qlora_jax.nn.traced).
+
+
+def _placeholder_params(variables: Mapping[str, Any]) -> tuple[dict, dict]:
+    """``(params with a ShapeDtypeStruct at every converted weight's path, {path: PackedWeight})``."""
+    from qlora_jax.nn.traced import PackedWeight
+
+    params = traverse_util.flatten_dict(dict(variables.get("params", {})))
+    packed = {p: v for p, v in traverse_util.flatten_dict(dict(variables.get(FROZEN, {}))).items()
+              if isinstance(v, PackedWeight)}
+    for path, weight in packed.items():
+        params[path] = jax.ShapeDtypeStruct(weight.shape, weight.dtype)
+    return params, packed
+
+
+def _model_variables(variables: Mapping[str, Any], params: dict) -> dict[str, Any]:
+    """The variables the model itself knows: ours (packed weights, adapters) left out."""
+    out = {name: value for name, value in variables.items() if name not in ("params", FROZEN, LORA)}
+    out["params"] = traverse_util.unflatten_dict(params) if params else {}
+    return out
+
+
+def _trace_apply(model: nn.Module, variables: dict, method: Any, args: tuple, kwargs: dict):
+    from qlora_jax.nn.dataflow import trace_forward
+    from qlora_jax.nn.traced import _split_args
+
+    dyn_args, rebuild = _split_args(args, kwargs)
+
+    def forward(model_vars, dyn):
+        call_args, call_kwargs = rebuild(dyn)
+        return nn.Module.apply(model, model_vars, *call_args, method=method, **call_kwargs)
+
+    closed, out_tree = trace_forward(forward, variables, dyn_args)
+    position = {id(leaf): k for k, leaf in enumerate(jax.tree.leaves((variables, dyn_args)))}
+    return closed, out_tree, position, jax.tree.leaves((variables, dyn_args))
+
+
+def convert_variables(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    rules: QLoRARule | LoraConfig | Sequence[QLoRARule | LoraConfig],
+    *example_args: Any,
+    key: jax.Array,
+    method: Any = None,
+    kernel_backend: str = "auto",
+    **example_kwargs: Any,
+) -> tuple[dict[str, Any], QLoRAReport]:
+    """QLoRA for an unmodified Linen model: the weights its forward pass contracts, selected by ``rules``.
+
+    ``model.apply(variables, *example_args, method=method, **example_kwargs)`` is traced once; each
+    ``"params"`` weight of two or more axes that only contractions consume (``jnp.einsum`` with an
+    equation given at call time included) is a candidate, as in :func:`qlora_jax.nn.apply_qlora`
+    (same rules, paths ``"layer_0.attn.q_einsum.w"`` for the weight and ``"layer_0.attn.q_einsum"``
+    for its module, same errors). Each selected weight leaves ``"params"`` and becomes a
+    :class:`~qlora_jax.nn.traced.PackedWeight` at the same path of collection ``"frozen"``, with
+    adapters ``<name>_lora_A [*lead, r, in]`` / ``<name>_lora_B [*lead, out, r]`` beside it in
+    collection ``"lora"`` (PEFT's initialisation from ``key``). Returns ``(variables, report)``;
+    run the result with :func:`apply_converted` (or the module :func:`qlora_module` returns).
+    """
+    from qlora_jax.nn import traced
+    from qlora_jax.nn.dataflow import weight_uses
+    from qlora_jax.nn.surgery import _storage as storage_of
+    from qlora_jax.nn.surgery import _traced_layout, _use_kind, traced_left
+
+    rules = as_rules(rules)
+    if kernel_backend not in BACKENDS:
+        raise ValueError(f"kernel_backend must be one of {BACKENDS}, got {kernel_backend!r}")
+    for i, rule in enumerate(rules):
+        if rule.lora is not None and rule.lora.dropout > 0:
+            raise NotImplementedError(f"rule {i}: LoRA dropout is not supported when converting by a traced forward "
+                                      "pass; use dropout=0")
+    if "params" not in variables:
+        raise QLoRAConversionError(f"convert_variables takes the variables model.init returned ({{'params': ...}}), "
+                                   f"got collections {sorted(variables)}")
+    params, packed_before = _placeholder_params(variables)
+    candidates = {p: v for p, v in params.items() if np.ndim(v) >= 2}
+    traced_params = {p: (jax.ShapeDtypeStruct(np.shape(v), v.dtype) if p in candidates else v)
+                     for p, v in params.items()}
+    model_vars = _model_variables(variables, traced_params)
+    closed, _, position, _ = _trace_apply(model, model_vars, method, example_args, example_kwargs)
+    index = {position[id(traced_params[p])]: p for p in candidates}
+    uses = weight_uses(closed, {k: tuple(np.shape(candidates[p])) for k, p in index.items()})
+    facts = {p: traced.WeightFacts(p, tuple(np.shape(candidates[p])), tuple(uses[k])) for k, p in index.items()}
+    converted = set(packed_before)
+    names = {p: ".".join(str(k) for k in p) for p in facts}
+    cands = [Candidate(p, (names[p], ".".join(str(k) for k in p[:-1])), facts[p].is_linear and p not in converted,
+                       "converted" if p in converted else _use_kind(facts[p])) for p in facts]
+    owner = f"{type(model).__name__}.{getattr(method, '__name__', method) or '__call__'}"
+    claims = match_rules(rules, cands, "these parameters")
+    layouts = {p: _traced_layout(p, i, rules[i], facts[p], p in converted, owner) for p, i in claims.items()}
+
+    plain = traverse_util.flatten_dict(dict(variables["params"]))
+    frozen = traverse_util.flatten_dict(dict(variables.get(FROZEN, {})))
+    lora = traverse_util.flatten_dict(dict(variables.get(LORA, {})))
+    layers = []
+    for n, (p, i) in enumerate(sorted(claims.items(), key=lambda item: list(facts).index(item[0]))):
+        rule, layout, weight = rules[i], layouts[p], jnp.asarray(plain.pop(p))
+        packed = traced.pack_for_layout(weight, layout, rule.quant)
+        jax.block_until_ready(packed)
+        frozen[p] = traced.PackedWeight(packed, layout, jnp.dtype(weight.dtype), 0.0 if rule.lora is None else
+                                        rule.lora.scaling, rule.kernel_backend or kernel_backend, rule.lora is not None)
+        after = traced.packed_nbytes(packed)
+        if rule.lora is not None:
+            pair = traced.new_adapters(jax.random.fold_in(key, n), layout, rule.lora.r,
+                                       _adapter_dtype(rule.lora, rule.dtype, weight.dtype))
+            a_name, b_name = traced.adapter_names(p[-1])
+            lora[(*p[:-1], a_name)], lora[(*p[:-1], b_name)] = pair["lora_A"], pair["lora_B"]
+            after += int(pair["lora_A"].nbytes + pair["lora_B"].nbytes)
+        layers.append(ConvertedLayer(
+            path=names[p], kind="contraction", rule=i, shape=(layout.out_features, layout.in_features),
+            stacked=layout.lead_shape, storage=storage_of(rule), rank=None if rule.lora is None else rule.lora.r,
+            ragged=ragged_blocks_reason(layout.in_features, rule.quant), bytes_before=int(weight.nbytes),
+            bytes_after=after, layout=layout.describe()))
+    out = {name: value for name, value in variables.items() if name not in ("params", FROZEN, LORA)}
+    out["params"] = traverse_util.unflatten_dict(plain) if plain else {}
+    out[FROZEN] = traverse_util.unflatten_dict(frozen)
+    if lora:
+        out[LORA] = traverse_util.unflatten_dict(lora)
+    trainable = int(sum(np.prod(x.shape) for x in jax.tree.leaves(out.get(LORA, {}))))
+    left = tuple(traced_left(facts, claims, rules, converted))
+    return out, QLoRAReport(tuple(layers), trainable, tree_nbytes(dict(variables)), tree_nbytes(out), left)
+
+
+def apply_converted(model: nn.Module, variables: Mapping[str, Any], *args: Any, method: Any = None,
+                    **kwargs: Any) -> Any:
+    """``model.apply(variables, *args, method=method, **kwargs)`` on variables from :func:`convert_variables`.
+
+    The model's own code runs, with every contraction of a packed weight computed as
+    :func:`qlora_jax.kernels.quantized_matmul` plus ``scaling * x @ A.T @ B.T`` (the adapters from
+    collection ``"lora"``, differentiable). Keyword arguments of ``apply`` (``mutable``, ``rngs``)
+    pass through. Returns what ``apply`` returns.
+    """
+    from qlora_jax.nn.dataflow import VirtualWeight, run_with_weights
+    from qlora_jax.nn.traced import _root_view, adapter_names
+
+    params, packed = _placeholder_params(variables)
+    model_vars = _model_variables(variables, params)
+    closed, out_tree, position, leaves = _trace_apply(model, model_vars, method, args, kwargs)
+    lora = traverse_util.flatten_dict(dict(variables.get(LORA, {})))
+    inputs = list(leaves)
+    for path, weight in packed.items():
+        lora_a = lora_b = None
+        if weight.has_lora:
+            a_name, b_name = adapter_names(path[-1])
+            try:
+                lora_a, lora_b = lora[(*path[:-1], a_name)], lora[(*path[:-1], b_name)]
+            except KeyError:
+                raise ValueError(f"the variables have no adapters {'/'.join(map(str, path[:-1]))}/{a_name} in "
+                                 f"collection {LORA!r} for the packed weight {'/'.join(map(str, path))}") from None
+        inputs[position[id(params[path])]] = VirtualWeight(
+            weight.packed, lora_a, lora_b, weight.scaling, weight.layout, _root_view(weight.layout), weight.dtype,
+            weight.backend)
+    return jax.tree.unflatten(out_tree, run_with_weights(closed, inputs))
+
+
+_LINEN_CLASSES: dict[type, type] = {}
+
+
+def qlora_module(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose ``apply`` is :func:`apply_converted`, for trainers that call ``model.apply``."""
+    cls = type(model)
+    if cls not in _LINEN_CLASSES:
+        def apply(self, variables, *args, **kwargs):
+            return apply_converted(self, variables, *args, **kwargs)
+
+        _LINEN_CLASSES[cls] = type(f"QLoRA{cls.__name__}", (cls,), {"apply": apply, "__module__": cls.__module__})
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+              if f.init and f.name not in ("parent", "name")}
+    return _LINEN_CLASSES[cls](**fields)

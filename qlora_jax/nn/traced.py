@@ -39,7 +39,8 @@ from qlora_jax.nn.dataflow import VirtualWeight, WeightLayout, WeightUse, run_wi
 from qlora_jax.nn.layers import FrozenWeights, pack_weight
 from qlora_jax.quant import QuantizedTensor
 
-__all__ = ["PackedWeight", "QLoRAWeight", "WeightFacts", "trace_weight_uses", "wrap_methods", "adapter_names"]
+__all__ = ["PackedWeight", "QLoRAWeight", "WeightFacts", "adapter_names", "state_shardings", "trace_weight_uses",
+           "wrap_methods"]
 
 logger = logging.getLogger(__name__)
 
@@ -302,3 +303,58 @@ def packed_nbytes(packed: Any) -> int:
     if isinstance(packed, QuantizedTensor):
         return int(sum(int(x.nbytes) for x in jax.tree.leaves(packed)))
     return int(packed.nbytes)
+
+
+def _spec_name(name: Any, size: int, mesh: jax.sharding.Mesh) -> Any:
+    """``name`` if the mesh has that axis (or all of a tuple of axes) and it divides ``size``, else None."""
+    axes = name if isinstance(name, tuple) else (name,)
+    if name is None or any(a not in mesh.shape for a in axes):
+        return None
+    return name if size % int(np.prod([mesh.shape[a] for a in axes])) == 0 else None
+
+
+def _packed_shardings(weight: PackedWeight, names: tuple | None, mesh: jax.sharding.Mesh) -> Any:
+    layout = weight.layout
+    lead_sizes = layout.lead_shape
+    names = names or (None,) * (len(lead_sizes) + 2)
+    lead = [_spec_name(n, s, mesh) for n, s in zip(names[:-2], lead_sizes, strict=True)]
+    out_name = _spec_name(names[-2], layout.out_features, mesh)
+
+    def named(*spec):
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+    packed = weight.packed
+    if not isinstance(packed, QuantizedTensor):
+        return PackedWeight(named(*lead, out_name, _spec_name(names[-1], layout.in_features, mesh)), layout,
+                            weight.orig_dtype, weight.scaling, weight.backend, weight.has_lora)
+    # Codes and scales split by rows ([out, in] row-major blocks); the nested scales and offset stay whole.
+    rows_ok = out_name is not None and layout.in_features % packed.blocksize == 0
+    row = out_name if rows_ok else None
+    sharded = QuantizedTensor(named(*lead, row, None), named(*lead, row),
+                              None if packed.nested_scales is None else named(*lead, None),
+                              None if packed.offset is None else named(*lead),
+                              packed.shape, packed.dtype, packed.quant_type, packed.blocksize, packed.nested_blocksize)
+    return PackedWeight(sharded, layout, weight.orig_dtype, weight.scaling, weight.backend, weight.has_lora)
+
+
+def state_shardings(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.State:
+    """NamedShardings for ``nnx.state(model)`` from its variables' sharding annotations.
+
+    Packed weights follow the ``packed_sharding`` that :func:`~qlora_jax.nn.apply_qlora` carried
+    from the original weight's ``out_sharding`` (codes and scales split by the matrices' rows,
+    the leading layer/batch axes by their own names), adapters and every other variable their
+    ``out_sharding``; an axis the mesh lacks, or that does not divide a dimension, is replicated.
+    Place the model with ``nnx.update(model, jax.device_put(nnx.state(model), state_shardings(model, mesh)))``.
+    """
+    def rule(var):
+        if isinstance(var, QLoRAWeight) and isinstance(var.get_raw_value(), PackedWeight):
+            return var.replace(_packed_shardings(var.get_raw_value(), var.get_metadata().get("packed_sharding"),
+                                                 mesh))
+        value = var.get_raw_value()
+        names = var.get_metadata().get("out_sharding") or ()
+        shape = getattr(value, "shape", ())
+        spec = [_spec_name(n, s, mesh) for n, s in zip(names, shape, strict=False)]
+        return var.replace(jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)),
+                                        value))
+
+    return jax.tree.map(rule, nnx.state(model), is_leaf=lambda x: isinstance(x, nnx.Variable))
