@@ -608,3 +608,21 @@ def test_tunix_peft_trainer_trains_the_converted_model():
     changed = jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))), lora_before, nnx.state(model, nnx.LoRAParam))
     assert all(jax.tree.leaves(changed))
     assert loss() < loss_before
+
+
+@pytest.mark.slow
+def test_bench_vs_qwix_smoke():
+    """The benchmark's harness on tiny shapes (no timing is asserted; the byte ratio is arithmetic)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "experiments.bench_vs_qwix", "--smoke"], check=True,
+                         capture_output=True, text=True).stdout
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:5]] for line in out.splitlines()
+            if line.startswith("| ") and "qlora-jax" not in line}
+    stored = rows["frozen bytes of the converted weights (as stored)"]
+    # NF4 + DQ at block 64: 4 + 8/64 + 32/(64*256) bits per weight = 0.516 bytes; qwix: one uint4 per byte plus
+    # a float32 scale per 64 contracted values = 1.0625 bytes; so 0.4856 (the head is not converted by either).
+    assert float(stored[2]) == pytest.approx((4 + 8 / 64 + 32 / (64 * 256)) / 8 / 1.0625, rel=0.01)
+    assert set(rows) >= {"logits error vs the float model (relative, Frobenius)",
+                         "peak host memory (MiB, a process converting and training)"}
+    assert any(key.startswith("training step") for key in rows)
