@@ -626,3 +626,37 @@ def test_bench_vs_qwix_smoke():
     assert set(rows) >= {"logits error vs the float model (relative, Frobenius)",
                          "peak host memory (MiB, a process converting and training)"}
     assert any(key.startswith("training step") for key in rows)
+
+
+def test_gemma_linen_kv_cache_decoding_matches_the_reference():
+    from qlora_jax.nn.linen import LORA, apply_converted, convert_variables
+
+    model, variables, args = _gemma(qkv=False)
+    tokens, positions, _, _ = args
+    converted, _ = convert_variables(model, variables, QLoRARule("all-linear", lora=LoraConfig(r=4)), *args,
+                                     key=jax.random.key(1))
+    rng = np.random.default_rng(SEED + 6)
+    converted[LORA] = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.asarray(rng.normal(0, 0.02, x.shape), x.dtype) if "lora_B" in str(p[-1]) else x,
+        converted[LORA])
+    merged = _linen_merged(variables, converted)
+
+    def greedy(apply, size=16, steps=6):
+        # The model's own decoding path: a prefill, then one token at a time through its KV cache (past the
+        # sliding window of 4 on the local layer).
+        cache = model.config.init_cache(1, jnp.float32, cache_length=size)
+        prompt, pos = tokens[:1], positions[:1]
+        n = prompt.shape[1]
+        prefill = jnp.zeros((1, n, size), bool).at[:, :, :n].set(jnp.tril(jnp.ones((n, n), bool)))
+        logits, cache = apply(prompt, pos, cache, prefill)
+        out = []
+        for t in range(n, n + steps):
+            nxt = int(jnp.argmax(logits[0, -1]))
+            out.append(nxt)
+            logits, cache = apply(jnp.asarray([[nxt]], jnp.int32), jnp.asarray([[t]]), cache,
+                                  (jnp.arange(size) <= t)[None, None, :])
+        return out
+
+    ours = greedy(jax.jit(lambda *a: apply_converted(model, converted, *a)))
+    reference = greedy(jax.jit(lambda *a: model.apply(merged, *a)))
+    assert ours == reference
