@@ -10,6 +10,7 @@ nothing with the rewritten forward pass but the model file.
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 import types
 
@@ -660,3 +661,38 @@ def test_gemma_linen_kv_cache_decoding_matches_the_reference():
     ours = greedy(jax.jit(lambda *a: apply_converted(model, converted, *a)))
     reference = greedy(jax.jit(lambda *a: model.apply(merged, *a)))
     assert ours == reference
+
+
+def test_converted_third_party_step_lowers_to_the_fused_cuda_kernels():
+    """The contractions of a converted tunix model go through quantized_matmul: with backend="pallas_triton",
+    a training step (forward + input gradient) exports for CUDA with one fused kernel per matmul and its VJP."""
+    from qlora_jax.kernels import lowering
+
+    model = _llama3()
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):  # a bfloat16 model: the kernels' activations
+        var.set_value(var[...].astype(jnp.bfloat16))
+    tokens, positions, mask = _inputs()
+    report = apply_qlora(model, QLoRARule("all-linear", lora=LoraConfig(r=4), kernel_backend="pallas_triton"),
+                         tokens, positions, None, mask, rngs=nnx.Rngs(1))
+    graphdef, state = nnx.split(model)
+    lora, rest = state.split(nnx.LoRAParam, ...)
+
+    def loss(lora_state, x):
+        m = nnx.merge(graphdef, lora_state, rest)
+        logits, _ = m(tokens, positions, None, mask)
+        return jnp.mean(logits.astype(jnp.float32) ** 2) + 0 * x
+
+    def kernel_calls(exported) -> int:
+        # The module outlines each kernel shape once (func.func @fused_matmul...) and calls it per use.
+        module = exported.mlir_module()
+        blocks = module.split("func.func ")[1:]
+        with_kernel = {re.match(r"(?:private |public )?@([\w$.]+)", b).group(1) for b in blocks
+                       if f"custom_call @{lowering.TRITON_TARGET}" in b}
+        return sum(len(re.findall(rf"call @{re.escape(name)}\(", module)) for name in with_kernel)
+
+    forward = kernel_calls(lowering.export_for_cuda(lambda lv, x: loss(lv, x), lora, jnp.float32(0)))
+    step = kernel_calls(lowering.export_for_cuda(jax.grad(loss), lora, jnp.float32(0)))
+    assert forward == len(report.layers) == 15  # every converted contraction is a fused kernel
+    # The backward adds the input-gradient kernels: at least those of the 10 matmuls whose dx a trainable
+    # adapter needs (all but layer 0's q, k, v, gate and up, which only the frozen embedding output feeds).
+    assert step - forward >= 10
