@@ -126,6 +126,12 @@ def test_every_projection_of_a_tunix_model_is_converted(family):
     assert [(w.path, w.reason) for w in report.left] == [("lm_head.w", "excluded by rule 0")]
     summary = report.summary()
     assert "14 layers replaced" in summary and "lm_head.w: [64, 128], excluded by rule 0" in summary
+    # Naming the projections (PEFT-style module names) selects the same weights.
+    named = _llama3() if family == "llama3" else _qwen3()
+    by_name = apply_qlora(named, QLoRARule(list(PROJECTIONS), lora=LoraConfig(r=4)), tokens, positions, None, mask,
+                          rngs=nnx.Rngs(1))
+    assert {layer.path for layer in by_name.layers} == expected
+    assert [(w.path, w.reason) for w in by_name.left] == [("lm_head.w", "not selected")]
     # Shapes the model reads at run time are the original ones.
     assert model.layers[0].attn.q_proj.w.shape == (64, 4, 16)
     assert model.layers[0].attn.head_dim == 16
@@ -157,8 +163,9 @@ def test_tunix_logits_equal_the_model_on_merged_weights(family):
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=1e-4, atol=1e-4)
 
 
-def test_tunix_optimizer_step_trains_only_adapters_with_reference_gradients():
-    original = _llama3()
+@pytest.mark.parametrize("family", ["llama3", "qwen3"])
+def test_tunix_optimizer_step_trains_only_adapters_with_reference_gradients(family):
+    original = _llama3() if family == "llama3" else _qwen3()
     _randomise_weights(original)
     model = nnx.clone(original)
     tokens, positions, mask = _inputs()
@@ -202,8 +209,9 @@ def test_tunix_optimizer_step_trains_only_adapters_with_reference_gradients():
     assert float(loss_fn(model)) < loss0
 
 
-def test_tunix_kv_cache_generation_path_matches_the_reference():
-    original = _llama3()
+@pytest.mark.parametrize("family", ["llama3", "qwen3"])
+def test_tunix_kv_cache_generation_path_matches_the_reference(family):
+    original = _llama3() if family == "llama3" else _qwen3()
     _randomise_weights(original)
     model = nnx.clone(original)
     tokens, positions, mask = _inputs(batch=1, length=4)
