@@ -168,8 +168,9 @@ class FinetuneConfig:
     mc_eval_file: str = setting("auto", "Multiple-choice evaluation: 'chatterbot' (the held-out reply-retrieval "
                                 "task built from this run's held-out split), a qlora.py MMLU JSON "
                                 "(five_shot_mmlu_val.json) or an MMLU / lm-eval-style JSONL or parquet file, 'none'; "
-                                "'auto': chatterbot when dataset is chatterbot, else none.", check=_mc_eval_file,
-                                resume_may_change=True)
+                                "'auto': chatterbot when dataset is chatterbot and the held-out split is large "
+                                "enough for it (else none, with a warning saying why), else none.",
+                                check=_mc_eval_file, resume_may_change=True, off="none")
     mc_eval_steps: int | None = setting(None, "Run the multiple-choice evaluation every N steps (default: with "
                                         "every held-out evaluation, eval_steps) and at the end.", check=positive,
                                         resume_may_change=True)
