@@ -91,6 +91,7 @@ def main(argv: list[str]) -> None:
     from qlora_jax import finetune
     from qlora_jax.data import DatasetError
     from qlora_jax.distributed import DistributedSetupError, PrimaryProcessError, initialize_distributed, is_primary
+    from qlora_jax.recipe.io_errors import OutputDirError
     from qlora_jax.recipe.run_lock import RunLockedError
 
     changed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
@@ -104,7 +105,8 @@ def main(argv: list[str]) -> None:
     except ConfigError as err:  # found once the files were read (resume, adapters, model, devices)
         raise SystemExit(f"finetune: --{err}") from None
     except (DistributedSetupError, PrimaryProcessError, RunLockedError, FileExistsError, DatasetError,
-            FloatingPointError) as err:
+            FloatingPointError, OutputDirError) as err:
+        # Known failures: one line, no traceback (the debug log, --verbosity=1, has what led there).
         raise SystemExit(f"finetune: {err}") from None
     if is_primary():
         print_summary(result)
