@@ -13,7 +13,7 @@ compiles (minutes for a large model): the log says so, and the progress bar's es
 nothing until then.
 
     python -m experiments.finetune --max_steps=300 --output_dir=outputs/run1
-    python -m experiments.finetune --output_dir=outputs/run1 --resume          # continue a run
+    python -m experiments.finetune --max_steps=300 --output_dir=outputs/run1 --resume  # continue it, after a crash too
     python -m experiments.finetune --model=/models/llama-2-7b-hf --dataset=data/alpaca.json \
         --per_device_train_batch_size=1 --gradient_accumulation_steps=16 --max_steps=1875
 

@@ -162,8 +162,10 @@ class FinetuneConfig:
                            "per_device_eval_batch_size, data_workers, output_dir, and the mesh and "
                            "per_device_train_batch_size as long as the global batch stays the same.",
                            resume_may_change=True)
-    force_unlock: bool = setting(False, "Take over output_dir even though a lock file says another run holds it "
-                                 "(after a crash; never while that run is alive).", resume_may_change=True)
+    force_unlock: bool = setting(False, "Take over output_dir's lock held by a run on another host (a shared file "
+                                 "system), whose liveness cannot be checked from here. A crashed or killed run's "
+                                 "lock on this host is taken over without it; a live run's, never.",
+                                 resume_may_change=True)
     # multiple-choice evaluation during training (qlora.py's --do_mmlu_eval)
     mc_eval_file: str = setting("auto", "Multiple-choice evaluation: 'chatterbot' (the held-out reply-retrieval "
                                 "task built from this run's held-out split), a qlora.py MMLU JSON "
