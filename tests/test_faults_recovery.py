@@ -183,6 +183,21 @@ def test_explicit_evaluation_on_a_small_held_out_split_fails_naming_the_way_out(
     assert TrainCheckpointer(out / "checkpoints").all_steps() == []
 
 
+def test_a_held_out_count_larger_than_the_dataset_names_the_flag(tiny_model, tmp_path):
+    """A file of 10 conversations under the default held-out count (96): the flag, in one line."""
+    data = tmp_path / "ten.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i}"},
+                                                      {"role": "assistant", "content": f"answer {i}"}]}) + "\n"
+                            for i in range(10)))
+    cfg = small_finetune_config(tiny_model, tmp_path / "run", dataset=str(data), max_train_samples=None,
+                                eval_dataset_size=FinetuneConfig.field_default("eval_dataset_size"),
+                                per_device_train_batch_size=2)
+    with pytest.raises(ConfigError, match=r"^eval_dataset_size=96: eval_dataset_size 96 holds out 96 of 10 examples, "
+                                          r"leaving none to train on in .*ten\.jsonl; pass a smaller count or a "
+                                          r"fraction such as --eval_dataset_size=0\.1$"):
+        run(cfg, progress=False)
+
+
 # ============================================================================ full disks: one line
 def test_output_dir_errors_are_recognised_and_named(tmp_path):
     out = tmp_path / "run"

@@ -382,9 +382,13 @@ def _initial_adapters(path: str, model: CausalLM) -> Any:
 def setup_data(cfg: FinetuneConfig, tokenizer: Tokenizer, *, data_parallel: int = 1) -> FinetuneData:
     """The held-out split, chat-templated and tokenized with the source masked (see :mod:`qlora_jax.data`)."""
     examples = data_lib.load_examples(cfg.dataset, cfg.dataset_format)
-    train, held_out, cleaning = data_lib.train_eval_split(examples, cfg.eval_dataset_size, cfg.seed,
-                                                          max_train_samples=cfg.max_train_samples,
-                                                          max_eval_samples=cfg.max_eval_samples)
+    try:
+        train, held_out, cleaning = data_lib.train_eval_split(examples, cfg.eval_dataset_size, cfg.seed,
+                                                              max_train_samples=cfg.max_train_samples,
+                                                              max_eval_samples=cfg.max_eval_samples)
+    except ValueError as err:  # a held-out count that leaves nothing to train on: the flag, not a traceback
+        raise ConfigError(f"eval_dataset_size={cfg.eval_dataset_size!r}: {err} in {cfg.dataset}; pass a smaller "
+                          "count or a fraction such as --eval_dataset_size=0.1") from None
     log.info("%s", cleaning.summary())
     global_batch = cfg.per_device_train_batch_size * data_parallel
     if len(train) < global_batch:
