@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import getpass
 import json
 import logging
 import os
@@ -202,7 +203,8 @@ def test_a_held_out_count_larger_than_the_dataset_names_the_flag(tiny_model, tmp
 def test_output_dir_errors_are_recognised_and_named(tmp_path):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
-    for code, words, advice in ((errno.EACCES, "permission denied (EACCES)", f"Make {out} writable by the user"),
+    for code, words, advice in ((errno.EACCES, "permission denied (EACCES)", f"Make {out} writable by the user "
+                                                                             f"{getpass.getuser()}"),
                                 (errno.EROFS, "read-only file system (EROFS)", "on a writable file system"),
                                 (errno.ENOSPC, "no space left on device (ENOSPC)", "--resume")):
         err = OSError(code, os.strerror(code), str(out / "metrics.jsonl"))
@@ -225,6 +227,26 @@ def test_output_dir_errors_are_recognised_and_named(tmp_path):
     assert output_dir_error(ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8 bytes"),
                             out) is None
     assert output_dir_error(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache")), out) is None
+
+
+def test_an_output_dir_we_may_not_create_is_one_line(tiny_model, tmp_path, monkeypatch):
+    """EACCES as mkdir raises it for a folder under one we may not write (tests may run as root,
+    where chmod would not stop us)."""
+    out = tmp_path / "read-only parent" / "run"
+    out.parent.mkdir()
+    original = pathlib.Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == out:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    with pytest.raises(OutputDirError) as err:
+        run(small_finetune_config(tiny_model, out), progress=False)
+    assert str(err.value).startswith(f"creating the output directory failed: permission denied (EACCES) at {out}; ")
+    assert str(err.value).endswith(f"Make {out.parent} writable by the user {getpass.getuser()}, or choose "
+                                   "another --output_dir.")
 
 
 def _enospc_in_orbax_writer(monkeypatch, step: int) -> None:

@@ -160,7 +160,9 @@ def output_dir_error(err: BaseException, output_dir: str | pathlib.Path) -> Outp
         advice = (f"Free space there, then run the same command with --resume (it continues from the last "
                   f"complete checkpoint in {out / 'checkpoints'}), or choose another --output_dir")
     elif code == errno.EACCES:
-        advice = f"Make {out} writable by the user {getpass.getuser()}, or choose another --output_dir"
+        # The folder to fix: the nearest one that exists (the parent, when output_dir cannot be created).
+        folder = next((p for p in (path, *path.parents) if p.is_dir()), out)
+        advice = f"Make {folder} writable by the user {getpass.getuser()}, or choose another --output_dir"
     else:
         advice = "Choose an --output_dir on a writable file system"
     message = (f"{what} failed: {OUTPUT_ERRNOS[code]} ({errno.errorcode[code]}) at {path}; {_free_space(path)}. "
