@@ -4,13 +4,16 @@
   reads as a failure to shells and CI);
 * ``--verbosity`` is honoured (absl's default shows INFO). Orbax reports every save and restore
   through absl at INFO; those records are kept out below ``--verbosity=1`` (debug), so the
-  default output is the recipe's own progress.
+  default output is the recipe's own progress. Orbax's writer threads' reports of a full disk
+  (or a folder it may not write) are debug output too, and so are TensorStore's late callbacks
+  after such a failed save: the launcher reports that failure in one line.
 """
 
 from __future__ import annotations
 
 import logging as std_logging
 import sys
+import traceback
 from collections.abc import Callable
 
 from absl import app, flags
@@ -48,12 +51,46 @@ def _define_help_flags() -> None:
 
 
 class _QuietOrbax(std_logging.Filter):
-    """Drops Orbax's records below WARNING unless --verbosity asks for debug output."""
+    """Drops Orbax's records below WARNING unless --verbosity asks for debug output, and its
+    writer threads' reports of a full disk or a folder it may not write (each thread logs the
+    error with a traceback; the recipe reports it once, in one line: qlora_jax.recipe.io_errors)."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        if record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname.replace("\\", "/"):
+        if "/orbax/" not in record.pathname.replace("\\", "/"):
+            return True
+        if record.levelno >= std_logging.WARNING and not _output_failure(record):
             return True
         return absl_logging.get_verbosity() >= absl_logging.DEBUG
+
+
+def _output_failure(record: std_logging.LogRecord) -> bool:
+    """Whether ``record`` reports an error of qlora_jax.recipe.io_errors.OUTPUT_ERRNOS (no space, ...)."""
+    from qlora_jax.recipe.io_errors import errno_in_text
+
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+        text += f"\n{record.exc_info[1]}"
+    return errno_in_text(text) is not None
+
+
+def _late_callbacks_to_debug(previous: Callable) -> Callable:
+    """A ``sys.unraisablehook`` that sends TensorStore's late callbacks after a failed Orbax save
+    to the debug log, and everything else to ``previous``.
+
+    Why: when one write of an asynchronous save fails (a full disk), Orbax's thread closes its
+    event loop while TensorStore still has writes in flight; each of those then fails to call back
+    (``RuntimeError: Event loop is closed``), reported as "unraisable" with a traceback apiece.
+    The failure itself is reported once, in one line (qlora_jax.recipe.io_errors).
+    """
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            absl_logging.debug("a TensorStore callback after its event loop closed (a failed save): %s",
+                               "".join(traceback.format_exception(unraisable.exc_value)))
+            return
+        previous(unraisable)
+
+    return hook
 
 
 def _adopt_as_main(module_name: str) -> None:
@@ -72,4 +109,5 @@ def run(main: Callable[[list[str]], None], module_name: str = "__main__") -> Non
         _adopt_as_main(module_name)
     _define_help_flags()
     absl_logging.get_absl_handler().addFilter(_QuietOrbax())
+    sys.unraisablehook = _late_callbacks_to_debug(sys.unraisablehook)
     app.run(main)

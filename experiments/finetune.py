@@ -13,7 +13,7 @@ compiles (minutes for a large model): the log says so, and the progress bar's es
 nothing until then.
 
     python -m experiments.finetune --max_steps=300 --output_dir=outputs/run1
-    python -m experiments.finetune --output_dir=outputs/run1 --resume          # continue a run
+    python -m experiments.finetune --max_steps=300 --output_dir=outputs/run1 --resume  # continue it, after a crash too
     python -m experiments.finetune --model=/models/llama-2-7b-hf --dataset=data/alpaca.json \
         --per_device_train_batch_size=1 --gradient_accumulation_steps=16 --max_steps=1875
 
@@ -91,6 +91,7 @@ def main(argv: list[str]) -> None:
     from qlora_jax import finetune
     from qlora_jax.data import DatasetError
     from qlora_jax.distributed import DistributedSetupError, PrimaryProcessError, initialize_distributed, is_primary
+    from qlora_jax.recipe.io_errors import OutputDirError
     from qlora_jax.recipe.run_lock import RunLockedError
 
     changed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
@@ -104,7 +105,8 @@ def main(argv: list[str]) -> None:
     except ConfigError as err:  # found once the files were read (resume, adapters, model, devices)
         raise SystemExit(f"finetune: --{err}") from None
     except (DistributedSetupError, PrimaryProcessError, RunLockedError, FileExistsError, DatasetError,
-            FloatingPointError) as err:
+            FloatingPointError, OutputDirError) as err:
+        # Known failures: one line, no traceback (the debug log, --verbosity=1, has what led there).
         raise SystemExit(f"finetune: {err}") from None
     if is_primary():
         print_summary(result)

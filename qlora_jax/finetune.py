@@ -12,7 +12,8 @@ Outputs in ``output_dir``: ``metrics.jsonl`` (one JSON object per logged step or
 ``completed``, ``checkpoints/<step>/`` (Orbax: adapters, optimizer state, data position, RNG,
 settings), ``base/`` (the quantized base, :func:`~qlora_jax.checkpoints.orbax_format.save_quantized`,
 read back on resume instead of re-quantizing) and ``adapter/`` (``adapter_model.safetensors`` +
-``adapter_config.json``); ``.lock`` while the run is alive.
+``adapter_config.json``); ``.lock`` while the run is alive. A write that fails for lack of
+space or permission raises :class:`~qlora_jax.recipe.io_errors.OutputDirError` (one line).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import functools
 import pathlib
 import time
 
-from qlora_jax.recipe import steps
+from qlora_jax.recipe import io_errors, steps
 from qlora_jax.recipe.config import FinetuneConfig
 from qlora_jax.recipe.divergence import DivergenceMonitor
 from qlora_jax.recipe.steps import FinetuneResult, MetricsLog
@@ -32,7 +33,10 @@ __all__ = ["FinetuneConfig", "FinetuneResult", "run"]
 def run(cfg: FinetuneConfig, *, progress: bool = True) -> FinetuneResult:
     """Runs (or, with ``cfg.resume``, continues) a finetune; see the module docstring."""
     started, out = time.perf_counter(), pathlib.Path(cfg.output_dir)
-    with steps.lock_output_dir(cfg), steps.open_checkpoints(cfg) as checkpointer:
+    # A full disk or a folder we may not write ends the run with one line (OutputDirError),
+    # whether our code or Orbax's writer threads saw it.
+    with (io_errors.naming_output_errors(out), steps.lock_output_dir(cfg),
+          steps.open_checkpoints(cfg) as checkpointer):
         if (done := steps.finished_result(cfg, checkpointer)) is not None:
             return done
         steps.check_adapter_init(cfg)
@@ -40,16 +44,17 @@ def run(cfg: FinetuneConfig, *, progress: bool = True) -> FinetuneResult:
         shards = steps.data_parallel_size(mesh)
         model, tokenizer = steps.setup_model(cfg, mesh)
         data = steps.setup_data(cfg, tokenizer, data_parallel=shards)
+        trainable, frozen = steps.split_trainable(model)
+        # Before any answer is generated: an explicit evaluation that cannot run fails early.
+        mc_eval = steps.setup_mc_eval(cfg, model, tokenizer, mesh, frozen)
         samples_before = steps.samples_before_training(cfg, model, tokenizer, data)
         optimizer, schedule = steps.setup_optimizer(cfg)
-        trainable, frozen = steps.split_trainable(model)
         state = steps.restore_or_init(cfg, checkpointer, trainable, optimizer)
         train_step, eval_step = steps.compile_steps(model.spec, optimizer, state.opt_state)
         # Each process reads only the rows of every global batch that its devices hold.
         train_size, eval_size = cfg.per_device_train_batch_size * shards, cfg.per_device_eval_batch_size * shards
         train_rows, eval_rows = steps.process_rows(mesh, train_size), steps.process_rows(mesh, eval_size)
         held_out = steps.held_out_batches(data, eval_size, tokenizer.pad_id, rows=eval_rows)
-        mc_eval = steps.setup_mc_eval(cfg, model, tokenizer, mesh, frozen)
         with MetricsLog(out / steps.METRICS, keep_through_step=state.step or None) as metrics:
             loop = steps.train_loop(
                 cfg, state, train_step=train_step, frozen=frozen, schedule=schedule, checkpointer=checkpointer,

@@ -90,3 +90,30 @@ def restore_targets(model_path: pathlib.Path, out: pathlib.Path, **overrides):
     optimizer, _ = steps.setup_optimizer(cfg)
     trainable, _ = steps.split_trainable(model)
     return trainable, optimizer.init(trainable)
+
+
+# A process that takes the run lock of argv[2] (loading run_lock.py alone: fast) and holds it.
+_HOLD_LOCK = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("run_lock", sys.argv[1])
+run_lock = importlib.util.module_from_spec(spec); spec.loader.exec_module(run_lock)
+with run_lock.RunLock(sys.argv[2]):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def hold_run_lock(directory: pathlib.Path):
+    """A subprocess holding ``directory``'s run lock (``RunLock``), returned once it holds it;
+    the caller kills it."""
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(repo / "qlora_jax/recipe/run_lock.py"),
+                               str(directory)], stdout=subprocess.PIPE, text=True)
+    line = holder.stdout.readline().strip()
+    if line != "locked":
+        holder.kill()
+        raise RuntimeError(f"the lock holder did not take the lock of {directory} (said {line!r})")
+    return holder

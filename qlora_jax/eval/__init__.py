@@ -17,7 +17,7 @@ chatterbot conversations), :mod:`.scoring` (tokens, batches, the compiled log-li
 :mod:`.tasks` (what a ``mc_eval_file`` setting names) and :mod:`.plot`.
 """
 
-from qlora_jax.eval.chatterbot import chatterbot_task, conversation_topic
+from qlora_jax.eval.chatterbot import HeldOutTooSmallError, chatterbot_task, conversation_topic
 from qlora_jax.eval.evaluator import MultipleChoiceEvaluator, evaluate
 from qlora_jax.eval.formats import FORMATS, detect_format, load_qlora_items, load_questions, read_table
 from qlora_jax.eval.items import MultipleChoiceItem, MultipleChoiceTask, Question
@@ -37,7 +37,8 @@ from qlora_jax.eval.scoring import TokenizedItem, tokenize_item
 from qlora_jax.eval.tasks import BUILTIN_TASKS, load_task
 
 __all__ = [
-    "BUILTIN_TASKS", "FORMATS", "LETTERS", "STYLES", "MultipleChoiceEvaluator", "MultipleChoiceItem",
+    "BUILTIN_TASKS", "FORMATS", "HeldOutTooSmallError", "LETTERS", "STYLES", "MultipleChoiceEvaluator",
+    "MultipleChoiceItem",
     "MultipleChoiceScores", "MultipleChoiceTask", "Question", "TokenizedItem", "build_items", "chatterbot_task",
     "cloze_block", "conversation_topic", "detect_format", "evaluate", "letter_block", "load_qlora_items",
     "load_questions", "load_task", "mmlu_header", "plot_accuracy", "read_table", "render_question", "select_shots",

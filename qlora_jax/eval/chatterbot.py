@@ -38,7 +38,7 @@ from qlora_jax import data as data_lib
 from qlora_jax.data.example import DatasetError, Example
 from qlora_jax.eval.items import MultipleChoiceItem, MultipleChoiceTask
 
-__all__ = ["chatterbot_task", "conversation_topic"]
+__all__ = ["HeldOutTooSmallError", "chatterbot_task", "conversation_topic"]
 
 log = logging.getLogger(__name__)
 
@@ -60,29 +60,24 @@ def _first_exchange(example: Example) -> tuple[str, str]:
     raise DatasetError(f"{example.origin}: no user turn followed by an assistant turn")
 
 
-def chatterbot_task(
-    *,
-    dataset: str = "chatterbot",
-    eval_dataset_size: int | float = 96,
-    seed: int = 0,
-    max_eval_samples: int | None = None,
-    num_choices: int = 4,
-) -> MultipleChoiceTask:
-    """The held-out chatterbot reply-retrieval task (see the module docstring).
+class HeldOutTooSmallError(DatasetError):
+    """The held-out split is too small for the reply-retrieval task: too few questions not seen in
+    training, or too few replies of other topics to draw the distractors from.
 
-    ``dataset``: ``"chatterbot"`` or ``"chatterbot:<language>"``; ``eval_dataset_size``, ``seed``
-    and ``max_eval_samples``: the finetune's own settings, so that the questions are its held-out
-    split. ``num_choices``: the true reply plus ``num_choices - 1`` distractors.
+    ``needed``: the smallest held-out count (``eval_dataset_size``, same seed) that is enough, or
+    None if no split of this dataset is.
     """
-    if dataset.partition(":")[0] != "chatterbot":
-        raise ValueError(f"the reply-retrieval task is built from chatterbot-corpus, not {dataset!r}")
-    if num_choices < 2:
-        raise ValueError(f"num_choices must be at least 2, got {num_choices}")
-    examples = data_lib.load_examples(dataset)
-    train, held_out, _ = data_lib.train_eval_split(examples, eval_dataset_size, seed,
-                                                   max_eval_samples=max_eval_samples)
-    seen = {_normal(m["content"]) for ex in train for m in ex.messages}
 
+    def __init__(self, message: str, needed: int | None):
+        super().__init__(message)
+        self.needed = needed
+
+
+def _items(train: list[Example], held_out: list[Example], seed: int,
+           num_choices: int) -> tuple[list[MultipleChoiceItem], int, str | None]:
+    """``(items, skipped, problem)``: the task's items over this split, how many held-out
+    conversations were dropped as seen in training, and what makes the split too small (None: nothing)."""
+    seen = {_normal(m["content"]) for ex in train for m in ex.messages}
     exchanges = [(conversation_topic(ex), *_first_exchange(ex), ex.origin) for ex in held_out]
     replies_by_topic: dict[str, list[str]] = {}
     for topic, _, reply, _ in exchanges:
@@ -105,14 +100,76 @@ def chatterbot_task(
                     pool.append(candidate)
                     pool_texts.add(_normal(candidate))
         if len(pool) < num_choices - 1:
-            raise DatasetError(f"{origin}: only {len(pool)} held-out replies of other topics to draw "
-                               f"{num_choices - 1} distractors from; hold out more conversations")
+            return items, skipped, (f"{origin}: only {len(pool)} held-out replies of other topics to draw "
+                                    f"{num_choices - 1} distractors from")
         rng = np.random.default_rng([seed, index])
         distractors = [pool[i] for i in rng.choice(len(pool), size=num_choices - 1, replace=False)]
         order = rng.permutation(num_choices)
         choices = [([reply] + distractors)[i] for i in order]
         items.append(MultipleChoiceItem(question, tuple(choices), int(np.argmax(order == 0)), topic, delimiter="",
                                         chat=True, origin=origin))
+    if not items:
+        return items, skipped, (f"none of the {len(held_out)} held-out conversations has a question and reply that "
+                                "are not also turns of the training split")
+    return items, skipped, None
+
+
+def _held_out_needed(kept: list[Example], start: int, seed: int, num_choices: int) -> int | None:
+    """The smallest held-out count above ``start`` for which the task can be built (None: none can).
+
+    The split's permutation does not depend on the count (:func:`qlora_jax.data.split_indices`), so
+    a larger count holds out a superset and trains on a subset: more questions qualify and the
+    distractor pools only grow. Doubling, then bisecting, finds the count in a few tries.
+    """
+
+    def enough(count: int) -> bool:
+        train, held_out = data_lib.split_indices(len(kept), count, seed)
+        return _items([kept[i] for i in train], [kept[i] for i in held_out], seed, num_choices)[2] is None
+
+    top = len(kept) - 1  # at least one conversation trains
+    low, high = start, min(max(start + 1, 2 * start), top)  # low: too few
+    if high <= low:
+        return None
+    while not enough(high):
+        if high == top:
+            return None
+        low, high = high, min(2 * high, top)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if enough(middle) else (middle, high)
+    return high
+
+
+def chatterbot_task(
+    *,
+    dataset: str = "chatterbot",
+    eval_dataset_size: int | float = 96,
+    seed: int = 0,
+    max_eval_samples: int | None = None,
+    num_choices: int = 4,
+) -> MultipleChoiceTask:
+    """The held-out chatterbot reply-retrieval task (see the module docstring).
+
+    ``dataset``: ``"chatterbot"`` or ``"chatterbot:<language>"``; ``eval_dataset_size``, ``seed``
+    and ``max_eval_samples``: the finetune's own settings, so that the questions are its held-out
+    split. ``num_choices``: the true reply plus ``num_choices - 1`` distractors. A split too small
+    for the task raises :class:`HeldOutTooSmallError`, saying how many held-out conversations would do.
+    """
+    if dataset.partition(":")[0] != "chatterbot":
+        raise ValueError(f"the reply-retrieval task is built from chatterbot-corpus, not {dataset!r}")
+    if num_choices < 2:
+        raise ValueError(f"num_choices must be at least 2, got {num_choices}")
+    examples = data_lib.load_examples(dataset)
+    train, held_out, _ = data_lib.train_eval_split(examples, eval_dataset_size, seed,
+                                                   max_eval_samples=max_eval_samples)
+    items, skipped, problem = _items(train, held_out, seed, num_choices)
+    if problem is not None:
+        kept, _ = data_lib.clean_examples(examples)
+        needed = _held_out_needed(kept, len(held_out), seed, num_choices)
+        enough = (f"no split of {dataset} is large enough" if needed is None else
+                  f"at least {needed} needed with seed {seed}")
+        raise HeldOutTooSmallError(f"the chatterbot reply-retrieval task: {problem} ({len(held_out)} conversations "
+                                   f"held out; {enough})", needed)
     log.info("chatterbot reply retrieval: %d questions from %d held-out conversations (%d dropped: their question "
              "or reply is also a turn of the training split)", len(items), len(held_out), skipped)
     return MultipleChoiceTask(

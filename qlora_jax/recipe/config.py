@@ -162,14 +162,17 @@ class FinetuneConfig:
                            "per_device_eval_batch_size, data_workers, output_dir, and the mesh and "
                            "per_device_train_batch_size as long as the global batch stays the same.",
                            resume_may_change=True)
-    force_unlock: bool = setting(False, "Take over output_dir even though a lock file says another run holds it "
-                                 "(after a crash; never while that run is alive).", resume_may_change=True)
+    force_unlock: bool = setting(False, "Take over output_dir's lock held by a run on another host (a shared file "
+                                 "system), whose liveness cannot be checked from here. A crashed or killed run's "
+                                 "lock on this host is taken over without it; a live run's, never.",
+                                 resume_may_change=True)
     # multiple-choice evaluation during training (qlora.py's --do_mmlu_eval)
     mc_eval_file: str = setting("auto", "Multiple-choice evaluation: 'chatterbot' (the held-out reply-retrieval "
                                 "task built from this run's held-out split), a qlora.py MMLU JSON "
                                 "(five_shot_mmlu_val.json) or an MMLU / lm-eval-style JSONL or parquet file, 'none'; "
-                                "'auto': chatterbot when dataset is chatterbot, else none.", check=_mc_eval_file,
-                                resume_may_change=True)
+                                "'auto': chatterbot when dataset is chatterbot and the held-out split is large "
+                                "enough for it (else none, with a warning saying why), else none.",
+                                check=_mc_eval_file, resume_may_change=True, off="none")
     mc_eval_steps: int | None = setting(None, "Run the multiple-choice evaluation every N steps (default: with "
                                         "every held-out evaluation, eval_steps) and at the end.", check=positive,
                                         resume_may_change=True)

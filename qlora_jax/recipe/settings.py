@@ -16,11 +16,18 @@ work with a :class:`ConfigError` that starts with the setting's name::
             validate(self)
 
     Config(steps=0)   # ConfigError: steps=0: must be positive
+
+**Defaults degrade, explicit requests fail.** A setting whose default ``"auto"`` turns a feature
+on where it applies declares the value that turns it off (``setting("auto", ..., off="none")``).
+When the feature cannot run on this data, the code that builds it calls :func:`unavailable`: at
+``"auto"`` nobody asked for it, so the run goes on without it after one warning naming the reason
+and the flag; an explicit value is an error naming the same and what would let it run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import types
 import typing
@@ -28,8 +35,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = [
+    "AUTO",
     "ConfigError",
     "setting",
+    "unavailable",
     "validate",
     "field_type",
     "positive",
@@ -41,6 +50,11 @@ __all__ = [
 
 # A check returns None for a good value, else what the value must be ("must be positive").
 Check = Callable[[Any], str | None]
+
+log = logging.getLogger(__name__)
+
+# The default of a setting that turns a feature on where it applies (see the module docstring).
+AUTO = "auto"
 
 
 class ConfigError(ValueError):
@@ -54,6 +68,7 @@ def setting(
     choices: Sequence[Any] | None = None,
     check: Check | None = None,
     resume_may_change: bool = False,
+    off: Any = None,
 ) -> Any:
     """A dataclass field that declares one setting.
 
@@ -61,11 +76,36 @@ def setting(
     ``check``: a function of the value returning None or what is wrong (see :func:`positive`),
     applied to values other than None. ``resume_may_change``: the setting may differ when a run
     is resumed (output cadence, not what is computed); see
-    :func:`qlora_jax.recipe.steps.check_resume_settings`.
+    :func:`qlora_jax.recipe.steps.check_resume_settings`. ``off``: for a setting that turns a
+    feature on, the value that turns it off (its default must then be :data:`AUTO`; see
+    :func:`unavailable`).
     """
+    if off is not None and default != AUTO:
+        raise TypeError(f"a setting with off={off!r} degrades at its default, which must be {AUTO!r}, not {default!r}")
     metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "check": check,
-                "resume_may_change": resume_may_change}
+                "resume_may_change": resume_may_change, "off": off}
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def unavailable(config: Any, name: str, reason: str, needed: str) -> None:
+    """The feature that setting ``name`` of ``config`` turns on cannot run here: defaults degrade,
+    explicit requests fail.
+
+    ``reason``: why not; ``needed``: what would let it run. At :data:`AUTO` (the default: nobody
+    asked for the feature) this logs one warning naming both and the flag that turns the feature
+    off, and returns: the caller goes on without the feature. Any other value raises
+    :class:`ConfigError` (``name=value: reason; needed, or pass --name=off``).
+    """
+    field = next((f for f in dataclasses.fields(config) if f.name == name), None)
+    if field is None or field.metadata.get("off") is None:
+        raise TypeError(f"{type(config).__name__}.{name} is not a setting declared with off=... (a feature that "
+                        "may be unavailable)")
+    value, off = getattr(config, name), field.metadata["off"]
+    if value == AUTO:
+        log.warning("%s=%s: going on without it: %s. %s; --%s=%s turns it off (and this warning)", name, AUTO,
+                    reason, needed[:1].upper() + needed[1:], name, off)
+        return
+    raise ConfigError(f"{name}={value!r}: {reason}; {needed}, or pass --{name}={off} to run without it")
 
 
 def field_type(cls: type, field: dataclasses.Field) -> tuple[type | tuple[type, ...], bool]:

@@ -60,7 +60,7 @@ from qlora_jax.peft_io import adapter_targets, load_peft_adapter, save_peft_adap
 from qlora_jax.recipe.config import FinetuneConfig
 from qlora_jax.recipe.divergence import DivergenceMonitor, Health
 from qlora_jax.recipe.run_lock import RunLock
-from qlora_jax.recipe.settings import ConfigError
+from qlora_jax.recipe.settings import ConfigError, unavailable
 from qlora_jax.tokenizer import Tokenizer
 from qlora_jax.train import NonFiniteLossError, make_eval_step, make_train_step
 
@@ -382,9 +382,13 @@ def _initial_adapters(path: str, model: CausalLM) -> Any:
 def setup_data(cfg: FinetuneConfig, tokenizer: Tokenizer, *, data_parallel: int = 1) -> FinetuneData:
     """The held-out split, chat-templated and tokenized with the source masked (see :mod:`qlora_jax.data`)."""
     examples = data_lib.load_examples(cfg.dataset, cfg.dataset_format)
-    train, held_out, cleaning = data_lib.train_eval_split(examples, cfg.eval_dataset_size, cfg.seed,
-                                                          max_train_samples=cfg.max_train_samples,
-                                                          max_eval_samples=cfg.max_eval_samples)
+    try:
+        train, held_out, cleaning = data_lib.train_eval_split(examples, cfg.eval_dataset_size, cfg.seed,
+                                                              max_train_samples=cfg.max_train_samples,
+                                                              max_eval_samples=cfg.max_eval_samples)
+    except ValueError as err:  # a held-out count that leaves nothing to train on: the flag, not a traceback
+        raise ConfigError(f"eval_dataset_size={cfg.eval_dataset_size!r}: {err} in {cfg.dataset}; pass a smaller "
+                          "count or a fraction such as --eval_dataset_size=0.1") from None
     log.info("%s", cleaning.summary())
     global_batch = cfg.per_device_train_batch_size * data_parallel
     if len(train) < global_batch:
@@ -483,14 +487,26 @@ def setup_mc_eval(cfg: FinetuneConfig, model: CausalLM, tokenizer: Tokenizer, me
                   frozen: Any) -> Callable[[Any], dict[str, Any]] | None:
     """The multiple-choice evaluation of ``cfg.mc_eval_task`` (None when there is none):
     ``mc_eval(trainable) -> metrics`` (``mc_acc``, ``mc_acc_norm``, ``mc_answer_loss``, per subject;
-    :class:`qlora_jax.eval.MultipleChoiceEvaluator`), for the frozen base ``frozen``."""
+    :class:`qlora_jax.eval.MultipleChoiceEvaluator`), for the frozen base ``frozen``.
+
+    A held-out split too small for the chatterbot task: with ``mc_eval_file="auto"`` a warning and
+    None (no evaluation), with an explicit ``"chatterbot"`` a :class:`ConfigError`
+    (:func:`~qlora_jax.recipe.settings.unavailable`)."""
     if cfg.mc_eval_task is None:
         return None
     from qlora_jax import eval as eval_lib
 
-    task = eval_lib.load_task(cfg.mc_eval_task, shots=cfg.mc_eval_shots, dev_file=cfg.mc_eval_dev_file,
-                              eval_dataset_size=cfg.eval_dataset_size, seed=cfg.seed,
-                              max_eval_samples=cfg.max_eval_samples)
+    try:
+        task = eval_lib.load_task(cfg.mc_eval_task, shots=cfg.mc_eval_shots, dev_file=cfg.mc_eval_dev_file,
+                                  eval_dataset_size=cfg.eval_dataset_size, seed=cfg.seed,
+                                  max_eval_samples=cfg.max_eval_samples)
+    except eval_lib.HeldOutTooSmallError as err:
+        needed = ("the dataset is too small for it" if err.needed is None else
+                  f"hold out more: --eval_dataset_size={err.needed}"
+                  + (f" --max_eval_samples={err.needed}" if cfg.max_eval_samples is not None
+                     and cfg.max_eval_samples < err.needed else ""))
+        unavailable(cfg, "mc_eval_file", str(err), needed)
+        return None
     evaluator = eval_lib.MultipleChoiceEvaluator(
         model.spec, tokenizer, task, batch_size=cfg.per_device_eval_batch_size * data_parallel_size(mesh), mesh=mesh,
         template=cfg.chat_template, max_length=min(model.config.max_position_embeddings, MC_EVAL_MAX_LENGTH))
