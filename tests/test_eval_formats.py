@@ -79,7 +79,7 @@ def test_parquet_needs_pyarrow_and_says_so(tmp_path, monkeypatch):
 
 
 def test_parquet_hf_mmlu_columns(tmp_path, rng):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa  # pinned in requirements/ci.txt (the data extra): never skipped
     import pyarrow.parquet as pq
 
     rows = random_questions(rng, 3)

@@ -407,3 +407,47 @@ def test_offloaded_state_survives_an_orbax_round_trip(rng, tmp_path):
     resumed, _ = train_step(params, restored, x, y)
     assert_trees_close(resumed, expected, rtol=0, atol=0)
     assert len(train_step._compiled) == 1
+
+
+def test_custom_stacked_predicate_streams_other_layouts_per_layer(rng):
+    """offload_state(stacked=...): arrays stacked under another key ("blocks") stream one layer slice at a time
+    with the predicate, as a whole group without it; both match plain optax.adam step for step."""
+    blocks, d = 3, 8
+    params = {"blocks": {"w": jnp.asarray(rng.normal(size=(blocks, d, d)), jnp.float32),
+                         "b": jnp.asarray(rng.normal(size=(blocks, d)), jnp.float32)},
+              "head": jnp.asarray(rng.normal(size=(d, 2)), jnp.float32)}
+    grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params) for _ in range(3)]
+
+    def by_blocks(path, leaf):
+        return any(getattr(k, "key", None) == "blocks" for k in path)
+
+    def shapes_seen(stacked):
+        seen = []
+
+        def record(updates, state, params=None):
+            del params
+            seen.append(sorted(tuple(x.shape) for x in jax.tree.leaves(updates)))
+            return updates, state
+
+        probe = optax.GradientTransformation(lambda p: optax.EmptyState(), record)
+        optimizer = optim.offload_state(probe, stacked=stacked, placement="layers")
+        optimizer.update(params, optimizer.init(params), params)
+        return seen
+
+    # With the predicate: the layer pieces are one block's slices; without it, whole arrays in groups.
+    assert [(d,), (d, d)] in shapes_seen(by_blocks)
+    assert all((blocks, d, d) not in shapes for shapes in shapes_seen(by_blocks))
+    assert any((blocks, d, d) in shapes for shapes in shapes_seen(streaming.layer_stacked))
+    reference = optax.adam(1e-2)
+    for stacked in (by_blocks, streaming.layer_stacked):
+        optimizer = optim.offload_state(optax.adam(1e-2), stacked=stacked, placement="layers", elementwise=True)
+        p, state = params, optimizer.init(params)
+        q, ref_state = params, reference.init(params)
+        for g in grads:
+            updates, state = optimizer.update(g, state, p)
+            p = optax.apply_updates(p, updates)
+            ref_updates, ref_state = reference.update(g, ref_state, q)
+            q = optax.apply_updates(q, ref_updates)
+        # Adam is elementwise: the same float32 operations on each value, in any split.
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7),
+                     p, q)
