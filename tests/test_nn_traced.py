@@ -704,3 +704,50 @@ def test_converted_third_party_step_lowers_to_the_fused_cuda_kernels():
     # The backward adds the input-gradient kernels: at least those of the 10 matmuls whose dx a trainable
     # adapter needs (all but layer 0's q, k, v, gate and up, which only the frozen embedding output feeds).
     assert step - forward >= 10
+
+
+class TwoMethods(nnx.Module):
+    """A model whose decoding runs through a method of its own besides __call__."""
+
+    def __init__(self, *, rngs):
+        self.proj = nnx.Param(jax.random.normal(rngs.params(), (64, 32)) * 0.1)
+
+    def __call__(self, x):
+        return jnp.tanh(x @ self.proj[...])
+
+    def decode(self, x, temperature):
+        return jax.nn.softmax((x @ self.proj[...]) / temperature)
+
+
+def test_methods_named_run_converted_and_dropout_is_refused():
+    original = TwoMethods(rngs=nnx.Rngs(SEED))
+    x = jnp.asarray(np.random.default_rng(SEED).normal(size=(3, 64)), jnp.float32)
+    model = nnx.clone(original)
+    apply_qlora(model, QLoRARule("all-linear", lora=LoraConfig(r=2)), x, rngs=nnx.Rngs(1),
+                methods=("__call__", "decode"))
+    _set_adapters_b(model)
+    reference = _merged_reference(original, model)
+    np.testing.assert_allclose(np.asarray(model.decode(x, 0.5)), np.asarray(reference.decode(x, 0.5)), rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(reference(x)), rtol=1e-5, atol=1e-6)
+    # A method not named reads the weight bare: a clear error, never the adapters silently dropped.
+    only_call = nnx.clone(original)
+    apply_qlora(only_call, QLoRARule("all-linear", lora=LoraConfig(r=2)), x, rngs=nnx.Rngs(1))
+    with pytest.raises(RuntimeError, match=r"methods=\[\.\.\.\]\) names them"):
+        only_call.decode(x, 0.5)
+    with pytest.raises(NotImplementedError, match="LoRA dropout"):
+        apply_qlora(nnx.clone(original), QLoRARule("all-linear", lora=LoraConfig(r=2, dropout=0.1)), x,
+                    rngs=nnx.Rngs(1))
+    import flax.linen as nn
+
+    from qlora_jax.nn.linen import convert_variables
+
+    class Dense(nn.Module):
+        @nn.compact
+        def __call__(self, v):
+            return nn.Dense(8)(v)
+
+    variables = Dense().init(jax.random.key(0), x)
+    with pytest.raises(NotImplementedError, match="LoRA dropout"):
+        convert_variables(Dense(), variables, QLoRARule("all-linear", lora=LoraConfig(r=2, dropout=0.1)), x,
+                          key=jax.random.key(1))
