@@ -206,7 +206,8 @@ def test_output_dir_errors_are_recognised_and_named(tmp_path):
     for code, words, advice in ((errno.EACCES, "permission denied (EACCES)", f"Make {out} writable by the user "
                                                                              f"{getpass.getuser()}"),
                                 (errno.EROFS, "read-only file system (EROFS)", "on a writable file system"),
-                                (errno.ENOSPC, "no space left on device (ENOSPC)", "--resume")):
+                                (errno.ENOSPC, "no space left on device (ENOSPC)", "--resume"),
+                                (errno.EDQUOT, "disk quota exceeded (EDQUOT)", "--resume")):
         err = OSError(code, os.strerror(code), str(out / "metrics.jsonl"))
         converted = output_dir_error(err, out)
         assert isinstance(converted, OutputDirError) and converted.errno == code
