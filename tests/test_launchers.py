@@ -47,7 +47,8 @@ def test_generate_replies_as_the_library_does(tiny_model):
 
     model, tokenizer = load_pretrained(str(tiny_model), quant="nf4", double_quant=True)
     expected = chat(model, tokenizer, "Hello there", max_new_tokens=6)
-    assert expected.strip() and expected.strip() in out
+    # The launcher prints "\n>>> <prompt>\n<reply>\n": the reply, exactly as the library generates it.
+    assert out.endswith(f"\n>>> Hello there\n{expected}\n"), (out[-300:], expected)
 
 
 @pytest.mark.slow
