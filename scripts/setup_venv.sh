@@ -27,6 +27,9 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 quiet_pip "${PIP[@]}" install -q -c requirements/ci.txt -e ".[test,data]"
+# The build backend pyproject.toml names, pinned: a venv from `python -m venv` has none, and the test
+# that pip-installs the package into a fresh venv builds it offline with this one (--no-build-isolation).
+quiet_pip "${PIP[@]}" install -q -c requirements/ci.txt setuptools wheel
 quiet_pip "${PIP[@]}" install -q --no-deps --require-hashes -r requirements/assets.txt
 # Third-party JAX models the tests convert unedited, and qwix (requirements/thirdparty.txt says why --no-deps).
 quiet_pip "${PIP[@]}" install -q --no-deps -r requirements/thirdparty.txt

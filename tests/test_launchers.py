@@ -79,8 +79,10 @@ def test_installed_commands_run_from_a_fresh_venv(tmp_path):
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {**os.environ, "PYTHONNOUSERSITE": "1"}
     env.pop("PYTHONPATH", None)
-    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    str(ROOT), "--target", str(site)], check=True, env=env, cwd=tmp_path, capture_output=True)
+    installed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps",
+                                "--no-build-isolation", str(ROOT), "--target", str(site)], env=env, cwd=tmp_path,
+                               capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr[-3000:]
     for command in ("qlora-jax-finetune", "qlora-jax-generate", "qlora-jax-datatypes", "qlora-jax-memory"):
         script = site / "bin" / command
         assert script.exists(), f"{command} was not installed"
