@@ -407,28 +407,37 @@ def test_lock_of_another_host_and_release(tmp_path):
 
 # ============================================================================ kill -9, then resume
 DRIVER = textwrap.dedent("""
-    import json, os, random, signal, sys, threading, time
-    settings, kill_in_save, delay = json.loads(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-    from qlora_jax.checkpointing import TrainCheckpointer
+    import json, os, pathlib, signal, sys
+    settings, kill_in_save, evidence = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     from qlora_jax.finetune import FinetuneConfig, run
     if kill_in_save:
-        original = TrainCheckpointer.save
-        def save(self, step, *args, **kwargs):
-            original(self, step, *args, **kwargs)  # the asynchronous write has started
-            if step == kill_in_save:
-                time.sleep(delay)
+        # The kill lands inside the save of step `kill_in_save`, provably: when Orbax is about to
+        # commit that step (every array and the metadata written to its temporary directory, the
+        # atomic rename not yet done), this process records what is on disk and kills itself.
+        from orbax.checkpoint._src.path import atomicity
+        original = atomicity.AtomicRenameTemporaryPath.finalize
+        async def finalize(self):
+            final = pathlib.Path(self.get_final())
+            if final.name == str(kill_in_save):
+                tmp = pathlib.Path(self.get())
+                pathlib.Path(evidence).write_text(json.dumps({
+                    "tmp": str(tmp), "tmp_exists": tmp.is_dir(), "final_exists": final.exists(),
+                    "tmp_files": sum(1 for p in tmp.rglob("*") if p.is_file())}))
                 os.kill(os.getpid(), signal.SIGKILL)
-        TrainCheckpointer.save = save
+            return await original(self)
+        atomicity.AtomicRenameTemporaryPath.finalize = finalize
     run(FinetuneConfig(**settings), progress=False)
 """)
 
 
-def start_driver(settings: dict, cache: pathlib.Path, kill_in_save: int = 0, delay: float = 0.0) -> subprocess.Popen:
+def start_driver(settings: dict, cache: pathlib.Path, kill_in_save: int = 0,
+                 evidence: pathlib.Path | None = None) -> subprocess.Popen:
     """The recipe in a subprocess. The processes share a persistent XLA compilation cache: they
     compile the same programs, and on 2 cores compiling is most of their time (executables from
-    the cache are the compiled ones, so the results do not change)."""
+    the cache are the compiled ones, so the results do not change). ``kill_in_save``: the step
+    whose save is killed before Orbax commits it, what was on disk then written to ``evidence``."""
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    return subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(settings), str(kill_in_save), str(delay)],
+    return subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(settings), str(kill_in_save), str(evidence)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -469,24 +478,31 @@ def test_kill_9_during_training_and_saves_then_resume_equals_an_uninterrupted_ru
     out = tmp_path / "killed"
     settings = {**common, "output_dir": str(out)}
     targets = restore_targets(tiny_model, out)
-    # Seeded kill points: during training at a step of [3, 4], during the save of step 6, during
-    # training at a step of [7, 8]; each resume continues from what the kill left.
+    # Seeded kill points: during training at a step of [3, 4], inside the save of step 6 (before
+    # Orbax commits it), during training at a step of [7, 8]; each resume continues from what the
+    # kill left.
     plan = [("train", int(rng.integers(3, 5)), float(rng.uniform(0, 0.3))),
-            ("save", 6, float(rng.uniform(0, 0.02))),
+            ("save", 6, 0.0),
             ("train", int(rng.integers(7, 9)), float(rng.uniform(0, 0.3)))]
     latest = 0
+    evidence = tmp_path / "mid_save.json"
     for i, (where, step, delay) in enumerate(plan):
         # A plain --resume: the killed run's lock is stale (this host, pid gone) and taken over.
         resume = dict(resume=True) if i else {}
         if where == "save":
-            proc = start_driver({**settings, **resume}, cache, kill_in_save=step, delay=delay)
+            proc = start_driver({**settings, **resume}, cache, kill_in_save=step, evidence=evidence)
             proc.wait(timeout=900)
+            # The kill landed mid-save: step 6's temporary directory held its files, uncommitted.
+            assert evidence.exists(), "the save of step 6 never reached its commit: the kill was not mid-save"
+            seen = json.loads(evidence.read_text())
+            assert seen["tmp_exists"] and seen["tmp_files"] > 0 and not seen["final_exists"], seen
         else:
             proc = start_driver({**settings, **resume}, cache)
             kill_when_step_logged(proc, out / "metrics.jsonl", step, delay)
         assert proc.returncode == -signal.SIGKILL, (where, step, proc.stderr.read()[-3000:])
         found = checkpoints_restorable(out, targets)
         assert found and found[-1] >= latest, (where, step, found, latest)  # nothing lost
+        assert where != "save" or step not in found, found  # the uncommitted save is not a checkpoint
         latest = found[-1]
         assert json.loads((out / LOCK_FILE).read_text())["pid"] == proc.pid  # left behind by the kill
     proc = start_driver({**settings, "resume": True}, cache)
@@ -501,3 +517,12 @@ def test_kill_9_during_training_and_saves_then_resume_equals_an_uninterrupted_ru
     for key in want:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     assert checkpoints_restorable(out, targets) == checkpoints_restorable(reference, targets) == [8, 10]
+    # The final checkpoints hold the same adapters and optimizer state, bit for bit.
+    states = []
+    for run_dir in (out, reference):
+        checkpointer = TrainCheckpointer(run_dir / "checkpoints")
+        states.append(checkpointer.restore(*targets, step=10))
+        checkpointer.close()
+    for got_leaf, want_leaf in zip(jax.tree.leaves((states[0].trainable, states[0].opt_state)),
+                                   jax.tree.leaves((states[1].trainable, states[1].opt_state)), strict=True):
+        np.testing.assert_array_equal(np.asarray(got_leaf), np.asarray(want_leaf))

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import restore_targets, train_losses
 from helpers import small_finetune_config as small_config
-from helpers import train_losses
 
 from qlora_jax.checkpointing import TrainCheckpointer
 from qlora_jax.finetune import run
@@ -92,8 +92,9 @@ def test_bfloat16_adapters_learn_and_export_as_bfloat16(tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_resume_continues_exactly(tiny_model, tmp_path, caplog, quantizer_calls):
-    """The losses after a resume equal those of the uninterrupted run (dropout on, so the RNG counts),
-    and the resumed run reads the base its first part saved instead of quantizing again."""
+    """The losses, adapters and optimizer state after a resume equal those of the uninterrupted run,
+    bit for bit (dropout on, so the RNG counts), and the resumed run reads the base its first part
+    saved instead of quantizing again."""
     common = dict(warmup_ratio=0.0, lora_dropout=0.1, save_steps=3, eval_steps=100, num_sample_prompts=0)
     whole = tmp_path / "whole"
     run(small_config(tiny_model, whole, max_steps=7, **common), progress=False)
@@ -106,8 +107,26 @@ def test_resume_continues_exactly(tiny_model, tmp_path, caplog, quantizer_calls)
     assert "resumed from step 3" in caplog.text
     expected, got = train_losses(whole), train_losses(split)
     assert sorted(got) == list(range(1, 8))
-    for step in range(4, 8):
-        np.testing.assert_allclose(got[step], expected[step], rtol=1e-6, err_msg=f"step {step}")
+    assert {step: got[step] for step in range(4, 8)} == {step: expected[step] for step in range(4, 8)}
+    # Bit for bit: the final adapters, and the last checkpoint's adapters and optimizer state.
+    from safetensors.numpy import load_file
+
+    got_adapter, want_adapter = (load_file(run_dir / "adapter" / "adapter_model.safetensors")
+                                 for run_dir in (split, whole))
+    assert got_adapter.keys() == want_adapter.keys()
+    for key in want_adapter:
+        np.testing.assert_array_equal(got_adapter[key], want_adapter[key], err_msg=key)
+    targets = restore_targets(tiny_model, split, **common)
+    states = []
+    for run_dir in (split, whole):
+        checkpointer = TrainCheckpointer(run_dir / "checkpoints")
+        latest = checkpointer.all_steps()[-1]
+        states.append(checkpointer.restore(*targets, step=latest))
+        checkpointer.close()
+    assert states[0].step == states[1].step == 7
+    for got_leaf, want_leaf in zip(jax.tree.leaves((states[0].trainable, states[0].opt_state)),
+                                   jax.tree.leaves((states[1].trainable, states[1].opt_state)), strict=True):
+        np.testing.assert_array_equal(np.asarray(got_leaf), np.asarray(want_leaf))
 
 
 @pytest.mark.slow
