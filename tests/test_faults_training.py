@@ -43,6 +43,8 @@ from qlora_jax.recipe.settings import ConfigError
 from qlora_jax.recipe.steps import TrainingCollapsedError
 from qlora_jax.train import NonFiniteLossError
 
+pytestmark = pytest.mark.faults  # the fault campaign, selectable with -m faults
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RECIPE_LOG = "qlora_jax.recipe.steps"
 

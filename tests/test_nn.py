@@ -186,13 +186,21 @@ TRANSFORMER_RULES = [
 
 
 @pytest.fixture(scope="module")
-def transformer(module_rng):
-    """(original model, converted model, report, ids); the converted one with non-zero B."""
+def converted_transformer(module_rng):
+    """(original model, converted model, report, ids), converted once per module (it compiles)."""
     seed = seed_of(module_rng)
     original, model = TinyTransformer(nnx.Rngs(seed)), TinyTransformer(nnx.Rngs(seed))
     report = apply_qlora(model, TRANSFORMER_RULES, rngs=nnx.Rngs(seed + 1))
     ids = jnp.asarray(module_rng.integers(0, VOCAB, (2, T)), jnp.int32)
     return original, model, report, ids
+
+
+@pytest.fixture
+def transformer(converted_transformer):
+    """The module's converted transformer, cloned for each test: tests that set adapters or take
+    optimizer steps change their own copy, so no test sees another's changes, in any order."""
+    original, model, report, ids = converted_transformer
+    return nnx.clone(original), nnx.clone(model), report, ids
 
 
 def test_rules_convert_exactly_the_selected_layers(transformer):
