@@ -98,8 +98,8 @@ def micro_batches(batch: dict[str, np.ndarray], rows: slice, accum: int) -> dict
     return {k: jnp.asarray(v[rows].reshape(accum, -1, SEQ)) for k, v in batch.items()}
 
 
-def step_gradients(reference, batch, *, accum: int, rows: slice = slice(0, ROWS), shardings=None):
-    spec = ModelSpec(reference["config"], reference["lora_config"], compute_dtype="float32")
+def step_gradients(reference, batch, *, accum: int, rows: slice = slice(0, ROWS), shardings=None, remat=False):
+    spec = ModelSpec(reference["config"], reference["lora_config"], compute_dtype="float32", remat=remat)
     step = make_train_step(spec, capture_gradients())
     micro = micro_batches(batch, rows, accum)
     if shardings is not None:
@@ -121,8 +121,10 @@ def assert_gradients_close(got, want):
                                    atol=GRAD_ATOL_FRACTION * scale, err_msg=jax.tree_util.keystr(path))
 
 
-def test_loss_and_lora_gradients_equal_peft_in_float64(reference, batch):
-    grads, metrics = step_gradients(reference, batch, accum=1)
+@pytest.mark.parametrize("remat", [False, True], ids=["stored", "rematerialised"])
+def test_loss_and_lora_gradients_equal_peft_in_float64(reference, batch, remat):
+    """With each layer's activations stored, or recomputed in the backward pass (remat)."""
+    grads, metrics = step_gradients(reference, batch, accum=1, remat=remat)
     out = reference["out"]
     assert float(metrics["tokens"]) == out["all/tokens"]
     np.testing.assert_allclose(float(metrics["loss"]), out["all/loss"], rtol=LOSS_RTOL)
