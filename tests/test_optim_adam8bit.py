@@ -4,10 +4,11 @@ Tolerances, and what they are measured against:
 
 * Encoding (``bnb_backend="cuda"``) against a float64 NumPy nearest-code search: identical codes,
   except the sign guard's documented one-code moves.
-* bitsandbytes ``AdamW8bit`` on its CPU backend (``bnb_backend="cpu"``), 10 steps on identical
-  params/grads: at least 99.9% of the stored codes identical and the rest within one code, absmax
-  within 1e-6 relative, and 99.9% of the parameters within 1e-3 x lr of bitsandbytes' (float32
-  rounding of differently ordered arithmetic), none further than one learning rate.
+* bitsandbytes ``AdamW8bit`` on its CPU backend (``bnb_backend="cpu"``), one step at a time from
+  the same state: identical codes except at a rounding tie of bitsandbytes' lookup table (then the
+  tie's two codes), absmax within two roundings, parameters within bounds derived from float32
+  rounding and beta's float32 representation. Over 10 steps from the same start: codes within one
+  code, absmax within 1e-6 relative, parameters within one learning rate.
 * Float32 AdamW on a least-squares problem: after 20 steps the 8-bit parameters are within 8% of
   the distance the float32 ones travelled; the loss curves stay within 10% of each other over 300
   steps and end within 1%.
@@ -23,6 +24,7 @@ import pytest
 
 from qlora_jax import optim
 from qlora_jax.optim import quantized_moments as qm
+from qlora_jax.quant import blockwise
 from qlora_jax.quant.codebooks import DYNAMIC_MAP_SIGNED, DYNAMIC_MAP_UNSIGNED
 
 
@@ -124,7 +126,9 @@ def test_adamw_8bit_matches_bitsandbytes_adamw8bit(rng, oracle):
         theirs_all = (ref[f"c/p/{t + 1}/{i}"] for i in range(len(params)))
         for i, (ours, theirs) in enumerate(zip(unpack(p), theirs_all, strict=True)):
             diff = np.abs(ours - theirs)
-            assert np.mean(diff <= 1e-3 * lr) >= 0.999, (t, i, diff.max() / lr)
+            # Over 10 steps the two trajectories may drift by codes that rounded the other way
+            # (each step from the same state is exact: test_each_step_from_the_same_state_...);
+            # a moment one code apart changes a step by a fraction of lr.
             assert diff.max() <= lr, (t, i, diff.max() / lr)
 
     adam = state[0]  # the 8-bit Adam scaling's own state (optax's layout): per-layer leaves stacked
@@ -147,7 +151,6 @@ def test_adamw_8bit_matches_bitsandbytes_adamw8bit(rng, oracle):
             theirs = ref[f"c/state{key}/{i}"]
             codes = np.asarray(codes)
             assert codes.dtype == np.uint8 and codes.shape == theirs.shape
-            assert np.mean(codes == theirs) >= 0.999, (i, key, np.mean(codes == theirs))
             assert np.abs(codes.astype(int) - theirs.astype(int)).max() <= 1, (i, key)
             np.testing.assert_allclose(np.asarray(absmax), ref[f"c/absmax{key}/{i}"], rtol=1e-6)
     assert quantized == len(params) - 1  # everything but the (16, 100) leaf
@@ -223,3 +226,100 @@ def test_bad_hyperparameters_are_rejected():
         optim.scale_by_adam_8bit(bnb_backend="gpu")
     with pytest.raises(TypeError, match="uint8"):
         qm.decode_moment(jnp.zeros(4, jnp.int8), jnp.zeros(1), signed=True)
+
+
+def test_each_step_from_the_same_state_equals_bitsandbytes(rng, oracle):
+    """Step by step: at every step t, bitsandbytes' AdamW8bit (CPU backend) starts from *our*
+    parameters and 8-bit state after step t - 1 and takes step t with the same gradient, so that
+    differences cannot compound and each one is explained by the arithmetic of that step alone."""
+    lr, betas, eps, wd = 1e-3, (0.9, 0.999), 1e-8, 0.01
+    shapes = [(64, 128), (300, 37), (4096,)]  # full blocks, a tail block, the 8-bit edge
+    params = [rng.normal(0, 0.1, size=s).astype(np.float32) for s in shapes]
+    scales = [np.exp(rng.normal(-2.0, 1.0, size=p.shape)).astype(np.float32) for p in params]
+    steps = 6
+    grads = [[(rng.standard_normal(p.shape) * s).astype(np.float32) for p, s in zip(params, scales, strict=True)]
+             for _ in range(steps)]
+    tx = optim.adamw_8bit(lr, b1=betas[0], b2=betas[1], eps=eps, weight_decay=wd, weight_decay_mask=None,
+                          bnb_backend="cpu")
+    p = [jnp.asarray(x) for x in params]
+    state = tx.init(p)
+    update = jax.jit(tx.update)
+    arrays, cases, ours = {}, [], []
+    for t in range(steps):
+        adam = state[0]
+        name = f"s{t + 1}"
+        for i in range(len(shapes)):
+            arrays.update({f"{name}/p/{i}": np.asarray(p[i]), f"{name}/g/{i}": grads[t][i],
+                           f"{name}/state1/{i}": np.asarray(adam.mu[i]), f"{name}/state2/{i}": np.asarray(adam.nu[i]),
+                           f"{name}/absmax1/{i}": np.asarray(adam.mu_absmax[i]),
+                           f"{name}/absmax2/{i}": np.asarray(adam.nu_absmax[i])})
+        cases.append({"name": name, "optimizer": "AdamW8bit_from_state", "lr": lr, "betas": list(betas), "eps": eps,
+                      "weight_decay": wd, "num_params": len(shapes), "step": t + 1})
+        updates, state = update([jnp.asarray(g) for g in grads[t]], state, p)
+        p = optax.apply_updates(p, updates)
+        ours.append((p, state[0]))
+    ref = oracle.run("bnb_optim.py", arrays, {"cases": cases})
+    table = {"1": DYNAMIC_MAP_SIGNED, "2": DYNAMIC_MAP_UNSIGNED}
+    for t, (p_t, adam) in enumerate(ours):
+        name = f"s{t + 1}"
+        for i in range(len(shapes)):
+            g = grads[t][i].astype(np.float64)
+            previous = {key: arrays[f"{name}/state{key}/{i}"] for key in "12"}
+            fresh = {}  # the new moments in float64, from the shared previous state
+            for key, beta, value in (("1", betas[0], g), ("2", betas[1], g * g)):
+                old = np.asarray(qm.decode_moment(jnp.asarray(previous[key]),
+                                                  jnp.asarray(arrays[f"{name}/absmax{key}/{i}"]),
+                                                  signed=key == "1")).astype(np.float64)
+                fresh[key] = beta * old + (1 - beta) * value
+            for codes, absmax, key in ((adam.mu[i], adam.mu_absmax[i], "1"), (adam.nu[i], adam.nu_absmax[i], "2")):
+                codes, absmax = np.asarray(codes), np.asarray(absmax)
+                theirs = ref[f"{name}/new/state{key}/{i}"]
+                # absmax: the largest |moment| of a block, the same float32 sum up to its rounding.
+                np.testing.assert_allclose(absmax, ref[f"{name}/new/absmax{key}/{i}"], rtol=2 * U32, atol=0)
+                assert_codes_equal_but_for_rounding_ties(codes, theirs, fresh[key], absmax, table[key])
+            # The parameter: p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps) in float32 on both sides, in
+            # other orders. Each side rounds the decayed p and the sum (half an ulp each, of the
+            # larger of p before and after), and the update's own ~8 roundings differ (16u of it).
+            # The bias corrections may see beta as float32 (0.999 -> 0.99900001287) on one side and
+            # as float64 on the other: sqrt(1 - b2^t) / (1 - b1^t) then differs by their first-order
+            # terms, t b^(t-1) |b - float32(b)| / (1 - b^t) (halved under the square root).
+            t1 = t + 1
+            hyper = sum(scale * t1 * b ** (t1 - 1) * abs(b - float(np.float32(b))) / (1 - b**t1)
+                        for b, scale in ((betas[0], 1.0), (betas[1], 0.5)))
+            m_hat = fresh["1"] / (1 - betas[0] ** t1)
+            v_hat = fresh["2"] / (1 - betas[1] ** t1)
+            update = lr * np.abs(m_hat) / (np.sqrt(v_hat) + eps)
+            magnitude = np.maximum(np.abs(arrays[f"{name}/p/{i}"]), np.abs(np.asarray(p_t[i])))
+            bound = 2 * np.spacing(magnitude) + (16 * U32 + 2 * hyper) * update
+            difference = np.abs(np.asarray(p_t[i]) - ref[f"{name}/new/p/{i}"])
+            assert np.all(difference <= bound), (t, i, (difference / bound).max())
+
+
+U32 = float(np.finfo(np.float32).eps) / 2
+LUT_SIZE = 65536  # bitsandbytes' CPU quantize table: [-1, 1] in 65536 bins (csrc/cpu_ops.cpp)
+
+
+def assert_codes_equal_but_for_rounding_ties(ours, theirs, value, absmax, table):
+    """8-bit codes of one moment, ours against bitsandbytes' CPU backend: identical, except where
+    the value sits on a boundary of bitsandbytes' lookup table, so that a float32 rounding in
+    another order puts it in the neighbouring bin (the two codes are then that boundary's two).
+
+    ``value``: the moment in float64 from the shared previous state; ``absmax``: ours, per block.
+    The table's bin index is ``(x / absmax + 1) / 2 * (LUT_SIZE - 1) + 1/2``: the two sides' float32
+    ``x`` differ by a few roundings (8u relative), which moves the index by 8u (LUT_SIZE - 1) / 2,
+    and the index's own arithmetic adds a few roundings of LUT_SIZE: a tie is an index within
+    DELTA of an integer.
+    """
+    delta = 8 * U32 * (LUT_SIZE - 1) / 2 + 8 * U32 * LUT_SIZE
+    differ = np.flatnonzero(ours.reshape(-1) != theirs.reshape(-1))
+    if differ.size == 0:
+        return
+    flat_absmax = np.repeat(absmax.astype(np.float64), 256)[: ours.size]
+    unit = np.clip(value.reshape(-1)[differ] / flat_absmax[differ], -1, 1)
+    index = (unit + 1) / 2 * (LUT_SIZE - 1) + 0.5
+    boundary = np.rint(index)
+    assert np.all(np.abs(index - boundary) <= delta), index[np.abs(index - boundary) > delta]
+    lut = blockwise._cpu_lookup_table(np.asarray(table, np.float32))
+    below, above = lut[boundary.astype(int) - 1], lut[np.minimum(boundary.astype(int), LUT_SIZE - 1)]
+    pair = np.sort(np.stack([ours.reshape(-1)[differ], theirs.reshape(-1)[differ]]), axis=0)
+    np.testing.assert_array_equal(pair, np.sort(np.stack([below, above]), axis=0))
