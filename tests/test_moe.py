@@ -22,6 +22,7 @@ operations (softmax, silu, products): ``_bound`` computes that absolute-value ch
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -392,6 +393,44 @@ def test_expert_axis_sharding_equals_single_device(hf, devices):
     six = _good_params(np.random.default_rng(0), e=6)
     with pytest.raises(moe.MoeError, match="num_experts = 6 is not divisible by the 'expert' mesh axis"):
         moe.moe_block(six, x, moe.MoeConfig(6, 2), mesh=Mesh(np.array(jax.devices()[:4]), ("expert",)))
+
+
+# ------------------------------------------------------------------------------------------ Hugging Face names
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_stack_hf_experts_from_saved_folder_and_fused_layout(oracle, tmp_path, model_type):
+    """The per-expert tensors save_pretrained writes, and transformers 5's fused parameters, stack to the
+    module's own expert tensors exactly."""
+    from safetensors.numpy import load_file
+
+    name = CASES["mixtral" if model_type == "mixtral" else "qwen3_norm"]
+    config = dict(name[1], **AUX_MODEL)
+    out = oracle.run("hf_moe.py", {}, {"cases": [dict(name="m", op="save_model", model_type=model_type,
+                                                      config=config, seed=3, dir=str(tmp_path))]})
+    tensors = load_file(tmp_path / "model.safetensors")
+    moe_config = moe.MoeConfig.from_hf_config({"model_type": model_type, **config})
+    expected = {"gate_proj": out["m/gate_up_proj"][:, :I], "up_proj": out["m/gate_up_proj"][:, I:],
+                "down_proj": out["m/down_proj"]}
+    fused = {"model.layers.0.mlp.gate.weight": out["m/gate"],
+             "model.layers.0.mlp.experts.gate_up_proj": out["m/gate_up_proj"],
+             "model.layers.0.mlp.experts.down_proj": out["m/down_proj"]}
+    for source in (tensors, fused):
+        params = moe.stack_hf_experts(source, "model.layers.0", moe_config)
+        np.testing.assert_array_equal(params["gate"], out["m/gate"])
+        for m in moe.EXPERT_MATRICES:
+            np.testing.assert_array_equal(params["experts"][m], expected[m])
+    # A missing expert tensor, and a config with fewer experts than the files hold.
+    block, theirs = ("block_sparse_moe", "w3") if model_type == "mixtral" else ("mlp", "up_proj")
+    missing = dict(tensors)
+    del missing[f"model.layers.0.{block}.experts.2.{theirs}.weight"]
+    with pytest.raises(moe.MoeError, match=rf"'model\.layers\.0\.{block}\.experts\.2\.{theirs}\.weight' is missing"):
+        moe.stack_hf_experts(missing, "model.layers.0", moe_config)
+    fewer = dataclasses.replace(moe_config, num_experts=3)
+    with pytest.raises(moe.MoeError, match=r"experts\.3\.\w+\.weight' exists but num_experts = 3"):
+        moe.stack_hf_experts(tensors, "model.layers.0", fewer)
+    with pytest.raises(moe.MoeError, match=r"router 'gate' has 4 rows \(experts\) but num_experts = 3"):
+        moe.stack_hf_experts(fused, "model.layers.0", fewer)
 
 
 # ------------------------------------------------------------------------------------------ bad input

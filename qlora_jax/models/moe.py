@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -65,6 +65,7 @@ __all__ = [
     "moe_block",
     "quantize_experts",
     "route",
+    "stack_hf_experts",
     "validate_moe_params",
 ]
 
@@ -191,6 +192,78 @@ def _num_experts_of(w: Any) -> int:
 
 def _matrix_shape(w: Any) -> tuple[int, int]:
     return tuple(w.shape) if isinstance(w, QuantizedTensor) else tuple(w.shape[1:])
+
+
+# ------------------------------------------------------------------------------------------ Hugging Face names
+
+# Per-expert tensor names on disk (what save_pretrained writes): block path, and our matrix -> theirs.
+_HF_PER_EXPERT = {
+    "mixtral": ("block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}),
+    "qwen3_moe": ("mlp", {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}),
+}
+
+
+def stack_hf_experts(tensors: Mapping[str, Any], layer_prefix: str, config: MoeConfig) -> dict[str, Any]:
+    """One layer's router and experts from Hugging Face tensor names, stacked over the expert axis.
+
+    Reads either layout:
+
+    * per-expert (the files ``save_pretrained`` writes): Mixtral's
+      ``{layer_prefix}.block_sparse_moe.gate.weight`` and ``...experts.{e}.w1|w3|w2.weight``;
+      Qwen3-MoE's ``{layer_prefix}.mlp.gate.weight`` and ``...mlp.experts.{e}.gate_proj|up_proj|down_proj.weight``;
+    * transformers 5's fused parameters: ``{layer_prefix}.mlp.gate.weight``,
+      ``...mlp.experts.gate_up_proj`` ``[E, 2I, H]`` (gate rows first, then up) and
+      ``...mlp.experts.down_proj`` ``[E, H, I]``.
+
+    Args:
+      tensors: name -> array (numpy or jax), e.g. a safetensors file read with ``safetensors.numpy``.
+      layer_prefix: e.g. ``"model.layers.3"``.
+      config: the block's MoeConfig (``routing`` picks the family's names).
+
+    Returns:
+      ``{"gate": [E, H], "experts": {"gate_proj": [E, I, H], "up_proj": [E, I, H], "down_proj": [E, H, I]}}``
+      as numpy arrays in the stored dtype, validated (:func:`validate_moe_params`).
+
+    Raises:
+      MoeError naming the missing tensor, or the tensor whose count or shape disagrees with ``config``.
+    """
+    block, names = _HF_PER_EXPERT[config.routing]
+    fused = f"{layer_prefix}.mlp.experts.gate_up_proj"
+    if fused in tensors:
+        gate_name = f"{layer_prefix}.mlp.gate.weight"
+        gate_up = np.asarray(tensors[fused])
+        down_name = f"{layer_prefix}.mlp.experts.down_proj"
+        if down_name not in tensors:
+            raise MoeError(f"MoE tensor {down_name!r} is missing (the fused layout has {fused!r})")
+        if gate_up.ndim != 3 or gate_up.shape[1] % 2:
+            raise MoeError(f"MoE tensor {fused!r} has shape {list(gate_up.shape)}; expected [num_experts, 2 * "
+                           "intermediate, hidden]")
+        inter = gate_up.shape[1] // 2
+        experts = {"gate_proj": gate_up[:, :inter], "up_proj": gate_up[:, inter:],
+                   "down_proj": np.asarray(tensors[down_name])}
+    else:
+        gate_name = f"{layer_prefix}.{block}.gate.weight"
+        experts = {}
+        for ours, theirs in names.items():
+            stack = []
+            for e in range(config.num_experts):
+                key = f"{layer_prefix}.{block}.experts.{e}.{theirs}.weight"
+                if key not in tensors:
+                    raise MoeError(f"MoE expert tensor {key!r} is missing (num_experts = {config.num_experts})")
+                stack.append(np.asarray(tensors[key]))
+            extra = f"{layer_prefix}.{block}.experts.{config.num_experts}.{theirs}.weight"
+            if extra in tensors:
+                raise MoeError(f"MoE expert tensor {extra!r} exists but num_experts = {config.num_experts}")
+            shapes = {tuple(a.shape) for a in stack}
+            if len(shapes) != 1:
+                raise MoeError(f"MoE expert tensors {layer_prefix}.{block}.experts.*.{theirs}.weight have different "
+                               f"shapes {sorted(shapes)}")
+            experts[ours] = np.stack(stack)
+    if gate_name not in tensors:
+        raise MoeError(f"MoE router tensor {gate_name!r} is missing")
+    params = {"gate": np.asarray(tensors[gate_name]), "experts": experts}
+    validate_moe_params(params, config)
+    return params
 
 
 # ------------------------------------------------------------------------------------------ validation

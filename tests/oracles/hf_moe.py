@@ -16,6 +16,8 @@ Ops:
           With cotangent and lora: the float64 block on the (dequantized, if quant_type) experts with
           W + lora_scaling * B @ A per expert: out_lora64 and the gradients of sum(out * cotangent)
           w.r.t. every lora array (grad/<matrix>/lora_A|lora_B), by torch autograd in float64.
+  save_model {model_type, config, seed, dir}: a random tiny *ForCausalLM saved with save_pretrained;
+          layer 0's tensors as the module holds them: gate [E, H], gate_up_proj [E, 2I, H], down_proj [E, H, I].
   model_aux {model_type, config, seed} with input_ids [B, S] and optional attention_mask: a random
           tiny *ForCausalLM run with output_router_logits=True: router_logits [L, B*S, E] and aux_loss.
 """
@@ -144,6 +146,18 @@ def main(in_path, config_path, out_path):
                 for k, (a, b) in leaves.items():
                     out[f"{name}/grad/{k}/lora_A"] = a.grad.numpy()
                     out[f"{name}/grad/{k}/lora_B"] = b.grad.numpy()
+        elif op == "save_model":
+            config = AutoConfig.for_model(case["model_type"], experts_implementation="eager", **case["config"])
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+            gen = torch.Generator().manual_seed(case.get("seed", 0))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+            model.save_pretrained(case["dir"], safe_serialization=True)
+            mlp = model.model.layers[0].mlp
+            out[f"{name}/gate"] = mlp.gate.weight.detach().numpy()
+            out[f"{name}/gate_up_proj"] = mlp.experts.gate_up_proj.detach().numpy()
+            out[f"{name}/down_proj"] = mlp.experts.down_proj.detach().numpy()
         elif op == "model_aux":
             torch.manual_seed(case.get("seed", 0))
             config = AutoConfig.for_model(case["model_type"], experts_implementation="eager", **case["config"])
