@@ -187,6 +187,25 @@ def test_float32_block_equals_transformers(hf, name):
 
 
 @pytest.mark.parametrize("name", list(CASES))
+def test_bfloat16_block_equals_transformers(hf, name):
+    """Both sides round the same bfloat16 inputs and weights, then ~6 times in the chain (gate, up, silu,
+    product, down, the weighted cast, the sum), each time by at most 2^-8 of a value bounded by the
+    absolute-value chain: each side is within 8 * 2^-8 of that bound from the float64 result."""
+    arrays, out = hf
+    config = _config(name)
+    x = jnp.asarray(arrays[f"{name}/x"]).astype(jnp.bfloat16)
+    result = moe.moe_block(_params(out, name), x, config)
+    assert result.hidden.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(result.expert_index), out[f"{name}/top_k_index_bf16"])
+    bf = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16), np.float64)  # noqa: E731
+    mats = {m: bf(out[f"{name}/{m}"]) for m in moe.EXPERT_MATRICES}
+    ref, _, _, bound = _reference(bf(x), bf(out[f"{name}/gate"]), mats, config)
+    tol = 8 * 2.0 ** -8 * bound
+    assert np.all(np.abs(out[f"{name}/out_bf16"].reshape(-1, H) - ref) <= tol)
+    assert np.all(np.abs(np.asarray(result.hidden, np.float64).reshape(-1, H) - ref) <= tol)
+
+
+@pytest.mark.parametrize("name", list(CASES))
 def test_expert_bytes_identical_to_bitsandbytes(hf, name):
     """Per expert: our offset within 2 ulps of bitsandbytes' torch.mean (test_bnb_exactness's contract);
     given bitsandbytes' offsets, every byte and float identical."""
