@@ -1,0 +1,183 @@
+"""Oracle: transformers' MoE blocks (Mixtral, Qwen3-MoE) and bitsandbytes' CPU 4-bit quantization.
+
+Usage: python hf_moe.py IN.npz CONFIG.json OUT.npz
+
+CONFIG: {"cases": [{"name", "op", ...}]}; inputs "<name>/<key>" in IN.npz, outputs "<name>/<key>".
+Ops:
+  block   {model_type, config, seed, quant_type?, double_quant?, lora_scaling?} with x [B, S, H] (float32)
+          and optional cotangent [B, S, H] and LoRA arrays lora/<matrix>/lora_A|lora_B [E, r, in]/[E, out, r]:
+          a random MixtralSparseMoeBlock / Qwen3MoeSparseMoeBlock (transformers' own classes, eager
+          experts). Outputs: the weights (gate [E, H], gate_proj/up_proj [E, I, H], down_proj [E, H, I],
+          float32); router_logits, top_k_index, top_k_weights and out of the float32 block; out_bf16,
+          top_k_index_bf16 of the block in bfloat16.
+          With quant_type: each expert matrix through bitsandbytes' quantize_4bit (CPU backend):
+          q/<matrix>/packed [E, n/2], absmax [E, blocks], nested_absmax [E, ...], offset [E],
+          dequantized [E, out, in]; out_q64: the block in float64 on the dequantized experts.
+          With cotangent and lora: the float64 block on the (dequantized, if quant_type) experts with
+          W + lora_scaling * B @ A per expert: out_lora64 and the gradients of sum(out * cotangent)
+          w.r.t. every lora array (grad/<matrix>/lora_A|lora_B), by torch autograd in float64.
+  save_model {model_type, config, seed, dir}: a random tiny *ForCausalLM saved with save_pretrained;
+          layer 0's tensors as the module holds them: gate [E, H], gate_up_proj [E, 2I, H], down_proj [E, H, I].
+  model_aux {model_type, config, seed} with input_ids [B, S] and optional attention_mask: a random
+          tiny *ForCausalLM run with output_router_logits=True: router_logits [L, B*S, E] and aux_loss.
+"""
+
+import json
+import sys
+import warnings
+
+import numpy as np
+import torch
+
+warnings.filterwarnings("ignore")
+import transformers  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+torch.set_num_threads(2)
+
+MATRICES = ("gate_proj", "up_proj", "down_proj")
+
+
+def _block(model_type, config):
+    if model_type == "mixtral":
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as Block
+    elif model_type == "qwen3_moe":
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as Block
+    else:
+        raise ValueError(f"unknown model_type {model_type!r}")
+    return Block(config)
+
+
+def _split(block):
+    """{gate_proj, up_proj, down_proj} [E, out, in] views of transformers' fused expert tensors."""
+    gate_up = block.experts.gate_up_proj
+    inter = gate_up.shape[1] // 2
+    return {"gate_proj": gate_up[:, :inter], "up_proj": gate_up[:, inter:], "down_proj": block.experts.down_proj}
+
+
+def _set_experts(block, mats):
+    """Replaces the fused expert parameters by plain tensors (possibly part of an autograd graph)."""
+    del block.experts.gate_up_proj
+    del block.experts.down_proj
+    block.experts.gate_up_proj = torch.cat([mats["gate_proj"], mats["up_proj"]], dim=1)
+    block.experts.down_proj = mats["down_proj"]
+
+
+def _quantize(w, quant_type, double_quant, blocksize):
+    import bitsandbytes.functional as F
+
+    packed, state = F.quantize_4bit(w.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
+                                    quant_type=quant_type)
+    out = {"packed": packed.numpy().reshape(-1), "absmax": state.absmax.numpy(),
+           "dequantized": F.dequantize_4bit(packed, state).float().numpy()}
+    if state.nested:
+        out["nested_absmax"] = state.state2.absmax.numpy()
+        out["offset"] = np.float32(state.offset.item())
+    return out
+
+
+def main(in_path, config_path, out_path):
+    arrays = dict(np.load(in_path))
+    cases = json.load(open(config_path))["cases"]
+    out = {}
+    for case in cases:
+        name, op = case["name"], case["op"]
+        if op == "block":
+            config = AutoConfig.for_model(case["model_type"], experts_implementation="eager", **case["config"])
+            config._experts_implementation = "eager"
+            gen = torch.Generator().manual_seed(case.get("seed", 0))
+            block = _block(case["model_type"], config).float().eval()
+            with torch.no_grad():
+                for p in block.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+            x = torch.from_numpy(arrays[f"{name}/x"].astype(np.float32))
+            with torch.no_grad():
+                logits, weights, index = block.gate(x.reshape(-1, x.shape[-1]))
+                out[f"{name}/router_logits"] = logits.numpy()
+                out[f"{name}/top_k_index"] = index.numpy()
+                out[f"{name}/top_k_weights"] = weights.float().numpy()
+                out[f"{name}/out"] = block(x).numpy()
+                out[f"{name}/gate"] = block.gate.weight.numpy().copy()
+                mats = {k: v.detach().clone() for k, v in _split(block).items()}
+                for k, v in mats.items():
+                    out[f"{name}/{k}"] = v.numpy()
+                bf16 = _block(case["model_type"], config).eval()
+                bf16.load_state_dict(block.state_dict())
+                bf16 = bf16.to(torch.bfloat16)
+                _, _, index_bf16 = bf16.gate(x.to(torch.bfloat16).reshape(-1, x.shape[-1]))
+                out[f"{name}/top_k_index_bf16"] = index_bf16.numpy()
+                out[f"{name}/out_bf16"] = bf16(x.to(torch.bfloat16)).float().numpy()
+            base = mats
+            if case.get("quant_type"):
+                base = {}
+                for k, v in mats.items():
+                    per_expert = [_quantize(v[e], case["quant_type"], case["double_quant"], case.get("blocksize", 64))
+                                  for e in range(v.shape[0])]
+                    for key in per_expert[0]:
+                        out[f"{name}/q/{k}/{key}"] = np.stack([p[key] for p in per_expert])
+                    base[k] = torch.from_numpy(out[f"{name}/q/{k}/dequantized"])
+                block64 = _block(case["model_type"], config).eval()
+                block64.load_state_dict(block.state_dict())
+                block64 = block64.double()
+                _set_experts(block64, {k: v.double() for k, v in base.items()})
+                with torch.no_grad():
+                    out[f"{name}/out_q64"] = block64(x.double()).numpy()
+            if f"{name}/cotangent" in arrays:
+                block64 = _block(case["model_type"], config).eval()
+                block64.load_state_dict(block.state_dict())
+                block64 = block64.double()
+                scaling = case.get("lora_scaling", 1.0)
+                leaves = {}
+                mats64 = {}
+                for k in MATRICES:
+                    w = base[k].double()
+                    if f"{name}/lora/{k}/lora_A" in arrays:
+                        a = torch.from_numpy(arrays[f"{name}/lora/{k}/lora_A"].astype(np.float64)).requires_grad_()
+                        b = torch.from_numpy(arrays[f"{name}/lora/{k}/lora_B"].astype(np.float64)).requires_grad_()
+                        leaves[k] = (a, b)
+                        w = w + scaling * torch.bmm(b, a)
+                    mats64[k] = w
+                _set_experts(block64, mats64)
+                y = block64(x.double())
+                cot = torch.from_numpy(arrays[f"{name}/cotangent"].astype(np.float64))
+                (y * cot).sum().backward()
+                out[f"{name}/out_lora64"] = y.detach().numpy()
+                for k, (a, b) in leaves.items():
+                    out[f"{name}/grad/{k}/lora_A"] = a.grad.numpy()
+                    out[f"{name}/grad/{k}/lora_B"] = b.grad.numpy()
+        elif op == "save_model":
+            config = AutoConfig.for_model(case["model_type"], experts_implementation="eager", **case["config"])
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+            gen = torch.Generator().manual_seed(case.get("seed", 0))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+            model.save_pretrained(case["dir"], safe_serialization=True)
+            mlp = model.model.layers[0].mlp
+            out[f"{name}/gate"] = mlp.gate.weight.detach().numpy()
+            out[f"{name}/gate_up_proj"] = mlp.experts.gate_up_proj.detach().numpy()
+            out[f"{name}/down_proj"] = mlp.experts.down_proj.detach().numpy()
+        elif op == "model_aux":
+            torch.manual_seed(case.get("seed", 0))
+            config = AutoConfig.for_model(case["model_type"], experts_implementation="eager", **case["config"])
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+            gen = torch.Generator().manual_seed(case.get("seed", 0))
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.ndim >= 2:
+                        p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+            ids = torch.from_numpy(arrays[f"{name}/input_ids"].astype(np.int64))
+            mask_key = f"{name}/attention_mask"
+            mask = torch.from_numpy(arrays[mask_key].astype(np.int64)) if mask_key in arrays else None
+            with torch.no_grad():
+                res = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+            out[f"{name}/router_logits"] = torch.stack([r.float() for r in res.router_logits]).numpy()
+            out[f"{name}/aux_loss"] = np.float32(res.aux_loss.item())
+        else:
+            raise ValueError(f"unknown op {op!r}")
+    np.savez(out_path, **out)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
