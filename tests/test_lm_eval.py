@@ -215,3 +215,65 @@ def test_batch_size_does_not_change_numbers(workdir, ours_batched):
     for task, metric in (("tiny_mc", "acc,none"), ("tiny_mc", "acc_norm,none"), ("tiny_lambada", "acc,none"),
                          ("tiny_qa", "exact_match,none")):
         assert single["metrics"][task][metric] == ours_batched["metrics"][task][metric]
+
+
+# ---------------------------------------------------------------- the command (experiments/lm_eval.py)
+def _model_args(workdir) -> str:
+    return (f"pretrained={workdir['model']},adapter={workdir['adapter']},quant=float32,dtype=float32,"
+            f"compute_dtype=float32,max_length={MAX_LENGTH}")
+
+
+def test_command_prints_the_table_with_hf_numbers(workdir, reference, tmp_path, capsys):
+    """``python -m experiments.lm_eval`` passes its arguments to lm-eval's command line: its table
+    and its results file hold the numbers lm-eval's hf model gives on the same weights."""
+    from experiments.lm_eval import main
+
+    main(["--model_args", _model_args(workdir), "--tasks", "tiny_mc", "--include_path", str(workdir["tasks"]),
+          "--output_path", str(tmp_path), "--log_samples", "--batch_size", "4"])
+    table = capsys.readouterr().out
+    expected = reference["metrics"]["tiny_mc"]
+    rows = [line for line in table.splitlines() if line.startswith("|") and ("acc" in line)]
+    assert any("tiny_mc" in r and f"{expected['acc,none']:.4f}" in r for r in rows), table
+    assert any("acc_norm" in r and f"{expected['acc_norm,none']:.4f}" in r for r in rows), table
+    (results,) = tmp_path.rglob("results_*.json")
+    saved = json.loads(results.read_text())["results"]["tiny_mc"]
+    assert saved["acc,none"] == expected["acc,none"] and saved["acc_norm,none"] == expected["acc_norm,none"]
+    assert list(tmp_path.rglob("samples_tiny_mc_*.jsonl"))  # --log_samples reached lm-eval
+
+
+def test_unknown_task_is_a_clear_error(workdir):
+    from experiments.lm_eval import UnknownTaskError, main
+
+    with pytest.raises(UnknownTaskError, match="no_such_task.*include_path"):
+        main(["--model_args", _model_args(workdir), "--tasks", "no_such_task", "--include_path",
+              str(workdir["tasks"])])
+
+
+def test_dataset_that_is_not_local_is_a_clear_error(workdir, tmp_path):
+    from experiments.lm_eval import NotLocalError, main
+
+    (tmp_path / "remote.yaml").write_text(
+        "task: remote_task\ndataset_path: someorg/a_dataset_not_on_this_machine\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{c}}'\ndoc_to_target: 0\n")
+    with pytest.raises(NotLocalError, match="a_dataset_not_on_this_machine.*not local|not local.*a_dataset_not_on"):
+        main(["--model_args", _model_args(workdir), "--tasks", "remote_task", "--include_path", str(tmp_path)])
+
+
+def test_unknown_model_arg_is_a_clear_error(workdir):
+    from qlora_jax.eval.lm_eval_model import ModelArgsError, QLoraJaxLM
+
+    with pytest.raises(ModelArgsError, match="load_in_4bit.*not an argument of the qlora_jax model.*quant"):
+        QLoraJaxLM(pretrained=str(workdir["model"]), load_in_4bit=True)
+    with pytest.raises(ModelArgsError, match="quant='nf5'"):
+        QLoraJaxLM(pretrained=str(workdir["model"]), quant="nf5")
+
+
+def test_adapter_for_another_model_is_a_clear_error(workdir, tmp_path, rng):
+    from helpers import write_tiny_llama
+
+    from qlora_jax.checkpoints.errors import CheckpointError
+    from qlora_jax.eval.lm_eval_model import QLoraJaxLM
+
+    other = write_tiny_llama(tmp_path, rng, hidden=32, intermediate=64)
+    with pytest.raises(CheckpointError, match=r"lora_[AB]\.weight' has shape \[.*\] but .* implies \[.*32"):
+        QLoraJaxLM(pretrained=str(other), adapter=str(workdir["adapter"]), quant="float32")

@@ -196,9 +196,10 @@ class QLoraJaxLM(TemplateLM):
         seed: the sampling seed of ``do_sample`` tasks (default 0).
         chat_template: a template name or Jinja string for ``--apply_chat_template`` (default:
             the model's own).
-        device, max_batch_size: lm-eval's own options; ``device`` must name JAX's platform
-            (``cpu``, ``cuda``/``gpu``, ``tpu``) when given; ``max_batch_size`` only goes with
-            ``batch_size=auto``, which this model does not have.
+        device, max_batch_size: lm-eval's own options. JAX places the model on its default
+            platform (and over ``mesh``): a ``device`` naming another platform is logged as not
+            used (lm-eval's command line passes ``cuda:0`` when ``--device`` is not given);
+            ``max_batch_size`` only goes with ``batch_size=auto``, which this model does not have.
     """
 
     def __init__(self, pretrained: str = "embedded", quant: str = "nf4", double_quant: Any = True,
@@ -228,8 +229,9 @@ class QLoraJaxLM(TemplateLM):
         if device is not None:
             platform = {"cuda": "gpu", "gpu": "gpu", "cpu": "cpu", "tpu": "tpu"}.get(str(device).split(":")[0])
             if platform != jax.default_backend():
-                raise ModelArgsError(f"device={device!r}: JAX runs on its default platform here "
-                                     f"({jax.default_backend()}); drop --device or name that platform")
+                # lm-eval's command line passes its own default (cuda:0) when --device is not given.
+                log.warning("device=%r: not used; JAX runs on its default platform here (%s), over mesh= when "
+                            "given", device, jax.default_backend())
         self.batch_size_per_call = _as_int("batch_size", batch_size)
         self._mesh = None
         if mesh:
