@@ -277,3 +277,38 @@ def test_adapter_for_another_model_is_a_clear_error(workdir, tmp_path, rng):
     other = write_tiny_llama(tmp_path, rng, hidden=32, intermediate=64)
     with pytest.raises(CheckpointError, match=r"lora_[AB]\.weight' has shape \[.*\] but .* implies \[.*32"):
         QLoraJaxLM(pretrained=str(other), adapter=str(workdir["adapter"]), quant="float32")
+
+
+# ---------------------------------------------------------------- evaluation during training (--mc_eval_file)
+@pytest.mark.slow
+def test_finetune_logs_an_lm_eval_task_beside_the_held_out_loss(tiny_model, tmp_path, rng):
+    """``mc_eval_file=<task YAML>``: the recipe logs the task's lm-eval metrics at step 0 and at
+    the end; they equal what ``--model qlora_jax`` gives for the base alone and for the run's adapter."""
+    from helpers import small_finetune_config
+
+    from qlora_jax.eval.lm_eval_model import QLoraJaxLM
+    from qlora_jax.finetune import run
+
+    tasks = write_tasks(tmp_path / "tasks", rng)
+    out = tmp_path / "run"
+    run(small_finetune_config(tiny_model, out, mc_eval_file=str(tasks / "tiny_mc.yaml"), max_steps=10,
+                              eval_steps=10, save_steps=10), progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    mc = sorted((r for r in rows if r["kind"] == "mc_eval"), key=lambda r: r["step"])
+    assert [r["step"] for r in mc] == [0, 10] and all(r["mc_task"] == "tiny_mc" for r in mc)
+    assert any(r["kind"] == "eval" and r["step"] == 10 for r in rows)  # beside the held-out loss
+
+    def evaluate(**model_args):
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+
+        lm = QLoraJaxLM(pretrained=str(tiny_model), compute_dtype="float32", **model_args)
+        result = lm_eval.simple_evaluate(model=lm, tasks=["tiny_mc"], task_manager=TaskManager(
+            include_path=str(tasks)), bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+            fewshot_random_seed=0)
+        return result["results"]["tiny_mc"]
+
+    before, after = evaluate(), evaluate(adapter=str(out))
+    for row, expected in ((mc[0], before), (mc[1], after)):
+        assert row["mc_acc"] == expected["acc,none"] and row["mc_acc_norm"] == expected["acc_norm,none"]
+        assert row["mc_count"] == 12

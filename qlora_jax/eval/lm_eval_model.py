@@ -46,7 +46,7 @@ from qlora_jax import data as data_lib
 from qlora_jax.models import llama
 from qlora_jax.models.spec import ModelSpec
 
-__all__ = ["QLoraJaxLM", "ModelArgsError", "token_logprobs", "load_model"]
+__all__ = ["QLoraJaxLM", "ModelArgsError", "TaskEvaluator", "is_task_yaml", "token_logprobs", "load_model"]
 
 log = logging.getLogger(__name__)
 
@@ -246,12 +246,17 @@ class QLoraJaxLM(TemplateLM):
             if self.batch_size_per_call % ways:
                 raise ModelArgsError(f"batch_size={self.batch_size_per_call} does not split over mesh={mesh!r}'s "
                                      f"data-parallel axes ({ways} ways): make it a multiple of {ways}")
-        self.model, self._tokenizer = load_model(str(pretrained), quant=quant,
-                                                 double_quant=_as_bool("double_quant", double_quant),
-                                                 adapter=adapter, dtype=dtype, compute_dtype=compute_dtype,
-                                                 mesh=self._mesh)
+        model, tokenizer = load_model(str(pretrained), quant=quant, double_quant=_as_bool("double_quant", double_quant),
+                                      adapter=adapter, dtype=dtype, compute_dtype=compute_dtype, mesh=self._mesh)
         self.pretrained, self.adapter = str(pretrained), adapter
-        config = self.model.config
+        self._attach(model, tokenizer, max_length=max_length, max_gen_toks=max_gen_toks, seed=seed,
+                     chat_template=chat_template)
+
+    def _attach(self, model: Any, tokenizer: Any, *, max_length: Any, max_gen_toks: Any, seed: Any,
+                chat_template: str | None) -> None:
+        config = model.config
+        self.spec, self.base, self.lora = model.spec, model.base_params, model.lora_params
+        self._tokenizer = tokenizer
         self._max_length = (config.max_position_embeddings if max_length is None
                             else _as_int("max_length", max_length, minimum=2))
         if self._max_length > config.max_position_embeddings:
@@ -260,11 +265,39 @@ class QLoraJaxLM(TemplateLM):
         self._max_gen_toks = _as_int("max_gen_toks", max_gen_toks)
         self.seed = _as_int("seed", seed, minimum=0)
         self._chat_template_name = chat_template
-        if self._tokenizer.eos_id is None:
-            raise ModelArgsError(f"model_args pretrained={pretrained!r}: its tokenizer has no EOS token, which "
-                                 "lm-eval uses as the end of text")
+        if tokenizer.eos_id is None:
+            raise ModelArgsError("the model's tokenizer has no EOS token, which lm-eval uses as the end of text")
         self._buckets = data_lib.bucket_lengths(self._max_length + 1)
         self._rank, self._world_size = 0, 1
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, *, batch_size: int = 16, mesh: Any = None,
+                   max_length: int | None = None, max_gen_toks: int = 256, seed: int = 0,
+                   chat_template: str | None = None, name: str = "in-memory") -> QLoraJaxLM:
+        """The lm-eval model of a loaded :class:`~qlora_jax.model.CausalLM` (the recipe's evaluation).
+
+        Args:
+            model: the model (its spec, base and adapters; :meth:`set_weights` replaces the weights).
+            tokenizer: its :class:`~qlora_jax.tokenizer.Tokenizer`.
+            batch_size: rows per compiled call (with ``mesh``: global, a multiple of its data-parallel size).
+            mesh: the :class:`jax.sharding.Mesh` the weights are placed on, or None.
+            max_length, max_gen_toks, seed, chat_template: as the model_args of the same names.
+            name: what lm-eval's request cache and logs call it.
+
+        Returns:
+            The lm-eval model.
+        """
+        self = cls.__new__(cls)
+        TemplateLM.__init__(self)
+        self.batch_size_per_call, self._mesh = _as_int("batch_size", batch_size), mesh
+        self.pretrained, self.adapter = name, None
+        self._attach(model, tokenizer, max_length=max_length, max_gen_toks=max_gen_toks, seed=seed,
+                     chat_template=chat_template)
+        return self
+
+    def set_weights(self, base: Any, lora: Any) -> None:
+        """Evaluates ``base`` with adapters ``lora`` from now on (same spec: no recompilation)."""
+        self.base, self.lora = base, lora
 
     # ------------------------------------------------------------------ lm-eval's properties
     @property
@@ -356,7 +389,7 @@ class QLoraJaxLM(TemplateLM):
                 inputs[r, : len(tokens) - 1] = tokens[:-1]
                 targets[r, : len(tokens) - 1] = tokens[1:]
             x = self._device_arrays({"input_ids": inputs, "target_ids": targets})
-            result = token_logprobs(self.model.spec, self.model.base_params, self.model.lora_params,
+            result = token_logprobs(self.spec, self.base, self.lora,
                                     x["input_ids"], x["target_ids"])
             pending.append((chunk, result))
         for chunk, (logprob, greedy) in pending:
@@ -450,7 +483,7 @@ class QLoraJaxLM(TemplateLM):
                     mask[r, length - len(prompts[i]):] = 1
                 key, sub = jax.random.split(key)
                 x = self._device_arrays({"input_ids": ids, "attention_mask": mask})
-                out, _ = _generate(self.model.spec, self.model.base_params, self.model.lora_params,
+                out, _ = _generate(self.spec, self.base, self.lora,
                                    x["input_ids"][0], x["attention_mask"][0], sub, sampling=sampling,
                                    pad_id=self._tokenizer.pad_id)
                 rows = np.asarray(out).tolist()
@@ -504,3 +537,78 @@ class QLoraJaxLM(TemplateLM):
                 raise ValueError("continue_final_message: the rendered template does not contain the last message")
             text = text[: end + len(last)]
         return text
+
+
+def is_task_yaml(source: str | pathlib.Path) -> bool:
+    """Whether ``source`` (a ``mc_eval_file`` value) names an lm-eval task YAML file."""
+    return str(source).lower().endswith((".yaml", ".yml"))
+
+
+class TaskEvaluator:
+    """An lm-eval task from its YAML file, scored for any base and adapters: ``evaluator(base, lora)``.
+
+    ::
+
+        evaluator = TaskEvaluator("tasks/my_task.yaml", model, tokenizer, batch_size=16)
+        metrics = evaluator(model.base_params, model.lora_params)   # {"mc_task": "my_task", "mc_acc": ...}
+
+    The task is the one the YAML defines (its ``task:``), found by lm-eval with the YAML's folder
+    as the include path (so a YAML may ``include:`` its neighbours); its dataset must be local
+    (the hub is offline). ``<prefix>task`` is its name, ``<prefix>count`` the documents
+    evaluated. Metrics are lm-eval's, named ``<prefix><metric>`` (``mc_acc``,
+    ``mc_acc_stderr``, ``mc_acc_norm``...; the filter name dropped when it is lm-eval's
+    ``none``, kept as ``<metric>_<filter>`` otherwise), numbers only. No standard errors: lm-eval
+    computes them only when it bootstraps, in a process pool forked beside JAX's threads.
+    """
+
+    def __init__(self, path: str | pathlib.Path, model: Any, tokenizer: Any, *, batch_size: int = 16,
+                 mesh: Any = None, max_length: int | None = None, prefix: str = "mc_", limit: int | None = None):
+        """Args:
+            path: the task's YAML file.
+            model: the :class:`~qlora_jax.model.CausalLM` whose spec (and tokenizer) the task runs with.
+            tokenizer: its :class:`~qlora_jax.tokenizer.Tokenizer`.
+            batch_size: rows per compiled call (global, with ``mesh``).
+            mesh: the mesh the weights are placed on, or None.
+            max_length: longest scored row in tokens (None: the model's ``max_position_embeddings``).
+            prefix: of every metric name.
+            limit: evaluate only the first this many documents (None: all).
+        """
+        import os
+
+        from lm_eval.tasks import TaskManager
+
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.path = pathlib.Path(path).expanduser().resolve()
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{path}: no such lm-eval task YAML file")
+        self.task_manager = TaskManager(include_path=str(self.path.parent))
+        names = [name for name, entry in self.task_manager.task_index.items()
+                 if getattr(entry, "yaml_path", None) is not None
+                 and pathlib.Path(entry.yaml_path).resolve() == self.path]
+        if len(names) != 1:
+            raise ValueError(f"{path}: expected a YAML defining one lm-eval task (a `task:` name), found "
+                             f"{names or 'none'}")
+        self.task, self.prefix, self.limit = names[0], prefix, limit
+        self.lm = QLoraJaxLM.from_model(model, tokenizer, batch_size=batch_size, mesh=mesh, max_length=max_length,
+                                        name=f"task {self.task}")
+        self.description = f"lm-eval task {self.task} ({self.path})"
+
+    def __call__(self, base: Any, lora: Any = None) -> dict[str, Any]:
+        """lm-eval's metrics of the task for ``base`` with adapters ``lora`` (see the class docstring)."""
+        import lm_eval
+
+        self.lm.set_weights(base, lora)
+        results = lm_eval.simple_evaluate(model=self.lm, tasks=[self.task], task_manager=self.task_manager,
+                                          limit=self.limit, bootstrap_iters=0, log_samples=False, random_seed=0,
+                                          numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+        counts = results.get("n-samples", {}).get(self.task, {})
+        out: dict[str, Any] = {f"{self.prefix}task": self.task,
+                               f"{self.prefix}count": int(counts.get("effective", counts.get("original", 0)))}
+        for key, value in results["results"][self.task].items():
+            metric, _, filter_name = key.partition(",")
+            if not filter_name or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            name = metric if filter_name == "none" else f"{metric}_{filter_name}"
+            out[f"{self.prefix}{name}"] = float(value)
+        return out
