@@ -87,16 +87,17 @@ def workdir(tmp_path_factory, module_rng, oracle):
     return {"model": model, "adapter": adapter, "tasks": tasks}
 
 
-def hf_reference(oracle, workdir, tasks=TASKS, **model_args) -> dict:
-    """lm-eval's ``hf`` model on ``tasks`` (metrics and samples, see tests/oracles/lm_eval_hf.py)."""
+def hf_reference(oracle, workdir, tasks=TASKS, chat: dict | None = None, **model_args) -> dict:
+    """lm-eval's ``hf`` model on ``tasks`` (metrics and samples, see tests/oracles/lm_eval_hf.py);
+    ``chat``: simple_evaluate's apply_chat_template / system_instruction."""
     args = dict(pretrained=str(workdir["model"]), peft=str(workdir["adapter"]), dtype="float32",
                 max_length=MAX_LENGTH, **model_args)
     out = oracle.run("lm_eval_hf.py", {}, {"model_args": args, "tasks": list(tasks),
-                                           "include_path": str(workdir["tasks"]), "batch_size": 4})
+                                           "include_path": str(workdir["tasks"]), "batch_size": 4, **(chat or {})})
     return json.loads(str(out["result"]))
 
 
-def ours(workdir, tasks=TASKS, *, batch_size: int = 16, **model_args) -> dict:
+def ours(workdir, tasks=TASKS, *, batch_size: int = 16, chat: dict | None = None, **model_args) -> dict:
     """Our ``qlora_jax`` model through lm-eval's evaluator, in the same shape as :func:`hf_reference`."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -104,11 +105,12 @@ def ours(workdir, tasks=TASKS, *, batch_size: int = 16, **model_args) -> dict:
     from qlora_jax.eval.lm_eval_model import QLoraJaxLM
 
     args = dict(pretrained=str(workdir["model"]), adapter=str(workdir["adapter"]), quant="float32",
-                dtype="float32", compute_dtype="float32", max_length=MAX_LENGTH, batch_size=batch_size, **model_args)
+                dtype="float32", compute_dtype="float32", max_length=MAX_LENGTH, batch_size=batch_size)
+    args.update(model_args)
     lm = QLoraJaxLM(**args)
     results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=TaskManager(
         include_path=str(workdir["tasks"])), log_samples=True, random_seed=0, numpy_random_seed=0,
-        torch_random_seed=0, fewshot_random_seed=0, bootstrap_iters=0)
+        torch_random_seed=0, fewshot_random_seed=0, bootstrap_iters=0, **(chat or {}))
     samples = {t: sorted(s, key=lambda s: s["doc_id"]) for t, s in results["samples"].items()}
     return {"metrics": results["results"], "samples": samples}
 
@@ -217,6 +219,23 @@ def test_batch_size_does_not_change_numbers(workdir, ours_batched):
         assert single["metrics"][task][metric] == ours_batched["metrics"][task][metric]
 
 
+def test_chat_template_and_system_instruction_match_hf(oracle, workdir):
+    """--apply_chat_template with --system_instruction: the model's own template renders the same
+    prompts as transformers' tokenizer, and the scores and generations follow."""
+    chat = {"apply_chat_template": True, "system_instruction": "Answer in one word."}
+    expected = hf_reference(oracle, workdir, ("tiny_mc", "tiny_qa"), chat=chat)
+    got = ours(workdir, ("tiny_mc", "tiny_qa"), chat=chat)
+    for task in ("tiny_mc", "tiny_qa"):
+        prompts = [[list(a) for a in s["arguments"]] for s in got["samples"][task]]
+        assert prompts == [s["arguments"] for s in expected["samples"][task]], task
+        assert "<|im_start|>system\nAnswer in one word.<|im_end|>" in str(prompts[0][0][0])
+    np.testing.assert_allclose(loglikelihoods(got, "tiny_mc"), loglikelihoods(expected, "tiny_mc"), rtol=0,
+                               atol=PER_TOKEN * MAX_LENGTH)
+    assert got["metrics"]["tiny_mc"]["acc,none"] == expected["metrics"]["tiny_mc"]["acc,none"]
+    assert [s["resps"][0][0] for s in got["samples"]["tiny_qa"]] == \
+        [s["resps"][0][0] for s in expected["samples"]["tiny_qa"]]
+
+
 # ---------------------------------------------------------------- the command (experiments/lm_eval.py)
 def _model_args(workdir) -> str:
     return (f"pretrained={workdir['model']},adapter={workdir['adapter']},quant=float32,dtype=float32,"
@@ -312,3 +331,28 @@ def test_finetune_logs_an_lm_eval_task_beside_the_held_out_loss(tiny_model, tmp_
     for row, expected in ((mc[0], before), (mc[1], after)):
         assert row["mc_acc"] == expected["acc,none"] and row["mc_acc_norm"] == expected["acc_norm,none"]
         assert row["mc_count"] == 12
+
+
+@pytest.mark.slow
+def test_bitsandbytes_4bit_checkpoint_matches_hf(oracle, workdir, tmp_path):
+    """The same bitsandbytes NF4+DQ checkpoint (quantized and saved by transformers on the CPU) with
+    the PEFT adapter: lm-eval's hf model (bitsandbytes' exact CPU dequantization, float32 compute)
+    against ours reading the stored bytes (quant=nf4)."""
+    import shutil
+
+    saved = tmp_path / "bnb4"
+    oracle.run("hf_models.py", {"q/input_ids": np.array([[1, 2, 3]], np.int64)}, {"cases": [
+        dict(name="q", op="bnb4", dir=str(workdir["model"]), quant_type="nf4", double_quant=True,
+             save_dir=str(saved))]})
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(workdir["model"] / name, saved / name)
+    quantized = {**workdir, "model": saved}
+    tasks = ("tiny_mc", "tiny_lambada")
+    expected = hf_reference(oracle, quantized, tasks)
+    got = ours(quantized, tasks, quant="nf4")
+    for task in tasks:
+        np.testing.assert_allclose(loglikelihoods(got, task), loglikelihoods(expected, task), rtol=0,
+                                   atol=PER_TOKEN * MAX_LENGTH)
+        assert greedy_flags(got, task) == greedy_flags(expected, task)
+    assert got["metrics"]["tiny_mc"]["acc,none"] == expected["metrics"]["tiny_mc"]["acc,none"]
+    assert got["metrics"]["tiny_mc"]["acc_norm,none"] == expected["metrics"]["tiny_mc"]["acc_norm,none"]
