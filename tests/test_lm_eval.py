@@ -97,7 +97,8 @@ def hf_reference(oracle, workdir, tasks=TASKS, chat: dict | None = None, **model
     return json.loads(str(out["result"]))
 
 
-def ours(workdir, tasks=TASKS, *, batch_size: int = 16, chat: dict | None = None, **model_args) -> dict:
+def ours(workdir, tasks=TASKS, *, batch_size: int = 16, chat: dict | None = None, gen_kwargs: str | None = None,
+         **model_args) -> dict:
     """Our ``qlora_jax`` model through lm-eval's evaluator, in the same shape as :func:`hf_reference`."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -110,7 +111,7 @@ def ours(workdir, tasks=TASKS, *, batch_size: int = 16, chat: dict | None = None
     lm = QLoraJaxLM(**args)
     results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=TaskManager(
         include_path=str(workdir["tasks"])), log_samples=True, random_seed=0, numpy_random_seed=0,
-        torch_random_seed=0, fewshot_random_seed=0, bootstrap_iters=0, **(chat or {}))
+        torch_random_seed=0, fewshot_random_seed=0, bootstrap_iters=0, gen_kwargs=gen_kwargs, **(chat or {}))
     samples = {t: sorted(s, key=lambda s: s["doc_id"]) for t, s in results["samples"].items()}
     return {"metrics": results["results"], "samples": samples}
 
@@ -217,6 +218,17 @@ def test_batch_size_does_not_change_numbers(workdir, ours_batched):
     for task, metric in (("tiny_mc", "acc,none"), ("tiny_mc", "acc_norm,none"), ("tiny_lambada", "acc,none"),
                          ("tiny_qa", "exact_match,none")):
         assert single["metrics"][task][metric] == ours_batched["metrics"][task][metric]
+
+
+def test_sampled_generation(workdir, ours_batched):
+    """do_sample: a nucleus smaller than any token's probability keeps only the top token, so the
+    sample is the greedy generation; at temperature 1 the seed model_arg decides the draw."""
+    narrow = ours(workdir, ("tiny_qa",), gen_kwargs="do_sample=True,temperature=1.0,top_p=1e-9")
+    greedy = [s["resps"][0][0] for s in ours_batched["samples"]["tiny_qa"]]
+    assert [s["resps"][0][0] for s in narrow["samples"]["tiny_qa"]] == greedy
+    draws = [[s["resps"][0][0] for s in ours(workdir, ("tiny_qa",), gen_kwargs="do_sample=True,temperature=1.0",
+                                             seed=seed)["samples"]["tiny_qa"]] for seed in (0, 0, 1)]
+    assert draws[0] == draws[1] and draws[0] != draws[2] and draws[0] != greedy
 
 
 def test_chat_template_and_system_instruction_match_hf(oracle, workdir):
