@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 setup: $(VENV)/.installed
 oracle: $(ORACLE)/.installed
 
-$(VENV)/.installed: pyproject.toml requirements/ci.txt requirements/assets.txt requirements/thirdparty.txt scripts/setup_venv.sh
+$(VENV)/.installed: pyproject.toml requirements/ci.txt requirements/assets.txt requirements/thirdparty.txt requirements/lm-eval.txt scripts/setup_venv.sh
 	scripts/setup_venv.sh $(VENV)
 	touch $@
 

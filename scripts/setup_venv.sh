@@ -31,6 +31,8 @@ quiet_pip "${PIP[@]}" install -q -c requirements/ci.txt -e ".[test,data]"
 # that pip-installs the package into a fresh venv builds it offline with this one (--no-build-isolation).
 quiet_pip "${PIP[@]}" install -q -c requirements/ci.txt setuptools wheel
 quiet_pip "${PIP[@]}" install -q --no-deps --require-hashes -r requirements/assets.txt
+# The lm-eval extra (qlora_jax.eval.lm_eval_model, experiments/lm_eval.py), pinned against ci.txt.
+quiet_pip "${PIP[@]}" install -q -c requirements/ci.txt -r requirements/lm-eval.txt
 # Third-party JAX models the tests convert unedited, and qwix (requirements/thirdparty.txt says why --no-deps).
 quiet_pip "${PIP[@]}" install -q --no-deps -r requirements/thirdparty.txt
 # The CUDA plugin's jaxlib extensions (not its CUDA libraries): jax_triton needs them to lower the

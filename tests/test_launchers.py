@@ -83,7 +83,8 @@ def test_installed_commands_run_from_a_fresh_venv(tmp_path):
                                 "--no-build-isolation", str(ROOT), "--target", str(site)], env=env, cwd=tmp_path,
                                capture_output=True, text=True)
     assert installed.returncode == 0, installed.stderr[-3000:]
-    for command in ("qlora-jax-finetune", "qlora-jax-generate", "qlora-jax-datatypes", "qlora-jax-memory"):
+    for command in ("qlora-jax-finetune", "qlora-jax-generate", "qlora-jax-datatypes", "qlora-jax-memory",
+                    "qlora-jax-eval"):
         script = site / "bin" / command
         assert script.exists(), f"{command} was not installed"
         done = subprocess.run([str(venv / "bin" / "python"), str(script), "--help"], env=env, cwd=tmp_path,

@@ -169,7 +169,9 @@ class FinetuneConfig:
     # multiple-choice evaluation during training (qlora.py's --do_mmlu_eval)
     mc_eval_file: str = setting("auto", "Multiple-choice evaluation: 'chatterbot' (the held-out reply-retrieval "
                                 "task built from this run's held-out split), a qlora.py MMLU JSON "
-                                "(five_shot_mmlu_val.json) or an MMLU / lm-eval-style JSONL or parquet file, 'none'; "
+                                "(five_shot_mmlu_val.json), an MMLU / lm-eval-style JSONL or parquet file, an "
+                                "lm-eval task YAML (its folder is the include path; its dataset must be local; "
+                                "needs the lm-eval extra; its metrics are logged as mc_<metric>), 'none'; "
                                 "'auto': chatterbot when dataset is chatterbot and the held-out split is large "
                                 "enough for it (else none, with a warning saying why), else none.",
                                 check=_mc_eval_file, resume_may_change=True, off="none")

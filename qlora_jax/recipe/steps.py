@@ -496,6 +496,8 @@ def setup_mc_eval(cfg: FinetuneConfig, model: CausalLM, tokenizer: Tokenizer, me
         return None
     from qlora_jax import eval as eval_lib
 
+    if cfg.mc_eval_task.lower().endswith((".yaml", ".yml")):
+        return _setup_lm_eval_task(cfg, model, tokenizer, mesh, frozen)
     try:
         task = eval_lib.load_task(cfg.mc_eval_task, shots=cfg.mc_eval_shots, dev_file=cfg.mc_eval_dev_file,
                                   eval_dataset_size=cfg.eval_dataset_size, seed=cfg.seed,
@@ -511,6 +513,30 @@ def setup_mc_eval(cfg: FinetuneConfig, model: CausalLM, tokenizer: Tokenizer, me
         model.spec, tokenizer, task, batch_size=cfg.per_device_eval_batch_size * data_parallel_size(mesh), mesh=mesh,
         template=cfg.chat_template, max_length=min(model.config.max_position_embeddings, MC_EVAL_MAX_LENGTH))
     log.info("multiple-choice evaluation: %s", task.description)
+    if cfg.full_finetune:
+        return lambda trainable: evaluator(trainable, None)
+    return lambda trainable: evaluator(frozen, trainable)
+
+
+def _setup_lm_eval_task(cfg: FinetuneConfig, model: CausalLM, tokenizer: Tokenizer, mesh: jax.sharding.Mesh | None,
+                        frozen: Any) -> Callable[[Any], dict[str, Any]]:
+    """``mc_eval_file`` naming an lm-eval task YAML: its metrics (``mc_task``, ``mc_acc``...;
+    :class:`qlora_jax.eval.lm_eval_model.TaskEvaluator`), for the frozen base ``frozen``."""
+    if cfg.mc_eval_shots or cfg.mc_eval_dev_file:
+        raise ConfigError(f"mc_eval_shots={cfg.mc_eval_shots}, mc_eval_dev_file={cfg.mc_eval_dev_file!r}: an lm-eval "
+                          f"task ({cfg.mc_eval_file}) sets its own few-shot examples (num_fewshot in its YAML)")
+    try:
+        from qlora_jax.eval.lm_eval_model import TaskEvaluator
+    except ImportError as err:
+        raise ConfigError(f"mc_eval_file={cfg.mc_eval_file!r}: an lm-eval task needs lm-eval ({err}); "
+                          "pip install -r requirements/lm-eval.txt") from None
+    try:
+        evaluator = TaskEvaluator(cfg.mc_eval_file, model, tokenizer,
+                                  batch_size=cfg.per_device_eval_batch_size * data_parallel_size(mesh), mesh=mesh,
+                                  max_length=min(model.config.max_position_embeddings, MC_EVAL_MAX_LENGTH))
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"mc_eval_file={cfg.mc_eval_file!r}: {err}") from None
+    log.info("multiple-choice evaluation: %s", evaluator.description)
     if cfg.full_finetune:
         return lambda trainable: evaluator(trainable, None)
     return lambda trainable: evaluator(frozen, trainable)
@@ -696,8 +722,13 @@ def train_loop(
         if mc_eval_fn is not None:
             result = mc_eval_fn(trainable)
             metrics.write({"kind": "mc_eval", "step": at_step, **result})
-            log.info("step %d: multiple-choice accuracy %.3f (acc_norm %.3f) over %d questions", at_step,
-                     result["mc_acc"], result["mc_acc_norm"], result["mc_count"])
+            if "mc_task" in result:  # an lm-eval task: whatever metrics it defines
+                log.info("step %d: lm-eval task %s over %d documents: %s", at_step, result["mc_task"],
+                         result["mc_count"], ", ".join(f"{k.removeprefix('mc_')} {v:.4g}" for k, v in result.items()
+                                                       if k not in ("mc_task", "mc_count")))
+            else:
+                log.info("step %d: multiple-choice accuracy %.3f (acc_norm %.3f) over %d questions", at_step,
+                         result["mc_acc"], result["mc_acc_norm"], result["mc_count"])
 
     if step == 0:
         first = evaluate_fn(trainable)
