@@ -351,7 +351,8 @@ def double_quantize(
 
     References:
       Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
-      <https://arxiv.org/abs/2305.14314>`_, 2023, section 3 (double quantization); Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+      <https://arxiv.org/abs/2305.14314>`_, 2023, section 3 (double quantization);
+      Dettmers et al., `8-bit Optimizers via Block-wise Quantization
       <https://arxiv.org/abs/2110.02861>`_, 2021 (the dynamic map).
     """
     flat = absmax.reshape(-1).astype(jnp.float32)
