@@ -18,6 +18,8 @@ import pytest
 
 DOCUMENTED = [
     "qlora_jax.quant",
+    "qlora_jax.linear",
+    "qlora_jax.lora",
 ]
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
