@@ -20,6 +20,8 @@ DOCUMENTED = [
     "qlora_jax.quant",
     "qlora_jax.linear",
     "qlora_jax.lora",
+    "qlora_jax.train",
+    "qlora_jax.generate",
 ]
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
