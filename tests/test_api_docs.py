@@ -22,6 +22,7 @@ DOCUMENTED = [
     "qlora_jax.lora",
     "qlora_jax.train",
     "qlora_jax.generate",
+    "qlora_jax.kernels.ops",
 ]
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
