@@ -62,6 +62,18 @@ def state_shardings(abstract_state: Any, params: Any, memory_kind: str | None = 
 
     ``params``: arrays (or ShapeDtypeStructs with shardings). ``memory_kind``: the kind the result
     uses (None: each parameter's own, i.e. usually ``device``). See the module docstring.
+
+    A subtree of the state with the parameters' structure (moments) follows the parameters'
+    shardings leaf by leaf where the shapes match; everything else (counts, absmax, ...) is
+    replicated.
+
+    Args:
+      abstract_state: the optimizer state, arrays or ``jax.ShapeDtypeStruct``.
+      params: the parameters, arrays or ShapeDtypeStructs with shardings.
+      memory_kind: memory kind of every resulting sharding, or ``None``.
+
+    Returns:
+      A pytree of ``jax.sharding.Sharding`` with ``abstract_state``'s structure.
     """
     p_leaves, p_def = jax.tree.flatten(params)
     replicated = replicated_sharding(params, memory_kind)
@@ -89,5 +101,12 @@ def state_shardings(abstract_state: Any, params: Any, memory_kind: str | None = 
 
 
 def tree_shardings(tree: Any) -> Any:
-    """``x.sharding`` of every leaf (a pytree of shardings, usable as jit in/out shardings)."""
+    """``x.sharding`` of every leaf (a pytree of shardings, usable as jit in/out shardings).
+
+    Args:
+      tree: a pytree of arrays (or ShapeDtypeStructs with shardings).
+
+    Returns:
+      A pytree of ``jax.sharding.Sharding`` with ``tree``'s structure.
+    """
     return jax.tree.map(_sharding, tree)
