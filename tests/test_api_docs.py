@@ -23,6 +23,7 @@ DOCUMENTED = [
     "qlora_jax.train",
     "qlora_jax.generate",
     "qlora_jax.kernels.ops",
+    "qlora_jax.optim",
 ]
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"

@@ -81,11 +81,19 @@ DEFAULT_MAX_GROUP_SIZE = 1 << 24
 
 
 def layer_stacked(path: tuple, leaf: Any) -> bool:
-    """Default ``stacked`` predicate: leaves with at least one axis under a ``"layers"`` key that holds
-    arrays stacked over a leading layer axis (the built-in LLaMA's layout).
+    """Default ``stacked`` predicate: leaves stacked over a leading layer axis under a ``"layers"`` key.
 
-    A ``layers`` key followed by a list index (``layers/0/...``: a Python list or ``nnx.List`` of
-    separate layers) is not stacked: each of those layers is its own group.
+    Leaves with at least one axis under a ``"layers"`` key that holds arrays stacked over a leading
+    layer axis (the built-in LLaMA's layout). A ``layers`` key followed by a list index
+    (``layers/0/...``: a Python list or ``nnx.List`` of separate layers) is not stacked:
+    each of those layers is its own group.
+
+    Args:
+      path: the leaf's key path.
+      leaf: the leaf (array or ShapeDtypeStruct).
+
+    Returns:
+      Whether the leaf's first axis is the layer axis (``bool``).
     """
     if getattr(leaf, "ndim", 0) < 1:
         return False
@@ -97,7 +105,15 @@ def layer_stacked(path: tuple, leaf: Any) -> bool:
 
 
 def no_layers(path: tuple, leaf: Any) -> bool:
-    """A ``stacked`` predicate that streams every leaf as a group (nothing is stacked)."""
+    """A ``stacked`` predicate that streams every leaf as a group (nothing is stacked).
+
+    Args:
+      path: the leaf's key path (unused).
+      leaf: the leaf (unused).
+
+    Returns:
+      ``False``.
+    """
     del path, leaf
     return False
 
@@ -173,6 +189,15 @@ class StateLayout:
     parameter's state leaves have the layer axis in front). ``global_ids``: indices of the global
     leaves. ``layer_ids``: per-parameter leaves of the layer piece. ``layer_piece`` (one layer's
     state tree, no layer axis) and ``group_pieces``: each piece's state tree, leaf by leaf.
+
+    Attributes:
+      plan: how the parameters split into pieces (leaf indices in ``jax.tree.flatten`` order).
+      treedef: the full state's tree structure.
+      abstract: ``jax.ShapeDtypeStruct`` of every state leaf (global shapes).
+      global_ids: indices of the leaves not tied to a parameter (e.g. ``count``).
+      layer_ids: indices of the per-parameter leaves of the layer piece.
+      layer_piece: one layer's state tree (no layer axis), or ``None`` without stacked leaves.
+      group_pieces: each group piece's state tree.
     """
 
     plan: Plan
@@ -246,7 +271,20 @@ def _abstract(x: Any) -> jax.ShapeDtypeStruct:
 
 def state_layout(inner: optax.GradientTransformation, params: Any, stacked: Stacked,
                  max_group_size: int | None) -> StateLayout:
-    """The :class:`StateLayout` of ``inner``'s state for ``params`` (arrays, tracers or ShapeDtypeStructs)."""
+    """The :class:`StateLayout` of ``inner``'s state for ``params`` (arrays, tracers or ShapeDtypeStructs).
+
+    Args:
+      inner: the transform whose state is laid out; its ``init`` must accept a tree of ``None``.
+      params: the parameters (arrays, tracers or ShapeDtypeStructs).
+      stacked: ``(path, leaf) -> bool``, which leaves carry a leading layer axis.
+      max_group_size: most leaves per group of the non-layer leaves, or ``None`` (no limit).
+
+    Returns:
+      The :class:`StateLayout`.
+
+    Raises:
+      TypeError: ``inner.init`` fails on a tree of ``None`` leaves.
+    """
     plan = plan_pieces(params, stacked, max_group_size)
     leaves = [_abstract(x) for x in plan.treedef.flatten_up_to(params)]
     try:
@@ -571,5 +609,13 @@ def per_layer(
     blocks and its ``min_8bit_size`` rule) it treats every layer as its own tensor, as bitsandbytes
     does with per-layer PyTorch parameters, and matches :func:`qlora_jax.optim.offload_state`
     exactly. See the module docstring for the conditions on ``inner``.
+
+    Args:
+      inner: an elementwise or per-leaf transform (e.g. :func:`~qlora_jax.optim.adamw_8bit`).
+      stacked: ``(path, leaf) -> bool``, which leaves carry a leading layer axis.
+      max_group_size: most leaves per group of the non-layer leaves, or ``None`` (no limit).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is ``inner``'s in optax's layout.
     """
     return streamed(inner, stacked=stacked, max_group_size=max_group_size)
