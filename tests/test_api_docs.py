@@ -24,6 +24,11 @@ DOCUMENTED = [
     "qlora_jax.generate",
     "qlora_jax.kernels.ops",
     "qlora_jax.optim",
+    "qlora_jax.nn",
+    "qlora_jax.nn.traced",
+    "qlora_jax.nn.dataflow",
+    "qlora_jax.nn.surgery",
+    "qlora_jax.nn.linen",
 ]
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"

@@ -259,11 +259,11 @@ class QLoRAReport:
     contraction weight left unconverted, with the reason.
 
     Attributes:
-      layers: the :class:`ConvertedLayer`\ s, in model order.
+      layers: the :class:`ConvertedLayer`\\ s, in model order.
       trainable_params: number of LoRA parameters after conversion.
       bytes_before: bytes of the model's whole state before.
       bytes_after: bytes after.
-      left: the :class:`LeftWeight`\ s (with example inputs only).
+      left: the :class:`LeftWeight`\\ s (with example inputs only).
     """
 
     layers: tuple[ConvertedLayer, ...]
@@ -555,7 +555,7 @@ def apply_qlora(
 
     Args:
       model: the NNX model, converted in place.
-      rules: :class:`QLoRARule`\ s (first match wins), or a PEFT-style ``LoraConfig``.
+      rules: :class:`QLoRARule`\\ s (first match wins), or a PEFT-style ``LoraConfig``.
       *example_args: example positional inputs of ``model.<methods[0]>`` (arrays; traced, not run);
         none selects ``nnx.Linear``/``nnx.Einsum`` layers instead.
       rngs: ``nnx.Rngs`` for the adapters' initialisation and LoRA dropout.

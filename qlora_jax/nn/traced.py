@@ -173,7 +173,7 @@ class WeightFacts:
     Attributes:
       path: the variable's path in ``nnx.state(model)``.
       shape: the weight's shape.
-      uses: its :class:`~qlora_jax.nn.dataflow.WeightUse`\ s in the traced forward pass, in order.
+      uses: its :class:`~qlora_jax.nn.dataflow.WeightUse`\\ s in the traced forward pass, in order.
     """
 
     path: tuple
