@@ -60,7 +60,15 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def codes_shape(shape: tuple[int, ...], quant_type: str) -> tuple[int, ...]:
-    """Shape of the ``codes`` array for a tensor of ``shape`` (see the module docstring)."""
+    """Shape of the ``codes`` array for a tensor of ``shape`` (see the module docstring).
+
+    Args:
+      shape: the original tensor's shape.
+      quant_type: ``"nf4"``, ``"fp4"`` or ``"int8"``.
+
+    Returns:
+      The codes' shape (a tuple of ints).
+    """
     if quant_type == "int8":
         return tuple(shape)
     if shape[-1] % 2 == 0:
@@ -69,7 +77,15 @@ def codes_shape(shape: tuple[int, ...], quant_type: str) -> tuple[int, ...]:
 
 
 def scales_shape(shape: tuple[int, ...], blocksize: int) -> tuple[int, ...]:
-    """Shape of the ``scales`` array: one entry per block (see the module docstring)."""
+    """Shape of the ``scales`` array: one entry per block (see the module docstring).
+
+    Args:
+      shape: the original tensor's shape.
+      blocksize: values per block.
+
+    Returns:
+      The scales' shape (a tuple of ints).
+    """
     if shape[-1] % blocksize == 0:
         return tuple(shape[:-1]) + (shape[-1] // blocksize,)
     return (-(-_numel(shape) // blocksize),)
