@@ -19,7 +19,14 @@ MaskLike = Callable[[Any], Any] | Any | None
 
 
 def key_name(key: Any) -> str:
-    """The name of one path entry (dict key, attribute, or sequence index) as a string."""
+    """The name of one path entry (dict key, attribute, or sequence index) as a string.
+
+    Args:
+      key: a ``jax.tree_util`` path entry (``DictKey``, ``GetAttrKey``, ``SequenceKey``, ...).
+
+    Returns:
+      Its key, name or index as ``str``.
+    """
     for attr in ("key", "name", "idx"):
         if hasattr(key, attr):
             return str(getattr(key, attr))

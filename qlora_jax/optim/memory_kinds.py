@@ -71,7 +71,15 @@ def supports_memory_kind(kind: str, device: jax.Device | None = None) -> bool:
 
 
 def require_memory_kind(kind: str, devices: Iterable[jax.Device]) -> None:
-    """Raises ValueError naming the device and its kinds if any of ``devices`` cannot hold ``kind``."""
+    """Raises ValueError naming the device and its kinds if any of ``devices`` cannot hold ``kind``.
+
+    Args:
+      kind: a memory kind, e.g. ``"pinned_host"``.
+      devices: the devices to check.
+
+    Raises:
+      ValueError: a device that cannot hold ``kind``.
+    """
     for device in devices:
         if not supports_memory_kind(kind, device):
             raise ValueError(

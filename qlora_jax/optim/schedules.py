@@ -19,7 +19,19 @@ SCHEDULE_TYPES = ("constant", "linear", "cosine")
 
 
 def warmup_steps_for(max_steps: int, warmup_ratio: float = 0.0, warmup_steps: int = 0) -> int:
-    """Warmup length in steps: ``warmup_steps`` if positive, else ``ceil(warmup_ratio * max_steps)``."""
+    """Warmup length in steps: ``warmup_steps`` if positive, else ``ceil(warmup_ratio * max_steps)``.
+
+    Args:
+      max_steps: total optimizer steps.
+      warmup_ratio: warmup as a fraction of ``max_steps``, in ``[0, 1]``.
+      warmup_steps: warmup in steps (non-negative); overrides ``warmup_ratio`` when positive.
+
+    Returns:
+      The number of warmup steps (``int``).
+
+    Raises:
+      ValueError: a negative ``warmup_steps`` or ``warmup_ratio`` outside ``[0, 1]``.
+    """
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be non-negative, got {warmup_steps}")
     if not 0.0 <= warmup_ratio <= 1.0:

@@ -31,7 +31,17 @@ def _sharding(x: Any) -> Sharding:
 
 
 def params_devices(params: Any) -> frozenset:
-    """The set of devices all parameter leaves live on; ValueError if they differ between leaves."""
+    """The set of devices all parameter leaves live on; ValueError if they differ between leaves.
+
+    Args:
+      params: a pytree of arrays (or ShapeDtypeStructs with shardings).
+
+    Returns:
+      A ``frozenset`` of ``jax.Device``.
+
+    Raises:
+      ValueError: no array leaves, or leaves on different sets of devices.
+    """
     found: dict[frozenset, str] = {}
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         found.setdefault(frozenset(_sharding(x).device_set), jax.tree_util.keystr(path))
@@ -44,7 +54,18 @@ def params_devices(params: Any) -> frozenset:
 
 
 def replicated_sharding(params: Any, memory_kind: str | None = None) -> Sharding:
-    """A sharding that replicates a value over the devices of ``params`` (on their mesh if they have one)."""
+    """A sharding that replicates a value over the devices of ``params`` (on their mesh if they have one).
+
+    Args:
+      params: a pytree of arrays (or ShapeDtypeStructs with shardings).
+      memory_kind: memory kind of the result, or ``None`` (the default kind).
+
+    Returns:
+      A ``NamedSharding`` with an empty ``PartitionSpec`` or a ``SingleDeviceSharding``.
+
+    Raises:
+      ValueError: as :func:`params_devices`.
+    """
     params_devices(params)
     first = _sharding(jax.tree.leaves(params)[0])
     if isinstance(first, NamedSharding):
