@@ -120,7 +120,14 @@ def no_layers(path: tuple, leaf: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """How a parameter tree splits into pieces (leaf indices in ``jax.tree.flatten`` order)."""
+    """How a parameter tree splits into pieces (leaf indices in ``jax.tree.flatten`` order).
+
+    Attributes:
+      treedef: the parameter tree's structure.
+      layer_ids: indices of the layer-stacked leaves (one piece per layer).
+      num_layers: size of their shared leading axis (0 without stacked leaves).
+      groups: indices of the other leaves, one tuple per group piece.
+    """
 
     treedef: Any
     layer_ids: tuple[int, ...]
@@ -143,6 +150,17 @@ def plan_pieces(tree: Any, stacked: Stacked, max_group_size: int | None) -> Plan
 
     Depends only on paths and shapes, so the parameters at ``init`` and the gradients at
     ``update`` give the same plan. ``max_group_size=None``: all other leaves in one group.
+
+    Args:
+      tree: the parameters (or gradients).
+      stacked: ``(path, leaf) -> bool``, which leaves carry a leading layer axis.
+      max_group_size: most leaves per group, or ``None`` (one group).
+
+    Returns:
+      The :class:`Plan`.
+
+    Raises:
+      ValueError: a non-positive ``max_group_size``, or stacked leaves with different leading axes.
     """
     if max_group_size is not None and max_group_size <= 0:
         raise ValueError(f"max_group_size must be positive, got {max_group_size}")
@@ -550,7 +568,18 @@ def streamed(
     layers_per_chunk: int | None = 1,
     unroll: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
-    """``inner`` applied piece by piece with its state on the device, no copies (see the module docstring)."""
+    """``inner`` applied piece by piece with its state on the device, no copies (see the module docstring).
+
+    Args:
+      inner: an elementwise or per-leaf transform.
+      stacked: ``(path, leaf) -> bool``, which leaves carry a leading layer axis.
+      max_group_size: most leaves per group of the non-layer leaves, or ``None`` (no limit).
+      layers_per_chunk: layers per step of the layer loop; ``None`` takes them all at once.
+      unroll: ``lax.scan`` unroll of the layer loop.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is ``inner``'s in optax's layout.
+    """
     inner = optax.with_extra_args_support(inner)
     layouts = LayoutCache(inner, stacked, max_group_size)
 
