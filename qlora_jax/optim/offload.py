@@ -320,7 +320,7 @@ def offload_state(
       placement: one of ``PLACEMENTS`` or a :class:`Placement`.
       elementwise: whether ``inner`` acts on every value independently.
       stacked: ``(path, leaf) -> bool``, which leaves carry a leading layer axis.
-      max_group_size: most leaves per streamed group of the non-layer leaves.
+      max_group_size: most values (elements) per group of the non-layer leaves.
       free_device_bytes: free device bytes, ``None``, or a function of the devices measuring them.
       reserve_device_bytes: bytes per device the rest of the step needs, or ``None`` (estimated).
       unroll: ``lax.scan`` unroll of the streamed layer loop (>= 1).

@@ -154,7 +154,7 @@ def plan_pieces(tree: Any, stacked: Stacked, max_group_size: int | None) -> Plan
     Args:
       tree: the parameters (or gradients).
       stacked: ``(path, leaf) -> bool``, which leaves carry a leading layer axis.
-      max_group_size: most leaves per group, or ``None`` (one group).
+      max_group_size: most values (elements) per group, or ``None`` (one group).
 
     Returns:
       The :class:`Plan`.
@@ -295,7 +295,7 @@ def state_layout(inner: optax.GradientTransformation, params: Any, stacked: Stac
       inner: the transform whose state is laid out; its ``init`` must accept a tree of ``None``.
       params: the parameters (arrays, tracers or ShapeDtypeStructs).
       stacked: ``(path, leaf) -> bool``, which leaves carry a leading layer axis.
-      max_group_size: most leaves per group of the non-layer leaves, or ``None`` (no limit).
+      max_group_size: most values (elements) per group of the non-layer leaves, or ``None`` (no limit).
 
     Returns:
       The :class:`StateLayout`.
@@ -573,8 +573,9 @@ def streamed(
     Args:
       inner: an elementwise or per-leaf transform.
       stacked: ``(path, leaf) -> bool``, which leaves carry a leading layer axis.
-      max_group_size: most leaves per group of the non-layer leaves, or ``None`` (no limit).
-      layers_per_chunk: layers per step of the layer loop; ``None`` takes them all at once.
+      max_group_size: most values (elements) per group of the non-layer leaves, or ``None`` (no limit).
+      layers_per_chunk: layers per step of the layer loop (must divide the number of layers);
+        ``None`` takes them all at once.
       unroll: ``lax.scan`` unroll of the layer loop.
 
     Returns:
@@ -642,7 +643,7 @@ def per_layer(
     Args:
       inner: an elementwise or per-leaf transform (e.g. :func:`~qlora_jax.optim.adamw_8bit`).
       stacked: ``(path, leaf) -> bool``, which leaves carry a leading layer axis.
-      max_group_size: most leaves per group of the non-layer leaves, or ``None`` (no limit).
+      max_group_size: most values (elements) per group of the non-layer leaves, or ``None`` (no limit).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is ``inner``'s in optax's layout.
