@@ -32,7 +32,7 @@ DOCUMENTED = [
     # The modules behind the packages' re-exports, for the names only they export.
     *(f"qlora_jax.optim.{m}" for m in ("adam8bit", "adamw", "factory", "jit", "masks", "memory_kinds", "offload",
                                        "quantized_moments", "schedules", "shardings", "streaming")),
-    *(f"qlora_jax.quant.{m}" for m in ("bnb_format", "codebooks", "report", "tensor")),
+    *(f"qlora_jax.quant.{m}" for m in ("blockwise", "bnb_format", "codebooks", "report", "tensor")),
 ]
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
