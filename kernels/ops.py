@@ -145,6 +145,24 @@ def resolve_backend(
     ``dtype`` is the activation dtype (matmul ops), the output dtype (dequantize) or the input
     weight's dtype (quantize, with ``qt`` describing the result); ``m`` the number of activation
     rows. ``target`` defaults to :func:`current_target`.
+
+    Args:
+      op: ``"matmul"``, ``"matmul_grad"``, ``"dequantize"`` or ``"quantize"``.
+      qt: the weight (for ``"quantize"``, a QuantizedTensor describing the result; only its
+        metadata is read).
+      dtype: activation dtype (matmul ops), output dtype (dequantize) or input dtype (quantize).
+      m: number of activation rows (matmul ops; the rows each device multiplies under a mesh).
+      backend: the requested backend, one of ``BACKENDS``.
+      interpret: whether the kernels would run through their interpreters.
+      target: the device to decide for; ``None`` is :func:`current_target`.
+
+    Returns:
+      ``(backend, reason)``: the backend name that runs (never ``"auto"``) and a human-readable
+      reason (``"requested"``, ``"fallback: ..."``, ``"auto: ..."``).
+
+    Raises:
+      ValueError: an unknown ``backend``.
+      ImportError: ``backend="jax_triton"`` without jax-triton installed.
     """
     _check_backend(backend)
     if backend == "xla":
@@ -307,6 +325,27 @@ def quantized_matmul(
     the module docstring for ``backend`` and ``interpret``. Under a mesh in context the kernels
     run per shard; ``tensor_parallel`` says how a ``tensor`` mesh axis splits this weight
     (:mod:`.partitioning`).
+
+    Args:
+      x: floating-point activations ``[..., K]`` (bfloat16, float16 or float32).
+      qweight: a 2-D :class:`~qlora_jax.quant.QuantizedTensor` ``[N, K]`` (bitsandbytes' layout).
+      backend: one of ``BACKENDS``; ``"auto"`` picks per shape and device (:func:`resolve_backend`).
+      interpret: run the kernels through their interpreters (e.g. on CPU).
+      tensor_parallel: ``"column"`` or ``"row"``, how a ``tensor`` mesh axis splits the weight.
+
+    Returns:
+      ``[..., N]`` in ``x.dtype``.
+
+    Raises:
+      TypeError: ``qweight`` is not a QuantizedTensor, or ``x`` is not floating point.
+      ValueError: ``qweight`` is not 2-D or ``x``'s last dimension is not ``K``; or as below.
+      ValueError: an unknown ``backend``.
+      ImportError: ``backend="jax_triton"`` without jax-triton installed.
+      RuntimeError: a GPU kernel chosen on a machine without a CUDA GPU and ``interpret=False``.
+
+    References:
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
+      <https://arxiv.org/abs/2305.14314>`_, 2023.
     """
     _check_matmul_args(x, qweight)
     qweight.validate()
@@ -334,6 +373,22 @@ def quantized_matmul_grad(
     """``dx = dy @ dequant(W)`` for ``dy: [..., N]`` and ``W: [N, K]`` -> ``[..., K]`` in ``dy.dtype``.
 
     The input gradient of :func:`quantized_matmul`, callable on its own (e.g. to benchmark it).
+
+    Args:
+      dy: output cotangent ``[..., N]`` (floating point).
+      qweight: a 2-D :class:`~qlora_jax.quant.QuantizedTensor` ``[N, K]``.
+      backend: one of ``BACKENDS``; ``"auto"`` picks per shape and device (:func:`resolve_backend`).
+      interpret: run the kernels through their interpreters (e.g. on CPU).
+
+    Returns:
+      ``[..., K]`` in ``dy.dtype``.
+
+    Raises:
+      TypeError: ``qweight`` is not a QuantizedTensor.
+      ValueError: ``dy``'s last dimension is not ``N``; or as below.
+      ValueError: an unknown ``backend``.
+      ImportError: ``backend="jax_triton"`` without jax-triton installed.
+      RuntimeError: a GPU kernel chosen on a machine without a CUDA GPU and ``interpret=False``.
     """
     _check_weight(qweight)
     n, k = qweight.shape
@@ -356,10 +411,26 @@ def dequantize_fused(
     backend: Backend = "auto",
     interpret: bool = False,
 ) -> jax.Array:
-    """The weight in ``dtype``, shape ``qweight.shape``, decoded by one kernel pass (double-quant
-    scales, code lookup, scaling and store fused); the values of :func:`qlora_jax.quant.dequantize`.
+    """The weight in ``dtype``, decoded by one kernel pass.
 
-    Falls back to that XLA function where no kernel applies (:func:`resolve_backend`).
+    Shape ``qweight.shape``; double-quant scales, code lookup, scaling and store are fused; the
+    values of :func:`qlora_jax.quant.dequantize`. Falls back to that XLA function where no kernel
+    applies (:func:`resolve_backend`).
+
+    Args:
+      qweight: the :class:`~qlora_jax.quant.QuantizedTensor`.
+      dtype: output dtype (bfloat16, float16 or float32).
+      backend: one of ``BACKENDS``; ``"auto"`` picks per shape and device (:func:`resolve_backend`).
+      interpret: run the kernels through their interpreters (e.g. on CPU).
+
+    Returns:
+      Array of shape ``qweight.shape`` and dtype ``dtype``.
+
+    Raises:
+      TypeError: ``qweight`` is not a QuantizedTensor.
+      ValueError: an unknown ``backend``.
+      ImportError: ``backend="jax_triton"`` without jax-triton installed.
+      RuntimeError: a GPU kernel chosen on a machine without a CUDA GPU and ``interpret=False``.
     """
     if not isinstance(qweight, QuantizedTensor):
         raise TypeError(f"qweight must be a qlora_jax.quant.QuantizedTensor, got {type(qweight).__name__}")
@@ -395,12 +466,38 @@ def quantize_fused(
     interpret: bool = False,
     check_finite: bool = True,
 ) -> QuantizedTensor:
-    """Quantizes ``w`` on the device with one kernel pass (absmax, reciprocal, code search and
-    packing fused): the bytes of ``qlora_jax.quant.quantize(..., bnb_backend="cuda")``.
+    """Quantizes ``w`` on the device with one kernel pass.
+
+    Absmax, reciprocal, code search and packing are fused: the bytes of
+    ``qlora_jax.quant.quantize(..., bnb_backend="cuda")``.
 
     Outside ``jit``, non-finite weights raise QuantizationError (``check_finite``; the check runs
     on the device and moves one bool to the host). Shapes no kernel takes (int8, a last dimension
     that is odd or not a multiple of ``blocksize``) go through the XLA quantizer.
+
+    Args:
+      w: the weight, float32, bfloat16 or float16, any shape (a weight is ``[out, in]``).
+      quant_type: ``"nf4"``, ``"fp4"`` or ``"int8"``.
+      blocksize: values per block (one absmax each).
+      double_quant: quantize the scales too (QLoRA's double quantization).
+      nested_blocksize: scales per double-quantization block.
+      offset: float32 scalar overriding the scales' mean (double quant), or ``None``.
+      backend: one of ``BACKENDS``; ``"auto"`` picks per shape and device (:func:`resolve_backend`).
+      interpret: run the kernels through their interpreters (e.g. on CPU).
+      check_finite: outside ``jit``, raise on NaN or Inf weights.
+
+    Returns:
+      A :class:`~qlora_jax.quant.QuantizedTensor` of ``w``'s shape and dtype.
+
+    Raises:
+      QuantizationError: non-finite weights (``check_finite``), or unsupported metadata.
+      ValueError: an unknown ``backend``.
+      ImportError: ``backend="jax_triton"`` without jax-triton installed.
+      RuntimeError: a GPU kernel chosen on a machine without a CUDA GPU and ``interpret=False``.
+
+    References:
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
+      <https://arxiv.org/abs/2305.14314>`_, 2023.
     """
     if not hasattr(w, "shape") or not hasattr(w, "dtype"):
         w = jnp.asarray(w)

@@ -16,9 +16,17 @@ __all__ = ["Target", "current_target", "triton_compute_capability"]
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """What the computation will run on: ``platform`` ("cpu", "gpu", "tpu"), the GPU vendor runtime
-    ("cuda"/"rocm"/None), its compute capability as ``(major, minor)`` (None when unknown), and
-    the GPU's SM count."""
+    """What the computation will run on.
+
+    ``platform`` ("cpu", "gpu", "tpu"), the GPU vendor runtime ("cuda"/"rocm"/None), its compute
+    capability as ``(major, minor)`` (None when unknown), and the GPU's SM count.
+
+    Attributes:
+      platform: ``"cpu"``, ``"gpu"`` or ``"tpu"``.
+      runtime: ``"cuda"``, ``"rocm"`` or ``None`` (not a GPU).
+      compute_capability: ``(major, minor)``, e.g. ``(9, 0)`` for H100; ``None`` when unknown.
+      num_sms: the GPU's streaming multiprocessor count (a default when unknown).
+    """
 
     platform: str
     runtime: str | None = None
@@ -46,9 +54,14 @@ def _capability_from_kind(kind: str) -> tuple[int, int] | None:
 
 
 def current_target() -> Target:
-    """The target of the code being traced: the abstract device of an abstract mesh in scope
-    (``jax.sharding.use_abstract_mesh``, as when exporting for CUDA without a GPU), else the
-    default device."""
+    """The target of the code being traced.
+
+    The abstract device of an abstract mesh in scope (``jax.sharding.use_abstract_mesh``, as when
+    exporting for CUDA without a GPU), else the default device.
+
+    Returns:
+      A :class:`Target`.
+    """
     abstract = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
     if abstract is not None:
         platform = abstract.platform

@@ -24,7 +24,18 @@ __all__ = ["SamplingConfig", "generate_tokens", "generate", "chat"]
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """``temperature`` 0 means greedy decoding; ``top_p`` < 1 samples from the nucleus."""
+    """How to decode: ``temperature`` 0 means greedy decoding; ``top_p`` < 1 samples from the nucleus.
+
+    Attributes:
+      max_new_tokens: tokens to generate at most per prompt (positive).
+      temperature: softmax temperature (>= 0); 0 is greedy (argmax, ties to the lowest id).
+      top_p: nucleus sampling's probability mass, in ``(0, 1]``; 1 samples from the whole vocabulary.
+      stop_token_ids: token ids that end a sequence (not included in the output).
+
+    Raises:
+      ValueError: a non-positive ``max_new_tokens``, a negative ``temperature`` or ``top_p``
+        outside ``(0, 1]``.
+    """
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -105,6 +116,24 @@ def generate_tokens(
 
     ``spec`` describes the model (:class:`~qlora_jax.models.spec.ModelSpec`); ``base``/``lora`` are
     its pytrees (``lora`` None for the base alone); ``key`` seeds sampling (ignored when greedy).
+
+    Prompts are left-padded with ``pad_id`` to the longest and decoded together with a KV cache.
+
+    Args:
+      spec: the model's :class:`~qlora_jax.models.spec.ModelSpec`.
+      base: the (quantized) base parameters' pytree.
+      lora: the adapters' pytree, or ``None`` for the base model alone.
+      prompts: one list of token ids per sequence, none empty.
+      sampling: decoding settings (:class:`SamplingConfig`).
+      key: PRNG key for sampling; ``None`` uses ``jax.random.key(0)``.
+      pad_id: token id of the left padding.
+
+    Returns:
+      One list of generated token ids (Python ints) per prompt, cut before the first stop token.
+
+    Raises:
+      ValueError: no prompt or an empty one, or a prompt plus ``max_new_tokens`` longer than the
+        model's ``max_position_embeddings``.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one non-empty prompt")
@@ -132,14 +161,46 @@ def generate_tokens(
 
 def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(), *,
              key: jax.Array | None = None, pad_id: int = 0) -> list[list[int]]:
-    """:func:`generate_tokens` for a :class:`qlora_jax.model.CausalLM`."""
+    """:func:`generate_tokens` for a :class:`qlora_jax.model.CausalLM`.
+
+    Args:
+      model: the model; its spec, base and LoRA parameters are used.
+      prompts: one list of token ids per sequence, none empty.
+      sampling: decoding settings (:class:`SamplingConfig`).
+      key: PRNG key for sampling; ``None`` uses ``jax.random.key(0)``.
+      pad_id: token id of the left padding.
+
+    Returns:
+      One list of generated token ids per prompt, cut before the first stop token.
+
+    Raises:
+      ValueError: as :func:`generate_tokens`.
+    """
     return generate_tokens(model.spec, model.base_params, model.lora_params, prompts, sampling, key=key, pad_id=pad_id)
 
 
 def chat(model, tokenizer, messages: Sequence[dict[str, str]] | str, *, max_new_tokens: int = 128,
          temperature: float = 0.0, top_p: float = 1.0, key: jax.Array | None = None,
          template: str | None = None) -> str:
-    """The assistant's reply to a conversation (or to one user message given as a string)."""
+    """The assistant's reply to a conversation (or to one user message given as a string).
+
+    The conversation goes through the tokenizer's chat template; decoding stops at the model's
+    stop tokens or the tokenizer's end-of-sequence token.
+
+    Args:
+      model: a :class:`qlora_jax.model.CausalLM`.
+      tokenizer: its tokenizer (``encode``, ``decode``, ``apply_chat_template``, ``eos_id``,
+        ``pad_id``).
+      messages: ``[{"role": ..., "content": ...}, ...]``, or one user message as a string.
+      max_new_tokens: tokens to generate at most.
+      temperature: softmax temperature; 0 is greedy.
+      top_p: nucleus sampling's probability mass, in ``(0, 1]``.
+      key: PRNG key for sampling; ``None`` uses ``jax.random.key(0)``.
+      template: a chat template overriding the tokenizer's, or ``None``.
+
+    Returns:
+      The decoded reply (``str``).
+    """
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, template=template))

@@ -24,6 +24,15 @@ def base_matmul(x: jax.Array, weight: Any, *, backend: str = "auto") -> jax.Arra
     Quantized weights go through :func:`qlora_jax.kernels.quantized_matmul` with ``backend``,
     whose custom VJP keeps only the packed weight for the backward pass (the input gradient
     re-dequantizes it).
+
+    Args:
+      x: activations ``[..., in]`` (bfloat16, float16 or float32).
+      weight: ``[out, in]``, a :class:`~qlora_jax.quant.QuantizedTensor` or a dense array (cast to
+        ``x.dtype``; the product accumulates in float32).
+      backend: kernel backend of a quantized weight (see :func:`qlora_jax.kernels.resolve_backend`).
+
+    Returns:
+      ``[..., out]`` in ``x.dtype``.
     """
     if isinstance(weight, QuantizedTensor):
         return quantized_matmul(x, weight, backend=backend)
@@ -42,7 +51,24 @@ def lora_delta(
     dropout_rate: float = 0.0,
     dropout_key: jax.Array | None = None,
 ) -> jax.Array:
-    """``scaling * dropout(x) @ A.T @ B.T`` for ``A: [r, in]``, ``B: [out, r]``, in ``x.dtype``."""
+    """``scaling * dropout(x) @ A.T @ B.T`` for ``A: [r, in]``, ``B: [out, r]``, in ``x.dtype``.
+
+    Args:
+      x: activations ``[..., in]``.
+      lora_a: LoRA ``A``, ``[r, in]`` (any float dtype; cast to ``x.dtype``).
+      lora_b: LoRA ``B``, ``[out, r]`` (cast to ``x.dtype``).
+      scaling: the adapter's scale, ``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA).
+      dropout_rate: probability of zeroing an input element (inverted dropout); applied only with
+        ``dropout_key``.
+      dropout_key: PRNG key for dropout; ``None`` disables it.
+
+    Returns:
+      ``[..., out]`` in ``x.dtype`` (both matmuls accumulate in float32).
+
+    References:
+      Hu et al., `LoRA: Low-Rank Adaptation of Large Language Models
+      <https://arxiv.org/abs/2106.09685>`_, 2021.
+    """
     if dropout_rate > 0.0 and dropout_key is not None:
         keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, x.shape)
         x = jnp.where(keep, x / (1.0 - dropout_rate), 0).astype(x.dtype)
@@ -68,6 +94,23 @@ def qlora_linear(
 
     ``x: [..., in]`` -> ``[..., out]`` in ``x.dtype``; ``backend``: the quantized matmul's kernel
     backend (see :func:`qlora_jax.kernels.resolve_backend`).
+
+    Args:
+      x: activations ``[..., in]``.
+      weight: ``[out, in]``, quantized (:class:`~qlora_jax.quant.QuantizedTensor`) or dense.
+      lora: ``{"lora_A": [r, in], "lora_B": [out, r]}`` or ``None`` (no adapter).
+      bias: ``[out]`` or ``None``; added in the output dtype.
+      scaling: the adapter's scale (``LoraConfig.scaling``).
+      dropout_rate: LoRA dropout on the adapter's input (only with ``dropout_key``).
+      dropout_key: PRNG key for LoRA dropout; ``None`` disables it.
+      backend: the quantized matmul's kernel backend.
+
+    Returns:
+      ``[..., out]`` in ``x.dtype``.
+
+    References:
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
+      <https://arxiv.org/abs/2305.14314>`_, 2023.
     """
     y = base_matmul(x, weight, backend=backend)
     if bias is not None:

@@ -39,6 +39,28 @@ class LoraConfig:
     follows the model's compute dtype (bfloat16 adapters on a bfloat16 model, as the QLoRA paper
     trains), "float32" keeps PEFT's float32 adapters. The matmuls run in the compute dtype either
     way, and AdamW keeps float32 moments for 16-bit adapters.
+
+    Attributes:
+      r: rank of the adapters (positive).
+      alpha: LoRA alpha; the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA),
+        see :attr:`scaling`.
+      dropout: dropout probability on the adapter's input, in ``[0, 1)``.
+      target_modules: which linear layers get adapters (see above); a name list string is stored
+        as a tuple of names.
+      use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA) instead of ``alpha / r``.
+      dtype: storage dtype of A and B, one of ``ADAPTER_DTYPES`` or ``None`` (the compute dtype).
+
+    Raises:
+      ValueError: a non-positive ``r``, ``dropout`` outside ``[0, 1)``, an unknown ``dtype``, an
+        invalid regular expression or no target module.
+
+    References:
+      Hu et al., `LoRA: Low-Rank Adaptation of Large Language Models
+      <https://arxiv.org/abs/2106.09685>`_, 2021.
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
+      <https://arxiv.org/abs/2305.14314>`_, 2023.
+      Kalajdzievski, `A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA
+      <https://arxiv.org/abs/2312.03732>`_, 2023 (rsLoRA).
     """
 
     r: int = 64
@@ -122,6 +144,20 @@ def init_lora_pair(key: jax.Array, shape: tuple[int, int], r: int, dtype: Any, l
 
     Returns ``{"lora_A": [*leading, r, in], "lora_B": [*leading, out, r]}``. A is
     ``kaiming_uniform_(a=sqrt(5))``, i.e. U(-1/sqrt(in), 1/sqrt(in)); B is zero.
+
+    Args:
+      key: PRNG key for A.
+      shape: ``(out_features, in_features)`` of the layer's weight.
+      r: the adapter's rank.
+      dtype: storage dtype of A and B (A is drawn in float32, then cast).
+      leading: leading dimensions, e.g. ``(num_layers,)`` for scanned layers.
+
+    Returns:
+      ``{"lora_A": [*leading, r, in], "lora_B": [*leading, out, r]}`` in ``dtype``.
+
+    References:
+      Hu et al., `LoRA: Low-Rank Adaptation of Large Language Models
+      <https://arxiv.org/abs/2106.09685>`_, 2021.
     """
     out_features, in_features = shape
     bound = 1.0 / math.sqrt(in_features)

@@ -42,6 +42,23 @@ def chunked_cross_entropy(
     ``hidden``: ``[N, D]``, ``targets``/``mask``: ``[N]``. The vocabulary projection runs ``chunk``
     tokens at a time and is recomputed in the backward pass, so ``[N, V]`` logits never exist.
     ``backend``: the kernel backend of a quantized ``head``.
+
+    Args:
+      hidden: final hidden states ``[N, D]`` (the model's compute dtype).
+      head: output projection ``[V, D]``, quantized (:class:`~qlora_jax.quant.QuantizedTensor`) or
+        dense.
+      targets: int32 ``[N]``, the token each hidden state predicts.
+      mask: ``[N]``, 1 where the token counts in the loss, 0 elsewhere (any numeric dtype).
+      chunk: tokens per chunk of the vocabulary projection (``N`` is zero-padded to a multiple).
+      backend: kernel backend of a quantized ``head``.
+
+    Returns:
+      ``(loss_sum, count)``: float32 scalars, the summed cross-entropy in nats over the masked
+      tokens and their number.
+
+    References:
+      Chen et al., `Training Deep Nets with Sublinear Memory Cost
+      <https://arxiv.org/abs/1604.06174>`_, 2016 (the recomputation per chunk).
     """
     n = hidden.shape[0]
     pad = (-n) % chunk
@@ -74,7 +91,21 @@ def loss_and_count(
     batch: dict[str, jax.Array],
     dropout_key: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Summed target-token loss and target count for one micro-batch ``[B, T]``."""
+    """Summed target-token loss and target count for one micro-batch ``[B, T]``.
+
+    Hidden state ``t`` predicts token ``t + 1``; a token counts where both ``loss_mask`` and
+    ``attention_mask`` are 1.
+
+    Args:
+      spec: the model (config, compute dtype, loss chunk, kernel backend, full finetune or not).
+      trainable: the LoRA adapters' pytree (the base parameters when ``spec.full_finetune``).
+      frozen: the frozen (quantized) base parameters (unused when ``spec.full_finetune``).
+      batch: ``{"input_ids": int32 [B, T], "attention_mask": [B, T], "loss_mask": [B, T]}``.
+      dropout_key: PRNG key for LoRA dropout, or ``None`` (no dropout).
+
+    Returns:
+      ``(loss_sum, count)``: float32 scalars, summed cross-entropy (nats) and target tokens.
+    """
     base, lora = (trainable, None) if spec.full_finetune else (frozen, trainable)
     hidden, _ = llama.hidden_states(spec, base, lora, batch["input_ids"], attention_mask=batch["attention_mask"],
                                     dropout_key=dropout_key)
@@ -117,6 +148,18 @@ def make_train_step(spec: ModelSpec, optimizer: optax.GradientTransformation) ->
     ``key`` drives LoRA dropout (None: no dropout). ``metrics``: loss (mean nats per target
     token), tokens, grad_norm (before clipping), finite (bool). Not jitted: wrap it in
     ``jax.jit`` with the shardings and donation you need (see :mod:`qlora_jax.optim`).
+
+    The step accumulates gradients over the leading ``accum`` axis of ``batch`` (``[accum, B, T]``
+    arrays, keys as in :func:`loss_and_count`), divides by the number of target tokens, casts them
+    to the parameters' dtypes and applies ``optimizer``.
+
+    Args:
+      spec: the model's :class:`~qlora_jax.models.spec.ModelSpec`.
+      optimizer: the optax transformation for the trainable pytree (e.g.
+        :func:`qlora_jax.optim.make_optimizer`).
+
+    Returns:
+      The (unjitted) step function. Its metrics are float32 scalars but ``finite`` (bool).
     """
 
     def step(trainable, opt_state, frozen, batch, key):
@@ -135,7 +178,15 @@ def make_train_step(spec: ModelSpec, optimizer: optax.GradientTransformation) ->
 
 
 def make_eval_step(spec: ModelSpec) -> Callable:
-    """``eval_step(trainable, frozen, batch) -> (loss_sum, tokens)`` over ``[accum, B, T]`` batches."""
+    """``eval_step(trainable, frozen, batch) -> (loss_sum, tokens)`` over ``[accum, B, T]`` batches.
+
+    Args:
+      spec: the model's :class:`~qlora_jax.models.spec.ModelSpec`.
+
+    Returns:
+      The (unjitted) eval function; ``loss_sum`` (nats) and ``tokens`` are float32 scalars, summed
+      over every micro-batch, without dropout.
+    """
 
     def eval_step(trainable, frozen, batch):
         total, tokens = _accumulate(spec, trainable, frozen, batch, None, with_grad=False)

@@ -59,6 +59,13 @@ class WeightLayout:
     axis order into the matrix's rows and columns). ``shape``: the weight's shape. The packed
     weight is the weight transposed to ``(*layers, *batch, *out, *in)`` and reshaped to
     ``[*layers, *batch, prod(out), prod(in)]``.
+
+    Attributes:
+      shape: the weight's shape as the model stores it.
+      layers: axes taken away by a ``scan`` or a static index before the contraction.
+      batch: axes with one matrix per index.
+      out: axes flattened into the matrix's rows (``out_features``).
+      in_: axes flattened into the matrix's columns (``in_features``).
     """
 
     shape: tuple[int, ...]
@@ -113,8 +120,16 @@ class WeightLayout:
 
 @dataclasses.dataclass(frozen=True)
 class WeightUse:
-    """One use of a weight in the traced forward pass: ``kind`` is ``"contraction"`` (with its
-    ``layout``), ``"lookup"`` (a gather: an embedding) or ``"other"``; ``op`` names the primitive."""
+    """One use of a weight in the traced forward pass.
+
+    ``kind`` is ``"contraction"`` (with its ``layout``), ``"lookup"`` (a gather: an embedding) or
+    ``"other"``; ``op`` names the primitive.
+
+    Attributes:
+      kind: ``"contraction"``, ``"lookup"`` or ``"other"``.
+      op: the jaxpr primitive's name, e.g. ``"dot_general"``.
+      layout: the :class:`WeightLayout` of a contraction, else ``None``.
+    """
 
     kind: str
     op: str
@@ -230,6 +245,13 @@ def weight_uses(closed_jaxpr, weights: dict[int, tuple[int, ...]]) -> dict[int, 
 
     Returns ``{input index: [WeightUse, ...]}`` in the order the forward pass meets them (an
     input absent from the jaxpr's computation has no uses).
+
+    Args:
+      closed_jaxpr: the traced forward pass (``jax.make_jaxpr(...)(...)``).
+      weights: ``{input index: the weight's shape}`` of the jaxpr inputs to follow.
+
+    Returns:
+      ``{input index: [WeightUse, ...]}``.
     """
     jaxpr = closed_jaxpr.jaxpr
     found: dict[int, list[WeightUse]] = {i: [] for i in weights}
@@ -305,6 +327,16 @@ class VirtualWeight:
     leading ``[*layers, *batch]`` axes that remain) or a 16-bit array ``[*lead, out, in]``;
     ``lora_a`` ``[*lead, r, in]`` and ``lora_b`` ``[*lead, out, r]``, or None; ``scaling``;
     ``layout``; ``view``: the axes the model's code sees now; ``dtype``: the dtype it sees.
+
+    Attributes:
+      packed: QuantizedTensor or 16-bit array ``[*lead, out, in]``.
+      lora_a: ``[*lead, r, in]`` or ``None``.
+      lora_b: ``[*lead, out, r]`` or ``None``.
+      scaling: the adapter's scale (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA).
+      layout: the weight's :class:`WeightLayout`.
+      view: the axes the model's code sees now (static).
+      dtype: the dtype the model's code sees.
+      backend: the quantized matmul's kernel backend.
     """
 
     packed: Any
@@ -351,8 +383,15 @@ class VirtualWeight:
 
 
 def dequantize_stacked(packed: Any) -> jax.Array:
-    """``[*lead, out, in]`` float32 from a packed weight (a QuantizedTensor whose arrays carry leading
-    axes in front of one matrix's, or a 16-bit array)."""
+    """``[*lead, out, in]`` float32 from a packed weight.
+
+    Args:
+      packed: a QuantizedTensor whose arrays carry leading axes in front of one matrix's, or a
+        16-bit array ``[*lead, out, in]``.
+
+    Returns:
+      float32 ``[*lead, out, in]``.
+    """
     if not isinstance(packed, QuantizedTensor):
         return jnp.asarray(packed).astype(jnp.float32)
     from qlora_jax.nn.layers import leading_shape
@@ -378,6 +417,13 @@ def run_with_weights(closed_jaxpr, args: Sequence[Any]) -> list[Any]:
     Returns the output values (arrays, or tracers under an enclosing transformation). Contractions
     of a virtual weight whose layout is the packed one run as QLoRA matmuls; any other use gets the
     materialised weight (:meth:`VirtualWeight.dense`).
+
+    Args:
+      closed_jaxpr: the traced forward pass.
+      args: one value per jaxpr input: arrays, or :class:`VirtualWeight` for converted weights.
+
+    Returns:
+      The jaxpr's outputs, a list.
     """
     return _eval(closed_jaxpr.jaxpr, closed_jaxpr.consts, list(args))
 

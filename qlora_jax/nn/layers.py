@@ -66,7 +66,17 @@ class FrozenWeights(nnx.Variable):
 
 
 def weight_shape(weight: Any) -> tuple[int, int]:
-    """``(out, in)`` of one slice of a frozen weight (a QuantizedTensor, or an array ``[*lead, out, in]``)."""
+    """``(out, in)`` of one slice of a frozen weight (a QuantizedTensor, or an array ``[*lead, out, in]``).
+
+    Args:
+      weight: a 2-D QuantizedTensor (leading axes live in its arrays) or an array ``[*lead, out, in]``.
+
+    Returns:
+      ``(out_features, in_features)``.
+
+    Raises:
+      ValueError: a QuantizedTensor that is not 2-D, or an array with fewer than 2 axes.
+    """
     if isinstance(weight, QuantizedTensor):
         if len(weight.shape) != 2:
             raise ValueError(f"a QLoRA weight is a 2-D [out, in] matrix, got a QuantizedTensor of shape "
@@ -78,7 +88,14 @@ def weight_shape(weight: Any) -> tuple[int, int]:
 
 
 def leading_shape(weight: Any) -> tuple[int, ...]:
-    """The stacked (layer or einsum batch) axes in front of a frozen weight's ``[out, in]`` slices."""
+    """The stacked (layer or einsum batch) axes in front of a frozen weight's ``[out, in]`` slices.
+
+    Args:
+      weight: a QuantizedTensor (from :func:`pack_weight`) or an array ``[*lead, out, in]``.
+
+    Returns:
+      ``lead``, a tuple of ints (empty for one matrix).
+    """
     if isinstance(weight, QuantizedTensor):
         per_slice = len(codes_shape(weight.shape, weight.quant_type))
         return tuple(weight.codes.shape[: weight.codes.ndim - per_slice])
@@ -94,6 +111,22 @@ def pack_weight(matrix: Any, quant: QuantConfig) -> QuantizedTensor | jax.Array:
     those of one slice. Unquantized modes ("bf16", "float16", "float32") store the matrix in
     ``quant.dtype``, as the checkpoint loader does. Non-finite values raise QuantizationError
     (outside tracing).
+
+    Args:
+      matrix: ``[*lead, out, in]``, float32, bfloat16 or float16.
+      quant: the quantization settings (type, block size, double quant, storage dtype).
+
+    Returns:
+      A QuantizedTensor (metadata of one ``[out, in]`` slice, arrays with the leading axes) or an
+      array ``[*lead, out, in]`` in ``quant.dtype``.
+
+    Raises:
+      ValueError: ``matrix`` has fewer than 2 axes.
+      QuantizationError: non-finite values (outside tracing).
+
+    References:
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
+      <https://arxiv.org/abs/2305.14314>`_, 2023.
     """
     matrix = jnp.asarray(matrix)
     if matrix.ndim < 2:
@@ -218,6 +251,25 @@ class QLoRALinear(_QLoRABase):
     ``rngs``: initialises ``lora_A`` (``rngs.params()``) and the dropout stream (``rngs.dropout``).
 
     ``layer(x)``: ``x [..., in]`` -> ``[..., out]`` in the computation dtype.
+
+    Args:
+      weight: a QuantizedTensor or an array ``[*lead, out, in]``.
+      bias: ``[*lead, out]`` or ``None``.
+      lora: the adapter's hyperparameters, or ``None`` for a frozen layer without adapter.
+      dtype: computation dtype; ``None`` promotes the input's and ``param_dtype``.
+      param_dtype: the original weight's dtype; ``None`` is the weight's.
+      kernel_backend: the quantized matmul's backend (one of ``qlora_jax.kernels.BACKENDS``).
+      rngs: ``nnx.Rngs`` for ``lora_A``'s initialisation and LoRA dropout.
+
+    Raises:
+      ValueError: a bias of the wrong shape, a weight that is not ``[out, in]``, or an unknown
+        ``kernel_backend``.
+
+    References:
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
+      <https://arxiv.org/abs/2305.14314>`_, 2023.
+      Hu et al., `LoRA: Low-Rank Adaptation of Large Language Models
+      <https://arxiv.org/abs/2106.09685>`_, 2021.
     """
 
     def __init__(
@@ -293,6 +345,13 @@ class EinsumLayout:
     Input axes that are not in the kernel must appear in the output (they are the rows of the
     matmul); an axis summed away from the input alone, a repeated axis, or a kernel axis that
     neither the input nor the output has is refused.
+
+    Attributes:
+      einsum_str: the einsum, ``"lhs,rhs->out"``.
+      kernel_shape: the kernel's shape.
+      batch_axes: kernel axes with one matrix per index.
+      out_axes: kernel axes flattened into the matrices' rows.
+      in_axes: kernel axes flattened into the matrices' columns (contracted).
     """
 
     einsum_str: str
@@ -398,6 +457,25 @@ class QLoRAEinsum(_QLoRABase):
     convert a layer). ``bias``: as ``nnx.Einsum``'s (broadcast over the output the same way).
     Other arguments as :class:`QLoRALinear`. ``layer(x)`` computes ``einsum(einsum_str, x, kernel)``
     with the dequantized kernel, plus the bias and ``scaling * lora``, in the computation dtype.
+
+    Args:
+      einsum_str: the einsum, ``"lhs,rhs->out"`` (``rhs`` the kernel's axes).
+      kernel_shape: the original kernel's shape.
+      weight: the packed kernel, QuantizedTensor or array ``[*batch, out, in]``.
+      bias: as ``nnx.Einsum``'s, or ``None``.
+      lora: the adapter's hyperparameters, or ``None`` for a frozen layer without adapter.
+      dtype: computation dtype; ``None`` promotes the input's and ``param_dtype``.
+      param_dtype: the original weight's dtype; ``None`` is the weight's.
+      kernel_backend: the quantized matmul's backend (one of ``qlora_jax.kernels.BACKENDS``).
+      rngs: ``nnx.Rngs`` for ``lora_A``'s initialisation and LoRA dropout.
+
+    Raises:
+      ValueError: an einsum :class:`EinsumLayout` refuses, or a weight that does not pack the
+        kernel.
+
+    References:
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
+      <https://arxiv.org/abs/2305.14314>`_, 2023.
     """
 
     def __init__(

@@ -59,6 +59,24 @@ class QLoRADense(nn.Module):
     storage), ``kernel_backend`` (the quantized matmul's backend) and ``deterministic`` (LoRA
     dropout off; needs the ``"dropout"`` rng when on). The stored weight must be what ``quant``
     describes: a mismatch (from a tree converted with other settings) is an error naming the module.
+
+    Attributes:
+      features: output size.
+      use_bias: whether to add a bias ``[features]``.
+      dtype: computation dtype, or ``None`` (promote the input's and ``param_dtype``).
+      param_dtype: dtype of freshly initialised weights (before quantization) and of the bias.
+      kernel_init: initializer of a fresh kernel ``[in, features]`` (then quantized).
+      bias_init: initializer of a fresh bias.
+      lora: adapter hyperparameters, or ``None`` (no adapter).
+      quant: the frozen weight's storage (a ``QuantConfig``).
+      kernel_backend: the quantized matmul's backend (one of ``qlora_jax.kernels.BACKENDS``).
+      deterministic: LoRA dropout off (overridable per call); ``None`` requires the call's.
+
+    References:
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
+      <https://arxiv.org/abs/2305.14314>`_, 2023.
+      Hu et al., `LoRA: Low-Rank Adaptation of Large Language Models
+      <https://arxiv.org/abs/2106.09685>`_, 2021.
     """
 
     features: int
@@ -164,6 +182,18 @@ def convert_params(
     rule's ``dtype``, else the kernel's). Other parameters and collections pass through. The
     model must declare the same ``lora``/``quant`` on those ``QLoRADense`` layers (it checks).
     Returns ``(variables, report)``; ``report.trainable_params`` counts the ``"lora"`` collection.
+
+    Args:
+      variables: the original model's variables (``{"params": ..., ...}``).
+      rules: :class:`~qlora_jax.nn.QLoRARule`\\ s (first match wins), or a PEFT-style ``LoraConfig``.
+      key: PRNG key for the adapters' initialisation.
+
+    Returns:
+      ``(variables, report)``: the converted variables (collections ``"params"``, ``"frozen"``,
+      ``"lora"``, others unchanged) and a :class:`~qlora_jax.nn.QLoRAReport`.
+
+    Raises:
+      QLoRAConversionError: as :func:`~qlora_jax.nn.apply_qlora`.
     """
     rules = as_rules(rules)
     for i, rule in enumerate(rules):
@@ -293,6 +323,22 @@ def convert_variables(
     adapters ``<name>_lora_A [*lead, r, in]`` / ``<name>_lora_B [*lead, out, r]`` beside it in
     collection ``"lora"`` (PEFT's initialisation from ``key``). Returns ``(variables, report)``;
     run the result with :func:`apply_converted` (or the module :func:`qlora_module` returns).
+
+    Args:
+      model: the unmodified Linen model.
+      variables: its variables (``{"params": ..., ...}``).
+      rules: :class:`~qlora_jax.nn.QLoRARule`\\ s (first match wins), or a PEFT-style ``LoraConfig``.
+      *example_args: example positional inputs of ``model.apply`` (traced, not run).
+      key: PRNG key for the adapters' initialisation.
+      method: the ``method`` passed to ``model.apply`` (``None``: ``__call__``).
+      kernel_backend: default backend of the quantized matmuls.
+      **example_kwargs: example keyword inputs of ``model.apply``.
+
+    Returns:
+      ``(variables, report)``: the converted variables and a :class:`~qlora_jax.nn.QLoRAReport`.
+
+    Raises:
+      QLoRAConversionError: as :func:`~qlora_jax.nn.apply_qlora`.
     """
     from qlora_jax.nn import traced
     from qlora_jax.nn.dataflow import weight_uses
@@ -366,6 +412,19 @@ def apply_converted(model: nn.Module, variables: Mapping[str, Any], *args: Any, 
     :func:`qlora_jax.kernels.quantized_matmul` plus ``scaling * x @ A.T @ B.T`` (the adapters from
     collection ``"lora"``, differentiable). Keyword arguments of ``apply`` (``mutable``, ``rngs``)
     pass through. Returns what ``apply`` returns.
+
+    Args:
+      model: the unmodified Linen model.
+      variables: the variables :func:`convert_variables` returned.
+      *args: the model's positional inputs.
+      method: the ``method`` of ``model.apply``.
+      **kwargs: the model's keyword inputs and ``apply``'s own (``mutable``, ``rngs``).
+
+    Returns:
+      What ``model.apply`` returns (with ``mutable``, ``(output, updated collections)``).
+
+    Raises:
+      ValueError: adapters missing from collection ``"lora"`` for a packed weight that has them.
     """
     from qlora_jax.nn.dataflow import VirtualWeight, run_with_weights
     from qlora_jax.nn.traced import _root_view, adapter_names
@@ -394,7 +453,14 @@ _LINEN_CLASSES: dict[type, type] = {}
 
 
 def qlora_module(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose ``apply`` is :func:`apply_converted`, for trainers that call ``model.apply``."""
+    """A copy of ``model`` whose ``apply`` is :func:`apply_converted`, for trainers that call ``model.apply``.
+
+    Args:
+      model: the unmodified Linen model.
+
+    Returns:
+      An instance of a subclass of ``type(model)`` with the same fields.
+    """
     cls = type(model)
     if cls not in _LINEN_CLASSES:
         def apply(self, variables, *args, **kwargs):

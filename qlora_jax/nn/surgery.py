@@ -91,6 +91,25 @@ class QLoRARule:
     multiple of the block size: "fallback" quantizes it in bitsandbytes' flat layout (exact and
     interchangeable, but the fused GPU kernels then dequantize with XLA instead, and its codes
     cannot shard by rows), "error" refuses it.
+
+    Attributes:
+      module_path: ``"all-linear"``, a tuple of names, or a regular expression; ``None`` takes
+        ``lora.target_modules`` (stored normalised: never ``None`` after construction).
+      lora: adapter hyperparameters, or ``None`` (frozen, no adapter).
+      quant: the frozen weight's storage (a ``QuantConfig``).
+      kernel_backend: the quantized matmul's backend, or ``None`` (:func:`apply_qlora`'s).
+      dtype: the layers' computation dtype name, or ``None`` (the replaced layer's).
+      exclude: paths this rule leaves alone (same syntax as ``module_path``), or ``None``.
+      on_ragged_blocks: ``"fallback"`` or ``"error"``.
+
+    Raises:
+      ValueError: both ``module_path`` and non-default ``lora.target_modules``, an invalid pattern,
+        an unknown ``kernel_backend`` or ``on_ragged_blocks``.
+      TypeError: ``quant`` not a QuantConfig, or ``lora`` not a LoraConfig.
+
+    References:
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
+      <https://arxiv.org/abs/2305.14314>`_, 2023.
     """
 
     module_path: str | tuple[str, ...] | None = None
@@ -138,7 +157,18 @@ def _path_matches(targets: str | tuple[str, ...], path: str, is_linear: bool) ->
 
 
 def as_rules(rules: QLoRARule | LoraConfig | Sequence[QLoRARule | LoraConfig]) -> tuple[QLoRARule, ...]:
-    """Rules from a rule, a PEFT-style LoraConfig (its ``target_modules`` select the layers), or a sequence of them."""
+    """Rules from a rule, a PEFT-style LoraConfig (its ``target_modules`` select the layers), or a sequence of them.
+
+    Args:
+      rules: a :class:`QLoRARule`, a ``LoraConfig``, or a sequence of them.
+
+    Returns:
+      A tuple of :class:`QLoRARule` (a LoraConfig ``c`` becomes ``QLoRARule(lora=c)``).
+
+    Raises:
+      TypeError: an element that is neither.
+      ValueError: no rule.
+    """
     if isinstance(rules, (QLoRARule, LoraConfig)):
         rules = [rules]
     out = []
@@ -154,7 +184,15 @@ def as_rules(rules: QLoRARule | LoraConfig | Sequence[QLoRARule | LoraConfig]) -
 
 
 def ragged_blocks_reason(in_features: int, quant: QuantConfig) -> str | None:
-    """Why ``in_features`` is not a whole number of ``quant``'s blocks (fused kernels then fall back), or None."""
+    """Why ``in_features`` is not a whole number of ``quant``'s blocks (fused kernels then fall back), or None.
+
+    Args:
+      in_features: the layer's input size (columns of its ``[out, in]`` matrix).
+      quant: the storage settings; unquantized modes are never ragged.
+
+    Returns:
+      A reason (``str``) or ``None``.
+    """
     if not quant.quantized:
         return None
     if in_features % quant.blocksize or in_features % 2:
@@ -164,8 +202,24 @@ def ragged_blocks_reason(in_features: int, quant: QuantConfig) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class ConvertedLayer:
-    """One layer :func:`apply_qlora` replaced. ``shape``: ``(out, in)`` of each packed matrix, ``stacked``:
-    the axes in front of it (nnx.vmap layers, einsum batch axes); bytes of the layer's arrays."""
+    """One layer :func:`apply_qlora` replaced.
+
+    ``shape``: ``(out, in)`` of each packed matrix, ``stacked``: the axes in front of it (nnx.vmap
+    layers, einsum batch axes); bytes of the layer's arrays.
+
+    Attributes:
+      path: the layer's (or weight's) path in the model.
+      kind: ``"Linear"``, ``"Einsum"``, ``"Dense"`` (Linen) or ``"contraction"`` (traced).
+      rule: index of the rule that converted it.
+      shape: ``(out, in)`` of each packed matrix.
+      stacked: the leading axes' sizes.
+      storage: e.g. ``"nf4+DQ/64"`` or ``"frozen bfloat16"``.
+      rank: the adapters' rank, or ``None`` without adapter.
+      ragged: why the blocks are ragged (flat layout), or ``None``.
+      bytes_before: bytes of the layer's arrays before conversion.
+      bytes_after: bytes after (packed weight, bias, adapters).
+      layout: the traced weight's layout description, or ``""``.
+    """
 
     path: str
     kind: str
@@ -182,9 +236,14 @@ class ConvertedLayer:
 
 @dataclasses.dataclass(frozen=True)
 class LeftWeight:
-    """A contraction weight :func:`apply_qlora` left in 16/32 bits: its path, shape, and why
-    (``"excluded by rule i"``, ``"not selected"``, ``"embedding (used by lookup)"``, or the
-    non-linear operation that also uses it)."""
+    """A contraction weight :func:`apply_qlora` left in 16/32 bits: its path, shape, and why.
+
+    Attributes:
+      path: the weight's path in the model.
+      shape: its shape.
+      reason: ``"excluded by rule i"``, ``"not selected"``, ``"embedding (used by lookup)"``, or the
+        non-linear operation that also uses it.
+    """
 
     path: str
     shape: tuple[int, ...]
@@ -193,9 +252,19 @@ class LeftWeight:
 
 @dataclasses.dataclass(frozen=True)
 class QLoRAReport:
-    """What :func:`apply_qlora` did: the layers (or weights) converted, in model order, the
-    trainable (LoRA) parameter count after it, the bytes of the model's whole state before and
-    after, and (with example inputs) every contraction weight left unconverted, with the reason."""
+    """What :func:`apply_qlora` did.
+
+    The layers (or weights) converted, in model order, the trainable (LoRA) parameter count after
+    it, the bytes of the model's whole state before and after, and (with example inputs) every
+    contraction weight left unconverted, with the reason.
+
+    Attributes:
+      layers: the :class:`ConvertedLayer`\\ s, in model order.
+      trainable_params: number of LoRA parameters after conversion.
+      bytes_before: bytes of the model's whole state before.
+      bytes_after: bytes after.
+      left: the :class:`LeftWeight`\\ s (with example inputs only).
+    """
 
     layers: tuple[ConvertedLayer, ...]
     trainable_params: int
@@ -270,7 +339,14 @@ def _module_table(root: nnx.Module) -> list[_Module]:
 
 
 def tree_nbytes(tree: Any) -> int:
-    """Bytes of the arrays of a pytree (PRNG keys included: an nnx.Dropout's stream is state too)."""
+    """Bytes of the arrays of a pytree (PRNG keys included: an nnx.Dropout's stream is state too).
+
+    Args:
+      tree: any pytree; leaves without ``nbytes`` count 0.
+
+    Returns:
+      Total bytes (``int``).
+    """
     return int(sum(int(x.nbytes) for x in jax.tree.leaves(tree) if hasattr(x, "nbytes")))
 
 
@@ -284,7 +360,14 @@ def _describe(module: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """A module rules may select: its paths, whether it is a linear layer (``"all-linear"``), and its kind."""
+    """A module rules may select: its paths, whether it is a linear layer (``"all-linear"``), and its kind.
+
+    Attributes:
+      key: an identifier of the module (or weight), hashable.
+      paths: every dotted path reaching it.
+      is_linear: whether ``"all-linear"`` selects it.
+      kind: its type, for messages.
+    """
 
     key: Any
     paths: tuple[str, ...]
@@ -293,7 +376,16 @@ class Candidate:
 
 
 def nearest_paths(rule: QLoRARule, candidates: Sequence[Candidate], n: int = 5) -> str:
-    """The ``n`` linear-layer paths nearest to the rule's pattern(s) (all paths if none is linear), for errors."""
+    """The ``n`` linear-layer paths nearest to the rule's pattern(s) (all paths if none is linear), for errors.
+
+    Args:
+      rule: the rule whose ``module_path`` is compared.
+      candidates: the modules the rule could have selected.
+      n: how many paths to name.
+
+    Returns:
+      ``"path (kind), ..."``, or ``"(nothing to select)"``.
+    """
     pool = [c for c in candidates if c.is_linear] or list(candidates)
     kinds = {p: c.kind for c in pool for p in c.paths}
     patterns = [rule.module_path] if isinstance(rule.module_path, str) else list(rule.module_path)
@@ -304,8 +396,22 @@ def nearest_paths(rule: QLoRARule, candidates: Sequence[Candidate], n: int = 5) 
 
 
 def match_rules(rules: Sequence[QLoRARule], candidates: Sequence[Candidate], owner: str) -> dict[Any, int]:
-    """``{candidate key: index of the first rule selecting it}``; a rule that selects nothing, or only what
-    earlier rules took, is a QLoRAConversionError naming it (and the nearest paths). ``owner``: for messages."""
+    """``{candidate key: index of the first rule selecting it}``.
+
+    A rule that selects nothing, or only what earlier rules took, is a QLoRAConversionError naming
+    it (and the nearest paths).
+
+    Args:
+      rules: the rules, first match wins.
+      candidates: the modules (or weights) they may select.
+      owner: what holds the candidates, for messages.
+
+    Returns:
+      ``{candidate key: rule index}``.
+
+    Raises:
+      QLoRAConversionError: a rule without effect.
+    """
     claims: dict[Any, int] = {}
     for i, rule in enumerate(rules):
         # A candidate with several paths (a weight and its module) is excluded if any of them is.
@@ -446,6 +552,29 @@ def apply_qlora(
     converted once and every reference is replaced. Returns a :class:`QLoRAReport`; raises
     :class:`QLoRAConversionError` (before changing anything) for what the module docstring lists.
     Train the result with ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``.
+
+    Args:
+      model: the NNX model, converted in place.
+      rules: :class:`QLoRARule`\\ s (first match wins), or a PEFT-style ``LoraConfig``.
+      *example_args: example positional inputs of ``model.<methods[0]>`` (arrays; traced, not run);
+        none selects ``nnx.Linear``/``nnx.Einsum`` layers instead.
+      rngs: ``nnx.Rngs`` for the adapters' initialisation and LoRA dropout.
+      kernel_backend: default backend of the quantized matmuls (one of ``kernels.BACKENDS``).
+      methods: the model's methods that run on the converted weights (with example inputs).
+      **example_kwargs: example keyword inputs of ``model.<methods[0]>``.
+
+    Returns:
+      A :class:`QLoRAReport`.
+
+    Raises:
+      QLoRAConversionError: a rule or weight it cannot convert (before changing anything).
+      ValueError: an unknown ``kernel_backend``.
+
+    References:
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
+      <https://arxiv.org/abs/2305.14314>`_, 2023.
+      Hu et al., `LoRA: Low-Rank Adaptation of Large Language Models
+      <https://arxiv.org/abs/2106.09685>`_, 2021.
     """
     rules = as_rules(rules)
     if kernel_backend not in BACKENDS:
@@ -488,8 +617,22 @@ def apply_qlora(
 
 
 def set_kernel_backend(model: nnx.Module, backend: str, module_path: str | Sequence[str] = "all-linear") -> int:
-    """Sets the quantized-matmul backend of the QLoRA layers of ``model`` that ``module_path`` selects
-    (rule syntax; default all of them). Returns how many layers changed; selecting none is an error."""
+    """Sets the quantized-matmul backend of the QLoRA layers of ``model`` that ``module_path`` selects.
+
+    ``module_path`` uses the rule syntax; the default selects all of them.
+
+    Args:
+      model: the converted NNX model.
+      backend: one of ``qlora_jax.kernels.BACKENDS``.
+      module_path: ``"all-linear"``, names or a regular expression.
+
+    Returns:
+      How many layers changed (``int``).
+
+    Raises:
+      ValueError: an unknown ``backend``.
+      QLoRAConversionError: ``module_path`` selects no QLoRA layer.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     targets = _normalise_targets(module_path, "module_path")

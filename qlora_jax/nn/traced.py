@@ -50,10 +50,21 @@ _INSIDE = threading.local()
 @jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass
 class PackedWeight:
-    """A converted weight: ``packed`` (QuantizedTensor or 16-bit array ``[*lead, out, in]``) and the
-    static facts the forward pass needs: its :class:`WeightLayout`, the original dtype, the LoRA
-    scaling (0 without adapters) and the kernel backend. ``shape``/``dtype``/``ndim`` are the
-    original weight's, so model code that reads them runs unchanged."""
+    """A converted weight: the packed matrices and the static facts the forward pass needs.
+
+    ``packed`` (QuantizedTensor or 16-bit array ``[*lead, out, in]``) and the static facts the
+    forward pass needs: its :class:`WeightLayout`, the original dtype, the LoRA scaling (0 without
+    adapters) and the kernel backend. ``shape``/``dtype``/``ndim`` are the original weight's, so
+    model code that reads them runs unchanged.
+
+    Attributes:
+      packed: QuantizedTensor or 16-bit array ``[*lead, out, in]`` (the only pytree child).
+      layout: the :class:`~qlora_jax.nn.WeightLayout` mapping the original axes to the matrices.
+      orig_dtype: the original weight's dtype.
+      scaling: the LoRA scale, 0 without adapters.
+      backend: the quantized matmul's kernel backend.
+      has_lora: whether the weight has adapters.
+    """
 
     packed: Any
     layout: WeightLayout
@@ -116,7 +127,14 @@ class QLoRAWeight(FrozenWeights):
 
 
 def adapter_names(name: str) -> tuple[str, str]:
-    """The attribute names of the adapters of weight ``name``: ``(<name>_lora_A, <name>_lora_B)``."""
+    """The attribute names of the adapters of weight ``name``: ``(<name>_lora_A, <name>_lora_B)``.
+
+    Args:
+      name: the weight's attribute name, e.g. ``"kernel"``.
+
+    Returns:
+      ``(f"{name}_lora_A", f"{name}_lora_B")``.
+    """
     return f"{name}_lora_A", f"{name}_lora_B"
 
 
@@ -150,7 +168,13 @@ def _split_args(args: tuple, kwargs: dict):
 
 @dataclasses.dataclass(frozen=True)
 class WeightFacts:
-    """A candidate weight: its path in the model, the module path holding it, shape, and its uses."""
+    """A candidate weight: its path in the model, the module path holding it, shape, and its uses.
+
+    Attributes:
+      path: the variable's path in ``nnx.state(model)``.
+      shape: the weight's shape.
+      uses: its :class:`~qlora_jax.nn.dataflow.WeightUse`\\ s in the traced forward pass, in order.
+    """
 
     path: tuple
     shape: tuple[int, ...]
@@ -179,8 +203,20 @@ def _call_state(model: nnx.Module):
 
 def trace_weight_uses(model: nnx.Module, method: str, args: tuple, kwargs: dict,
                       is_candidate: Callable[[tuple, nnx.Variable], bool]) -> dict[tuple, WeightFacts]:
-    """Traces ``getattr(model, method)(*args, **kwargs)`` abstractly and returns the uses of every
-    variable ``is_candidate(path, variable)`` selects: ``{path: WeightFacts}``."""
+    """Traces ``getattr(model, method)(*args, **kwargs)`` abstractly and returns the weights' uses.
+
+    The uses of every variable ``is_candidate(path, variable)`` selects: ``{path: WeightFacts}``.
+
+    Args:
+      model: the NNX model.
+      method: name of the method to trace, e.g. ``"__call__"``.
+      args: example positional arguments (arrays or ShapeDtypeStructs; nothing is computed).
+      kwargs: example keyword arguments.
+      is_candidate: ``(path, variable) -> bool``, which variables to follow.
+
+    Returns:
+      ``{path: WeightFacts}`` for the selected variables.
+    """
     graphdef, flat = _call_state(model)
     dyn_args, rebuild = _split_args(args, kwargs)
     candidates = {i for i, (path, var) in enumerate(flat) if is_candidate(path, var)}
@@ -257,7 +293,15 @@ _CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
 
 
 def wrap_methods(model: nnx.Module, methods: Sequence[str]) -> None:
-    """Swaps ``model``'s class for a subclass whose ``methods`` run on the packed weights (see the module doc)."""
+    """Swaps ``model``'s class for a subclass whose ``methods`` run on the packed weights (see the module doc).
+
+    Args:
+      model: the converted NNX model (modified in place).
+      methods: names of the methods to convert (added to any converted before).
+
+    Raises:
+      AttributeError: the model's class has no such method.
+    """
     cls = type(model)
     base = getattr(cls, "_qlora_original_class", cls)
     methods = tuple(sorted(set(methods) | set(getattr(cls, "_qlora_methods", ()))))
@@ -345,6 +389,13 @@ def state_shardings(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.State:
     the leading layer/batch axes by their own names), adapters and every other variable their
     ``out_sharding``; an axis the mesh lacks, or that does not divide a dimension, is replicated.
     Place the model with ``nnx.update(model, jax.device_put(nnx.state(model), state_shardings(model, mesh)))``.
+
+    Args:
+      model: the (converted) NNX model.
+      mesh: the device mesh.
+
+    Returns:
+      An ``nnx.State`` of ``jax.sharding.NamedSharding`` with ``nnx.state(model)``'s structure.
     """
     def rule(var):
         if isinstance(var, QLoRAWeight) and isinstance(var.get_raw_value(), PackedWeight):

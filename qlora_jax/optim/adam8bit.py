@@ -37,6 +37,17 @@ class ScaleByAdam8bitState(NamedTuple):
 
     Per leaf: ``mu``/``nu`` are uint8 codes of the leaf's shape with float32 absmax
     ``[num_blocks]``, or (leaves below ``min_8bit_size``) float32 moments and absmax ``None``.
+
+    Attributes:
+      count: int32 scalar, the steps taken.
+      mu: first moments: per leaf uint8 codes (signed dynamic map) of the leaf's shape, or float32.
+      mu_absmax: per leaf float32 ``[ceil(size / block_size)]`` absmax of ``mu``, or ``None``.
+      nu: second moments: per leaf uint8 codes (unsigned dynamic map), or float32.
+      nu_absmax: per leaf float32 ``[ceil(size / block_size)]`` absmax of ``nu``, or ``None``.
+
+    References:
+      Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+      <https://arxiv.org/abs/2110.02861>`_, 2021.
     """
 
     count: jax.Array  # int32 [], steps taken
@@ -60,6 +71,28 @@ def scale_by_adam_8bit(
     ``block_size``: values per absmax block (bitsandbytes: 256). ``min_8bit_size``: leaves with
     fewer values keep float32 moments (bitsandbytes: 4096). ``bnb_backend``: whose re-encoding
     rounding to reproduce, ``"cuda"`` (GPU kernels, sign-preserving) or ``"cpu"``.
+
+    Args:
+      b1: exponential decay rate of the first moment.
+      b2: exponential decay rate of the second moment.
+      eps: added to the square root of the second moment (outside it, as PyTorch and optax).
+      block_size: values per absmax block (bitsandbytes: 256).
+      min_8bit_size: leaves with fewer values keep float32 moments (bitsandbytes: 4096).
+      bnb_backend: ``"cuda"`` or ``"cpu"``.
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`ScaleByAdam8bitState` and float32
+      updates.
+
+    Raises:
+      ValueError: betas outside ``[0, 1)``, a non-positive ``eps`` or ``block_size``, or an unknown
+        ``bnb_backend``.
+
+    References:
+      Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+      <https://arxiv.org/abs/2110.02861>`_, 2021.
+      Kingma and Ba, `Adam: A Method for Stochastic Optimization
+      <https://arxiv.org/abs/1412.6980>`_, 2014.
     """
     if not 0.0 <= b1 < 1.0 or not 0.0 <= b2 < 1.0:
         raise ValueError(f"Adam betas must be in [0, 1), got b1={b1}, b2={b2}")

@@ -33,6 +33,19 @@ def scale_by_adam_float32(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8)
     ``optax.scale_by_adam`` keeps its second moment in the parameters' dtype, so bfloat16 adapters
     would get bfloat16 moments; bitsandbytes' 32-bit optimizers (and this) keep float32 state for
     16-bit parameters. For float32 parameters it is ``optax.scale_by_adam`` exactly.
+
+    Args:
+      b1: exponential decay rate of the first moment.
+      b2: exponential decay rate of the second moment.
+      eps: added to the square root of the second moment (outside it, as PyTorch and optax).
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is ``optax.ScaleByAdamState`` (int32
+      ``count``, float32 ``mu``/``nu`` shaped like the parameters) and whose updates are float32.
+
+    References:
+      Kingma and Ba, `Adam: A Method for Stochastic Optimization
+      <https://arxiv.org/abs/1412.6980>`_, 2014.
     """
     inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=jnp.float32)
 
@@ -54,6 +67,10 @@ def updates_in_params_dtype() -> optax.GradientTransformation:
     The last step of the AdamW chains: float32 directions for bfloat16 adapters would otherwise
     hold a float32 buffer the size of the adapters. Adding a bfloat16 update to a bfloat16
     parameter rounds twice instead of once, a difference far below the parameter's own rounding.
+
+    Returns:
+      A stateless ``optax.GradientTransformation`` (state ``optax.EmptyState``); ``update`` without
+      ``params`` returns the updates unchanged.
     """
 
     def update_fn(updates, state, params=None):
@@ -80,6 +97,27 @@ def adamw(
 
     ``weight_decay_mask``: which leaves decay (default :func:`~qlora_jax.optim.decay_mask`: not biases
     or norms). Learning rate and weight decay follow PyTorch's AdamW convention.
+
+    Args:
+      learning_rate: a non-negative float or an optax schedule (step -> rate).
+      b1: exponential decay rate of the first moment.
+      b2: exponential decay rate of the second moment.
+      eps: added to the square root of the second moment (outside it, as PyTorch and optax).
+      weight_decay: decoupled weight decay, multiplied by the learning rate (non-negative).
+      weight_decay_mask: a pytree of bools, or a function of the parameters returning one, or a
+        function ``(path, leaf) -> bool`` (see :func:`~qlora_jax.optim.as_mask_fn`).
+
+    Returns:
+      An ``optax.GradientTransformation``: float32 moments, updates in the parameters' dtypes.
+
+    Raises:
+      ValueError: a negative constant ``learning_rate`` or ``weight_decay``.
+
+    References:
+      Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+      <https://arxiv.org/abs/1711.05101>`_, 2019.
+      Kingma and Ba, `Adam: A Method for Stochastic Optimization
+      <https://arxiv.org/abs/1412.6980>`_, 2014.
     """
     _check(learning_rate, weight_decay)
     return optax.chain(
@@ -107,6 +145,33 @@ def adamw_8bit(
     See :func:`~qlora_jax.optim.scale_by_adam_8bit` for ``block_size``, ``min_8bit_size`` and
     ``bnb_backend``. For layer-stacked parameters wrap it in :func:`~qlora_jax.optim.per_layer` (or
     offload it) to get bitsandbytes' per-layer blocks.
+
+    Args:
+      learning_rate: a non-negative float or an optax schedule (step -> rate).
+      b1: exponential decay rate of the first moment.
+      b2: exponential decay rate of the second moment.
+      eps: added to the square root of the second moment (outside it, as PyTorch and optax).
+      weight_decay: decoupled weight decay, multiplied by the learning rate (non-negative).
+      weight_decay_mask: which leaves decay (as :func:`adamw`).
+      block_size: values per absmax block of the 8-bit moments (bitsandbytes: 256).
+      min_8bit_size: leaves with fewer values keep float32 moments (bitsandbytes: 4096).
+      bnb_backend: ``"cuda"`` or ``"cpu"``, whose re-encoding rounding to reproduce.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose first state is :class:`ScaleByAdam8bitState`;
+      updates in the parameters' dtypes.
+
+    Raises:
+      ValueError: a negative constant ``learning_rate`` or ``weight_decay``, or a bad setting of
+        :func:`~qlora_jax.optim.scale_by_adam_8bit`.
+
+    References:
+      Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+      <https://arxiv.org/abs/2110.02861>`_, 2021.
+      Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+      <https://arxiv.org/abs/1711.05101>`_, 2019.
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
+      <https://arxiv.org/abs/2305.14314>`_, 2023.
     """
     _check(learning_rate, weight_decay)
     return optax.chain(

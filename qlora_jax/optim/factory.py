@@ -65,6 +65,41 @@ def make_optimizer(
     ``placement``, ``free_device_bytes``, ``reserve_device_bytes``: paged only, see
     :func:`~qlora_jax.optim.offload_state` (``reserve_device_bytes``: e.g.
     ``qlora_jax.memory.plan_memory(...).step_transient_bytes``).
+
+    Args:
+      name: one of ``OPTIMIZER_NAMES``: ``"adamw"``/``"adamw_32bit"`` (float32 moments),
+        ``"adamw_8bit"`` (blockwise 8-bit moments), and their ``"paged_"`` variants (state offloaded
+        to pinned host memory when it does not fit on the device).
+      learning_rate: a non-negative float or an optax schedule.
+      warmup_steps: steps of linear warmup for a float ``learning_rate`` (0 with a schedule).
+      b1: exponential decay rate of the first moment.
+      b2: exponential decay rate of the second moment.
+      eps: added to the square root of the second moment.
+      weight_decay: decoupled weight decay (non-negative).
+      max_grad_norm: global-norm clipping threshold; ``None`` or 0 disables clipping.
+      weight_decay_mask: which leaves decay (see :func:`~qlora_jax.optim.as_mask_fn`).
+      stacked: ``(path, leaf) -> bool``, which leaves carry a leading layer axis.
+      bnb_backend: 8-bit only: ``"cuda"`` or ``"cpu"`` rounding.
+      min_8bit_size: 8-bit only: leaves with fewer values keep float32 moments.
+      placement: paged only: ``"auto"``, a placement name, or a :class:`~qlora_jax.optim.Placement`.
+      free_device_bytes: paged only: free device memory in bytes, or a callable measuring it.
+      reserve_device_bytes: paged only: bytes to leave free for the step's transients, or ``None``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``: clipping (when enabled) chained with the AdamW
+      core; updates in the parameters' dtypes.
+
+    Raises:
+      ValueError: an unknown ``name``, ``warmup_steps`` with a schedule, a negative
+        ``max_grad_norm``, ``placement`` on a non-paged optimizer, or a bad setting of the core.
+
+    References:
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
+      <https://arxiv.org/abs/2305.14314>`_, 2023 (paged optimizers, the defaults).
+      Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+      <https://arxiv.org/abs/2110.02861>`_, 2021.
+      Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+      <https://arxiv.org/abs/1711.05101>`_, 2019.
     """
     if name not in OPTIMIZER_NAMES:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")

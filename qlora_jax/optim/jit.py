@@ -83,6 +83,18 @@ def check_donation(jitted: Callable, *args: Any, **kwargs: Any) -> None:
     order), and looks at memory kinds only when every input and output sharding is explicit. A
     donated ``pinned_host`` buffer paired with a device output aborts the process. This replays
     that pairing (conservatively: without the memory kinds that explicit-mesh shardings may supply).
+
+    Args:
+      jitted: a ``jax.jit``-wrapped function or a :class:`TrainStep`.
+      *args: the positional arguments of the call to check.
+      **kwargs: its keyword arguments.
+
+    Returns:
+      ``None`` when the call is safe.
+
+    Raises:
+      DonationError: a donated host-memory buffer would be reused for a device-memory output (or
+        the traced arguments could not be matched to their avals).
     """
     if isinstance(jitted, TrainStep):
         jitted = jitted.jitted(*args)
@@ -132,7 +144,22 @@ def _replicated_on(sharding: Sharding) -> Sharding:
 
 
 class TrainStep:
-    """A train step compiled with explicit shardings; see :func:`jit_train_step`."""
+    """A train step compiled with explicit shardings; see :func:`jit_train_step`.
+
+    Calling it runs the step (compiled once per argument placement); :meth:`lower` lowers it.
+
+    Args:
+      step: the unjitted step, ``step(*args) -> tuple``.
+      state_shardings: pytree of ``jax.sharding.Sharding`` of the optimizer state (memory kinds
+        included).
+      state_argnum: position of the optimizer state among the step's arguments.
+      state_output: index of the new optimizer state in the step's output tuple.
+      donate_argnums: positional arguments whose buffers are donated.
+
+    Raises:
+      ValueError: ``state_shardings`` has no array leaves; when called, a state leaf placed
+        elsewhere than ``state_shardings`` or arguments committed to other devices.
+    """
 
     def __init__(self, step: Callable, state_shardings: Any, state_argnum: int, state_output: int,
                  donate_argnums: tuple[int, ...]):
@@ -281,6 +308,19 @@ def jit_train_step(
     leaf if not (e.g. a checkpoint restored to device memory), and re-tags host arrays whose
     abstract value says device memory (:func:`~qlora_jax.optim.memory_kinds.refresh_host_avals`; Orbax
     restores give such arrays).
+
+    Args:
+      step: the unjitted step, ``step(*args) -> tuple``.
+      opt_state: the optimizer state (arrays) or a pytree of its shardings.
+      state_argnum: position of the optimizer state among the step's arguments.
+      state_output: index of the new optimizer state in the step's output tuple.
+      donate_argnums: positional arguments to donate (non-negative).
+
+    Returns:
+      A :class:`TrainStep`, called like ``step``.
+
+    Raises:
+      ValueError: a negative entry in ``donate_argnums``, or a state without array leaves.
     """
     if any(i < 0 for i in donate_argnums):
         raise ValueError(f"donate_argnums must be non-negative, got {tuple(donate_argnums)}")

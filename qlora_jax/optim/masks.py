@@ -19,7 +19,14 @@ MaskLike = Callable[[Any], Any] | Any | None
 
 
 def key_name(key: Any) -> str:
-    """The name of one path entry (dict key, attribute, or sequence index) as a string."""
+    """The name of one path entry (dict key, attribute, or sequence index) as a string.
+
+    Args:
+      key: a ``jax.tree_util`` path entry (``DictKey``, ``GetAttrKey``, ``SequenceKey``, ...).
+
+    Returns:
+      Its key, name or index as ``str``.
+    """
     for attr in ("key", "name", "idx"):
         if hasattr(key, attr):
             return str(getattr(key, attr))
@@ -31,6 +38,13 @@ def decays(path: tuple, leaf: Any) -> bool:
 
     LoRA ``lora_A``/``lora_B``, linear weights and embeddings decay; ``input_layernorm``,
     ``post_attention_layernorm``, ``norm`` and ``*.bias`` do not. Case-insensitive.
+
+    Args:
+      path: the leaf's key path (``jax.tree_util`` keys: dict keys, attributes, indices).
+      leaf: the leaf (unused).
+
+    Returns:
+      Whether weight decay applies to the leaf (``bool``).
     """
     del leaf
     names = [key_name(k).lower() for k in path]
@@ -40,7 +54,14 @@ def decays(path: tuple, leaf: Any) -> bool:
 
 
 def decay_mask(params: Any) -> Any:
-    """Pytree of bools (the structure of ``params``): :func:`decays` of every leaf."""
+    """Pytree of bools (the structure of ``params``): :func:`decays` of every leaf.
+
+    Args:
+      params: the parameters' pytree.
+
+    Returns:
+      A pytree of Python bools with ``params``' structure.
+    """
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
@@ -50,6 +71,17 @@ def as_mask_fn(mask: MaskLike) -> Callable[[Any], Any] | None:
     ``mask`` is a callable ``params -> pytree of bools`` (returned as is), a pytree of bools with the
     parameters' structure, or None (decay everything). A pytree becomes a lookup by leaf path, so
     that it still applies when an optimizer sees only some leaves at a time (streaming).
+
+    Args:
+      mask: a callable, a pytree of Python bools, or ``None``.
+
+    Returns:
+      ``None``, ``mask`` itself if callable, or a function ``params -> pytree of bools`` looking
+      each leaf's path up in ``mask``.
+
+    Raises:
+      TypeError: the pytree holds something other than Python bools.
+      KeyError: (when the returned function runs) a parameter path the mask has no entry for.
     """
     if mask is None or callable(mask):
         return mask

@@ -42,13 +42,28 @@ HOST = "pinned_host"
 
 
 def memory_kinds(device: jax.Device | None = None) -> tuple[str, ...]:
-    """The memory kinds ``device`` (default: the first device) can address, e.g. ``('device', 'pinned_host')``."""
+    """The memory kinds ``device`` (default: the first device) can address, e.g. ``('device', 'pinned_host')``.
+
+    Args:
+      device: a ``jax.Device``; ``None`` is ``jax.devices()[0]``.
+
+    Returns:
+      A tuple of memory-kind names.
+    """
     device = jax.devices()[0] if device is None else device
     return tuple(m.kind for m in device.addressable_memories())
 
 
 def supports_memory_kind(kind: str, device: jax.Device | None = None) -> bool:
-    """Whether ``kind`` is usable on ``device``: addressable, and not ``unpinned_host`` on a GPU."""
+    """Whether ``kind`` is usable on ``device``: addressable, and not ``unpinned_host`` on a GPU.
+
+    Args:
+      kind: a memory kind, e.g. ``"pinned_host"``.
+      device: a ``jax.Device``; ``None`` is ``jax.devices()[0]``.
+
+    Returns:
+      ``bool``.
+    """
     device = jax.devices()[0] if device is None else device
     if kind == "unpinned_host" and device.platform in ("gpu", "cuda", "rocm"):
         return False
@@ -56,7 +71,15 @@ def supports_memory_kind(kind: str, device: jax.Device | None = None) -> bool:
 
 
 def require_memory_kind(kind: str, devices: Iterable[jax.Device]) -> None:
-    """Raises ValueError naming the device and its kinds if any of ``devices`` cannot hold ``kind``."""
+    """Raises ValueError naming the device and its kinds if any of ``devices`` cannot hold ``kind``.
+
+    Args:
+      kind: a memory kind, e.g. ``"pinned_host"``.
+      devices: the devices to check.
+
+    Raises:
+      ValueError: a device that cannot hold ``kind``.
+    """
     for device in devices:
         if not supports_memory_kind(kind, device):
             raise ValueError(
@@ -66,12 +89,26 @@ def require_memory_kind(kind: str, devices: Iterable[jax.Device]) -> None:
 
 
 def tree_memory_kinds(tree: Any) -> Any:
-    """The memory kind of every array leaf of ``tree`` (same structure), e.g. to check placement."""
+    """The memory kind of every array leaf of ``tree`` (same structure), e.g. to check placement.
+
+    Args:
+      tree: a pytree of ``jax.Array``.
+
+    Returns:
+      A pytree of memory-kind names (``str``) with ``tree``'s structure.
+    """
     return jax.tree.map(lambda x: x.sharding.memory_kind, tree)
 
 
 def bytes_by_memory_kind(tree: Any) -> dict[str, int]:
-    """Total bytes of the array leaves of ``tree`` per memory kind (global sizes, not per device)."""
+    """Total bytes of the array leaves of ``tree`` per memory kind (global sizes, not per device).
+
+    Args:
+      tree: a pytree of ``jax.Array``.
+
+    Returns:
+      ``{memory_kind: bytes}`` (a leaf without a memory kind counts as ``"device"``).
+    """
     totals: dict[str, int] = {}
     for x in jax.tree.leaves(tree):
         kind = x.sharding.memory_kind or "device"
@@ -87,6 +124,12 @@ def refresh_host_avals(tree: Any) -> Any:
     value (``jax.typeof(x).memory_space``) still says device memory. A step traced on it then
     treats the state as already on the device and drops the copy to it. This re-places such leaves
     (``jax.device_put(x, jax.memory.Space.Host)``, once after a restore); others are returned as is.
+
+    Args:
+      tree: a pytree (arrays and other leaves).
+
+    Returns:
+      ``tree`` with the same structure, host-memory arrays re-placed.
     """
 
     def one(x):

@@ -83,6 +83,15 @@ class Placement:
     ``where``: ``"device"`` or ``"host"`` (``pinned_host``). ``layers_per_chunk``: host only,
     how many layers of the layer-stacked state go to the device at a time (None: all at once).
     ``whole``: host only, also the other leaves in one piece. ``reason``: why it was chosen.
+
+    Attributes:
+      where: ``"device"`` or ``"host"``.
+      layers_per_chunk: host only: layers per device-bound chunk (>= 1), or ``None`` for all.
+      whole: host only: copy the whole state at once.
+      reason: human-readable reason for the choice (logged).
+
+    Raises:
+      ValueError: an unknown ``where`` or ``layers_per_chunk < 1``.
     """
 
     where: str
@@ -114,6 +123,12 @@ def measure_free_device_bytes(devices: Iterable[jax.Device]) -> int | None:
 
     None means the backend has no separate device memory or reports none (``memory_stats()`` is
     None or lacks the counters).
+
+    Args:
+      devices: the devices holding the parameters.
+
+    Returns:
+      Free bytes (``int``) of the device with the least free memory, or ``None``.
     """
     free = []
     for device in devices:
@@ -177,6 +192,19 @@ def choose_placement(
     allocate on each device beyond what is already there (e.g.
     ``qlora_jax.memory.plan_memory(...).step_transient_bytes``); default: the gradients and the
     update (twice the parameters' bytes) plus a quarter of the free memory for activations.
+
+    Args:
+      layout: the state's :class:`~qlora_jax.optim.StateLayout` (its plan and per-piece sizes).
+      params: the parameters (arrays or ShapeDtypeStructs with shardings).
+      policy: one of ``PLACEMENTS``, or a :class:`Placement` (returned as is).
+      free_device_bytes: bytes, ``None``, or a function of the devices measuring them.
+      reserve_device_bytes: bytes per device the rest of the step needs, or ``None`` (estimated).
+
+    Returns:
+      The :class:`Placement`, with its ``reason``.
+
+    Raises:
+      ValueError: an unknown ``policy``.
     """
     if isinstance(policy, Placement):
         return policy if policy.reason else dataclasses.replace(policy, reason="given")
@@ -286,6 +314,28 @@ def offload_state(
     ``reserve_device_bytes``: inputs of the ``"auto"``/``"groups"`` decision
     (:func:`choose_placement`). ``unroll``: ``lax.scan`` unroll of the streamed layer loop.
     ``memory_kind``: only ``"pinned_host"`` (see :mod:`qlora_jax.optim.memory_kinds`).
+
+    Args:
+      inner: the optimizer whose state is paged (e.g. :func:`~qlora_jax.optim.adamw`).
+      placement: one of ``PLACEMENTS`` or a :class:`Placement`.
+      elementwise: whether ``inner`` acts on every value independently.
+      stacked: ``(path, leaf) -> bool``, which leaves carry a leading layer axis.
+      max_group_size: most values (elements) per group of the non-layer leaves.
+      free_device_bytes: free device bytes, ``None``, or a function of the devices measuring them.
+      reserve_device_bytes: bytes per device the rest of the step needs, or ``None`` (estimated).
+      unroll: ``lax.scan`` unroll of the streamed layer loop (>= 1).
+      memory_kind: must be ``"pinned_host"``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with ``inner``'s updates; its state is
+      ``inner``'s, in optax's layout, placed on the device or in pinned host memory.
+
+    Raises:
+      ValueError: another ``memory_kind``, an unknown ``placement`` or ``unroll < 1``.
+
+    References:
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
+      <https://arxiv.org/abs/2305.14314>`_, 2023 (paged optimizers).
     """
     if memory_kind != memory_kinds.HOST:
         raise ValueError(

@@ -37,12 +37,31 @@ MIN_8BIT_SIZE = 4096
 
 
 def moment_code(signed: bool) -> np.ndarray:
-    """The 256-entry float32 dynamic map of a moment: signed for the first, unsigned for the second."""
+    """The 256-entry float32 dynamic map of a moment: signed for the first, unsigned for the second.
+
+    Args:
+      signed: ``True`` for the first moment, ``False`` for the second.
+
+    Returns:
+      numpy float32 ``[256]``.
+
+    References:
+      Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+      <https://arxiv.org/abs/2110.02861>`_, 2021.
+    """
     return DYNAMIC_MAP_SIGNED if signed else DYNAMIC_MAP_UNSIGNED
 
 
 def num_blocks(size: int, block_size: int = BLOCK_SIZE) -> int:
-    """Number of blocks (the last one possibly partial) of a tensor of ``size`` values."""
+    """Number of blocks (the last one possibly partial) of a tensor of ``size`` values.
+
+    Args:
+      size: number of values.
+      block_size: values per block.
+
+    Returns:
+      ``ceil(size / block_size)`` (``int``).
+    """
     return -(-size // block_size)
 
 
@@ -53,6 +72,22 @@ def encode_moment(
 
     ``x`` is float32 of any shape; blocks run over its flattened values. See the module docstring
     for ``bnb_backend``.
+
+    Args:
+      x: the moment, any shape (cast to float32).
+      signed: signed map (first moment) or unsigned (second moment).
+      bnb_backend: ``"cuda"`` (with the CUDA kernel's sign guard) or ``"cpu"``.
+      block_size: values per absmax block.
+
+    Returns:
+      ``(codes, absmax)``: uint8 of ``x.shape`` and float32 ``[ceil(x.size / block_size)]``.
+
+    Raises:
+      ValueError: an unknown ``bnb_backend``.
+
+    References:
+      Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+      <https://arxiv.org/abs/2110.02861>`_, 2021.
     """
     if bnb_backend not in ("cuda", "cpu"):
         raise ValueError(f"bnb_backend must be 'cuda' or 'cpu', got {bnb_backend!r}")
@@ -74,7 +109,21 @@ def encode_moment(
 
 
 def decode_moment(codes: jax.Array, absmax: jax.Array, *, signed: bool, block_size: int = BLOCK_SIZE) -> jax.Array:
-    """float32 values (``codes.shape``) of a moment stored by :func:`encode_moment`."""
+    """float32 values (``codes.shape``) of a moment stored by :func:`encode_moment`.
+
+    Args:
+      codes: uint8 codes, any shape.
+      absmax: float32 ``[ceil(codes.size / block_size)]``.
+      signed: the map the codes use.
+      block_size: values per absmax block.
+
+    Returns:
+      float32 of ``codes.shape``.
+
+    Raises:
+      TypeError: codes that are not uint8.
+      ValueError: ``absmax`` of the wrong shape.
+    """
     if codes.dtype != jnp.uint8:
         raise TypeError(f"8-bit moment codes must be uint8, got {codes.dtype}")
     n = codes.size

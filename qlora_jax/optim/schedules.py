@@ -19,7 +19,19 @@ SCHEDULE_TYPES = ("constant", "linear", "cosine")
 
 
 def warmup_steps_for(max_steps: int, warmup_ratio: float = 0.0, warmup_steps: int = 0) -> int:
-    """Warmup length in steps: ``warmup_steps`` if positive, else ``ceil(warmup_ratio * max_steps)``."""
+    """Warmup length in steps: ``warmup_steps`` if positive, else ``ceil(warmup_ratio * max_steps)``.
+
+    Args:
+      max_steps: total optimizer steps.
+      warmup_ratio: warmup as a fraction of ``max_steps``, in ``[0, 1]``.
+      warmup_steps: warmup in steps (non-negative); overrides ``warmup_ratio`` when positive.
+
+    Returns:
+      The number of warmup steps (``int``).
+
+    Raises:
+      ValueError: a negative ``warmup_steps`` or ``warmup_ratio`` outside ``[0, 1]``.
+    """
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be non-negative, got {warmup_steps}")
     if not 0.0 <= warmup_ratio <= 1.0:
@@ -32,6 +44,16 @@ def warmup_constant_schedule(learning_rate: float, warmup_steps: int = 0) -> opt
 
     Step 0 (the first update) gets 0 when ``warmup_steps > 0``, as in
     ``transformers.get_constant_schedule_with_warmup``; with ``warmup_steps=0`` it is constant.
+
+    Args:
+      learning_rate: the peak learning rate (non-negative).
+      warmup_steps: steps of linear warmup from 0 (non-negative).
+
+    Returns:
+      An ``optax.Schedule``: step (int) -> learning rate (float32 scalar).
+
+    Raises:
+      ValueError: a negative ``learning_rate`` or ``warmup_steps``.
     """
     return lr_schedule("constant", learning_rate, max_steps=max(warmup_steps, 1), warmup_steps=warmup_steps)
 
@@ -50,6 +72,20 @@ def lr_schedule(
     (``get_linear_schedule_with_warmup``: down to 0 at ``max_steps``) or ``"cosine"``
     (``get_cosine_schedule_with_warmup``, half a period: down to 0 at ``max_steps``).
     ``warmup_steps`` (if positive) or ``warmup_ratio`` of ``max_steps``: linear warmup from 0.
+
+    Args:
+      schedule_type: one of ``SCHEDULE_TYPES``.
+      learning_rate: the peak learning rate (non-negative).
+      max_steps: total optimizer steps (at least 1).
+      warmup_ratio: warmup as a fraction of ``max_steps``, in ``[0, 1]`` (rounded up to steps).
+      warmup_steps: warmup in steps; overrides ``warmup_ratio`` when positive.
+
+    Returns:
+      An ``optax.Schedule``: step (int) -> learning rate (float32 scalar).
+
+    Raises:
+      ValueError: an unknown ``schedule_type``, a negative ``learning_rate`` or ``warmup_steps``,
+        ``max_steps < 1`` or ``warmup_ratio`` outside ``[0, 1]``.
     """
     if schedule_type not in SCHEDULE_TYPES:
         raise ValueError(f"unknown lr_scheduler_type {schedule_type!r}: choose one of {', '.join(SCHEDULE_TYPES)}")

@@ -31,7 +31,17 @@ def _sharding(x: Any) -> Sharding:
 
 
 def params_devices(params: Any) -> frozenset:
-    """The set of devices all parameter leaves live on; ValueError if they differ between leaves."""
+    """The set of devices all parameter leaves live on; ValueError if they differ between leaves.
+
+    Args:
+      params: a pytree of arrays (or ShapeDtypeStructs with shardings).
+
+    Returns:
+      A ``frozenset`` of ``jax.Device``.
+
+    Raises:
+      ValueError: no array leaves, or leaves on different sets of devices.
+    """
     found: dict[frozenset, str] = {}
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         found.setdefault(frozenset(_sharding(x).device_set), jax.tree_util.keystr(path))
@@ -44,7 +54,18 @@ def params_devices(params: Any) -> frozenset:
 
 
 def replicated_sharding(params: Any, memory_kind: str | None = None) -> Sharding:
-    """A sharding that replicates a value over the devices of ``params`` (on their mesh if they have one)."""
+    """A sharding that replicates a value over the devices of ``params`` (on their mesh if they have one).
+
+    Args:
+      params: a pytree of arrays (or ShapeDtypeStructs with shardings).
+      memory_kind: memory kind of the result, or ``None`` (the default kind).
+
+    Returns:
+      A ``NamedSharding`` with an empty ``PartitionSpec`` or a ``SingleDeviceSharding``.
+
+    Raises:
+      ValueError: as :func:`params_devices`.
+    """
     params_devices(params)
     first = _sharding(jax.tree.leaves(params)[0])
     if isinstance(first, NamedSharding):
@@ -62,6 +83,18 @@ def state_shardings(abstract_state: Any, params: Any, memory_kind: str | None = 
 
     ``params``: arrays (or ShapeDtypeStructs with shardings). ``memory_kind``: the kind the result
     uses (None: each parameter's own, i.e. usually ``device``). See the module docstring.
+
+    A subtree of the state with the parameters' structure (moments) follows the parameters'
+    shardings leaf by leaf where the shapes match; everything else (counts, absmax, ...) is
+    replicated.
+
+    Args:
+      abstract_state: the optimizer state, arrays or ``jax.ShapeDtypeStruct``.
+      params: the parameters, arrays or ShapeDtypeStructs with shardings.
+      memory_kind: memory kind of every resulting sharding, or ``None``.
+
+    Returns:
+      A pytree of ``jax.sharding.Sharding`` with ``abstract_state``'s structure.
     """
     p_leaves, p_def = jax.tree.flatten(params)
     replicated = replicated_sharding(params, memory_kind)
@@ -89,5 +122,12 @@ def state_shardings(abstract_state: Any, params: Any, memory_kind: str | None = 
 
 
 def tree_shardings(tree: Any) -> Any:
-    """``x.sharding`` of every leaf (a pytree of shardings, usable as jit in/out shardings)."""
+    """``x.sharding`` of every leaf (a pytree of shardings, usable as jit in/out shardings).
+
+    Args:
+      tree: a pytree of arrays (or ShapeDtypeStructs with shardings).
+
+    Returns:
+      A pytree of ``jax.sharding.Sharding`` with ``tree``'s structure.
+    """
     return jax.tree.map(_sharding, tree)

@@ -81,11 +81,19 @@ DEFAULT_MAX_GROUP_SIZE = 1 << 24
 
 
 def layer_stacked(path: tuple, leaf: Any) -> bool:
-    """Default ``stacked`` predicate: leaves with at least one axis under a ``"layers"`` key that holds
-    arrays stacked over a leading layer axis (the built-in LLaMA's layout).
+    """Default ``stacked`` predicate: leaves stacked over a leading layer axis under a ``"layers"`` key.
 
-    A ``layers`` key followed by a list index (``layers/0/...``: a Python list or ``nnx.List`` of
-    separate layers) is not stacked: each of those layers is its own group.
+    Leaves with at least one axis under a ``"layers"`` key that holds arrays stacked over a leading
+    layer axis (the built-in LLaMA's layout). A ``layers`` key followed by a list index
+    (``layers/0/...``: a Python list or ``nnx.List`` of separate layers) is not stacked:
+    each of those layers is its own group.
+
+    Args:
+      path: the leaf's key path.
+      leaf: the leaf (array or ShapeDtypeStruct).
+
+    Returns:
+      Whether the leaf's first axis is the layer axis (``bool``).
     """
     if getattr(leaf, "ndim", 0) < 1:
         return False
@@ -97,14 +105,29 @@ def layer_stacked(path: tuple, leaf: Any) -> bool:
 
 
 def no_layers(path: tuple, leaf: Any) -> bool:
-    """A ``stacked`` predicate that streams every leaf as a group (nothing is stacked)."""
+    """A ``stacked`` predicate that streams every leaf as a group (nothing is stacked).
+
+    Args:
+      path: the leaf's key path (unused).
+      leaf: the leaf (unused).
+
+    Returns:
+      ``False``.
+    """
     del path, leaf
     return False
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """How a parameter tree splits into pieces (leaf indices in ``jax.tree.flatten`` order)."""
+    """How a parameter tree splits into pieces (leaf indices in ``jax.tree.flatten`` order).
+
+    Attributes:
+      treedef: the parameter tree's structure.
+      layer_ids: indices of the layer-stacked leaves (one piece per layer).
+      num_layers: size of their shared leading axis (0 without stacked leaves).
+      groups: indices of the other leaves, one tuple per group piece.
+    """
 
     treedef: Any
     layer_ids: tuple[int, ...]
@@ -127,6 +150,17 @@ def plan_pieces(tree: Any, stacked: Stacked, max_group_size: int | None) -> Plan
 
     Depends only on paths and shapes, so the parameters at ``init`` and the gradients at
     ``update`` give the same plan. ``max_group_size=None``: all other leaves in one group.
+
+    Args:
+      tree: the parameters (or gradients).
+      stacked: ``(path, leaf) -> bool``, which leaves carry a leading layer axis.
+      max_group_size: most values (elements) per group, or ``None`` (one group).
+
+    Returns:
+      The :class:`Plan`.
+
+    Raises:
+      ValueError: a non-positive ``max_group_size``, or stacked leaves with different leading axes.
     """
     if max_group_size is not None and max_group_size <= 0:
         raise ValueError(f"max_group_size must be positive, got {max_group_size}")
@@ -173,6 +207,15 @@ class StateLayout:
     parameter's state leaves have the layer axis in front). ``global_ids``: indices of the global
     leaves. ``layer_ids``: per-parameter leaves of the layer piece. ``layer_piece`` (one layer's
     state tree, no layer axis) and ``group_pieces``: each piece's state tree, leaf by leaf.
+
+    Attributes:
+      plan: how the parameters split into pieces (leaf indices in ``jax.tree.flatten`` order).
+      treedef: the full state's tree structure.
+      abstract: ``jax.ShapeDtypeStruct`` of every state leaf (global shapes).
+      global_ids: indices of the leaves not tied to a parameter (e.g. ``count``).
+      layer_ids: indices of the per-parameter leaves of the layer piece.
+      layer_piece: one layer's state tree (no layer axis), or ``None`` without stacked leaves.
+      group_pieces: each group piece's state tree.
     """
 
     plan: Plan
@@ -246,7 +289,20 @@ def _abstract(x: Any) -> jax.ShapeDtypeStruct:
 
 def state_layout(inner: optax.GradientTransformation, params: Any, stacked: Stacked,
                  max_group_size: int | None) -> StateLayout:
-    """The :class:`StateLayout` of ``inner``'s state for ``params`` (arrays, tracers or ShapeDtypeStructs)."""
+    """The :class:`StateLayout` of ``inner``'s state for ``params`` (arrays, tracers or ShapeDtypeStructs).
+
+    Args:
+      inner: the transform whose state is laid out; its ``init`` must accept a tree of ``None``.
+      params: the parameters (arrays, tracers or ShapeDtypeStructs).
+      stacked: ``(path, leaf) -> bool``, which leaves carry a leading layer axis.
+      max_group_size: most values (elements) per group of the non-layer leaves, or ``None`` (no limit).
+
+    Returns:
+      The :class:`StateLayout`.
+
+    Raises:
+      TypeError: ``inner.init`` fails on a tree of ``None`` leaves.
+    """
     plan = plan_pieces(params, stacked, max_group_size)
     leaves = [_abstract(x) for x in plan.treedef.flatten_up_to(params)]
     try:
@@ -512,7 +568,19 @@ def streamed(
     layers_per_chunk: int | None = 1,
     unroll: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
-    """``inner`` applied piece by piece with its state on the device, no copies (see the module docstring)."""
+    """``inner`` applied piece by piece with its state on the device, no copies (see the module docstring).
+
+    Args:
+      inner: an elementwise or per-leaf transform.
+      stacked: ``(path, leaf) -> bool``, which leaves carry a leading layer axis.
+      max_group_size: most values (elements) per group of the non-layer leaves, or ``None`` (no limit).
+      layers_per_chunk: layers per step of the layer loop (must divide the number of layers);
+        ``None`` takes them all at once.
+      unroll: ``lax.scan`` unroll of the layer loop.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is ``inner``'s in optax's layout.
+    """
     inner = optax.with_extra_args_support(inner)
     layouts = LayoutCache(inner, stacked, max_group_size)
 
@@ -571,5 +639,13 @@ def per_layer(
     blocks and its ``min_8bit_size`` rule) it treats every layer as its own tensor, as bitsandbytes
     does with per-layer PyTorch parameters, and matches :func:`qlora_jax.optim.offload_state`
     exactly. See the module docstring for the conditions on ``inner``.
+
+    Args:
+      inner: an elementwise or per-leaf transform (e.g. :func:`~qlora_jax.optim.adamw_8bit`).
+      stacked: ``(path, leaf) -> bool``, which leaves carry a leading layer axis.
+      max_group_size: most values (elements) per group of the non-layer leaves, or ``None`` (no limit).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is ``inner``'s in optax's layout.
     """
     return streamed(inner, stacked=stacked, max_group_size=max_group_size)

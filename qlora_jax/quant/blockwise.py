@@ -51,6 +51,13 @@ def pad_to_blocks(flat: jax.Array, blocksize: int) -> jax.Array:
     """Zero-pads a flat array to whole blocks and returns it as ``[num_blocks, blocksize]``.
 
     Zero padding leaves each block's absmax unchanged (|0| never exceeds it).
+
+    Args:
+      flat: a 1-D array of ``n`` values (any dtype).
+      blocksize: values per block.
+
+    Returns:
+      ``[ceil(n / blocksize), blocksize]`` in ``flat``'s dtype.
     """
     n = flat.shape[0]
     num_blocks = -(-n // blocksize)
@@ -61,7 +68,14 @@ def pad_to_blocks(flat: jax.Array, blocksize: int) -> jax.Array:
 
 
 def block_absmax(blocks: jax.Array) -> jax.Array:
-    """Absolute maximum of each row of ``[num_blocks, blocksize]``, float32 ``[num_blocks]``."""
+    """Absolute maximum of each row of ``[num_blocks, blocksize]``, float32 ``[num_blocks]``.
+
+    Args:
+      blocks: float32 ``[num_blocks, blocksize]``.
+
+    Returns:
+      ``[num_blocks]`` in ``blocks``' dtype (NaN for a block holding NaN).
+    """
     return jnp.max(jnp.abs(blocks), axis=-1)
 
 
@@ -72,6 +86,15 @@ def scale_to_unit(blocks: jax.Array, absmax: jax.Array, bnb_backend: BnbBackend,
     all-zero block scales to zeros), divides (rather than multiplying by the reciprocal) in a
     partial last block, and clamps to [-1, 1]; the CUDA kernels do none of this, so an all-zero
     block scales to NaN there.
+
+    Args:
+      blocks: float32 ``[num_blocks, blocksize]`` (zero-padded).
+      absmax: float32 ``[num_blocks]``.
+      bnb_backend: ``"cuda"`` or ``"cpu"``.
+      numel: the unpadded element count.
+
+    Returns:
+      float32 ``[num_blocks, blocksize]``.
     """
     if bnb_backend == "cpu":
         safe = jnp.maximum(absmax, jnp.float32(1e-38))
@@ -98,6 +121,18 @@ def encode_4bit(unit: jax.Array, quant_type: str, bnb_backend: BnbBackend) -> ja
     """Nearest 4-bit code (int32 in [0, 15]) of values already scaled to [-1, 1].
 
     A value exactly on a midpoint takes the lower code, as both bitsandbytes backends do.
+
+    Args:
+      unit: float32 values in ``[-1, 1]``, any shape.
+      quant_type: ``"nf4"`` or ``"fp4"``.
+      bnb_backend: ``"cuda"`` or ``"cpu"`` (they differ for FP4).
+
+    Returns:
+      int32 codes of ``unit``'s shape.
+
+    References:
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
+      <https://arxiv.org/abs/2305.14314>`_, 2023.
     """
     code = codebooks.codebook(quant_type)
     if quant_type == "nf4":
@@ -120,6 +155,13 @@ def encode_int8(blocks: jax.Array, absmax: jax.Array) -> jax.Array:
     """Symmetric absmax int8 codes, ``round(x * float32(127 / absmax))`` (ties to even), as int8.
 
     The same rounding as bitsandbytes' LLM.int8() row-wise quantization; a zero block gives zeros.
+
+    Args:
+      blocks: float32 ``[num_blocks, blocksize]``.
+      absmax: float32 ``[num_blocks]``.
+
+    Returns:
+      int8 ``[num_blocks, blocksize]``.
     """
     factor = jnp.where(absmax > 0, jnp.float32(INT8_MAX) / jnp.where(absmax > 0, absmax, 1.0), 0.0)
     q = jnp.round(blocks * factor[:, None])
@@ -127,7 +169,15 @@ def encode_int8(blocks: jax.Array, absmax: jax.Array) -> jax.Array:
 
 
 def decode_int8(codes: jax.Array, absmax: jax.Array) -> jax.Array:
-    """float32 values of int8 codes ``[num_blocks, blocksize]`` with float32 absmax ``[num_blocks]``."""
+    """float32 values of int8 codes ``[num_blocks, blocksize]`` with float32 absmax ``[num_blocks]``.
+
+    Args:
+      codes: int8 ``[num_blocks, blocksize]``.
+      absmax: float32 ``[num_blocks]``.
+
+    Returns:
+      float32 ``[num_blocks, blocksize]``: ``code * absmax * float32(1 / 127)``.
+    """
     return codes.astype(jnp.float32) * absmax[:, None] * INV_INT8_MAX
 
 
@@ -188,6 +238,19 @@ def encode_dynamic8(
 
     This is bitsandbytes' ``quantize_blockwise`` given the blocks' absmax: the values are scaled
     by ``float32(1 / absmax)`` and mapped to a code the way the chosen backend does it.
+
+    Args:
+      blocks: float32 ``[num_blocks, blocksize]``.
+      absmax: float32 ``[num_blocks]``.
+      code: numpy float32 ``[256]``, the sorted map (e.g. ``DYNAMIC_MAP_SIGNED``).
+      bnb_backend: ``"cuda"`` (binary search) or ``"cpu"`` (lookup table).
+
+    Returns:
+      uint8 ``[num_blocks, blocksize]``.
+
+    References:
+      Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+      <https://arxiv.org/abs/2110.02861>`_, 2021.
     """
     if bnb_backend == "cuda":
         unit = blocks * (jnp.float32(1.0) / absmax)[:, None]
@@ -209,6 +272,12 @@ def pack_4bit(codes: jax.Array) -> jax.Array:
 
     This is bitsandbytes' byte layout. Elements 2j and 2j+1 share a byte, which is the pair a
     single GPU thread holds in an mma fragment, so a kernel turns one byte into one bf16x2.
+
+    Args:
+      codes: integer codes in ``[0, 15]``, ``[..., 2n]``.
+
+    Returns:
+      uint8 ``[..., n]``.
     """
     codes = codes.astype(jnp.uint8)
     pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
@@ -216,7 +285,14 @@ def pack_4bit(codes: jax.Array) -> jax.Array:
 
 
 def unpack_4bit(packed: jax.Array) -> jax.Array:
-    """Inverse of :func:`pack_4bit`: uint8 ``[..., n]`` to codes uint8 ``[..., 2n]``."""
+    """Inverse of :func:`pack_4bit`: uint8 ``[..., n]`` to codes uint8 ``[..., 2n]``.
+
+    Args:
+      packed: uint8 ``[..., n]``.
+
+    Returns:
+      uint8 ``[..., 2n]``.
+    """
     high = packed >> 4
     low = packed & 0xF
     return jnp.stack([high, low], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
@@ -229,6 +305,12 @@ def accurate_mean(x: jax.Array) -> jax.Array:
     the CPU's vector width, so no order reproduces it everywhere. A compensated sum is within
     float32 rounding of the exact sum on every device, which keeps the offset within an ulp or two
     of bitsandbytes' and identical between our CPU and GPU runs.
+
+    Args:
+      x: a 1-D array (cast to float32).
+
+    Returns:
+      A float32 scalar.
     """
     n = x.shape[0]
     size = 1 << max(0, (n - 1).bit_length())

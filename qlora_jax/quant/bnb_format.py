@@ -31,7 +31,16 @@ _SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
 def bnb_quant_state_keys(name: str, quant_type: str, double_quant: bool) -> list[str]:
-    """The state-dict keys bitsandbytes writes for a 4-bit weight stored under ``name``."""
+    """The state-dict keys bitsandbytes writes for a 4-bit weight stored under ``name``.
+
+    Args:
+      name: the weight's key, e.g. ``"model.layers.0.mlp.up_proj.weight"``.
+      quant_type: ``"nf4"`` or ``"fp4"``.
+      double_quant: whether the scales are double-quantized (adds the nested keys).
+
+    Returns:
+      The keys, the packed weight's first and the quant-state JSON's last.
+    """
     keys = [name, f"{name}.absmax", f"{name}.quant_map"]
     if double_quant:
         keys += [f"{name}.nested_absmax", f"{name}.nested_quant_map"]
@@ -40,7 +49,14 @@ def bnb_quant_state_keys(name: str, quant_type: str, double_quant: bool) -> list
 
 
 def is_bnb_4bit_key(key: str) -> bool:
-    """Whether ``key`` is one of the auxiliary quant-state keys (not the packed weight itself)."""
+    """Whether ``key`` is one of the auxiliary quant-state keys (not the packed weight itself).
+
+    Args:
+      key: a state-dict key.
+
+    Returns:
+      ``bool``.
+    """
     return any(key.endswith("." + s) for s in _SUFFIXES) or ".quant_state.bitsandbytes__" in key
 
 
@@ -49,6 +65,18 @@ def to_bnb_state_dict(qt: QuantizedTensor, name: str) -> dict[str, np.ndarray]:
 
     Loading the result with ``bitsandbytes.functional.QuantState.from_dict`` gives back exactly
     our values. Int8 tensors have no bitsandbytes 4-bit form and raise QuantizationError.
+
+    Args:
+      qt: an NF4 or FP4 QuantizedTensor.
+      name: the weight's key.
+
+    Returns:
+      ``{key: numpy array}``: uint8 codes ``[ceil(numel / 2), 1]`` under ``name``, the scales
+      (float32, or uint8 with double quantization) ``[num_blocks]``, the float32 code tables, and
+      the quant state as a uint8 array of its JSON bytes.
+
+    Raises:
+      QuantizationError: an int8 tensor, or one whose arrays disagree with its metadata.
     """
     if qt.quant_type not in ("nf4", "fp4"):
         raise QuantizationError(f"bitsandbytes' 4-bit format holds nf4 or fp4, not {qt.quant_type}")
@@ -109,7 +137,14 @@ def _check_scales(array: np.ndarray, key: str) -> None:
 
 
 def auxiliary_keys(name: str) -> tuple[str, ...]:
-    """Every key bitsandbytes may write besides the packed weight ``name`` (both quant types)."""
+    """Every key bitsandbytes may write besides the packed weight ``name`` (both quant types).
+
+    Args:
+      name: the weight's key.
+
+    Returns:
+      A tuple of keys.
+    """
     return tuple(f"{name}.{suffix}" for suffix in _SUFFIXES) + tuple(
         f"{name}.quant_state.bitsandbytes__{quant_type}" for quant_type in ("nf4", "fp4"))
 
@@ -123,6 +158,16 @@ def from_bnb_state_dict(tensors: Mapping[str, Any], name: str) -> QuantizedTenso
     when it says nested, both absent otherwise. Raises QuantizationError naming the key when a
     tensor or quant-state field is missing, has the wrong size or dtype, holds scales that are not
     finite and >= 0, or uses a code table other than bitsandbytes' NF4/FP4 and signed dynamic map.
+
+    Args:
+      tensors: the state dict (keys to arrays), e.g. a safetensors file's contents.
+      name: the packed weight's key.
+
+    Returns:
+      The :class:`~qlora_jax.quant.QuantizedTensor` (numpy-backed arrays as stored).
+
+    Raises:
+      QuantizationError: a missing, malformed or inconsistent tensor or quant-state field.
     """
     state_keys = [k for k in tensors if k.startswith(f"{name}.quant_state.bitsandbytes__")]
     if len(state_keys) != 1:

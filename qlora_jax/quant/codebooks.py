@@ -174,7 +174,20 @@ DYNAMIC_MAP_UNSIGNED = np.array(
 
 
 def codebook(quant_type: str) -> np.ndarray:
-    """The float32 code table of a 4-bit data type ("nf4" or "fp4"), indexed by code."""
+    """The float32 code table of a 4-bit data type ("nf4" or "fp4"), indexed by code.
+
+    Args:
+      quant_type: ``"nf4"`` or ``"fp4"``.
+
+    Returns:
+      numpy float32 ``[16]``, the value of each 4-bit code (NF4: bitsandbytes' table, bit-exact).
+
+    Raises:
+      ValueError: any other ``quant_type``.
+
+    References:
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs <https://arxiv.org/abs/2305.14314>`_, 2023 (NF4).
+    """
     if quant_type == "nf4":
         return NF4_CODE
     if quant_type == "fp4":

@@ -18,6 +18,17 @@ class StorageReport:
 
     The code tables (16 or 256 float32 shared by every tensor of a type) are not counted: they
     are constants of the data type, not of the tensor.
+
+    Attributes:
+      numel: number of elements of the tensor.
+      codes_bytes: bytes of the packed codes.
+      scales_bytes: bytes of the scales (float32, or uint8 with double quantization).
+      nested_scales_bytes: bytes of the float32 nested scales (0 without double quantization).
+      offset_bytes: bytes of the float32 offset (4 with double quantization, else 0).
+
+    References:
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
+      <https://arxiv.org/abs/2305.14314>`_, 2023 (the bits per parameter of double quantization).
     """
 
     numel: int
@@ -54,6 +65,16 @@ def storage_report_for(
     """The storage a tensor of ``shape`` would take, without quantizing anything.
 
     ``quant_type`` may also be "bf16", "float16" or "float32" for an unquantized tensor.
+
+    Args:
+      shape: the tensor's shape.
+      quant_type: ``"nf4"``, ``"fp4"``, ``"int8"``, ``"bf16"``, ``"float16"`` or ``"float32"``.
+      blocksize: values per quantization block.
+      double_quant: whether the scales are double-quantized.
+      nested_blocksize: scales per double-quantization block.
+
+    Returns:
+      A :class:`StorageReport`.
     """
     numel = math.prod(shape)
     bits = _CODE_BITS[quant_type]
@@ -67,7 +88,14 @@ def storage_report_for(
 
 
 def storage_report(qt: QuantizedTensor) -> StorageReport:
-    """The storage ``qt`` actually takes, from its arrays' sizes."""
+    """The storage ``qt`` actually takes, from its arrays' sizes.
+
+    Args:
+      qt: the quantized tensor.
+
+    Returns:
+      A :class:`StorageReport`.
+    """
 
     def nbytes(a) -> int:
         return 0 if a is None else int(a.size) * a.dtype.itemsize

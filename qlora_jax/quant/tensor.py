@@ -60,7 +60,15 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def codes_shape(shape: tuple[int, ...], quant_type: str) -> tuple[int, ...]:
-    """Shape of the ``codes`` array for a tensor of ``shape`` (see the module docstring)."""
+    """Shape of the ``codes`` array for a tensor of ``shape`` (see the module docstring).
+
+    Args:
+      shape: the original tensor's shape.
+      quant_type: ``"nf4"``, ``"fp4"`` or ``"int8"``.
+
+    Returns:
+      The codes' shape (a tuple of ints).
+    """
     if quant_type == "int8":
         return tuple(shape)
     if shape[-1] % 2 == 0:
@@ -69,7 +77,15 @@ def codes_shape(shape: tuple[int, ...], quant_type: str) -> tuple[int, ...]:
 
 
 def scales_shape(shape: tuple[int, ...], blocksize: int) -> tuple[int, ...]:
-    """Shape of the ``scales`` array: one entry per block (see the module docstring)."""
+    """Shape of the ``scales`` array: one entry per block (see the module docstring).
+
+    Args:
+      shape: the original tensor's shape.
+      blocksize: values per block.
+
+    Returns:
+      The scales' shape (a tuple of ints).
+    """
     if shape[-1] % blocksize == 0:
         return tuple(shape[:-1]) + (shape[-1] // blocksize,)
     return (-(-_numel(shape) // blocksize),)
@@ -87,6 +103,28 @@ class QuantizedTensor:
     Arrays: ``codes``, ``scales``, ``nested_scales``, ``offset`` (see the module docstring).
     Static metadata: ``shape`` and ``dtype`` of the original tensor, ``quant_type``,
     ``blocksize``, ``nested_blocksize``.
+
+    Attributes:
+      codes: uint8 codes. 4-bit types: two per byte (element 2j in the high nibble),
+        ``shape[:-1] + (shape[-1] // 2,)`` when the last dimension is even, else flat
+        ``((numel + 1) // 2,)``; int8: ``shape``.
+      scales: one per block of ``blocksize`` values: float32 absmax, or with double quantization
+        uint8 codes of ``absmax - offset`` in the signed 8-bit dynamic map; shaped
+        ``shape[:-1] + (shape[-1] // blocksize,)`` when the last dimension is whole blocks, else
+        flat ``(ceil(numel / blocksize),)``.
+      nested_scales: float32 ``[ceil(num_blocks / nested_blocksize)]``, the absmax of each group of
+        ``nested_blocksize`` scales; ``None`` without double quantization.
+      offset: float32 scalar, the mean subtracted from the scales; ``None`` without double
+        quantization.
+      shape: shape of the original tensor (static).
+      dtype: name of the original dtype, e.g. ``"bfloat16"`` (static).
+      quant_type: ``"nf4"``, ``"fp4"`` or ``"int8"`` (static).
+      blocksize: values per quantization block (static; one of ``SUPPORTED_BLOCKSIZES``).
+      nested_blocksize: scales per double-quantization block (static; 256 as bitsandbytes).
+
+    References:
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs <https://arxiv.org/abs/2305.14314>`_, 2023
+      (NF4 and double quantization).
     """
 
     codes: Any
@@ -221,6 +259,28 @@ def quantize(
     Outside ``jax.jit``, non-finite weights raise QuantizationError (``check_finite``). Inside
     ``jit`` the check cannot run; a block holding NaN or Inf then gets a NaN scale, so it
     dequantizes to NaN rather than to finite wrong values.
+
+    Args:
+      w: the tensor, float32, bfloat16 or float16, any shape (array-like; numpy or jax).
+      quant_type: ``"nf4"`` (QLoRA's 4-bit NormalFloat), ``"fp4"`` or ``"int8"``.
+      blocksize: values per block, each with its own absmax scale (one of ``SUPPORTED_BLOCKSIZES``).
+      double_quant: also quantize the scales to 8 bits (QLoRA's double quantization).
+      nested_blocksize: scales per double-quantization block.
+      bnb_backend: ``"cuda"`` or ``"cpu"``, whose bitsandbytes bytes to reproduce.
+      offset: float32 scalar overriding the mean subtracted from the scales (double quant only);
+        ``None`` computes it.
+      check_finite: outside ``jit``, raise on NaN or Inf weights.
+
+    Returns:
+      A :class:`QuantizedTensor` of ``w``'s shape and dtype (see its attributes for the arrays'
+      shapes and dtypes).
+
+    Raises:
+      QuantizationError: an unsupported dtype, quant type, block size or ``bnb_backend``, or (with
+        ``check_finite``, outside ``jit``) a non-finite weight.
+
+    References:
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs <https://arxiv.org/abs/2305.14314>`_, 2023.
     """
     if not hasattr(w, "shape") or not hasattr(w, "dtype"):
         w = np.asarray(w)
@@ -294,6 +354,22 @@ def double_quantize(
     Returns ``(codes uint8[num_blocks], nested_absmax float32[ceil(num_blocks / nested_blocksize)],
     offset float32[])``: the scales lose their mean (``offset``), then are quantized blockwise with
     the signed 8-bit dynamic map, exactly as bitsandbytes' ``quantize_4bit(compress_statistics=True)``.
+
+    Args:
+      absmax: float32 scales, any shape (flattened), ``num_blocks`` values.
+      nested_blocksize: scales per nested block.
+      bnb_backend: ``"cuda"`` or ``"cpu"``, whose bitsandbytes rounding to reproduce.
+      offset: float32 scalar to subtract instead of the scales' mean; ``None`` computes the mean.
+
+    Returns:
+      ``(codes, nested_absmax, offset)``: uint8 ``[num_blocks]``, float32
+      ``[ceil(num_blocks / nested_blocksize)]`` and a float32 scalar.
+
+    References:
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
+      <https://arxiv.org/abs/2305.14314>`_, 2023, section 3 (double quantization);
+      Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+      <https://arxiv.org/abs/2110.02861>`_, 2021 (the dynamic map).
     """
     flat = absmax.reshape(-1).astype(jnp.float32)
     n = flat.shape[0]
@@ -318,6 +394,12 @@ def decode_scales(qt: QuantizedTensor) -> jax.Array:
     """The float32 absmax of every block, shaped like ``qt.scales``.
 
     With double quant: ``dynamic_map[code] * nested_absmax + offset``, in float32, as bitsandbytes.
+
+    Args:
+      qt: the quantized tensor.
+
+    Returns:
+      float32 array of ``qt.scales.shape``, one absmax per block.
     """
     if not qt.double_quant:
         return qt.scales.astype(jnp.float32)
@@ -332,6 +414,16 @@ def dequantize(qt: QuantizedTensor, dtype: Any = None) -> jax.Array:
 
     ``dtype`` defaults to the original dtype. Shape: ``qt.shape``. This is the reference (XLA)
     dequantization; the kernels in :mod:`qlora_jax.kernels` compute the same values.
+
+    Args:
+      qt: the quantized tensor.
+      dtype: output dtype; ``None`` gives the original ``qt.dtype``.
+
+    Returns:
+      Array of shape ``qt.shape`` and dtype ``dtype``.
+
+    Raises:
+      QuantizationError: ``qt``'s arrays disagree with its metadata.
     """
     qt.validate()
     out_dtype = jnp.dtype(qt.dtype if dtype is None else dtype)
