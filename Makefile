@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup oracle lint test test-fast finetune datatypes generate bench-kernels bench-gpu clean
+.PHONY: setup oracle lint test test-fast finetune datatypes generate bench-kernels bench-cpu bench-gpu clean
 
 setup: $(VENV)/.installed
 oracle: $(ORACLE)/.installed
@@ -47,6 +47,11 @@ generate: setup
 
 bench-kernels: setup
 	$(PY) -m experiments.bench_kernels $(ARGS)
+
+# qlora-jax against transformers + PEFT + bitsandbytes on this CPU, steps interleaved, each side at
+# float32, bfloat16 and its best (issue 24's setting; BENCHMARKS.md). Needs both environments.
+bench-cpu: setup oracle
+	$(PY) -m experiments.bench_cpu_vs_torch $(ARGS)
 
 # The GPU evidence run (BENCHMARKS.md), at most 8 minutes on one H100/H200, with the machine's own
 # Python (GPU_PY: jax with CUDA, torch, transformers, peft); wheels carried in .whl/ go in first.

@@ -97,7 +97,10 @@ class FinetuneConfig:
     bnb_backend: str = setting("cuda", "Whose bytes the double-quantized scales (and FP4 near zero) reproduce: "
                                "bitsandbytes' CUDA kernels (nearly every published checkpoint) or its CPU backend.",
                                choices=("cuda", "cpu"))
-    compute_dtype: str = setting("bfloat16", "Activation/matmul dtype.", choices=COMPUTE_DTYPES)
+    compute_dtype: str = setting("auto", "Activation/matmul dtype. auto: bfloat16 on GPU/TPU (the paper's) and on "
+                                 "CPUs with native bfloat16 dot products (avx512_bf16 or amx_bf16), float32 on other "
+                                 "CPUs (qlora_jax.hardware); the log says which and why.",
+                                 choices=("auto", *COMPUTE_DTYPES))
     # LoRA
     lora_r: int = setting(64, "LoRA rank.", check=positive)
     lora_alpha: float = setting(16.0, "LoRA alpha (scaling alpha / r).", check=positive)

@@ -51,6 +51,7 @@ from qlora_jax.distributed import (
     shard_tree,
 )
 from qlora_jax.generate import SamplingConfig, generate_tokens
+from qlora_jax.hardware import choose_compute_dtype
 from qlora_jax.lora import LoraConfig
 from qlora_jax.model import CausalLM, load_pretrained
 from qlora_jax.models.layout import lora_targets
@@ -336,9 +337,11 @@ def setup_model(cfg: FinetuneConfig, mesh: jax.sharding.Mesh | None = None) -> t
     over it (:func:`qlora_jax.distributed.param_shardings`).
     """
     _check_model_settings(cfg)
+    compute_dtype, why = choose_compute_dtype(cfg.compute_dtype)
+    log.info("compute dtype %s: %s", compute_dtype, why)
     kwargs = dict(quant=cfg.quant, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
                   bnb_backend=cfg.bnb_backend, lora=None if cfg.full_finetune else cfg.lora_config(),
-                  full_finetune=cfg.full_finetune, compute_dtype=cfg.compute_dtype,
+                  full_finetune=cfg.full_finetune, compute_dtype=compute_dtype,
                   remat=cfg.gradient_checkpointing, seed=cfg.seed)
     if QuantConfig(cfg.quant).quantized:
         # The quantized base is written once per output directory (base/) and read back on resume:
