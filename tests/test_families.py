@@ -23,6 +23,7 @@ from qlora_jax.checkpoints.load import QuantConfig, load_base_params, open_check
 from qlora_jax.checkpoints.orbax_format import load_quantized, save_quantized
 from qlora_jax.generate import SamplingConfig, generate_tokens
 from qlora_jax.lora import LoraConfig
+from qlora_jax.memory import KNOWN_MODELS, plan_memory
 from qlora_jax.merge import export_merged
 from qlora_jax.model import init_lora_params
 from qlora_jax.models import layout, llama
@@ -119,6 +120,27 @@ def test_features_are_exercised(hf, workdir):
     assert gemma3.rope_of(local=True) == (10000.0, None)
     assert gemma3.rope_of(local=False) == (1000000.0, {"factor": 4.0, "rope_type": "linear"})
     assert not gemma3.tie_word_embeddings and config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bf16_logits_match_transformers_within_bf16_tolerance(hf, workdir, inputs, name):
+    ids, mask = inputs
+    source, cfg = open_checkpoint(workdir / name)
+    config = read_config(cfg)
+    base, _ = load_base_params(source, config, QuantConfig(quant="bf16", dtype="bfloat16"))
+    spec = ModelSpec(config, None, compute_dtype="bfloat16")
+    got = valid(np.asarray(llama.forward(spec, base, None, jnp.asarray(ids), attention_mask=jnp.asarray(mask))[0]),
+                mask)
+    expected = valid(hf[f"{name}/logits_bf16"], mask)
+    logits = hf[f"{name}/logits_f32"]
+    cap = config.final_logit_softcapping
+    if cap is not None:
+        # The rounding happens before the soft-cap (whose slope is at most 1): scale by the logits
+        # it was given, cap * atanh(logit / cap), not by the capped ones.
+        logits = cap * np.arctanh(np.clip(logits / cap, -1 + 1e-6, 1 - 1e-6))
+    scale = np.abs(logits).max()
+    # As tests/test_models.py: bf16's 8-bit mantissa, a few ulps of the largest logit over the layers.
+    np.testing.assert_allclose(got, expected, atol=0.03 * scale)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -259,3 +281,16 @@ def test_family_found_from_architectures_alone(workdir, hf):
     cfg = json.loads((workdir / "phi3" / "config.json").read_text())
     cfg.pop("model_type")
     assert LlamaConfig.from_hf_dict(cfg).model_type == "phi3"
+
+
+def test_memory_presets_have_the_published_parameter_counts(oracle):
+    """gemma-2-9b, qwen3-8b and phi-3-mini: our tensor table counts what transformers builds."""
+    presets = {"gemma-2-9b": "gemma2", "qwen3-8b": "qwen3", "phi-3-mini": "phi3"}
+    cases = [dict(name=n, op="num_params", model_type=t, config={
+        k: v for k, v in KNOWN_MODELS[n].to_hf_dict().items() if k not in ("architectures", "model_type")})
+        for n, t in presets.items()]
+    out = oracle.run("hf_models.py", {}, {"cases": cases})
+    for name in presets:
+        assert KNOWN_MODELS[name].num_parameters() == int(out[f"{name}/count"]), name
+        plan = plan_memory(KNOWN_MODELS[name], seq_len=512, batch=1)
+        assert plan.device_peak_bytes > 0

@@ -14,6 +14,8 @@ CONFIG: {"cases": [{"name", "op", ...}]}; inputs "<name>/input_ids" (and optiona
   peft_load    {dir, adapter_dir} -> logits of PeftModel.from_pretrained(base, adapter_dir).
   generate     {dir, max_new_tokens} -> "<name>/tokens": greedy continuation of each row of
                input_ids (no stop token), with transformers' own KV cache.
+  num_params   {model_type, config} -> "<name>/count": parameters of the model (built on the meta
+               device, so a 9B config costs nothing).
   peft_targets {model_type, config, targets: [target_modules, ...]} -> "<name>/matched_<i>": the
                module names PEFT puts LoRA on for each target_modules value (empty if it refuses).
 """
@@ -126,6 +128,11 @@ def main(in_path, config_path, out_path):
                 tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=case["max_new_tokens"],
                                         do_sample=False, pad_token_id=0)
             out[f"{name}/tokens"] = tokens[:, ids.shape[1]:].numpy()
+        elif op == "num_params":
+            config = AutoConfig.for_model(case["model_type"], **case["config"])
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+            out[f"{name}/count"] = np.array(sum(p.numel() for p in model.parameters()), np.int64)
         elif op == "peft_targets":
             from peft import LoraConfig, get_peft_model
             from peft.tuners.lora import LoraLayer
