@@ -294,3 +294,27 @@ def test_memory_presets_have_the_published_parameter_counts(oracle):
         assert KNOWN_MODELS[name].num_parameters() == int(out[f"{name}/count"]), name
         plan = plan_memory(KNOWN_MODELS[name], seq_len=512, batch=1)
         assert plan.device_peak_bytes > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen3", "gemma2", "phi3"])
+def test_finetune_recipe_runs_and_learns(oracle, tmp_path, name):
+    """The launcher's recipe on a new family: a random model with the embedded tokenizer trains,
+    evaluates, samples and saves (the finetune of ``make finetune ARGS=--model=<folder>``)."""
+    from helpers import small_finetune_config
+
+    from qlora_jax.finetune import run as run_finetune
+    from qlora_jax.model import load_tokenizer
+
+    tokenizer = load_tokenizer("embedded")
+    model_type, config = MODELS[name]
+    config = dict(config, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                  eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    folder = tmp_path / name
+    oracle.run("hf_models.py", {"m/input_ids": np.zeros((1, 2), np.int32)}, {"cases": [
+        dict(name="m", op="make_model", model_type=model_type, config=config, seed=5, dir=str(folder))]})
+    tokenizer.save(folder)
+    result = run_finetune(small_finetune_config(folder, tmp_path / "out", max_steps=12, eval_steps=6, save_steps=6),
+                          progress=False)
+    assert result.final_step == 12
+    assert result.final_eval_loss < result.first_eval_loss

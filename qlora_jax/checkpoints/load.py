@@ -32,6 +32,7 @@ from qlora_jax.checkpoints.safetensors_io import SafetensorsFolder
 from qlora_jax.checkpoints.validate import CheckedSource, TensorSource, validate_hf_config
 from qlora_jax.models import layout
 from qlora_jax.models.config import LlamaConfig, UnsupportedArchitectureError
+from qlora_jax.models.layout import hf_global_key
 from qlora_jax.quant import QuantizationError, QuantizedTensor, bnb_format, dequantize, quantize
 
 __all__ = ["QuantConfig", "LoadStats", "TensorSource", "open_checkpoint", "load_base_params", "read_config",
@@ -41,18 +42,6 @@ log = logging.getLogger(__name__)
 
 QUANT_MODES = ("nf4", "fp4", "int8", "bf16", "float16", "float32")
 BNB_BACKENDS = ("cuda", "cpu")
-
-
-def hf_global_key(name: str, *, prefix: str = "model.") -> str:
-    """Transformers' key of a tensor outside the decoder layers: "embed_tokens", "norm" or "lm_head".
-
-    (The layers' keys are :func:`qlora_jax.models.layout.hf_key`.)
-    """
-    if name == "lm_head":
-        return "lm_head.weight"
-    if name not in ("embed_tokens", "norm"):
-        raise ValueError(f"{name!r} is not a global tensor of a LLaMA model; expected embed_tokens, norm or lm_head")
-    return f"{prefix}{name}.weight"
 
 
 @dataclasses.dataclass(frozen=True)

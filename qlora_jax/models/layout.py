@@ -39,6 +39,7 @@ __all__ = [
     "module_group",
     "hf_module",
     "hf_key",
+    "hf_global_key",
     "assemble_base",
     "linear_entries",
     "peft_module_names",
@@ -82,6 +83,18 @@ def hf_module(layer: int, name: str, *, prefix: str = "model.") -> str:
     """Hugging Face module name of a layer's linear layer or norm, e.g. ``model.layers.3.mlp.up_proj``."""
     path = name if name in _ALL_NORMS else f"{module_group(name)}.{name}"
     return f"{prefix}layers.{layer}.{path}"
+
+
+def hf_global_key(name: str, *, prefix: str = "model.") -> str:
+    """Transformers' key of a tensor outside the decoder layers: "embed_tokens", "norm" or "lm_head".
+
+    (The layers' keys are :func:`hf_key`.)
+    """
+    if name == "lm_head":
+        return "lm_head.weight"
+    if name not in ("embed_tokens", "norm"):
+        raise ValueError(f"{name!r} is not a global tensor of a model; expected embed_tokens, norm or lm_head")
+    return f"{prefix}{name}.weight"
 
 
 def base_path(name: str) -> tuple[str, ...]:
