@@ -318,3 +318,17 @@ def test_finetune_recipe_runs_and_learns(oracle, tmp_path, name):
                           progress=False)
     assert result.final_step == 12
     assert result.final_eval_loss < result.first_eval_loss
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_synthetic_base_has_the_loaded_layout(hf, workdir, inputs, name):
+    """random_base (benchmarks, memory measurements) builds the same pytree the loader does, from the
+    same tensor table, and it runs."""
+    from qlora_jax.synthetic import random_base
+
+    config, loaded, _ = ours(workdir / name, quant="nf4")
+    synthetic = random_base(config, jax.random.key(0), dtype=jnp.float32)
+    assert jax.tree.structure(synthetic) == jax.tree.structure(loaded)
+    for a, b in zip(jax.tree.leaves(synthetic), jax.tree.leaves(loaded), strict=True):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype)
+    assert np.isfinite(run(config, synthetic, *inputs)).all()
