@@ -27,7 +27,7 @@ import json
 import pathlib
 
 from qlora_jax.models.config import LlamaConfig
-from qlora_jax.models.layout import LINEAR_LAYERS
+from qlora_jax.models.layout import linear_layers
 from qlora_jax.quant.report import storage_report_for
 
 __all__ = ["KNOWN_MODELS", "MemoryPlan", "OptimizerStatePlan", "plan_memory", "plan_optimizer_state", "model_config",
@@ -57,6 +57,20 @@ KNOWN_MODELS: dict[str, LlamaConfig] = {
     "smollm2-135m": LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                                 num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
                                 rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True),
+    # From the published config.json files (google/gemma-2-9b, Qwen/Qwen3-8B, microsoft/Phi-3-mini-4k-instruct).
+    "gemma-2-9b": LlamaConfig(vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                              num_attention_heads=16, num_key_value_heads=8, head_dim=256, rms_norm_eps=1e-6,
+                              max_position_embeddings=8192, tie_word_embeddings=True, model_type="gemma2",
+                              hidden_act="gelu_pytorch_tanh", sliding_window=4096, query_pre_attn_scalar=256,
+                              attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                              layer_types=tuple("sliding_attention" if i % 2 == 0 else "full_attention"
+                                                for i in range(42))),
+    "qwen3-8b": LlamaConfig(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                            num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                            rope_theta=1000000.0, max_position_embeddings=40960, model_type="qwen3"),
+    "phi-3-mini": LlamaConfig(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                              num_attention_heads=32, num_key_value_heads=32, head_dim=96, rms_norm_eps=1e-5,
+                              max_position_embeddings=4096, sliding_window=2047, model_type="phi3"),
 }
 
 GPUS = {"24GB": 24 * GiB, "40GB": 40 * GiB, "48GB": 48 * GiB, "80GB": 80 * GiB, "H100": 80 * GiB,
@@ -186,7 +200,7 @@ def plan_memory(
     seq_len: int,
     batch: int,
     lora_r: int = 64,
-    lora_targets: tuple[str, ...] = LINEAR_LAYERS,
+    lora_targets: tuple[str, ...] | None = None,
     quant: str = "nf4",
     double_quant: bool = True,
     blocksize: int = 64,
@@ -206,7 +220,10 @@ def plan_memory(
     ``quant``: "nf4"/"fp4"/"int8" or "bf16"/"float32" (unquantized base). ``optim``: the
     :func:`qlora_jax.optim.make_optimizer` name; "paged_*" offloads the state to host memory.
     ``fused_dequant``: the matmul kernel keeps no dequantized weight for the backward.
+    ``lora_targets``: the adapted linear layers (None: every linear layer of the family).
     """
+    if lora_targets is None:
+        lora_targets = linear_layers(config)
     act = _DTYPE_BYTES[compute_dtype]
     base_bytes = _DTYPE_BYTES[base_dtype]
     lora_bytes = _DTYPE_BYTES[lora_dtype]
@@ -221,7 +238,8 @@ def plan_memory(
                                     double_quant)
         codes += layers * report.codes_bytes
         constants += layers * (report.total_bytes - report.codes_bytes)
-    embed = v * d * base_bytes * (1 if config.tie_word_embeddings else 2) + (2 * layers + 1) * d * base_bytes
+    norms = layers * sum(shape[0] for shape in config.layer_norm_shapes().values()) + d
+    embed = v * d * base_bytes * (1 if config.tie_word_embeddings else 2) + norms * base_bytes
 
     # Adapters, gradients and optimizer state.
     params = _adapter_params(config, lora_r, lora_targets)

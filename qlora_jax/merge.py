@@ -259,8 +259,8 @@ def export_merged(
     linears = layout.linear_entries(base)
     lora_layers = (lora or {}).get("layers", {})
     for layer in range(config.num_hidden_layers):
-        for norm in layout.LAYER_NORMS:
-            tensors[layout.hf_key(layer, norm)] = _host(layers[norm][layer], np_dtype)
+        for norm in layout.layer_norms(config):
+            tensors[layout.hf_key(layer, norm)] = _host(layout.get_layer_entry(layers, norm)[layer], np_dtype)
         for name, params in linears.items():
             key = layout.hf_key(layer, name)
             pair = lora_layers.get(layout.module_group(name), {}).get(name)
@@ -298,10 +298,11 @@ def export_merged(
             embed_tokens=jnp.asarray(tensors[hf_global_key("embed_tokens")]),
             norm=jnp.asarray(tensors[hf_global_key("norm")]),
             lm_head=None if config.tie_word_embeddings else jnp.asarray(tensors[hf_global_key("lm_head")]),
-            layer_norms={n: jnp.asarray(layers[n]).astype(np_dtype) for n in layout.LAYER_NORMS},
+            layer_norms={n: jnp.asarray(layout.get_layer_entry(layers, n)).astype(np_dtype)
+                         for n in layout.layer_norms(config)},
             linears={name: {"weight": merged_stack.buffers[name],
                             **({"bias": jnp.asarray(p["bias"]).astype(np_dtype)} if "bias" in p else {})}
-                     for name, p in linears.items()})
+                     for name, p in linears.items()}, config=config)
         plain = ModelSpec(config, None, compute_dtype=compute_dtype)
         losses["base_loss"] = _mean_loss(plain, None, base, eval_batches)
         losses["merged_loss"] = _mean_loss(plain, None, merged_base, eval_batches)

@@ -41,7 +41,7 @@ def peft_key(layer: int, name: str, matrix: str) -> str:
 def adapter_targets(lora: dict[str, Any]) -> tuple[str, ...]:
     """The linear layers an adapter pytree holds adapters for, in decoder order."""
     held = {name for group in lora["layers"].values() for name in group}
-    return tuple(name for name in layout.LINEAR_LAYERS if name in held)
+    return tuple(name for name in layout.ALL_LINEAR_LAYERS if name in held)
 
 
 def save_peft_adapter(

@@ -73,7 +73,7 @@ def random_base(
     (see :func:`abstract_base`).
     """
     layers = config.num_hidden_layers
-    keys = iter(jax.random.split(key, 64))
+    keys = iter(jax.random.split(key, len(layout.tensor_table(config))))
 
     def sharding_of(*path):
         node = shardings
@@ -83,29 +83,25 @@ def random_base(
             node = node[p]
         return node
 
-    d = config.hidden_size
-    embed_key = next(keys)
-    embed_tokens = _make(lambda: (jax.random.normal(embed_key, (config.vocab_size, d)) * weight_std)
-                         .astype(dtype), sharding_of("embed_tokens"))
-    lm_head = None
-    if not config.tie_word_embeddings:
-        head_key = next(keys)
-        lm_head = _make(lambda: (jax.random.normal(head_key, (config.vocab_size, d)) * weight_std)
-                        .astype(dtype), sharding_of("lm_head"))
-    layer_norms = {norm: _make(lambda: jnp.ones((layers, d), dtype), sharding_of("layers", norm))
-                   for norm in layout.LAYER_NORMS}
-    shapes = config.linear_shapes()
-    linears = {}
-    for name in layout.LINEAR_LAYERS:
-        group = layout.module_group(name)
-        entry = {"weight": _random_linear(next(keys), layers, shapes[name], quant, double_quant, blocksize,
-                                          weight_std, dtype, sharding_of("layers", group, name, "weight"))}
-        if config.linear_has_bias(name):
-            entry["bias"] = _make(lambda n=name: jnp.zeros((layers, shapes[n][0]), dtype),
-                                  sharding_of("layers", group, name, "bias"))
-        linears[name] = entry
-    return layout.assemble_base(embed_tokens=embed_tokens, lm_head=lm_head, layer_norms=layer_norms, linears=linears,
-                                norm=_make(lambda: jnp.ones((d,), dtype), sharding_of("norm")))
+    layered_dims = (layers,)
+    # Norm weights that leave the activations' scale alone: 1, or 0 where the norm scales by (1 + w).
+    norm_value = 1.0 - config.family.norm_offset
+    values: dict[str, Any] = {}
+    for spec in layout.tensor_table(config):
+        sharding = sharding_of(*spec.path)
+        lead = layered_dims if spec.layered else ()
+        key = next(keys)
+        if spec.linear:
+            values[spec.slot] = _random_linear(key, layers, spec.shape, quant, double_quant, blocksize, weight_std,
+                                               dtype, sharding)
+        elif spec.module in ("embed_tokens", "lm_head"):
+            values[spec.slot] = _make(lambda k=key, s=spec.shape: (jax.random.normal(k, s) * weight_std)
+                                      .astype(dtype), sharding)
+        elif spec.tensor == "bias":
+            values[spec.slot] = _make(lambda s=(*lead, *spec.shape): jnp.zeros(s, dtype), sharding)
+        else:  # a norm
+            values[spec.slot] = _make(lambda s=(*lead, *spec.shape): jnp.full(s, norm_value, dtype), sharding)
+    return layout.base_from_table(config, values)
 
 
 def abstract_base(config: LlamaConfig, **kwargs: Any) -> Any:

@@ -35,13 +35,15 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def chunked_cross_entropy(
-    hidden: jax.Array, head: Any, targets: jax.Array, mask: jax.Array, chunk: int, *, backend: str = "auto"
+    hidden: jax.Array, head: Any, targets: jax.Array, mask: jax.Array, chunk: int, *, backend: str = "auto",
+    softcap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Sum of masked next-token cross-entropy (nats, float32) and the number of masked tokens.
 
     ``hidden``: ``[N, D]``, ``targets``/``mask``: ``[N]``. The vocabulary projection runs ``chunk``
     tokens at a time and is recomputed in the backward pass, so ``[N, V]`` logits never exist.
-    ``backend``: the kernel backend of a quantized ``head``.
+    ``backend``: the kernel backend of a quantized ``head``. ``softcap``: the final logit
+    soft-cap (Gemma 2's ``final_logit_softcapping``; None: none).
 
     Args:
       hidden: final hidden states ``[N, D]`` (the model's compute dtype).
@@ -51,6 +53,7 @@ def chunked_cross_entropy(
       mask: ``[N]``, 1 where the token counts in the loss, 0 elsewhere (any numeric dtype).
       chunk: tokens per chunk of the vocabulary projection (``N`` is zero-padded to a multiple).
       backend: kernel backend of a quantized ``head``.
+      softcap: the final logit soft-cap ``c`` (logits become ``c·tanh(logits / c)``), or None.
 
     Returns:
       ``(loss_sum, count)``: float32 scalars, the summed cross-entropy in nats over the masked
@@ -73,6 +76,8 @@ def chunked_cross_entropy(
     @jax.checkpoint
     def one_chunk(h, t, m):
         logits = base_matmul(h, head, backend=backend).astype(jnp.float32)
+        if softcap is not None:
+            logits = jnp.tanh(logits / softcap) * softcap
         logz = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
         return jnp.sum((logz - target_logit) * m)
@@ -115,7 +120,7 @@ def loss_and_count(
     mask = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).astype(jnp.float32)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     return chunked_cross_entropy(h, head, targets.reshape(-1), mask.reshape(-1), spec.loss_chunk,
-                                 backend=spec.kernel_backend)
+                                 backend=spec.kernel_backend, softcap=spec.config.final_logit_softcapping)
 
 
 def _accumulate(spec, trainable, frozen, batch, key, with_grad: bool):

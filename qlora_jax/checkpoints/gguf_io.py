@@ -20,7 +20,7 @@ from qlora_jax.models import layout
 
 __all__ = ["GGUFCheckpoint", "unpermute_rotary_rows"]
 
-# GGUF tensor names -> qlora_jax.models.layout's layer names, and the global names of load.hf_global_key.
+# GGUF tensor names -> qlora_jax.models.layout's layer names, and the global names of layout.hf_global_key.
 _LAYER_NAMES = {
     "attn_q": "q_proj",
     "attn_k": "k_proj",
@@ -48,9 +48,8 @@ def _hf_key(name: str, path: pathlib.Path) -> str:
         if kind in _LAYER_NAMES and layer.isdigit():
             return layout.hf_key(int(layer), _LAYER_NAMES[kind], suffix)
     elif base in _GLOBAL_NAMES and suffix == "weight":
-        from qlora_jax.checkpoints.load import hf_global_key  # load imports this module
 
-        return hf_global_key(_GLOBAL_NAMES[base])
+        return layout.hf_global_key(_GLOBAL_NAMES[base])
     raise CheckpointError(f"GGUF file {path} holds tensor {name!r}, which a LLaMA model has no use for (expected "
                           f"blk.N.{{{','.join(_LAYER_NAMES)}}}.weight or {', '.join(_GLOBAL_NAMES)}); nothing in "
                           "a checkpoint is ignored")
@@ -128,7 +127,6 @@ class GGUFCheckpoint:
 
     def config_dict(self) -> dict[str, Any]:
         """A transformers ``config.json`` dict for the model in the file (metadata types checked)."""
-        from qlora_jax.checkpoints.load import hf_global_key  # load imports this module
 
         heads = self._meta_number("llama.attention.head_count", int)
         hidden = self._meta_number("llama.embedding_length", int)
@@ -147,7 +145,7 @@ class GGUFCheckpoint:
             "rms_norm_eps": self._meta_number("llama.attention.layer_norm_rms_epsilon", float),
             "rope_theta": self._meta_number("llama.rope.freq_base", float, 10000.0),
             "max_position_embeddings": self._meta_number("llama.context_length", int, 2048),
-            "tie_word_embeddings": hf_global_key("lm_head") not in self._tensors,
+            "tie_word_embeddings": layout.hf_global_key("lm_head") not in self._tensors,
             "bos_token_id": self.metadata.get("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self.metadata.get("tokenizer.ggml.eos_token_id"),
             "pad_token_id": self.metadata.get("tokenizer.ggml.padding_token_id"),

@@ -32,6 +32,7 @@ from qlora_jax.checkpoints.safetensors_io import SafetensorsFolder
 from qlora_jax.checkpoints.validate import CheckedSource, TensorSource, validate_hf_config
 from qlora_jax.models import layout
 from qlora_jax.models.config import LlamaConfig, UnsupportedArchitectureError
+from qlora_jax.models.layout import hf_global_key
 from qlora_jax.quant import QuantizationError, QuantizedTensor, bnb_format, dequantize, quantize
 
 __all__ = ["QuantConfig", "LoadStats", "TensorSource", "open_checkpoint", "load_base_params", "read_config",
@@ -41,18 +42,6 @@ log = logging.getLogger(__name__)
 
 QUANT_MODES = ("nf4", "fp4", "int8", "bf16", "float16", "float32")
 BNB_BACKENDS = ("cuda", "cpu")
-
-
-def hf_global_key(name: str, *, prefix: str = "model.") -> str:
-    """Transformers' key of a tensor outside the decoder layers: "embed_tokens", "norm" or "lm_head".
-
-    (The layers' keys are :func:`qlora_jax.models.layout.hf_key`.)
-    """
-    if name == "lm_head":
-        return "lm_head.weight"
-    if name not in ("embed_tokens", "norm"):
-        raise ValueError(f"{name!r} is not a global tensor of a LLaMA model; expected embed_tokens, norm or lm_head")
-    return f"{prefix}{name}.weight"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,10 +160,10 @@ class _Stacker:
 class _Entry:
     """One tensor the model consumes: its key, the shape config.json implies, and where it goes.
 
-    ``slot``: "embed_tokens", "norm", "lm_head", "tied_lm_head" (a stored copy of a tied head,
-    checked equal to the embeddings), or a per-layer name ("input_layernorm", "q_proj.weight",
-    "q_proj.bias", ...) stacked over ``layer``. ``linear``: a linear weight, quantized here or
-    taken pre-quantized.
+    ``slot``: a :attr:`~qlora_jax.models.layout.TensorSpec.slot` ("embed_tokens",
+    "layers/self_attn/q_proj/weight", ...; per-layer ones stacked over ``layer``), or
+    "tied_lm_head" (a stored copy of a tied head, checked equal to the embeddings).
+    ``linear``: a linear weight, quantized here or taken pre-quantized.
     """
 
     key: str
@@ -185,24 +174,16 @@ class _Entry:
 
 
 def _plan(config: LlamaConfig, source: CheckedSource, prefix: str) -> list[_Entry]:
-    """Every tensor a model with ``config`` consumes, in the order they are read."""
-    d, vocab = config.hidden_size, config.vocab_size
-    plan = [_Entry(hf_global_key("embed_tokens", prefix=prefix), (vocab, d), "embed_tokens"),
-            _Entry(hf_global_key("norm", prefix=prefix), (d,), "norm")]
+    """Every tensor a model with ``config`` consumes, in the order they are read (from the one
+    tensor table, :func:`qlora_jax.models.layout.tensor_table`)."""
+    table = layout.tensor_table(config)
+    plan = [_Entry(spec.hf_key(prefix=prefix), spec.shape, spec.slot) for spec in table if not spec.layered]
     head = hf_global_key("lm_head")
-    if not config.tie_word_embeddings:
-        plan.append(_Entry(head, (vocab, d), "lm_head"))
-    elif head in source:
-        plan.append(_Entry(head, (vocab, d), "tied_lm_head"))
-    shapes = config.linear_shapes()
+    if config.tie_word_embeddings and head in source:
+        plan.append(_Entry(head, (config.vocab_size, config.hidden_size), "tied_lm_head"))
     for layer in range(config.num_hidden_layers):
-        plan += [_Entry(layout.hf_key(layer, norm, prefix=prefix), (d,), norm, layer) for norm in layout.LAYER_NORMS]
-        for name in layout.LINEAR_LAYERS:
-            plan.append(_Entry(layout.hf_key(layer, name, prefix=prefix), shapes[name], f"{name}.weight", layer,
-                               linear=True))
-            if config.linear_has_bias(name):
-                plan.append(_Entry(layout.hf_key(layer, name, "bias", prefix=prefix), (shapes[name][0],),
-                                   f"{name}.bias", layer))
+        plan += [_Entry(spec.hf_key(layer, prefix=prefix), spec.shape, spec.slot, layer, linear=spec.linear)
+                 for spec in table if spec.layered]
     return plan
 
 
@@ -299,14 +280,7 @@ def load_base_params(
                     "asked: bitsandbytes weights are never re-quantized", checked.origin, counts["prequantized"],
                     "; ".join(sorted(kept_as_stored)), quant.blocksize, quant.double_quant)
 
-    linears = {}
-    for name in layout.LINEAR_LAYERS:
-        linears[name] = {"weight": stacker.buffers[f"{name}.weight"]}
-        if config.linear_has_bias(name):
-            linears[name]["bias"] = stacker.buffers[f"{name}.bias"]
-    base = layout.assemble_base(embed_tokens=globals_["embed_tokens"], norm=globals_["norm"],
-                                lm_head=globals_.get("lm_head"),
-                                layer_norms={n: stacker.buffers[n] for n in layout.LAYER_NORMS}, linears=linears)
+    base = layout.base_from_table(config, {**globals_, **stacker.buffers})
 
     base_bytes = sum(x.nbytes for x in jax.tree.leaves(base))
     stats = LoadStats(

@@ -134,19 +134,10 @@ def _as_dicts(tree: Any) -> Any:
 
 
 def _expected_tensors(config: LlamaConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    """``{path: (leading dims, shape of one tensor)}`` of every tensor of a base for ``config``."""
-    d, layers = config.hidden_size, (config.num_hidden_layers,)
-    tensors = {"embed_tokens": ((), (config.vocab_size, d)), "norm": ((), (d,))}
-    if not config.tie_word_embeddings:
-        tensors["lm_head"] = ((), (config.vocab_size, d))
-    for norm in layout.LAYER_NORMS:
-        tensors[f"layers/{norm}"] = (layers, (d,))
-    for name, shape in config.linear_shapes().items():
-        prefix = f"layers/{layout.module_group(name)}/{name}"
-        tensors[f"{prefix}/weight"] = (layers, shape)
-        if config.linear_has_bias(name):
-            tensors[f"{prefix}/bias"] = (layers, (shape[0],))
-    return tensors
+    """``{path: (leading dims, shape of one tensor)}`` of every tensor of a base for ``config``
+    (the one tensor table, :func:`qlora_jax.models.layout.tensor_table`)."""
+    layers = (config.num_hidden_layers,)
+    return {spec.slot: (layers if spec.layered else (), spec.shape) for spec in layout.tensor_table(config)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,6 +325,7 @@ def _config_differences(stored: LlamaConfig, wanted: LlamaConfig) -> list[str]:
 def _config_to_json(config: LlamaConfig) -> dict[str, Any]:
     out = dataclasses.asdict(config)
     out["rope_scaling"] = config.rope_scaling_dict
+    out["rope_local_scaling"] = None if config.rope_local_scaling is None else dict(config.rope_local_scaling)
     if isinstance(config.eos_token_id, tuple):
         out["eos_token_id"] = list(config.eos_token_id)
     return out

@@ -243,6 +243,8 @@ _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "string": (lambda v: isinstance(v, str), "a string"),
     "object": (lambda v: isinstance(v, Mapping), "a JSON object"),
+    "layer types": (lambda v: isinstance(v, list) and all(t in ("full_attention", "sliding_attention") for t in v),
+                    'a list of "full_attention" / "sliding_attention"'),
 }
 
 # field -> (kind, required). Optional fields may also be null.
@@ -267,6 +269,11 @@ CONFIG_FIELDS: dict[str, tuple[str, bool]] = {
     "rope_scaling": ("object", False),
     "rope_parameters": ("object", False),
     "quantization_config": ("object", False),
+    "attn_logit_softcapping": ("positive number", False),
+    "final_logit_softcapping": ("positive number", False),
+    "query_pre_attn_scalar": ("positive number", False),
+    "rope_local_base_freq": ("positive number", False),
+    "layer_types": ("layer types", False),
     "bos_token_id": ("token id", False),
     "pad_token_id": ("token id", False),
     "eos_token_id": ("token ids", False),
@@ -316,12 +323,22 @@ def validate_hf_config(cfg: Any, origin: str | pathlib.Path) -> dict[str, Any]:
     return dict(cfg)
 
 
-def _validate_rope(cfg: Mapping[str, Any], origin: str | pathlib.Path) -> None:
-    field = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
-    scaling = {k: v for k, v in (cfg.get(field) or {}).items() if k != "rope_theta"}
+def _validate_rope(cfg: Mapping[str, Any], origin: str | pathlib.Path, field: str | None = None) -> None:
+    parameters = cfg.get("rope_parameters") or {}
+    if field is None and {"full_attention", "sliding_attention"} & set(parameters):
+        # transformers 5's per-layer-type RoPE (Gemma 3): each checked on its own.
+        for layer_type, sub in parameters.items():
+            if not isinstance(sub, Mapping):
+                raise CheckpointError(f"{origin}: field 'rope_parameters.{layer_type}' is {_describe(sub)}; "
+                                      "expected a JSON object")
+            _validate_rope({"rope_parameters": sub}, origin, f"rope_parameters.{layer_type}")
+        return
+    key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+    field = field or key
+    scaling = {k: v for k, v in (cfg.get(key) or {}).items() if k not in ("rope_theta", "partial_rotary_factor")}
     theta = (cfg.get("rope_parameters") or {}).get("rope_theta")
     if theta is not None and not _positive_number(theta):
-        raise CheckpointError(f"{origin}: field 'rope_parameters.rope_theta' is {_describe(theta)}; expected a "
+        raise CheckpointError(f"{origin}: field '{field}.rope_theta' is {_describe(theta)}; expected a "
                               "positive finite number")
     if not scaling:
         return

@@ -1,4 +1,6 @@
-"""Configuration of LLaMA-family decoders (Llama 2/3, Mistral, Qwen2, SmolLM2, TinyLlama).
+"""Configuration of the decoders qlora-jax runs: the LLaMA family (Llama 2/3, Mistral, Qwen2,
+SmolLM2, TinyLlama) and the families of :mod:`qlora_jax.models.family` (Qwen3, Gemma 2, Gemma 3
+text, Phi-3), which differ from it by a declaration.
 
 Read from a Hugging Face ``config.json`` in either the transformers 4 spelling (``rope_theta`` and
 ``rope_scaling``) or the transformers 5 one (``rope_parameters``).
@@ -8,12 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 from typing import Any
 
-__all__ = ["LlamaConfig", "UnsupportedArchitectureError", "SUPPORTED_MODEL_TYPES"]
+from qlora_jax.models.family import ARCHITECTURES, Family, detect_family, family_of, supported_model_types
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+__all__ = ["LlamaConfig", "ModelConfig", "UnsupportedArchitectureError", "SUPPORTED_MODEL_TYPES"]
+
+SUPPORTED_MODEL_TYPES = supported_model_types()
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# config.json activation names -> the decoder's.
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -44,21 +52,43 @@ class LlamaConfig:
     sliding_window: int | None = None  # Mistral-style local attention window, in tokens
     hidden_act: str = "silu"
     model_type: str = "llama"
+    # Per layer, "full_attention" or "sliding_attention" (None: every layer local if sliding_window
+    # is set, else global). Gemma 2/3 mix them.
+    layer_types: tuple[str, ...] | None = None
+    attn_logit_softcapping: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
+    query_pre_attn_scalar: int | float | None = None  # attention scale is its -1/2 power (default head_dim)
+    # RoPE of the sliding-window layers where it differs from the global layers' (Gemma 3).
+    rope_local_theta: float | None = None
+    rope_local_scaling: tuple[tuple[str, Any], ...] | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
 
     def __post_init__(self):
-        if isinstance(self.rope_scaling, dict):
-            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        for name in ("rope_scaling", "rope_local_scaling"):
+            if isinstance(getattr(self, name), dict):
+                object.__setattr__(self, name, tuple(sorted(getattr(self, name).items())))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if isinstance(self.layer_types, list):
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedArchitectureError(
                 f"unsupported model_type {self.model_type!r}: qlora-jax implements {SUPPORTED_MODEL_TYPES}"
             )
-        if self.hidden_act not in ("silu", "swish"):
-            raise UnsupportedArchitectureError(f"unsupported hidden_act {self.hidden_act!r}: expected 'silu'")
+        activation = _ACTIVATIONS.get(self.hidden_act)
+        if activation != self.family.activation:
+            expected = [k for k, v in _ACTIVATIONS.items() if v == self.family.activation]
+            raise UnsupportedArchitectureError(f"unsupported hidden_act {self.hidden_act!r} for {self.model_type}: "
+                                               f"expected one of {expected}")
+        if self.layer_types is not None:
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad or len(self.layer_types) != self.num_hidden_layers:
+                raise ValueError(f"layer_types must list {self.num_hidden_layers} of {LAYER_TYPES}, got "
+                                 f"{list(self.layer_types)}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -66,8 +96,36 @@ class LlamaConfig:
             )
 
     @property
+    def family(self) -> Family:
+        """The :class:`~qlora_jax.models.family.Family` declaration of ``model_type``."""
+        return family_of(self.model_type)
+
+    @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer, whether its attention is limited to ``sliding_window`` tokens."""
+        if self.layer_types is None:
+            return (self.sliding_window is not None,) * self.num_hidden_layers
+        return tuple(t == "sliding_attention" for t in self.layer_types)
+
+    def rope_of(self, local: bool) -> tuple[float, dict[str, Any] | None]:
+        """``(theta, scaling dict or None)`` of the RoPE of local (sliding-window) or global layers."""
+        if local and self.rope_local_theta is not None:
+            return self.rope_local_theta, None if self.rope_local_scaling is None else dict(self.rope_local_scaling)
+        return self.rope_theta, self.rope_scaling_dict
+
+    @property
+    def attention_scale(self) -> float:
+        """What q.k is multiplied by: ``query_pre_attn_scalar ** -0.5`` (Gemma), else ``head_dim ** -0.5``."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def embed_multiplier(self) -> float | None:
+        """sqrt(hidden_size) for families that scale embeddings (Gemma), else None."""
+        return math.sqrt(self.hidden_size) if self.family.embed_scale else None
 
     @property
     def q_size(self) -> int:
@@ -80,18 +138,27 @@ class LlamaConfig:
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """``[out, in]`` of every linear layer of one decoder layer, by Hugging Face name."""
         d, f = self.hidden_size, self.intermediate_size
-        return {
-            "q_proj": (self.q_size, d),
-            "k_proj": (self.kv_size, d),
-            "v_proj": (self.kv_size, d),
-            "o_proj": (d, self.q_size),
-            "gate_proj": (f, d),
-            "up_proj": (f, d),
-            "down_proj": (d, f),
-        }
+        family = self.family
+        shapes = {}
+        if family.fused_qkv:
+            shapes["qkv_proj"] = (self.q_size + 2 * self.kv_size, d)
+        else:
+            shapes.update(q_proj=(self.q_size, d), k_proj=(self.kv_size, d), v_proj=(self.kv_size, d))
+        shapes["o_proj"] = (d, self.q_size)
+        if family.fused_gate_up:
+            shapes["gate_up_proj"] = (2 * f, d)
+        else:
+            shapes.update(gate_proj=(f, d), up_proj=(f, d))
+        shapes["down_proj"] = (d, f)
+        return shapes
+
+    def layer_norm_shapes(self) -> dict[str, tuple[int]]:
+        """Shape of every RMSNorm weight of one decoder layer, by module path (``self_attn.q_norm``, ...)."""
+        return {name: (self.head_dim,) if name.startswith("self_attn.") else (self.hidden_size,)
+                for name in self.family.layer_norms}
 
     def linear_has_bias(self, name: str) -> bool:
-        if name in ("q_proj", "k_proj", "v_proj"):
+        if name in ("q_proj", "k_proj", "v_proj", "qkv_proj"):
             return self.attention_bias
         if name == "o_proj":
             return self.o_proj_bias
@@ -106,16 +173,16 @@ class LlamaConfig:
 
     def num_parameters(self) -> int:
         """Parameter count of the whole model (embeddings, layers, norms, untied head)."""
-        per_layer = sum(o * i for o, i in self.linear_shapes().values()) + 2 * self.hidden_size
+        per_layer = sum(o * i for o, i in self.linear_shapes().values())
+        per_layer += sum(shape[0] for shape in self.layer_norm_shapes().values())
         per_layer += sum(o for name, (o, _) in self.linear_shapes().items() if self.linear_has_bias(name))
         head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
         return self.vocab_size * self.hidden_size + self.num_hidden_layers * per_layer + self.hidden_size + head
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A transformers ``config.json`` dict for this model (used when exporting merged weights)."""
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
         out = {
-            "architectures": [arch[self.model_type]],
+            "architectures": [ARCHITECTURES[self.model_type]],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -138,40 +205,87 @@ class LlamaConfig:
             out.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
         if self.model_type == "mistral":
             out["sliding_window"] = self.sliding_window
-        if self.model_type == "qwen2":
+        if self.model_type in ("qwen2", "qwen3"):
             out.update(use_sliding_window=False, sliding_window=None)
+        if self.model_type in ("gemma2", "gemma3_text"):
+            out.update(hidden_activation=self.hidden_act, sliding_window=self.sliding_window,
+                       layer_types=list(self.layer_types or ()), query_pre_attn_scalar=self.query_pre_attn_scalar,
+                       attn_logit_softcapping=self.attn_logit_softcapping,
+                       final_logit_softcapping=self.final_logit_softcapping)
+        if self.model_type == "gemma3_text":
+            local_theta, local_scaling = self.rope_of(local=True)
+            global_theta, global_scaling = self.rope_of(local=False)
+            out.pop("rope_scaling")
+            out.pop("rope_theta")
+            out["rope_parameters"] = {
+                "sliding_attention": {"rope_type": "default", "rope_theta": local_theta, **(local_scaling or {})},
+                "full_attention": {"rope_type": "default", "rope_theta": global_theta, **(global_scaling or {})}}
         return out
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> LlamaConfig:
-        """Reads a transformers config dict (``config.json``); unknown architectures are refused."""
-        model_type = cfg.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        """Reads a transformers config dict (``config.json``).
+
+        The family comes from ``model_type`` (else ``architectures``); an unknown one, and a setting
+        the family declares unimplemented (:attr:`Family.refused`), are refused by name.
+        """
+        model_type = detect_family(cfg)
+        if model_type is None:
             archs = cfg.get("architectures")
             raise UnsupportedArchitectureError(
-                f"unsupported architecture model_type={model_type!r} (architectures={archs}): qlora-jax "
-                f"loads LLaMA-family decoders {SUPPORTED_MODEL_TYPES}"
+                f"unsupported architecture model_type={cfg.get('model_type')!r} (architectures={archs}): qlora-jax "
+                f"loads the families {SUPPORTED_MODEL_TYPES}"
             )
+        family = family_of(model_type)
+        for field, refuse, why in family.refused:
+            if field in cfg and refuse(cfg[field]):
+                raise UnsupportedArchitectureError(f"{model_type}: field {field!r} is {cfg[field]!r}: {why}")
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
+            layers = int(cfg["num_hidden_layers"])
             rope = dict(cfg.get("rope_parameters") or {})
+            local_theta = local_scaling = None
+            if set(rope) & set(LAYER_TYPES):  # transformers 5: one RoPE per layer type (Gemma 3)
+                unknown = sorted(set(rope) - set(LAYER_TYPES))
+                if unknown:
+                    raise ValueError(f"rope_parameters has keys {unknown}; expected {LAYER_TYPES} or RoPE fields")
+                local = dict(rope.get("sliding_attention") or {})
+                rope = dict(rope.get("full_attention") or {})
+                local_theta = float(local.pop("rope_theta", 10000.0))
+                local_scaling = _rope_scaling(None, local)
+            elif "rope_local_base_freq" in cfg:  # transformers 4's Gemma 3: local layers unscaled
+                local_theta = float(cfg["rope_local_base_freq"])
             theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-            scaling = cfg.get("rope_scaling") or (rope or None)
-            if scaling is not None:
-                scaling = dict(scaling)
-                scaling["rope_type"] = scaling.pop("type", scaling.get("rope_type", "default"))
-                if scaling["rope_type"] == "default" and len(scaling) == 1:
-                    scaling = None
+            partial = rope.pop("partial_rotary_factor", None)  # Phi-3 (transformers 5 spelling)
+            if partial not in (None, 1, 1.0):
+                raise UnsupportedArchitectureError(f"{model_type}: field 'rope_parameters.partial_rotary_factor' is "
+                                                   f"{partial!r}: partial rotary embeddings are not implemented")
+            scaling = _rope_scaling(cfg.get("rope_scaling"), rope)
             attention_bias = bool(cfg.get("attention_bias", model_type == "qwen2"))
             sliding = cfg.get("sliding_window")
-            if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+            if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
                 sliding = None
+            layer_types = cfg.get("layer_types")
+            if family.default_layer_types is None:
+                if layer_types is not None and set(layer_types) != {"full_attention"} and sliding is None:
+                    raise ValueError(f"layer_types {layer_types} has sliding layers but no sliding_window")
+                if layer_types is not None and sliding is not None and "full_attention" in layer_types:
+                    raise ValueError(f"{model_type}: layer_types mixing local and global layers is not implemented")
+                layer_types = None
+            elif layer_types is None:
+                layer_types = family.default_layer_types(cfg, layers)
+            act = cfg.get("hidden_activation") or cfg.get("hidden_act") or (
+                "gelu_pytorch_tanh" if family.activation == "gelu_tanh" else "silu")
+
+            def optional_float(name):
+                return None if cfg.get(name) is None else float(cfg[name])
+
             return cls(
                 vocab_size=int(cfg["vocab_size"]),
                 hidden_size=hidden,
                 intermediate_size=int(cfg["intermediate_size"]),
-                num_hidden_layers=int(cfg["num_hidden_layers"]),
+                num_hidden_layers=layers,
                 num_attention_heads=heads,
                 num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
                 head_dim=int(cfg.get("head_dim") or hidden // heads),
@@ -179,13 +293,20 @@ class LlamaConfig:
                 rope_theta=theta,
                 rope_scaling=scaling,
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family.embed_scale)),
                 attention_bias=attention_bias,
                 o_proj_bias=bool(cfg.get("attention_bias", False)) and model_type == "llama",
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
                 sliding_window=int(sliding) if sliding else None,
-                hidden_act=str(cfg.get("hidden_act", "silu")),
+                hidden_act=str(act),
                 model_type=model_type,
+                layer_types=None if layer_types is None else tuple(layer_types),
+                attn_logit_softcapping=optional_float("attn_logit_softcapping"),
+                final_logit_softcapping=optional_float("final_logit_softcapping"),
+                # int in transformers' config classes (which refuse 24.0): kept as written.
+                query_pre_attn_scalar=cfg.get("query_pre_attn_scalar"),
+                rope_local_theta=local_theta,
+                rope_local_scaling=local_scaling,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_id=cfg.get("eos_token_id"),
                 pad_token_id=cfg.get("pad_token_id"),
@@ -204,3 +325,20 @@ class LlamaConfig:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
         return cls.from_hf_dict(cfg)
+
+
+def _rope_scaling(scaling: dict[str, Any] | None, rope_parameters: dict[str, Any]) -> dict[str, Any] | None:
+    """The RoPE scaling dict (``rope_type`` and its parameters), or None for the default frequencies."""
+    scaling = scaling or (rope_parameters or None)
+    if scaling is None:
+        return None
+    scaling = dict(scaling)
+    scaling.pop("rope_theta", None)
+    scaling["rope_type"] = scaling.pop("type", scaling.get("rope_type", "default"))
+    if scaling["rope_type"] == "default" and len(scaling) == 1:
+        return None
+    return scaling
+
+
+# The configuration of any family (the class kept its first family's name).
+ModelConfig = LlamaConfig

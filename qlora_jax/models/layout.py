@@ -1,10 +1,14 @@
-"""The LLaMA-family parameter layout: layer names, Hugging Face keys, the ``base`` pytree, LoRA targets.
+"""The parameter layout of every family: layer names, Hugging Face keys, the ``base`` pytree, LoRA targets.
 
-Everything that knows how a LLaMA checkpoint is named lives here, so that the loader, the PEFT
+Everything that knows how a checkpoint is named lives here, so that the loader, the PEFT
 adapter I/O, the merged export and the decoder agree by construction:
 
-* :data:`LINEAR_LAYERS`: the linear layers of one decoder layer (``lm_head`` excluded, as PEFT's
-  ``"all-linear"``), each in its Hugging Face submodule (:func:`module_group`);
+* :func:`tensor_table`: every tensor of a model, derived from its family's declaration
+  (:mod:`qlora_jax.models.family`) and ``config.json``: the one table the loaders, the Orbax
+  format checks, the synthetic base and the merged export read;
+* :func:`linear_layers` / :func:`layer_norms`: a config's linear layers (``lm_head`` excluded,
+  as PEFT's ``"all-linear"``) and RMSNorms; :data:`LINEAR_LAYERS` / :data:`LAYER_NORMS` are
+  LLaMA's, each linear layer in its Hugging Face submodule (:func:`module_group`);
 * :func:`hf_module` / :func:`hf_key`: ``model.layers.{i}.self_attn.q_proj`` (the module names
   PEFT matches ``target_modules`` against) and the tensor keys under them;
 * :func:`assemble_base`: the one place the layer-stacked ``base`` pytree of
@@ -15,6 +19,7 @@ adapter I/O, the merged export and the decoder agree by construction:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from collections.abc import Mapping
@@ -24,12 +29,17 @@ from qlora_jax.lora import LoraConfig
 from qlora_jax.models.config import LlamaConfig
 
 __all__ = [
+    "TensorSpec",
+    "tensor_table",
+    "linear_layers",
+    "layer_norms",
     "LINEAR_LAYERS",
     "ATTENTION_LAYERS",
     "LAYER_NORMS",
     "module_group",
     "hf_module",
     "hf_key",
+    "hf_global_key",
     "assemble_base",
     "linear_entries",
     "peft_module_names",
@@ -41,21 +51,131 @@ MLP_LAYERS = ("gate_proj", "up_proj", "down_proj")
 # Every linear layer of a LLaMA decoder layer, in the order the decoder applies them.
 LINEAR_LAYERS = ATTENTION_LAYERS + MLP_LAYERS
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+# Every family's linear layers and norms (Phi-3's fused ones; Gemma's sandwich and q/k norms), in
+# one fixed order: the order adapters are listed in, whatever the family.
+_ALL_ATTENTION = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
+_ALL_MLP = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
+ALL_LINEAR_LAYERS = _ALL_ATTENTION + _ALL_MLP
+_ALL_NORMS = ("input_layernorm", "self_attn.q_norm", "self_attn.k_norm", "post_attention_layernorm",
+              "pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+
+def linear_layers(config: LlamaConfig) -> tuple[str, ...]:
+    """The linear layers of one decoder layer of ``config``'s family, in the order they are applied."""
+    return config.family.linear_layers
+
+
+def layer_norms(config: LlamaConfig) -> tuple[str, ...]:
+    """The RMSNorms of one decoder layer of ``config``'s family (module paths, ``self_attn.q_norm``)."""
+    return config.family.layer_norms
 
 
 def module_group(name: str) -> str:
     """The Hugging Face submodule a linear layer lives in: "self_attn" or "mlp"."""
-    if name in ATTENTION_LAYERS:
+    if name in _ALL_ATTENTION:
         return "self_attn"
-    if name in MLP_LAYERS:
+    if name in _ALL_MLP:
         return "mlp"
-    raise ValueError(f"{name!r} is not a linear layer of a LLaMA decoder layer; expected one of {LINEAR_LAYERS}")
+    raise ValueError(f"{name!r} is not a linear layer of a decoder layer; expected one of {ALL_LINEAR_LAYERS}")
 
 
 def hf_module(layer: int, name: str, *, prefix: str = "model.") -> str:
     """Hugging Face module name of a layer's linear layer or norm, e.g. ``model.layers.3.mlp.up_proj``."""
-    path = name if name in LAYER_NORMS else f"{module_group(name)}.{name}"
+    path = name if name in _ALL_NORMS else f"{module_group(name)}.{name}"
     return f"{prefix}layers.{layer}.{path}"
+
+
+def hf_global_key(name: str, *, prefix: str = "model.") -> str:
+    """Transformers' key of a tensor outside the decoder layers: "embed_tokens", "norm" or "lm_head".
+
+    (The layers' keys are :func:`hf_key`.)
+    """
+    if name == "lm_head":
+        return "lm_head.weight"
+    if name not in ("embed_tokens", "norm"):
+        raise ValueError(f"{name!r} is not a global tensor of a model; expected embed_tokens, norm or lm_head")
+    return f"{prefix}{name}.weight"
+
+
+def base_path(name: str) -> tuple[str, ...]:
+    """Where a layer's norm or linear layer sits under ``base["layers"]``: ``("self_attn", "q_norm")``."""
+    if name in _ALL_NORMS:
+        return tuple(name.split("."))
+    return (module_group(name), name)
+
+
+def get_layer_entry(layers: Mapping[str, Any], name: str) -> Any:
+    """``base["layers"]``'s leaf (norm) or dict (linear layer) of ``name``."""
+    node: Any = layers
+    for part in base_path(name):
+        node = node[part]
+    return node
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a model: where it sits in the ``base`` pytree and in a Hugging Face checkpoint.
+
+    ``path``: keys into the base pytree (``("layers", "self_attn", "q_proj", "weight")``);
+    ``shape``: one tensor's (one layer's, for ``layered`` tensors, which are stacked over a
+    leading layer axis); ``linear``: a linear weight (quantized); ``module``/``tensor``: the
+    Hugging Face module (a layer's module name such as ``self_attn.q_proj``, or
+    ``embed_tokens``/``norm``/``lm_head``) and its tensor ("weight"/"bias").
+    """
+
+    path: tuple[str, ...]
+    shape: tuple[int, ...]
+    layered: bool
+    linear: bool
+    module: str
+    tensor: str = "weight"
+
+    @property
+    def slot(self) -> str:
+        """``"/"``-joined :attr:`path`: the name the Orbax manifest and the loaders use."""
+        return "/".join(self.path)
+
+    def hf_key(self, layer: int | None = None, *, prefix: str = "model.") -> str:
+        """Checkpoint key: ``model.layers.{layer}.self_attn.q_proj.weight``, ``lm_head.weight``, ..."""
+        if self.layered:
+            return hf_key(layer, self.module, self.tensor, prefix=prefix)
+        if self.module == "lm_head":
+            return "lm_head.weight"
+        return f"{prefix}{self.module}.{self.tensor}"
+
+
+def tensor_table(config: LlamaConfig) -> list[TensorSpec]:
+    """Every tensor of a ``base`` for ``config``, in checkpoint read order: embeddings, final norm,
+    the untied head, then one layer's norms, linear weights and biases."""
+    d, vocab = config.hidden_size, config.vocab_size
+    table = [TensorSpec(("embed_tokens",), (vocab, d), False, False, "embed_tokens"),
+             TensorSpec(("norm",), (d,), False, False, "norm")]
+    if not config.tie_word_embeddings:
+        table.append(TensorSpec(("lm_head",), (vocab, d), False, False, "lm_head"))
+    for name, shape in config.layer_norm_shapes().items():
+        table.append(TensorSpec(("layers", *base_path(name)), shape, True, False, name))
+    for name, shape in config.linear_shapes().items():
+        table.append(TensorSpec(("layers", *base_path(name), "weight"), shape, True, True, name))
+        if config.linear_has_bias(name):
+            table.append(TensorSpec(("layers", *base_path(name), "bias"), (shape[0],), True, False, name, "bias"))
+    return table
+
+
+def base_from_table(config: LlamaConfig, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``base`` pytree from ``{TensorSpec.slot: value}`` (layer-stacked for layered tensors);
+    exactly the slots of :func:`tensor_table` are needed."""
+    table = tensor_table(config)
+    wanted = [spec.slot for spec in table]
+    missing, extra = [s for s in wanted if s not in values], sorted(set(values) - set(wanted))
+    if missing or extra:
+        raise ValueError(f"a {config.model_type} base needs exactly {wanted}; missing {missing}, extra {extra}")
+    base: dict[str, Any] = {}
+    for spec in table:
+        node = base
+        for part in spec.path[:-1]:
+            node = node.setdefault(part, {})
+        node[spec.path[-1]] = values[spec.slot]
+    return base
 
 
 def hf_key(layer: int, name: str, tensor: str = "weight", *, prefix: str = "model.") -> str:
@@ -74,21 +194,32 @@ def assemble_base(
     layer_norms: Mapping[str, Any],
     linears: Mapping[str, Mapping[str, Any]],
     lm_head: Any = None,
+    config: LlamaConfig | None = None,
 ) -> dict[str, Any]:
     """The ``base`` pytree of :mod:`qlora_jax.models.llama` from its layer-stacked parts.
 
-    ``layer_norms``: ``{"input_layernorm": [L, D], "post_attention_layernorm": [L, D]}``;
-    ``linears``: ``{name: {"weight": W, "bias"?: [L, out]}}`` for every name of
-    :data:`LINEAR_LAYERS`; ``lm_head``: ``[V, D]`` for untied heads, else None.
+    ``layer_norms``: ``{"input_layernorm": [L, D], "self_attn.q_norm": [L, head_dim], ...}``,
+    every norm of :func:`layer_norms`; ``linears``: ``{name: {"weight": W, "bias"?: [L, out]}}``
+    for every name of :func:`linear_layers`; ``lm_head``: ``[V, D]`` for untied heads, else None.
+    ``config``: the model's (None: a LLaMA layout).
     """
-    missing = [n for n in LAYER_NORMS if n not in layer_norms] + [n for n in LINEAR_LAYERS if n not in linears]
-    extra = sorted(set(layer_norms) - set(LAYER_NORMS)) + sorted(set(linears) - set(LINEAR_LAYERS))
+    # (the parameter ``layer_norms`` hides the module's function of that name)
+    norms = LAYER_NORMS if config is None else config.family.layer_norms
+    linear_names = LINEAR_LAYERS if config is None else config.family.linear_layers
+    missing = [n for n in norms if n not in layer_norms] + [n for n in linear_names if n not in linears]
+    extra = sorted(set(layer_norms) - set(norms)) + sorted(set(linears) - set(linear_names))
     if missing or extra:
-        raise ValueError(f"a LLaMA base needs exactly {LAYER_NORMS + LINEAR_LAYERS}; missing {missing}, extra {extra}")
-    layers: dict[str, Any] = {name: layer_norms[name] for name in LAYER_NORMS}
-    layers.update(self_attn={}, mlp={})
-    for name in LINEAR_LAYERS:
-        layers[module_group(name)][name] = dict(linears[name])
+        raise ValueError(f"a {'llama' if config is None else config.model_type} base needs exactly "
+                         f"{norms + linear_names}; missing {missing}, extra {extra}")
+    layers: dict[str, Any] = {}
+    for name in norms:
+        node = layers
+        *parents, leaf = base_path(name)
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = layer_norms[name]
+    for name in linear_names:
+        layers.setdefault(module_group(name), {})[name] = dict(linears[name])
     base: dict[str, Any] = {"embed_tokens": embed_tokens, "norm": norm, "layers": layers}
     if lm_head is not None:
         base["lm_head"] = lm_head
@@ -98,13 +229,14 @@ def assemble_base(
 def linear_entries(base: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     """``{name: {"weight", "bias"?}}`` of every linear layer of a ``base`` pytree, in decoder order."""
     layers = base["layers"]
-    return {name: layers[module_group(name)][name] for name in LINEAR_LAYERS}
+    return {name: layers[module_group(name)][name] for name in ALL_LINEAR_LAYERS
+            if name in layers.get(module_group(name), {})}
 
 
 def peft_module_names(config: LlamaConfig) -> list[str]:
-    """The module names PEFT matches ``target_modules`` against in a ``LlamaForCausalLM``:
+    """The module names PEFT matches ``target_modules`` against in the family's ``*ForCausalLM``:
     every decoder layer's linear layers, then ``lm_head``."""
-    names = [hf_module(i, name) for i in range(config.num_hidden_layers) for name in LINEAR_LAYERS]
+    names = [hf_module(i, name) for i in range(config.num_hidden_layers) for name in linear_layers(config)]
     return names + ["lm_head"]
 
 
@@ -117,7 +249,7 @@ def _matches(target_modules: str | tuple[str, ...], module: str) -> bool:
 
 
 def lora_targets(lora_config: LoraConfig, config: LlamaConfig) -> tuple[str, ...]:
-    """The linear layers (names of :data:`LINEAR_LAYERS`, decoder order) that ``lora_config`` adapts.
+    """The linear layers (names of :func:`linear_layers`, decoder order) that ``lora_config`` adapts.
 
     ``"all-linear"`` is every linear layer but the output head. Lists and regular expressions
     follow PEFT (see :func:`_matches`). The scanned decoder puts the same adapters in every layer,
@@ -125,18 +257,19 @@ def lora_targets(lora_config: LoraConfig, config: LlamaConfig) -> tuple[str, ...
     nothing is an error naming what it matched.
     """
     targets = lora_config.target_modules
+    linear_names = linear_layers(config)
     if targets == "all-linear":
-        return LINEAR_LAYERS
+        return linear_names
     if not isinstance(targets, str):
         unknown = [t for t in targets if not any(_matches((t,), m) for m in peft_module_names(config))]
         if unknown:
-            suggestions = {t: difflib.get_close_matches(t, LINEAR_LAYERS, n=2) for t in unknown}
+            suggestions = {t: difflib.get_close_matches(t, linear_names, n=2) for t in unknown}
             raise ValueError(f"LoRA target_modules {unknown} match no module of this model (nearest: "
-                             f"{suggestions}); LoRA applies to {LINEAR_LAYERS}, 'all-linear', or a regex")
+                             f"{suggestions}); LoRA applies to {linear_names}, 'all-linear', or a regex")
     matched = [m for m in peft_module_names(config) if _matches(targets, m)]
     if "lm_head" in matched:
         raise ValueError(f"LoRA target_modules={targets!r} selects lm_head; qlora-jax adapts the decoder's linear "
-                         f"layers {LINEAR_LAYERS} only (PEFT's 'all-linear' excludes the head too)")
+                         f"layers {linear_names} only (PEFT's 'all-linear' excludes the head too)")
     per_layer: dict[str, set[int]] = {}
     for module in matched:
         _, _, layer, _, name = module.split(".")
@@ -150,4 +283,4 @@ def lora_targets(lora_config: LoraConfig, config: LlamaConfig) -> tuple[str, ...
     if partial:
         raise ValueError(f"LoRA target_modules={targets!r} selects some layers only ({partial}); qlora-jax's "
                          "scanned decoder adapts the same modules in every layer")
-    return tuple(name for name in LINEAR_LAYERS if name in per_layer)
+    return tuple(name for name in linear_names if name in per_layer)

@@ -1,4 +1,9 @@
-"""LLaMA-family decoder as pure functions over explicit pytrees.
+"""The decoder of every family, as pure functions over explicit pytrees.
+
+It is the LLaMA block, with the switches of the model's
+:class:`~qlora_jax.models.family.Family` (sandwich norms, (1 + w) norms, q/k norms, GeGLU,
+embedding scaling, fused projections) and of its config (soft-caps, per-layer sliding windows
+and RoPE bases).
 
 Two pytrees hold the model, both keyed by Hugging Face module names so that every leaf maps to a
 checkpoint key (``model.layers.{i}.<path>``):
@@ -32,7 +37,7 @@ import jax.numpy as jnp
 from qlora_jax.linear import base_matmul, qlora_linear
 from qlora_jax.models import rope
 from qlora_jax.models.config import LlamaConfig
-from qlora_jax.models.layout import LINEAR_LAYERS
+from qlora_jax.models.layout import ALL_LINEAR_LAYERS
 from qlora_jax.models.spec import ModelSpec
 
 __all__ = ["KVCache", "init_kv_cache", "forward", "hidden_states", "logits_from_hidden", "output_head", "rms_norm"]
@@ -54,21 +59,31 @@ def init_kv_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = jn
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm in float32, as transformers' LlamaRMSNorm, returned in ``x.dtype``."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
+    """RMSNorm over the last axis, in float32, returned in ``x.dtype``.
+
+    ``offset`` 0: transformers' LlamaRMSNorm (``w * normed``, normed rounded to ``x.dtype`` first);
+    ``offset`` 1: Gemma's RMSNorm (``(1 + w) * normed``, all in float32).
+    """
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if offset:
+        return (normed * (offset + weight.astype(jnp.float32))).astype(x.dtype)
     return (weight.astype(jnp.float32) * normed.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
 
 
-def _attention(q, k, v, mask):
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """Gemma 2's soft-capping ``cap * tanh(x / cap)`` (identity for ``cap`` None)."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def _attention(q, k, v, mask, scale: float, softcap: float | None):
     """Grouped-query attention. q ``[B, T, H, hd]``, k/v ``[B, S, KV, hd]``, mask ``[B, T, S]``."""
     b, t, h, hd = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(
-        jnp.float32(hd)
-    )
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+    scores = soft_cap(scores, softcap)
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
@@ -78,7 +93,7 @@ def _attention(q, k, v, mask):
 def _linear(x, base_group, lora_group, name, spec: ModelSpec, dropout_key):
     params = base_group[name]
     lora = None if lora_group is None else lora_group.get(name)
-    key = None if dropout_key is None else jax.random.fold_in(dropout_key, LINEAR_LAYERS.index(name))
+    key = None if dropout_key is None else jax.random.fold_in(dropout_key, ALL_LINEAR_LAYERS.index(name))
     lora_config = spec.lora_config
     scaling = lora_config.scaling if lora_config is not None else 1.0
     dropout = lora_config.dropout if lora_config is not None else 0.0
@@ -86,18 +101,32 @@ def _linear(x, base_group, lora_group, name, spec: ModelSpec, dropout_key):
                         dropout_key=key, backend=spec.kernel_backend)
 
 
+def _activation(name: str, x: jax.Array) -> jax.Array:
+    if name == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    return jax.nn.silu(x)
+
+
 def _layer(spec: ModelSpec, h, layer_base, layer_lora, cache_kv, *, cos, sin, mask, cache_index, dropout_key):
     config = spec.config
+    family = config.family
     b, t, _ = h.shape
     attn_base, mlp_base = layer_base["self_attn"], layer_base["mlp"]
     attn_lora = None if layer_lora is None else layer_lora.get("self_attn")
     mlp_lora = None if layer_lora is None else layer_lora.get("mlp")
     lin = functools.partial(_linear, spec=spec, dropout_key=dropout_key)
+    norm = functools.partial(rms_norm, eps=config.rms_norm_eps, offset=family.norm_offset)
+    heads, kv_heads, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
 
-    x = rms_norm(h, layer_base["input_layernorm"], config.rms_norm_eps)
-    q = lin(x, attn_base, attn_lora, "q_proj").reshape(b, t, config.num_attention_heads, config.head_dim)
-    k = lin(x, attn_base, attn_lora, "k_proj").reshape(b, t, config.num_key_value_heads, config.head_dim)
-    v = lin(x, attn_base, attn_lora, "v_proj").reshape(b, t, config.num_key_value_heads, config.head_dim)
+    x = norm(h, layer_base["input_layernorm"])
+    if family.fused_qkv:  # Phi-3: one [q + 2 kv, D] projection, split as transformers does
+        qkv = lin(x, attn_base, attn_lora, "qkv_proj")
+        q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
+    else:
+        q, k, v = (lin(x, attn_base, attn_lora, name) for name in ("q_proj", "k_proj", "v_proj"))
+    q, k, v = q.reshape(b, t, heads, hd), k.reshape(b, t, kv_heads, hd), v.reshape(b, t, kv_heads, hd)
+    if family.qk_norm:  # Qwen3, Gemma 3: RMSNorm over each head, before RoPE
+        q, k = norm(q, attn_base["q_norm"]), norm(k, attn_base["k_norm"])
     q = rope.apply_rotary(q, cos, sin)
     k = rope.apply_rotary(k, cos, sin)
     if cache_kv is not None:
@@ -107,23 +136,31 @@ def _layer(spec: ModelSpec, h, layer_base, layer_lora, cache_kv, *, cos, sin, ma
         k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
     else:
         new_cache = None
-    attn = _attention(q, k, v, mask)
-    h = h + lin(attn, attn_base, attn_lora, "o_proj")
+    attn = _attention(q, k, v, mask, config.attention_scale, config.attn_logit_softcapping)
+    attn = lin(attn, attn_base, attn_lora, "o_proj")
+    if family.sandwich_norms:  # Gemma 2/3: the branch output is normalised too
+        h = h + norm(attn, layer_base["post_attention_layernorm"])
+        x = norm(h, layer_base["pre_feedforward_layernorm"])
+    else:
+        h = h + attn
+        x = norm(h, layer_base["post_attention_layernorm"])
+    if family.fused_gate_up:  # Phi-3: gate first, then up, in one [2 F, D] projection
+        gate, up = jnp.split(lin(x, mlp_base, mlp_lora, "gate_up_proj"), 2, axis=-1)
+    else:
+        gate, up = lin(x, mlp_base, mlp_lora, "gate_proj"), lin(x, mlp_base, mlp_lora, "up_proj")
+    out = lin(_activation(family.activation, gate) * up, mlp_base, mlp_lora, "down_proj")
+    if family.sandwich_norms:
+        out = norm(out, layer_base["post_feedforward_layernorm"])
+    return h + out, new_cache
 
-    x = rms_norm(h, layer_base["post_attention_layernorm"], config.rms_norm_eps)
-    gate = lin(x, mlp_base, mlp_lora, "gate_proj")
-    up = lin(x, mlp_base, mlp_lora, "up_proj")
-    h = h + lin(jax.nn.silu(gate) * up, mlp_base, mlp_lora, "down_proj")
-    return h, new_cache
 
-
-def _attention_mask(config, attention_mask, b, t, s, cache_index):
-    """``[B, T, S]`` booleans: causal over slots, the padding mask, and Mistral's sliding window."""
+def _attention_mask(attention_mask, b, t, s, cache_index, window):
+    """``[B, T, S]`` booleans: causal over slots, the padding mask, and a sliding window (None: none)."""
     query_slot = cache_index + jnp.arange(t)[:, None]
     key_slot = jnp.arange(s)[None, :]
     allowed = key_slot <= query_slot
-    if config.sliding_window is not None:
-        allowed = allowed & (query_slot - key_slot < config.sliding_window)
+    if window is not None:
+        allowed = allowed & (query_slot - key_slot < window)
     allowed = jnp.broadcast_to(allowed, (b, t, s))
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, :].astype(bool)
@@ -157,17 +194,37 @@ def hidden_states(
     s = t if cache is None else cache.k.shape[2]
     if attention_mask is not None and attention_mask.shape != (b, s):
         raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected {(b, s)} (batch, key slots)")
-    mask = _attention_mask(config, attention_mask, b, t, s, cache_index)
-    inv_freq = rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling_dict)
-    cos, sin = rope.rotary_cos_sin(positions, inv_freq)
+
+    def mask_and_rope(local: bool):
+        mask = _attention_mask(attention_mask, b, t, s, cache_index, config.sliding_window if local else None)
+        theta, scaling = config.rope_of(local)
+        cos, sin = rope.rotary_cos_sin(positions, rope.inverse_frequencies(config.head_dim, theta, scaling))
+        return mask, cos, sin
+
+    # Local (sliding-window) and global layers may differ in mask and RoPE (Gemma 2/3). The scan
+    # compiles one layer, so a model that mixes them picks each layer's by a per-layer flag.
+    sliding = config.sliding_layers
+    mixed = len(set(sliding)) > 1
+    if mixed:
+        local_mrs, global_mrs = mask_and_rope(True), mask_and_rope(False)
+        flags = jnp.asarray(sliding)
+    else:
+        single = mask_and_rope(sliding[0])
+        flags = None
 
     h = base["embed_tokens"][input_ids].astype(compute_dtype)
+    if config.embed_multiplier is not None:  # Gemma: sqrt(hidden), rounded to the compute dtype as transformers does
+        h = h * jnp.asarray(config.embed_multiplier, compute_dtype)
     layer_lora = None if lora is None else lora.get("layers")
     num_layers = config.num_hidden_layers
     keys = None if dropout_key is None else jax.random.split(dropout_key, num_layers)
 
     def body(carry, xs):
-        layer_base, layer_lora_i, cache_kv, key = xs
+        layer_base, layer_lora_i, cache_kv, key, flag = xs
+        if flag is None:
+            mask, cos, sin = single
+        else:
+            mask, cos, sin = (jnp.where(flag, loc, glo) for loc, glo in zip(local_mrs, global_mrs, strict=True))
         out, new_cache = _layer(spec, carry, layer_base, layer_lora_i, cache_kv, cos=cos, sin=sin, mask=mask,
                                 cache_index=cache_index, dropout_key=key)
         return out, new_cache
@@ -175,8 +232,8 @@ def hidden_states(
     if spec.remat:
         body = jax.checkpoint(body, prevent_cse=False)
     cache_kv = None if cache is None else (cache.k, cache.v)
-    h, new_kv = jax.lax.scan(body, h, (base["layers"], layer_lora, cache_kv, keys))
-    h = rms_norm(h, base["norm"], config.rms_norm_eps)
+    h, new_kv = jax.lax.scan(body, h, (base["layers"], layer_lora, cache_kv, keys, flags))
+    h = rms_norm(h, base["norm"], config.rms_norm_eps, config.family.norm_offset)
     new_cache = None if cache is None else KVCache(new_kv[0], new_kv[1], cache.index + t)
     return h, new_cache
 
@@ -187,8 +244,10 @@ def output_head(config: LlamaConfig, base: dict[str, Any]) -> Any:
 
 
 def logits_from_hidden(spec: ModelSpec, base: dict[str, Any], h: jax.Array) -> jax.Array:
-    """float32 logits ``[..., V]`` from hidden states ``[..., D]``, through the (possibly tied) head."""
-    return base_matmul(h, output_head(spec.config, base), backend=spec.kernel_backend).astype(jnp.float32)
+    """float32 logits ``[..., V]`` from hidden states ``[..., D]``, through the (possibly tied) head
+    and the final soft-cap (Gemma 2)."""
+    logits = base_matmul(h, output_head(spec.config, base), backend=spec.kernel_backend).astype(jnp.float32)
+    return soft_cap(logits, spec.config.final_logit_softcapping)
 
 
 def forward(

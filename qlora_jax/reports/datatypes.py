@@ -122,7 +122,7 @@ def model_linear_weights(model: str, max_tensors: int = 0) -> tuple[str, dict[st
     config = read_config(cfg)
     tensors = {}
     for layer in range(config.num_hidden_layers):
-        for name in layout.LINEAR_LAYERS:
+        for name in layout.linear_layers(config):
             key = layout.hf_key(layer, name)
             tensors[key] = np.asarray(source.get(key), np.float32)
             if max_tensors and len(tensors) >= max_tensors:

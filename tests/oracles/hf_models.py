@@ -12,6 +12,10 @@ CONFIG: {"cases": [{"name", "op", ...}]}; inputs "<name>/input_ids" (and optiona
   peft_random  {dir, r, alpha, targets, seed, save_dir} -> a PEFT LoRA adapter with random
                (non-zero) A and B saved to save_dir; logits of base+adapter.
   peft_load    {dir, adapter_dir} -> logits of PeftModel.from_pretrained(base, adapter_dir).
+  generate     {dir, max_new_tokens} -> "<name>/tokens": greedy continuation of each row of
+               input_ids (no stop token), with transformers' own KV cache.
+  num_params   {model_type, config} -> "<name>/count": parameters of the model (built on the meta
+               device, so a 9B config costs nothing).
   peft_targets {model_type, config, targets: [target_modules, ...]} -> "<name>/matched_<i>": the
                module names PEFT puts LoRA on for each target_modules value (empty if it refuses).
 """
@@ -116,6 +120,19 @@ def main(in_path, config_path, out_path):
             base = AutoModelForCausalLM.from_pretrained(case["dir"], dtype=torch.float32)
             model = PeftModel.from_pretrained(base, case["adapter_dir"]).eval()
             out[f"{name}/logits"] = _logits(model, arrays, name)
+        elif op == "generate":
+            model = AutoModelForCausalLM.from_pretrained(case["dir"], dtype=torch.float32).eval()
+            model.generation_config.eos_token_id = None  # the full budget, as ours without stop tokens
+            ids = torch.from_numpy(arrays[f"{name}/input_ids"].astype(np.int64))
+            with torch.no_grad():
+                tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=case["max_new_tokens"],
+                                        do_sample=False, pad_token_id=0)
+            out[f"{name}/tokens"] = tokens[:, ids.shape[1]:].numpy()
+        elif op == "num_params":
+            config = AutoConfig.for_model(case["model_type"], **case["config"])
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+            out[f"{name}/count"] = np.array(sum(p.numel() for p in model.parameters()), np.int64)
         elif op == "peft_targets":
             from peft import LoraConfig, get_peft_model
             from peft.tuners.lora import LoraLayer

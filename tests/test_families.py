@@ -1,0 +1,334 @@
+"""Qwen3, Gemma 2, Gemma 3 (text) and Phi-3 against transformers, PEFT and bitsandbytes on CPU.
+
+Each family is a tiny random model made by transformers from a config with its features switched
+on: GQA, q/k norms (Qwen3, Gemma 3), soft-caps small enough to bend the logits (Gemma 2),
+``query_pre_attn_scalar`` other than ``head_dim``, windows shorter than the sequence with local
+and global layers (Gemma 2/3), separate local/global RoPE bases with linear scaling on the global
+layers (Gemma 3), fused projections (Phi-3), tied and untied heads. Tolerances are those of the
+LLaMA tests (tests/test_models.py): float32 on both sides, so differences are summation order.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from qlora_jax.checkpoints.load import QuantConfig, load_base_params, open_checkpoint, read_config
+from qlora_jax.checkpoints.orbax_format import load_quantized, save_quantized
+from qlora_jax.generate import SamplingConfig, generate_tokens
+from qlora_jax.lora import LoraConfig
+from qlora_jax.memory import KNOWN_MODELS, plan_memory
+from qlora_jax.merge import export_merged
+from qlora_jax.model import init_lora_params
+from qlora_jax.models import layout, llama
+from qlora_jax.models.config import LlamaConfig, UnsupportedArchitectureError
+from qlora_jax.models.spec import ModelSpec
+from qlora_jax.peft_io import load_peft_adapter, save_peft_adapter
+
+BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=2, eos_token_id=1,
+            pad_token_id=0)
+WINDOW = 6  # shorter than SEQ and than the generated text
+MODELS = {
+    "qwen3": ("qwen3", dict(BASE, num_hidden_layers=2, tie_word_embeddings=True)),
+    "gemma2": ("gemma2", dict(BASE, num_hidden_layers=2, sliding_window=WINDOW, query_pre_attn_scalar=24,
+                              attn_logit_softcapping=2.0, final_logit_softcapping=3.0, tie_word_embeddings=True,
+                              layer_types=["sliding_attention", "full_attention"])),
+    "gemma3": ("gemma3_text", dict(BASE, num_hidden_layers=3, sliding_window=WINDOW, query_pre_attn_scalar=24,
+                                   tie_word_embeddings=False,
+                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                   rope_parameters={
+                                       "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                       "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                          "rope_theta": 1000000.0}})),
+    "phi3": ("phi3", dict(BASE, num_hidden_layers=2, tie_word_embeddings=False)),
+}
+SEQ = 16
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("families")
+
+
+@pytest.fixture(scope="module")
+def inputs(module_rng):
+    ids = module_rng.integers(3, BASE["vocab_size"], size=(2, SEQ)).astype(np.int32)
+    mask = np.ones((2, SEQ), np.int32)
+    mask[1, SEQ - 5:] = 0  # right padding on the second row
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def hf(oracle, workdir, inputs):
+    """Per family: the random model's folder and logits (float32), transformers+bitsandbytes NF4
+    logits and the saved 4-bit checkpoint, and a greedy continuation of the first row."""
+    ids, mask = inputs
+    arrays, cases = {}, []
+    for i, (name, (model_type, config)) in enumerate(MODELS.items()):
+        for case in (name, f"{name}_nf4"):
+            arrays[f"{case}/input_ids"], arrays[f"{case}/attention_mask"] = ids, mask
+        arrays[f"{name}_gen/input_ids"] = ids[:1, :8]
+        cases += [dict(name=name, op="make_model", model_type=model_type, config=config, seed=200 + i,
+                       dir=str(workdir / name)),
+                  dict(name=f"{name}_nf4", op="bnb4", dir=str(workdir / name), quant_type="nf4", double_quant=True,
+                       save_dir=str(workdir / f"{name}_nf4_saved")),
+                  dict(name=f"{name}_gen", op="generate", dir=str(workdir / name), max_new_tokens=NEW_TOKENS)]
+    return oracle.run("hf_models.py", arrays, {"cases": cases})
+
+
+def valid(logits, mask):
+    return logits[mask.astype(bool)]
+
+
+def ours(path, quant="float32", bnb_backend="cuda"):
+    source, cfg = open_checkpoint(path)
+    config = read_config(cfg)
+    base, stats = load_base_params(source, config, QuantConfig(quant=quant, dtype="float32",
+                                                               bnb_backend=bnb_backend))
+    return config, base, stats
+
+
+def run(config, base, ids, mask, lora=None, lora_config=None):
+    spec = ModelSpec(config, lora_config, compute_dtype="float32")
+    logits, _ = llama.forward(spec, base, lora, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    return np.asarray(logits)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_float32_logits_match_transformers(hf, workdir, inputs, name):
+    ids, mask = inputs
+    config, base, _ = ours(workdir / name)
+    assert config.family.name == {"gemma3": "gemma3_text"}.get(name, name)
+    np.testing.assert_allclose(valid(run(config, base, ids, mask), mask), valid(hf[f"{name}/logits_f32"], mask),
+                               atol=2e-4, rtol=1e-4)
+
+
+def test_features_are_exercised(hf, workdir):
+    """The configs switch on what they claim: the soft-caps bend logits, windows cut the sequence."""
+    config = ours(workdir / "gemma2")[0]
+    assert config.sliding_layers == (True, False) and config.sliding_window < SEQ
+    assert np.abs(hf["gemma2/logits_f32"]).max() > 0.5 * config.final_logit_softcapping
+    gemma3 = ours(workdir / "gemma3")[0]
+    assert gemma3.rope_of(local=True) == (10000.0, None)
+    assert gemma3.rope_of(local=False) == (1000000.0, {"factor": 4.0, "rope_type": "linear"})
+    assert not gemma3.tie_word_embeddings and config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bf16_logits_match_transformers_within_bf16_tolerance(hf, workdir, inputs, name):
+    ids, mask = inputs
+    source, cfg = open_checkpoint(workdir / name)
+    config = read_config(cfg)
+    base, _ = load_base_params(source, config, QuantConfig(quant="bf16", dtype="bfloat16"))
+    spec = ModelSpec(config, None, compute_dtype="bfloat16")
+    got = valid(np.asarray(llama.forward(spec, base, None, jnp.asarray(ids), attention_mask=jnp.asarray(mask))[0]),
+                mask)
+    expected = valid(hf[f"{name}/logits_bf16"], mask)
+    logits = hf[f"{name}/logits_f32"]
+    cap = config.final_logit_softcapping
+    if cap is not None:
+        # The rounding happens before the soft-cap (whose slope is at most 1): scale by the logits
+        # it was given, cap * atanh(logit / cap), not by the capped ones.
+        logits = cap * np.arctanh(np.clip(logits / cap, -1 + 1e-6, 1 - 1e-6))
+    scale = np.abs(logits).max()
+    # As tests/test_models.py: bf16's 8-bit mantissa, a few ulps of the largest logit over the layers.
+    np.testing.assert_allclose(got, expected, atol=0.03 * scale)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_nf4_logits_match_transformers_bitsandbytes(hf, workdir, inputs, name):
+    ids, mask = inputs
+    config, base, stats = ours(workdir / name, quant="nf4", bnb_backend="cpu")
+    # One quantized tensor per linear layer: Phi-3's fused qkv_proj and gate_up_proj count once.
+    assert stats.requantized == config.num_hidden_layers * len(layout.linear_layers(config))
+    np.testing.assert_allclose(valid(run(config, base, ids, mask), mask), valid(hf[f"{name}_nf4/logits"], mask),
+                               atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bitsandbytes_checkpoint_loads_without_requantization(hf, workdir, inputs, name):
+    ids, mask = inputs
+    saved = workdir / f"{name}_nf4_saved"
+    keys = list(load_file(saved / "model.safetensors"))
+    config, base, stats = ours(saved, quant="nf4")
+    fused = [n for n in ("qkv_proj", "gate_up_proj") if n in layout.linear_layers(config)]
+    for n in fused:  # one 4-bit tensor per fused weight, as bitsandbytes stores it
+        assert any(k.endswith(f"{n}.weight.quant_state.bitsandbytes__nf4") for k in keys)
+    assert stats.prequantized == config.num_hidden_layers * len(layout.linear_layers(config))
+    assert stats.requantized == 0
+    np.testing.assert_allclose(valid(run(config, base, ids, mask), mask), valid(hf[f"{name}_nf4/logits"], mask),
+                               atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_greedy_decode_matches_transformers_past_the_window(hf, workdir, inputs, name):
+    ids, _ = inputs
+    config, base, _ = ours(workdir / name)
+    spec = ModelSpec(config, None, compute_dtype="float32")
+    (tokens,) = generate_tokens(spec, base, None, [ids[0, :8].tolist()], SamplingConfig(max_new_tokens=NEW_TOKENS))
+    assert tokens == hf[f"{name}_gen/tokens"][0].tolist()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_peft_adapters_both_ways(oracle, hf, workdir, inputs, name):
+    ids, mask = inputs
+    peft_dir, ours_dir = workdir / f"{name}_peft_adapter", workdir / f"{name}_our_adapter"
+    config, base, _ = ours(workdir / name)
+    lora_config = LoraConfig(r=4, alpha=8.0, target_modules="all-linear", dtype="float32")
+    lora = init_lora_params(jax.random.key(7), ModelSpec(config, lora_config))
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape, x.dtype), lora)
+    save_peft_adapter(ours_dir, lora, lora_config, config)
+    arrays = {f"{c}/{k}": v for c in ("peft", "back") for k, v in (("input_ids", ids), ("attention_mask", mask))}
+    out = oracle.run("hf_models.py", arrays, {"cases": [
+        dict(name="peft", op="peft_random", dir=str(workdir / name), r=8, alpha=16, targets="all-linear", seed=3,
+             save_dir=str(peft_dir)),
+        dict(name="back", op="peft_load", dir=str(workdir / name), adapter_dir=str(ours_dir)),
+    ]})
+    # PEFT's adapter, loaded here: one adapter per linear layer, a fused one included.
+    peft_lora, peft_config = load_peft_adapter(peft_dir, config)
+    assert set(peft_config.target_modules) == set(layout.linear_layers(config))
+    got = run(config, base, ids, mask, peft_lora, peft_config)
+    np.testing.assert_allclose(valid(got, mask), valid(out["peft/logits"], mask), atol=2e-4, rtol=1e-4)
+    assert np.abs(valid(got, mask) - valid(hf[f"{name}/logits_f32"], mask)).max() > 1e-2  # the adapter matters
+    # Ours, loaded in PEFT.
+    np.testing.assert_allclose(valid(run(config, base, ids, mask, lora, lora_config), mask),
+                               valid(out["back/logits"], mask), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_merged_export_reloads_in_transformers(oracle, hf, workdir, inputs, name):
+    ids, mask = inputs
+    config, base, _ = ours(workdir / name)
+    lora_config = LoraConfig(r=4, alpha=8.0, dtype="float32")
+    lora = init_lora_params(jax.random.key(1), ModelSpec(config, lora_config))
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.ndim), x.shape, x.dtype), lora)
+    expected = run(config, base, ids, mask, lora, lora_config)
+    export_merged(workdir / f"{name}_merged", config, base, lora, lora_config, dtype="float32")
+    arrays = {"m/input_ids": ids, "m/attention_mask": mask}
+    out = oracle.run("hf_models.py", arrays, {"cases": [
+        dict(name="m", op="logits", dir=str(workdir / f"{name}_merged"))]})
+    np.testing.assert_allclose(valid(out["m/logits"], mask), valid(expected, mask), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_save_quantized_round_trip(hf, workdir, inputs, name):
+    """Our own checkpoint of a new family reads back byte for byte, config and adapters included."""
+    ids, mask = inputs
+    config, base, _ = ours(workdir / name, quant="nf4")
+    lora_config = LoraConfig(r=4, alpha=8.0, dtype="float32")
+    lora = init_lora_params(jax.random.key(2), ModelSpec(config, lora_config))
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.ndim), x.shape, x.dtype), lora)
+    save_quantized(workdir / f"{name}_orbax", base, config=config, lora=lora, lora_config=lora_config)
+    saved = load_quantized(workdir / f"{name}_orbax")
+    assert saved.config == config
+    for a, b in zip(jax.tree.leaves(saved.base), jax.tree.leaves(base), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(run(saved.config, saved.base, ids, mask, saved.lora, saved.lora_config),
+                                  run(config, base, ids, mask, lora, lora_config))
+
+
+def test_peft_module_names_match_peft(oracle):
+    """all-linear and named targets select PEFT's modules in each family (Phi-3: the fused ones)."""
+    targets = ["all-linear", ["o_proj", "down_proj"], r".*\.(qkv_proj|q_proj)"]
+    cases = [dict(name=name, op="peft_targets", model_type=model_type, config=config, targets=targets)
+             for name, (model_type, config) in MODELS.items()]
+    out = oracle.run("hf_models.py", {}, {"cases": cases})
+    for name, (model_type, config) in MODELS.items():
+        ours_config = LlamaConfig.from_hf_dict({"model_type": model_type, **config})
+        for i, target in enumerate(targets):
+            expected = sorted(out[f"{name}/matched_{i}"].tolist())
+            lora_config = LoraConfig(target_modules=target if isinstance(target, str) else tuple(target))
+            chosen = layout.lora_targets(lora_config, ours_config)
+            got = sorted(layout.hf_module(layer, n) for layer in range(ours_config.num_hidden_layers) for n in chosen)
+            assert got == expected, (name, target)
+
+
+def test_gemma3_default_layer_pattern_is_transformers(workdir, hf):
+    """Without layer_types (transformers 4 files), Gemma 3's layers are 5 local : 1 global."""
+    cfg = json.loads((workdir / "gemma3" / "config.json").read_text())
+    cfg.pop("layer_types")
+    cfg["num_hidden_layers"] = 12
+    config = LlamaConfig.from_hf_dict(cfg)
+    assert config.sliding_layers == tuple((i + 1) % 6 != 0 for i in range(12))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rope_parameters", {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}, "'yarn'"),
+    ("use_sliding_window", True, "use_sliding_window"),
+])
+def test_unsupported_setting_is_refused_by_name(workdir, hf, field, value, message):
+    cfg = json.loads((workdir / "qwen3" / "config.json").read_text())
+    cfg[field] = value
+    with pytest.raises((UnsupportedArchitectureError, ValueError), match=message):
+        read_config(cfg)
+
+
+def test_unknown_family_lists_the_supported_ones():
+    with pytest.raises(UnsupportedArchitectureError, match="gemma2.*phi3|phi3.*gemma2"):
+        read_config({"model_type": "falcon", "architectures": ["FalconForCausalLM"], "vocab_size": 8,
+                     "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1})
+
+
+def test_family_found_from_architectures_alone(workdir, hf):
+    cfg = json.loads((workdir / "phi3" / "config.json").read_text())
+    cfg.pop("model_type")
+    assert LlamaConfig.from_hf_dict(cfg).model_type == "phi3"
+
+
+def test_memory_presets_have_the_published_parameter_counts(oracle):
+    """gemma-2-9b, qwen3-8b and phi-3-mini: our tensor table counts what transformers builds."""
+    presets = {"gemma-2-9b": "gemma2", "qwen3-8b": "qwen3", "phi-3-mini": "phi3"}
+    cases = [dict(name=n, op="num_params", model_type=t, config={
+        k: v for k, v in KNOWN_MODELS[n].to_hf_dict().items() if k not in ("architectures", "model_type")})
+        for n, t in presets.items()]
+    out = oracle.run("hf_models.py", {}, {"cases": cases})
+    for name in presets:
+        assert KNOWN_MODELS[name].num_parameters() == int(out[f"{name}/count"]), name
+        plan = plan_memory(KNOWN_MODELS[name], seq_len=512, batch=1)
+        assert plan.device_peak_bytes > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen3", "gemma2", "phi3"])
+def test_finetune_recipe_runs_and_learns(oracle, tmp_path, name):
+    """The launcher's recipe on a new family: a random model with the embedded tokenizer trains,
+    evaluates, samples and saves (the finetune of ``make finetune ARGS=--model=<folder>``)."""
+    from helpers import small_finetune_config
+
+    from qlora_jax.finetune import run as run_finetune
+    from qlora_jax.model import load_tokenizer
+
+    tokenizer = load_tokenizer("embedded")
+    model_type, config = MODELS[name]
+    config = dict(config, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                  eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    folder = tmp_path / name
+    oracle.run("hf_models.py", {"m/input_ids": np.zeros((1, 2), np.int32)}, {"cases": [
+        dict(name="m", op="make_model", model_type=model_type, config=config, seed=5, dir=str(folder))]})
+    tokenizer.save(folder)
+    result = run_finetune(small_finetune_config(folder, tmp_path / "out", max_steps=12, eval_steps=6, save_steps=6),
+                          progress=False)
+    assert result.final_step == 12
+    assert result.final_eval_loss < result.first_eval_loss
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_synthetic_base_has_the_loaded_layout(hf, workdir, inputs, name):
+    """random_base (benchmarks, memory measurements) builds the same pytree the loader does, from the
+    same tensor table, and it runs."""
+    from qlora_jax.synthetic import random_base
+
+    config, loaded, _ = ours(workdir / name, quant="nf4")
+    synthetic = random_base(config, jax.random.key(0), dtype=jnp.float32)
+    assert jax.tree.structure(synthetic) == jax.tree.structure(loaded)
+    for a, b in zip(jax.tree.leaves(synthetic), jax.tree.leaves(loaded), strict=True):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype)
+    assert np.isfinite(run(config, synthetic, *inputs)).all()
