@@ -101,7 +101,8 @@ def build_nnx(spec, base, lora, *, stacked: bool):
             k = attn.k_proj(x).reshape(b, t, config.num_key_value_heads, config.head_dim)
             v = attn.v_proj(x).reshape(b, t, config.num_key_value_heads, config.head_dim)
             # The decoder's own attention, so that only the layer structure differs.
-            out = llama._attention(rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin), v, mask)
+            out = llama._attention(rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin), v, mask,
+                                   config.attention_scale, config.attn_logit_softcapping)
             h = h + attn.o_proj(out)
             x = llama.rms_norm(h, self.post_attention_layernorm[...], config.rms_norm_eps)
             return h + mlp.down_proj(jax.nn.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
@@ -121,7 +122,7 @@ def build_nnx(spec, base, lora, *, stacked: bool):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             inv_freq = rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling_dict)
             cos, sin = rope.rotary_cos_sin(positions, inv_freq)
-            mask = llama._attention_mask(config, None, b, t, t, jnp.zeros((), jnp.int32))
+            mask = llama._attention_mask(None, b, t, t, jnp.zeros((), jnp.int32), config.sliding_window)
             h = self.embed_tokens[...][ids].astype(dtype)
             if stacked:
                 # A functional scan over the stacked layer's state (nnx.scan cannot run on a module merged

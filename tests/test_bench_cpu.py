@@ -58,7 +58,11 @@ def test_bench_cpu_smoke_structure_and_step1_losses_agree(oracle, tmp_path):
         "avx2", "avx512f", "avx512_bf16", "amx_bf16"}
     assert out.startswith("CPU: ") and "ISA: avx2 " in out and "GEMM ceilings (256^3" in out
     assert set(report["pairs"]) == {"float32", "bfloat16", "best"}
-    from experiments.bench_cpu_vs_torch import SMOKE_CONFIG
+    # Read in a child process: importing the launcher here would define its absl flags in this
+    # test process, where another launcher's flags of the same name (--smoke) may follow.
+    SMOKE_CONFIG = json.loads(subprocess.run(  # noqa: N806
+        [sys.executable, "-c", "import json; from experiments.bench_cpu_vs_torch import SMOKE_CONFIG; "
+         "print(json.dumps(SMOKE_CONFIG))"], cwd=REPO, capture_output=True, text=True, check=True).stdout)
 
     tokens = report["batch"] * report["seq_len"]
     for key, pair in report["pairs"].items():

@@ -134,10 +134,11 @@ def test_only_auto_settings_may_degrade():
     fields = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
     degrading = {name for name, f in fields.items() if f.metadata["off"] is not None}
     assert degrading == {"mc_eval_file"} and fields["mc_eval_file"].metadata["off"] == "none"
-    # The other "auto" settings pick a value and cannot fail by themselves: the compute dtype, or
-    # the format of the user's own file (the data itself, nothing to go on without).
+    # The other "auto" settings pick a value and cannot fail by themselves: the compute dtype (from
+    # the hardware) and the adapters' dtype, or the format of the user's own file (the data itself,
+    # nothing to go on without).
     assert {name for name, f in fields.items() if f.default == settings.AUTO} - degrading == {
-        "lora_dtype", "dataset_format"}
+        "compute_dtype", "lora_dtype", "dataset_format"}
     with pytest.raises(TypeError, match="must be 'auto'"):
         settings.setting("chatterbot", "help", off="none")
     with pytest.raises(TypeError, match="lora_r is not a setting declared with off"):
