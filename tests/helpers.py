@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -90,6 +91,22 @@ def restore_targets(model_path: pathlib.Path, out: pathlib.Path, **overrides):
     optimizer, _ = steps.setup_optimizer(cfg)
     trainable, _ = steps.split_trainable(model)
     return trainable, optimizer.init(trainable)
+
+
+def assert_same_latest_checkpoint(run_a: pathlib.Path, run_b: pathlib.Path, targets, step: int) -> None:
+    """Both runs' latest checkpoint is ``step``, and it holds the same adapters and optimizer state,
+    bit for bit. ``targets``: what :func:`restore_targets` returns for the runs' settings."""
+    from qlora_jax.checkpointing import TrainCheckpointer
+
+    states = []
+    for run_dir in (run_a, run_b):
+        checkpointer = TrainCheckpointer(run_dir / "checkpoints")
+        states.append(checkpointer.restore(*targets, step=checkpointer.all_steps()[-1]))
+        checkpointer.close()
+    assert states[0].step == states[1].step == step
+    for got, want in zip(jax.tree.leaves((states[0].trainable, states[0].opt_state)),
+                         jax.tree.leaves((states[1].trainable, states[1].opt_state)), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 # A process that takes the run lock of argv[2] (loading run_lock.py alone: fast) and holds it.

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import hold_run_lock, restore_targets, small_finetune_config, train_losses
+from helpers import assert_same_latest_checkpoint, hold_run_lock, restore_targets, small_finetune_config, train_losses
 
 from qlora_jax.checkpointing import TrainCheckpointer
 from qlora_jax.finetune import FinetuneConfig, run
@@ -520,11 +520,4 @@ def test_kill_9_during_training_and_saves_then_resume_equals_an_uninterrupted_ru
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     assert checkpoints_restorable(out, targets) == checkpoints_restorable(reference, targets) == [8, 10]
     # The final checkpoints hold the same adapters and optimizer state, bit for bit.
-    states = []
-    for run_dir in (out, reference):
-        checkpointer = TrainCheckpointer(run_dir / "checkpoints")
-        states.append(checkpointer.restore(*targets, step=10))
-        checkpointer.close()
-    for got_leaf, want_leaf in zip(jax.tree.leaves((states[0].trainable, states[0].opt_state)),
-                                   jax.tree.leaves((states[1].trainable, states[1].opt_state)), strict=True):
-        np.testing.assert_array_equal(np.asarray(got_leaf), np.asarray(want_leaf))
+    assert_same_latest_checkpoint(out, reference, targets, step=10)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import restore_targets, train_losses
+from helpers import assert_same_latest_checkpoint, restore_targets, train_losses
 from helpers import small_finetune_config as small_config
 
 from qlora_jax.checkpointing import TrainCheckpointer
@@ -117,16 +117,7 @@ def test_resume_continues_exactly(tiny_model, tmp_path, caplog, quantizer_calls)
     for key in want_adapter:
         np.testing.assert_array_equal(got_adapter[key], want_adapter[key], err_msg=key)
     targets = restore_targets(tiny_model, split, **common)
-    states = []
-    for run_dir in (split, whole):
-        checkpointer = TrainCheckpointer(run_dir / "checkpoints")
-        latest = checkpointer.all_steps()[-1]
-        states.append(checkpointer.restore(*targets, step=latest))
-        checkpointer.close()
-    assert states[0].step == states[1].step == 7
-    for got_leaf, want_leaf in zip(jax.tree.leaves((states[0].trainable, states[0].opt_state)),
-                                   jax.tree.leaves((states[1].trainable, states[1].opt_state)), strict=True):
-        np.testing.assert_array_equal(np.asarray(got_leaf), np.asarray(want_leaf))
+    assert_same_latest_checkpoint(split, whole, targets, step=7)
 
 
 @pytest.mark.slow
