@@ -272,6 +272,29 @@ def test_command_prints_the_table_with_hf_numbers(workdir, reference, tmp_path, 
     assert list(tmp_path.rglob("samples_tiny_mc_*.jsonl"))  # --log_samples reached lm-eval
 
 
+def test_model_args_batch_size_wins_over_the_command_lines(workdir, reference, capsys):
+    """lm-eval's command line passes its own --batch_size (default 1) with every run: a batch_size
+    in --model_args must not collide with it ("multiple values") but be the one used."""
+    from experiments.lm_eval import main
+    from qlora_jax.eval.lm_eval_model import QLoraJaxLM
+
+    built = []
+    original = QLoraJaxLM._attach
+
+    def spy(self, *args, **kwargs):
+        built.append(self.batch_size_per_call)
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(QLoraJaxLM, "_attach", spy)
+        main(["--model_args", _model_args(workdir) + ",batch_size=3", "--tasks", "tiny_mc", "--include_path",
+              str(workdir["tasks"])])
+    assert built == [3]
+    table = capsys.readouterr().out
+    expected = reference["metrics"]["tiny_mc"]
+    assert any("tiny_mc" in r and f"{expected['acc,none']:.4f}" in r for r in table.splitlines()), table
+
+
 def test_unknown_task_is_a_clear_error(workdir):
     from experiments.lm_eval import UnknownTaskError, main
 

@@ -188,7 +188,8 @@ class QLoraJaxLM(TemplateLM):
             checkpoint's float32 model exactly).
         compute_dtype: "float32" or "bfloat16" (default: float32 on CPU, bfloat16 on accelerators).
         batch_size: rows per compiled call (default 16; with a mesh, a multiple of its
-            data-parallel size). ``--batch_size`` sets it too.
+            data-parallel size). ``--batch_size`` sets it too; the model_args value wins when
+            both are given.
         mesh: a device mesh such as ``fsdp=8`` or ``data=2;fsdp=4`` (``;`` between axes, since
             lm-eval splits model_args at commas).
         max_length: the longest row in tokens (default: the model's ``max_position_embeddings``).
@@ -251,6 +252,31 @@ class QLoraJaxLM(TemplateLM):
         self.pretrained, self.adapter = str(pretrained), adapter
         self._attach(model, tokenizer, max_length=max_length, max_gen_toks=max_gen_toks, seed=seed,
                      chat_template=chat_template)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any],
+                            additional_config: dict[str, Any] | None = None) -> QLoraJaxLM:
+        """lm-eval's constructor from ``--model_args`` (``arg_dict``) and its own options.
+
+        lm-eval's command line always passes its ``--batch_size`` (default 1), ``device`` and
+        ``max_batch_size`` beside the model_args; a key the user wrote in ``--model_args`` is the
+        explicit choice and wins over lm-eval's value (lm-eval's own would raise "multiple values").
+
+        Args:
+            arg_dict: the parsed ``--model_args``.
+            additional_config: lm-eval's options; None values are dropped, as lm-eval does.
+
+        Returns:
+            The model.
+        """
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str,
+                               additional_config: dict[str, Any] | None = None) -> QLoraJaxLM:
+        """As :meth:`create_from_arg_obj`, from ``"key=value,..."`` (lm-eval's parser)."""
+        return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
 
     def _attach(self, model: Any, tokenizer: Any, *, max_length: Any, max_gen_toks: Any, seed: Any,
                 chat_template: str | None) -> None:
