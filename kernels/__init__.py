@@ -14,13 +14,21 @@ Public API (see :mod:`qlora_jax.kernels.ops`):
 
 Every op takes ``backend`` in :data:`BACKENDS` (``"auto"``, ``"jax_triton"``, ``"pallas_triton"``,
 ``"mosaic"``, ``"xla"``) and ``interpret`` (run the kernels through their interpreters, e.g. on
-CPU). Kernels beside their pure-JAX ``reference``: :mod:`.jt_kernels` (Triton language) with
-:mod:`.jt_ops` (jax_triton calls, autotuning, the interpreter adapter); :mod:`.matmul_triton`,
-:mod:`.matmul_grad_triton`, :mod:`.dequantize_triton`, :mod:`.quantize_triton` (Pallas Triton);
-:mod:`.matmul_mosaic`, :mod:`.matmul_grad_mosaic` (Pallas Mosaic GPU). What each backend takes:
-:mod:`.support`; sharding: :mod:`.partitioning`; shared in-kernel pieces of the Pallas kernels:
-:mod:`.common`; their tiles: :mod:`.tiles`; the compile target: :mod:`.target`; lowering for
-CUDA without a GPU: :mod:`.lowering`; the benchmark harness: :mod:`.benchmark`.
+CPU). One file per operation and backend, each holding the kernel, its backward kernel where it
+has one, and its pure-JAX ``reference``:
+
+* :mod:`.ops`: the entry points above, the custom VJP of :func:`quantized_matmul` and the
+  backend choice;
+* Pallas Triton: :mod:`.matmul_triton` (forward and input gradient), :mod:`.dequantize_triton`,
+  :mod:`.quantize_triton`;
+* Pallas Mosaic GPU: :mod:`.matmul_mosaic` (forward and input gradient);
+* jax-triton: the subpackage :mod:`.jax_triton` (:mod:`.jax_triton.kernels` in the Triton
+  language, :mod:`.jax_triton.ops` their calls and autotuning, :mod:`.jax_triton.interpreter`).
+
+Shared by them: what each backend takes, :mod:`.support`; sharding, :mod:`.partitioning`; the
+in-kernel pieces of the Pallas kernels, :mod:`.common`; their tiles, :mod:`.tiles`; the compile
+target, :mod:`.target`; lowering for CUDA without a GPU, :mod:`.lowering`; the benchmark
+harness, :mod:`.benchmark`.
 """
 
 from qlora_jax.kernels.ops import (

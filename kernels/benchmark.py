@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from qlora_jax.kernels import matmul_grad_triton, matmul_triton, ops
+from qlora_jax.kernels import matmul_triton, ops
 from qlora_jax.kernels import tiles as tiles_lib
 
 from qlora_jax.quant import QuantizedTensor
@@ -219,7 +219,141 @@ def _triton_with_lookup(direction: str, m: int, n: int, k: int, lookup: str, int
         tiles = dataclasses.replace(tiles_lib.matmul_tiles(m, n, k, num_sms), lookup=lookup)
         return jax.jit(lambda a, q: matmul_triton.fused_matmul(a, q, tiles=tiles, interpret=interpret))
     tiles = dataclasses.replace(tiles_lib.matmul_grad_tiles(m, n, k, num_sms), lookup=lookup)
-    return jax.jit(lambda a, q: matmul_grad_triton.fused_matmul_grad(a, q, tiles=tiles, interpret=interpret))
+    return jax.jit(lambda a, q: matmul_triton.fused_matmul_grad(a, q, tiles=tiles, interpret=interpret))
+
+
+@dataclasses.dataclass
+class _Recorder:
+    """Times one implementation per :meth:`add` and keeps its record (the body of every row)."""
+
+    warmup: int
+    iters: int
+    timer: str
+    log: Callable[[str], None]
+    on_record: Callable[[list[BenchRecord]], None] | None
+    records: list[BenchRecord] = dataclasses.field(default_factory=list)
+
+    def add(self, op: str, shape: tuple[int, int], m: int | None, impl: str, fn: Callable[..., Any] | None,
+            args: tuple[Any, ...], bytes_moved: float, flops: float, check: Callable[[Any], str] | None = None,
+            torch_fn: Callable[[], Any] | None = None) -> None:
+        """Times ``fn(*args)`` (or ``torch_fn()``), checks its result, records and logs the row.
+
+        A failure is recorded in the row's note and does not stop the benchmark.
+        """
+        note = ""
+        try:
+            if torch_fn is not None:
+                seconds, method = _time_torch(torch_fn, warmup=self.warmup, iters=self.iters)
+            else:
+                seconds, method = time_jax(fn, *args, warmup=self.warmup, iters=self.iters, timer=self.timer)
+                if check is not None:
+                    note = check(fn(*args))
+            time_us = seconds * 1e6
+        except Exception as error:  # noqa: BLE001 - record the failure, keep benchmarking
+            time_us, method, note = None, self.timer, f"failed: {type(error).__name__}: {str(error)[:120]}"
+        record = BenchRecord(op, *shape, m, impl, time_us, method, bytes_moved, flops, note)
+        self.records.append(record)
+        self.log(format_table([record], header=False, ratios=False))
+        if self.on_record is not None:
+            self.on_record(self.records)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Weight:
+    """One benchmarked weight ``[N, K]``: bf16, its NF4 form (reference quantizer) and that dequantized."""
+
+    w: jax.Array
+    qt: QuantizedTensor
+    w_deq: jax.Array
+    q_bytes: float
+    bnb: _Bnb | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.w.shape)
+
+
+def _make_weight(key: jax.Array, n: int, k: int, blocksize: int, double_quant: bool, include_bnb: bool,
+                 log: Callable[[str], None]) -> _Weight:
+    """A random bf16 weight ``[N, K]`` drawn from ``key``, quantized to NF4, with bitsandbytes' if asked."""
+    w = (jax.random.normal(key, (n, k), jnp.float32) * 0.02).astype(jnp.bfloat16)
+    # The benchmark's weight comes from the reference quantizer: a failing kernel must only fail
+    # its own row, not the set-up.
+    qt = ops.quantize_fused(w, "nf4", blocksize=blocksize, double_quant=double_quant, backend="xla")
+    w_deq = ops.dequantize_fused(qt, jnp.bfloat16, backend="xla")
+    bnb = None
+    if include_bnb:
+        try:
+            bnb = _Bnb(w, blocksize, double_quant)
+        except Exception as error:  # noqa: BLE001 - bitsandbytes is optional
+            log(f"[{n}x{k}] bitsandbytes not benchmarked: {type(error).__name__}: {error}")
+    return _Weight(w, qt, w_deq, nf4_weight_bytes(n, k, blocksize, double_quant), bnb)
+
+
+def _bench_quantize(rec: _Recorder, weight: _Weight, backends: Sequence[str], *, blocksize: int,
+                    double_quant: bool, interpret: bool) -> None:
+    """Rows of the quantize and dequantize kernels per backend, XLA and bitsandbytes on ``weight``."""
+    n, k = weight.shape
+
+    def quantizer(backend: str) -> Callable[[jax.Array], QuantizedTensor]:
+        return jax.jit(lambda w: ops.quantize_fused(w, "nf4", blocksize=blocksize, double_quant=double_quant,
+                                                    backend=backend, interpret=interpret, check_finite=False))
+
+    def dequantizer(backend: str) -> Callable[[QuantizedTensor], jax.Array]:
+        return jax.jit(lambda q: ops.dequantize_fused(q, jnp.bfloat16, backend=backend, interpret=interpret))
+
+    quant_xla, deq_xla = quantizer("xla"), dequantizer("xla")
+    bytes_q = n * k * 2 + weight.q_bytes
+    for backend in backends:
+        rec.add("quantize", (n, k), None, f"ours {backend}", quantizer(backend), (weight.w,), bytes_q, 0,
+                check=_same_bytes(quant_xla(weight.w)))
+        rec.add("dequantize", (n, k), None, f"ours {backend}", dequantizer(backend), (weight.qt,), bytes_q, 0,
+                check=_close_to(weight.w_deq))
+    rec.add("quantize", (n, k), None, "xla", quant_xla, (weight.w,), bytes_q, 0)
+    rec.add("dequantize", (n, k), None, "xla", deq_xla, (weight.qt,), bytes_q, 0)
+    if weight.bnb is not None:
+        rec.add("quantize", (n, k), None, "bitsandbytes", None, (), bytes_q, 0, torch_fn=weight.bnb.quantize())
+        rec.add("dequantize", (n, k), None, "bitsandbytes", None, (), bytes_q, 0, torch_fn=weight.bnb.dequantize())
+
+
+def _entry_point(direction: str, backend: str, interpret: bool) -> Callable[[jax.Array, QuantizedTensor], jax.Array]:
+    """``quantized_matmul`` (forward) or ``quantized_matmul_grad`` (input gradient) with ``backend``, jitted."""
+    fn = ops.quantized_matmul if direction == "forward" else ops.quantized_matmul_grad
+    return jax.jit(lambda a, q: fn(a, q, backend=backend, interpret=interpret))
+
+
+def _bench_matmul(rec: _Recorder, weight: _Weight, direction: str, m: int, a: jax.Array,
+                  backends: Sequence[str], interpret: bool) -> None:
+    """Rows of one direction at M rows: bf16 dot, XLA, each backend of ours, bitsandbytes."""
+    n, k = weight.shape
+    out = n if direction == "forward" else k
+    flops = 2.0 * m * n * k
+    act_bytes = a.size * 2 + m * out * 2
+    dot_bf16 = jax.jit((lambda a, w: a @ w.T) if direction == "forward" else (lambda a, w: a @ w))
+    xla = _entry_point(direction, "xla", False)
+    reference = xla(a, weight.qt)
+    rec.add(direction, (n, k), m, "jnp.dot bf16", dot_bf16, (a, weight.w_deq), act_bytes + n * k * 2, flops)
+    rec.add(direction, (n, k), m, "xla dequant+dot", xla, (a, weight.qt), act_bytes + weight.q_bytes, flops)
+    for backend in backends:
+        if backend == "mosaic" and interpret and m > 64:
+            continue  # the Mosaic GPU interpreter is too slow for big tiles on CPU
+        op_name = "matmul" if direction == "forward" else "matmul_grad"
+        chosen, _ = ops.resolve_backend(op_name, weight.qt, dtype=a.dtype, m=m, backend=backend, interpret=interpret)
+        label = f"ours {backend}" + (f"->{chosen}" if chosen != backend else "")
+        rec.add(direction, (n, k), m, label, _entry_point(direction, backend, interpret), (a, weight.qt),
+                act_bytes + weight.q_bytes, flops, check=_close_to(reference))
+        if backend == "pallas_triton" and chosen == "pallas_triton":
+            # The other code lookup (select tree instead of a table gather), same tiles.
+            ours = _triton_with_lookup(direction, m, n, k, "select", interpret)
+            rec.add(direction, (n, k), m, "ours pallas_triton lut=select", ours, (a, weight.qt),
+                    act_bytes + weight.q_bytes, flops, check=_close_to(reference))
+    if weight.bnb is not None:
+        ta = weight.bnb.tensor(a)
+        fn = weight.bnb.forward(ta) if direction == "forward" else weight.bnb.input_grad(ta)
+        rec.add(direction, (n, k), m, "bnb dequant+matmul", None, (), act_bytes + weight.q_bytes, flops, torch_fn=fn)
+        if direction == "forward" and m == 1:
+            rec.add(direction, (n, k), m, "bnb gemv_4bit", None, (), act_bytes + weight.q_bytes, flops,
+                    torch_fn=weight.bnb.gemv(ta))
 
 
 def run(
@@ -248,103 +382,21 @@ def run(
     """
     if timer == "cupti" and not _on_gpu():
         timer = "wall"
-    records: list[BenchRecord] = []
+    rec = _Recorder(warmup, iters, timer, log, on_record)
     key = jax.random.key(seed)
     for n, k in shapes:
         key, wkey = jax.random.split(key)
-        w = (jax.random.normal(wkey, (n, k), jnp.float32) * 0.02).astype(jnp.bfloat16)
-        # The benchmark's weight comes from the reference quantizer: a failing kernel must only
-        # fail its own row, not the set-up.
-        qt = ops.quantize_fused(w, "nf4", blocksize=blocksize, double_quant=double_quant, backend="xla")
-        w_deq = ops.dequantize_fused(qt, jnp.bfloat16, backend="xla")
-        q_bytes = nf4_weight_bytes(n, k, blocksize, double_quant)
-        bnb = None
-        if include_bnb:
-            try:
-                bnb = _Bnb(w, blocksize, double_quant)
-            except Exception as error:  # noqa: BLE001 - bitsandbytes is optional
-                log(f"[{n}x{k}] bitsandbytes not benchmarked: {type(error).__name__}: {error}")
-
-        def add(op, m, impl, fn, args, bytes_moved, flops, check=None, torch_fn=None, n=n, k=k):
-            note = ""
-            try:
-                if torch_fn is not None:
-                    seconds, method = _time_torch(torch_fn, warmup=warmup, iters=iters)
-                else:
-                    seconds, method = time_jax(fn, *args, warmup=warmup, iters=iters, timer=timer)
-                    if check is not None:
-                        note = check(fn(*args))
-                time_us = seconds * 1e6
-            except Exception as error:  # noqa: BLE001 - record the failure, keep benchmarking
-                time_us, method, note = None, timer, f"failed: {type(error).__name__}: {str(error)[:120]}"
-            record = BenchRecord(op, n, k, m, impl, time_us, method, bytes_moved, flops, note)
-            records.append(record)
-            log(format_table([record], header=False, ratios=False))
-            if on_record is not None:
-                on_record(records)
-
-        kernels_here = interpret or _on_gpu()
-        if include_quantize and kernels_here:
-            quant_xla = jax.jit(lambda w: ops.quantize_fused(w, "nf4", blocksize=blocksize, double_quant=double_quant,
-                                                             backend="xla", check_finite=False))
-            deq_xla = jax.jit(lambda q: ops.dequantize_fused(q, jnp.bfloat16, backend="xla"))
-            bytes_q = n * k * 2 + q_bytes
-            for backend in quantize_backends:
-                quant = jax.jit(lambda w, b=backend: ops.quantize_fused(
-                    w, "nf4", blocksize=blocksize, double_quant=double_quant, backend=b, interpret=interpret,
-                    check_finite=False))
-                deq = jax.jit(lambda q, b=backend: ops.dequantize_fused(q, jnp.bfloat16, backend=b,
-                                                                        interpret=interpret))
-                add("quantize", None, f"ours {backend}", quant, (w,), bytes_q, 0, check=_same_bytes(quant_xla(w)))
-                add("dequantize", None, f"ours {backend}", deq, (qt,), bytes_q, 0, check=_close_to(w_deq))
-            add("quantize", None, "xla", quant_xla, (w,), bytes_q, 0)
-            add("dequantize", None, "xla", deq_xla, (qt,), bytes_q, 0)
-            if bnb is not None:
-                add("quantize", None, "bitsandbytes", None, (), bytes_q, 0, torch_fn=bnb.quantize())
-                add("dequantize", None, "bitsandbytes", None, (), bytes_q, 0, torch_fn=bnb.dequantize())
-
+        weight = _make_weight(wkey, n, k, blocksize, double_quant, include_bnb, log)
+        if include_quantize and (interpret or _on_gpu()):
+            _bench_quantize(rec, weight, quantize_backends, blocksize=blocksize, double_quant=double_quant,
+                            interpret=interpret)
         for m in ms:
             key, xkey = jax.random.split(key)
-            flops = 2.0 * m * n * k
             for direction in directions:
-                red, out = (k, n) if direction == "forward" else (n, k)
+                red = k if direction == "forward" else n
                 a = jax.random.normal(xkey, (m, red), jnp.float32).astype(jnp.bfloat16)
-                act_bytes = m * red * 2 + m * out * 2
-                if direction == "forward":
-                    dot_bf16 = jax.jit(lambda a, w: a @ w.T)
-                    xla = jax.jit(lambda a, q: ops.quantized_matmul(a, q, backend="xla"))
-                else:
-                    dot_bf16 = jax.jit(lambda a, w: a @ w)
-                    xla = jax.jit(lambda a, q: ops.quantized_matmul_grad(a, q, backend="xla"))
-                reference = xla(a, qt)
-                add(direction, m, "jnp.dot bf16", dot_bf16, (a, w_deq), act_bytes + n * k * 2, flops)
-                add(direction, m, "xla dequant+dot", xla, (a, qt), act_bytes + q_bytes, flops)
-                for backend in backends:
-                    if backend == "mosaic" and interpret and m > 64:
-                        continue  # the Mosaic GPU interpreter is too slow for big tiles on CPU
-                    op_name = "matmul" if direction == "forward" else "matmul_grad"
-                    chosen, _ = ops.resolve_backend(op_name, qt, dtype=a.dtype, m=m, backend=backend,
-                                                    interpret=interpret)
-                    if direction == "forward":
-                        ours = jax.jit(lambda a, q, b=backend: ops.quantized_matmul(a, q, backend=b,
-                                                                                      interpret=interpret))
-                    else:
-                        ours = jax.jit(lambda a, q, b=backend: ops.quantized_matmul_grad(a, q, backend=b,
-                                                                                       interpret=interpret))
-                    label = f"ours {backend}" + (f"->{chosen}" if chosen != backend else "")
-                    add(direction, m, label, ours, (a, qt), act_bytes + q_bytes, flops, check=_close_to(reference))
-                    if backend == "pallas_triton" and chosen == "pallas_triton":
-                        # The other code lookup (select tree instead of a table gather), same tiles.
-                        ours = _triton_with_lookup(direction, m, n, k, "select", interpret)
-                        add(direction, m, "ours pallas_triton lut=select", ours, (a, qt), act_bytes + q_bytes, flops,
-                            check=_close_to(reference))
-                if bnb is not None:
-                    ta = bnb.tensor(a)
-                    fn = bnb.forward(ta) if direction == "forward" else bnb.input_grad(ta)
-                    add(direction, m, "bnb dequant+matmul", None, (), act_bytes + q_bytes, flops, torch_fn=fn)
-                    if direction == "forward" and m == 1:
-                        add(direction, m, "bnb gemv_4bit", None, (), act_bytes + q_bytes, flops, torch_fn=bnb.gemv(ta))
-    return records
+                _bench_matmul(rec, weight, direction, m, a, backends, interpret)
+    return rec.records
 
 
 def _fmt(value: float | None, spec: str) -> str:

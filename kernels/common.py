@@ -32,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from qlora_jax.quant import codebooks
@@ -48,11 +49,14 @@ __all__ = [
     "exact_reciprocal",
     "weight_operands",
     "unpack_weight_refs",
+    "load_codes",
+    "block_columns",
     "decode_block_scales",
     "dequantize_packed_tile",
     "pow2_floor",
     "pow2_ceil",
     "largest_pow2_divisor",
+    "triton_call",
 ]
 
 # 4-bit types whose 16-entry table the kernels look up (int8 goes through XLA).
@@ -141,6 +145,24 @@ def unpack_weight_refs(refs: Any, double_quant: bool) -> tuple[Any, ScaleRefs, A
         return codes, ScaleRefs(scales, nested, offset, dyn), table
     codes, scales, table = refs[:3]
     return codes, ScaleRefs(scales), table
+
+
+def load_codes(codes_ref: Any, row0: Any, rows: int, col0: Any, cols: int, row_mask: jax.Array) -> jax.Array:
+    """The packed codes of the weight tile ``W[row0:row0 + rows, col0:col0 + cols]``: uint8
+    ``[rows, cols // 2]``, rows outside ``row_mask`` read as 0."""
+    return plt.load(
+        codes_ref.at[pl.ds(row0, rows), pl.ds(pl.multiple_of(col0 // 2, cols // 2), cols // 2)],
+        mask=row_mask[:, None],
+        other=0,
+    )
+
+
+def block_columns(col0: Any, cols: int, blocksize: int) -> Any:
+    """The quantization-block column(s) of a tile ``cols`` wide from column ``col0``: a scalar
+    when the tile lies inside one block, else int32 ``[cols // blocksize]`` (whole blocks)."""
+    if cols <= blocksize:
+        return col0 // blocksize
+    return col0 // blocksize + jnp.arange(cols // blocksize, dtype=jnp.int32)
 
 
 def decode_block_scales(
@@ -242,3 +264,38 @@ def largest_pow2_divisor(x: int, cap: int) -> int:
     while d * 2 <= cap and x % (d * 2) == 0:
         d *= 2
     return d
+
+
+def triton_call(
+    kernel: Any,
+    inputs: list[jax.Array],
+    out_shape: Any,
+    *,
+    grid: tuple[int, ...],
+    num_warps: int,
+    num_stages: int,
+    interpret: bool,
+    name: str,
+    poison: tuple[Any, ...] | None = None,
+) -> Any:
+    """``pl.pallas_call`` of ``kernel`` on the Triton backend over ``grid``.
+
+    ``poison`` (one fill value per output, tests) appends each output's buffer filled with that
+    value to the inputs and aliases it to the output, so that a tile the kernel fails to write
+    shows up instead of stale memory; the kernel then receives those buffers after ``inputs``.
+    """
+    inputs = list(inputs)
+    aliases = {}
+    if poison is not None:
+        for index, (shape, fill) in enumerate(zip(jax.tree.leaves(out_shape), poison, strict=True)):
+            inputs.append(jnp.full(shape.shape, fill, shape.dtype))
+            aliases[len(inputs) - 1] = index
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=grid,
+        input_output_aliases=aliases,
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=name,
+    )(*inputs)

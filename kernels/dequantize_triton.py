@@ -41,17 +41,10 @@ def _kernel(*refs, n: int, k: int, tiles: DequantTiles, blocksize: int, nested_b
     rows = pid_r * br + jnp.arange(br, dtype=jnp.int32)
     mask = rows < n
     c0 = pl.multiple_of(pid_c * bc, bc)
-    packed = plt.load(
-        codes_ref.at[pl.ds(pid_r * br, br), pl.ds(pl.multiple_of(c0 // 2, bc // 2), bc // 2)],
-        mask=mask[:, None],
-        other=0,
-    )
-    if bc <= blocksize:
-        block_col = c0 // blocksize
-    else:
-        block_col = c0 // blocksize + jnp.arange(bc // blocksize, dtype=jnp.int32)
+    packed = common.load_codes(codes_ref, pid_r * br, br, c0, bc, mask)
     scale = common.decode_block_scales(
-        scale_refs, jnp.minimum(rows, n - 1), mask, block_col, blocks_per_row=k // blocksize,
+        scale_refs, jnp.minimum(rows, n - 1), mask, common.block_columns(c0, bc, blocksize),
+        blocks_per_row=k // blocksize,
         nested_blocksize=nested_blocksize, interpret=interpret,
     )
     values = common.dequantize_packed_tile(packed, scale, table_ref, out_dtype, table_values=table_values,
@@ -92,23 +85,14 @@ def dequantize_kernel(
         nested_scales=qt.nested_scales, offset=qt.offset, shape=(n, k), dtype=qt.dtype,
         quant_type=qt.quant_type, blocksize=qt.blocksize, nested_blocksize=qt.nested_blocksize,
     )
-    inputs = common.weight_operands(flat)
-    aliases = {}
-    if debug_poison_output:
-        inputs.append(jnp.full((n, k), jnp.nan, out_dtype))
-        aliases = {len(inputs) - 1: 0}
     kernel = functools.partial(
         _kernel, n=n, k=k, tiles=tiles, blocksize=qt.blocksize, nested_blocksize=qt.nested_blocksize,
         double_quant=qt.double_quant, out_dtype=out_dtype, interpret=interpret,
         table_values=codebooks.codebook(qt.quant_type),
     )
-    out = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((n, k), out_dtype),
-        grid=(pl.cdiv(n, tiles.block_rows), k // tiles.block_cols),
-        input_output_aliases=aliases,
-        compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=1),
-        interpret=interpret,
-        name="qlora_dequantize_4bit",
-    )(*inputs)
+    out = common.triton_call(
+        kernel, common.weight_operands(flat), jax.ShapeDtypeStruct((n, k), out_dtype),
+        grid=(pl.cdiv(n, tiles.block_rows), k // tiles.block_cols), num_warps=tiles.num_warps, num_stages=1,
+        interpret=interpret, name="qlora_dequantize_4bit", poison=(jnp.nan,) if debug_poison_output else None,
+    )
     return out.reshape(qt.shape)

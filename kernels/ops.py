@@ -2,8 +2,8 @@
 
 Backends (``backend=``):
 
-* ``"jax_triton"``: kernels written in the Triton language (:mod:`.jt_kernels`), called through
-  ``jax_triton.triton_call`` and autotuned per size class (:mod:`.jt_ops`); CUDA, compute
+* ``"jax_triton"``: kernels written in the Triton language (:mod:`.jax_triton.kernels`), called through
+  ``jax_triton.triton_call`` and autotuned per size class (:mod:`.jax_triton.ops`); CUDA, compute
   capability >= 8.0. Needs ``triton`` and ``jax-triton`` (the ``gpu`` extra).
 * ``"pallas_triton"``: the same algorithms as Pallas kernels on Pallas' Triton backend (which jax
   0.11 deprecates; kept until a GPU run shows whether to retire them).
@@ -50,7 +50,6 @@ import jax.numpy as jnp
 import numpy as np
 from qlora_jax.kernels import (
     dequantize_triton,
-    matmul_grad_triton,
     matmul_triton,
     partitioning,
     quantize_triton,
@@ -99,7 +98,7 @@ def jax_triton_missing() -> str | None:
         return f"{' and '.join(missing)} not installed (pip install 'qlora-jax[gpu]')"
     try:
         import jax_triton  # noqa: F401, PLC0415
-        from qlora_jax.kernels import jt_ops  # noqa: F401, PLC0415
+        from qlora_jax.kernels.jax_triton import ops as jt_ops  # noqa: F401, PLC0415
     except Exception as error:  # noqa: BLE001 - any import failure makes the backend unusable
         return f"jax_triton does not import: {type(error).__name__}: {error}"
     return None
@@ -233,20 +232,20 @@ class _MatmulKernel:
         n, k = qt.shape
         forward = self.direction == "forward"
         if self.backend == "jax_triton":
-            from qlora_jax.kernels import jt_ops  # noqa: PLC0415 - triton is optional
+            from qlora_jax.kernels.jax_triton import ops as jt_ops  # noqa: PLC0415 - triton is optional
 
             fn = jt_ops.fused_matmul if forward else jt_ops.fused_matmul_grad
             return fn(a, qt, interpret=self.interpret)
         if self.backend == "mosaic":
-            from qlora_jax.kernels import matmul_grad_mosaic, matmul_mosaic  # noqa: PLC0415
+            from qlora_jax.kernels import matmul_mosaic  # noqa: PLC0415
 
-            fn = matmul_mosaic.fused_matmul if forward else matmul_grad_mosaic.fused_matmul_grad
+            fn = matmul_mosaic.fused_matmul if forward else matmul_mosaic.fused_matmul_grad
             return fn(a, qt, interpret=self.interpret)
         if forward:
             tiles = tiles_lib.matmul_tiles(a.shape[0], n, k, self.num_sms)
             return matmul_triton.fused_matmul(a, qt, tiles=tiles, interpret=self.interpret)
         tiles = tiles_lib.matmul_grad_tiles(a.shape[0], n, k, self.num_sms)
-        return matmul_grad_triton.fused_matmul_grad(a, qt, tiles=tiles, interpret=self.interpret)
+        return matmul_triton.fused_matmul_grad(a, qt, tiles=tiles, interpret=self.interpret)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,7 +266,7 @@ def _forward(plan: _MatmulPlan, x: jax.Array, qt: QuantizedTensor) -> jax.Array:
 
 def _input_grad(plan: _MatmulPlan, dy: jax.Array, qt: QuantizedTensor) -> jax.Array:
     if plan.backward == "xla":
-        return matmul_grad_triton.reference(dy, qt)
+        return matmul_triton.reference_grad(dy, qt)
     kernel = _MatmulKernel("input_grad", plan.backward, plan.interpret, plan.num_sms)
     return partitioning.per_shard(kernel, dy, qt, direction="input_grad", tensor_parallel=plan.tensor_parallel)
 
@@ -440,7 +439,7 @@ def dequantize_fused(
     if chosen == "xla":
         return xla_dequantize(qweight, dtype)
     if chosen == "jax_triton":
-        from qlora_jax.kernels import jt_ops  # noqa: PLC0415 - triton is optional
+        from qlora_jax.kernels.jax_triton import ops as jt_ops  # noqa: PLC0415 - triton is optional
 
         return jt_ops.dequantize_kernel(qweight, jnp.dtype(dtype), interpret=interpret)
     return dequantize_triton.dequantize_kernel(qweight, jnp.dtype(dtype), interpret=interpret)
@@ -517,7 +516,7 @@ def quantize_fused(
                             nested_blocksize=nested_blocksize, bnb_backend="cuda", offset=offset, check_finite=False)
     _check_kernel_platform(chosen, interpret)
     if chosen == "jax_triton":
-        from qlora_jax.kernels import jt_ops  # noqa: PLC0415 - triton is optional
+        from qlora_jax.kernels.jax_triton import ops as jt_ops  # noqa: PLC0415 - triton is optional
 
         first_stage = jt_ops.quantize_blocks
     else:

@@ -31,12 +31,12 @@ from qlora_jax.kernels import common, support
 from qlora_jax.kernels.tiles import DequantTiles, quantize_tiles
 
 from qlora_jax.quant import QuantizedTensor, codebooks, double_quantize, quantize
+from qlora_jax.quant.blockwise import count_above
 from qlora_jax.quant.tensor import NESTED_BLOCKSIZE
 
-__all__ = ["quantize_kernel", "quantize_blocks", "assemble", "reference", "check_supported", "INPUT_DTYPES"]
+__all__ = ["quantize_blocks", "assemble", "reference", "check_supported", "INPUT_DTYPES"]
 
 INPUT_DTYPES = support.QUANTIZE_INPUT_DTYPES
-_NF4_MIDPOINTS = ((codebooks.NF4_CODE[:-1] + codebooks.NF4_CODE[1:]) / np.float32(2)).astype(np.float32)
 
 
 def reference(w: jax.Array, quant_type: str = "nf4", *, blocksize: int = 64, double_quant: bool = True,
@@ -46,19 +46,16 @@ def reference(w: jax.Array, quant_type: str = "nf4", *, blocksize: int = 64, dou
                     nested_blocksize=nested_blocksize, bnb_backend="cuda", check_finite=False)
 
 
-def _count_above(x: jax.Array, thresholds: np.ndarray) -> jax.Array:
-    count = jnp.zeros(x.shape, jnp.int32)
-    for t in thresholds:
-        count = count + (x > jnp.float32(t)).astype(jnp.int32)
-    return count
-
-
 def _encode(unit: jax.Array, quant_type: str, magnitude_ref: Any) -> jax.Array:
-    """int32 4-bit codes of values scaled to [-1, 1] (NaN -> 0), as bitsandbytes' CUDA kernel."""
+    """int32 4-bit codes of values scaled to [-1, 1] (NaN -> 0), as bitsandbytes' CUDA kernel.
+
+    :func:`qlora_jax.quant.blockwise.encode_4bit` with ``bnb_backend="cuda"``, except that FP4's
+    magnitude codes come through ``magnitude_ref`` (a kernel cannot capture an array constant).
+    """
     if quant_type == "nf4":
-        return _count_above(unit, _NF4_MIDPOINTS)
+        return count_above(unit, codebooks.NF4_CUDA_THRESHOLDS)
     sign = jnp.where(unit < 0, 8, 0).astype(jnp.int32)
-    magnitude = magnitude_ref[_count_above(jnp.abs(unit), codebooks.FP4_CUDA_THRESHOLDS)]
+    magnitude = magnitude_ref[count_above(jnp.abs(unit), codebooks.FP4_CUDA_THRESHOLDS)]
     return magnitude + sign
 
 
@@ -116,48 +113,18 @@ def quantize_blocks(
     if k % tiles.block_cols or tiles.block_cols % blocksize:
         raise ValueError(f"{tiles}: block_cols must divide K={k} and be a multiple of blocksize={blocksize}")
     out_shape = (jax.ShapeDtypeStruct((n, k // 2), jnp.uint8), jax.ShapeDtypeStruct((n, k // blocksize), jnp.float32))
-    inputs = [w.reshape(n, k), jnp.asarray(codebooks.FP4_CUDA_MAGNITUDE_CODES, jnp.int32)]
-    aliases = {}
-    if debug_poison_output:
-        inputs += [jnp.full((n, k // 2), 0xFF, jnp.uint8), jnp.full((n, k // blocksize), jnp.nan, jnp.float32)]
-        aliases = {2: 0, 3: 1}
 
     def kernel(w_ref, magnitude_ref, *refs):
         codes_ref, absmax_ref = refs[-2:]
         _kernel(w_ref, magnitude_ref, codes_ref, absmax_ref, n=n, tiles=tiles, blocksize=blocksize,
                 quant_type=quant_type, interpret=interpret)
 
-    codes, absmax = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(pl.cdiv(n, tiles.block_rows), k // tiles.block_cols),
-        input_output_aliases=aliases,
-        compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=1),
-        interpret=interpret,
-        name="qlora_quantize_4bit",
-    )(*inputs)
+    codes, absmax = common.triton_call(
+        kernel, [w.reshape(n, k), jnp.asarray(codebooks.FP4_CUDA_MAGNITUDE_CODES, jnp.int32)], out_shape,
+        grid=(pl.cdiv(n, tiles.block_rows), k // tiles.block_cols), num_warps=tiles.num_warps, num_stages=1,
+        interpret=interpret, name="qlora_quantize_4bit", poison=(0xFF, jnp.nan) if debug_poison_output else None,
+    )
     return codes.reshape(*w.shape[:-1], k // 2), absmax.reshape(*w.shape[:-1], k // blocksize)
-
-
-def quantize_kernel(
-    w: jax.Array,
-    quant_type: str = "nf4",
-    *,
-    blocksize: int = 64,
-    double_quant: bool = True,
-    nested_blocksize: int = NESTED_BLOCKSIZE,
-    offset: Any = None,
-    tiles: DequantTiles | None = None,
-    interpret: bool = False,
-) -> QuantizedTensor:
-    """``w[..., K]`` -> QuantizedTensor, the bytes of ``quantize(w, ..., bnb_backend="cuda")``.
-
-    ``offset`` overrides the double-quant mean, as in :func:`qlora_jax.quant.quantize`. Callable
-    under ``jit``; there the non-finite check cannot run (such blocks get NaN scales).
-    """
-    codes, absmax = quantize_blocks(w, quant_type, blocksize=blocksize, tiles=tiles, interpret=interpret)
-    return assemble(w, codes, absmax, quant_type, blocksize=blocksize, double_quant=double_quant,
-                    nested_blocksize=nested_blocksize, offset=offset)
 
 
 def assemble(w: jax.Array, codes: jax.Array, absmax: jax.Array, quant_type: str, *, blocksize: int,

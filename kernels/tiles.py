@@ -133,6 +133,30 @@ def reduction_split(tiles: int, m: int, red_steps: int, red_size: int, num_sms: 
     return split
 
 
+# Per size class: (block_m, num_warps, num_stages), the same in both directions; the forward's
+# (block_out over N, preferred K-step); the input gradient's (preferred K-tile, N-step).
+_CLASS_PROGRAM = {"decode": (16, 4, 4), "medium": (64, 4, 3), "prefill": (128, 8, 3)}
+_FORWARD_TILE = {"decode": (32, 256), "medium": (64, 128), "prefill": (128, 64)}
+_GRAD_TILE = {"decode": (128, 128), "medium": (128, 64), "prefill": (128, 64)}
+
+
+def _program(m: int) -> tuple[str, int, int, int]:
+    """``(size class, block_m, num_warps, num_stages)`` for ``m`` rows (32-row tiles up to M=32)."""
+    cls = size_class(m)
+    block_m, warps, stages = _CLASS_PROGRAM[cls]
+    if cls == "medium" and m <= 32:
+        block_m = 32
+    return cls, block_m, warps, stages
+
+
+def _k_tile(k: int, preferred: int) -> int:
+    """The largest power of two dividing K up to ``preferred``; at least 16 (``tl.dot``'s minimum)."""
+    tile = largest_pow2_divisor(k, preferred)
+    if tile < 16:
+        raise ValueError(f"K={k} has no power-of-two divisor >= 16: use the XLA path")
+    return tile
+
+
 def matmul_tiles(m: int, n: int, k: int, num_sms: int | None = None) -> MatmulTiles:
     """Tiles for ``y[M, N] = x[M, K] @ dequant(W[N, K]).T`` (the forward).
 
@@ -140,16 +164,9 @@ def matmul_tiles(m: int, n: int, k: int, num_sms: int | None = None) -> MatmulTi
     with any (power-of-two) quantization block: several steps per block or several blocks per step.
     """
     num_sms = num_sms or device_num_sms()
-    cls = size_class(m)
-    if cls == "decode":
-        block_m, block_out, preferred_k, warps, stages = 16, 32, 256, 4, 4
-    elif cls == "medium":
-        block_m, block_out, preferred_k, warps, stages = (32 if m <= 32 else 64), 64, 128, 4, 3
-    else:
-        block_m, block_out, preferred_k, warps, stages = 128, 128, 64, 8, 3
-    block_red = largest_pow2_divisor(k, preferred_k)
-    if block_red < 16:
-        raise ValueError(f"K={k} has no power-of-two divisor >= 16: use the XLA path")
+    cls, block_m, warps, stages = _program(m)
+    block_out, preferred_k = _FORWARD_TILE[cls]
+    block_red = _k_tile(k, preferred_k)
     block_out = min(block_out, max(16, pow2_ceil(n)))
     tiles = -(-m // block_m) * -(-n // block_out)
     split = reduction_split(tiles, m, k // block_red, k, num_sms)
@@ -159,16 +176,9 @@ def matmul_tiles(m: int, n: int, k: int, num_sms: int | None = None) -> MatmulTi
 def matmul_grad_tiles(m: int, n: int, k: int, num_sms: int | None = None) -> MatmulTiles:
     """Tiles for the input gradient ``dx[M, K] = dy[M, N] @ dequant(W[N, K])``."""
     num_sms = num_sms or device_num_sms()
-    cls = size_class(m)
-    if cls == "decode":
-        block_m, preferred_out, block_red, warps, stages = 16, 128, 128, 4, 4
-    elif cls == "medium":
-        block_m, preferred_out, block_red, warps, stages = (32 if m <= 32 else 64), 128, 64, 4, 3
-    else:
-        block_m, preferred_out, block_red, warps, stages = 128, 128, 64, 8, 3
-    block_out = largest_pow2_divisor(k, preferred_out)
-    if block_out < 16:
-        raise ValueError(f"K={k} has no power-of-two divisor >= 16: use the XLA path")
+    cls, block_m, warps, stages = _program(m)
+    preferred_out, block_red = _GRAD_TILE[cls]
+    block_out = _k_tile(k, preferred_out)
     block_red = min(block_red, max(16, pow2_ceil(n)))
     red_steps = -(-n // block_red)
     tiles = -(-m // block_m) * (k // block_out)

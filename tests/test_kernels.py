@@ -28,8 +28,6 @@ from kernel_refs import (
 )
 from qlora_jax.kernels import (
     dequantize_triton,
-    matmul_grad_mosaic,
-    matmul_grad_triton,
     matmul_mosaic,
     matmul_triton,
     quantize_triton,
@@ -69,7 +67,7 @@ def test_fused_matmul_grad_kernel_against_float64(rng, case):
     if tiles is not None:  # the same shapes, transposed roles: block_out tiles K, block_red steps N
         tiles = MatmulTiles(tiles.block_m, min(tiles.block_red * 2, 128), tiles.block_out, tiles.split,
                             lookup=tiles.lookup)
-    dx = matmul_grad_triton.fused_matmul_grad(dy, qt, tiles=tiles, interpret=True, debug_poison_output=True)
+    dx = matmul_triton.fused_matmul_grad(dy, qt, tiles=tiles, interpret=True, debug_poison_output=True)
     assert dx.dtype == jnp.dtype(dtype) and dx.shape == (m, k)
     assert_product_close(dx, dy, reference_values(qt, dtype), dtype)
 
@@ -263,7 +261,7 @@ def test_mosaic_gpu_kernel_in_its_interpreter(rng, m, n, k, bs, dq, tiles):
 def test_mosaic_gpu_grad_kernel_in_its_interpreter(rng, m, n, k, bs, dq):
     qt = quantize(weights(rng, (n, k)), "nf4", blocksize=bs, double_quant=dq)
     dy = activations(rng, (m, n), "bfloat16")
-    dx = mosaic_interpret_checked(lambda params: matmul_grad_mosaic.fused_matmul_grad(dy, qt, interpret=params))
+    dx = mosaic_interpret_checked(lambda params: matmul_mosaic.fused_matmul_grad(dy, qt, interpret=params))
     assert dx.dtype == jnp.bfloat16 and dx.shape == (m, k)
     assert_product_close(dx, dy, reference_values(qt, "bfloat16"), "bfloat16")
 

@@ -2,7 +2,7 @@
 float64 numpy; their real CUDA lowering (jax_triton compiles them to PTX, no GPU needed); and the
 fused kernels per shard on 8 simulated CPU devices and in the CUDA lowering of a sharded train step.
 
-The interpreter runs in a worker process started with TRITON_INTERPRET=1 (kernels/jt_interpreter.py);
+The interpreter runs in a worker process started with TRITON_INTERPRET=1 (kernels/jax_triton/interpreter.py);
 outputs start poisoned (NaN / 0xFF) so that an unwritten tile fails the comparison.
 """
 
@@ -24,7 +24,8 @@ from kernel_refs import (
     reference_values,
     weights,
 )
-from qlora_jax.kernels import jt_ops, lowering, support
+from qlora_jax.kernels import lowering, support
+from qlora_jax.kernels.jax_triton import ops as jt_ops
 from qlora_jax.kernels.tiles import DequantTiles, MatmulTiles
 
 from qlora_jax import kernels, synthetic

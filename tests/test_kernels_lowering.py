@@ -14,14 +14,12 @@ import jax.numpy as jnp
 import pytest
 from qlora_jax.kernels import (
     dequantize_triton,
-    jt_ops,
     lowering,
-    matmul_grad_mosaic,
-    matmul_grad_triton,
     matmul_mosaic,
     matmul_triton,
 )
 from qlora_jax.kernels import tiles as tiles_lib
+from qlora_jax.kernels.jax_triton import ops as jt_ops
 
 from qlora_jax import kernels
 from qlora_jax.quant import QuantizedTensor
@@ -50,7 +48,7 @@ def test_triton_matmul_and_grad_lower_for_h100(m, n, k):
     x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
     dy = jax.ShapeDtypeStruct((m, n), jnp.bfloat16)
     forward = lowering.export_for_cuda(lambda x, q: matmul_triton.fused_matmul(x, q), x, qt)
-    backward = lowering.export_for_cuda(lambda dy, q: matmul_grad_triton.fused_matmul_grad(dy, q), dy, qt)
+    backward = lowering.export_for_cuda(lambda dy, q: matmul_triton.fused_matmul_grad(dy, q), dy, qt)
     for exported in (forward, backward):
         assert lowering.TRITON_TARGET in lowering.custom_call_targets(exported)
         # Double-quant scales are decoded with an explicitly rounded product (no FMA).
@@ -77,7 +75,7 @@ def test_triton_kernels_lower_for_a100(quant_type, double_quant, blocksize):
         x = jax.ShapeDtypeStruct((m, 4096), jnp.float16)
         exported = lowering.export_for_cuda(lambda x, q: matmul_triton.fused_matmul(x, q), x, qt, device=lowering.A100)
         assert lowering.TRITON_TARGET in lowering.custom_call_targets(exported)
-        exported = lowering.export_for_cuda(lambda x, q: matmul_grad_triton.fused_matmul_grad(x, q), x, qt,
+        exported = lowering.export_for_cuda(lambda x, q: matmul_triton.fused_matmul_grad(x, q), x, qt,
                                             device=lowering.A100)
         assert lowering.TRITON_TARGET in lowering.custom_call_targets(exported)
 
@@ -120,7 +118,7 @@ def test_mosaic_gpu_matmul_lowers_for_h100(m, n, k, a_in_registers):
 def test_mosaic_gpu_grad_lowers_for_h100(m, n, k, blocksize):
     qt = abstract_weight(n, k, blocksize=blocksize)
     dy = jax.ShapeDtypeStruct((m, n), jnp.bfloat16)
-    exported = lowering.export_for_cuda(lambda dy, q: matmul_grad_mosaic.fused_matmul_grad(dy, q), dy, qt)
+    exported = lowering.export_for_cuda(lambda dy, q: matmul_mosaic.fused_matmul_grad(dy, q), dy, qt)
     assert lowering.MOSAIC_GPU_TARGET in lowering.custom_call_targets(exported)
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "pad_to_blocks",
     "block_absmax",
     "scale_to_unit",
+    "count_above",
     "encode_4bit",
     "encode_int8",
     "encode_dynamic8",
@@ -109,8 +110,19 @@ def scale_to_unit(blocks: jax.Array, absmax: jax.Array, bnb_backend: BnbBackend,
     return blocks * inv[:, None]
 
 
-def _count_above(x: jax.Array, thresholds: np.ndarray) -> jax.Array:
-    """Number of thresholds strictly below each x (0 for NaN): a branch-free sorted search."""
+def count_above(x: jax.Array, thresholds: np.ndarray) -> jax.Array:
+    """Number of thresholds strictly below each x (0 for NaN): a branch-free sorted search.
+
+    Unrolled into one comparison per threshold, so it also runs inside a Pallas kernel body (the
+    quantize kernels of :mod:`qlora_jax.kernels` encode with it).
+
+    Args:
+      x: float32 values, any shape.
+      thresholds: the sorted float32 decision thresholds (a host array, unrolled at trace time).
+
+    Returns:
+      int32 counts of ``x``'s shape, in ``[0, len(thresholds)]``.
+    """
     count = jnp.zeros(x.shape, jnp.int32)
     for t in thresholds:
         count = count + (x > jnp.float32(t)).astype(jnp.int32)
@@ -138,15 +150,15 @@ def encode_4bit(unit: jax.Array, quant_type: str, bnb_backend: BnbBackend) -> ja
     if quant_type == "nf4":
         # NF4 codes are sorted, and the CUDA decision tree's thresholds are these midpoints.
         midpoints = ((code[:-1] + code[1:]) / np.float32(2)).astype(np.float32)
-        return _count_above(unit, midpoints)
+        return count_above(unit, midpoints)
     if bnb_backend == "cpu":
         order = codebooks.FP4_CPU_SORT_ORDER
         ordered = code[order]
         midpoints = ((ordered[:-1] + ordered[1:]) / np.float32(2)).astype(np.float32)
-        return jnp.asarray(order)[_count_above(unit, midpoints)]
+        return jnp.asarray(order)[count_above(unit, midpoints)]
     sign = jnp.where(unit < 0, 8, 0).astype(jnp.int32)
     magnitude = jnp.asarray(codebooks.FP4_CUDA_MAGNITUDE_CODES)[
-        _count_above(jnp.abs(unit), codebooks.FP4_CUDA_THRESHOLDS)
+        count_above(jnp.abs(unit), codebooks.FP4_CUDA_THRESHOLDS)
     ]
     return magnitude + sign
 

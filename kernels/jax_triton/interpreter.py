@@ -9,7 +9,7 @@ and the meta-parameters as one pickle over a pipe, and gets the outputs back. In
 arrays are handed to the interpreter as :class:`HostTensor` (numpy buffers with the few tensor
 methods the interpreter calls), so no torch is needed: the Python 3.12 environment suffices.
 
-The worker imports only numpy, ml_dtypes and triton, and loads :mod:`.jt_kernels` by file path.
+The worker imports only numpy, ml_dtypes and triton, and loads :mod:`.kernels` by file path.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 
 __all__ = ["HostTensor", "InterpreterWorker", "run_interpreted"]
 
-_KERNELS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jt_kernels.py")
+_KERNELS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py")
 _TORCH_DTYPE_NAMES = {"bfloat16", "float16", "float32", "uint8", "int32", "int8"}
 
 
@@ -141,7 +141,7 @@ class InterpreterWorker:
     @classmethod
     def run(cls, name: str, inputs: list[np.ndarray], outputs: list[np.ndarray], grid: tuple[int, ...],
             meta: dict[str, Any]) -> list[np.ndarray]:
-        """The outputs of ``jt_kernels.<name>`` run by the interpreter (``outputs`` give their initial contents)."""
+        """The outputs of ``kernels.<name>`` run by the interpreter (``outputs`` give their initial contents)."""
         with cls._lock:
             process = cls._start()
             _send(process.stdin, (name, inputs, outputs, grid, meta))

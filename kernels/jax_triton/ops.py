@@ -1,4 +1,4 @@
-"""The ``jax_triton`` backend: the Triton-language kernels of :mod:`.jt_kernels`, called from JAX.
+"""The ``jax_triton`` backend: the Triton-language kernels of :mod:`.kernels`, called from JAX.
 
 On a CUDA GPU (or under an abstract one, for ``jax.export``) every call goes through
 :func:`jax_triton.triton_call`, which compiles the kernel with Triton at lowering time (TTIR ->
@@ -17,7 +17,7 @@ configuration. These lists are starting points chosen without a GPU (BENCHMARKS.
 
 ``interpret=True`` runs the same kernel source through Triton's interpreter on the host instead:
 a :func:`jax.pure_callback` sends the operands to a worker process started with
-``TRITON_INTERPRET=1`` (:mod:`.jt_interpreter`; Triton decides at import whether to interpret, so
+``TRITON_INTERPRET=1`` (:mod:`.interpreter`; Triton decides at import whether to interpret, so
 this process keeps compiling for jax_triton), with the first configuration of the list or the
 given ``tiles``.
 """
@@ -35,9 +35,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import triton
-from qlora_jax.kernels import common, jt_kernels, support
+from qlora_jax.kernels import common, support
 from qlora_jax.kernels import tiles as tiles_lib
-from qlora_jax.kernels.jt_interpreter import InterpreterWorker
+from qlora_jax.kernels.jax_triton import kernels as jt_kernels
+from qlora_jax.kernels.jax_triton.interpreter import InterpreterWorker
 from qlora_jax.kernels.target import current_target, triton_compute_capability
 
 from qlora_jax.quant import QuantizedTensor, codebooks

@@ -1,4 +1,4 @@
-"""The 4-bit kernels in the Triton language (``@triton.jit``), called from JAX by :mod:`.jt_ops`.
+"""The 4-bit kernels in the Triton language (``@triton.jit``), called from JAX by :mod:`.ops`.
 
 Weight layout (:mod:`qlora_jax.quant.tensor`, bitsandbytes' bytes): ``W[N, K]`` as ``codes``
 uint8 ``[N, K // 2]`` (element ``2j`` in the high nibble), ``scales`` ``[N, K // BLOCKSIZE]``
@@ -11,7 +11,7 @@ Exactness contract (the values of :func:`qlora_jax.quant.dequantize`, tested thr
 interpreter against float64 numpy):
 
 * the double-quant scale is ``round32(round32(dyn[q] * nested) + offset)``; the kernels are
-  compiled with ``enable_fp_fusion=False`` (:data:`qlora_jax.kernels.jt_ops.BACKEND_OPTIONS`) so
+  compiled with ``enable_fp_fusion=False`` (:data:`qlora_jax.kernels.jax_triton.ops.BACKEND_OPTIONS`) so
   that no multiply and add contract into an FMA;
 * a weight is ``round(round32(code * scale), dtype)``, rounded to nearest even (asked for
   explicitly: Triton's interpreter would otherwise truncate to bf16);
