@@ -16,6 +16,8 @@ import pathlib
 import numpy as np
 import pytest
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
 pytest.importorskip("lm_eval", reason="the lm-eval extra: pip install -r requirements/lm-eval.txt")
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -391,3 +393,31 @@ def test_bitsandbytes_4bit_checkpoint_matches_hf(oracle, workdir, tmp_path):
         assert greedy_flags(got, task) == greedy_flags(expected, task)
     assert got["metrics"]["tiny_mc"]["acc,none"] == expected["metrics"]["tiny_mc"]["acc,none"]
     assert got["metrics"]["tiny_mc"]["acc_norm,none"] == expected["metrics"]["tiny_mc"]["acc_norm,none"]
+
+
+def test_written_chatterbot_task_is_the_finetunes_held_out_task(tmp_path):
+    """``experiments.lm_eval_task`` writes the held-out reply-retrieval task: lm-eval's own task
+    loader, reading the YAML and its JSONL, sees exactly the questions, replies and answers of
+    :func:`qlora_jax.eval.chatterbot_task` for the finetune's default split."""
+    import subprocess
+    import sys
+
+    from lm_eval.tasks import TaskManager
+
+    from qlora_jax.eval import chatterbot_task
+    from qlora_jax.recipe.config import FinetuneConfig
+
+    out = subprocess.run([sys.executable, "-m", "experiments.lm_eval_task", f"--task_dir={tmp_path}",
+                          "--task_name=held_out_replies"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    defaults = FinetuneConfig()
+    expected = chatterbot_task(eval_dataset_size=defaults.eval_dataset_size, seed=defaults.seed,
+                               max_eval_samples=defaults.max_eval_samples).items
+    task = TaskManager(include_path=str(tmp_path)).load("held_out_replies")["tasks"]["held_out_replies"]
+    docs = list(task.test_docs())
+    assert len(docs) == len(expected) > 0
+    for doc, item in zip(docs, expected, strict=True):
+        assert task.doc_to_text(doc) == item.context
+        assert tuple(task.doc_to_choice(doc)) == item.choices
+        assert task.doc_to_target(doc) == item.answer
+    assert task.config.output_type == "multiple_choice" and task.config.target_delimiter == ""
