@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from qlora_jax.checkpoints.load import _Stacker, hf_global_key
+from qlora_jax.checkpoints.load import LayerStacker, hf_global_key
 from qlora_jax.checkpoints.validate import FLOAT_DTYPES
 from qlora_jax.lora import LoraConfig
 from qlora_jax.models import layout
@@ -253,7 +253,7 @@ def export_merged(
     np_dtype = jnp.dtype(dtype)
     scaling = jnp.float32(lora_config.scaling if lora_config is not None else 1.0)
     tensors: dict[str, np.ndarray] = {hf_global_key("embed_tokens"): _host(base["embed_tokens"], np_dtype)}
-    merged_stack = _Stacker(config.num_hidden_layers) if eval_batches is not None else None
+    merged_stack = LayerStacker(config.num_hidden_layers) if eval_batches is not None else None
     totals, layer_stats = np.zeros(6), []
     layers = base["layers"]
     linears = layout.linear_entries(base)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlora_jax.checkpoints.load import _Stacker
+from qlora_jax.checkpoints.load import LayerStacker
 from qlora_jax.models import layout
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.quant import quantize
@@ -18,7 +18,7 @@ from qlora_jax.quant import quantize
 def random_quantized_base(config: LlamaConfig, rng: np.random.Generator) -> dict:
     """A ``base`` pytree with random NF4+DQ linear weights (std 1/sqrt(in)) and bf16 embeddings (std 0.5)."""
     d = config.hidden_size
-    stacker = _Stacker(config.num_hidden_layers)
+    stacker = LayerStacker(config.num_hidden_layers)
     for layer in range(config.num_hidden_layers):
         for norm in layout.LAYER_NORMS:
             stacker.put(norm, layer, jnp.ones(d, jnp.bfloat16))

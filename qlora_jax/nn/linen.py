@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from qlora_jax.checkpoints.load import QuantConfig
 from qlora_jax.kernels import BACKENDS
 from qlora_jax.lora import LoraConfig, init_lora_pair
 from qlora_jax.nn.layers import DEFAULT_LORA, DEFAULT_QUANT, _adapter_dtype, _matrix_forward, pack_weight, weight_shape
@@ -42,7 +41,7 @@ from qlora_jax.nn.surgery import (
     ragged_blocks_reason,
     tree_nbytes,
 )
-from qlora_jax.quant import QuantizedTensor
+from qlora_jax.quant import QuantConfig, QuantizedTensor
 
 __all__ = ["FROZEN", "LORA", "QLoRADense", "apply_converted", "convert_params", "convert_variables", "qlora_module"]
 

@@ -39,7 +39,7 @@ from qlora_jax import assets
 from qlora_jax import data as data_lib
 from qlora_jax.checkpointing import TrainCheckpointer, load_step_meta, load_trainable
 from qlora_jax.checkpoints.base_cache import load_pretrained_cached
-from qlora_jax.checkpoints.load import QuantConfig, open_checkpoint, read_config
+from qlora_jax.checkpoints.load import open_checkpoint, read_config
 from qlora_jax.distributed import (
     axes_across_processes,
     make_mesh,
@@ -339,16 +339,15 @@ def setup_model(cfg: FinetuneConfig, mesh: jax.sharding.Mesh | None = None) -> t
     _check_model_settings(cfg)
     compute_dtype, why = choose_compute_dtype(cfg.compute_dtype)
     log.info("compute dtype %s: %s", compute_dtype, why)
-    kwargs = dict(quant=cfg.quant, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
-                  bnb_backend=cfg.bnb_backend, lora=None if cfg.full_finetune else cfg.lora_config(),
-                  full_finetune=cfg.full_finetune, compute_dtype=compute_dtype,
-                  remat=cfg.gradient_checkpointing, seed=cfg.seed)
-    if QuantConfig(cfg.quant).quantized:
+    quant = cfg.quant_config()
+    options = dict(lora=None if cfg.full_finetune else cfg.lora_config(), full_finetune=cfg.full_finetune,
+                   compute_dtype=compute_dtype, remat=cfg.gradient_checkpointing, seed=cfg.seed, mesh=mesh)
+    if quant.quantized:
         # The quantized base is written once per output directory (base/) and read back on resume:
         # no second quantization of the source checkpoint, the same bytes.
-        model, tokenizer, _ = load_pretrained_cached(cfg.output_dir, cfg.model, mesh=mesh, **kwargs)
+        model, tokenizer, _ = load_pretrained_cached(cfg.output_dir, cfg.model, quant, **options)
     else:
-        model, tokenizer = load_pretrained(cfg.model, mesh=mesh, **kwargs)
+        model, tokenizer = load_pretrained(cfg.model, quant, **options)
     if tokenizer is None:
         raise ConfigError(f"model={cfg.model!r}: has no tokenizer.json; a finetune needs one")
     log.info("%s", model.load_stats.summary())

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlora_jax.quant import dequantize, quantize
+from qlora_jax.quant import QuantConfig, dequantize, quantize
 from qlora_jax.quant.report import storage_report
 
 __all__ = [
@@ -159,7 +159,7 @@ def perplexity_table(model: str, conversations: int = 64, max_tokens: int = 256,
 
     results: dict[str, float] = {}
     for label, (quant, double_quant) in {"bf16": ("bf16", False), **DATA_TYPES}.items():
-        lm, tokenizer = load_pretrained(model, quant=quant, double_quant=double_quant, lora=None)
+        lm, tokenizer = load_pretrained(model, QuantConfig(quant, double_quant=double_quant), lora=None)
         sequences = _heldout_conversations(tokenizer, conversations, max_tokens)
         spec = ModelSpec(lm.config, None, compute_dtype="bfloat16")
         step = jax.jit(lambda frozen, b, spec=spec: loss_and_count(spec, None, frozen, b, None))
