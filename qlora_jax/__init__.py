@@ -2,7 +2,7 @@
 
 ``qlora_jax.load_pretrained(path, quant="nf4")`` (or ``quant=QuantConfig(...)``) gives a model
 and its tokenizer; every stage (``quant``, ``kernels``, ``models``, ``optim``, ``data``, ``train``,
-``checkpointing``, ``distributed``, ``recipe``) is importable on its own. The names below are
+``training_state``, ``distributed``, ``recipe``) is importable on its own. The names below are
 imported on first use, so that ``import qlora_jax.quant`` (numpy and jax only) does not pull in flax,
 safetensors or tokenizers.
 """

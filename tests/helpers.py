@@ -96,7 +96,7 @@ def restore_targets(model_path: pathlib.Path, out: pathlib.Path, **overrides):
 def assert_same_latest_checkpoint(run_a: pathlib.Path, run_b: pathlib.Path, targets, step: int) -> None:
     """Both runs' latest checkpoint is ``step``, and it holds the same adapters and optimizer state,
     bit for bit. ``targets``: what :func:`restore_targets` returns for the runs' settings."""
-    from qlora_jax.checkpointing import TrainCheckpointer
+    from qlora_jax.training_state import TrainCheckpointer
 
     states = []
     for run_dir in (run_a, run_b):

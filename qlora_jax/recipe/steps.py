@@ -37,7 +37,6 @@ import numpy as np
 
 from qlora_jax import assets
 from qlora_jax import data as data_lib
-from qlora_jax.checkpointing import TrainCheckpointer, load_step_meta, load_trainable
 from qlora_jax.checkpoints.base_cache import load_pretrained_cached
 from qlora_jax.checkpoints.load import open_checkpoint, read_config
 from qlora_jax.distributed import (
@@ -64,6 +63,7 @@ from qlora_jax.recipe.run_lock import RunLock
 from qlora_jax.recipe.settings import ConfigError, unavailable
 from qlora_jax.tokenizer import Tokenizer
 from qlora_jax.train import NonFiniteLossError, make_eval_step, make_train_step
+from qlora_jax.training_state import TrainCheckpointer, load_step_meta, load_trainable
 
 __all__ = [
     "FinetuneData", "FinetuneResult", "LoopResult", "MetricsLog", "TrainState", "TrainingCollapsedError",
@@ -710,7 +710,7 @@ def train_loop(
     ``mc_eval_steps`` (default ``eval_steps``) and at the end. ``monitor`` sees every step: the loop stops with
     :class:`~qlora_jax.train.NonFiniteLossError` or :class:`TrainingCollapsedError` when it says
     diverged, saves only while it says healthy and the state is finite, and keeps the checkpoints
-    it has proven good (see :class:`~qlora_jax.checkpointing.TrainCheckpointer`).
+    it has proven good (see :class:`~qlora_jax.training_state.TrainCheckpointer`).
     """
     from tqdm.auto import tqdm
 
