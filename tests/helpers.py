@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
 import pathlib
 
@@ -134,3 +136,77 @@ def hold_run_lock(directory: pathlib.Path):
         holder.kill()
         raise RuntimeError(f"the lock holder did not take the lock of {directory} (said {line!r})")
     return holder
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def first_party_file(module: str) -> str | None:
+    """The repository file (relative path) of a first-party module name, or None (third-party)."""
+    parts = module.split(".")
+    if parts[0] == "qlora_jax" and len(parts) > 1 and parts[1] in ("kernels", "experiments"):
+        parts = parts[1:]  # the top-level folders that ship inside the package
+    elif parts[0] not in ("qlora_jax", "kernels", "experiments", "helpers", "kernel_refs"):
+        return None
+    if parts[0] in ("helpers", "kernel_refs"):
+        parts = ["tests", *parts]
+    base = REPO.joinpath(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.exists():
+            return str(candidate.relative_to(REPO))
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstPartyImport:
+    """One first-party name an import statement loads: the dotted name (``a.b`` and ``a.b.c`` for
+    ``from a.b import c``), the file that defines it, the statement's line, and whether it sits
+    under ``if TYPE_CHECKING:`` (annotations only: never run)."""
+
+    name: str
+    file: str
+    line: int
+    type_checking: bool
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def first_party_imports(path: str, text: str | None = None) -> list[FirstPartyImport]:
+    """Every first-party module the module at ``path`` (relative to the repository) imports, at
+    module level or inside functions: ``from a.b import c`` loads ``a.b`` and ``a.b.c``, the file
+    of a name being that of its deepest first-party prefix (``a.b``'s when ``c`` is not a module).
+    ``text``: the module's source, if not the file's."""
+    tree = ast.parse((REPO / path).read_text() if text is None else text)
+    package = ".".join(pathlib.Path(path).with_suffix("").parts[:-1])
+    found: list[FirstPartyImport] = []
+
+    def visit(node: ast.AST, type_checking: bool) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.body:
+                visit(child, True)
+            for child in node.orelse:
+                visit(child, type_checking)
+            return
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                module = ".".join(filter(None, [*base, module]))
+            names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+        for name in names:
+            for end in range(name.count(".") + 1, 0, -1):  # the deepest first-party prefix
+                file = first_party_file(".".join(name.split(".")[:end]))
+                if file is not None:
+                    found.append(FirstPartyImport(name, file, node.lineno, type_checking))
+                    break
+        for child in ast.iter_child_nodes(node):
+            visit(child, type_checking)
+
+    visit(tree, False)
+    return found
