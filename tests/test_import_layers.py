@@ -225,9 +225,6 @@ LONG_FUNCTIONS: dict[str, str] = {
     "qlora_jax/optim/adam8bit.py::scale_by_adam_8bit": "optax style: init and update closures inside",
     "qlora_jax/optim/offload.py::offload_state": "optax style: init and update closures inside",
     "qlora_jax/optim/streaming.py::update_pieces": "the streamed update's loop with its prefetch",
-    "qlora_jax/quant/bnb_format.py::from_bnb_state_dict": "every bitsandbytes state field checked in turn",
-    "qlora_jax/merge.py::export_merged": "merge, measure, decide and write in one",
-    "qlora_jax/recipe/steps.py::train_loop": "compile detection, throughput, health, evaluation, saving",
 }
 
 
