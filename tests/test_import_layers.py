@@ -222,7 +222,6 @@ LONG_FUNCTIONS: dict[str, str] = {
     "experiments/custom_model.py::run": "the worked example, read top to bottom",
     "qlora_jax/optim/adam8bit.py::scale_by_adam_8bit": "optax style: init and update closures inside",
     "qlora_jax/optim/offload.py::offload_state": "optax style: init and update closures inside",
-    "qlora_jax/optim/streaming.py::update_pieces": "the streamed update's loop with its prefetch",
 }
 
 
