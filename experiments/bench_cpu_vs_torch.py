@@ -230,10 +230,11 @@ class OurWorker:
         from qlora_jax.lora import LoraConfig
         from qlora_jax.model import load_pretrained
         from qlora_jax.optim import jit_train_step, make_optimizer
+        from qlora_jax.quant import QuantConfig
         from qlora_jax.train import make_train_step
 
         started = time.perf_counter()
-        model, _ = load_pretrained(model_dir, "nf4", True, bnb_backend="cpu", compute_dtype=compute_dtype,
+        model, _ = load_pretrained(model_dir, QuantConfig("nf4", bnb_backend="cpu"), compute_dtype=compute_dtype,
                                    remat=True, lora=LoraConfig(r=lora_r, alpha=lora_alpha, dropout=0.0))
         self.base, self.lora = model.base_params, model.lora_params
         optimizer = make_optimizer("paged_adamw_32bit", learning_rate=2e-4, max_grad_norm=0.3)

@@ -48,10 +48,11 @@ def _child() -> None:
 
     from qlora_jax.checkpoints.orbax_format import save_quantized
     from qlora_jax.model import load_pretrained
+    from qlora_jax.quant import QuantConfig
 
     started = time.perf_counter()
     path = FLAGS.saved if FLAGS.child == "saved" else FLAGS.model
-    model, tokenizer = load_pretrained(path, quant=FLAGS.quant, double_quant=True, lora=None)
+    model, tokenizer = load_pretrained(path, QuantConfig(FLAGS.quant, double_quant=True), lora=None)
     jax.block_until_ready(model.base_params)
     load_seconds = time.perf_counter() - started
     ready = time.time() - FLAGS.spawned_at

@@ -111,10 +111,10 @@ def run(workdir: pathlib.Path) -> dict:
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    from qlora_jax.checkpoints.load import QuantConfig
     from qlora_jax.lora import LoraConfig
     from qlora_jax.nn import QLoRARule, apply_qlora
     from qlora_jax.optim import make_optimizer
+    from qlora_jax.quant import QuantConfig
 
     TinyLM = make_model_class()
     shutil.rmtree(workdir, ignore_errors=True)

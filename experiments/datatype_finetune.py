@@ -70,9 +70,9 @@ def _linear_bits_per_param(output_dir: pathlib.Path, cfg) -> float:
     (``base/``: codes, scales, nested scales, offsets); 8 x the element size for a 16/32-bit base."""
     import math
 
-    from qlora_jax.checkpoints.load import QuantConfig
     from qlora_jax.checkpoints.orbax_format import load_quantized
     from qlora_jax.models.layout import linear_entries
+    from qlora_jax.quant import QuantConfig
 
     if not QuantConfig(cfg.quant).quantized:
         return {"bf16": 16.0, "float16": 16.0, "float32": 32.0}[cfg.quant]

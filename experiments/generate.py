@@ -12,9 +12,11 @@ or re-quantizing the source checkpoint; ``--model``/``--quant``/... then only ne
 
 from __future__ import annotations
 
+import dataclasses
+
 from absl import flags, logging
 
-from qlora_jax.checkpoints.load import QUANT_MODES
+from qlora_jax.quant import QUANT_MODES, QuantConfig
 
 from . import cli
 
@@ -39,7 +41,7 @@ def main(argv: list[str]) -> None:
     from qlora_jax.generate import chat
     from qlora_jax.model import load_pretrained
 
-    model_path, quant, adapter = FLAGS.model, dict(quant=FLAGS.quant, double_quant=FLAGS.double_quant), None
+    model_path, quant, adapter = FLAGS.model, QuantConfig(FLAGS.quant, double_quant=FLAGS.double_quant), None
     if FLAGS.adapter:
         from qlora_jax.checkpoints.base_cache import find_run_adapter, source_name
         from qlora_jax.checkpoints.orbax_format import check_saved_base, read_manifest, read_saved_quantization
@@ -51,12 +53,12 @@ def main(argv: list[str]) -> None:
                 check_saved_base(saved_base, source=source_name(FLAGS.model))
             stored = read_saved_quantization(saved_base)
             model_path = saved_base
-            quant = dict(quant=FLAGS.quant if FLAGS["quant"].present else stored.quant,
-                         double_quant=FLAGS.double_quant if FLAGS["double_quant"].present else stored.double_quant,
-                         blocksize=stored.blocksize, dtype=stored.dtype)
+            quant = dataclasses.replace(
+                stored, quant=FLAGS.quant if FLAGS["quant"].present else stored.quant,
+                double_quant=FLAGS.double_quant if FLAGS["double_quant"].present else stored.double_quant)
             logging.info("starting from the run's saved base %s (saved from %s)", saved_base,
                             read_manifest(saved_base)["source"])
-    model, tokenizer = load_pretrained(model_path, **quant, lora=None, adapter=adapter, verbose=True)
+    model, tokenizer = load_pretrained(model_path, quant, lora=None, adapter=adapter, verbose=True)
     if tokenizer is None:
         raise SystemExit(f"{model_path} has no tokenizer: cannot turn prompts into tokens")
     key = jax.random.key(FLAGS.seed)

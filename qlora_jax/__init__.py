@@ -1,8 +1,8 @@
 """qlora-jax: QLoRA (4-bit NormalFloat base, double quantization, LoRA adapters) in JAX.
 
-``qlora_jax.load_pretrained(path, quant="nf4", double_quant=True)`` gives a model and its
-tokenizer; every stage (``quant``, ``kernels``, ``models``, ``optim``, ``data``, ``train``,
-``checkpointing``, ``distributed``, ``recipe``) is importable on its own. The names below are
+``qlora_jax.load_pretrained(path, quant="nf4")`` (or ``quant=QuantConfig(...)``) gives a model
+and its tokenizer; every stage (``quant``, ``kernels``, ``models``, ``optim``, ``data``, ``train``,
+``training_state``, ``distributed``, ``recipe``) is importable on its own. The names below are
 imported on first use, so that ``import qlora_jax.quant`` (numpy and jax only) does not pull in flax,
 safetensors or tokenizers.
 """
@@ -30,6 +30,7 @@ _LAZY = {
     "save_quantized": "qlora_jax.checkpoints.orbax_format",
     "ModelSpec": "qlora_jax.models.spec",
     "LoraConfig": "qlora_jax.lora",
+    "QuantConfig": "qlora_jax.quant",
     "QuantizationError": "qlora_jax.quant",
     "QuantizedTensor": "qlora_jax.quant",
     "dequantize": "qlora_jax.quant",

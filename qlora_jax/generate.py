@@ -19,7 +19,7 @@ import numpy as np
 from qlora_jax.models import llama
 from qlora_jax.models.spec import ModelSpec
 
-__all__ = ["SamplingConfig", "generate_tokens", "generate", "chat"]
+__all__ = ["SamplingConfig", "generate_padded", "generate_tokens", "generate", "chat"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +69,25 @@ def _sample(logits: jax.Array, key: jax.Array, temperature: float, top_p: float)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "sampling", "pad_id"))
-def _generate(spec, base, lora, prompt_ids, prompt_mask, key, *, sampling, pad_id):
+def generate_padded(spec: ModelSpec, base: dict[str, Any], lora: dict[str, Any] | None, prompt_ids: jax.Array,
+                    prompt_mask: jax.Array, key: jax.Array, *, sampling: SamplingConfig,
+                    pad_id: int) -> tuple[jax.Array, jax.Array]:
+    """Decodes a left-padded batch with a KV cache, in one compiled ``while_loop``.
+
+    Args:
+      spec: the model's :class:`~qlora_jax.models.spec.ModelSpec` (static).
+      base: the (quantized) base parameters' pytree.
+      lora: the adapters' pytree, or ``None`` for the base model alone.
+      prompt_ids: int32 ``[B, P]`` token ids, left-padded.
+      prompt_mask: int32 ``[B, P]``, 1 on prompt tokens, 0 on the left padding.
+      key: PRNG key for sampling (unused when greedy).
+      sampling: decoding settings (:class:`SamplingConfig`, static).
+      pad_id: token id written after a row stops (static).
+
+    Returns:
+      ``(tokens, done)``: int32 ``[B, max_new_tokens]`` generated ids (stop token included,
+      ``pad_id`` after it) and bool ``[B]``, whether each row reached a stop token.
+    """
     b, p = prompt_ids.shape
     total = p + sampling.max_new_tokens
     cache = llama.init_kv_cache(spec.config, b, total, jnp.dtype(spec.compute_dtype))
@@ -150,7 +168,8 @@ def generate_tokens(
         ids[i, longest - len(prompt):] = prompt
         mask[i, longest - len(prompt):] = 1
     key = jax.random.key(0) if key is None else key
-    out, _ = _generate(spec, base, lora, jnp.asarray(ids), jnp.asarray(mask), key, sampling=sampling, pad_id=pad_id)
+    out, _ = generate_padded(spec, base, lora, jnp.asarray(ids), jnp.asarray(mask), key, sampling=sampling,
+                             pad_id=pad_id)
     results = []
     stops = set(sampling.stop_token_ids)
     for row in np.asarray(out).tolist():

@@ -33,14 +33,14 @@ import json
 import logging
 import pathlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from qlora_jax.checkpoints.load import _Stacker, hf_global_key
+from qlora_jax.checkpoints.load import LayerStacker, hf_global_key
 from qlora_jax.checkpoints.validate import FLOAT_DTYPES
 from qlora_jax.lora import LoraConfig
 from qlora_jax.models import layout
@@ -176,12 +176,34 @@ def _round_to_export(w: jax.Array, quantize_to: str | None, dtype: str) -> tuple
     return qt, dequantize(qt, jnp.float32)
 
 
+class _MergeSums(NamedTuple):
+    """float64 sums over one layer's merged weight, or over all of them (see the module docstring):
+    E = R(W+ΔW) − R(W) and err = R(W+ΔW) − (W+ΔW), with R the export's rounding."""
+
+    finite: float  # 1 when every merged value is finite (per layer; a count over layers)
+    delta_sq: float  # ||ΔW||²
+    effect_sq: float  # ||E||²
+    effect_dot_delta: float  # <E, ΔW>
+    error_sq: float  # ||err||²
+    merged_sq: float  # ||W+ΔW||²
+
+    def plus(self, other: _MergeSums) -> _MergeSums:
+        """The field-wise sum (``+`` of a tuple would concatenate)."""
+        return _MergeSums(*(a + b for a, b in zip(self, other, strict=True)))
+
+    def ratios(self) -> tuple[float, float, float]:
+        """``(kept_fraction, kept_norm_ratio, error_ratio)`` of these sums."""
+        d = max(self.delta_sq, 1e-300)
+        return self.effect_dot_delta / d, float(np.sqrt(self.effect_sq / d)), float(np.sqrt(self.error_sq / d))
+
+
+_NO_SUMS = _MergeSums(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
 @functools.partial(jax.jit, static_argnames=("quantize_to", "dtype"))
 def _merge_layer(weight: Any, pair: Any, scaling: jax.Array, *, quantize_to: str | None, dtype: str):
-    """One layer's exported weight and float32 sums: [finite, ||ΔW||², ||E||², <E, ΔW>, ||err||², ||W+ΔW||²].
-
-    E = R(W+ΔW) − R(W), err = R(W+ΔW) − (W+ΔW), with R the export's rounding; one compiled
-    function per weight shape, rather than a compilation per operation and shape.
+    """One layer's exported weight and float32 sums, in :class:`_MergeSums`' order (one array, one
+    transfer); one compiled function per weight shape, rather than a compilation per operation and shape.
     """
     w = _dense(weight)
     delta = jnp.zeros_like(w) if pair is None else _delta(pair, scaling)
@@ -193,12 +215,6 @@ def _merge_layer(weight: Any, pair: Any, scaling: jax.Array, *, quantize_to: str
                       jnp.vdot(effect, effect), jnp.vdot(effect, delta), jnp.vdot(error, error),
                       jnp.vdot(merged, merged)])
     return stored, sums
-
-
-def _ratios(sums: np.ndarray) -> tuple[float, float, float]:
-    """(kept_fraction, kept_norm_ratio, error_ratio) from sums [||ΔW||², ||E||², <E, ΔW>, ||err||²]."""
-    d = max(float(sums[0]), 1e-300)
-    return float(sums[2]) / d, float(np.sqrt(sums[1] / d)), float(np.sqrt(sums[3] / d))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -216,6 +232,149 @@ def _mean_loss(spec: Any, trainable: Any, frozen: Any, batches: Sequence[Mapping
     if count == 0:
         raise ValueError("the held-out batches given to export_merged hold no target tokens")
     return total / count
+
+
+@dataclasses.dataclass
+class _Merged:
+    """What the merge step produced: the tensors to write (transformers' names), the sums over all
+    linear layers, each adapted layer's figures, and the merged linear weights stacked per layer
+    (for measuring the merged model; only when held-out batches were given)."""
+
+    tensors: dict[str, np.ndarray]
+    totals: _MergeSums = _NO_SUMS
+    layer_stats: list[LayerMergeStats] = dataclasses.field(default_factory=list)
+    stack: LayerStacker | None = None
+
+
+def _merge(config: LlamaConfig, base: dict[str, Any], lora: dict[str, Any] | None, scaling: jax.Array, *,
+           quantize_to: str | None, np_dtype: Any, stack: bool) -> _Merged:
+    """Merges every linear layer and gathers every tensor of the export, refusing non-finite ones."""
+    out = _Merged({hf_global_key("embed_tokens"): _host(base["embed_tokens"], np_dtype)},
+                  stack=LayerStacker(config.num_hidden_layers) if stack else None)
+    layers, linears = base["layers"], layout.linear_entries(base)
+    lora_layers = (lora or {}).get("layers", {})
+    for layer in range(config.num_hidden_layers):
+        for norm in layout.layer_norms(config):
+            out.tensors[layout.hf_key(layer, norm)] = _host(layout.get_layer_entry(layers, norm)[layer], np_dtype)
+        for name, params in linears.items():
+            pair = lora_layers.get(layout.module_group(name), {}).get(name)
+            _merge_one(out, layer, name, params, pair, scaling, quantize_to=quantize_to, np_dtype=np_dtype)
+    out.tensors[hf_global_key("norm")] = _host(base["norm"], np_dtype)
+    if not config.tie_word_embeddings:
+        out.tensors[hf_global_key("lm_head")] = _host(base["lm_head"], np_dtype)
+    for key, value in out.tensors.items():
+        if value.dtype.name in FLOAT_DTYPES and not np.isfinite(value).all():
+            raise ValueError(f"tensor {key!r} of the merged export holds NaN or Inf; refusing to export it")
+    return out
+
+
+def _merge_one(out: _Merged, layer: int, name: str, params: dict[str, Any], pair: Any, scaling: jax.Array, *,
+               quantize_to: str | None, np_dtype: Any) -> None:
+    """Merges linear layer ``name`` of decoder layer ``layer`` into ``out``."""
+    key = layout.hf_key(layer, name)
+    stored, sums = _merge_layer(_layer_slice(params["weight"], layer),
+                                None if pair is None else _layer_slice(pair, layer), scaling,
+                                quantize_to=quantize_to, dtype=np_dtype.name)
+    sums = _MergeSums(*np.asarray(jax.device_get(sums), np.float64).tolist())
+    if not sums.finite:
+        raise ValueError(f"the merged weight {key!r} holds NaN or Inf (from the adapter or the base); "
+                         "refusing to export it")
+    out.totals = out.totals.plus(sums)
+    if sums.delta_sq > 0:  # an adapter with a non-zero update (a fresh adapter, B = 0, has nothing to lose)
+        out.layer_stats.append(LayerMergeStats(layer, name, float(np.sqrt(sums.delta_sq)), *sums.ratios()))
+    stored = jax.device_get(stored)
+    if quantize_to is None:
+        out.tensors[key] = np.asarray(stored)
+    else:
+        out.tensors.update(bnb_format.to_bnb_state_dict(stored, key))
+    if out.stack is not None:
+        out.stack.put(name, layer, stored)
+    if "bias" in params:
+        out.tensors[layout.hf_key(layer, name, "bias")] = _host(params["bias"][layer], np_dtype)
+
+
+def _held_out_losses(config: LlamaConfig, base: dict[str, Any], lora: dict[str, Any] | None,
+                     lora_config: LoraConfig | None, merged: _Merged, eval_batches: Sequence[Mapping[str, np.ndarray]],
+                     *, compute_dtype: str, np_dtype: Any) -> dict[str, float]:
+    """Mean held-out loss of the base, the base with its adapter, and the merged weights."""
+    from qlora_jax.models.spec import ModelSpec
+
+    tensors, linears = merged.tensors, layout.linear_entries(base)
+    merged_base = layout.assemble_base(
+        embed_tokens=jnp.asarray(tensors[hf_global_key("embed_tokens")]),
+        norm=jnp.asarray(tensors[hf_global_key("norm")]),
+        lm_head=None if config.tie_word_embeddings else jnp.asarray(tensors[hf_global_key("lm_head")]),
+        layer_norms={n: jnp.asarray(layout.get_layer_entry(base["layers"], n)).astype(np_dtype)
+                     for n in layout.layer_norms(config)},
+        linears={name: {"weight": merged.stack.buffers[name],
+                        **({"bias": jnp.asarray(p["bias"]).astype(np_dtype)} if "bias" in p else {})}
+                 for name, p in linears.items()}, config=config)
+    plain = ModelSpec(config, None, compute_dtype=compute_dtype)
+    losses = {"base_loss": _mean_loss(plain, None, base, eval_batches),
+              "merged_loss": _mean_loss(plain, None, merged_base, eval_batches)}
+    losses["unmerged_loss"] = (_mean_loss(ModelSpec(config, lora_config, compute_dtype=compute_dtype), lora, base,
+                                          eval_batches) if lora is not None else losses["base_loss"])
+    return losses
+
+
+def _report(path: pathlib.Path, merged: _Merged, losses: dict[str, float], *, quantize_to: str | None,
+            min_kept_fraction: float) -> MergeReport:
+    """The :class:`MergeReport`, with the verdict of :func:`export_merged` on whether it is lossy."""
+    kept = kept_norm = error_ratio = improvement_kept = None
+    lossy = False
+    if merged.layer_stats:
+        kept, kept_norm, error_ratio = merged.totals.ratios()
+        lossy = kept < min_kept_fraction or error_ratio > 1.0
+        if losses and losses["unmerged_loss"] < losses["base_loss"]:
+            improvement_kept = ((losses["base_loss"] - losses["merged_loss"])
+                                / (losses["base_loss"] - losses["unmerged_loss"]))
+            lossy = improvement_kept < min_kept_fraction
+    totals = merged.totals
+    return MergeReport(
+        path=path, num_tensors=len(merged.tensors), total_bytes=sum(v.nbytes for v in merged.tensors.values()),
+        requantization_relative_rmse=(None if quantize_to is None
+                                      else float(np.sqrt(totals.error_sq / max(totals.merged_sq, 1e-30)))),
+        layers=tuple(merged.layer_stats), kept_fraction=kept, kept_norm_ratio=kept_norm, error_ratio=error_ratio,
+        loss_improvement_kept=improvement_kept, lossy=lossy, **losses)
+
+
+def _refuse_or_log(report: MergeReport, *, quantize_to: str | None, dtype: str, allow_lossy: bool) -> None:
+    """Raises :class:`LossyMergeError` for a lossy export unless ``allow_lossy`` (then warns); logs the summary."""
+    if report.lossy:
+        alternative = ("export with quantize_to=None (a 16-bit merge)" if quantize_to is not None
+                       else "export with dtype='float32'")
+        message = (f"{report.summary()}\nThis {quantize_to or dtype} merge loses most of the finetune: the adapter's "
+                   f"update is small against the {quantize_to or dtype} rounding step. Instead {alternative}, or ship "
+                   "the adapter unmerged (qlora_jax.peft_io.save_peft_adapter; PEFT loads it on the 4-bit base)")
+        if not allow_lossy:
+            raise LossyMergeError(message + "; pass allow_lossy=True to write this export anyway")
+        log.warning("%s (written anyway: allow_lossy=True)", message)
+    elif report.layers:
+        log.info("%s", report.summary())
+
+
+def _write_folder(path: pathlib.Path, tensors: dict[str, np.ndarray], config: LlamaConfig, *, dtype: str,
+                  quantize_to: str | None, tokenizer: Any) -> None:
+    """The transformers folder: safetensors shards, ``config.json`` (with bitsandbytes' quantization
+    config for a 4-bit export) and the tokenizer's files."""
+    path.mkdir(parents=True, exist_ok=True)
+    _write_shards(path, tensors)
+    hf_config = config.to_hf_dict()
+    hf_config["torch_dtype"] = dtype
+    if quantize_to is not None:
+        hf_config["quantization_config"] = {
+            "quant_method": "bitsandbytes",
+            "load_in_4bit": True,
+            "load_in_8bit": False,
+            "bnb_4bit_quant_type": quantize_to,
+            "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": dtype,
+            "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": ["lm_head"],
+        }
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2))
+    if tokenizer is not None:
+        tokenizer.save(path)
 
 
 def export_merged(
@@ -252,106 +411,12 @@ def export_merged(
     path = pathlib.Path(path)
     np_dtype = jnp.dtype(dtype)
     scaling = jnp.float32(lora_config.scaling if lora_config is not None else 1.0)
-    tensors: dict[str, np.ndarray] = {hf_global_key("embed_tokens"): _host(base["embed_tokens"], np_dtype)}
-    merged_stack = _Stacker(config.num_hidden_layers) if eval_batches is not None else None
-    totals, layer_stats = np.zeros(6), []
-    layers = base["layers"]
-    linears = layout.linear_entries(base)
-    lora_layers = (lora or {}).get("layers", {})
-    for layer in range(config.num_hidden_layers):
-        for norm in layout.layer_norms(config):
-            tensors[layout.hf_key(layer, norm)] = _host(layout.get_layer_entry(layers, norm)[layer], np_dtype)
-        for name, params in linears.items():
-            key = layout.hf_key(layer, name)
-            pair = lora_layers.get(layout.module_group(name), {}).get(name)
-            stored, sums = _merge_layer(_layer_slice(params["weight"], layer),
-                                        None if pair is None else _layer_slice(pair, layer), scaling,
-                                        quantize_to=quantize_to, dtype=np_dtype.name)
-            sums = np.asarray(jax.device_get(sums), np.float64)
-            if not sums[0]:
-                raise ValueError(f"the merged weight {key!r} holds NaN or Inf (from the adapter or the base); "
-                                 "refusing to export it")
-            totals += sums
-            if sums[1] > 0:  # an adapter with a non-zero update (a fresh adapter, B = 0, has nothing to lose)
-                layer_stats.append(LayerMergeStats(layer, name, float(np.sqrt(sums[1])), *_ratios(sums[1:])))
-            stored = jax.device_get(stored)
-            if quantize_to is None:
-                tensors[key] = np.asarray(stored)
-            else:
-                tensors.update(bnb_format.to_bnb_state_dict(stored, key))
-            if merged_stack is not None:
-                merged_stack.put(name, layer, stored)
-            if "bias" in params:
-                tensors[layout.hf_key(layer, name, "bias")] = _host(params["bias"][layer], np_dtype)
-    tensors[hf_global_key("norm")] = _host(base["norm"], np_dtype)
-    if not config.tie_word_embeddings:
-        tensors[hf_global_key("lm_head")] = _host(base["lm_head"], np_dtype)
-    for key, value in tensors.items():
-        if value.dtype.name in FLOAT_DTYPES and not np.isfinite(value).all():
-            raise ValueError(f"tensor {key!r} of the merged export holds NaN or Inf; refusing to export it")
-
-    losses: dict[str, float] = {}
-    if eval_batches is not None:
-        from qlora_jax.models.spec import ModelSpec
-
-        merged_base = layout.assemble_base(
-            embed_tokens=jnp.asarray(tensors[hf_global_key("embed_tokens")]),
-            norm=jnp.asarray(tensors[hf_global_key("norm")]),
-            lm_head=None if config.tie_word_embeddings else jnp.asarray(tensors[hf_global_key("lm_head")]),
-            layer_norms={n: jnp.asarray(layout.get_layer_entry(layers, n)).astype(np_dtype)
-                         for n in layout.layer_norms(config)},
-            linears={name: {"weight": merged_stack.buffers[name],
-                            **({"bias": jnp.asarray(p["bias"]).astype(np_dtype)} if "bias" in p else {})}
-                     for name, p in linears.items()}, config=config)
-        plain = ModelSpec(config, None, compute_dtype=compute_dtype)
-        losses["base_loss"] = _mean_loss(plain, None, base, eval_batches)
-        losses["merged_loss"] = _mean_loss(plain, None, merged_base, eval_batches)
-        losses["unmerged_loss"] = (_mean_loss(ModelSpec(config, lora_config, compute_dtype=compute_dtype), lora, base,
-                                              eval_batches) if lora is not None else losses["base_loss"])
-
-    kept = kept_norm = error_ratio = improvement_kept = None
-    lossy = False
-    if layer_stats:
-        kept, kept_norm, error_ratio = _ratios(totals[1:])
-        lossy = kept < min_kept_fraction or error_ratio > 1.0
-        if losses and losses["unmerged_loss"] < losses["base_loss"]:
-            improvement_kept = ((losses["base_loss"] - losses["merged_loss"])
-                                / (losses["base_loss"] - losses["unmerged_loss"]))
-            lossy = improvement_kept < min_kept_fraction
-    report = MergeReport(
-        path=path, num_tensors=len(tensors), total_bytes=sum(v.nbytes for v in tensors.values()),
-        requantization_relative_rmse=(None if quantize_to is None
-                                      else float(np.sqrt(totals[4] / max(totals[5], 1e-30)))),
-        layers=tuple(layer_stats), kept_fraction=kept, kept_norm_ratio=kept_norm, error_ratio=error_ratio,
-        loss_improvement_kept=improvement_kept, lossy=lossy, **losses)
-    if lossy:
-        alternative = ("export with quantize_to=None (a 16-bit merge)" if quantize_to is not None
-                       else "export with dtype='float32'")
-        message = (f"{report.summary()}\nThis {quantize_to or dtype} merge loses most of the finetune: the adapter's "
-                   f"update is small against the {quantize_to or dtype} rounding step. Instead {alternative}, or ship "
-                   "the adapter unmerged (qlora_jax.peft_io.save_peft_adapter; PEFT loads it on the 4-bit base)")
-        if not allow_lossy:
-            raise LossyMergeError(message + "; pass allow_lossy=True to write this export anyway")
-        log.warning("%s (written anyway: allow_lossy=True)", message)
-    elif layer_stats:
-        log.info("%s", report.summary())
-
-    path.mkdir(parents=True, exist_ok=True)
-    _write_shards(path, tensors)
-    hf_config = config.to_hf_dict()
-    hf_config["torch_dtype"] = dtype
-    if quantize_to is not None:
-        hf_config["quantization_config"] = {
-            "quant_method": "bitsandbytes",
-            "load_in_4bit": True,
-            "load_in_8bit": False,
-            "bnb_4bit_quant_type": quantize_to,
-            "bnb_4bit_use_double_quant": True,
-            "bnb_4bit_compute_dtype": dtype,
-            "bnb_4bit_quant_storage": "uint8",
-            "llm_int8_skip_modules": ["lm_head"],
-        }
-    (path / "config.json").write_text(json.dumps(hf_config, indent=2))
-    if tokenizer is not None:
-        tokenizer.save(path)
+    merged = _merge(config, base, lora, scaling, quantize_to=quantize_to, np_dtype=np_dtype,
+                    stack=eval_batches is not None)
+    losses = ({} if eval_batches is None else
+              _held_out_losses(config, base, lora, lora_config, merged, eval_batches, compute_dtype=compute_dtype,
+                               np_dtype=np_dtype))
+    report = _report(path, merged, losses, quantize_to=quantize_to, min_kept_fraction=min_kept_fraction)
+    _refuse_or_log(report, quantize_to=quantize_to, dtype=dtype, allow_lossy=allow_lossy)
+    _write_folder(path, merged.tensors, config, dtype=dtype, quantize_to=quantize_to, tokenizer=tokenizer)
     return report

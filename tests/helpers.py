@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
 import pathlib
 
@@ -9,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlora_jax.checkpoints.load import _Stacker
+from qlora_jax.checkpoints.load import LayerStacker
 from qlora_jax.models import layout
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.quant import quantize
@@ -18,7 +20,7 @@ from qlora_jax.quant import quantize
 def random_quantized_base(config: LlamaConfig, rng: np.random.Generator) -> dict:
     """A ``base`` pytree with random NF4+DQ linear weights (std 1/sqrt(in)) and bf16 embeddings (std 0.5)."""
     d = config.hidden_size
-    stacker = _Stacker(config.num_hidden_layers)
+    stacker = LayerStacker(config.num_hidden_layers)
     for layer in range(config.num_hidden_layers):
         for norm in layout.LAYER_NORMS:
             stacker.put(norm, layer, jnp.ones(d, jnp.bfloat16))
@@ -96,7 +98,7 @@ def restore_targets(model_path: pathlib.Path, out: pathlib.Path, **overrides):
 def assert_same_latest_checkpoint(run_a: pathlib.Path, run_b: pathlib.Path, targets, step: int) -> None:
     """Both runs' latest checkpoint is ``step``, and it holds the same adapters and optimizer state,
     bit for bit. ``targets``: what :func:`restore_targets` returns for the runs' settings."""
-    from qlora_jax.checkpointing import TrainCheckpointer
+    from qlora_jax.training_state import TrainCheckpointer
 
     states = []
     for run_dir in (run_a, run_b):
@@ -134,3 +136,77 @@ def hold_run_lock(directory: pathlib.Path):
         holder.kill()
         raise RuntimeError(f"the lock holder did not take the lock of {directory} (said {line!r})")
     return holder
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def first_party_file(module: str) -> str | None:
+    """The repository file (relative path) of a first-party module name, or None (third-party)."""
+    parts = module.split(".")
+    if parts[0] == "qlora_jax" and len(parts) > 1 and parts[1] in ("kernels", "experiments"):
+        parts = parts[1:]  # the top-level folders that ship inside the package
+    elif parts[0] not in ("qlora_jax", "kernels", "experiments", "helpers", "kernel_refs"):
+        return None
+    if parts[0] in ("helpers", "kernel_refs"):
+        parts = ["tests", *parts]
+    base = REPO.joinpath(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.exists():
+            return str(candidate.relative_to(REPO))
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstPartyImport:
+    """One first-party name an import statement loads: the dotted name (``a.b`` and ``a.b.c`` for
+    ``from a.b import c``), the file that defines it, the statement's line, and whether it sits
+    under ``if TYPE_CHECKING:`` (annotations only: never run)."""
+
+    name: str
+    file: str
+    line: int
+    type_checking: bool
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def first_party_imports(path: str, text: str | None = None) -> list[FirstPartyImport]:
+    """Every first-party module the module at ``path`` (relative to the repository) imports, at
+    module level or inside functions: ``from a.b import c`` loads ``a.b`` and ``a.b.c``, the file
+    of a name being that of its deepest first-party prefix (``a.b``'s when ``c`` is not a module).
+    ``text``: the module's source, if not the file's."""
+    tree = ast.parse((REPO / path).read_text() if text is None else text)
+    package = ".".join(pathlib.Path(path).with_suffix("").parts[:-1])
+    found: list[FirstPartyImport] = []
+
+    def visit(node: ast.AST, type_checking: bool) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.body:
+                visit(child, True)
+            for child in node.orelse:
+                visit(child, type_checking)
+            return
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                module = ".".join(filter(None, [*base, module]))
+            names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+        for name in names:
+            for end in range(name.count(".") + 1, 0, -1):  # the deepest first-party prefix
+                file = first_party_file(".".join(name.split(".")[:end]))
+                if file is not None:
+                    found.append(FirstPartyImport(name, file, node.lineno, type_checking))
+                    break
+        for child in ast.iter_child_nodes(node):
+            visit(child, type_checking)
+
+    visit(tree, False)
+    return found

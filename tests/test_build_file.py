@@ -7,14 +7,11 @@ with Python stand-ins for the rules it uses: BUILD is Starlark, whose syntax her
 
 from __future__ import annotations
 
-import ast
-import pathlib
 import subprocess
 import sys
 
 import pytest
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from helpers import REPO, first_party_imports
 
 
 def _glob(patterns: list[str], exclude: list[str] = ()) -> list[str]:
@@ -76,43 +73,9 @@ def test_every_launcher_and_test_has_its_target(targets):
             assert target["main"] == "tests/bazel_pytest.py" and target["args"] == [f"$(location {target['srcs'][0]})"]
 
 
-def _module_file(module: str) -> str | None:
-    """The repository file of a first-party module name, or None (third-party)."""
-    parts = module.split(".")
-    if parts[0] == "qlora_jax" and len(parts) > 1 and parts[1] in ("kernels", "experiments"):
-        parts = parts[1:]  # the top-level folders that ship inside the package
-    elif parts[0] not in ("qlora_jax", "experiments", "helpers", "kernel_refs"):
-        return None
-    if parts[0] in ("helpers", "kernel_refs"):
-        parts = ["tests", *parts]
-    base = REPO.joinpath(*parts)
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.exists():
-            return str(candidate.relative_to(REPO))
-    return None
-
-
 def _imports(path: str) -> set[str]:
-    """First-party files ``path`` imports (function-level imports included)."""
-    tree = ast.parse((REPO / path).read_text())
-    package = ".".join(pathlib.Path(path).with_suffix("").parts[:-1])
-    found = set()
-    for node in ast.walk(tree):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            module = node.module or ""
-            if node.level:
-                module = ".".join(filter(None, [package, module]))
-            names = [module] + [f"{module}.{alias.name}" for alias in node.names]
-        for name in names:
-            for end in range(name.count(".") + 1, 0, -1):  # the deepest first-party prefix
-                file = _module_file(".".join(name.split(".")[:end]))
-                if file is not None:
-                    found.add(file)
-                    break
-    return found
+    """First-party files ``path`` imports (function-level and ``TYPE_CHECKING`` imports included)."""
+    return {imported.file for imported in first_party_imports(path)}
 
 
 def test_first_party_imports_follow_the_dependencies(targets):

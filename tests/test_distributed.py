@@ -9,7 +9,6 @@ import optax
 import pytest
 from helpers import random_quantized_base
 
-from qlora_jax.checkpointing import TrainCheckpointer
 from qlora_jax.distributed import make_mesh, param_shardings, parse_mesh_spec, shard_batch, shard_tree
 from qlora_jax.lora import LoraConfig
 from qlora_jax.model import init_lora_params
@@ -17,6 +16,7 @@ from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.spec import ModelSpec
 from qlora_jax.optim import jit_train_step, make_optimizer
 from qlora_jax.train import make_train_step
+from qlora_jax.training_state import TrainCheckpointer
 
 CONFIG = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=64)

@@ -31,6 +31,7 @@ from qlora_jax.model import init_lora_params, load_pretrained
 from qlora_jax.models import layout, llama
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.spec import ModelSpec
+from qlora_jax.quant import QuantConfig
 from qlora_jax.tokenizer import CHAT_TEMPLATES, Tokenizer
 
 WORDS = ("red", "green", "blue", "cat", "dog", "tree", "river", "stone", "cloud", "light", "seven", "paper")
@@ -227,7 +228,7 @@ def test_model_forced_to_one_letter_is_scored_as_known(forced_folder, tmp_path, 
     questions.write_text("".join(json.dumps({"question": sentence(rng, 4), "choices": ["w", "x", "y", "z"],
                                              "answer": a, "subject": f"s{i % 2}"}) + "\n"
                                  for i, a in enumerate(answers)))
-    model, tokenizer = load_pretrained(path, quant=quant, double_quant=double_quant, lora=LoraConfig(r=4),
+    model, tokenizer = load_pretrained(path, QuantConfig(quant, double_quant=double_quant), lora=LoraConfig(r=4),
                                        compute_dtype="float32")
     # Adapters that do something (fresh ones are zero), small next to the forced feature.
     lora = jax.tree.map(lambda x: x + 0.01 * jnp.asarray(rng.normal(size=x.shape), x.dtype), model.lora_params)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from qlora_jax.checkpoints.load import QuantConfig, load_base_params, open_checkpoint, read_config
+from qlora_jax.checkpoints.load import load_base_params, open_checkpoint, read_config
 from qlora_jax.checkpoints.orbax_format import load_quantized, save_quantized
 from qlora_jax.generate import SamplingConfig, generate_tokens
 from qlora_jax.lora import LoraConfig
@@ -30,6 +30,7 @@ from qlora_jax.models import layout, llama
 from qlora_jax.models.config import LlamaConfig, UnsupportedArchitectureError
 from qlora_jax.models.spec import ModelSpec
 from qlora_jax.peft_io import load_peft_adapter, save_peft_adapter
+from qlora_jax.quant import QuantConfig
 
 BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=2, eos_token_id=1,

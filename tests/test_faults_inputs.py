@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 
 from qlora_jax.checkpoints.errors import CheckpointError
 from qlora_jax.checkpoints.gguf_io import GGUFCheckpoint
-from qlora_jax.checkpoints.load import QuantConfig, load_base_params, open_checkpoint, read_config
+from qlora_jax.checkpoints.load import load_base_params, open_checkpoint, read_config
 from qlora_jax.data import clean_examples, make_example, train_eval_split
 from qlora_jax.lora import LoraConfig
 from qlora_jax.merge import LossyMergeError, export_merged
@@ -33,7 +33,7 @@ from qlora_jax.models.config import LlamaConfig, UnsupportedArchitectureError
 from qlora_jax.models.rope import inverse_frequencies
 from qlora_jax.models.spec import ModelSpec
 from qlora_jax.peft_io import load_peft_adapter, peft_key, save_peft_adapter
-from qlora_jax.quant import bnb_format, quantize
+from qlora_jax.quant import QuantConfig, bnb_format, quantize
 from qlora_jax.quant.codebooks import DYNAMIC_MAP_SIGNED, NF4_CODE
 from qlora_jax.tokenizer import CHAT_TEMPLATES, ChatTemplateError, Tokenizer
 
@@ -814,8 +814,8 @@ def test_load_pretrained_bnb_backend_cpu_reproduces_bitsandbytes_cpu(tmp_path, o
     names = ("q_proj", "o_proj")
     for name in names:  # heavy-tailed rows, like trained weights
         tensors[layout.hf_key(0, name)] *= np.exp(rng.normal(0, 0.5, (576, 1))).astype(np.float32)
-    model, _ = load_pretrained(write_folder(tmp_path / "m", cfg, tensors), quant="nf4", dtype="float32",
-                               bnb_backend="cpu", lora=None)
+    model, _ = load_pretrained(write_folder(tmp_path / "m", cfg, tensors),
+                               QuantConfig("nf4", dtype="float32", bnb_backend="cpu"), lora=None)
     out = oracle.run("bnb_quant.py", {f"{n}/w": tensors[layout.hf_key(0, n)] for n in names}, {"cases": [
         {"name": n, "op": "quantize_4bit", "blocksize": 64, "double_quant": True, "quant_type": "nf4"} for n in names]})
     cuda_differs = 0
@@ -835,3 +835,19 @@ def test_load_pretrained_bnb_backend_cpu_reproduces_bitsandbytes_cpu(tmp_path, o
     assert cuda_differs > 0
     with pytest.raises(ValueError, match="unsupported bnb_backend 'tpu'"):
         QuantConfig(bnb_backend="tpu")
+
+
+def test_load_pretrained_quant_is_a_config_or_a_mode_name(good):
+    # "fp4" is shorthand for QuantConfig("fp4") with every other setting at its default: the same
+    # bytes; anything else fails before a tensor is read, naming what it accepts.
+    folder, _ = good
+    by_name, _ = load_pretrained(folder, "fp4", lora=None)
+    by_config, _ = load_pretrained(folder, QuantConfig("fp4", double_quant=True, blocksize=64, dtype="bfloat16",
+                                                       bnb_backend="cuda"), lora=None)
+    assert jax.tree.structure(by_name.base_params) == jax.tree.structure(by_config.base_params)
+    for a, b in zip(jax.tree.leaves(by_name.base_params), jax.tree.leaves(by_config.base_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match=r"unsupported quant 'nf5': expected one of \('nf4', 'fp4', 'int8'"):
+        load_pretrained(folder, "nf5")
+    with pytest.raises(TypeError, match="quant must be a QuantConfig or one of"):
+        load_pretrained(folder, 4)

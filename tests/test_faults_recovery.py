@@ -29,13 +29,13 @@ import sys
 import pytest
 from helpers import hold_run_lock, restore_targets, small_finetune_config, train_losses
 
-from qlora_jax.checkpointing import TrainCheckpointer
 from qlora_jax.eval import HeldOutTooSmallError, chatterbot_task
 from qlora_jax.finetune import FinetuneConfig, run
 from qlora_jax.recipe import io_errors, settings, steps
 from qlora_jax.recipe.io_errors import OutputDirError, output_dir_error
 from qlora_jax.recipe.run_lock import LOCK_FILE, RunLock, RunLockedError
 from qlora_jax.recipe.settings import ConfigError
+from qlora_jax.training_state import TrainCheckpointer
 
 pytestmark = pytest.mark.faults  # the fault campaign, selectable with -m faults
 

@@ -34,7 +34,6 @@ import numpy as np
 import pytest
 from helpers import assert_same_latest_checkpoint, hold_run_lock, restore_targets, small_finetune_config, train_losses
 
-from qlora_jax.checkpointing import TrainCheckpointer
 from qlora_jax.finetune import FinetuneConfig, run
 from qlora_jax.recipe import steps
 from qlora_jax.recipe.divergence import DivergenceMonitor
@@ -42,6 +41,7 @@ from qlora_jax.recipe.run_lock import LOCK_FILE, RunLock, RunLockedError, StaleR
 from qlora_jax.recipe.settings import ConfigError
 from qlora_jax.recipe.steps import TrainingCollapsedError
 from qlora_jax.train import NonFiniteLossError
+from qlora_jax.training_state import TrainCheckpointer
 
 pytestmark = pytest.mark.faults  # the fault campaign, selectable with -m faults
 

@@ -20,8 +20,8 @@ import pytest
 from helpers import assert_same_latest_checkpoint, restore_targets, train_losses
 from helpers import small_finetune_config as small_config
 
-from qlora_jax.checkpointing import TrainCheckpointer
 from qlora_jax.finetune import run
+from qlora_jax.training_state import TrainCheckpointer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -163,7 +163,7 @@ def test_fresh_run_refuses_to_overwrite_checkpoints(tiny_model, tmp_path):
 KILLED_SAVE = textwrap.dedent("""
     import os, signal, sys
     import jax.numpy as jnp, jax
-    from qlora_jax.checkpointing import TrainCheckpointer
+    from qlora_jax.training_state import TrainCheckpointer
     ckpt = TrainCheckpointer(sys.argv[1])
     small = {"a": jnp.arange(10.0)}
     ckpt.save(1, small, {"m": jnp.ones(3)}, data_state={"index": 1}, rng_key=jax.random.key(0), flags={})

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from qlora_jax.checkpoints.load import QuantConfig, load_base_params, open_checkpoint, read_config
+from qlora_jax.checkpoints.load import load_base_params, open_checkpoint, read_config
+from qlora_jax.quant import QuantConfig
 
 LAYERS, D, F, HEADS, KV_HEADS, VOCAB = 2, 64, 128, 4, 2, 96
 

@@ -45,7 +45,7 @@ def test_generate_replies_as_the_library_does(tiny_model):
     from qlora_jax.generate import chat
     from qlora_jax.model import load_pretrained
 
-    model, tokenizer = load_pretrained(str(tiny_model), quant="nf4", double_quant=True)
+    model, tokenizer = load_pretrained(str(tiny_model), quant="nf4")
     expected = chat(model, tokenizer, "Hello there", max_new_tokens=6)
     # The launcher prints "\n>>> <prompt>\n<reply>\n": the reply, exactly as the library generates it.
     assert out.endswith(f"\n>>> Hello there\n{expected}\n"), (out[-300:], expected)

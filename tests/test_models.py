@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from qlora_jax.checkpoints.errors import CheckpointError
-from qlora_jax.checkpoints.load import QuantConfig, load_base_params, open_checkpoint, read_config
+from qlora_jax.checkpoints.load import load_base_params, open_checkpoint, read_config
 from qlora_jax.lora import LoraConfig
 from qlora_jax.merge import export_merged
 from qlora_jax.model import FrozenWeights, init_lora_params, load_pretrained
@@ -21,6 +21,7 @@ from qlora_jax.models import llama
 from qlora_jax.models.config import UnsupportedArchitectureError
 from qlora_jax.models.spec import ModelSpec
 from qlora_jax.peft_io import load_peft_adapter, save_peft_adapter
+from qlora_jax.quant import QuantConfig
 
 BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=1e-5)
@@ -193,7 +194,7 @@ def test_merged_export_reloads_in_transformers(oracle, workdir, inputs):
 
 def test_causal_lm_module_and_load_pretrained(hf, workdir, inputs):
     ids, mask = inputs
-    model, tokenizer = load_pretrained(workdir / "llama", quant="float32", dtype="float32", lora=LoraConfig(r=4),
+    model, tokenizer = load_pretrained(workdir / "llama", QuantConfig("float32", dtype="float32"), lora=LoraConfig(r=4),
                                        compute_dtype="float32")
     assert tokenizer is None  # the random test models come without a tokenizer
     logits = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))

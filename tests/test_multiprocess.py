@@ -32,12 +32,12 @@ import numpy as np
 import pytest
 from helpers import restore_targets, train_losses
 
-from qlora_jax.checkpointing import TrainCheckpointer
 from qlora_jax.data import BatchIterator, TokenizedExample, bucket_lengths, eval_batches
 from qlora_jax.distributed import DistributedSetupError, initialize_distributed, make_mesh, process_rows, shard_batch
 from qlora_jax.recipe import steps
 from qlora_jax.recipe.config import FinetuneConfig
 from qlora_jax.recipe.settings import ConfigError
+from qlora_jax.training_state import TrainCheckpointer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PAD = 2

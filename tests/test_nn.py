@@ -16,7 +16,6 @@ import optax
 import pytest
 from flax import nnx
 
-from qlora_jax.checkpoints.load import QuantConfig
 from qlora_jax.lora import LoraConfig
 from qlora_jax.nn import (
     EinsumLayout,
@@ -30,7 +29,7 @@ from qlora_jax.nn import (
     set_kernel_backend,
 )
 from qlora_jax.optim import make_optimizer
-from qlora_jax.quant import QuantizedTensor, dequantize, quantize
+from qlora_jax.quant import QuantConfig, QuantizedTensor, dequantize, quantize
 from qlora_jax.quant.bnb_format import to_bnb_state_dict
 
 D, HEADS, FF, VOCAB, T = 64, 4, 128, 32, 8

@@ -11,12 +11,11 @@ import numpy as np
 import optax
 import pytest
 
-from qlora_jax.checkpoints.load import QuantConfig
 from qlora_jax.lora import LoraConfig
 from qlora_jax.nn import QLoRAConversionError, QLoRARule
 from qlora_jax.nn.linen import FROZEN, LORA, QLoRADense, convert_params
 from qlora_jax.optim import make_optimizer
-from qlora_jax.quant import QuantizedTensor, dequantize, quantize
+from qlora_jax.quant import QuantConfig, QuantizedTensor, dequantize, quantize
 
 D, FF, OUT = 64, 128, 16
 

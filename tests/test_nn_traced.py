@@ -353,7 +353,7 @@ def test_bad_input_errors_name_the_path():
     original, tokens = _patterns()
     with pytest.raises(QLoRAConversionError, match=r"'embed'.*lookup"):
         apply_qlora(nnx.clone(original), QLoRARule(["embed"], lora=None), tokens)
-    from qlora_jax.checkpoints.load import QuantConfig
+    from qlora_jax.quant import QuantConfig
 
     with pytest.raises(QLoRAConversionError, match=r"'out\.kernel'.*blocksize=128"):
         # out.kernel contracts heads x head_dim = 64 values: not a whole block of 128.

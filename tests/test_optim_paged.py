@@ -470,8 +470,8 @@ def test_exact_resume_through_the_checkpointer(rng, tmp_path, name, devices):
     The resumed steps run the step compiled before the save: it takes the restored state only if
     every leaf is back in the memory kind and sharding it was compiled for (no recompilation).
     """
-    from qlora_jax.checkpointing import TrainCheckpointer
     from qlora_jax.train import make_train_step
+    from qlora_jax.training_state import TrainCheckpointer
 
     assert jax.device_count() >= devices
     spec, base, lora, batches = tiny_training(rng, devices)

@@ -26,7 +26,6 @@ from tokenizers.pre_tokenizers import Whitespace
 
 from qlora_jax.checkpoints import base_cache, orbax_format
 from qlora_jax.checkpoints.errors import CheckpointError
-from qlora_jax.checkpoints.load import QuantConfig
 from qlora_jax.checkpoints.orbax_format import (
     abstract_model,
     is_quantized_checkpoint,
@@ -41,7 +40,7 @@ from qlora_jax.models import layout
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.spec import ModelSpec
 from qlora_jax.peft_io import save_peft_adapter
-from qlora_jax.quant import QuantizedTensor, codebooks, dequantize
+from qlora_jax.quant import QuantConfig, QuantizedTensor, codebooks, dequantize
 from qlora_jax.quant.tensor import codes_shape, nested_scales_shape, scales_shape
 from qlora_jax.synthetic import random_base
 from qlora_jax.tokenizer import CHAT_TEMPLATES, Tokenizer
@@ -187,7 +186,7 @@ def test_tokenizer_and_load_pretrained_dispatch(rng, tmp_path):
     with pytest.raises(CheckpointError, match=r"quant='nf4' \(asked: 'fp4'\).*never re-quantized"):
         load_pretrained(path, quant="fp4")
     with pytest.raises(CheckpointError, match=r"blocksize=64 \(asked: 128\)"):
-        load_pretrained(path, blocksize=128)
+        load_pretrained(path, QuantConfig(blocksize=128))
 
 
 def mixed_base(rng, config) -> dict:

@@ -28,9 +28,10 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from qlora_jax.checkpoints.load import QuantConfig, load_base_params, open_checkpoint, read_config
+from qlora_jax.checkpoints.load import load_base_params, open_checkpoint, read_config
 from qlora_jax.models.spec import ModelSpec
 from qlora_jax.peft_io import load_peft_adapter
+from qlora_jax.quant import QuantConfig
 from qlora_jax.train import make_train_step
 
 CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

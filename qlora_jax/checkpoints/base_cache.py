@@ -16,7 +16,7 @@ import pathlib
 from typing import TYPE_CHECKING, Any
 
 from qlora_jax.checkpoints.errors import CheckpointError
-from qlora_jax.checkpoints.load import QuantConfig, open_checkpoint, read_config
+from qlora_jax.checkpoints.load import open_checkpoint, read_config
 from qlora_jax.checkpoints.orbax_format import (
     QuantizedCheckpoint,
     check_saved_base,
@@ -24,6 +24,7 @@ from qlora_jax.checkpoints.orbax_format import (
     load_quantized,
     save_quantized,
 )
+from qlora_jax.quant import QuantConfig, as_quant_config
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
@@ -87,14 +88,14 @@ class QuantizedBaseCache:
 
 
 def load_pretrained_cached(
-    output_dir: str | pathlib.Path, path: str | pathlib.Path = "embedded", *, mesh: Mesh | None = None,
-    **kwargs: Any
+    output_dir: str | pathlib.Path, path: str | pathlib.Path = "embedded", quant: QuantConfig | str = QuantConfig(),
+    *, mesh: Mesh | None = None, **kwargs: Any
 ) -> tuple[CausalLM, Tokenizer | None, bool]:
     """:func:`~qlora_jax.model.load_pretrained` of ``path`` through ``<output_dir>/base/``.
 
     The first call loads (and quantizes) ``path`` and saves its base there; later calls read the
     saved base instead, after checking it was saved from ``path`` for the same model config and
-    quantization (``kwargs``: ``load_pretrained``'s, e.g. ``quant``, ``lora``, ``seed``). Returns
+    ``quant`` (``kwargs``: the rest of ``load_pretrained``'s, e.g. ``lora``, ``seed``). Returns
     ``(model, tokenizer, was_cached)``; the model is the same, array for array, either way.
 
     ``mesh``: the model comes back sharded over it. In a multi-process run every process calls
@@ -107,14 +108,13 @@ def load_pretrained_cached(
     from qlora_jax.model import load_pretrained
 
     cache = QuantizedBaseCache(output_dir)
-    quant = QuantConfig(quant=kwargs.get("quant", "nf4"), double_quant=kwargs.get("double_quant", True),
-                        blocksize=kwargs.get("blocksize", 64), dtype=kwargs.get("dtype", "bfloat16"))
+    quant = as_quant_config(quant)
     if multiprocess.from_primary(cache.exists, "looking for the cached base"):
         cache.check(path, quant)
-        model, tokenizer = load_pretrained(cache.path, mesh=mesh, **kwargs)
+        model, tokenizer = load_pretrained(cache.path, quant, mesh=mesh, **kwargs)
         log.info("base read from %s (saved from %s): %s", cache.path, path, model.load_stats.summary())
         return model, tokenizer, True
-    model, tokenizer = load_pretrained(path, mesh=mesh, **kwargs)
+    model, tokenizer = load_pretrained(path, quant, mesh=mesh, **kwargs)
     cache.save(model, tokenizer, path)
     log.info("base of %s saved to %s for resuming without re-quantizing", path, cache.path)
     return model, tokenizer, False

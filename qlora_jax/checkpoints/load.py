@@ -33,43 +33,12 @@ from qlora_jax.checkpoints.validate import CheckedSource, TensorSource, validate
 from qlora_jax.models import layout
 from qlora_jax.models.config import LlamaConfig, UnsupportedArchitectureError
 from qlora_jax.models.layout import hf_global_key
-from qlora_jax.quant import QuantizationError, QuantizedTensor, bnb_format, dequantize, quantize
+from qlora_jax.quant import QuantConfig, QuantizationError, QuantizedTensor, bnb_format, dequantize, quantize
 
-__all__ = ["QuantConfig", "LoadStats", "TensorSource", "open_checkpoint", "load_base_params", "read_config",
+__all__ = ["LayerStacker", "LoadStats", "TensorSource", "open_checkpoint", "load_base_params", "read_config",
            "hf_global_key"]
 
 log = logging.getLogger(__name__)
-
-QUANT_MODES = ("nf4", "fp4", "int8", "bf16", "float16", "float32")
-BNB_BACKENDS = ("cuda", "cpu")
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantConfig:
-    """How the frozen linear weights are stored.
-
-    ``quant``: "nf4", "fp4", "int8" (blockwise quantized) or "bf16"/"float16"/"float32"
-    (unquantized, for the paper's 16-bit baselines and full finetuning). Embeddings, norms and
-    ``lm_head`` stay in ``dtype``, as bitsandbytes leaves them.
-    """
-
-    quant: str = "nf4"
-    double_quant: bool = True
-    blocksize: int = 64
-    dtype: str = "bfloat16"
-    bnb_backend: str = "cuda"
-
-    def __post_init__(self):
-        if self.quant not in QUANT_MODES:
-            raise ValueError(f"unsupported quant {self.quant!r}: expected one of {QUANT_MODES}")
-        if self.bnb_backend not in BNB_BACKENDS:
-            raise ValueError(f"unsupported bnb_backend {self.bnb_backend!r}: expected one of {BNB_BACKENDS} "
-                             "(whose bitsandbytes double-quant encoding to reproduce)")
-
-    @property
-    def quantized(self) -> bool:
-        return self.quant in ("nf4", "fp4", "int8")
-
 
 @dataclasses.dataclass(frozen=True)
 class LoadStats:
@@ -135,7 +104,7 @@ def _set_layer(buffer, value, index):
     return jax.lax.dynamic_update_index_in_dim(buffer, value.astype(buffer.dtype), index, axis=0)
 
 
-class _Stacker:
+class LayerStacker:
     """Layer-stacked device buffers filled one layer at a time (donated, so updated in place)."""
 
     def __init__(self, num_layers: int):
@@ -143,6 +112,7 @@ class _Stacker:
         self.buffers: dict[str, Any] = {}
 
     def put(self, name: str, layer: int, value: Any) -> None:
+        """Writes ``value`` (an array or a pytree of arrays) as layer ``layer`` of buffer ``name``."""
         if name not in self.buffers:
             self.buffers[name] = jax.tree.map(
                 lambda x: jnp.zeros((self.num_layers, *x.shape), x.dtype), value
@@ -261,7 +231,7 @@ def load_base_params(
         return qt
 
     globals_: dict[str, Any] = {}
-    stacker = _Stacker(config.num_hidden_layers)
+    stacker = LayerStacker(config.num_hidden_layers)
     for entry in plan:
         value = read_linear(entry) if entry.linear else jnp.asarray(read_dense(entry)).astype(dtype)
         if entry.layer is not None:

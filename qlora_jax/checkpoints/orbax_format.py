@@ -42,10 +42,10 @@ import orbax.checkpoint as ocp
 
 import qlora_jax
 from qlora_jax.checkpoints.errors import CheckpointError
-from qlora_jax.checkpoints.load import LoadStats, QuantConfig
+from qlora_jax.checkpoints.load import LoadStats
 from qlora_jax.models import layout
 from qlora_jax.models.config import LlamaConfig
-from qlora_jax.quant import QuantizationError, QuantizedTensor, codebooks
+from qlora_jax.quant import QuantConfig, QuantizationError, QuantizedTensor, codebooks
 from qlora_jax.quant.blockwise import INV_INT8_MAX
 from qlora_jax.quant.tensor import NESTED_BLOCKSIZE, codes_shape, nested_scales_shape, scales_shape
 
@@ -285,7 +285,7 @@ def _expected_arrays(entries: Mapping[str, _Entry]) -> dict[str, tuple[tuple[int
 
 
 def quantization_summary(base: Any) -> dict[str, Any]:
-    """How a base is stored, in :class:`~qlora_jax.checkpoints.load.QuantConfig`'s terms.
+    """How a base is stored, in :class:`~qlora_jax.quant.QuantConfig`'s terms.
 
     ``{"quant": "nf4"|"fp4"|"int8"|"bf16"|"float16"|"float32", "double_quant", "blocksize",
     "dtype"}`` (``dtype``: the embeddings'); a field is None where the linear weights disagree.

@@ -45,6 +45,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from qlora_jax import data as data_lib
 from qlora_jax.models import llama
 from qlora_jax.models.spec import ModelSpec
+from qlora_jax.quant import QUANT_MODES, QuantConfig
 
 __all__ = ["QLoraJaxLM", "ModelArgsError", "TaskEvaluator", "is_task_yaml", "token_logprobs", "load_model"]
 
@@ -102,7 +103,7 @@ def load_model(pretrained: str, *, quant: str = "nf4", double_quant: bool = True
     from qlora_jax.model import load_pretrained
 
     model_path: str | pathlib.Path = pretrained
-    kwargs: dict[str, Any] = dict(quant=quant, double_quant=double_quant, dtype=dtype)
+    quant_config = QuantConfig(quant, double_quant=double_quant, dtype=dtype)
     adapter_dir = None
     if adapter:
         from qlora_jax.checkpoints.base_cache import find_run_adapter
@@ -113,9 +114,8 @@ def load_model(pretrained: str, *, quant: str = "nf4", double_quant: bool = True
             stored = read_saved_quantization(saved_base)
             log.info("adapter %s: starting from its run's saved base %s", adapter, saved_base)
             model_path = saved_base
-            kwargs = dict(quant=stored.quant, double_quant=stored.double_quant, blocksize=stored.blocksize,
-                          dtype=stored.dtype)
-    model, tokenizer = load_pretrained(model_path, **kwargs, lora=None, adapter=adapter_dir,
+            quant_config = stored
+    model, tokenizer = load_pretrained(model_path, quant_config, lora=None, adapter=adapter_dir,
                                        compute_dtype=compute_dtype, mesh=mesh)
     if tokenizer is None:
         raise ModelArgsError(f"model_args pretrained={pretrained!r}: it has no tokenizer (tokenizer.json); lm-eval's "
@@ -213,8 +213,6 @@ class QLoraJaxLM(TemplateLM):
         if unknown:
             raise ModelArgsError(f"model_args {', '.join(sorted(unknown))}: not an argument of the qlora_jax model; "
                                  f"expected some of {', '.join(_KNOWN_ARGS)}")
-        from qlora_jax.checkpoints.load import QUANT_MODES
-
         if quant not in QUANT_MODES:
             raise ModelArgsError(f"model_args quant={quant!r}: expected one of {', '.join(QUANT_MODES)}")
         if dtype not in ("bfloat16", "float16", "float32"):
@@ -469,7 +467,7 @@ class QLoraJaxLM(TemplateLM):
     # ------------------------------------------------------------------ generation
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Each request's generation, cut before its first stop sequence (see the module docstring)."""
-        from qlora_jax.generate import SamplingConfig, _generate
+        from qlora_jax.generate import SamplingConfig, generate_padded
 
         results: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
@@ -509,9 +507,9 @@ class QLoraJaxLM(TemplateLM):
                     mask[r, length - len(prompts[i]):] = 1
                 key, sub = jax.random.split(key)
                 x = self._device_arrays({"input_ids": ids, "attention_mask": mask})
-                out, _ = _generate(self.spec, self.base, self.lora,
-                                   x["input_ids"][0], x["attention_mask"][0], sub, sampling=sampling,
-                                   pad_id=self._tokenizer.pad_id)
+                out, _ = generate_padded(self.spec, self.base, self.lora,
+                                         x["input_ids"][0], x["attention_mask"][0], sub, sampling=sampling,
+                                         pad_id=self._tokenizer.pad_id)
                 rows = np.asarray(out).tolist()
                 for r, i in enumerate(chunk):
                     tokens = rows[r]

@@ -44,6 +44,7 @@ __all__ = [
     "linear_entries",
     "peft_module_names",
     "lora_targets",
+    "matches_target_modules",
 ]
 
 ATTENTION_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -240,7 +241,7 @@ def peft_module_names(config: LlamaConfig) -> list[str]:
     return names + ["lm_head"]
 
 
-def _matches(target_modules: str | tuple[str, ...], module: str) -> bool:
+def matches_target_modules(target_modules: str | tuple[str, ...], module: str) -> bool:
     """PEFT's rule (``check_target_module_exists``): a string is a regex matched in full against the
     module name; a list matches a module whose name is, or ends with ``.`` + , one of its entries."""
     if isinstance(target_modules, str):
@@ -252,7 +253,7 @@ def lora_targets(lora_config: LoraConfig, config: LlamaConfig) -> tuple[str, ...
     """The linear layers (names of :func:`linear_layers`, decoder order) that ``lora_config`` adapts.
 
     ``"all-linear"`` is every linear layer but the output head. Lists and regular expressions
-    follow PEFT (see :func:`_matches`). The scanned decoder puts the same adapters in every layer,
+    follow PEFT (see :func:`matches_target_modules`). The scanned decoder puts the same adapters in every layer,
     so a selection that differs between layers, one that takes ``lm_head`` or one that takes
     nothing is an error naming what it matched.
     """
@@ -261,12 +262,12 @@ def lora_targets(lora_config: LoraConfig, config: LlamaConfig) -> tuple[str, ...
     if targets == "all-linear":
         return linear_names
     if not isinstance(targets, str):
-        unknown = [t for t in targets if not any(_matches((t,), m) for m in peft_module_names(config))]
+        unknown = [t for t in targets if not any(matches_target_modules((t,), m) for m in peft_module_names(config))]
         if unknown:
             suggestions = {t: difflib.get_close_matches(t, linear_names, n=2) for t in unknown}
             raise ValueError(f"LoRA target_modules {unknown} match no module of this model (nearest: "
                              f"{suggestions}); LoRA applies to {linear_names}, 'all-linear', or a regex")
-    matched = [m for m in peft_module_names(config) if _matches(targets, m)]
+    matched = [m for m in peft_module_names(config) if matches_target_modules(targets, m)]
     if "lm_head" in matched:
         raise ValueError(f"LoRA target_modules={targets!r} selects lm_head; qlora-jax adapts the decoder's linear "
                          f"layers {linear_names} only (PEFT's 'all-linear' excludes the head too)")

@@ -39,11 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qlora_jax.checkpoints.load import QuantConfig
 from qlora_jax.kernels import BACKENDS
 from qlora_jax.linear import base_matmul, lora_delta
 from qlora_jax.lora import LoraConfig, init_lora_pair
-from qlora_jax.quant import QuantizationError, QuantizedTensor, quantize
+from qlora_jax.quant import QuantConfig, QuantizationError, QuantizedTensor, quantize
 from qlora_jax.quant.tensor import codes_shape
 
 __all__ = [

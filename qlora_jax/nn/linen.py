@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from qlora_jax.checkpoints.load import QuantConfig
 from qlora_jax.kernels import BACKENDS
 from qlora_jax.lora import LoraConfig, init_lora_pair
 from qlora_jax.nn.layers import DEFAULT_LORA, DEFAULT_QUANT, _adapter_dtype, _matrix_forward, pack_weight, weight_shape
@@ -42,7 +41,7 @@ from qlora_jax.nn.surgery import (
     ragged_blocks_reason,
     tree_nbytes,
 )
-from qlora_jax.quant import QuantizedTensor
+from qlora_jax.quant import QuantConfig, QuantizedTensor
 
 __all__ = ["FROZEN", "LORA", "QLoRADense", "apply_converted", "convert_params", "convert_variables", "qlora_module"]
 
@@ -203,65 +202,88 @@ def convert_params(
         raise QLoRAConversionError(f"convert_params takes the variables model.init returned ({{'params': ...}}), got "
                                    f"collections {sorted(variables)}")
     params = traverse_util.flatten_dict(dict(variables["params"]))
-    converted_before = {path[:-1] for path in traverse_util.flatten_dict(dict(variables.get(FROZEN, {})))}
-    groups: dict[tuple, dict[str, Any]] = {}
-    for path, leaf in params.items():
-        groups.setdefault(path[:-1], {})[path[-1]] = leaf
-    modules = {prefix for path in list(params) + list(converted_before) for prefix in
-               (path[:n] for n in range(1, len(path) + 1))} - set(params)
-
-    def is_dense(module: tuple) -> bool:
-        leaves = groups.get(module, {})
-        return ("kernel" in leaves and set(leaves) <= {"kernel", "bias"} and np.ndim(leaves["kernel"]) == 2
-                and np.ndim(leaves.get("bias", np.zeros(1))) == 1)
-
-    names = {m: ".".join(str(k) for k in m) for m in sorted(modules)}
-    candidates = [Candidate(m, (names[m],), is_dense(m) or m in converted_before,
-                            "converted" if m in converted_before else "Dense" if is_dense(m) else "group")
-                  for m in names]
+    dense = _DenseGroups(params, {path[:-1] for path in traverse_util.flatten_dict(dict(variables.get(FROZEN, {})))})
+    candidates = [Candidate(m, (name,), dense.is_dense(m) or m in dense.converted_before,
+                            "converted" if m in dense.converted_before else "Dense" if dense.is_dense(m) else "group")
+                  for m, name in dense.names.items()]
     claims = match_rules(rules, candidates, "these parameters")
     for m, i in claims.items():
-        where = f"QLoRA rule {i} (module_path={rules[i].module_path!r}) matches {names[m]!r}"
-        if m in converted_before:
-            raise QLoRAConversionError(f"{where}, which is converted already (it has frozen QLoRA weights)")
-        if not is_dense(m):
-            held = sorted(groups.get(m, {})) or "submodules"
-            raise QLoRAConversionError(f"{where}, which is not an nn.Dense parameter group (it holds {held}); narrow "
-                                       "the rule's module_path")
-        in_features = int(np.shape(groups[m]["kernel"])[0])
-        ragged = ragged_blocks_reason(in_features, rules[i].quant)
-        if ragged and rules[i].on_ragged_blocks == "error":
-            raise QLoRAConversionError(f"{where}: {ragged} (on_ragged_blocks='error')")
-
+        dense.check_claim(m, i, rules[i])
     frozen = traverse_util.flatten_dict(dict(variables.get(FROZEN, {})))
     lora: dict[tuple, Any] = traverse_util.flatten_dict(dict(variables.get(LORA, {})))
     layers = []
-    for n, (m, i) in enumerate(sorted(claims.items(), key=lambda item: names[item[0]])):
-        rule, group = rules[i], groups[m]
-        kernel = jnp.asarray(group["kernel"])
-        weight = pack_weight(kernel.T, rule.quant)
-        jax.block_until_ready(weight)
-        frozen[(*m, "weight")] = weight
-        if "bias" in group:
-            frozen[(*m, "bias")] = jnp.asarray(group["bias"]).astype(rule.quant.dtype)
-        if rule.lora is not None:
-            pair = init_lora_pair(jax.random.fold_in(key, n), weight_shape(weight), rule.lora.r,
-                                  _adapter_dtype(rule.lora, rule.dtype, kernel.dtype))
-            lora[(*m, "lora_A")], lora[(*m, "lora_B")] = pair["lora_A"], pair["lora_B"]
-        for name in group:
-            del params[(*m, name)]
-        layers.append(ConvertedLayer(
-            path=names[m], kind="Dense", rule=i, shape=weight_shape(weight), stacked=(), storage=_storage(rule),
-            rank=None if rule.lora is None else rule.lora.r, ragged=ragged_blocks_reason(kernel.shape[0], rule.quant),
-            bytes_before=tree_nbytes(group), bytes_after=tree_nbytes([frozen[(*m, k)] for k in ("weight", "bias")
-                                                              if (*m, k) in frozen])))
-    out = {name: value for name, value in variables.items() if name not in ("params", FROZEN, LORA)}
-    out["params"] = traverse_util.unflatten_dict(params) if params else {}
+    for n, (m, i) in enumerate(sorted(claims.items(), key=lambda item: dense.names[item[0]])):
+        layers.append(_convert_dense(m, i, rules[i], dense, params, frozen, lora, jax.random.fold_in(key, n)))
+    out, trainable = _converted_variables(variables, params, frozen, lora)
+    return out, QLoRAReport(tuple(layers), trainable, tree_nbytes(dict(variables)), tree_nbytes(out))
+
+
+class _DenseGroups:
+    """The ``"params"`` of a Linen model as parameter groups (one per module path) and the modules
+    that hold them; the ``nn.Dense`` ones are what :func:`convert_params` converts."""
+
+    def __init__(self, params: dict[tuple, Any], converted_before: set[tuple]):
+        self.converted_before = converted_before
+        self.groups: dict[tuple, dict[str, Any]] = {}
+        for path, leaf in params.items():
+            self.groups.setdefault(path[:-1], {})[path[-1]] = leaf
+        modules = {prefix for path in list(params) + list(converted_before) for prefix in
+                   (path[:n] for n in range(1, len(path) + 1))} - set(params)
+        self.names = {m: ".".join(str(k) for k in m) for m in sorted(modules)}
+
+    def is_dense(self, module: tuple) -> bool:
+        """Whether ``module`` holds an ``nn.Dense`` group: a 2-D ``kernel`` and maybe a 1-D ``bias``."""
+        leaves = self.groups.get(module, {})
+        return ("kernel" in leaves and set(leaves) <= {"kernel", "bias"} and np.ndim(leaves["kernel"]) == 2
+                and np.ndim(leaves.get("bias", np.zeros(1))) == 1)
+
+    def check_claim(self, m: tuple, i: int, rule: QLoRARule) -> None:
+        """Refuses rule ``i`` matching ``m`` unless ``m`` is an unconverted Dense group it can store."""
+        where = f"QLoRA rule {i} (module_path={rule.module_path!r}) matches {self.names[m]!r}"
+        if m in self.converted_before:
+            raise QLoRAConversionError(f"{where}, which is converted already (it has frozen QLoRA weights)")
+        if not self.is_dense(m):
+            held = sorted(self.groups.get(m, {})) or "submodules"
+            raise QLoRAConversionError(f"{where}, which is not an nn.Dense parameter group (it holds {held}); narrow "
+                                       "the rule's module_path")
+        in_features = int(np.shape(self.groups[m]["kernel"])[0])
+        ragged = ragged_blocks_reason(in_features, rule.quant)
+        if ragged and rule.on_ragged_blocks == "error":
+            raise QLoRAConversionError(f"{where}: {ragged} (on_ragged_blocks='error')")
+
+
+def _convert_dense(m: tuple, i: int, rule: QLoRARule, dense: _DenseGroups, params: dict, frozen: dict, lora: dict,
+                   key: jax.Array) -> ConvertedLayer:
+    """Moves Dense group ``m`` from ``params`` into ``frozen`` (packed) and new adapters into ``lora``."""
+    group = dense.groups[m]
+    kernel = jnp.asarray(group["kernel"])
+    weight = pack_weight(kernel.T, rule.quant)
+    jax.block_until_ready(weight)
+    frozen[(*m, "weight")] = weight
+    if "bias" in group:
+        frozen[(*m, "bias")] = jnp.asarray(group["bias"]).astype(rule.quant.dtype)
+    if rule.lora is not None:
+        pair = init_lora_pair(key, weight_shape(weight), rule.lora.r, _adapter_dtype(rule.lora, rule.dtype,
+                                                                                     kernel.dtype))
+        lora[(*m, "lora_A")], lora[(*m, "lora_B")] = pair["lora_A"], pair["lora_B"]
+    for name in group:
+        del params[(*m, name)]
+    return ConvertedLayer(
+        path=dense.names[m], kind="Dense", rule=i, shape=weight_shape(weight), stacked=(), storage=_storage(rule),
+        rank=None if rule.lora is None else rule.lora.r, ragged=ragged_blocks_reason(kernel.shape[0], rule.quant),
+        bytes_before=tree_nbytes(group), bytes_after=tree_nbytes([frozen[(*m, k)] for k in ("weight", "bias")
+                                                          if (*m, k) in frozen]))
+
+
+def _converted_variables(variables: Mapping[str, Any], params: dict, frozen: dict, lora: dict
+                         ) -> tuple[dict[str, Any], int]:
+    """The converted variables (flat ``params``/``frozen``/``lora`` nested again, other collections as
+    they were) and the adapters' parameter count."""
+    out = _model_variables(variables, params)
     out[FROZEN] = traverse_util.unflatten_dict(frozen)
     if lora:
         out[LORA] = traverse_util.unflatten_dict(lora)
-    trainable = int(sum(np.prod(x.shape) for x in jax.tree.leaves(out.get(LORA, {}))))
-    return out, QLoRAReport(tuple(layers), trainable, tree_nbytes(dict(variables)), tree_nbytes(out))
+    return out, int(sum(np.prod(x.shape) for x in jax.tree.leaves(out.get(LORA, {}))))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,19 +364,10 @@ def convert_variables(
     """
     from qlora_jax.nn import traced
     from qlora_jax.nn.dataflow import weight_uses
-    from qlora_jax.nn.surgery import _storage as storage_of
     from qlora_jax.nn.surgery import _traced_layout, _use_kind, traced_left
 
     rules = as_rules(rules)
-    if kernel_backend not in BACKENDS:
-        raise ValueError(f"kernel_backend must be one of {BACKENDS}, got {kernel_backend!r}")
-    for i, rule in enumerate(rules):
-        if rule.lora is not None and rule.lora.dropout > 0:
-            raise NotImplementedError(f"rule {i}: LoRA dropout is not supported when converting by a traced forward "
-                                      "pass; use dropout=0")
-    if "params" not in variables:
-        raise QLoRAConversionError(f"convert_variables takes the variables model.init returned ({{'params': ...}}), "
-                                   f"got collections {sorted(variables)}")
+    _check_traced_conversion(rules, variables, kernel_backend)
     params, packed_before = _placeholder_params(variables)
     candidates = {p: v for p, v in params.items() if np.ndim(v) >= 2}
     traced_params = {p: (jax.ShapeDtypeStruct(np.shape(v), v.dtype) if p in candidates else v)
@@ -375,33 +388,49 @@ def convert_variables(
     plain = traverse_util.flatten_dict(dict(variables["params"]))
     frozen = traverse_util.flatten_dict(dict(variables.get(FROZEN, {})))
     lora = traverse_util.flatten_dict(dict(variables.get(LORA, {})))
-    layers = []
-    for n, (p, i) in enumerate(sorted(claims.items(), key=lambda item: list(facts).index(item[0]))):
-        rule, layout, weight = rules[i], layouts[p], jnp.asarray(plain.pop(p))
-        packed = traced.pack_for_layout(weight, layout, rule.quant)
-        jax.block_until_ready(packed)
-        frozen[p] = traced.PackedWeight(packed, layout, jnp.dtype(weight.dtype), 0.0 if rule.lora is None else
-                                        rule.lora.scaling, rule.kernel_backend or kernel_backend, rule.lora is not None)
-        after = traced.packed_nbytes(packed)
-        if rule.lora is not None:
-            pair = traced.new_adapters(jax.random.fold_in(key, n), layout, rule.lora.r,
-                                       _adapter_dtype(rule.lora, rule.dtype, weight.dtype))
-            a_name, b_name = traced.adapter_names(p[-1])
-            lora[(*p[:-1], a_name)], lora[(*p[:-1], b_name)] = pair["lora_A"], pair["lora_B"]
-            after += int(pair["lora_A"].nbytes + pair["lora_B"].nbytes)
-        layers.append(ConvertedLayer(
-            path=names[p], kind="contraction", rule=i, shape=(layout.out_features, layout.in_features),
-            stacked=layout.lead_shape, storage=storage_of(rule), rank=None if rule.lora is None else rule.lora.r,
-            ragged=ragged_blocks_reason(layout.in_features, rule.quant), bytes_before=int(weight.nbytes),
-            bytes_after=after, layout=layout.describe()))
-    out = {name: value for name, value in variables.items() if name not in ("params", FROZEN, LORA)}
-    out["params"] = traverse_util.unflatten_dict(plain) if plain else {}
-    out[FROZEN] = traverse_util.unflatten_dict(frozen)
-    if lora:
-        out[LORA] = traverse_util.unflatten_dict(lora)
-    trainable = int(sum(np.prod(x.shape) for x in jax.tree.leaves(out.get(LORA, {}))))
+    layers = [_convert_traced(p, i, rules[i], layouts[p], names[p], plain, frozen, lora, jax.random.fold_in(key, n),
+                              kernel_backend)
+              for n, (p, i) in enumerate(sorted(claims.items(), key=lambda item: list(facts).index(item[0])))]
+    out, trainable = _converted_variables(variables, plain, frozen, lora)
     left = tuple(traced_left(facts, claims, rules, converted))
     return out, QLoRAReport(tuple(layers), trainable, tree_nbytes(dict(variables)), tree_nbytes(out), left)
+
+
+def _check_traced_conversion(rules: Sequence[QLoRARule], variables: Mapping[str, Any], kernel_backend: str) -> None:
+    """Refuses what :func:`convert_variables` cannot do, before tracing."""
+    if kernel_backend not in BACKENDS:
+        raise ValueError(f"kernel_backend must be one of {BACKENDS}, got {kernel_backend!r}")
+    for i, rule in enumerate(rules):
+        if rule.lora is not None and rule.lora.dropout > 0:
+            raise NotImplementedError(f"rule {i}: LoRA dropout is not supported when converting by a traced forward "
+                                      "pass; use dropout=0")
+    if "params" not in variables:
+        raise QLoRAConversionError(f"convert_variables takes the variables model.init returned ({{'params': ...}}), "
+                                   f"got collections {sorted(variables)}")
+
+
+def _convert_traced(p: tuple, i: int, rule: QLoRARule, layout: Any, name: str, plain: dict, frozen: dict,
+                    lora: dict, key: jax.Array, kernel_backend: str) -> ConvertedLayer:
+    """Moves weight ``p`` from ``plain`` into ``frozen`` (a PackedWeight) and new adapters into ``lora``."""
+    from qlora_jax.nn import traced
+    from qlora_jax.nn.surgery import _storage as storage_of
+
+    weight = jnp.asarray(plain.pop(p))
+    packed = traced.pack_for_layout(weight, layout, rule.quant)
+    jax.block_until_ready(packed)
+    frozen[p] = traced.PackedWeight(packed, layout, jnp.dtype(weight.dtype), 0.0 if rule.lora is None else
+                                    rule.lora.scaling, rule.kernel_backend or kernel_backend, rule.lora is not None)
+    after = traced.packed_nbytes(packed)
+    if rule.lora is not None:
+        pair = traced.new_adapters(key, layout, rule.lora.r, _adapter_dtype(rule.lora, rule.dtype, weight.dtype))
+        a_name, b_name = traced.adapter_names(p[-1])
+        lora[(*p[:-1], a_name)], lora[(*p[:-1], b_name)] = pair["lora_A"], pair["lora_B"]
+        after += int(pair["lora_A"].nbytes + pair["lora_B"].nbytes)
+    return ConvertedLayer(
+        path=name, kind="contraction", rule=i, shape=(layout.out_features, layout.in_features),
+        stacked=layout.lead_shape, storage=storage_of(rule), rank=None if rule.lora is None else rule.lora.r,
+        ragged=ragged_blocks_reason(layout.in_features, rule.quant), bytes_before=int(weight.nbytes),
+        bytes_after=after, layout=layout.describe())
 
 
 def apply_converted(model: nn.Module, variables: Mapping[str, Any], *args: Any, method: Any = None,

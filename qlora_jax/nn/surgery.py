@@ -34,11 +34,11 @@ import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
-from qlora_jax.checkpoints.load import QuantConfig
 from qlora_jax.kernels import BACKENDS
 from qlora_jax.lora import LoraConfig
-from qlora_jax.models.layout import _matches as _peft_matches
+from qlora_jax.models.layout import matches_target_modules
 from qlora_jax.nn.layers import EinsumLayout, QLoRAEinsum, QLoRALinear, _QLoRABase, leading_shape, weight_shape
+from qlora_jax.quant import QuantConfig
 
 __all__ = [
     "QLoRARule",
@@ -83,7 +83,7 @@ class QLoRARule:
     (so a PEFT-style ``LoraConfig`` is a rule by itself); giving both is an error unless the
     LoraConfig's is the default ``"all-linear"``. ``lora``: adapter hyperparameters, or None to
     quantize the layer frozen, without adapter. ``quant``: the frozen weight's storage
-    (:class:`~qlora_jax.checkpoints.load.QuantConfig`; "nf4"/"fp4"/"int8" with double quant and
+    (:class:`~qlora_jax.quant.QuantConfig`; "nf4"/"fp4"/"int8" with double quant and
     block size, or a 16-bit mode). ``kernel_backend``: the quantized matmul's backend for these
     layers (None: :func:`apply_qlora`'s). ``dtype``: the layers' computation dtype (None: the
     replaced layer's own ``dtype``). ``exclude``: paths this rule leaves alone (same syntax as
@@ -153,7 +153,7 @@ class QLoRARule:
 def _path_matches(targets: str | tuple[str, ...], path: str, is_linear: bool) -> bool:
     if targets == "all-linear":
         return is_linear
-    return _peft_matches(targets, path)
+    return matches_target_modules(targets, path)
 
 
 def as_rules(rules: QLoRARule | LoraConfig | Sequence[QLoRARule | LoraConfig]) -> tuple[QLoRARule, ...]:

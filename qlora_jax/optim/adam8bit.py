@@ -20,6 +20,7 @@ gradients before the update (``qlora_jax.train`` reports them) or wrap in ``opta
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -94,14 +95,7 @@ def scale_by_adam_8bit(
       Kingma and Ba, `Adam: A Method for Stochastic Optimization
       <https://arxiv.org/abs/1412.6980>`_, 2014.
     """
-    if not 0.0 <= b1 < 1.0 or not 0.0 <= b2 < 1.0:
-        raise ValueError(f"Adam betas must be in [0, 1), got b1={b1}, b2={b2}")
-    if eps <= 0.0:
-        raise ValueError(f"eps must be positive, got {eps}")
-    if block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}")
-    if bnb_backend not in ("cuda", "cpu"):
-        raise ValueError(f"bnb_backend must be 'cuda' or 'cpu', got {bnb_backend!r}")
+    _check_settings(b1, b2, eps, block_size, bnb_backend)
 
     def quantized(leaf) -> bool:
         return leaf.size >= min_8bit_size
@@ -132,25 +126,8 @@ def scale_by_adam_8bit(
         correction1 = 1.0 - jnp.float32(b1) ** t
         correction2 = jnp.sqrt(1.0 - jnp.float32(b2) ** t)
 
-        def leaf(g, mu, mu_absmax, nu, nu_absmax):
-            g = g.astype(jnp.float32)
-            is_8bit = mu.dtype == jnp.uint8
-            if is_8bit:
-                m = qm.decode_moment(mu, mu_absmax, signed=True, block_size=block_size)
-                v = qm.decode_moment(nu, nu_absmax, signed=False, block_size=block_size)
-            else:
-                m, v = mu, nu
-            m = b1 * m + (1.0 - b1) * g
-            v = b2 * v + (1.0 - b2) * (g * g)
-            # The step uses the float32 moments before re-encoding, as bitsandbytes does.
-            direction = m / (jnp.sqrt(v) / correction2 + eps) / correction1
-            if is_8bit:
-                mu, mu_absmax = qm.encode_moment(m, signed=True, bnb_backend=bnb_backend, block_size=block_size)
-                nu, nu_absmax = qm.encode_moment(v, signed=False, bnb_backend=bnb_backend, block_size=block_size)
-            else:
-                mu, nu = m, v
-            return direction, mu, mu_absmax, nu, nu_absmax
-
+        leaf = functools.partial(_update_leaf, b1=b1, b2=b2, eps=eps, correction1=correction1,
+                                 correction2=correction2, block_size=block_size, bnb_backend=bnb_backend)
         treedef = jax.tree.structure(updates)
         flat = [
             treedef.flatten_up_to(t) for t in (updates, state.mu, state.mu_absmax, state.nu, state.nu_absmax)
@@ -161,3 +138,36 @@ def scale_by_adam_8bit(
         return pick(0), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_settings(b1: float, b2: float, eps: float, block_size: int, bnb_backend: str) -> None:
+    if not 0.0 <= b1 < 1.0 or not 0.0 <= b2 < 1.0:
+        raise ValueError(f"Adam betas must be in [0, 1), got b1={b1}, b2={b2}")
+    if eps <= 0.0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if bnb_backend not in ("cuda", "cpu"):
+        raise ValueError(f"bnb_backend must be 'cuda' or 'cpu', got {bnb_backend!r}")
+
+
+def _update_leaf(g, mu, mu_absmax, nu, nu_absmax, *, b1: float, b2: float, eps: float, correction1: jax.Array,
+                 correction2: jax.Array, block_size: int, bnb_backend: BnbBackend):
+    """One leaf's Adam direction and new moments (8-bit codes and absmax, or float32 and None)."""
+    g = g.astype(jnp.float32)
+    is_8bit = mu.dtype == jnp.uint8
+    if is_8bit:
+        m = qm.decode_moment(mu, mu_absmax, signed=True, block_size=block_size)
+        v = qm.decode_moment(nu, nu_absmax, signed=False, block_size=block_size)
+    else:
+        m, v = mu, nu
+    m = b1 * m + (1.0 - b1) * g
+    v = b2 * v + (1.0 - b2) * (g * g)
+    # The step uses the float32 moments before re-encoding, as bitsandbytes does.
+    direction = m / (jnp.sqrt(v) / correction2 + eps) / correction1
+    if is_8bit:
+        mu, mu_absmax = qm.encode_moment(m, signed=True, bnb_backend=bnb_backend, block_size=block_size)
+        nu, nu_absmax = qm.encode_moment(v, signed=False, bnb_backend=bnb_backend, block_size=block_size)
+    else:
+        mu, nu = m, v
+    return direction, mu, mu_absmax, nu, nu_absmax

@@ -190,7 +190,7 @@ class TrainStep:
                 raise ValueError(
                     f"optimizer state leaf {jax.tree_util.keystr(path)} is placed as {have}, the step expects {want}. "
                     "Restore or build the state with the shardings of optimizer.init(params) "
-                    "(e.g. qlora_jax.checkpointing.abstract_like(optimizer.init(params)) as the restore target)."
+                    "(e.g. qlora_jax.training_state.abstract_like(optimizer.init(params)) as the restore target)."
                 )
 
     def _arg_shardings(self, arg: Any) -> Any:

@@ -49,6 +49,7 @@ holds one group's state at a time.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -454,17 +455,7 @@ def update_pieces(
     glob = dict(zip(layout.global_ids, _pick(full, layout.global_ids), strict=True))  # on the device already
     new_full = list(full)
     out: list[Any] = [None] * len(g_leaves)
-
-    def run_piece(piece: PieceState, local: list, g_tree, p_tree):
-        """inner.update on one piece; ``local``: its per-parameter leaves (in ``piece.sources`` order)."""
-        it = iter(local)
-        leaves = [glob[i] if i in globals_set else next(it) for i in piece.sources]
-        u, new_state = inner.update(g_tree, piece.treedef.unflatten(leaves), p_tree, **extra_args)
-        new_leaves = piece.treedef.flatten_up_to(new_state)
-        new_local = [x for x, i in zip(new_leaves, piece.sources, strict=True) if i not in globals_set]
-        new_glob = [x for x, i in zip(new_leaves, piece.sources, strict=True) if i in globals_set]
-        return u, new_local, new_glob
-
+    run_piece = functools.partial(_run_piece, inner, extra_args, glob, globals_set)
     new_glob = _pick(full, layout.global_ids)
     previous = None
     if plan.layer_ids:
@@ -497,6 +488,19 @@ def update_pieces(
     for i, x in zip(layout.global_ids, new_glob, strict=True):
         new_full[i] = x
     return plan.treedef.unflatten(out), layout.treedef.unflatten(new_full)
+
+
+def _run_piece(inner: optax.GradientTransformationExtraArgs, extra_args: dict, glob: dict, globals_set: set,
+               piece: PieceState, local: list, g_tree: Any, p_tree: Any) -> tuple[Any, list, list]:
+    """inner.update on one piece; ``local``: its per-parameter leaves (in ``piece.sources`` order),
+    ``glob``: the global leaves (on the device). Returns ``(updates, new local leaves, new globals)``."""
+    it = iter(local)
+    leaves = [glob[i] if i in globals_set else next(it) for i in piece.sources]
+    u, new_state = inner.update(g_tree, piece.treedef.unflatten(leaves), p_tree, **extra_args)
+    new_leaves = piece.treedef.flatten_up_to(new_state)
+    new_local = [x for x, i in zip(new_leaves, piece.sources, strict=True) if i not in globals_set]
+    new_glob = [x for x, i in zip(new_leaves, piece.sources, strict=True) if i in globals_set]
+    return u, new_local, new_glob
 
 
 def _layer_loop(layout, run_piece, grads, params, state, layers_per_chunk, to_device, to_host, prefetch, unroll):

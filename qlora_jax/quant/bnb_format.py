@@ -169,6 +169,29 @@ def from_bnb_state_dict(tensors: Mapping[str, Any], name: str) -> QuantizedTenso
     Raises:
       QuantizationError: a missing, malformed or inconsistent tensor or quant-state field.
     """
+    state_key, meta = _quant_state(tensors, name)
+    quant_type, shape, blocksize = _state_header(meta, state_key)
+    dtype = str(meta.get("dtype", "float32"))
+    double_quant = _double_quantized(tensors, name, meta, state_key)
+    packed = _packed_codes(tensors, name, quant_type, shape)
+    absmax, nested, offset, nested_blocksize = _scales(tensors, name, meta, state_key, int(np.prod(shape)),
+                                                       blocksize, double_quant)
+    qt = QuantizedTensor(
+        codes=packed.reshape(codes_shape(shape, quant_type)),
+        scales=absmax.reshape(scales_shape(shape, blocksize)),
+        nested_scales=nested,
+        offset=None if offset is None else np.asarray(offset, np.float32),
+        shape=shape,
+        dtype=dtype,
+        quant_type=quant_type,
+        blocksize=blocksize,
+        nested_blocksize=nested_blocksize,
+    )
+    return qt.validate()
+
+
+def _quant_state(tensors: Mapping[str, Any], name: str) -> tuple[str, dict[str, Any]]:
+    """The key of ``name``'s quant state and its JSON object."""
     state_keys = [k for k in tensors if k.startswith(f"{name}.quant_state.bitsandbytes__")]
     if len(state_keys) != 1:
         present = [k for k in auxiliary_keys(name) if k in tensors]
@@ -183,6 +206,11 @@ def from_bnb_state_dict(tensors: Mapping[str, Any], name: str) -> QuantizedTenso
         raise QuantizationError(f"{state_key!r} does not hold bitsandbytes' JSON quant state: {err}") from err
     if not isinstance(meta, dict):
         raise QuantizationError(f"{state_key!r} holds JSON {type(meta).__name__}, not bitsandbytes' quant state object")
+    return state_key, meta
+
+
+def _state_header(meta: dict[str, Any], state_key: str) -> tuple[str, tuple[int, ...], int]:
+    """``(quant_type, shape, blocksize)`` of a quant state, checked."""
     quant_type = meta.get("quant_type")
     if quant_type not in ("nf4", "fp4") or not state_key.endswith(f"__{quant_type}"):
         raise QuantizationError(f"{state_key!r}: quant_type {quant_type!r} is not the key's nf4 or fp4")
@@ -190,11 +218,11 @@ def from_bnb_state_dict(tensors: Mapping[str, Any], name: str) -> QuantizedTenso
     if not shape_field or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape_field):
         raise QuantizationError(f"{state_key!r}: quant state field 'shape' is {shape_field!r}; expected positive "
                                 "integers")
-    shape = tuple(shape_field)
-    blocksize = _meta_field(meta, "blocksize", state_key, int, positive=True)
-    dtype = str(meta.get("dtype", "float32"))
-    numel = int(np.prod(shape))
+    return quant_type, tuple(shape_field), _meta_field(meta, "blocksize", state_key, int, positive=True)
 
+
+def _double_quantized(tensors: Mapping[str, Any], name: str, meta: dict[str, Any], state_key: str) -> bool:
+    """Whether the scales are double-quantized: the quant state says so, and the nested tensors agree."""
     nested_in_state = "nested_offset" in meta or "nested_blocksize" in meta
     nested_keys = [f"{name}.nested_absmax", f"{name}.nested_quant_map"]
     nested_present = [k for k in nested_keys if k in tensors]
@@ -206,8 +234,11 @@ def from_bnb_state_dict(tensors: Mapping[str, Any], name: str) -> QuantizedTenso
     if nested_present and not nested_in_state:
         raise QuantizationError(f"{state_key!r} says the scales are not double-quantized (no nested_offset), but "
                                 f"{nested_present} is present")
-    double_quant = nested_in_state
+    return nested_in_state
 
+
+def _packed_codes(tensors: Mapping[str, Any], name: str, quant_type: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The packed 4-bit codes (uint8), after checking the code table is bitsandbytes' own."""
     quant_map = _get(tensors, f"{name}.quant_map").astype(np.float32).reshape(-1)
     if quant_map.shape != (16,) or not np.array_equal(quant_map, codebooks.codebook(quant_type)):
         raise QuantizationError(
@@ -217,11 +248,19 @@ def from_bnb_state_dict(tensors: Mapping[str, Any], name: str) -> QuantizedTenso
     if packed.dtype != np.uint8:
         # bitsandbytes' quant_storage option stores the same bytes under another dtype.
         packed = np.ascontiguousarray(packed).view(np.uint8)
+    numel = int(np.prod(shape))
     if packed.size != (numel + 1) // 2:
         raise QuantizationError(
             f"{name} holds {packed.size} bytes but a {quant_type} tensor of shape {list(shape)} needs "
             f"{(numel + 1) // 2}"
         )
+    return packed
+
+
+def _scales(tensors: Mapping[str, Any], name: str, meta: dict[str, Any], state_key: str, numel: int, blocksize: int,
+            double_quant: bool) -> tuple[np.ndarray, np.ndarray | None, np.float32 | None, int]:
+    """``(absmax, nested_absmax, nested_offset, nested_blocksize)``, checked (the nested ones None,
+    and the block size 256, without double quantization)."""
     absmax = _get(tensors, f"{name}.absmax").reshape(-1)
     num_blocks = -(-numel // blocksize)
     if absmax.size != num_blocks:
@@ -232,29 +271,17 @@ def from_bnb_state_dict(tensors: Mapping[str, Any], name: str) -> QuantizedTenso
             f"{name}.absmax is {absmax.dtype.name}; bitsandbytes stores {np.dtype(expected_absmax).name} absmax "
             f"{'codes with double quantization' if double_quant else 'without double quantization'} (the quant "
             "state and the tensors disagree)")
-    nested, offset, nested_blocksize = None, None, 256
-    if double_quant:
-        nested_map = _get(tensors, f"{name}.nested_quant_map").astype(np.float32).reshape(-1)
-        if not np.array_equal(nested_map, codebooks.DYNAMIC_MAP_SIGNED):
-            raise QuantizationError(f"{name}.nested_quant_map is not bitsandbytes' signed dynamic map")
-        nested_blocksize = _meta_field(meta, "nested_blocksize", state_key, int, positive=True)
-        offset = np.float32(_meta_field(meta, "nested_offset", state_key, float))
-        nested = _get(tensors, f"{name}.nested_absmax")
-        if nested.dtype != np.float32:
-            raise QuantizationError(f"{name}.nested_absmax is {nested.dtype.name}; bitsandbytes stores float32")
-        nested = nested.reshape(-1)
-        _check_scales(nested, f"{name}.nested_absmax")
-    else:
+    if not double_quant:
         _check_scales(absmax, f"{name}.absmax")
-    qt = QuantizedTensor(
-        codes=packed.reshape(codes_shape(shape, quant_type)),
-        scales=absmax.reshape(scales_shape(shape, blocksize)),
-        nested_scales=nested,
-        offset=None if offset is None else np.asarray(offset, np.float32),
-        shape=shape,
-        dtype=dtype,
-        quant_type=quant_type,
-        blocksize=blocksize,
-        nested_blocksize=nested_blocksize,
-    )
-    return qt.validate()
+        return absmax, None, None, 256
+    nested_map = _get(tensors, f"{name}.nested_quant_map").astype(np.float32).reshape(-1)
+    if not np.array_equal(nested_map, codebooks.DYNAMIC_MAP_SIGNED):
+        raise QuantizationError(f"{name}.nested_quant_map is not bitsandbytes' signed dynamic map")
+    nested_blocksize = _meta_field(meta, "nested_blocksize", state_key, int, positive=True)
+    offset = np.float32(_meta_field(meta, "nested_offset", state_key, float))
+    nested = _get(tensors, f"{name}.nested_absmax")
+    if nested.dtype != np.float32:
+        raise QuantizationError(f"{name}.nested_absmax is {nested.dtype.name}; bitsandbytes stores float32")
+    nested = nested.reshape(-1)
+    _check_scales(nested, f"{name}.nested_absmax")
+    return absmax, nested, offset, nested_blocksize

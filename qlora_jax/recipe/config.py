@@ -21,6 +21,7 @@ from qlora_jax.distributed.mesh import parse_mesh_spec
 from qlora_jax.lora import LoraConfig
 from qlora_jax.models.spec import COMPUTE_DTYPES
 from qlora_jax.optim.factory import OPTIMIZER_NAMES
+from qlora_jax.quant import QuantConfig
 from qlora_jax.quant.tensor import SUPPORTED_BLOCKSIZES
 from qlora_jax.recipe.settings import ConfigError, below_one, non_negative, positive, setting, unit_interval, validate
 
@@ -232,6 +233,11 @@ class FinetuneConfig:
     def quant(self) -> str:
         """The loader's ``quant`` for ``bits`` and ``quant_type``."""
         return self.quant_type if self.bits == 4 else QUANT_FOR_BITS[self.bits]
+
+    def quant_config(self) -> QuantConfig:
+        """How the frozen base is stored (``quant``, ``double_quant``, ``blocksize``, ``bnb_backend``)."""
+        return QuantConfig(quant=self.quant, double_quant=self.double_quant, blocksize=self.blocksize,
+                           bnb_backend=self.bnb_backend)
 
     def lora_config(self) -> LoraConfig:
         """The adapters' hyperparameters (``lora_dtype="auto"``: the compute dtype)."""

@@ -21,6 +21,7 @@ Before any of these, :func:`check_adapter_init`, :func:`open_checkpoints` and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -37,9 +38,8 @@ import numpy as np
 
 from qlora_jax import assets
 from qlora_jax import data as data_lib
-from qlora_jax.checkpointing import TrainCheckpointer, load_step_meta, load_trainable
 from qlora_jax.checkpoints.base_cache import load_pretrained_cached
-from qlora_jax.checkpoints.load import QuantConfig, open_checkpoint, read_config
+from qlora_jax.checkpoints.load import open_checkpoint, read_config
 from qlora_jax.distributed import (
     axes_across_processes,
     make_mesh,
@@ -64,6 +64,7 @@ from qlora_jax.recipe.run_lock import RunLock
 from qlora_jax.recipe.settings import ConfigError, unavailable
 from qlora_jax.tokenizer import Tokenizer
 from qlora_jax.train import NonFiniteLossError, make_eval_step, make_train_step
+from qlora_jax.training_state import TrainCheckpointer, load_step_meta, load_trainable
 
 __all__ = [
     "FinetuneData", "FinetuneResult", "LoopResult", "MetricsLog", "TrainState", "TrainingCollapsedError",
@@ -339,16 +340,15 @@ def setup_model(cfg: FinetuneConfig, mesh: jax.sharding.Mesh | None = None) -> t
     _check_model_settings(cfg)
     compute_dtype, why = choose_compute_dtype(cfg.compute_dtype)
     log.info("compute dtype %s: %s", compute_dtype, why)
-    kwargs = dict(quant=cfg.quant, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
-                  bnb_backend=cfg.bnb_backend, lora=None if cfg.full_finetune else cfg.lora_config(),
-                  full_finetune=cfg.full_finetune, compute_dtype=compute_dtype,
-                  remat=cfg.gradient_checkpointing, seed=cfg.seed)
-    if QuantConfig(cfg.quant).quantized:
+    quant = cfg.quant_config()
+    options = dict(lora=None if cfg.full_finetune else cfg.lora_config(), full_finetune=cfg.full_finetune,
+                   compute_dtype=compute_dtype, remat=cfg.gradient_checkpointing, seed=cfg.seed, mesh=mesh)
+    if quant.quantized:
         # The quantized base is written once per output directory (base/) and read back on resume:
         # no second quantization of the source checkpoint, the same bytes.
-        model, tokenizer, _ = load_pretrained_cached(cfg.output_dir, cfg.model, mesh=mesh, **kwargs)
+        model, tokenizer, _ = load_pretrained_cached(cfg.output_dir, cfg.model, quant, **options)
     else:
-        model, tokenizer = load_pretrained(cfg.model, mesh=mesh, **kwargs)
+        model, tokenizer = load_pretrained(cfg.model, quant, **options)
     if tokenizer is None:
         raise ConfigError(f"model={cfg.model!r}: has no tokenizer.json; a finetune needs one")
     log.info("%s", model.load_stats.summary())
@@ -683,6 +683,107 @@ def _due(step: int, every: int, last: int) -> bool:
     return step % every == 0 or step == last
 
 
+class _Throughput:
+    """Training throughput over the steps that ran compiled: the first step of each batch shape
+    compiles (said in the log, and left out of the rate)."""
+
+    def __init__(self):
+        self.compiled: set[tuple[int, ...]] = set()
+        self.tokens, self.seconds = 0.0, 0.0
+
+    def before(self, shape: tuple[int, ...]) -> None:
+        """Says, before a step of a new batch shape, that it compiles first."""
+        if shape not in self.compiled:
+            log.info("compiling the training step for batches of shape %s (minutes for a large model; the "
+                     "progress bar's time estimate means nothing until it is done)...", shape)
+
+    def after(self, shape: tuple[int, ...], tokens: float, seconds: float) -> None:
+        """Counts a step of ``tokens`` (prompt and target) that took ``seconds``, unless it compiled."""
+        if shape in self.compiled:
+            self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+        else:
+            self.compiled.add(shape)
+            log.info("compiled and ran the first step of shape %s in %.1f s", shape, seconds)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Tokens per second of the compiled steps (0 without one)."""
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def _multiple_choice(mc_eval_fn: Callable[[Any], dict[str, Any]] | None, trainable: Any, metrics: MetricsLog,
+                     at_step: int) -> None:
+    """Runs and logs the multiple-choice evaluation, if there is one."""
+    if mc_eval_fn is None:
+        return
+    result = mc_eval_fn(trainable)
+    metrics.write({"kind": "mc_eval", "step": at_step, **result})
+    if "mc_task" in result:  # an lm-eval task: whatever metrics it defines
+        log.info("step %d: lm-eval task %s over %d documents: %s", at_step, result["mc_task"],
+                 result["mc_count"], ", ".join(f"{k.removeprefix('mc_')} {v:.4g}" for k, v in result.items()
+                                               if k not in ("mc_task", "mc_count")))
+    else:
+        log.info("step %d: multiple-choice accuracy %.3f (acc_norm %.3f) over %d questions", at_step,
+                 result["mc_acc"], result["mc_acc_norm"], result["mc_count"])
+
+
+def _held_out(step: int, trainable: Any, evaluate_fn: Callable[[Any], float], metrics: MetricsLog,
+              monitor: DivergenceMonitor, checkpointer: TrainCheckpointer) -> float:
+    """The held-out loss after ``step``, logged and shown to ``monitor`` (which may stop the run)."""
+    eval_loss = evaluate_fn(trainable)
+    metrics.write({"kind": "eval", "step": step, "eval_loss": eval_loss, "eval_perplexity": _perplexity(eval_loss)})
+    log.info("step %d: held-out loss %.3f nats (perplexity %.1f)", step, eval_loss, _perplexity(eval_loss))
+    verdict = monitor.check_eval(step, eval_loss)
+    if verdict.diverged:
+        _stop(verdict, checkpointer, monitor)
+    return eval_loss
+
+
+def _before_training(trainable: Any, evaluate_fn: Callable[[Any], float],
+                     mc_eval_fn: Callable[[Any], dict[str, Any]] | None, metrics: MetricsLog) -> None:
+    """The held-out loss (and multiple-choice metrics) of the state before any step, logged."""
+    first = evaluate_fn(trainable)
+    metrics.write({"kind": "eval", "step": 0, "eval_loss": first, "eval_perplexity": _perplexity(first)})
+    log.info("held-out loss before training: %.3f nats (perplexity %.1f)", first, _perplexity(first))
+    _multiple_choice(mc_eval_fn, trainable, metrics, 0)
+
+
+class _StepFigures(NamedTuple):
+    """What one training step reports: its loss (nats per target token), gradient norm, target
+    tokens, prompt and target tokens (the throughput's count) and wall-clock seconds."""
+
+    loss: float
+    grad_norm: float
+    tokens: float
+    sequence_tokens: float
+    seconds: float
+
+
+def _timed_step(train_step: Callable, trainable: Any, opt_state: Any, frozen: Any, batch: dict[str, Any],
+                key: jax.Array | None, throughput: _Throughput) -> tuple[Any, Any, _StepFigures]:
+    """One training step, timed (until its metrics are on the host) and counted in ``throughput``."""
+    shape = tuple(batch["input_ids"].shape)
+    throughput.before(shape)
+    tick = time.perf_counter()
+    trainable, opt_state, out = train_step(trainable, opt_state, frozen, batch, key)
+    loss, grad_norm, tokens = float(out["loss"]), float(out["grad_norm"]), float(out["tokens"])
+    seconds = time.perf_counter() - tick
+    sequence_tokens = float(_total(batch["attention_mask"]))
+    throughput.after(shape, sequence_tokens, seconds)
+    return trainable, opt_state, _StepFigures(loss, grad_norm, tokens, sequence_tokens, seconds)
+
+
+def _save_if_good(step: int, health: Health, trainable: Any, opt_state: Any, *, checkpointer: TrainCheckpointer,
+                  monitor: DivergenceMonitor, save: Callable[[], None]) -> None:
+    """The save decision: only a healthy, finite state is saved (``save()``); a non-finite one stops the run."""
+    if not health.healthy:
+        log.warning("not saving step %d: %s (since step %s)", step, health.reason, health.since_step)
+    elif not tree_all_finite((trainable, opt_state)):
+        _stop(Health(step, "diverged", "the state after the update is non-finite (NaN/Inf)"), checkpointer, monitor)
+    else:
+        save()
+
+
 def train_loop(
     cfg: FinetuneConfig,
     state: TrainState,
@@ -711,52 +812,23 @@ def train_loop(
     ``mc_eval_steps`` (default ``eval_steps``) and at the end. ``monitor`` sees every step: the loop stops with
     :class:`~qlora_jax.train.NonFiniteLossError` or :class:`TrainingCollapsedError` when it says
     diverged, saves only while it says healthy and the state is finite, and keeps the checkpoints
-    it has proven good (see :class:`~qlora_jax.checkpointing.TrainCheckpointer`).
+    it has proven good (see :class:`~qlora_jax.training_state.TrainCheckpointer`).
     """
     from tqdm.auto import tqdm
 
     trainable, opt_state, step = state.trainable, state.opt_state, state.step
     flags = dataclasses.asdict(cfg)
-    compiled: set[tuple[int, ...]] = set()
-    tokens_seen, seconds_spent, eval_loss = 0.0, 0.0, None
+    throughput, eval_loss = _Throughput(), None
     mc_every = cfg.mc_eval_steps or cfg.eval_steps
-
-    def multiple_choice(at_step: int) -> None:
-        if mc_eval_fn is not None:
-            result = mc_eval_fn(trainable)
-            metrics.write({"kind": "mc_eval", "step": at_step, **result})
-            if "mc_task" in result:  # an lm-eval task: whatever metrics it defines
-                log.info("step %d: lm-eval task %s over %d documents: %s", at_step, result["mc_task"],
-                         result["mc_count"], ", ".join(f"{k.removeprefix('mc_')} {v:.4g}" for k, v in result.items()
-                                                       if k not in ("mc_task", "mc_count")))
-            else:
-                log.info("step %d: multiple-choice accuracy %.3f (acc_norm %.3f) over %d questions", at_step,
-                         result["mc_acc"], result["mc_acc_norm"], result["mc_count"])
-
     if step == 0:
-        first = evaluate_fn(trainable)
-        metrics.write({"kind": "eval", "step": 0, "eval_loss": first, "eval_perplexity": _perplexity(first)})
-        log.info("held-out loss before training: %.3f nats (perplexity %.1f)", first, _perplexity(first))
-        multiple_choice(0)
+        _before_training(trainable, evaluate_fn, mc_eval_fn, metrics)
     with tqdm(total=cfg.max_steps, initial=step, disable=not progress or not multiprocess.is_primary(),
               dynamic_ncols=True, desc="finetune") as bar:
         while step < cfg.max_steps:
             batch = put_batch(batches.next_batches(cfg.gradient_accumulation_steps))
             key = jax.random.fold_in(state.rng_key, step) if cfg.lora_dropout > 0 else None
-            shape = tuple(batch["input_ids"].shape)
-            if shape not in compiled:
-                log.info("compiling the training step for batches of shape %s (minutes for a large model; the "
-                         "progress bar's time estimate means nothing until it is done)...", shape)
-            tick = time.perf_counter()
-            trainable, opt_state, out = train_step(trainable, opt_state, frozen, batch, key)
-            loss, grad_norm, tokens = float(out["loss"]), float(out["grad_norm"]), float(out["tokens"])
-            seconds = time.perf_counter() - tick
-            sequence_tokens = float(_total(batch["attention_mask"]))
-            if shape in compiled:
-                tokens_seen, seconds_spent = tokens_seen + sequence_tokens, seconds_spent + seconds
-            else:
-                compiled.add(shape)
-                log.info("compiled and ran the first step of shape %s in %.1f s", shape, seconds)
+            trainable, opt_state, (loss, grad_norm, tokens, sequence_tokens, seconds) = _timed_step(
+                train_step, trainable, opt_state, frozen, batch, key, throughput)
             step += 1
             lr = float(schedule(step - 1))
             health = monitor.update(step, loss=loss, grad_norm=grad_norm, tokens=tokens)
@@ -770,31 +842,21 @@ def train_loop(
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{sequence_tokens / seconds:.0f}")
             bar.update(1)
             if _due(step, cfg.eval_steps, cfg.max_steps):
-                eval_loss = evaluate_fn(trainable)
-                metrics.write({"kind": "eval", "step": step, "eval_loss": eval_loss,
-                               "eval_perplexity": _perplexity(eval_loss)})
-                log.info("step %d: held-out loss %.3f nats (perplexity %.1f)", step, eval_loss, _perplexity(eval_loss))
-                verdict = monitor.check_eval(step, eval_loss)
-                if verdict.diverged:
-                    _stop(verdict, checkpointer, monitor)
+                eval_loss = _held_out(step, trainable, evaluate_fn, metrics, monitor, checkpointer)
             if _due(step, mc_every, cfg.max_steps):
-                multiple_choice(step)
+                _multiple_choice(mc_eval_fn, trainable, metrics, step)
             if _due(step, cfg.save_steps, cfg.max_steps):
-                if not health.healthy:
-                    log.warning("not saving step %d: %s (since step %s)", step, health.reason, health.since_step)
-                elif not tree_all_finite((trainable, opt_state)):
-                    _stop(Health(step, "diverged", "the state after the update is non-finite (NaN/Inf)"),
-                          checkpointer, monitor)
-                else:
-                    checkpointer.save(step, trainable, opt_state, data_state=batches.state, rng_key=state.rng_key,
-                                      flags=flags, extra={**(checkpoint_extra or {}),
-                                                          "health": {"loss": loss, "grad_norm": grad_norm}})
+                extra = {**(checkpoint_extra or {}), "health": {"loss": loss, "grad_norm": grad_norm}}
+                _save_if_good(step, health, trainable, opt_state, checkpointer=checkpointer, monitor=monitor,
+                              save=functools.partial(checkpointer.save, step, trainable, opt_state,
+                                                     data_state=batches.state, rng_key=state.rng_key, flags=flags,
+                                                     extra=extra))
     if eval_loss is None:  # nothing left to train (a resume at max_steps whose outputs were not written)
         eval_loss = evaluate_fn(trainable)
     monitor.confirm_final(step, eval_loss)
     checkpointer.confirm(monitor.last_good_state)
     final = TrainState(step, trainable, opt_state, state.rng_key, batches.state)
-    return LoopResult(final, eval_loss, tokens_seen / seconds_spent if seconds_spent else 0.0)
+    return LoopResult(final, eval_loss, throughput.tokens_per_second)
 
 
 def _perplexity(loss: float) -> float:
