@@ -29,7 +29,9 @@ from qlora_jax.model import init_lora_params
 from qlora_jax.models import layout, llama
 from qlora_jax.models.config import LlamaConfig, UnsupportedArchitectureError
 from qlora_jax.models.spec import ModelSpec
+from qlora_jax.optim import make_optimizer
 from qlora_jax.peft_io import load_peft_adapter, save_peft_adapter
+from qlora_jax.train import make_train_step
 
 BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=2, eos_token_id=1,
@@ -216,6 +218,82 @@ def test_merged_export_reloads_in_transformers(oracle, hf, workdir, inputs, name
     out = oracle.run("hf_models.py", arrays, {"cases": [
         dict(name="m", op="logits", dir=str(workdir / f"{name}_merged"))]})
     np.testing.assert_allclose(valid(out["m/logits"], mask), valid(expected, mask), atol=2e-4, rtol=1e-4)
+
+
+# Five AdamW steps (torch.optim.AdamW's settings; clipping at QLoRA's 0.3) on one batch, from the
+# same PEFT adapter: ours in float32 against transformers + PEFT in float64
+# (tests/oracles/hf_train.py). A decay of 1.0: in five steps of lr=1e-3 a usual 0.1 moves the loss
+# by less than the tolerance, so the test would not see whether it is applied.
+ADAMW = dict(steps=5, lr=1e-3, betas=[0.9, 0.999], eps=1e-8, weight_decay=1.0, max_grad_norm=0.3)
+PROMPT = 3  # the first tokens of each row are a prompt, not targets
+# As tests/test_train_objective.py (same sizes: hidden 64, intermediate 128, vocab 256, K = 256):
+# float32 rounding over ~20 dependent stages of K-term sums, 4x for the tails.
+U32, K = float(np.finfo(np.float32).eps) / 2, 256
+ROUNDING = 80 * K**0.5 * U32  # relative, of a loss; of a gradient entry, relative to the largest
+
+
+@pytest.fixture(scope="module")
+def adamw_reference(oracle, hf, workdir, inputs):
+    """Per family: a random PEFT adapter (non-zero A and B, so every matrix has a gradient) and
+    the float64 losses of five AdamW steps from it, by transformers + PEFT + torch.optim.AdamW."""
+    ids, mask = inputs
+    loss_mask = np.ones_like(mask)
+    loss_mask[:, :PROMPT] = 0
+    arrays = {f"{name}/{k}": v for name in MODELS for k, v in
+              (("input_ids", ids), ("attention_mask", mask), ("loss_mask", loss_mask))}
+    oracle.run("hf_models.py", arrays, {"cases": [
+        dict(name=name, op="peft_random", dir=str(workdir / name), r=4, alpha=8, targets="all-linear", seed=40 + i,
+             save_dir=str(workdir / f"{name}_adamw_init")) for i, name in enumerate(MODELS)]})
+    out = oracle.run("hf_train.py", arrays, {"cases": [
+        dict(name=name, dir=str(workdir / name), adapter_dir=str(workdir / f"{name}_adamw_init"), adamw=ADAMW)
+        for name in MODELS]})
+    return out, {"input_ids": ids[None], "attention_mask": mask[None], "loss_mask": loss_mask[None]}
+
+
+def adamw_losses(spec, base, lora, batch, weight_decay):
+    """The losses of our train step over ADAMW["steps"] steps, then after the last update."""
+    optimizer = make_optimizer("adamw", ADAMW["lr"], b1=ADAMW["betas"][0], b2=ADAMW["betas"][1], eps=ADAMW["eps"],
+                               weight_decay=weight_decay, max_grad_norm=ADAMW["max_grad_norm"])
+    step = jax.jit(make_train_step(spec, optimizer))
+    state = optimizer.init(lora)
+    batch = jax.tree.map(jnp.asarray, batch)
+    losses = []
+    for _ in range(ADAMW["steps"] + 1):  # the last call's loss is the one after the fifth update
+        lora, state, metrics = step(lora, state, base, batch, None)
+        losses.append(float(metrics["loss"]))
+    return np.array(losses)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_five_adamw_steps_follow_peft(adamw_reference, workdir, name):
+    """Our train step with make_optimizer("adamw") follows PEFT's losses step by step.
+
+    Tolerance, from the arithmetic. Each loss carries our float32 evaluation error,
+    ROUNDING·|loss|. Our gradients differ from the float64 ones by delta = ROUNDING·max|g| per
+    entry at most. AdamW's update lr·m̂/(√v̂ + eps) of an entry moves by about lr·delta/|g| for such
+    a change (m̂/√v̂ is scale-free, so its sensitivity to one gradient is O(1/|g|)), which moves the
+    loss by |g|·lr·delta/|g| = lr·delta; an entry whose gradient is within delta of zero may step
+    the other way (at most 2·1.01·lr, as |m̂/√v̂| <= 1.01 over five steps at these betas), moving the
+    loss by at most 2·delta·2.02·lr. So each entry moves a loss by at most 4·lr·delta per step;
+    over the n entries these add like a random walk (sqrt(n)), 4x for its tails, and the steps'
+    differences persist: after k steps, ROUNDING·|loss| + k·16·sqrt(n)·lr·delta. One step moves
+    the loss by about lr·Σ|g|, far more (checked below); dropping the weight decay, lr·θ per step,
+    is outside the tolerance too (checked below).
+    """
+    out, batch = adamw_reference
+    config, base, _ = ours(workdir / name)
+    lora, lora_config = load_peft_adapter(workdir / f"{name}_adamw_init", config, dtype="float32")
+    spec = ModelSpec(config, lora_config, compute_dtype="float32")
+    losses = adamw_losses(spec, base, lora, batch, ADAMW["weight_decay"])
+    want = out[f"{name}/losses"]
+    n = sum(leaf.size for leaf in jax.tree.leaves(lora))
+    delta = ROUNDING * out[f"{name}/grad_max"].max()
+    steps = np.arange(ADAMW["steps"] + 1)
+    tolerance = ROUNDING * np.abs(want) + steps * 16 * n**0.5 * ADAMW["lr"] * delta
+    assert np.all(np.abs(losses - want) <= tolerance), (losses.tolist(), want.tolist(), tolerance.tolist())
+    assert want[0] - want[-1] > 20 * tolerance[-1], "the steps must move the loss far beyond the tolerance"
+    without_decay = adamw_losses(spec, base, lora, batch, 0.0)
+    assert np.any(np.abs(without_decay - want) > tolerance), "the tolerance must see the weight decay"
 
 
 @pytest.mark.parametrize("name", list(MODELS))
