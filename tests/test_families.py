@@ -296,6 +296,148 @@ def test_five_adamw_steps_follow_peft(adamw_reference, workdir, name):
     assert np.any(np.abs(without_decay - want) > tolerance), "the tolerance must see the weight decay"
 
 
+# Each family's chat template as its published tokenizer_config.json has it (Qwen3's without its
+# tool-calling branches), with its special tokens.
+CHAT_TEMPLATES = {
+    "qwen3": (
+        "{%- if messages[0].role == 'system' %}"
+        "{{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}"
+        "{%- endif %}"
+        "{%- for message in messages %}"
+        "{%- if message.role == 'user' %}"
+        "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}"
+        "{%- elif message.role == 'assistant' %}"
+        "{%- set content = message.content.split('</think>')[-1].lstrip('\n') %}"
+        "{{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>\n' }}"
+        "{%- endif %}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}"
+        "{{- '<|im_start|>assistant\n' }}"
+        "{%- if enable_thinking is defined and enable_thinking is false %}"
+        "{{- '<think>\n\n</think>\n\n' }}"
+        "{%- endif %}"
+        "{%- endif %}"
+    ),
+    "gemma2": (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+        "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+    ),
+    "gemma3": (
+        "{{ bos_token }}\n"
+        "{%- if messages[0]['role'] == 'system' -%}\n"
+        "    {%- if messages[0]['content'] is string -%}\n"
+        "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n"
+        "    {%- else -%}\n"
+        "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n"
+        "    {%- endif -%}\n"
+        "    {%- set loop_messages = messages[1:] -%}\n"
+        "{%- else -%}\n"
+        "    {%- set first_user_prefix = \"\" -%}\n"
+        "    {%- set loop_messages = messages -%}\n"
+        "{%- endif -%}\n"
+        "{%- for message in loop_messages -%}\n"
+        "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+        "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+        "    {%- endif -%}\n"
+        "    {%- if (message['role'] == 'assistant') -%}\n"
+        "        {%- set role = \"model\" -%}\n"
+        "    {%- else -%}\n"
+        "        {%- set role = message['role'] -%}\n"
+        "    {%- endif -%}\n"
+        "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
+        "    {%- if message['content'] is string -%}\n"
+        "        {{ message['content'] | trim }}\n"
+        "    {%- elif message['content'] is iterable -%}\n"
+        "        {%- for item in message['content'] -%}\n"
+        "            {%- if item['type'] == 'image' -%}\n"
+        "                {{ '<start_of_image>' }}\n"
+        "            {%- elif item['type'] == 'text' -%}\n"
+        "                {{ item['text'] | trim }}\n"
+        "            {%- endif -%}\n"
+        "        {%- endfor -%}\n"
+        "    {%- else -%}\n"
+        "        {{ raise_exception(\"Invalid content type\") }}\n"
+        "    {%- endif -%}\n"
+        "    {{ '<end_of_turn>\\n' }}\n"
+        "{%- endfor -%}\n"
+        "{%- if add_generation_prompt -%}\n"
+        "    {{'<start_of_turn>model\\n'}}\n"
+        "{%- endif -%}\n"
+    ),
+    "phi3": (
+        "{% for message in messages %}{% if message['role'] == 'system' %}"
+        "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+        "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+        "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+    ),
+}
+# Special tokens per family: (tokens added to the SmolLM2 vocabulary, bos, eos, pad).
+SPECIAL_TOKENS = {
+    "qwen3": ((), None, "<|im_end|>", "<|endoftext|>"),
+    "gemma2": (("<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"), "<bos>", "<eos>", "<pad>"),
+    "gemma3": (("<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"), "<bos>", "<eos>", "<pad>"),
+    "phi3": (("<s>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"), "<s>", "<|endoftext|>", "<|endoftext|>"),
+}
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "<think>\nadding\n</think>\n\n Four. "},
+    {"role": "user", "content": "And 3+3? <|im_end|> <end_of_turn> <|end|>"},  # special tokens in the text
+]
+
+
+def write_family_tokenizer(folder: pathlib.Path, name: str) -> None:
+    """The embedded SmolLM2 tokenizer with the family's special tokens, and a tokenizer_config.json
+    with the family's chat template and tokens: what a model folder of the family ships."""
+    from tokenizers import AddedToken
+
+    from qlora_jax.model import load_tokenizer
+
+    added, bos, eos, pad = SPECIAL_TOKENS[name]
+    hf_tokenizer = load_tokenizer("embedded").hf
+    hf_tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added])
+    hf_tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": pad,
+              "add_bos_token": bos is not None, "chat_template": CHAT_TEMPLATES[name]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_chat_template_and_tokens_match_transformers(oracle, hf, workdir, name):
+    """The family's folder: our tokenizer renders its chat template and tokenizes the result as
+    transformers' AutoTokenizer.apply_chat_template does (with and without the generation prompt)."""
+    from qlora_jax.model import load_tokenizer
+
+    folder = workdir / name
+    write_family_tokenizer(folder, name)
+    # Gemma 2's template refuses a system message (in both): its conversations start at the user.
+    conversation = CONVERSATION[1:] if name == "gemma2" else CONVERSATION
+    cases = [{"messages": messages, "chat_template": None, "add_generation_prompt": prompt}
+             for messages in (conversation, conversation[-1:]) for prompt in (False, True)]
+    out = oracle.run("hf_tokenizer.py", {}, {"dir": str(folder), "gguf_file": None, "cases": cases,
+                                             "texts": [CONVERSATION[3]["content"]]})
+    tokenizer = load_tokenizer(folder)
+    assert tokenizer.chat_template == CHAT_TEMPLATES[name]
+    marker = {"qwen3": "<|im_end|>", "gemma2": "<end_of_turn>", "gemma3": "<end_of_turn>", "phi3": "<|end|>"}[name]
+    full = str(out["rendered_0"])
+    assert full.count(marker) >= 3, full  # the turns' ends (Gemma 3 folds the system message into the user's)
+    if name == "qwen3":
+        assert "adding" not in full, full  # Qwen3's template drops the assistant's reasoning from the history
+    for i, case in enumerate(cases):
+        rendered = tokenizer.apply_chat_template(case["messages"], add_generation_prompt=case["add_generation_prompt"])
+        assert rendered == str(out[f"rendered_{i}"]), (name, case)
+        np.testing.assert_array_equal(np.asarray(tokenizer.encode(rendered, add_bos=False)), out[f"ids_{i}"])
+    # The family's turn markers are single special tokens in both.
+    text_ids = tokenizer.encode(CONVERSATION[3]["content"], add_bos=False)
+    np.testing.assert_array_equal(np.asarray(text_ids), out["text_ids_0"])
+    assert tokenizer.token_id(marker) in text_ids
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_save_quantized_round_trip(hf, workdir, inputs, name):
     """Our own checkpoint of a new family reads back byte for byte, config and adapters included."""
