@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from jax.sharding import Mesh
 
 __all__ = ["CausalLM", "FrozenWeights", "load_pretrained", "init_lora_params", "default_compute_dtype",
-           "load_tokenizer"]
+           "load_tokenizer", "abstract_model", "load_pretrained_cached"]
 
 log = logging.getLogger(__name__)
 
@@ -195,3 +195,98 @@ def load_pretrained(
     model = CausalLM(spec, base, lora_params)
     model.load_stats = stats
     return model, tokenizer
+
+
+def abstract_model(
+    spec: ModelSpec,
+    quant: QuantConfig | None = None,
+    *,
+    mesh: Mesh | None = None,
+) -> CausalLM:
+    """An abstract :class:`CausalLM`: ShapeDtypeStructs, no weights, no checkpoint.
+
+    Built with ``nnx.eval_shape`` from ``spec`` (architecture and adapters) and ``quant`` (how the
+    base is stored; default ``QuantConfig()``, NF4 + double quantization). With ``mesh``, every
+    leaf carries its :func:`qlora_jax.distributed.param_shardings` sharding, so a restore into it
+    reads only each device's shard. Pass it to
+    :func:`~qlora_jax.checkpoints.orbax_format.restore_model` (or restore each variable's value,
+    ``nnx.split(model)[1][name]``, from the checkpoint's item ``name``).
+
+    It lives here, not in :mod:`qlora_jax.checkpoints.orbax_format`, because it builds a
+    :class:`CausalLM`: the checkpoint modules read and write pytrees and never import this module.
+
+    Args:
+        spec: the model's architecture, adapters and compute settings.
+        quant: how the base is stored (default NF4 with double quantization).
+        mesh: shard every leaf over it; None: unsharded.
+
+    Returns:
+        The abstract model.
+    """
+    from qlora_jax.checkpoints.orbax_format import with_shardings
+    from qlora_jax.synthetic import random_base
+
+    config = spec.config
+    quant = quant or QuantConfig()
+    kwargs = dict(quant=quant.quant, double_quant=quant.double_quant,
+                  blocksize=quant.blocksize, dtype=jnp.dtype(quant.dtype))
+
+    def make() -> CausalLM:
+        base = random_base(config, jax.random.key(0), **kwargs)
+        lora = init_lora_params(jax.random.key(1), spec) if spec.lora_config is not None else None
+        return CausalLM(spec, base, lora)
+
+    model = nnx.eval_shape(make)
+    if mesh is not None:
+        from qlora_jax.distributed import param_shardings
+
+        # Each top-level variable (base, lora) holds a whole pytree: shard its leaves in place.
+        graphdef, state = nnx.split(model)
+        for name in state.keys():
+            tree = state[name].get_value()
+            state[name].set_value(with_shardings(tree, param_shardings(tree, mesh)))
+        model = nnx.merge(graphdef, state)
+    return model
+
+
+def load_pretrained_cached(
+    output_dir: str | pathlib.Path, path: str | pathlib.Path = "embedded", quant: QuantConfig | str = QuantConfig(),
+    *, mesh: Mesh | None = None, **kwargs: Any
+) -> tuple[CausalLM, Tokenizer | None, bool]:
+    """:func:`load_pretrained` of ``path`` through ``<output_dir>/base/``
+    (:class:`~qlora_jax.checkpoints.base_cache.QuantizedBaseCache`).
+
+    The first call loads (and quantizes) ``path`` and saves its base there; later calls read the
+    saved base instead, after checking it was saved from ``path`` for the same model config and
+    ``quant``. The model is the same, array for array, either way.
+
+    ``mesh``: the model comes back sharded over it. In a multi-process run every process calls
+    this: each quantizes the source (the same bytes: quantization is deterministic) and keeps its
+    devices' shards, and the save is one Orbax checkpoint that every process writes its shards of
+    (process 0 the metadata); a cached base is read by every process, each its own shards.
+    Whether the cache is there is process 0's reading, shared by all.
+
+    Args:
+        output_dir: the run's output directory (the cache is its ``base/``).
+        path: the source checkpoint, as :func:`load_pretrained` takes it.
+        quant: how the base is stored, as :func:`load_pretrained` takes it.
+        mesh: shard the model over it.
+        **kwargs: :func:`load_pretrained`'s other arguments (``lora``, ``seed``...).
+
+    Returns:
+        ``(model, tokenizer, was_cached)``.
+    """
+    from qlora_jax.checkpoints.base_cache import QuantizedBaseCache
+    from qlora_jax.distributed import multiprocess
+
+    cache = QuantizedBaseCache(output_dir)
+    quant = as_quant_config(quant)
+    if multiprocess.from_primary(cache.exists, "looking for the cached base"):
+        cache.check(path, quant)
+        model, tokenizer = load_pretrained(cache.path, quant, mesh=mesh, **kwargs)
+        log.info("base read from %s (saved from %s): %s", cache.path, path, model.load_stats.summary())
+        return model, tokenizer, True
+    model, tokenizer = load_pretrained(path, quant, mesh=mesh, **kwargs)
+    cache.save(model.base_params, model.config, tokenizer, path)
+    log.info("base of %s saved to %s for resuming without re-quantizing", path, cache.path)
+    return model, tokenizer, False

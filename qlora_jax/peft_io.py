@@ -25,6 +25,7 @@ from qlora_jax.checkpoints.validate import CheckedSource
 from qlora_jax.lora import LoraConfig
 from qlora_jax.models import layout
 from qlora_jax.models.config import LlamaConfig
+from qlora_jax.models.layout import adapter_targets  # public here too (save_peft_adapter's module list)
 
 __all__ = ["save_peft_adapter", "load_peft_adapter", "peft_key", "adapter_targets"]
 
@@ -36,12 +37,6 @@ _PREFIX = "base_model.model.model."
 def peft_key(layer: int, name: str, matrix: str) -> str:
     """PEFT's saved key of one adapter matrix ("lora_A" or "lora_B")."""
     return layout.hf_key(layer, name, f"{matrix}.weight", prefix=_PREFIX)
-
-
-def adapter_targets(lora: dict[str, Any]) -> tuple[str, ...]:
-    """The linear layers an adapter pytree holds adapters for, in decoder order."""
-    held = {name for group in lora["layers"].values() for name in group}
-    return tuple(name for name in layout.ALL_LINEAR_LAYERS if name in held)
 
 
 def save_peft_adapter(

@@ -3,13 +3,24 @@
 The file is made with the ``gguf`` package's writer, its tensor names from the package's own
 ``TensorNameMap`` (what convert_hf_to_gguf.py uses), the q/k rows in llama.cpp's rotary order. Our
 loader and transformers' GGUF reader (.venv-oracle) must both give back every tensor exactly.
+The new families' files (Qwen3, Phi-3) are written from a random transformers model the same way,
+and both readers' models give the same logits. Gemma 2/3 GGUF files are refused by name.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
+from safetensors.numpy import load_file
 
 from qlora_jax.checkpoints.load import load_base_params, open_checkpoint, read_config
+from qlora_jax.models import llama
+from qlora_jax.models.config import UnsupportedArchitectureError
+from qlora_jax.models.spec import ModelSpec
 from qlora_jax.quant import QuantConfig
 
 LAYERS, D, F, HEADS, KV_HEADS, VOCAB = 2, 64, 128, 4, 2, 96
@@ -85,3 +96,106 @@ def test_every_tensor_of_a_llama_cpp_style_gguf_reads_back(tmp_path, rng, oracle
                                               tensors[f"model.layers.{i}.{group}.{name}.weight"], err_msg=f"{i}.{name}")
         for norm in ("input_layernorm", "post_attention_layernorm"):
             np.testing.assert_array_equal(np.asarray(layers[norm][i]), tensors[f"model.layers.{i}.{norm}.weight"])
+
+
+# The families llama.cpp and transformers' GGUF reader share, as a tiny random transformers model:
+# GQA, Qwen3's q/k norms with its head size (transformers' GGUF reader takes Qwen3's default
+# head_dim, 128, whatever the file says), Phi-3's fused qkv_proj and gate_up_proj, an untied head.
+FAMILY_CONFIGS = {
+    "qwen3": dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=128, max_position_embeddings=128, rms_norm_eps=1e-5,
+                  tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "phi3": dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2),
+}
+
+
+def _write_family_gguf(path, arch: str, config: dict, tensors: dict[str, np.ndarray]) -> None:
+    """As convert_hf_to_gguf.py's Qwen3Model / Phi3MiniModel: metadata, names from TensorNameMap, no permutation."""
+    import gguf
+
+    layers = config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim", config["hidden_size"] // heads)
+    names = gguf.get_tensor_name_map({"qwen3": gguf.MODEL_ARCH.QWEN3, "phi3": gguf.MODEL_ARCH.PHI3}[arch], layers)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(layers)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_dimension_count(head_dim)
+    if "head_dim" in config:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    # The converter writes the special tokens' ids (tokenizer.ggml.*) from the model's tokenizer.
+    for field, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                       ("pad_token_id", writer.add_pad_token_id)):
+        if field in config:
+            add(config[field])
+    for key, value in tensors.items():
+        module, suffix = key.rsplit(".", 1)
+        writer.add_tensor(f"{names.get_name(module)}.{suffix}", np.ascontiguousarray(value))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("arch", list(FAMILY_CONFIGS))
+def test_family_gguf_reads_as_transformers_reads_it(tmp_path, rng, oracle, arch):
+    config = FAMILY_CONFIGS[arch]
+    ids = rng.integers(0, config["vocab_size"], size=(2, 12)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 9:] = 0
+    oracle.run("hf_models.py", {"m/input_ids": ids}, {"cases": [
+        dict(name="m", op="make_model", model_type=arch, config=config, seed=31, dir=str(tmp_path / "hf"))]})
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    path = tmp_path / f"{arch}.gguf"
+    _write_family_gguf(path, arch, config, tensors)
+    reference = oracle.run("hf_gguf.py", {"input_ids": ids, "attention_mask": mask},
+                           {"dir": str(tmp_path), "gguf_file": path.name})
+    for key, value in tensors.items():  # transformers gives back every tensor exactly
+        np.testing.assert_array_equal(reference[key], value, err_msg=f"transformers: {key}")
+
+    source, cfg = open_checkpoint(path)
+    ours_config = read_config(cfg)
+    assert ours_config.model_type == arch and ours_config.head_dim == config.get("head_dim", 16)
+    folder_config = read_config(open_checkpoint(tmp_path / "hf")[1])
+    # GGUF stores the epsilon as float32; everything else is the folder's config exactly.
+    assert ours_config.rms_norm_eps == pytest.approx(folder_config.rms_norm_eps, rel=1e-7)
+    assert dataclasses.replace(ours_config, rms_norm_eps=folder_config.rms_norm_eps) == folder_config
+    base, _ = load_base_params(source, ours_config, QuantConfig(quant="float32", dtype="float32"))
+    spec = ModelSpec(ours_config, None, compute_dtype="float32")
+    logits, _ = llama.forward(spec, base, None, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    valid = mask.astype(bool)
+    # Tolerance of tests/test_models.py: float32 on both sides, so differences are summation order.
+    np.testing.assert_allclose(np.asarray(logits)[valid], reference["logits"][valid], atol=2e-4, rtol=1e-4)
+    # The same file as transformers' folder: our loader reads the folder's tensors exactly.
+    hf_base, _ = load_base_params(open_checkpoint(tmp_path / "hf")[0], folder_config,
+                                  QuantConfig(quant="float32", dtype="float32"))
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(hf_base), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_gguf_is_refused_by_name(tmp_path, arch):
+    import gguf
+
+    path = tmp_path / f"{arch}.gguf"
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedArchitectureError, match=rf"GGUF architecture '{arch}'.*soft-caps.*'llama', "
+                                                           r"'qwen3', 'phi3'"):
+        open_checkpoint(path)

@@ -27,7 +27,6 @@ from tokenizers.pre_tokenizers import Whitespace
 from qlora_jax.checkpoints import base_cache, orbax_format
 from qlora_jax.checkpoints.errors import CheckpointError
 from qlora_jax.checkpoints.orbax_format import (
-    abstract_model,
     is_quantized_checkpoint,
     load_quantized,
     restore_model,
@@ -35,7 +34,7 @@ from qlora_jax.checkpoints.orbax_format import (
 )
 from qlora_jax.distributed import make_mesh
 from qlora_jax.lora import LoraConfig
-from qlora_jax.model import CausalLM, init_lora_params, load_pretrained
+from qlora_jax.model import CausalLM, abstract_model, init_lora_params, load_pretrained, load_pretrained_cached
 from qlora_jax.models import layout
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.spec import ModelSpec
@@ -337,12 +336,12 @@ def hf_folder(tmp_path_factory, module_rng) -> pathlib.Path:
 
 def test_resume_reads_the_saved_base_without_quantizing(hf_folder, tmp_path, quantizer_calls):
     kwargs = dict(quant="nf4", lora=LoraConfig(r=4), compute_dtype="float32", seed=3)
-    first, tokenizer, cached = base_cache.load_pretrained_cached(tmp_path / "run", hf_folder, **kwargs)
+    first, tokenizer, cached = load_pretrained_cached(tmp_path / "run", hf_folder, **kwargs)
     assert not cached and quantizer_calls["count"] > 0  # the first run quantizes (so the spy sees the quantizer)
     assert is_quantized_checkpoint(tmp_path / "run" / "base")
 
     quantizer_calls["forbidden"] = True
-    again, tokenizer_again, cached = base_cache.load_pretrained_cached(tmp_path / "run", hf_folder, **kwargs)
+    again, tokenizer_again, cached = load_pretrained_cached(tmp_path / "run", hf_folder, **kwargs)
     assert cached
     assert_identical(again.base_params, first.base_params)
     assert_identical(again.lora_params, first.lora_params)  # fresh adapters from the same seed
@@ -359,13 +358,13 @@ def test_resume_reads_the_saved_base_without_quantizing(hf_folder, tmp_path, qua
     assert_identical(chat_model.lora_params, first.lora_params)
 
     with pytest.raises(CheckpointError, match=r"stored as .*quant='nf4' \(asked: 'fp4'\)"):
-        base_cache.load_pretrained_cached(tmp_path / "run", hf_folder, **{**kwargs, "quant": "fp4"})
+        load_pretrained_cached(tmp_path / "run", hf_folder, **{**kwargs, "quant": "fp4"})
     with pytest.raises(CheckpointError, match="saved from .*not from"):
-        base_cache.load_pretrained_cached(tmp_path / "run", "embedded", **kwargs)
+        load_pretrained_cached(tmp_path / "run", "embedded", **kwargs)
 
 
 def test_cached_base_of_another_model_config_is_refused(hf_folder, tmp_path, quantizer_calls):
-    base_cache.load_pretrained_cached(tmp_path / "run", hf_folder, lora=None)
+    load_pretrained_cached(tmp_path / "run", hf_folder, lora=None)
     changed = json.loads((hf_folder / "config.json").read_text())
     source = tmp_path / "source"
     shutil.copytree(hf_folder, source)
@@ -376,12 +375,12 @@ def test_cached_base_of_another_model_config_is_refused(hf_folder, tmp_path, qua
     (source / "config.json").write_text(json.dumps({**changed, "rms_norm_eps": 1e-3}))
     quantizer_calls["forbidden"] = True
     with pytest.raises(CheckpointError, match=r"another model config.*rms_norm_eps: saved 1e-06, expected 0.001"):
-        base_cache.load_pretrained_cached(tmp_path / "run", source, lora=None)
+        load_pretrained_cached(tmp_path / "run", source, lora=None)
     with pytest.raises(CheckpointError, match=r"another model config.*num_hidden_layers: saved 2, expected 3"):
         load_quantized(cache.path, expected_config=tiny_config(num_hidden_layers=3))
     (cache.path / "manifest").rename(tmp_path / "moved")
     with pytest.raises(CheckpointError, match="exists but is not a quantized checkpoint"):
-        base_cache.load_pretrained_cached(tmp_path / "run", source, lora=None)
+        load_pretrained_cached(tmp_path / "run", source, lora=None)
 
 
 # --------------------------------------------------------------------------- bad input

@@ -6,7 +6,9 @@ writes its base once to ``<output_dir>/base/`` (:func:`~qlora_jax.checkpoints.or
 source checkpoint read and no quantizer call. A cached base saved from another source, for another
 model config or stored otherwise than asked is refused with an error naming what differs.
 
-:func:`load_pretrained_cached` is :func:`~qlora_jax.model.load_pretrained` with this cache.
+:func:`qlora_jax.model.load_pretrained_cached` is :func:`~qlora_jax.model.load_pretrained` with
+this cache; it lives in :mod:`qlora_jax.model` because it builds a model, and this module reads and
+writes pytrees only (it imports nothing from :mod:`qlora_jax.model`, so there is no import circle).
 """
 
 from __future__ import annotations
@@ -24,15 +26,15 @@ from qlora_jax.checkpoints.orbax_format import (
     load_quantized,
     save_quantized,
 )
-from qlora_jax.quant import QuantConfig, as_quant_config
+from qlora_jax.quant import QuantConfig
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
 
-    from qlora_jax.model import CausalLM
+    from qlora_jax.models.config import LlamaConfig
     from qlora_jax.tokenizer import Tokenizer
 
-__all__ = ["BASE_DIR", "QuantizedBaseCache", "find_run_adapter", "load_pretrained_cached", "source_name"]
+__all__ = ["BASE_DIR", "QuantizedBaseCache", "find_run_adapter", "source_name"]
 
 log = logging.getLogger(__name__)
 
@@ -81,43 +83,20 @@ class QuantizedBaseCache:
         self.check(source, quant)
         return load_quantized(self.path, mesh=mesh, expected_quant=quant)
 
-    def save(self, model: CausalLM, tokenizer: Tokenizer | None, source: str | pathlib.Path) -> pathlib.Path:
-        """Writes ``model``'s base (not its adapters: the run's checkpoints hold those) and tokenizer."""
-        return save_quantized(self.path, model.base_params, config=model.config, tokenizer=tokenizer,
-                              source=source_name(source))
+    def save(self, base: dict[str, Any], config: LlamaConfig, tokenizer: Tokenizer | None,
+             source: str | pathlib.Path) -> pathlib.Path:
+        """Writes a model's base (not its adapters: the run's checkpoints hold those) and tokenizer.
 
+        Args:
+            base: the model's frozen base pytree (``model.base_params``).
+            config: its architecture (``model.config``).
+            tokenizer: saved with it, if given.
+            source: where the base was loaded from (recorded, and checked on reading).
 
-def load_pretrained_cached(
-    output_dir: str | pathlib.Path, path: str | pathlib.Path = "embedded", quant: QuantConfig | str = QuantConfig(),
-    *, mesh: Mesh | None = None, **kwargs: Any
-) -> tuple[CausalLM, Tokenizer | None, bool]:
-    """:func:`~qlora_jax.model.load_pretrained` of ``path`` through ``<output_dir>/base/``.
-
-    The first call loads (and quantizes) ``path`` and saves its base there; later calls read the
-    saved base instead, after checking it was saved from ``path`` for the same model config and
-    ``quant`` (``kwargs``: the rest of ``load_pretrained``'s, e.g. ``lora``, ``seed``). Returns
-    ``(model, tokenizer, was_cached)``; the model is the same, array for array, either way.
-
-    ``mesh``: the model comes back sharded over it. In a multi-process run every process calls
-    this: each quantizes the source (the same bytes: quantization is deterministic) and keeps its
-    devices' shards, and the save is one Orbax checkpoint that every process writes its shards of
-    (process 0 the metadata); a cached base is read by every process, each its own shards.
-    Whether the cache is there is process 0's reading, shared by all.
-    """
-    from qlora_jax.distributed import multiprocess
-    from qlora_jax.model import load_pretrained
-
-    cache = QuantizedBaseCache(output_dir)
-    quant = as_quant_config(quant)
-    if multiprocess.from_primary(cache.exists, "looking for the cached base"):
-        cache.check(path, quant)
-        model, tokenizer = load_pretrained(cache.path, quant, mesh=mesh, **kwargs)
-        log.info("base read from %s (saved from %s): %s", cache.path, path, model.load_stats.summary())
-        return model, tokenizer, True
-    model, tokenizer = load_pretrained(path, quant, mesh=mesh, **kwargs)
-    cache.save(model, tokenizer, path)
-    log.info("base of %s saved to %s for resuming without re-quantizing", path, cache.path)
-    return model, tokenizer, False
+        Returns:
+            The cache's path.
+        """
+        return save_quantized(self.path, base, config=config, tokenizer=tokenizer, source=source_name(source))
 
 
 def find_run_adapter(path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path | None]:

@@ -1,11 +1,18 @@
-"""GGUF files (llama.cpp's format) of LLaMA-architecture models, through the ``gguf`` package.
+"""GGUF files (llama.cpp's format) of the LLaMA, Qwen3 and Phi-3 architectures, through the ``gguf`` package.
 
 A GGUF file is read as if it were a Hugging Face folder: tensors under transformers' key names,
 dequantized to float32 (whatever GGML type they are stored in), a transformers-style config, and
 a ``tokenizers`` tokenizer rebuilt from the vocabulary and merges in the file's metadata.
 
-llama.cpp's converter permutes the rows of ``attn_q`` and ``attn_k`` for its interleaved rotary
-embedding; they are permuted back here to transformers' ``rotate_half`` layout.
+llama.cpp's converter permutes the rows of ``attn_q`` and ``attn_k`` of a LLaMA for its
+interleaved rotary embedding; they are permuted back here to transformers' ``rotate_half`` layout
+(Qwen3 and Phi-3 are stored unpermuted). Qwen3 adds ``attn_q_norm``/``attn_k_norm``; Phi-3 keeps
+its fused ``attn_qkv`` and its ``ffn_up``, which is the fused ``gate_up_proj``.
+
+Gemma 2 and Gemma 3 GGUF files are refused: transformers' GGUF reader, the oracle every format
+here is tested against, reads neither their soft-caps, ``query_pre_attn_scalar`` nor Gemma 3's
+local RoPE base from the metadata (it takes its config defaults), so no reading of ours could be
+checked against it.
 """
 
 from __future__ import annotations
@@ -33,6 +40,17 @@ _LAYER_NAMES = {
     "ffn_norm": "post_attention_layernorm",
 }
 _GLOBAL_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+# GGUF general.architecture -> (transformers model_type and class, tensor names of its layers).
+_ARCHITECTURES = {
+    "llama": ("llama", "LlamaForCausalLM", _LAYER_NAMES),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM",
+              {**_LAYER_NAMES, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}),
+    "phi3": ("phi3", "Phi3ForCausalLM",
+             {"attn_qkv": "qkv_proj", "attn_output": "o_proj", "ffn_up": "gate_up_proj", "ffn_down": "down_proj",
+              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}),
+}
+_NO_ORACLE = ("gemma2", "gemma3")
+_SHOWN = {"llama": "LLaMA", "qwen3": "Qwen3", "phi3": "Phi-3"}
 
 
 def unpermute_rotary_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -41,18 +59,18 @@ def unpermute_rotary_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _hf_key(name: str, path: pathlib.Path) -> str:
+def _hf_key(name: str, path: pathlib.Path, arch: str = "llama") -> str:
+    layer_names = _ARCHITECTURES[arch][2]
     base, _, suffix = name.rpartition(".")
     if base.startswith("blk."):
         _, layer, kind = base.split(".", 2)
-        if kind in _LAYER_NAMES and layer.isdigit():
-            return layout.hf_key(int(layer), _LAYER_NAMES[kind], suffix)
+        if kind in layer_names and layer.isdigit():
+            return layout.hf_key(int(layer), layer_names[kind], suffix)
     elif base in _GLOBAL_NAMES and suffix == "weight":
-
         return layout.hf_global_key(_GLOBAL_NAMES[base])
-    raise CheckpointError(f"GGUF file {path} holds tensor {name!r}, which a LLaMA model has no use for (expected "
-                          f"blk.N.{{{','.join(_LAYER_NAMES)}}}.weight or {', '.join(_GLOBAL_NAMES)}); nothing in "
-                          "a checkpoint is ignored")
+    raise CheckpointError(f"GGUF file {path} holds tensor {name!r}, which a {_SHOWN[arch]} model has no use for "
+                          f"(expected blk.N.{{{','.join(layer_names)}}}.weight or {', '.join(_GLOBAL_NAMES)}); "
+                          "nothing in a checkpoint is ignored")
 
 
 def _open_reader(path: pathlib.Path):
@@ -95,7 +113,11 @@ def _open_reader(path: pathlib.Path):
 
 
 class GGUFCheckpoint:
-    """Tensors (transformers key names, float32 numpy), config and tokenizer of a GGUF file."""
+    """Tensors (transformers key names, float32 numpy), config and tokenizer of a GGUF file.
+
+    Args:
+        path: the ``.gguf`` file (architecture ``llama``, ``qwen3`` or ``phi3``).
+    """
 
     def __init__(self, path: str | pathlib.Path):
         self.path = pathlib.Path(path)
@@ -104,13 +126,17 @@ class GGUFCheckpoint:
         self._reader = _open_reader(self.path)
         self.metadata = {name: field.contents() for name, field in self._reader.fields.items()}
         arch = self.metadata.get("general.architecture")
-        if arch != "llama":
+        if arch not in _ARCHITECTURES:
             from qlora_jax.models.config import UnsupportedArchitectureError
 
+            why = (" (transformers' GGUF reader, our oracle, ignores the Gemma soft-caps, query_pre_attn_scalar and "
+                   "local RoPE base in its metadata, so a Gemma GGUF cannot be checked; convert the Hugging Face "
+                   "folder instead)") if arch in _NO_ORACLE else ""
             raise UnsupportedArchitectureError(
-                f"GGUF architecture {arch!r} in {self.path} is not supported: qlora-jax reads 'llama' GGUF files"
-            )
-        self._tensors = {_hf_key(t.name, self.path): t for t in self._reader.tensors}
+                f"GGUF architecture {arch!r} in {self.path} is not supported{why}: qlora-jax reads "
+                f"{', '.join(repr(a) for a in _ARCHITECTURES)} GGUF files")
+        self.arch: str = arch
+        self._tensors = {_hf_key(t.name, self.path, arch): t for t in self._reader.tensors}
 
     def _meta_number(self, key: str, kind: type, default: Any = None) -> Any:
         value = self._meta(key, default)
@@ -127,24 +153,37 @@ class GGUFCheckpoint:
 
     def config_dict(self) -> dict[str, Any]:
         """A transformers ``config.json`` dict for the model in the file (metadata types checked)."""
-
-        heads = self._meta_number("llama.attention.head_count", int)
-        hidden = self._meta_number("llama.embedding_length", int)
-        vocab = (self._meta_number("llama.vocab_size", int) if "llama.vocab_size" in self.metadata
+        arch = self.arch
+        model_type, architecture, _ = _ARCHITECTURES[arch]
+        heads = self._meta_number(f"{arch}.attention.head_count", int)
+        hidden = self._meta_number(f"{arch}.embedding_length", int)
+        vocab = (self._meta_number(f"{arch}.vocab_size", int) if f"{arch}.vocab_size" in self.metadata
                  else len(self._meta("tokenizer.ggml.tokens")))
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+        # llama.cpp writes a head size other than hidden / heads as attention.key_length (Qwen3's
+        # 128 at any width); LLaMA files carry it as the rotary dimension.
+        head_dim = hidden // max(heads, 1)
+        if f"{arch}.attention.key_length" in self.metadata:
+            head_dim = self._meta_number(f"{arch}.attention.key_length", int)
+        elif arch == "llama":
+            head_dim = self._meta_number("llama.rope.dimension_count", int, head_dim)
+        rotary = self._meta_number(f"{arch}.rope.dimension_count", int, head_dim)
+        if rotary != head_dim:
+            raise CheckpointError(f"GGUF file {self.path}: metadata '{arch}.rope.dimension_count' is {rotary}, a "
+                                  f"rotary embedding over part of the {head_dim}-wide heads, which qlora-jax does "
+                                  "not read from GGUF (nor does transformers' GGUF reader)")
+        config = {
+            "architectures": [architecture],
+            "model_type": model_type,
             "vocab_size": vocab,
             "hidden_size": hidden,
-            "intermediate_size": self._meta_number("llama.feed_forward_length", int),
-            "num_hidden_layers": self._meta_number("llama.block_count", int),
+            "intermediate_size": self._meta_number(f"{arch}.feed_forward_length", int),
+            "num_hidden_layers": self._meta_number(f"{arch}.block_count", int),
             "num_attention_heads": heads,
-            "num_key_value_heads": self._meta_number("llama.attention.head_count_kv", int, heads),
-            "head_dim": self._meta_number("llama.rope.dimension_count", int, hidden // max(heads, 1)),
-            "rms_norm_eps": self._meta_number("llama.attention.layer_norm_rms_epsilon", float),
-            "rope_theta": self._meta_number("llama.rope.freq_base", float, 10000.0),
-            "max_position_embeddings": self._meta_number("llama.context_length", int, 2048),
+            "num_key_value_heads": self._meta_number(f"{arch}.attention.head_count_kv", int, heads),
+            "head_dim": head_dim,
+            "rms_norm_eps": self._meta_number(f"{arch}.attention.layer_norm_rms_epsilon", float),
+            "rope_theta": self._meta_number(f"{arch}.rope.freq_base", float, 10000.0),
+            "max_position_embeddings": self._meta_number(f"{arch}.context_length", int, 2048),
             "tie_word_embeddings": layout.hf_global_key("lm_head") not in self._tensors,
             "bos_token_id": self.metadata.get("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self.metadata.get("tokenizer.ggml.eos_token_id"),
@@ -152,16 +191,19 @@ class GGUFCheckpoint:
             "hidden_act": "silu",
             "rope_scaling": self._rope_scaling(),
         }
+        if arch == "phi3":
+            config.pop("head_dim")  # Phi-3's config has none: hidden / heads
+        return config
 
     def _rope_scaling(self) -> dict[str, Any] | None:
         """transformers' ``rope_scaling`` from llama.cpp's ``llama.rope.scaling.*`` metadata (none or linear)."""
-        kind = self.metadata.get("llama.rope.scaling.type", "none")
+        kind = self.metadata.get(f"{self.arch}.rope.scaling.type", "none")
         if kind == "none":
             return None
         if kind == "linear":
-            return {"rope_type": "linear", "factor": self._meta_number("llama.rope.scaling.factor", float)}
-        raise CheckpointError(f"GGUF file {self.path}: metadata 'llama.rope.scaling.type' is {kind!r}; qlora-jax "
-                              "reads GGUF rotary scaling 'none' or 'linear'")
+            return {"rope_type": "linear", "factor": self._meta_number(f"{self.arch}.rope.scaling.factor", float)}
+        raise CheckpointError(f"GGUF file {self.path}: metadata '{self.arch}.rope.scaling.type' is {kind!r}; "
+                              "qlora-jax reads GGUF rotary scaling 'none' or 'linear'")
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -188,6 +230,8 @@ class GGUFCheckpoint:
             raise CheckpointError(f"GGUF file {self.path}: tensor {tensor.name!r} is stored as "
                                   f"{tensor.tensor_type.name}, which gguf {err}") from err
         values = values.reshape(self.shape(key))
+        if self.arch != "llama":  # only LlamaModel's converter permutes q/k
+            return values
         heads = self._meta_number("llama.attention.head_count", int)
         if key.endswith("self_attn.q_proj.weight"):
             values = unpermute_rotary_rows(values, heads)

@@ -19,9 +19,14 @@ config imply, so a manifest that disagrees with the arrays, a missing item or a 
 model is an error naming the item. Orbax writes into a temporary directory and renames it when
 complete, so a killed save leaves no checkpoint at ``path`` (never a half one).
 
-:func:`abstract_model` and :func:`restore_model` are the Flax NNX route: an abstract
-:class:`~qlora_jax.model.CausalLM` from a config alone (``nnx.eval_shape``, with shardings over a
-mesh), restored in place, each device reading only its shard.
+:func:`restore_model` is the Flax NNX route: an abstract model (a
+:class:`~qlora_jax.model.CausalLM` from :func:`qlora_jax.model.abstract_model`, ``nnx.eval_shape``
+of a config alone, with shardings over a mesh), restored in place, each device reading only its
+shard.
+
+This module reads and writes pytrees: it imports nothing from :mod:`qlora_jax.model` or
+:mod:`qlora_jax.peft_io` (which import it), so there is no import circle; a model is read through
+the attributes :class:`SavableModel` names.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import pathlib
 import resource
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -50,10 +55,10 @@ from qlora_jax.quant.blockwise import INV_INT8_MAX
 from qlora_jax.quant.tensor import NESTED_BLOCKSIZE, codes_shape, nested_scales_shape, scales_shape
 
 if TYPE_CHECKING:
+    from flax import nnx
     from jax.sharding import Mesh
 
     from qlora_jax.lora import LoraConfig
-    from qlora_jax.model import CausalLM
     from qlora_jax.models.spec import ModelSpec
     from qlora_jax.tokenizer import Tokenizer
 
@@ -69,8 +74,9 @@ __all__ = [
     "read_saved_quantization",
     "check_saved_base",
     "quantization_summary",
-    "abstract_model",
     "restore_model",
+    "SavableModel",
+    "with_shardings",
 ]
 
 log = logging.getLogger(__name__)
@@ -383,6 +389,26 @@ class QuantizedCheckpoint:
         return self.manifest.get("source")
 
 
+@runtime_checkable
+class SavableModel(Protocol):
+    """What :func:`save_quantized` reads of a model (:class:`~qlora_jax.model.CausalLM` has it).
+
+    A protocol rather than the class, so that this module need not import :mod:`qlora_jax.model`.
+    """
+
+    @property
+    def spec(self) -> ModelSpec: ...
+
+    @property
+    def config(self) -> LlamaConfig: ...
+
+    @property
+    def base_params(self) -> dict[str, Any]: ...
+
+    @property
+    def lora_params(self) -> dict[str, Any] | None: ...
+
+
 def _tokenizer_files(tokenizer: Tokenizer) -> dict[str, str]:
     import tempfile
 
@@ -413,7 +439,7 @@ def _check_finite(item: str, flat: Mapping[str, Any]) -> None:
 
 def save_quantized(
     path: str | pathlib.Path,
-    model_or_params: CausalLM | Mapping[str, Any],
+    model_or_params: SavableModel | Mapping[str, Any],
     *,
     config: LlamaConfig | None = None,
     tokenizer: Tokenizer | None = None,
@@ -432,9 +458,7 @@ def save_quantized(
     atomically; an existing ``path`` is an error unless ``overwrite`` (which replaces it).
     Raises :class:`CheckpointError` for a base that does not fit ``config`` or holds NaN/Inf.
     """
-    from qlora_jax.model import CausalLM
-
-    if isinstance(model_or_params, CausalLM):
+    if isinstance(model_or_params, SavableModel):
         model = model_or_params
         if config is not None or lora is not None or lora_config is not None:
             raise ValueError("save_quantized(model): config, lora and lora_config come from the model; pass a base "
@@ -459,9 +483,7 @@ def save_quantized(
     items = {"manifest": None, "config": ocp.args.JsonSave(_config_to_json(config)),
              "base": ocp.args.StandardSave(_as_dicts(base))}
     if lora_config is not None:
-        from qlora_jax.peft_io import adapter_targets
-
-        targets = adapter_targets(lora) if lora is not None else layout.lora_targets(lora_config, config)
+        targets = layout.adapter_targets(lora) if lora is not None else layout.lora_targets(lora_config, config)
         items["lora_config"] = ocp.args.JsonSave(lora_config.to_peft_config(targets, source))
     if lora is not None:
         _check_lora_fits(path, lora, lora_config, config)
@@ -564,7 +586,17 @@ def _default_sharding():
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
-def _with_shardings(abstract: Any, shardings: Any) -> Any:
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """``abstract``'s leaves as ShapeDtypeStructs carrying ``shardings`` (a matching pytree), or
+    the first local device when ``shardings`` is None: the restore target of a sharded read.
+
+    Args:
+        abstract: a pytree of arrays or ShapeDtypeStructs.
+        shardings: a pytree of shardings of the same structure, or None.
+
+    Returns:
+        The pytree of ShapeDtypeStructs.
+    """
     if shardings is None:
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=_default_sharding()), abstract)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
@@ -705,7 +737,7 @@ def load_quantized(
         from qlora_jax.distributed import param_shardings
 
         shardings = {name: param_shardings(t, mesh) for name, t in targets.items()}
-    restored = _restore_trees(path, {name: _with_shardings(t, None if shardings is None else shardings[name])
+    restored = _restore_trees(path, {name: with_shardings(t, None if shardings is None else shardings[name])
                                      for name, t in targets.items()})
     tokenizer = _tokenizer_from_files(path, json_items["tokenizer"]) if "tokenizer" in items else None
     stats = _load_stats(started, rss_before, restored["base"], entries)
@@ -743,53 +775,14 @@ def _tokenizer_from_files(path: pathlib.Path, files: Any) -> Tokenizer:
 
 
 # ---------------------------------------------------------------------------------------------
-# Flax NNX: an abstract model from a config, restored in place
+# Flax NNX: an abstract model restored in place
 
 
-def abstract_model(
-    spec: ModelSpec,
-    quant: QuantConfig | None = None,
-    *,
-    mesh: Mesh | None = None,
-) -> CausalLM:
-    """An abstract :class:`~qlora_jax.model.CausalLM`: ShapeDtypeStructs, no weights, no checkpoint.
+def restore_model(path: str | pathlib.Path, abstract: nnx.Module) -> nnx.Module:
+    """The model saved at ``path``, restored into ``abstract`` (e.g. :func:`qlora_jax.model.abstract_model`).
 
-    Built with ``nnx.eval_shape`` from ``spec`` (architecture and adapters) and ``quant`` (how the
-    base is stored; default ``QuantConfig()``, NF4 + double quantization). With ``mesh``, every
-    leaf carries its :func:`qlora_jax.distributed.param_shardings` sharding, so a restore into it
-    reads only each device's shard. Pass it to :func:`restore_model` (or restore each variable's
-    value, ``nnx.split(model)[1][name]``, from the checkpoint's item ``name``).
-    """
-    from flax import nnx
-
-    from qlora_jax.model import CausalLM, init_lora_params
-    from qlora_jax.synthetic import random_base
-
-    config = spec.config
-    quant = quant or QuantConfig()
-    kwargs = dict(quant=quant.quant, double_quant=quant.double_quant,
-                  blocksize=quant.blocksize, dtype=jnp.dtype(quant.dtype))
-
-    def make() -> CausalLM:
-        base = random_base(config, jax.random.key(0), **kwargs)
-        lora = init_lora_params(jax.random.key(1), spec) if spec.lora_config is not None else None
-        return CausalLM(spec, base, lora)
-
-    model = nnx.eval_shape(make)
-    if mesh is not None:
-        from qlora_jax.distributed import param_shardings
-
-        # Each top-level variable (base, lora) holds a whole pytree: shard its leaves in place.
-        graphdef, state = nnx.split(model)
-        for name in state.keys():
-            tree = state[name].get_value()
-            state[name].set_value(_with_shardings(tree, param_shardings(tree, mesh)))
-        model = nnx.merge(graphdef, state)
-    return model
-
-
-def restore_model(path: str | pathlib.Path, abstract: CausalLM) -> CausalLM:
-    """The model saved at ``path``, restored into ``abstract`` (e.g. :func:`abstract_model`).
+    ``abstract``: an NNX module with a ``config`` and the variables ``base`` (and ``lora``), each
+    holding a whole pytree, as :class:`~qlora_jax.model.CausalLM` has them.
 
     Each array lands with the target's sharding (default: the first local device). Every array's
     shape and dtype and the target's QuantizedTensor layout (quant type, shape, block sizes,

@@ -42,6 +42,7 @@ __all__ = [
     "hf_global_key",
     "assemble_base",
     "linear_entries",
+    "adapter_targets",
     "peft_module_names",
     "lora_targets",
     "matches_target_modules",
@@ -232,6 +233,19 @@ def linear_entries(base: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     layers = base["layers"]
     return {name: layers[module_group(name)][name] for name in ALL_LINEAR_LAYERS
             if name in layers.get(module_group(name), {})}
+
+
+def adapter_targets(lora: Mapping[str, Any]) -> tuple[str, ...]:
+    """The linear layers an adapter pytree holds adapters for, in decoder order.
+
+    Args:
+        lora: an adapter pytree, ``{"layers": {group: {name: {"lora_A", "lora_B"}}}}``.
+
+    Returns:
+        The names of the adapted linear layers, in :data:`ALL_LINEAR_LAYERS` order.
+    """
+    held = {name for group in lora["layers"].values() for name in group}
+    return tuple(name for name in ALL_LINEAR_LAYERS if name in held)
 
 
 def peft_module_names(config: LlamaConfig) -> list[str]:

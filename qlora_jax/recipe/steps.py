@@ -38,7 +38,6 @@ import numpy as np
 
 from qlora_jax import assets
 from qlora_jax import data as data_lib
-from qlora_jax.checkpoints.base_cache import load_pretrained_cached
 from qlora_jax.checkpoints.load import open_checkpoint, read_config
 from qlora_jax.distributed import (
     axes_across_processes,
@@ -53,7 +52,7 @@ from qlora_jax.distributed import (
 from qlora_jax.generate import SamplingConfig, generate_tokens
 from qlora_jax.hardware import choose_compute_dtype
 from qlora_jax.lora import LoraConfig
-from qlora_jax.model import CausalLM, load_pretrained
+from qlora_jax.model import CausalLM, load_pretrained, load_pretrained_cached
 from qlora_jax.models.layout import lora_targets
 from qlora_jax.models.spec import ModelSpec
 from qlora_jax.optim import jit_train_step, lr_schedule, make_optimizer

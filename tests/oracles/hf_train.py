@@ -12,6 +12,15 @@ in). Outputs "<name>/loss" (float64) and "<name>/tokens"; the gradients of the l
 to the adapter's matrices are saved to "save_dir" as a PEFT adapter folder (adapter_config.json
 copied, adapter_model.safetensors holding the gradients under the adapter's own keys), so the
 test reads them with the same loader as an adapter.
+
+A case with "adamw": {"steps", "lr", "betas", "eps", "weight_decay", "max_grad_norm"} trains
+instead: from the adapter in "adapter_dir", "steps" optimizer steps on the same batch, each the
+loss above, its backward pass, torch.nn.utils.clip_grad_norm_(max_grad_norm) and torch.optim.AdamW
+over the adapter's matrices (what the transformers Trainer runs with PEFT). Outputs "<name>/losses"
+([steps + 1] float64: the loss before each step, then after the last) and "<name>/grad_max" ([steps]:
+the largest |gradient| entry of each step, before clipping); nothing is saved. "dtype" (default
+"float64") is the precision the base and adapter run in; "quant" ("nf4", optional) loads the base
+in 4-bit with bitsandbytes' CPU backend (float32 compute) under the adapter instead, as QLoRA does.
 """
 
 import json
@@ -32,24 +41,68 @@ transformers.logging.set_verbosity_error()
 torch.set_num_threads(2)
 
 
+def _model(case):
+    dtype = getattr(torch, case.get("dtype", "float64"))
+    if case.get("quant"):
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=case["quant"], bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(case["dir"], quantization_config=quant, dtype=dtype,
+                                                    device_map="cpu")
+        import bitsandbytes as bnb
+
+        for module in base.modules():  # the exact CPU path (see hf_models.py's _exact_cpu_4bit)
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
+        return PeftModel.from_pretrained(base, case["adapter_dir"], is_trainable=True).eval()
+    base = AutoModelForCausalLM.from_pretrained(case["dir"], dtype=dtype)
+    return PeftModel.from_pretrained(base, case["adapter_dir"], is_trainable=True).to(dtype).eval()
+
+
+def _loss(model, ids, attention, loss_mask):
+    logits = model(input_ids=ids, attention_mask=attention).logits  # [B, T, V]
+    targets = ids[:, 1:]
+    weight = (loss_mask[:, 1:] * attention[:, 1:]).to(logits.dtype)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                            reduction="none").reshape(targets.shape)
+    tokens = weight.sum()
+    return (nll * weight).sum() / tokens, tokens
+
+
+def _train(model, batch, adamw):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=adamw["lr"], betas=tuple(adamw["betas"]), eps=adamw["eps"],
+                                  weight_decay=adamw["weight_decay"])
+    losses, grad_max = [], []
+    for _ in range(adamw["steps"]):
+        optimizer.zero_grad()
+        loss, _ = _loss(model, *batch)
+        loss.backward()
+        losses.append(loss.item())
+        grad_max.append(max(p.grad.abs().max().item() for p in params))
+        if adamw.get("max_grad_norm"):
+            torch.nn.utils.clip_grad_norm_(params, adamw["max_grad_norm"])
+        optimizer.step()
+    with torch.no_grad():
+        losses.append(_loss(model, *batch)[0].item())
+    return np.array(losses, np.float64), np.array(grad_max, np.float64)
+
+
 def main(in_path, config_path, out_path):
     arrays = dict(np.load(in_path))
     cases = json.load(open(config_path))["cases"]
     out = {}
     for case in cases:
         name = case["name"]
-        base = AutoModelForCausalLM.from_pretrained(case["dir"], dtype=torch.float64)
-        model = PeftModel.from_pretrained(base, case["adapter_dir"], is_trainable=True).double().eval()
+        model = _model(case)
         ids = torch.from_numpy(arrays[f"{name}/input_ids"].astype(np.int64))
         attention = torch.from_numpy(arrays[f"{name}/attention_mask"].astype(np.int64))
         loss_mask = torch.from_numpy(arrays[f"{name}/loss_mask"].astype(np.int64))
-        logits = model(input_ids=ids, attention_mask=attention).logits  # [B, T, V] float64
-        targets = ids[:, 1:]
-        weight = (loss_mask[:, 1:] * attention[:, 1:]).to(torch.float64)
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                reduction="none").reshape(targets.shape)
-        tokens = weight.sum()
-        loss = (nll * weight).sum() / tokens
+        if case.get("adamw"):
+            out[f"{name}/losses"], out[f"{name}/grad_max"] = _train(model, (ids, attention, loss_mask), case["adamw"])
+            continue
+        loss, tokens = _loss(model, ids, attention, loss_mask)
         loss.backward()
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         state = get_peft_model_state_dict(model, state_dict=grads)
