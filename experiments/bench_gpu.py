@@ -79,7 +79,7 @@ def part_command(name: str, json_path: str, smoke: bool) -> list[str]:
         return py + ["experiments.bench_gpu", "--part=correctness", f"--json_out={json_path}"] + (
             ["--smoke"] if smoke else [])
     if name == "kernels":
-        if smoke:  # every backend's smoke run is tests/test_kernels_bench.py's; here the harness
+        if smoke:  # every backend's smoke run is tests/kernels/test_benchmark.py's; here the harness
             return py + ["experiments.bench_kernels", "--smoke", "--backends=auto,jax_triton", "--quantize=false",
                          f"--json_out={json_path}"]
         return py + ["experiments.bench_kernels", "--m=1,16,256,4096", "--iters=10",

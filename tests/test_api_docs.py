@@ -113,6 +113,6 @@ def test_readme_library_snippets_run():
     # Skipped: snippets[0] loads and NF4-quantizes the embedded model and decodes a chat answer
     # (a minute of the CI's CPU; tests/test_generate.py runs that path),
     # and snippets[1] saves/loads an Orbax checkpoint and uses a `mesh` the README leaves to the
-    # reader (tests/test_orbax_format.py covers save_quantized/load_quantized/restore_model).
+    # reader (tests/checkpoints/test_orbax_format.py covers save_quantized/load_quantized/restore_model).
     # snippets[2] is self-contained: every stage imports alone.
     exec(compile(snippets[2], "README.md:Using the library", "exec"), {})

@@ -66,7 +66,7 @@ def test_every_launcher_and_test_has_its_target(targets):
                  if p.name not in ("__init__.py", "cli.py")}
     assert launchers <= binaries, f"launchers without a py_binary: {sorted(launchers - binaries)}"
     tests = {t["srcs"][0] for t in targets.values() if t["kind"] == "py_test"}
-    expected = {str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")}
+    expected = {str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py")}
     assert tests == expected
     for target in targets.values():
         if target["kind"] == "py_test":  # the runner gets the test module: pytest, not the module's (absent) main

@@ -30,7 +30,7 @@ What this package does about it:
   and memory kinds for every input and output, so donation pairs only same-memory buffers; a
   plain ``jax.jit`` that donates the parameters and the state together, outputs in argument
   order, also pairs them right. :func:`check_donation` replays jax's pairing for any ``jit`` and
-  raises :class:`DonationError` instead of aborting (``tests/test_optim_offload.py`` runs each
+  raises :class:`DonationError` instead of aborting (``tests/optim/test_offload.py`` runs each
   configuration in a subprocess: only the one it flags aborts).
 """
 

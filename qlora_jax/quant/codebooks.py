@@ -4,7 +4,7 @@ Every table is float32, sorted or ordered exactly as bitsandbytes 0.50 builds it
 code byte means the same value here and there. The 8-bit dynamic maps are stored as float32
 bit patterns: bitsandbytes builds them with ``torch.linspace``, whose float32 rounding is not
 reproducible outside torch, so the bits are copied once and checked against bitsandbytes in
-``tests/test_bnb_exactness.py``.
+``tests/quant/test_bnb_exactness.py``.
 """
 
 from __future__ import annotations

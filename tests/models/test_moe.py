@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 from qlora_jax.models import moe
 from qlora_jax.quant import dequantize
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 # I = 64, a whole block per row: bitsandbytes 0.50's CPU dequantize_4bit is wrong when the last
 # dimension is shorter than the block (a [64, 32] NF4 weight dequantizes with errors of ~2, against
 # ~0.45 for [32, 64]); our quantizer handles that layout (test_quant), the oracle cannot.

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 SIDE_KEYS = {"dtype", "load_seconds", "first_step_seconds", "loss_step1", "gemm_flops_per_second",
              "step_seconds_median", "tokens_per_second", "model_flops_per_second", "ceiling_fraction",
              "peak_rss_bytes"}

@@ -44,7 +44,7 @@ from qlora_jax.quant.tensor import codes_shape, nested_scales_shape, scales_shap
 from qlora_jax.synthetic import random_base
 from qlora_jax.tokenizer import CHAT_TEMPLATES, Tokenizer
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 READER = REPO / "docs" / "examples" / "dequantize_with_numpy.py"
 
 

@@ -175,7 +175,7 @@ def test_family_gguf_reads_as_transformers_reads_it(tmp_path, rng, oracle, arch)
     spec = ModelSpec(ours_config, None, compute_dtype="float32")
     logits, _ = llama.forward(spec, base, None, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     valid = mask.astype(bool)
-    # Tolerance of tests/test_models.py: float32 on both sides, so differences are summation order.
+    # Tolerance of tests/models/test_models.py: float32 on both sides, so differences are summation order.
     np.testing.assert_allclose(np.asarray(logits)[valid], reference["logits"][valid], atol=2e-4, rtol=1e-4)
     # The same file as transformers' folder: our loader reads the folder's tensors exactly.
     hf_base, _ = load_base_params(open_checkpoint(tmp_path / "hf")[0], folder_config,

@@ -16,7 +16,7 @@ import pathlib
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 pytest.importorskip("lm_eval", reason="the lm-eval extra: pip install -r requirements/lm-eval.txt")
 

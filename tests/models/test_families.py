@@ -5,7 +5,7 @@ on: GQA, q/k norms (Qwen3, Gemma 3), soft-caps small enough to bend the logits (
 ``query_pre_attn_scalar`` other than ``head_dim``, windows shorter than the sequence with local
 and global layers (Gemma 2/3), separate local/global RoPE bases with linear scaling on the global
 layers (Gemma 3), fused projections (Phi-3), tied and untied heads. Tolerances are those of the
-LLaMA tests (tests/test_models.py): float32 on both sides, so differences are summation order.
+LLaMA tests (tests/models/test_models.py): float32 on both sides, so differences are summation order.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def test_bf16_logits_match_transformers_within_bf16_tolerance(hf, workdir, input
         logits = cap * np.arctanh(np.clip(logits / cap, -1 + 1e-6, 1 - 1e-6))
         capping = 4 * 2.0**-9 * cap
     scale = np.abs(logits).max()
-    # As tests/test_models.py: bf16's 8-bit mantissa, a few ulps of the largest logit over the layers.
+    # As tests/models/test_models.py: bf16's 8-bit mantissa, a few ulps of the largest logit over the layers.
     np.testing.assert_allclose(got, expected, atol=0.03 * scale + capping)
 
 

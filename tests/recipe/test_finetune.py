@@ -23,7 +23,7 @@ from helpers import small_finetune_config as small_config
 from qlora_jax.finetune import run
 from qlora_jax.training_state import TrainCheckpointer
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 RECIPE_LOG = "qlora_jax.recipe.steps"

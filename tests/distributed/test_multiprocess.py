@@ -39,7 +39,7 @@ from qlora_jax.recipe.config import FinetuneConfig
 from qlora_jax.recipe.settings import ConfigError
 from qlora_jax.training_state import TrainCheckpointer
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 PAD = 2
 # Sized for three JAX processes compiling on 2 loaded cores (under -n 2): a process that misses
 # heartbeats for this long is hung, not slow.

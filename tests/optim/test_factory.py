@@ -17,7 +17,7 @@ import pytest
 
 from qlora_jax import optim
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def llama_like(rng) -> dict:

@@ -33,7 +33,7 @@ from qlora_jax.quant import QuantConfig, QuantizedTensor, dequantize, quantize
 from qlora_jax.quant.bnb_format import to_bnb_state_dict
 
 D, HEADS, FF, VOCAB, T = 64, 4, 128, 32, 8
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 # Dequantization for the references, compiled once per shape.
 dequantize32 = jax.jit(functools.partial(dequantize, dtype=jnp.float32))
 

@@ -126,7 +126,7 @@ def test_each_placement_equals_float64_adamw_and_keeps_the_state_where_it_said(r
 
 def test_8bit_in_chunks_of_layers_equals_unpaged_8bit(rng):
     """8-bit AdamW's blocks stay per layer when layers stream in chunks (one layer at a time:
-    tests/test_optim_adam8bit.py, bit for bit)."""
+    tests/optim/test_adam8bit.py, bit for bit)."""
     params = adapters(rng)
     grads = gradients(rng, params, 3)
     common = dict(weight_decay=WD, max_grad_norm=None, min_8bit_size=32)

@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 from qlora_jax import optim
 from qlora_jax.optim import streaming
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 L, R, D, F, OUT = 3, 4, 32, 48, 16
 LR, WD, WARMUP, CLIP = 1e-2, 0.1, 3, 0.3
 SHARDED_EPS = 1e-3

@@ -1,4 +1,4 @@
-"""The Pallas kernels' real CUDA lowering, checked without a GPU (the jax_triton kernels': test_kernels_jax_triton.py).
+"""The Pallas kernels' real CUDA lowering, checked without a GPU (the jax_triton kernels': kernels/test_jax_triton.py).
 
 ``jax.export(..., platforms=["cuda"])`` under an abstract H100 (or A100) runs every Pallas
 lowering rule (jaxpr -> Triton IR, jaxpr -> Mosaic GPU MLIR) on the host. Only shapes and dtypes

@@ -45,7 +45,7 @@ from qlora_jax.training_state import TrainCheckpointer
 
 pytestmark = pytest.mark.faults  # the fault campaign, selectable with -m faults
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 RECIPE_LOG = "qlora_jax.recipe.steps"
 
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 PARTS = ("correctness", "kernels", "train_7b", "train_65b", "optimizer")
 
 

@@ -39,7 +39,7 @@ from qlora_jax.training_state import TrainCheckpointer
 
 pytestmark = pytest.mark.faults  # the fault campaign, selectable with -m faults
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 LOCK_LOG = "qlora_jax.recipe.run_lock"
 LINUX_PROC = pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(),
                                 reason="process start times come from /proc (Linux)")
