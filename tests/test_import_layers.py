@@ -220,7 +220,6 @@ LONG_FUNCTIONS: dict[str, str] = {
     "experiments/bench_gpu.py::correctness": "every kernel against its reference, in sequence",
     "experiments/bench_optimizer.py::run_one": "a benchmark's measurements in sequence",
     "experiments/custom_model.py::run": "the worked example, read top to bottom",
-    "qlora_jax/optim/offload.py::offload_state": "optax style: init and update closures inside",
 }
 
 
