@@ -218,7 +218,6 @@ LONG_FUNCTIONS: dict[str, str] = {
     "experiments/bench_decoder.py::build_nnx": "a benchmark's model written out",
     "experiments/bench_decoder.py::run_shape": "a benchmark's measurements in sequence",
     "experiments/bench_gpu.py::correctness": "every kernel against its reference, in sequence",
-    "experiments/bench_optimizer.py::run_one": "a benchmark's measurements in sequence",
     "experiments/custom_model.py::run": "the worked example, read top to bottom",
 }
 
