@@ -28,12 +28,14 @@ baseline, and, for streamed variants, the transfer rate the extra time implies.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import subprocess
 import sys
 import time
+from typing import Any
 
 from absl import app, flags, logging
 
@@ -112,15 +114,7 @@ def run_one(variant: str) -> dict:
     s = sizes()
     shapes = lora_shapes(s["layers"], s["hidden"], s["intermediate"], s["rank"])
     device = jax.devices()[0]
-
-    def tree(fill):
-        out: dict = {"layers": {}}
-        for i, (path, shape) in enumerate(shapes.items()):
-            group, module, leaf = path.split("/")
-            out["layers"].setdefault(group, {}).setdefault(module, {})[leaf] = fill(i, shape)
-        return out
-
-    make = jax.jit(lambda key: tree(lambda i, shape: 0.01 * jax.random.normal(jax.random.fold_in(key, i), shape)))
+    make = jax.jit(functools.partial(_random_tree, shapes))
     params = make(jax.random.key(0))
     grads = make(jax.random.key(1))
     kwargs = {"placement": placement} if placement else {}
@@ -129,13 +123,7 @@ def run_one(variant: str) -> dict:
     state = optimizer.init(params)
     state_bytes = optim.bytes_by_memory_kind(state)
 
-    decision, traffic = None, None
-    if name.startswith("paged_"):
-        core = optim.adamw_8bit(2e-4) if name.endswith("8bit") else optim.adamw(2e-4)
-        layout = optim.state_layout(core, params, optim.layer_stacked, optim.streaming.DEFAULT_MAX_GROUP_SIZE)
-        # The decision init made, replayed with the free memory it saw (the log line says the same).
-        decision = optim.choose_placement(layout, params, placement or "auto", free_device_bytes=free_before)
-        traffic = offload.state_plan(layout, params, decision)
+    decision, traffic = _replayed_decision(name, placement, params, free_before)
 
     def step(p, st, g):
         updates, st = optimizer.update(g, st, p)
@@ -145,13 +133,7 @@ def run_one(variant: str) -> dict:
     compiled = train_step.lower(params, state, grads).compile()
     hlo = compiled.as_text()
     analysis = compiled.memory_analysis()
-    times = []
-    for i in range(2 + s["steps"]):
-        tick = time.perf_counter()
-        params, state = train_step(params, state, grads)
-        jax.block_until_ready((params, state))
-        if i >= 2:
-            times.append(time.perf_counter() - tick)
+    params, state, times = _timed_steps(train_step, params, state, grads, s["steps"])
     stats = device.memory_stats()
     peak = stats.get("peak_bytes_in_use") if stats else None
     return {
@@ -181,6 +163,46 @@ def run_one(variant: str) -> dict:
         "step_seconds_median": sorted(times)[len(times) // 2],
         "isolated": bool(FLAGS.only),
     }
+
+
+def _random_tree(shapes: dict[str, tuple[int, ...]], key: Any) -> dict:
+    """LoRA-shaped parameters ``{"layers": {group: {module: {leaf: N(0, 0.01²)}}}}`` from ``key``."""
+    import jax
+
+    out: dict = {"layers": {}}
+    for i, (path, shape) in enumerate(shapes.items()):
+        group, module, leaf = path.split("/")
+        out["layers"].setdefault(group, {}).setdefault(module, {})[leaf] = (
+            0.01 * jax.random.normal(jax.random.fold_in(key, i), shape))
+    return out
+
+
+def _replayed_decision(name: str, placement: str | None, params: Any, free_before: int | None) -> tuple[Any, Any]:
+    """``(Placement, StatePlan)`` of a paged optimizer's init, replayed with the free memory it saw
+    (the log line says the same); ``(None, None)`` for the others."""
+    from qlora_jax import optim
+    from qlora_jax.optim import offload
+
+    if not name.startswith("paged_"):
+        return None, None
+    core = optim.adamw_8bit(2e-4) if name.endswith("8bit") else optim.adamw(2e-4)
+    layout = optim.state_layout(core, params, optim.layer_stacked, optim.streaming.DEFAULT_MAX_GROUP_SIZE)
+    decision = optim.choose_placement(layout, params, placement or "auto", free_device_bytes=free_before)
+    return decision, offload.state_plan(layout, params, decision)
+
+
+def _timed_steps(train_step: Any, params: Any, state: Any, grads: Any, steps: int) -> tuple[Any, Any, list[float]]:
+    """Runs 2 warm-up steps and ``steps`` timed ones; returns the final params, state and the times (s)."""
+    import jax
+
+    times = []
+    for i in range(2 + steps):
+        tick = time.perf_counter()
+        params, state = train_step(params, state, grads)
+        jax.block_until_ready((params, state))
+        if i >= 2:
+            times.append(time.perf_counter() - tick)
+    return params, state, times
 
 
 def _fmt_bytes(n: int | None) -> str:

@@ -337,22 +337,10 @@ def offload_state(
       Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
       <https://arxiv.org/abs/2305.14314>`_, 2023 (paged optimizers).
     """
-    if memory_kind != memory_kinds.HOST:
-        raise ValueError(
-            f"offload_state keeps state in 'pinned_host' memory only, got memory_kind={memory_kind!r}: "
-            "'unpinned_host' cannot be copied to a GPU, and 'device' is the placement 'device'"
-        )
-    if not isinstance(placement, Placement) and placement not in PLACEMENTS:
-        raise ValueError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)} or pass a Placement")
-    if unroll < 1:
-        raise ValueError(f"unroll must be >= 1, got {unroll}")
+    _check_offload_settings(placement, unroll, memory_kind)
     inner = optax.with_extra_args_support(inner)
     layouts = streaming.LayoutCache(inner, stacked, max_group_size)
     decided: dict[Any, Placement] = {}
-
-    def key_of(tree):
-        leaves, treedef = jax.tree.flatten(tree)
-        return treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
 
     def init_fn(params):
         layout = layouts(params)
@@ -363,13 +351,8 @@ def offload_state(
                              f"{layout.plan.num_layers} layers")
         if chosen.on_host and not streaming.is_traced(params):
             memory_kinds.require_memory_kind(memory_kind, shardings.params_devices(params))
-        decided[key_of(params)] = chosen
-        traffic = state_plan(layout, params, chosen)
-        logger.info(
-            "paged optimizer state %s (%s): %s per device; per step %s to the device and %s to the host, "
-            "up to %s on the device while updating", chosen.describe(), chosen.reason,
-            _mib(traffic.device_bytes + traffic.host_bytes), _mib(traffic.to_device_bytes_per_step),
-            _mib(traffic.to_host_bytes_per_step), _mib(traffic.device_transient_bytes))
+        decided[_tree_key(params)] = chosen
+        _log_placement(layout, params, chosen)
         if not chosen.on_host:
             return streaming.init_state(inner, layout, params)
         logger.info("paged optimizer with host-resident state: compile the step with "
@@ -380,7 +363,7 @@ def offload_state(
     def update_fn(updates, state, params=None, **extra_args):
         layout = layouts(updates)
         streaming.check_state(layout, state)
-        chosen = decided.get(key_of(updates))
+        chosen = decided.get(_tree_key(updates))
         if not _on_host(layout, state) and not (chosen is not None and chosen.on_host):
             if elementwise:
                 return inner.update(updates, state, params, **extra_args)
@@ -397,3 +380,31 @@ def offload_state(
                                        to_device=_to_device, to_host=_to_host, prefetch=True, unroll=unroll)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_offload_settings(placement: str | Placement, unroll: int, memory_kind: str) -> None:
+    if memory_kind != memory_kinds.HOST:
+        raise ValueError(
+            f"offload_state keeps state in 'pinned_host' memory only, got memory_kind={memory_kind!r}: "
+            "'unpinned_host' cannot be copied to a GPU, and 'device' is the placement 'device'"
+        )
+    if not isinstance(placement, Placement) and placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)} or pass a Placement")
+    if unroll < 1:
+        raise ValueError(f"unroll must be >= 1, got {unroll}")
+
+
+def _tree_key(tree: Any) -> tuple:
+    """What identifies a parameter tree for the placement decided at ``init``: structure, shapes, dtypes."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+
+
+def _log_placement(layout: streaming.StateLayout, params: Any, chosen: Placement) -> None:
+    """Logs where the state goes and what it moves per step."""
+    traffic = state_plan(layout, params, chosen)
+    logger.info(
+        "paged optimizer state %s (%s): %s per device; per step %s to the device and %s to the host, "
+        "up to %s on the device while updating", chosen.describe(), chosen.reason,
+        _mib(traffic.device_bytes + traffic.host_bytes), _mib(traffic.to_device_bytes_per_step),
+        _mib(traffic.to_host_bytes_per_step), _mib(traffic.device_transient_bytes))
