@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import pathlib
+import re
 import resource
 import time
 from typing import Any
@@ -163,7 +164,9 @@ class _Entry:
     ``slot``: a :attr:`~qlora_jax.models.layout.TensorSpec.slot` ("embed_tokens",
     "layers/self_attn/q_proj/weight", ...; per-layer ones stacked over ``layer``), or
     "tied_lm_head" (a stored copy of a tied head, checked equal to the embeddings).
-    ``linear``: a linear weight, quantized here or taken pre-quantized.
+    ``linear``: a linear weight, quantized here or taken pre-quantized. ``expert_keys``: an MoE
+    layer's expert matrix, one tensor per expert on disk (``key`` is expert 0's), each quantized on
+    its own and stacked over an expert axis.
     """
 
     key: str
@@ -171,6 +174,12 @@ class _Entry:
     slot: str
     layer: int | None = None
     linear: bool = False
+    expert_keys: tuple[str, ...] = ()
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every checkpoint tensor this entry reads."""
+        return self.expert_keys or (self.key,)
 
 
 def _plan(config: LlamaConfig, source: CheckedSource, prefix: str) -> list[_Entry]:
@@ -182,9 +191,33 @@ def _plan(config: LlamaConfig, source: CheckedSource, prefix: str) -> list[_Entr
     if config.tie_word_embeddings and head in source:
         plan.append(_Entry(head, (config.vocab_size, config.hidden_size), "tied_lm_head"))
     for layer in range(config.num_hidden_layers):
-        plan += [_Entry(spec.hf_key(layer, prefix=prefix), spec.shape, spec.slot, layer, linear=spec.linear)
-                 for spec in table if spec.layered]
+        for spec in table:
+            if spec.experts:
+                keys = tuple(spec.expert_keys(layer, prefix=prefix))
+                plan.append(_Entry(keys[0], spec.shape, spec.slot, layer, linear=spec.linear, expert_keys=keys))
+            elif spec.layered:
+                plan.append(_Entry(spec.hf_key(layer, prefix=prefix), spec.shape, spec.slot, layer,
+                                   linear=spec.linear))
     return plan
+
+
+def _check_expert_count(config: LlamaConfig, source: CheckedSource, prefix: str) -> None:
+    """An MoE checkpoint holding experts past ``num_experts`` (or the fused layout, not read here) is
+    refused naming the tensor and the config field, before the generic unused-tensor error."""
+    if not config.is_moe:
+        return
+    module = config.family.moe_module
+    field = "num_local_experts" if config.model_type == "mixtral" else "num_experts"
+    pattern = re.compile(rf"{re.escape(prefix)}layers\.(\d+)\.{re.escape(module)}\.experts\.(\d+)\.")
+    for key in source.keys():
+        match = pattern.match(key)
+        if match and int(match.group(2)) >= config.num_experts:
+            raise CheckpointError(f"{source.where(key)}: expert tensor {key!r} exists but config.json has {field} = "
+                                  f"{config.num_experts}")
+        if key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            raise CheckpointError(f"{source.where(key)}: {key!r} is transformers 5's fused expert layout; qlora-jax "
+                                  f"reads the per-expert tensors save_pretrained writes "
+                                  f"({module}.experts.{{e}}.{config.family.expert_names[0]}.weight, ...)")
 
 
 def load_base_params(
@@ -207,9 +240,11 @@ def load_base_params(
     checked = source if isinstance(source, CheckedSource) else CheckedSource(source, getattr(source, "path",
                                                                                              "checkpoint"))
     plan = _plan(config, checked, prefix)
+    _check_expert_count(config, checked, prefix)
     # bitsandbytes' tensors beside a linear weight mark it pre-quantized; they are part of the plan.
-    stored_aux = {e.key: [k for k in bnb_format.auxiliary_keys(e.key) if k in checked] for e in plan if e.linear}
-    checked.expect([e.key for e in plan] + [k for keys in stored_aux.values() for k in keys],
+    stored_aux = {key: [k for k in bnb_format.auxiliary_keys(key) if k in checked]
+                  for e in plan if e.linear for key in e.keys}
+    checked.expect([k for e in plan for k in e.keys] + [k for keys in stored_aux.values() for k in keys],
                    num_layers=config.num_hidden_layers)
     checked.check_derived(config)
 
@@ -260,10 +295,23 @@ def load_base_params(
         held["quantized"] += sum(x.nbytes for x in jax.tree.leaves(qt))
         return qt
 
+    def read_experts(entry: _Entry) -> Any:
+        # One expert at a time (as bitsandbytes quantizes one Linear4bit per expert), then stacked.
+        experts = [read_linear(dataclasses.replace(entry, key=key, expert_keys=())) for key in entry.expert_keys]
+        kinds = {type(x).__name__ for x in experts}
+        if len(kinds) > 1 or (isinstance(experts[0], QuantizedTensor)
+                              and len({jax.tree.structure(x) for x in experts}) > 1):
+            raise CheckpointError(f"{checked.origin}: the experts {entry.expert_keys[0]!r}... are stored in different "
+                                  "formats (some 4-bit, some 16-bit); mixed quantization formats are not supported")
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *experts)
+
     globals_: dict[str, Any] = {}
     stacker = _Stacker(config.num_hidden_layers)
     for entry in plan:
-        value = read_linear(entry) if entry.linear else jnp.asarray(read_dense(entry)).astype(dtype)
+        if entry.expert_keys:
+            value = read_experts(entry)
+        else:
+            value = read_linear(entry) if entry.linear else jnp.asarray(read_dense(entry)).astype(dtype)
         if entry.layer is not None:
             stacker.put(entry.slot, entry.layer, value)
         elif entry.slot == "tied_lm_head":

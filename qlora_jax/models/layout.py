@@ -80,8 +80,11 @@ def module_group(name: str) -> str:
 
 
 def hf_module(layer: int, name: str, *, prefix: str = "model.") -> str:
-    """Hugging Face module name of a layer's linear layer or norm, e.g. ``model.layers.3.mlp.up_proj``."""
-    path = name if name in _ALL_NORMS else f"{module_group(name)}.{name}"
+    """Hugging Face module name of a layer's linear layer or norm, e.g. ``model.layers.3.mlp.up_proj``.
+
+    A dotted ``name`` is a module path already (``self_attn.q_norm``, ``block_sparse_moe.gate``).
+    """
+    path = name if name in _ALL_NORMS or "." in name else f"{module_group(name)}.{name}"
     return f"{prefix}layers.{layer}.{path}"
 
 
@@ -121,6 +124,10 @@ class TensorSpec:
     leading layer axis); ``linear``: a linear weight (quantized); ``module``/``tensor``: the
     Hugging Face module (a layer's module name such as ``self_attn.q_proj``, or
     ``embed_tokens``/``norm``/``lm_head``) and its tensor ("weight"/"bias").
+    ``experts``: for an MoE layer's expert matrices, how many experts are stacked on an axis after
+    the layer axis (``shape`` is then one expert's, and each expert is quantized on its own, as
+    bitsandbytes quantizes one ``Linear4bit`` per expert); ``expert_module``: expert ``{e}``'s
+    module on disk (``block_sparse_moe.experts.{e}.w1``).
     """
 
     path: tuple[str, ...]
@@ -129,6 +136,19 @@ class TensorSpec:
     linear: bool
     module: str
     tensor: str = "weight"
+    experts: int = 0
+    expert_module: str = ""
+
+    @property
+    def stack(self) -> tuple[int, ...]:
+        """The leading dimensions of one layer's tensor before :attr:`shape`: ``(experts,)`` or ``()``."""
+        return (self.experts,) if self.experts else ()
+
+    def expert_keys(self, layer: int, *, prefix: str = "model.") -> list[str]:
+        """Checkpoint keys of every expert's tensor: ``model.layers.{layer}.mlp.experts.{e}.up_proj.weight``."""
+        if not self.experts:
+            raise ValueError(f"{self.slot} is not stacked over experts")
+        return [f"{prefix}layers.{layer}.{self.expert_module.format(e=e)}.{self.tensor}" for e in range(self.experts)]
 
     @property
     def slot(self) -> str:
@@ -154,7 +174,17 @@ def tensor_table(config: LlamaConfig) -> list[TensorSpec]:
         table.append(TensorSpec(("lm_head",), (vocab, d), False, False, "lm_head"))
     for name, shape in config.layer_norm_shapes().items():
         table.append(TensorSpec(("layers", *base_path(name)), shape, True, False, name))
+    family = config.family
+    if config.is_moe:  # the router: [E, D], never quantized
+        table.append(TensorSpec(("layers", "mlp", "gate", "weight"), (config.num_experts, d), True, False,
+                                f"{family.moe_module}.gate"))
     for name, shape in config.linear_shapes().items():
+        if config.expert_stack(name):
+            theirs = family.expert_names[family.mlp_layers.index(name)]
+            table.append(TensorSpec(("layers", *base_path(name), "weight"), shape, True, True, name,
+                                    experts=config.num_experts,
+                                    expert_module=f"{family.moe_module}.experts.{{e}}.{theirs}"))
+            continue
         table.append(TensorSpec(("layers", *base_path(name), "weight"), shape, True, True, name))
         if config.linear_has_bias(name):
             table.append(TensorSpec(("layers", *base_path(name), "bias"), (shape[0],), True, False, name, "bias"))

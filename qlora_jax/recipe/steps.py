@@ -761,8 +761,11 @@ def train_loop(
             lr = float(schedule(step - 1))
             health = monitor.update(step, loss=loss, grad_norm=grad_norm, tokens=tokens)
             if _due(step, cfg.logging_steps, cfg.max_steps) or health.diverged:
-                metrics.write({"kind": "train", "step": step, "loss": loss, "learning_rate": lr, "grad_norm": grad_norm,
-                               "tokens": sequence_tokens, "seconds": seconds, "epoch": batches.epoch})
+                row = {"kind": "train", "step": step, "loss": loss, "learning_rate": lr, "grad_norm": grad_norm,
+                       "tokens": sequence_tokens, "seconds": seconds, "epoch": batches.epoch}
+                if "aux_loss" in out:  # MoE: the routers' load-balancing loss (its weighted part is in loss)
+                    row["aux_loss"] = float(out["aux_loss"])
+                metrics.write(row)
             if health.diverged:
                 _stop(health, checkpointer, monitor)
             if health.healthy:

@@ -20,6 +20,16 @@ Ops:
           layer 0's tensors as the module holds them: gate [E, H], gate_up_proj [E, 2I, H], down_proj [E, H, I].
   model_aux {model_type, config, seed} with input_ids [B, S] and optional attention_mask: a random
           tiny *ForCausalLM run with output_router_logits=True: router_logits [L, B*S, E] and aux_loss.
+  folder_aux {dir} with input_ids and optional attention_mask: the saved model of the folder with
+          output_router_logits=True: logits, aux_loss (the coefficient not applied).
+  bnb_model {dir, quant_type, double_quant, blocksize?} with input_ids and optional attention_mask:
+          the logits of the saved model (float32) with every decoder linear weight and every expert
+          matrix replaced by bitsandbytes' CPU quantize_4bit + dequantize_4bit of it, one expert
+          matrix at a time (w1/w3 or gate_proj/up_proj separately, as the per-expert files hold
+          them), i.e. what per-expert Linear4bit layers compute on bitsandbytes' exact CPU path
+          (dequantize, then a float32 matmul). transformers 5 leaves fused experts unquantized
+          under BitsAndBytesConfig, so this is the 4-bit expert reference; lm_head and the router
+          stay float32.
 """
 
 import json
@@ -174,6 +184,33 @@ def main(in_path, config_path, out_path):
                 res = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
             out[f"{name}/router_logits"] = torch.stack([r.float() for r in res.router_logits]).numpy()
             out[f"{name}/aux_loss"] = np.float32(res.aux_loss.item())
+        elif op in ("folder_aux", "bnb_model"):
+            model = AutoModelForCausalLM.from_pretrained(case["dir"], dtype=torch.float32,
+                                                         experts_implementation="eager").eval()
+            if op == "bnb_model":
+                def qdq(w, case=case):
+                    q = _quantize(w, case["quant_type"], case["double_quant"], case.get("blocksize", 64))
+                    return torch.from_numpy(q["dequantized"]).reshape(w.shape)
+
+                with torch.no_grad():
+                    for mod_name, module in model.named_modules():
+                        if isinstance(module, torch.nn.Linear) and mod_name != "lm_head":
+                            module.weight.copy_(qdq(module.weight))
+                    for layer in model.model.layers:
+                        experts = layer.mlp.experts
+                        inter = experts.gate_up_proj.shape[1] // 2
+                        for e in range(experts.gate_up_proj.shape[0]):
+                            experts.gate_up_proj[e, :inter] = qdq(experts.gate_up_proj[e, :inter].clone())
+                            experts.gate_up_proj[e, inter:] = qdq(experts.gate_up_proj[e, inter:].clone())
+                            experts.down_proj[e] = qdq(experts.down_proj[e].clone())
+            ids = torch.from_numpy(arrays[f"{name}/input_ids"].astype(np.int64))
+            mask_key = f"{name}/attention_mask"
+            mask = torch.from_numpy(arrays[mask_key].astype(np.int64)) if mask_key in arrays else None
+            with torch.no_grad():
+                res = model(input_ids=ids, attention_mask=mask, output_router_logits=op == "folder_aux")
+            out[f"{name}/logits"] = res.logits.float().numpy()
+            if op == "folder_aux":
+                out[f"{name}/aux_loss"] = np.float32(res.aux_loss.item())
         else:
             raise ValueError(f"unknown op {op!r}")
     np.savez(out_path, **out)
