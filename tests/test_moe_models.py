@@ -75,7 +75,7 @@ def hf(oracle, workdir, inputs):
         make.append(dict(name=name, op="make_model", model_type=model_type, config=config, seed=300 + i,
                          dir=str(workdir / name)))
         after += [dict(name=f"{name}_nf4", op="bnb_model", dir=str(workdir / name), quant_type="nf4",
-                       double_quant=True),
+                       double_quant=True, save_dir=str(workdir / f"{name}_bnb")),
                   dict(name=f"{name}_aux", op="folder_aux", dir=str(workdir / name))]
     out = oracle.run("hf_models.py", arrays, {"cases": make})
     out.update(oracle.run("hf_moe.py", arrays, {"cases": after}))
@@ -148,6 +148,24 @@ def test_nf4_experts_match_bitsandbytes(hf, workdir, inputs, name):
     got = valid(run(config, base, ids, mask), mask)
     np.testing.assert_allclose(got, valid(hf[f"{name}_nf4/logits"], mask), atol=2e-4, rtol=1e-4)
     assert np.abs(got - valid(hf[f"{name}/logits_f32"], mask)).max() > 1e-3  # the quantization matters
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bitsandbytes_per_expert_checkpoint_loads_without_requantization(hf, workdir, inputs, name):
+    """Experts stored as per-expert bitsandbytes 4-bit tensors (transformers 4's Linear4bit per expert) are
+    taken as stored, byte for byte, and give bitsandbytes' logits."""
+    ids, mask = inputs
+    saved = workdir / f"{name}_bnb"
+    block, theirs = ("block_sparse_moe", "w2") if name == "mixtral" else ("mlp", "down_proj")
+    key = f"model.layers.1.{block}.experts.3.{theirs}.weight"
+    stored = load_file(saved / "model.safetensors")
+    assert stored[key].dtype == np.uint8 and f"{key}.quant_state.bitsandbytes__nf4" in stored
+    config, base, stats = ours(saved, quant="nf4")
+    assert stats.prequantized == config.num_hidden_layers * (4 + 3 * EXPERTS) and stats.requantized == 0
+    down = base["layers"]["mlp"]["down_proj"]["weight"]
+    np.testing.assert_array_equal(np.asarray(down.codes[1, 3]).reshape(-1), stored[key].reshape(-1))
+    np.testing.assert_allclose(valid(run(config, base, ids, mask), mask), valid(hf[f"{name}_nf4/logits"], mask),
+                               atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -298,3 +316,104 @@ def test_train_step_adds_the_aux_loss_and_trains_expert_adapters(hf, workdir, in
     for m in ("gate_proj", "up_proj", "down_proj"):
         moved = np.abs(np.asarray(new_lora["layers"]["mlp"][m]["lora_B"])).max(axis=(0, 2, 3))
         assert moved.shape == (EXPERTS,) and (moved > 0).sum() >= 2, m  # experts that got tokens learn
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+def test_finetune_recipe_runs_and_learns(oracle, tmp_path, name):
+    """The launcher's recipe on an MoE folder (the finetune of ``make finetune ARGS=--model=<folder>``):
+    4-bit experts with per-expert adapters train, evaluate, sample and save; aux_loss is logged."""
+    from helpers import small_finetune_config
+
+    from qlora_jax.finetune import run as run_finetune
+    from qlora_jax.model import load_tokenizer
+
+    tokenizer = load_tokenizer("embedded")
+    model_type, config = MODELS[name]
+    config = dict(config, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                  eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    folder = tmp_path / name
+    oracle.run("hf_models.py", {"m/input_ids": np.zeros((1, 2), np.int32)}, {"cases": [
+        dict(name="m", op="make_model", model_type=model_type, config=config, seed=5, dir=str(folder))]})
+    tokenizer.save(folder)
+    out = tmp_path / "out"
+    result = run_finetune(small_finetune_config(folder, out, max_steps=12, eval_steps=6, save_steps=6),
+                          progress=False)
+    assert result.final_step == 12
+    assert result.final_eval_loss < result.first_eval_loss
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    aux = [r["aux_loss"] for r in rows if r["kind"] == "train"]
+    assert aux and all(np.isfinite(aux)) and min(aux) > 0
+
+
+# ------------------------------------------------------------------------------------------ PEFT
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_peft_adapters_with_expert_adapters_both_ways(oracle, hf, workdir, inputs, name):
+    """A PEFT adapter with one adapter per expert (transformers 4's module names, which PEFT 0.21 converts
+    to transformers 5's fused experts) gives PEFT's logits here; ours, exported, gives ours in PEFT."""
+    from qlora_jax.peft_io import load_peft_adapter, save_peft_adapter
+
+    ids, mask = inputs
+    config, base, _ = ours(workdir / name)
+    experts = ["w1", "w2", "w3"] if name == "mixtral" else ["gate_proj", "up_proj", "down_proj"]
+    peft_dir, ours_dir = workdir / f"{name}_peft_v4", workdir / f"{name}_our_adapter"
+    lora_config = LoraConfig(r=4, alpha=8.0, target_modules="all-linear", dtype="float32")
+    lora = init_lora_params(jax.random.key(7), ModelSpec(config, lora_config))
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape, x.dtype), lora)
+    save_peft_adapter(ours_dir, lora, lora_config, config)
+    written = load_file(ours_dir / "adapter_model.safetensors")
+    assert written[f"base_model.model.model.layers.1.{'block_sparse_moe' if name == 'mixtral' else 'mlp'}.experts.3."
+                   f"{experts[2]}.lora_B.weight"].shape == (64, 4)
+    assert sorted(json.loads((ours_dir / "adapter_config.json").read_text())["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", *experts])
+    arrays = {f"{c}/{k}": v for c in ("peft", "back") for k, v in (("input_ids", ids), ("attention_mask", mask))}
+    out = oracle.run("hf_moe.py", arrays, {"cases": [
+        dict(name="peft", op="peft_v4", dir=str(workdir / name), r=8, alpha=16,
+             targets=["q_proj", "v_proj", *experts], seed=3, save_dir=str(peft_dir)),
+        dict(name="back", op="peft_load", dir=str(workdir / name), adapter_dir=str(ours_dir)),
+    ]})
+    peft_lora, peft_config = load_peft_adapter(peft_dir, config)
+    assert peft_config.target_modules == ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+    assert peft_lora["layers"]["mlp"]["up_proj"]["lora_A"].shape == (2, EXPERTS, 8, 64)
+    got = run(config, base, ids, mask, peft_lora, peft_config)
+    np.testing.assert_allclose(valid(got, mask), valid(out["peft/logits"], mask), atol=2e-4, rtol=1e-4)
+    assert np.abs(valid(got, mask) - valid(hf[f"{name}/logits_f32"], mask)).max() > 1e-2  # the adapter matters
+    np.testing.assert_allclose(valid(run(config, base, ids, mask, lora, lora_config), mask),
+                               valid(out["back/logits"], mask), atol=2e-4, rtol=1e-4)
+
+
+def test_router_targets_are_refused_by_name(hf, workdir):
+    config = read_config(json.loads((workdir / "mixtral" / "config.json").read_text()))
+    with pytest.raises(ValueError, match=r"MoE router 'model\.layers\.0\.block_sparse_moe\.gate'"):
+        layout.lora_targets(LoraConfig(target_modules=("q_proj", "gate")), config)
+    with pytest.raises(ValueError, match=r"some layers only, or some experts"):
+        layout.lora_targets(LoraConfig(target_modules=r".*experts\.0\.w1"), config)
+    # Our own names and Mixtral's on-disk names select the same experts.
+    assert layout.lora_targets(LoraConfig(target_modules=("w1", "w2")), config) == ("gate_proj", "down_proj")
+    assert layout.lora_targets(LoraConfig(target_modules=("gate_proj", "down_proj")), config) == (
+        "gate_proj", "down_proj")
+
+
+# ------------------------------------------------------------------------------------------ memory planner
+
+
+def test_memory_presets_have_the_published_parameter_counts(oracle):
+    """mixtral-8x7b (46.7 B) and qwen3-30b-a3b (30.5 B): our tensor table counts what transformers builds
+    from the same config (on the meta device), and their 4-bit bases are the sizes the issue quotes."""
+    from qlora_jax.memory import KNOWN_MODELS, plan_memory
+
+    presets = {"mixtral-8x7b": "mixtral", "qwen3-30b-a3b": "qwen3_moe"}
+    cases = [dict(name=n, op="num_params", model_type=t, config={
+        k: v for k, v in KNOWN_MODELS[n].to_hf_dict().items() if k not in ("architectures", "model_type")})
+        for n, t in presets.items()]
+    out = oracle.run("hf_models.py", {}, {"cases": cases})
+    for name, published in (("mixtral-8x7b", 46.7e9), ("qwen3-30b-a3b", 30.5e9)):
+        count = KNOWN_MODELS[name].num_parameters()
+        assert count == int(out[f"{name}/count"]), name
+        assert abs(count - published) < 0.05e9, name
+        plan = plan_memory(KNOWN_MODELS[name], seq_len=512, batch=1)
+        base = plan.base_linear_codes + plan.base_quant_constants + plan.embeddings_norms_head
+        # NF4 + double quantization: 4.127 bits per expert/attention weight, 16-bit embeddings and routers.
+        assert 0.25 * count * 2 * 0.98 < base < 0.29 * count * 2, (name, base)

@@ -43,6 +43,8 @@ __all__ = [
     "assemble_base",
     "linear_entries",
     "peft_module_names",
+    "adapter_modules",
+    "peft_target_name",
     "lora_targets",
 ]
 
@@ -263,11 +265,44 @@ def linear_entries(base: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
             if name in layers.get(module_group(name), {})}
 
 
+def adapter_modules(config: LlamaConfig, layer: int, name: str, *, prefix: str = "model.") -> list[str]:
+    """The Hugging Face modules of one layer's linear layer ``name``: one, or one per expert for an MoE
+    layer's expert matrices (``model.layers.0.block_sparse_moe.experts.{e}.w1``, transformers 4's
+    module names, under which PEFT saves per-expert adapters and which PEFT 0.21 converts to
+    transformers 5's fused experts when it loads them)."""
+    if not config.expert_stack(name):
+        return [hf_module(layer, name, prefix=prefix)]
+    family = config.family
+    theirs = family.expert_names[family.mlp_layers.index(name)]
+    return [f"{prefix}layers.{layer}.{family.moe_module}.experts.{e}.{theirs}" for e in range(config.num_experts)]
+
+
+def peft_target_name(config: LlamaConfig, name: str) -> str:
+    """The short module name PEFT's ``target_modules`` uses for our linear layer ``name`` (Mixtral's
+    experts: ``w1``/``w3``/``w2``; otherwise ``name``)."""
+    if config.expert_stack(name):
+        return config.family.expert_names[config.family.mlp_layers.index(name)]
+    return name
+
+
+def _peft_modules(config: LlamaConfig) -> dict[str, tuple[int, str] | None]:
+    """PEFT's module names in the family's ``*ForCausalLM`` (transformers 4 names for MoE experts) ->
+    ``(layer, our linear layer)``, or None for a module qlora-jax does not adapt (``lm_head``, an
+    MoE router)."""
+    modules: dict[str, tuple[int, str] | None] = {}
+    for i in range(config.num_hidden_layers):
+        for name in linear_layers(config):
+            modules.update({m: (i, name) for m in adapter_modules(config, i, name)})
+        if config.is_moe:
+            modules[hf_module(i, f"{config.family.moe_module}.gate")] = None
+    modules["lm_head"] = None
+    return modules
+
+
 def peft_module_names(config: LlamaConfig) -> list[str]:
     """The module names PEFT matches ``target_modules`` against in the family's ``*ForCausalLM``:
-    every decoder layer's linear layers, then ``lm_head``."""
-    names = [hf_module(i, name) for i in range(config.num_hidden_layers) for name in linear_layers(config)]
-    return names + ["lm_head"]
+    every decoder layer's linear layers (each expert's, and the router, of MoE layers), then ``lm_head``."""
+    return list(_peft_modules(config))
 
 
 def _matches(target_modules: str | tuple[str, ...], module: str) -> bool:
@@ -289,28 +324,43 @@ def lora_targets(lora_config: LoraConfig, config: LlamaConfig) -> tuple[str, ...
     targets = lora_config.target_modules
     linear_names = linear_layers(config)
     if targets == "all-linear":
+        # (An MoE layer's experts, not its router: PEFT's all-linear also adapts the router.)
         return linear_names
+    modules = _peft_modules(config)
+
+    def matches(target, module):
+        # Our own names select their layer too (Mixtral's "gate_proj" is its experts' w1).
+        if not isinstance(target, str) and modules[module] is not None and modules[module][1] in target:
+            return True
+        return _matches(target, module)
+
     if not isinstance(targets, str):
-        unknown = [t for t in targets if not any(_matches((t,), m) for m in peft_module_names(config))]
+        unknown = [t for t in targets if not any(matches((t,), m) for m in modules)]
         if unknown:
             suggestions = {t: difflib.get_close_matches(t, linear_names, n=2) for t in unknown}
             raise ValueError(f"LoRA target_modules {unknown} match no module of this model (nearest: "
                              f"{suggestions}); LoRA applies to {linear_names}, 'all-linear', or a regex")
-    matched = [m for m in peft_module_names(config) if _matches(targets, m)]
+    matched = [m for m in modules if matches(targets, m)]
     if "lm_head" in matched:
         raise ValueError(f"LoRA target_modules={targets!r} selects lm_head; qlora-jax adapts the decoder's linear "
                          f"layers {linear_names} only (PEFT's 'all-linear' excludes the head too)")
-    per_layer: dict[str, set[int]] = {}
+    routers = [m for m in matched if modules[m] is None]
+    if routers:
+        raise ValueError(f"LoRA target_modules={targets!r} selects the MoE router {routers[0]!r}; qlora-jax keeps the "
+                         f"routers frozen and adapts {linear_names}")
+    per_layer: dict[str, set[str]] = {}
     for module in matched:
-        _, _, layer, _, name = module.split(".")
-        per_layer.setdefault(name, set()).add(int(layer))
+        per_layer.setdefault(modules[module][1], set()).add(module)
     if not per_layer:
-        nearest = difflib.get_close_matches(str(targets), peft_module_names(config), n=3)
+        nearest = difflib.get_close_matches(str(targets), list(modules), n=3)
         raise ValueError(f"LoRA target_modules={targets!r} matches no module of this model; module names look "
-                         f"like {nearest or peft_module_names(config)[:3]}")
-    every_layer = set(range(config.num_hidden_layers))
-    partial = {name: sorted(layers) for name, layers in per_layer.items() if layers != every_layer}
+                         f"like {nearest or list(modules)[:3]}")
+    partial = {}
+    for name, chosen in per_layer.items():
+        every = {m for m, v in modules.items() if v is not None and v[1] == name}
+        if chosen != every:
+            partial[name] = sorted(chosen)[:4]
     if partial:
-        raise ValueError(f"LoRA target_modules={targets!r} selects some layers only ({partial}); qlora-jax's "
-                         "scanned decoder adapts the same modules in every layer")
+        raise ValueError(f"LoRA target_modules={targets!r} selects some layers only, or some experts ({partial}); "
+                         "qlora-jax's scanned decoder adapts the same modules in every layer and expert")
     return tuple(name for name in linear_names if name in per_layer)
