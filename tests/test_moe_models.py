@@ -168,6 +168,53 @@ def test_bitsandbytes_per_expert_checkpoint_loads_without_requantization(hf, wor
                                atol=2e-4, rtol=1e-4)
 
 
+def _fused_copy(src: pathlib.Path, dst: pathlib.Path, name: str) -> pathlib.Path:
+    """The folder with transformers 5's in-memory MoE names: mlp.gate, mlp.experts.gate_up_proj [E, 2I, D]
+    (gate rows, then up rows: tests/test_moe.py checks that order against the module) and
+    mlp.experts.down_proj [E, D, I]."""
+    block, (w_gate, w_up, w_down) = (("block_sparse_moe", ("w1", "w3", "w2")) if name == "mixtral"
+                                     else ("mlp", ("gate_proj", "up_proj", "down_proj")))
+
+    def fuse(tensors):
+        for layer in range(BASE["num_hidden_layers"]):
+            pre = f"model.layers.{layer}"
+
+            def take(w, pre=pre):
+                return np.stack([tensors.pop(f"{pre}.{block}.experts.{e}.{w}.weight") for e in range(EXPERTS)])
+
+            gate = tensors.pop(f"{pre}.{block}.gate.weight")
+            tensors[f"{pre}.mlp.experts.gate_up_proj"] = np.concatenate([take(w_gate), take(w_up)], axis=1)
+            tensors[f"{pre}.mlp.experts.down_proj"] = take(w_down)
+            tensors[f"{pre}.mlp.gate.weight"] = gate
+
+    return _edited_copy(src, dst, edit_tensors=fuse)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fused_expert_layout_loads(hf, workdir, inputs, tmp_path, name):
+    ids, mask = inputs
+    path = _fused_copy(workdir / name, tmp_path / "fused", name)
+    config, base, _ = ours(path)
+    np.testing.assert_allclose(valid(run(config, base, ids, mask), mask), valid(hf[f"{name}/logits_f32"], mask),
+                               atol=2e-4, rtol=1e-4)
+    # 4-bit: the same bytes as from the per-expert files, one quantized tensor per expert matrix.
+    _, fused_nf4, stats = ours(path, quant="nf4")
+    _, per_expert_nf4, _ = ours(workdir / name, quant="nf4")
+    assert stats.requantized == config.num_hidden_layers * (4 + 3 * EXPERTS)
+    for a, b in zip(jax.tree.leaves(fused_nf4), jax.tree.leaves(per_expert_nf4), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # An expert count that disagrees with the tensors names the first one read (the router, then the experts).
+    fewer = _edited_copy(path, tmp_path / "fewer", edit_config=lambda c: c.update(
+        {k: 3 for k in ("num_local_experts", "num_experts") if k in c}))
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.mlp\.gate\.weight' has shape \[4, 64\] but "
+                                              r"config.json implies \[3, 64\]"):
+        _load(fewer)
+    gate_up = "model.layers.1.mlp.experts.gate_up_proj"
+    narrow = _edited_copy(path, tmp_path / "narrow", edit_tensors=lambda t: t.update({gate_up: t[gate_up][:3]}))
+    with pytest.raises(CheckpointError, match=rf"'{gate_up}' has shape \[3, 128, 64\] but .* implies \[4, 128, 64\]"):
+        _load(narrow)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_save_quantized_round_trip(hf, workdir, inputs, name):
     """Our own checkpoint of an MoE model (4-bit experts, per-expert adapters) reads back byte for byte."""
@@ -417,3 +464,24 @@ def test_memory_presets_have_the_published_parameter_counts(oracle):
         base = plan.base_linear_codes + plan.base_quant_constants + plan.embeddings_norms_head
         # NF4 + double quantization: 4.127 bits per expert/attention weight, 16-bit embeddings and routers.
         assert 0.25 * count * 2 * 0.98 < base < 0.29 * count * 2, (name, base)
+
+
+def test_lora_dropout_reaches_the_expert_adapters(hf, workdir, inputs):
+    """PEFT's lora_dropout on the expert adapters' inputs: with only expert adapters, a dropout key changes
+    the output (the same key, the same output); with fresh adapters (B = 0) it changes nothing."""
+    ids, mask = inputs
+    config, base, _ = ours(workdir / "mixtral")
+    lora_config = LoraConfig(r=4, alpha=8.0, target_modules=("w1", "w2", "w3"), dropout=0.5, dtype="float32")
+    spec = ModelSpec(config, lora_config, compute_dtype="float32")
+    fresh = init_lora_params(jax.random.key(0), spec)
+    assert set(fresh["layers"]) == {"mlp"}
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape, x.dtype), fresh)
+
+    def logits(adapters, key):
+        return np.asarray(llama.forward(spec, base, adapters, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                                        dropout_key=key)[0])
+
+    plain, dropped = logits(lora, None), logits(lora, jax.random.key(1))
+    assert np.abs(plain - dropped).max() > 1e-3
+    np.testing.assert_array_equal(dropped, logits(lora, jax.random.key(1)))
+    np.testing.assert_allclose(logits(fresh, jax.random.key(1)), logits(fresh, None), atol=1e-6)

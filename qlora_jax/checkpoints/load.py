@@ -31,7 +31,7 @@ from qlora_jax.checkpoints.errors import CheckpointError
 from qlora_jax.checkpoints.gguf_io import GGUFCheckpoint
 from qlora_jax.checkpoints.safetensors_io import SafetensorsFolder
 from qlora_jax.checkpoints.validate import CheckedSource, TensorSource, validate_hf_config
-from qlora_jax.models import layout
+from qlora_jax.models import layout, moe
 from qlora_jax.models.config import LlamaConfig, UnsupportedArchitectureError
 from qlora_jax.models.layout import hf_global_key
 from qlora_jax.quant import QuantizationError, QuantizedTensor, bnb_format, dequantize, quantize
@@ -166,7 +166,9 @@ class _Entry:
     "tied_lm_head" (a stored copy of a tied head, checked equal to the embeddings).
     ``linear``: a linear weight, quantized here or taken pre-quantized. ``expert_keys``: an MoE
     layer's expert matrix, one tensor per expert on disk (``key`` is expert 0's), each quantized on
-    its own and stacked over an expert axis.
+    its own and stacked over an expert axis. ``fused``: transformers 5's fused expert layout, one
+    ``[E, out, in]`` tensor: 0/1 for the gate/up half of ``mlp.experts.gate_up_proj``, 2 for the
+    whole tensor (``mlp.experts.down_proj``).
     """
 
     key: str
@@ -175,6 +177,7 @@ class _Entry:
     layer: int | None = None
     linear: bool = False
     expert_keys: tuple[str, ...] = ()
+    fused: int | None = None
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -191,8 +194,22 @@ def _plan(config: LlamaConfig, source: CheckedSource, prefix: str) -> list[_Entr
     if config.tie_word_embeddings and head in source:
         plan.append(_Entry(head, (config.vocab_size, config.hidden_size), "tied_lm_head"))
     for layer in range(config.num_hidden_layers):
+        # transformers 5's in-memory MoE names (mlp.gate, mlp.experts.gate_up_proj [E, 2I, D] with the gate
+        # rows first, mlp.experts.down_proj [E, D, I]), for files written from them.
+        fused_prefix = f"{prefix}layers.{layer}.mlp"
+        fused = config.is_moe and f"{fused_prefix}.experts.gate_up_proj" in source
         for spec in table:
-            if spec.experts:
+            if fused and spec.experts:
+                e, (out, inp) = spec.experts, spec.shape
+                if spec.module == "down_proj":
+                    plan.append(_Entry(f"{fused_prefix}.experts.down_proj", (e, out, inp), spec.slot, layer,
+                                       linear=True, fused=2))
+                else:
+                    plan.append(_Entry(f"{fused_prefix}.experts.gate_up_proj", (e, 2 * out, inp), spec.slot, layer,
+                                       linear=True, fused=config.family.mlp_layers.index(spec.module)))
+            elif fused and spec.path[-2:] == ("gate", "weight"):
+                plan.append(_Entry(f"{fused_prefix}.gate.weight", spec.shape, spec.slot, layer))
+            elif spec.experts:
                 keys = tuple(spec.expert_keys(layer, prefix=prefix))
                 plan.append(_Entry(keys[0], spec.shape, spec.slot, layer, linear=spec.linear, expert_keys=keys))
             elif spec.layered:
@@ -202,8 +219,8 @@ def _plan(config: LlamaConfig, source: CheckedSource, prefix: str) -> list[_Entr
 
 
 def _check_expert_count(config: LlamaConfig, source: CheckedSource, prefix: str) -> None:
-    """An MoE checkpoint holding experts past ``num_experts`` (or the fused layout, not read here) is
-    refused naming the tensor and the config field, before the generic unused-tensor error."""
+    """An MoE checkpoint holding experts past ``num_experts`` is refused naming the tensor and the
+    config field, before the generic unused-tensor error."""
     if not config.is_moe:
         return
     module = config.family.moe_module
@@ -214,10 +231,7 @@ def _check_expert_count(config: LlamaConfig, source: CheckedSource, prefix: str)
         if match and int(match.group(2)) >= config.num_experts:
             raise CheckpointError(f"{source.where(key)}: expert tensor {key!r} exists but config.json has {field} = "
                                   f"{config.num_experts}")
-        if key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
-            raise CheckpointError(f"{source.where(key)}: {key!r} is transformers 5's fused expert layout; qlora-jax "
-                                  f"reads the per-expert tensors save_pretrained writes "
-                                  f"({module}.experts.{{e}}.{config.family.expert_names[0]}.weight, ...)")
+
 
 
 def load_base_params(
@@ -295,6 +309,19 @@ def load_base_params(
         held["quantized"] += sum(x.nbytes for x in jax.tree.leaves(qt))
         return qt
 
+    def read_fused(entry: _Entry) -> Any:
+        value = read_dense(entry)  # [E, 2I, D] or [E, D, I], checked against config.json
+        if entry.fused in (0, 1):
+            half = value.shape[1] // 2
+            value = value[:, entry.fused * half:(entry.fused + 1) * half]
+        if not quant.quantized:
+            return jnp.asarray(value).astype(dtype)
+        qt = moe.quantize_experts(value, quant.quant, blocksize=quant.blocksize, double_quant=quant.double_quant,
+                                  bnb_backend=quant.bnb_backend)
+        counts["requantized"] += value.shape[0]
+        held["quantized"] += sum(x.nbytes for x in jax.tree.leaves(qt))
+        return qt
+
     def read_experts(entry: _Entry) -> Any:
         # One expert at a time (as bitsandbytes quantizes one Linear4bit per expert), then stacked.
         experts = [read_linear(dataclasses.replace(entry, key=key, expert_keys=())) for key in entry.expert_keys]
@@ -308,7 +335,9 @@ def load_base_params(
     globals_: dict[str, Any] = {}
     stacker = _Stacker(config.num_hidden_layers)
     for entry in plan:
-        if entry.expert_keys:
+        if entry.fused is not None:
+            value = read_fused(entry)
+        elif entry.expert_keys:
             value = read_experts(entry)
         else:
             value = read_linear(entry) if entry.linear else jnp.asarray(read_dense(entry)).astype(dtype)

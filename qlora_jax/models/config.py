@@ -347,6 +347,10 @@ class LlamaConfig:
             if family.moe is not None:
                 # transformers 5 writes Qwen3-MoE's num_experts as num_local_experts (an attribute alias).
                 experts = cfg.get("num_local_experts", cfg.get("num_experts"))
+                if None not in (cfg.get("num_local_experts"), cfg.get("num_experts")) and (
+                        cfg["num_local_experts"] != cfg["num_experts"]):
+                    raise ValueError(f"{model_type}: num_local_experts = {cfg['num_local_experts']} and num_experts = "
+                                     f"{cfg['num_experts']} disagree (one field, two spellings)")
                 if experts is None:
                     raise KeyError("num_local_experts" if model_type == "mixtral" else "num_experts")
                 moe = dict(num_experts=int(experts), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
