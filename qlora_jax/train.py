@@ -132,7 +132,11 @@ def loss_count_and_aux(
     """:func:`loss_and_count`, and the load-balancing loss of an MoE model's routers.
 
     Args:
-      spec, trainable, frozen, batch, dropout_key: as :func:`loss_and_count`.
+      spec: the model (as :func:`loss_and_count`).
+      trainable: the LoRA adapters' pytree (the base parameters when ``spec.full_finetune``).
+      frozen: the frozen (quantized) base parameters (unused when ``spec.full_finetune``).
+      batch: ``{"input_ids": int32 [B, T], "attention_mask": [B, T], "loss_mask": [B, T]}``.
+      dropout_key: PRNG key for LoRA dropout, or ``None`` (no dropout).
 
     Returns:
       ``(loss_sum, count, aux_loss)``: ``aux_loss`` is transformers' ``aux_loss`` of the

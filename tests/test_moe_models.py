@@ -48,6 +48,7 @@ MODELS = {
 }
 EXPERTS = 4
 SEQ = 16
+NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +73,10 @@ def hf(oracle, workdir, inputs):
     for i, (name, (model_type, config)) in enumerate(MODELS.items()):
         for case in (name, f"{name}_nf4", f"{name}_aux"):
             arrays[f"{case}/input_ids"], arrays[f"{case}/attention_mask"] = ids, mask
-        make.append(dict(name=name, op="make_model", model_type=model_type, config=config, seed=300 + i,
-                         dir=str(workdir / name)))
+        arrays[f"{name}_gen/input_ids"] = ids[:1, :8]
+        make += [dict(name=name, op="make_model", model_type=model_type, config=config, seed=300 + i,
+                      dir=str(workdir / name)),
+                 dict(name=f"{name}_gen", op="generate", dir=str(workdir / name), max_new_tokens=NEW_TOKENS)]
         after += [dict(name=f"{name}_nf4", op="bnb_model", dir=str(workdir / name), quant_type="nf4",
                        double_quant=True, save_dir=str(workdir / f"{name}_bnb")),
                   dict(name=f"{name}_aux", op="folder_aux", dir=str(workdir / name))]
@@ -231,6 +234,18 @@ def test_save_quantized_round_trip(hf, workdir, inputs, name):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(run(saved.config, saved.base, ids, mask, saved.lora, saved.lora_config),
                                   run(config, base, ids, mask, lora, lora_config))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_greedy_decode_matches_transformers(hf, workdir, inputs, name):
+    """KV-cache decoding routes each new token through the experts as transformers does."""
+    from qlora_jax.generate import SamplingConfig, generate_tokens
+
+    ids, _ = inputs
+    config, base, _ = ours(workdir / name)
+    spec = ModelSpec(config, None, compute_dtype="float32")
+    (tokens,) = generate_tokens(spec, base, None, [ids[0, :8].tolist()], SamplingConfig(max_new_tokens=NEW_TOKENS))
+    assert tokens == hf[f"{name}_gen/tokens"][0].tolist()
 
 
 def test_synthetic_base_has_the_loaded_layout(hf, workdir, inputs):

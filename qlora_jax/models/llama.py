@@ -200,7 +200,14 @@ def hidden_states_and_router_logits(
     """:func:`hidden_states`, and the router logits of every layer of an MoE model.
 
     Args:
-      spec, base, lora, input_ids, attention_mask, positions, cache, dropout_key: as :func:`hidden_states`.
+      spec: what runs (:class:`~qlora_jax.models.spec.ModelSpec`).
+      base: the frozen base pytree.
+      lora: the adapters' pytree, or None.
+      input_ids: int ``[B, T]``.
+      attention_mask: ``[B, S]``, 1 for real tokens, over the key slots (as :func:`hidden_states`).
+      positions: rotary positions ``[B, T]`` (default: the slot index).
+      cache: a :class:`KVCache` to extend, or None.
+      dropout_key: PRNG key enabling LoRA dropout, or None.
 
     Returns:
       ``(hidden [B, T, D], cache or None, router_logits)``: ``router_logits`` is ``[L, B*T, E]``

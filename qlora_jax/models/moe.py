@@ -1,7 +1,9 @@
 """Mixture-of-experts feed-forward block with 4-bit experts (Mixtral, Qwen3-MoE), as pure functions.
 
-A self-contained block: the model-family declaration can call :func:`moe_block` in place of the
-dense MLP. Parameters (a dict)::
+The decoder (:mod:`qlora_jax.models.llama`) calls :func:`moe_block` in place of the dense MLP
+for the families whose declaration has ``moe`` set (Mixtral, Qwen3-MoE); there the base pytree
+holds ``mlp.gate.weight`` and ``mlp.{gate,up,down}_proj.weight`` stacked over layers, then experts.
+Parameters of one block (a dict)::
 
     {"gate": [E, H] router weight (float32/bfloat16/float16, never quantized),
      "experts": {"gate_proj": [E, I, H], "up_proj": [E, I, H], "down_proj": [E, H, I]}}
