@@ -500,3 +500,36 @@ def test_lora_dropout_reaches_the_expert_adapters(hf, workdir, inputs):
     assert np.abs(plain - dropped).max() > 1e-3
     np.testing.assert_array_equal(dropped, logits(lora, jax.random.key(1)))
     np.testing.assert_allclose(logits(fresh, jax.random.key(1)), logits(fresh, None), atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh_spec", ["data=2,fsdp=4", "data=2,fsdp=2,tensor=2"])
+def test_sharded_step_matches_single_device(hf, workdir, inputs, mesh_spec):
+    """The recipe's FSDP/tensor shardings (tests/test_distributed.py) on 4-bit experts: the parameter axes
+    split the expert axis of codes, scales and per-expert adapters; one step equals the single-device one."""
+    import optax
+
+    from qlora_jax.distributed import make_mesh, param_shardings, shard_batch, shard_tree
+    from qlora_jax.train import make_train_step
+
+    ids, mask = inputs
+    config, base, _ = ours(workdir / "qwen3_moe", quant="nf4")
+    lora_config = LoraConfig(r=4, alpha=8.0, target_modules="all-linear", dtype="float32")
+    spec = ModelSpec(config, lora_config, compute_dtype="float32")
+    lora = init_lora_params(jax.random.key(3), spec)
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape, x.dtype), lora)
+    rows = np.concatenate([ids, ids[:, ::-1]] * 2)  # 8 rows: the batch splits over data and fsdp
+    batch = {"input_ids": rows[None], "attention_mask": np.concatenate([mask] * 4)[None],
+             "loss_mask": np.ones_like(rows)[None]}
+    sgd = optax.sgd(1000.0)  # SGD is linear in the gradients (as tests/test_distributed.py)
+    step = jax.jit(make_train_step(spec, sgd))
+    ref_lora, _, ref = step(lora, sgd.init(lora), base, {k: jnp.asarray(v) for k, v in batch.items()}, None)
+    mesh = make_mesh(mesh_spec)
+    shardings = param_shardings(base, mesh)
+    assert shardings["layers"]["mlp"]["up_proj"]["weight"].codes.spec[1] is not None  # the expert axis is split
+    new_lora, _, metrics = step(shard_tree(lora, param_shardings(lora, mesh)), sgd.init(lora),
+                                shard_tree(base, shardings), shard_batch(batch, mesh), None)
+    for key in ("loss", "aux_loss"):
+        np.testing.assert_allclose(float(metrics[key]), float(ref[key]), rtol=1e-5)
+    for old, a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(new_lora), jax.tree.leaves(ref_lora), strict=True):
+        got, want = np.asarray(a) - np.asarray(old), np.asarray(b) - np.asarray(old)
+        assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want) + 1e-12
