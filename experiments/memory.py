@@ -7,7 +7,8 @@ r"""Memory planner: will this QLoRA configuration fit on that GPU?
 Prints the predicted peak device memory of one training step, broken down (base weights,
 quantization constants, embeddings, adapters and gradients, optimizer state on device and on host,
 activations with or without rematerialisation), and whether it fits. Known models: llama-7b,
-llama-13b, llama-33b, llama-65b, llama2-70b, llama3-8b, llama3-70b, smollm2-135m, or any config.json.
+llama-13b, llama-33b, llama-65b, llama2-70b, llama3-8b, llama3-70b, smollm2-135m, gemma-2-9b, qwen3-8b,
+phi-3-mini, the mixtures of experts mixtral-8x7b and qwen3-30b-a3b, or any config.json.
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@ training step actually uses (:mod:`qlora_jax.train`, :mod:`qlora_jax.models.llam
 * the chunked output projection and cross-entropy (``loss_chunk`` tokens at a time);
 * the dequantized weights of one layer (the XLA path keeps them for that layer's backward).
 
+Mixture-of-experts models (Mixtral, Qwen3-MoE): every expert's matrices are stored (4-bit, one
+quantized tensor per expert) and adapted (one adapter per expert), the 16-bit router counts with
+the embeddings; each token's activations are those of its ``k`` experts (the rows sorted by expert),
+and the grouped expert matmul dequantizes one expert at a time and keeps none for the backward.
+
 ``workspace_fraction`` adds a margin for allocator fragmentation and library workspaces.
 """
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 
 from qlora_jax.models.config import LlamaConfig
@@ -71,6 +77,17 @@ KNOWN_MODELS: dict[str, LlamaConfig] = {
     "phi-3-mini": LlamaConfig(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
                               num_attention_heads=32, num_key_value_heads=32, head_dim=96, rms_norm_eps=1e-5,
                               max_position_embeddings=4096, sliding_window=2047, model_type="phi3"),
+    # Mixtures of experts, from the published config.json files (mistralai/Mixtral-8x7B-v0.1,
+    # Qwen/Qwen3-30B-A3B): 46.7 B and 30.5 B parameters.
+    "mixtral-8x7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                                rope_theta=1000000.0, max_position_embeddings=32768, model_type="mixtral",
+                                num_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.02),
+    "qwen3-30b-a3b": LlamaConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                                 num_attention_heads=32, num_key_value_heads=4, head_dim=128, rms_norm_eps=1e-6,
+                                 rope_theta=1000000.0, max_position_embeddings=40960, model_type="qwen3_moe",
+                                 num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                                 router_aux_loss_coef=0.001, moe_intermediate_size=768),
 }
 
 GPUS = {"24GB": 24 * GiB, "40GB": 40 * GiB, "48GB": 48 * GiB, "80GB": 80 * GiB, "H100": 80 * GiB,
@@ -191,7 +208,8 @@ def plan_optimizer_state(
 
 def _adapter_params(config: LlamaConfig, r: int, targets: tuple[str, ...]) -> int:
     shapes = config.linear_shapes()
-    return config.num_hidden_layers * sum(r * (shapes[n][0] + shapes[n][1]) for n in targets)
+    return config.num_hidden_layers * sum(math.prod(config.expert_stack(n)) * r * (shapes[n][0] + shapes[n][1])
+                                          for n in targets)
 
 
 def plan_memory(
@@ -227,18 +245,20 @@ def plan_memory(
     act = _DTYPE_BYTES[compute_dtype]
     base_bytes = _DTYPE_BYTES[base_dtype]
     lora_bytes = _DTYPE_BYTES[lora_dtype]
-    d, f, v, layers = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    d, v, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
     h, q, kv = config.num_attention_heads, config.q_size, config.kv_size
     n = batch * seq_len
 
     # Frozen base.
     codes = constants = 0
-    for shape in config.linear_shapes().values():
+    for name, shape in config.linear_shapes().items():
         report = storage_report_for(shape, quant if quant in ("nf4", "fp4", "int8") else base_dtype, blocksize,
                                     double_quant)
-        codes += layers * report.codes_bytes
-        constants += layers * (report.total_bytes - report.codes_bytes)
+        copies = layers * math.prod(config.expert_stack(name))  # each expert quantized on its own
+        codes += copies * report.codes_bytes
+        constants += copies * (report.total_bytes - report.codes_bytes)
     norms = layers * sum(shape[0] for shape in config.layer_norm_shapes().values()) + d
+    norms += layers * config.num_experts * d if config.is_moe else 0  # the 16-bit routers
     embed = v * d * base_bytes * (1 if config.tie_word_embeddings else 2) + norms * base_bytes
 
     # Adapters, gradients and optimizer state.
@@ -259,15 +279,20 @@ def plan_memory(
     optimizer_host = state_plan.host_bytes
 
     # Activations.
-    r_total = lora_r * len(lora_targets)
+    # An MoE token passes through k experts: k rows of expert activations (and expert adapters).
+    k = config.num_experts_per_tok if config.is_moe else 1
+    r_total = lora_r * sum(k if config.expert_stack(n) else 1 for n in lora_targets)
+    f = config.expert_intermediate_size
+    moe_rows = (2 * k * d * act + 2 * config.num_experts * 4) if config.is_moe else 0  # sorted rows, outputs, router
     per_token = (
         4 * d * act            # norm inputs/outputs and residual stream values
         + 2 * d * 4            # RMSNorm float32 intermediates
         + (q + 2 * kv) * act   # q, k, v
         + (q + kv) * act       # rotated q, k
         + q * act              # attention output
-        + 3 * f * act          # gate, up, silu(gate) * up
+        + 3 * k * f * act      # gate, up, silu(gate) * up (of each of the token's k experts)
         + r_total * act        # LoRA down-projections
+        + moe_rows
     )
     attention = batch * h * seq_len * seq_len * (4 + act)  # scores (float32) and probabilities
     one_layer = n * per_token + attention
@@ -279,6 +304,7 @@ def plan_memory(
         layer_peak = one_layer
     chunk = min(loss_chunk, n)
     loss = chunk * v * 4 * 3 + n * d * 4  # logits, softmax, their cotangent; hidden-state cotangent
+    # (The grouped expert matmul dequantizes one expert at a time and keeps none: count one expert.)
     weights_one_layer = sum(o * i for o, i in config.linear_shapes().values()) * act
     dequantized = 0 if (fused_dequant or quant not in ("nf4", "fp4", "int8")) else weights_one_layer
 

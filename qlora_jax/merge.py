@@ -408,6 +408,9 @@ def export_merged(
     :class:`LossyMergeError` before anything is written, unless ``allow_lossy=True``, which
     writes it with a warning. Non-finite merged weights are always refused.
     """
+    if config.is_moe:  # the per-expert tensors and routers have no writer here yet
+        raise NotImplementedError(f"merged export of a {config.model_type} (mixture-of-experts) model is not "
+                                  "implemented: export the adapter (PEFT format) or use save_quantized")
     path = pathlib.Path(path)
     np_dtype = jnp.dtype(dtype)
     scaling = jnp.float32(lora_config.scaling if lora_config is not None else 1.0)

@@ -57,8 +57,9 @@ def init_lora_params(key: jax.Array, spec: ModelSpec) -> dict[str, Any]:
     dtype = jnp.dtype(spec.adapter_dtype)
     layers: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(spec.lora_targets):
+        # An MoE layer's expert matrices get one adapter per expert ([L, E, r, in]).
         pair = init_lora_pair(jax.random.fold_in(key, i), shapes[name], spec.lora_config.r, dtype,
-                              leading=(config.num_hidden_layers,))
+                              leading=(config.num_hidden_layers, *config.expert_stack(name)))
         layers.setdefault(module_group(name), {})[name] = pair
     return {"layers": layers}
 

@@ -4,6 +4,13 @@ Keys follow PEFT's saved names for a causal LM, with the adapter name stripped:
 ``base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_A.weight`` (``[r, in]``) and
 ``...lora_B.weight`` (``[out, r]``). Our adapter pytree stacks layers on a leading axis; these
 functions split and stack them.
+
+An MoE layer's expert adapters (``[L, E, r, in]`` in our pytree) are one adapter per expert module
+under transformers 4's names (``...block_sparse_moe.experts.{e}.w1.lora_A.weight`` for Mixtral,
+``...mlp.experts.{e}.gate_proj.lora_A.weight`` for Qwen3-MoE), with ``target_modules`` naming
+them (``w1``...): the format PEFT wrote for these models, and which PEFT 0.21 converts to
+transformers 5's fused expert parameters when it loads it. (PEFT's own transformers 5 format,
+``target_parameters`` with fused ranks, is refused by the ``rank_pattern`` check.)
 """
 
 from __future__ import annotations
@@ -61,9 +68,15 @@ def save_peft_adapter(
         for matrix in ("lora_A", "lora_B"):
             stacked = np.asarray(jax.device_get(pair[matrix]))
             for layer in range(config.num_hidden_layers):
-                tensors[peft_key(layer, name, matrix)] = np.ascontiguousarray(stacked[layer])
+                modules = layout.adapter_modules(config, layer, name, prefix=_PREFIX)
+                if config.expert_stack(name):  # one adapter per expert module
+                    for e, module in enumerate(modules):
+                        tensors[f"{module}.{matrix}.weight"] = np.ascontiguousarray(stacked[layer, e])
+                else:
+                    tensors[peft_key(layer, name, matrix)] = np.ascontiguousarray(stacked[layer])
     save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (path / ADAPTER_CONFIG).write_text(json.dumps(lora_config.to_peft_config(targets, base_model_name_or_path),
+    peft_names = [layout.peft_target_name(config, name) for name in targets]
+    (path / ADAPTER_CONFIG).write_text(json.dumps(lora_config.to_peft_config(peft_names, base_model_name_or_path),
                                                   indent=2))
     return path
 
@@ -150,12 +163,20 @@ def load_peft_adapter(
         out_features, in_features = shapes[name]
         expected[name, "lora_A"] = (lora_config.r, in_features)
         expected[name, "lora_B"] = (out_features, lora_config.r)
-    source.expect([peft_key(layer, name, matrix) for (name, matrix) in expected
-                   for layer in range(config.num_hidden_layers)], num_layers=config.num_hidden_layers)
+
+    def keys(layer: int, name: str, matrix: str) -> list[str]:
+        # One key, or one per expert (stacked on an axis after the layer's).
+        return [f"{m}.{matrix}.weight" for m in layout.adapter_modules(config, layer, name, prefix=_PREFIX)]
+
+    source.expect([k for (name, matrix) in expected for layer in range(config.num_hidden_layers)
+                   for k in keys(layer, name, matrix)], num_layers=config.num_hidden_layers)
     layers: dict[str, dict[str, Any]] = {}
     for (name, matrix), shape in expected.items():
-        stacked = jnp.asarray(np.stack([source.read(peft_key(layer, name, matrix), shape)
-                                        for layer in range(config.num_hidden_layers)]))
+        per_layer = []
+        for layer in range(config.num_hidden_layers):
+            values = [source.read(k, shape) for k in keys(layer, name, matrix)]
+            per_layer.append(np.stack(values) if config.expert_stack(name) else values[0])
+        stacked = jnp.asarray(np.stack(per_layer))
         layers.setdefault(layout.module_group(name), {}).setdefault(name, {})[matrix] = (
             stacked if dtype is None else stacked.astype(dtype))
     source.check_all_consumed()

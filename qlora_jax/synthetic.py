@@ -10,6 +10,7 @@ and memory measurements need.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -28,27 +29,31 @@ def _make(fn, sharding):
     return jax.jit(fn, out_shardings=sharding)() if sharding is not None else jax.jit(fn)()
 
 
-def _random_linear(key, layers: int, shape: tuple[int, int], quant: str, double_quant: bool, blocksize: int,
-                   weight_std: float, dtype, sharding) -> Any:
+def _random_linear(key, layers: int | tuple[int, ...], shape: tuple[int, int], quant: str, double_quant: bool,
+                   blocksize: int, weight_std: float, dtype, sharding) -> Any:
+    # layers: the leading dims, (L,) or (L, E) for MoE experts (each expert quantized on its own).
+    lead = (layers,) if isinstance(layers, int) else tuple(layers)
+    count = math.prod(lead)
     if quant not in ("nf4", "fp4", "int8"):
-        return _make(lambda: (jax.random.normal(key, (layers, *shape), jnp.float32) * weight_std).astype(dtype),
+        return _make(lambda: (jax.random.normal(key, (*lead, *shape), jnp.float32) * weight_std).astype(dtype),
                      sharding)
     k_codes, k_scales = jax.random.split(key)
     codes_dtype = jnp.int8 if quant == "int8" else jnp.uint8
     per_layer_codes = codes_shape(shape, quant)
-    codes = _make(lambda: jax.random.bits(k_codes, (layers, *per_layer_codes), jnp.uint8).view(codes_dtype),
+    codes = _make(lambda: jax.random.bits(k_codes, (*lead, *per_layer_codes), jnp.uint8).view(codes_dtype),
                   None if sharding is None else sharding.codes)
     per_layer_scales = scales_shape(shape, blocksize)
     # absmax of a block of a normal layer: about 2.5 standard deviations, with some spread.
-    absmax_fn = lambda: weight_std * (2.5 + 0.5 * jax.random.uniform(k_scales, (layers, *per_layer_scales)))  # noqa: E731
+    absmax_fn = lambda: weight_std * (2.5 + 0.5 * jax.random.uniform(k_scales, (*lead, *per_layer_scales)))  # noqa: E731
     if not double_quant:
         scales = _make(absmax_fn, None if sharding is None else sharding.scales)
         return QuantizedTensor(codes, scales, None, None, shape, jnp.dtype(dtype).name, quant, blocksize)
 
     def dq():
         absmax = absmax_fn()
-        nested = jax.vmap(functools.partial(double_quantize, nested_blocksize=256))(absmax.reshape(layers, -1))
-        return nested[0].reshape(layers, *per_layer_scales), nested[1], nested[2]
+        nested = jax.vmap(functools.partial(double_quantize, nested_blocksize=256))(absmax.reshape(count, -1))
+        return (nested[0].reshape(*lead, *per_layer_scales), nested[1].reshape(*lead, *nested[1].shape[1:]),
+                nested[2].reshape(lead))
 
     out_shardings = None if sharding is None else (sharding.scales, sharding.nested_scales, sharding.offset)
     scales, nested, offset = jax.jit(dq, out_shardings=out_shardings)()
@@ -92,10 +97,13 @@ def random_base(
         lead = layered_dims if spec.layered else ()
         key = next(keys)
         if spec.linear:
-            values[spec.slot] = _random_linear(key, layers, spec.shape, quant, double_quant, blocksize, weight_std,
-                                               dtype, sharding)
+            values[spec.slot] = _random_linear(key, (layers, *spec.stack), spec.shape, quant, double_quant, blocksize,
+                                               weight_std, dtype, sharding)
         elif spec.module in ("embed_tokens", "lm_head"):
             values[spec.slot] = _make(lambda k=key, s=spec.shape: (jax.random.normal(k, s) * weight_std)
+                                      .astype(dtype), sharding)
+        elif spec.module.endswith(".gate"):  # an MoE router (16-bit): random, so tokens spread over experts
+            values[spec.slot] = _make(lambda k=key, s=(*lead, *spec.shape): (jax.random.normal(k, s) * weight_std)
                                       .astype(dtype), sharding)
         elif spec.tensor == "bias":
             values[spec.slot] = _make(lambda s=(*lead, *spec.shape): jnp.zeros(s, dtype), sharding)

@@ -12,6 +12,12 @@ The loss is the mean over all target tokens of the step (micro-batches are weigh
 token counts, so accumulation gives exactly the gradient of the big batch). A step whose loss or
 gradients are not finite is reported in ``metrics["finite"]``: the caller must stop before saving
 anything, so that the last good checkpoint stays the latest (the launcher does).
+
+Mixture-of-experts models (Mixtral, Qwen3-MoE) train on ``loss + router_aux_loss_coef *
+aux_loss``, as ``MixtralForCausalLM`` with ``output_router_logits=True``: ``aux_loss`` is the
+load-balancing loss of each micro-batch (:func:`qlora_jax.models.moe.load_balancing_loss`,
+padding excluded), weighted by its target tokens like the loss, and reported as
+``metrics["aux_loss"]``.
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ import jax.numpy as jnp
 import optax
 
 from qlora_jax.linear import base_matmul
-from qlora_jax.models import llama
+from qlora_jax.models import llama, moe
 from qlora_jax.models.spec import ModelSpec
 
-__all__ = ["chunked_cross_entropy", "loss_and_count", "make_train_step", "make_eval_step", "NonFiniteLossError"]
+__all__ = ["chunked_cross_entropy", "loss_and_count", "loss_count_and_aux", "make_train_step", "make_eval_step",
+           "NonFiniteLossError"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -111,37 +118,79 @@ def loss_and_count(
     Returns:
       ``(loss_sum, count)``: float32 scalars, summed cross-entropy (nats) and target tokens.
     """
+    loss_sum, count, _ = loss_count_and_aux(spec, trainable, frozen, batch, dropout_key)
+    return loss_sum, count
+
+
+def loss_count_and_aux(
+    spec: ModelSpec,
+    trainable: Any,
+    frozen: Any,
+    batch: dict[str, jax.Array],
+    dropout_key: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """:func:`loss_and_count`, and the load-balancing loss of an MoE model's routers.
+
+    Args:
+      spec: the model (as :func:`loss_and_count`).
+      trainable: the LoRA adapters' pytree (the base parameters when ``spec.full_finetune``).
+      frozen: the frozen (quantized) base parameters (unused when ``spec.full_finetune``).
+      batch: ``{"input_ids": int32 [B, T], "attention_mask": [B, T], "loss_mask": [B, T]}``.
+      dropout_key: PRNG key for LoRA dropout, or ``None`` (no dropout).
+
+    Returns:
+      ``(loss_sum, count, aux_loss)``: ``aux_loss`` is transformers' ``aux_loss`` of the
+      micro-batch (over every layer's router and the unpadded tokens; the coefficient not
+      applied), a float32 scalar; None for dense models.
+    """
     base, lora = (trainable, None) if spec.full_finetune else (frozen, trainable)
-    hidden, _ = llama.hidden_states(spec, base, lora, batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    dropout_key=dropout_key)
+    hidden, _, router_logits = llama.hidden_states_and_router_logits(
+        spec, base, lora, batch["input_ids"], attention_mask=batch["attention_mask"], dropout_key=dropout_key)
     head = llama.output_head(spec.config, base)
     # Hidden state t predicts token t + 1.
     targets = batch["input_ids"][:, 1:]
     mask = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).astype(jnp.float32)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    return chunked_cross_entropy(h, head, targets.reshape(-1), mask.reshape(-1), spec.loss_chunk,
-                                 backend=spec.kernel_backend, softcap=spec.config.final_logit_softcapping)
+    loss_sum, count = chunked_cross_entropy(h, head, targets.reshape(-1), mask.reshape(-1), spec.loss_chunk,
+                                            backend=spec.kernel_backend,
+                                            softcap=spec.config.final_logit_softcapping)
+    aux = None
+    if router_logits is not None:
+        config = spec.config
+        aux = moe.load_balancing_loss(list(router_logits), config.num_experts, config.num_experts_per_tok,
+                                      batch["attention_mask"])
+    return loss_sum, count, aux
 
 
 def _accumulate(spec, trainable, frozen, batch, key, with_grad: bool):
+    """Sums over the micro-batches: ``(objective, tokens, aux, grads)`` with gradients, else ``(loss, tokens)``.
+
+    ``objective``: the summed loss plus, for MoE models, ``router_aux_loss_coef * aux_loss``
+    weighted by the micro-batch's target tokens; ``aux``: the token-weighted sum of ``aux_loss``.
+    """
     accum = batch["input_ids"].shape[0]
     keys = None if key is None else jax.random.split(key, accum)
+    coef = spec.config.router_aux_loss_coef if spec.config.is_moe else 0.0
 
     def micro(trainable, micro_batch, micro_key):
-        return loss_and_count(spec, trainable, frozen, micro_batch, micro_key)
+        loss_sum, count, aux = loss_count_and_aux(spec, trainable, frozen, micro_batch, micro_key)
+        aux_sum = jnp.zeros((), jnp.float32) if aux is None else aux * count
+        return loss_sum + jnp.float32(coef) * aux_sum, (count, aux_sum)
 
     def body(carry, xs):
         micro_batch, micro_key = xs
         if with_grad:
-            (loss_sum, count), grads = jax.value_and_grad(micro, has_aux=True)(trainable, micro_batch, micro_key)
-            total, tokens, grad_sum = carry
-            return (total + loss_sum, tokens + count, jax.tree.map(jnp.add, grad_sum, grads)), None
-        loss_sum, count = micro(trainable, micro_batch, micro_key)
+            (objective, (count, aux_sum)), grads = jax.value_and_grad(micro, has_aux=True)(
+                trainable, micro_batch, micro_key)
+            total, tokens, aux_total, grad_sum = carry
+            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+            return (total + objective, tokens + count, aux_total + aux_sum, grad_sum), None
+        loss_sum, count = loss_and_count(spec, trainable, frozen, micro_batch, micro_key)
         total, tokens = carry
         return (total + loss_sum, tokens + count), None
 
     zero = jnp.zeros((), jnp.float32)
-    init = ((zero, zero, jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)) if with_grad
+    init = ((zero, zero, zero, jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)) if with_grad
             else (zero, zero))
     out, _ = jax.lax.scan(body, init, (batch, keys))
     return out
@@ -151,7 +200,8 @@ def make_train_step(spec: ModelSpec, optimizer: optax.GradientTransformation) ->
     """``step(trainable, opt_state, frozen, batch, key) -> (trainable, opt_state, metrics)``.
 
     ``key`` drives LoRA dropout (None: no dropout). ``metrics``: loss (mean nats per target
-    token), tokens, grad_norm (before clipping), finite (bool). Not jitted: wrap it in
+    token; for MoE models with ``router_aux_loss_coef`` times aux_loss), aux_loss (MoE models only:
+    the routers' load-balancing loss), tokens, grad_norm (before clipping), finite (bool). Not jitted: wrap it in
     ``jax.jit`` with the shardings and donation you need (see :mod:`qlora_jax.optim`).
 
     The step accumulates gradients over the leading ``accum`` axis of ``batch`` (``[accum, B, T]``
@@ -168,7 +218,7 @@ def make_train_step(spec: ModelSpec, optimizer: optax.GradientTransformation) ->
     """
 
     def step(trainable, opt_state, frozen, batch, key):
-        total, tokens, grad_sum = _accumulate(spec, trainable, frozen, batch, key, with_grad=True)
+        total, tokens, aux_total, grad_sum = _accumulate(spec, trainable, frozen, batch, key, with_grad=True)
         denom = jnp.maximum(tokens, 1.0)
         loss = total / denom
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum, trainable)
@@ -177,6 +227,8 @@ def make_train_step(spec: ModelSpec, optimizer: optax.GradientTransformation) ->
         updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
         metrics = {"loss": loss, "tokens": tokens, "grad_norm": grad_norm, "finite": finite}
+        if spec.config.is_moe:  # the load-balancing loss (its coefficient times it is part of "loss")
+            metrics["aux_loss"] = aux_total / denom
         return new_trainable, new_opt_state, metrics
 
     return step

@@ -209,7 +209,6 @@ LONG_FUNCTIONS: dict[str, str] = {
     "qlora_jax/checkpoints/orbax_format.py::save_quantized": "manifest, arrays and the commit in one",
     "qlora_jax/memory.py::plan_memory": "one planner component after another",
     "qlora_jax/models/config.py::LlamaConfig.from_hf_dict": "every family's config fields in one reading",
-    "qlora_jax/models/llama.py::hidden_states": "the decoder's scan with its options",
     # Still to split.
     "experiments/bench_decoder.py::build_nnx": "a benchmark's model written out",
     "experiments/bench_decoder.py::run_shape": "a benchmark's measurements in sequence",

@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import pathlib
+import re
 import resource
 import time
 from typing import Any
@@ -30,7 +31,7 @@ from qlora_jax.checkpoints.errors import CheckpointError
 from qlora_jax.checkpoints.gguf_io import GGUFCheckpoint
 from qlora_jax.checkpoints.safetensors_io import SafetensorsFolder
 from qlora_jax.checkpoints.validate import CheckedSource, TensorSource, validate_hf_config
-from qlora_jax.models import layout
+from qlora_jax.models import layout, moe
 from qlora_jax.models.config import LlamaConfig, UnsupportedArchitectureError
 from qlora_jax.models.layout import hf_global_key
 from qlora_jax.quant import QuantConfig, QuantizationError, QuantizedTensor, bnb_format, dequantize, quantize
@@ -133,7 +134,11 @@ class _Entry:
     ``slot``: a :attr:`~qlora_jax.models.layout.TensorSpec.slot` ("embed_tokens",
     "layers/self_attn/q_proj/weight", ...; per-layer ones stacked over ``layer``), or
     "tied_lm_head" (a stored copy of a tied head, checked equal to the embeddings).
-    ``linear``: a linear weight, quantized here or taken pre-quantized.
+    ``linear``: a linear weight, quantized here or taken pre-quantized. ``expert_keys``: an MoE
+    layer's expert matrix, one tensor per expert on disk (``key`` is expert 0's), each quantized on
+    its own and stacked over an expert axis. ``fused``: transformers 5's fused expert layout, one
+    ``[E, out, in]`` tensor: 0/1 for the gate/up half of ``mlp.experts.gate_up_proj``, 2 for the
+    whole tensor (``mlp.experts.down_proj``).
     """
 
     key: str
@@ -141,6 +146,13 @@ class _Entry:
     slot: str
     layer: int | None = None
     linear: bool = False
+    expert_keys: tuple[str, ...] = ()
+    fused: int | None = None
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every checkpoint tensor this entry reads."""
+        return self.expert_keys or (self.key,)
 
 
 def _plan(config: LlamaConfig, source: CheckedSource, prefix: str) -> list[_Entry]:
@@ -152,9 +164,44 @@ def _plan(config: LlamaConfig, source: CheckedSource, prefix: str) -> list[_Entr
     if config.tie_word_embeddings and head in source:
         plan.append(_Entry(head, (config.vocab_size, config.hidden_size), "tied_lm_head"))
     for layer in range(config.num_hidden_layers):
-        plan += [_Entry(spec.hf_key(layer, prefix=prefix), spec.shape, spec.slot, layer, linear=spec.linear)
-                 for spec in table if spec.layered]
+        # transformers 5's in-memory MoE names (mlp.gate, mlp.experts.gate_up_proj [E, 2I, D] with the gate
+        # rows first, mlp.experts.down_proj [E, D, I]), for files written from them.
+        fused_prefix = f"{prefix}layers.{layer}.mlp"
+        fused = config.is_moe and f"{fused_prefix}.experts.gate_up_proj" in source
+        for spec in table:
+            if fused and spec.experts:
+                e, (out, inp) = spec.experts, spec.shape
+                if spec.module == "down_proj":
+                    plan.append(_Entry(f"{fused_prefix}.experts.down_proj", (e, out, inp), spec.slot, layer,
+                                       linear=True, fused=2))
+                else:
+                    plan.append(_Entry(f"{fused_prefix}.experts.gate_up_proj", (e, 2 * out, inp), spec.slot, layer,
+                                       linear=True, fused=config.family.mlp_layers.index(spec.module)))
+            elif fused and spec.path[-2:] == ("gate", "weight"):
+                plan.append(_Entry(f"{fused_prefix}.gate.weight", spec.shape, spec.slot, layer))
+            elif spec.experts:
+                keys = tuple(spec.expert_keys(layer, prefix=prefix))
+                plan.append(_Entry(keys[0], spec.shape, spec.slot, layer, linear=spec.linear, expert_keys=keys))
+            elif spec.layered:
+                plan.append(_Entry(spec.hf_key(layer, prefix=prefix), spec.shape, spec.slot, layer,
+                                   linear=spec.linear))
     return plan
+
+
+def _check_expert_count(config: LlamaConfig, source: CheckedSource, prefix: str) -> None:
+    """An MoE checkpoint holding experts past ``num_experts`` is refused naming the tensor and the
+    config field, before the generic unused-tensor error."""
+    if not config.is_moe:
+        return
+    module = config.family.moe_module
+    field = "num_local_experts" if config.model_type == "mixtral" else "num_experts"
+    pattern = re.compile(rf"{re.escape(prefix)}layers\.(\d+)\.{re.escape(module)}\.experts\.(\d+)\.")
+    for key in source.keys():
+        match = pattern.match(key)
+        if match and int(match.group(2)) >= config.num_experts:
+            raise CheckpointError(f"{source.where(key)}: expert tensor {key!r} exists but config.json has {field} = "
+                                  f"{config.num_experts}")
+
 
 
 def load_base_params(
@@ -177,9 +224,11 @@ def load_base_params(
     checked = source if isinstance(source, CheckedSource) else CheckedSource(source, getattr(source, "path",
                                                                                              "checkpoint"))
     plan = _plan(config, checked, prefix)
+    _check_expert_count(config, checked, prefix)
     # bitsandbytes' tensors beside a linear weight mark it pre-quantized; they are part of the plan.
-    stored_aux = {e.key: [k for k in bnb_format.auxiliary_keys(e.key) if k in checked] for e in plan if e.linear}
-    checked.expect([e.key for e in plan] + [k for keys in stored_aux.values() for k in keys],
+    stored_aux = {key: [k for k in bnb_format.auxiliary_keys(key) if k in checked]
+                  for e in plan if e.linear for key in e.keys}
+    checked.expect([k for e in plan for k in e.keys] + [k for keys in stored_aux.values() for k in keys],
                    num_layers=config.num_hidden_layers)
     checked.check_derived(config)
 
@@ -230,10 +279,38 @@ def load_base_params(
         held["quantized"] += sum(x.nbytes for x in jax.tree.leaves(qt))
         return qt
 
+    def read_fused(entry: _Entry) -> Any:
+        value = read_dense(entry)  # [E, 2I, D] or [E, D, I], checked against config.json
+        if entry.fused in (0, 1):
+            half = value.shape[1] // 2
+            value = value[:, entry.fused * half:(entry.fused + 1) * half]
+        if not quant.quantized:
+            return jnp.asarray(value).astype(dtype)
+        qt = moe.quantize_experts(value, quant.quant, blocksize=quant.blocksize, double_quant=quant.double_quant,
+                                  bnb_backend=quant.bnb_backend)
+        counts["requantized"] += value.shape[0]
+        held["quantized"] += sum(x.nbytes for x in jax.tree.leaves(qt))
+        return qt
+
+    def read_experts(entry: _Entry) -> Any:
+        # One expert at a time (as bitsandbytes quantizes one Linear4bit per expert), then stacked.
+        experts = [read_linear(dataclasses.replace(entry, key=key, expert_keys=())) for key in entry.expert_keys]
+        kinds = {type(x).__name__ for x in experts}
+        if len(kinds) > 1 or (isinstance(experts[0], QuantizedTensor)
+                              and len({jax.tree.structure(x) for x in experts}) > 1):
+            raise CheckpointError(f"{checked.origin}: the experts {entry.expert_keys[0]!r}... are stored in different "
+                                  "formats (some 4-bit, some 16-bit); mixed quantization formats are not supported")
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *experts)
+
     globals_: dict[str, Any] = {}
     stacker = LayerStacker(config.num_hidden_layers)
     for entry in plan:
-        value = read_linear(entry) if entry.linear else jnp.asarray(read_dense(entry)).astype(dtype)
+        if entry.fused is not None:
+            value = read_fused(entry)
+        elif entry.expert_keys:
+            value = read_experts(entry)
+        else:
+            value = read_linear(entry) if entry.linear else jnp.asarray(read_dense(entry)).astype(dtype)
         if entry.layer is not None:
             stacker.put(entry.slot, entry.layer, value)
         elif entry.slot == "tied_lm_head":

@@ -143,7 +143,8 @@ def _expected_tensors(config: LlamaConfig) -> dict[str, tuple[tuple[int, ...], t
     """``{path: (leading dims, shape of one tensor)}`` of every tensor of a base for ``config``
     (the one tensor table, :func:`qlora_jax.models.layout.tensor_table`)."""
     layers = (config.num_hidden_layers,)
-    return {spec.slot: (layers if spec.layered else (), spec.shape) for spec in layout.tensor_table(config)}
+    return {spec.slot: ((*layers, *spec.stack) if spec.layered else (), spec.shape)
+            for spec in layout.tensor_table(config)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -753,8 +754,9 @@ def _check_lora_fits(path: pathlib.Path, lora: Any, lora_config: LoraConfig, con
     for name in layout.lora_targets(lora_config, config):
         out_features, in_features = shapes[name]
         prefix = f"layers/{layout.module_group(name)}/{name}"
-        expected[f"{prefix}/lora_A"] = ((layers, r, in_features), None)
-        expected[f"{prefix}/lora_B"] = ((layers, out_features, r), None)
+        lead = (layers, *config.expert_stack(name))  # MoE expert adapters: one per expert
+        expected[f"{prefix}/lora_A"] = ((*lead, r, in_features), None)
+        expected[f"{prefix}/lora_B"] = ((*lead, out_features, r), None)
     _check_arrays("lora", expected, _flatten(lora), f"{path} (adapters of lora_config r={r}, "
                                                      f"target_modules={lora_config.target_modules})")
 

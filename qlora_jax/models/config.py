@@ -64,6 +64,15 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # Mixture of experts (families with Family.moe): E experts (Mixtral's num_local_experts,
+    # Qwen3-MoE's num_experts), k of them per token, each with moe_intermediate_size (Mixtral:
+    # intermediate_size); the router's top-k weights renormalised (Mixtral always); the weight of
+    # the load-balancing loss in the training objective.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.0
+    moe_intermediate_size: int | None = None
 
     def __post_init__(self):
         for name in ("rope_scaling", "rope_local_scaling"):
@@ -89,6 +98,18 @@ class LlamaConfig:
                                  f"{list(self.layer_types)}")
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+        if self.family.moe is not None:
+            if self.num_experts <= 0:
+                raise ValueError(f"{self.model_type}: num_experts (config.json num_local_experts / num_experts) must "
+                                 f"be positive, got {self.num_experts}")
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(f"{self.model_type}: num_experts_per_tok = {self.num_experts_per_tok} must be in "
+                                 f"[1, num_experts = {self.num_experts}]")
+            if self.family.moe == "mixtral" and not self.norm_topk_prob:
+                raise ValueError("mixtral: norm_topk_prob=False; Mixtral always renormalises the top-k weights")
+        elif self.num_experts:
+            raise ValueError(f"{self.model_type} is not a mixture-of-experts family, but num_experts = "
+                             f"{self.num_experts}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -128,6 +149,37 @@ class LlamaConfig:
         return math.sqrt(self.hidden_size) if self.family.embed_scale else None
 
     @property
+    def is_moe(self) -> bool:
+        """Whether every layer's MLP is a sparse mixture-of-experts block."""
+        return self.family.moe is not None
+
+    @property
+    def moe(self) -> Any:
+        """The :class:`~qlora_jax.models.moe.MoeConfig` of the MoE layers (None for dense families)."""
+        if not self.is_moe:
+            return None
+        from qlora_jax.models.moe import MoeConfig  # lazily: moe imports the LoRA and quant packages
+
+        return MoeConfig(num_experts=self.num_experts, top_k=self.num_experts_per_tok, routing=self.family.moe,
+                         norm_topk_prob=self.norm_topk_prob, router_aux_loss_coef=self.router_aux_loss_coef,
+                         hidden_act=_ACTIVATIONS[self.hidden_act])
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        """The intermediate size of one expert (MoE families), else of the dense MLP."""
+        return self.moe_intermediate_size or self.intermediate_size
+
+    def expert_stack(self, name: str) -> tuple[int, ...]:
+        """``(num_experts,)`` for a linear layer stacked over experts (an MoE layer's MLP), else ``()``.
+
+        Those layers' weights and adapters carry this axis after the layer axis; :meth:`linear_shapes`
+        gives one expert's ``[out, in]``.
+        """
+        if self.is_moe and name in self.family.mlp_layers:
+            return (self.num_experts,)
+        return ()
+
+    @property
     def q_size(self) -> int:
         return self.num_attention_heads * self.head_dim
 
@@ -136,8 +188,9 @@ class LlamaConfig:
         return self.num_key_value_heads * self.head_dim
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """``[out, in]`` of every linear layer of one decoder layer, by Hugging Face name."""
-        d, f = self.hidden_size, self.intermediate_size
+        """``[out, in]`` of every linear layer of one decoder layer, by Hugging Face name (of one expert,
+        for expert matrices: see :meth:`expert_stack`)."""
+        d, f = self.hidden_size, self.expert_intermediate_size
         family = self.family
         shapes = {}
         if family.fused_qkv:
@@ -173,7 +226,8 @@ class LlamaConfig:
 
     def num_parameters(self) -> int:
         """Parameter count of the whole model (embeddings, layers, norms, untied head)."""
-        per_layer = sum(o * i for o, i in self.linear_shapes().values())
+        per_layer = sum(math.prod(self.expert_stack(n)) * o * i for n, (o, i) in self.linear_shapes().items())
+        per_layer += self.num_experts * self.hidden_size if self.is_moe else 0  # the router
         per_layer += sum(shape[0] for shape in self.layer_norm_shapes().values())
         per_layer += sum(o for name, (o, _) in self.linear_shapes().items() if self.linear_has_bias(name))
         head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
@@ -212,6 +266,14 @@ class LlamaConfig:
                        layer_types=list(self.layer_types or ()), query_pre_attn_scalar=self.query_pre_attn_scalar,
                        attn_logit_softcapping=self.attn_logit_softcapping,
                        final_logit_softcapping=self.final_logit_softcapping)
+        if self.model_type == "mixtral":
+            out.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                       router_aux_loss_coef=self.router_aux_loss_coef, sliding_window=self.sliding_window)
+        if self.model_type == "qwen3_moe":
+            out.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                       norm_topk_prob=self.norm_topk_prob, router_aux_loss_coef=self.router_aux_loss_coef,
+                       moe_intermediate_size=self.expert_intermediate_size, decoder_sparse_step=1, mlp_only_layers=[],
+                       use_sliding_window=False, sliding_window=None, attention_bias=self.attention_bias)
         if self.model_type == "gemma3_text":
             local_theta, local_scaling = self.rope_of(local=True)
             global_theta, global_scaling = self.rope_of(local=False)
@@ -264,7 +326,7 @@ class LlamaConfig:
             scaling = _rope_scaling(cfg.get("rope_scaling"), rope)
             attention_bias = bool(cfg.get("attention_bias", model_type == "qwen2"))
             sliding = cfg.get("sliding_window")
-            if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+            if model_type in ("qwen2", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
                 sliding = None
             layer_types = cfg.get("layer_types")
             if family.default_layer_types is None:
@@ -280,6 +342,22 @@ class LlamaConfig:
 
             def optional_float(name):
                 return None if cfg.get(name) is None else float(cfg[name])
+
+            moe: dict[str, Any] = {}
+            if family.moe is not None:
+                # transformers 5 writes Qwen3-MoE's num_experts as num_local_experts (an attribute alias).
+                experts = cfg.get("num_local_experts", cfg.get("num_experts"))
+                if None not in (cfg.get("num_local_experts"), cfg.get("num_experts")) and (
+                        cfg["num_local_experts"] != cfg["num_experts"]):
+                    raise ValueError(f"{model_type}: num_local_experts = {cfg['num_local_experts']} and num_experts = "
+                                     f"{cfg['num_experts']} disagree (one field, two spellings)")
+                if experts is None:
+                    raise KeyError("num_local_experts" if model_type == "mixtral" else "num_experts")
+                moe = dict(num_experts=int(experts), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+                           norm_topk_prob=True if family.moe == "mixtral" else bool(cfg.get("norm_topk_prob", False)),
+                           router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.001)),
+                           moe_intermediate_size=None if cfg.get("moe_intermediate_size") is None
+                           else int(cfg["moe_intermediate_size"]))
 
             return cls(
                 vocab_size=int(cfg["vocab_size"]),
@@ -310,6 +388,7 @@ class LlamaConfig:
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_id=cfg.get("eos_token_id"),
                 pad_token_id=cfg.get("pad_token_id"),
+                **moe,
             )
         except KeyError as err:
             raise ValueError(f"config.json is missing the field {err.args[0]!r}") from err

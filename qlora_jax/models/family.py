@@ -42,6 +42,10 @@ class Family:
     ``"sliding_attention"`` (the rest ``"full_attention"``), from the config dict and layer count.
     ``refused``: ``{config.json field: predicate}`` of settings this library does not implement;
     a field whose predicate is true on its value is refused by name.
+    ``moe``: a mixture-of-experts family: the routing of :mod:`qlora_jax.models.moe` ("mixtral" or
+    "qwen3_moe"); every layer's MLP is then the sparse MoE block (a router ``{moe_module}.gate``
+    ``[E, D]`` kept 16-bit, and ``E`` experts whose ``gate_proj``/``up_proj``/``down_proj`` are
+    stored on disk as ``{moe_module}.experts.{e}.{expert_names[i]}``).
     """
 
     name: str
@@ -56,6 +60,9 @@ class Family:
     fused_gate_up: bool = False
     default_layer_types: Callable[[Mapping[str, Any], int], tuple[str, ...]] | None = None
     refused: tuple[tuple[str, Callable[[Any], bool], str], ...] = ()
+    moe: str | None = None
+    moe_module: str = "mlp"
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 
     @property
     def layer_norms(self) -> tuple[str, ...]:
@@ -110,12 +117,24 @@ PHI3 = Family("phi3", ("phi3",), "Phi3ForCausalLM", fused_qkv=True, fused_gate_u
               refused=(("partial_rotary_factor", lambda v: v not in (None, 1, 1.0),
                         "partial rotary embeddings are not implemented"),))
 
-FAMILIES: tuple[Family, ...] = (LLAMA, QWEN3, GEMMA2, GEMMA3, PHI3)
+# Mixture of experts. Qwen3-MoE's dense layers (decoder_sparse_step > 1, mlp_only_layers) would need
+# a second layer kind in the scanned decoder; they are refused rather than run as MoE layers.
+MIXTRAL = Family("mixtral", ("mixtral",), "MixtralForCausalLM", moe="mixtral", moe_module="block_sparse_moe",
+                 expert_names=("w1", "w3", "w2"),
+                 refused=(("router_jitter_noise", _truthy, "router jitter noise is not implemented"),))
+QWEN3_MOE = Family("qwen3_moe", ("qwen3_moe",), "Qwen3MoeForCausalLM", qk_norm=True, moe="qwen3_moe",
+                   refused=(("use_sliding_window", _truthy, "sliding-window Qwen3 layers are not implemented"),
+                            ("decoder_sparse_step", lambda v: v not in (None, 1),
+                             "dense layers between MoE layers are not implemented (decoder_sparse_step must be 1)"),
+                            ("mlp_only_layers", _truthy,
+                             "dense layers between MoE layers are not implemented (mlp_only_layers must be empty)")))
+
+FAMILIES: tuple[Family, ...] = (LLAMA, QWEN3, GEMMA2, GEMMA3, PHI3, MIXTRAL, QWEN3_MOE)
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 # transformers' class names, for config.json files that name the architecture but not model_type.
 _BY_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
             "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
-            "Phi3ForCausalLM": "phi3"}
+            "Phi3ForCausalLM": "phi3", "MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe"}
 ARCHITECTURES = {t: arch for arch, t in _BY_ARCH.items()}
 
 

@@ -44,6 +44,8 @@ __all__ = [
     "linear_entries",
     "adapter_targets",
     "peft_module_names",
+    "adapter_modules",
+    "peft_target_name",
     "lora_targets",
     "matches_target_modules",
 ]
@@ -82,8 +84,11 @@ def module_group(name: str) -> str:
 
 
 def hf_module(layer: int, name: str, *, prefix: str = "model.") -> str:
-    """Hugging Face module name of a layer's linear layer or norm, e.g. ``model.layers.3.mlp.up_proj``."""
-    path = name if name in _ALL_NORMS else f"{module_group(name)}.{name}"
+    """Hugging Face module name of a layer's linear layer or norm, e.g. ``model.layers.3.mlp.up_proj``.
+
+    A dotted ``name`` is a module path already (``self_attn.q_norm``, ``block_sparse_moe.gate``).
+    """
+    path = name if name in _ALL_NORMS or "." in name else f"{module_group(name)}.{name}"
     return f"{prefix}layers.{layer}.{path}"
 
 
@@ -123,6 +128,10 @@ class TensorSpec:
     leading layer axis); ``linear``: a linear weight (quantized); ``module``/``tensor``: the
     Hugging Face module (a layer's module name such as ``self_attn.q_proj``, or
     ``embed_tokens``/``norm``/``lm_head``) and its tensor ("weight"/"bias").
+    ``experts``: for an MoE layer's expert matrices, how many experts are stacked on an axis after
+    the layer axis (``shape`` is then one expert's, and each expert is quantized on its own, as
+    bitsandbytes quantizes one ``Linear4bit`` per expert); ``expert_module``: expert ``{e}``'s
+    module on disk (``block_sparse_moe.experts.{e}.w1``).
     """
 
     path: tuple[str, ...]
@@ -131,6 +140,19 @@ class TensorSpec:
     linear: bool
     module: str
     tensor: str = "weight"
+    experts: int = 0
+    expert_module: str = ""
+
+    @property
+    def stack(self) -> tuple[int, ...]:
+        """The leading dimensions of one layer's tensor before :attr:`shape`: ``(experts,)`` or ``()``."""
+        return (self.experts,) if self.experts else ()
+
+    def expert_keys(self, layer: int, *, prefix: str = "model.") -> list[str]:
+        """Checkpoint keys of every expert's tensor: ``model.layers.{layer}.mlp.experts.{e}.up_proj.weight``."""
+        if not self.experts:
+            raise ValueError(f"{self.slot} is not stacked over experts")
+        return [f"{prefix}layers.{layer}.{self.expert_module.format(e=e)}.{self.tensor}" for e in range(self.experts)]
 
     @property
     def slot(self) -> str:
@@ -156,7 +178,17 @@ def tensor_table(config: LlamaConfig) -> list[TensorSpec]:
         table.append(TensorSpec(("lm_head",), (vocab, d), False, False, "lm_head"))
     for name, shape in config.layer_norm_shapes().items():
         table.append(TensorSpec(("layers", *base_path(name)), shape, True, False, name))
+    family = config.family
+    if config.is_moe:  # the router: [E, D], never quantized
+        table.append(TensorSpec(("layers", "mlp", "gate", "weight"), (config.num_experts, d), True, False,
+                                f"{family.moe_module}.gate"))
     for name, shape in config.linear_shapes().items():
+        if config.expert_stack(name):
+            theirs = family.expert_names[family.mlp_layers.index(name)]
+            table.append(TensorSpec(("layers", *base_path(name), "weight"), shape, True, True, name,
+                                    experts=config.num_experts,
+                                    expert_module=f"{family.moe_module}.experts.{{e}}.{theirs}"))
+            continue
         table.append(TensorSpec(("layers", *base_path(name), "weight"), shape, True, True, name))
         if config.linear_has_bias(name):
             table.append(TensorSpec(("layers", *base_path(name), "bias"), (shape[0],), True, False, name, "bias"))
@@ -248,11 +280,44 @@ def adapter_targets(lora: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(name for name in ALL_LINEAR_LAYERS if name in held)
 
 
+def adapter_modules(config: LlamaConfig, layer: int, name: str, *, prefix: str = "model.") -> list[str]:
+    """The Hugging Face modules of one layer's linear layer ``name``: one, or one per expert for an MoE
+    layer's expert matrices (``model.layers.0.block_sparse_moe.experts.{e}.w1``, transformers 4's
+    module names, under which PEFT saves per-expert adapters and which PEFT 0.21 converts to
+    transformers 5's fused experts when it loads them)."""
+    if not config.expert_stack(name):
+        return [hf_module(layer, name, prefix=prefix)]
+    family = config.family
+    theirs = family.expert_names[family.mlp_layers.index(name)]
+    return [f"{prefix}layers.{layer}.{family.moe_module}.experts.{e}.{theirs}" for e in range(config.num_experts)]
+
+
+def peft_target_name(config: LlamaConfig, name: str) -> str:
+    """The short module name PEFT's ``target_modules`` uses for our linear layer ``name`` (Mixtral's
+    experts: ``w1``/``w3``/``w2``; otherwise ``name``)."""
+    if config.expert_stack(name):
+        return config.family.expert_names[config.family.mlp_layers.index(name)]
+    return name
+
+
+def _peft_modules(config: LlamaConfig) -> dict[str, tuple[int, str] | None]:
+    """PEFT's module names in the family's ``*ForCausalLM`` (transformers 4 names for MoE experts) ->
+    ``(layer, our linear layer)``, or None for a module qlora-jax does not adapt (``lm_head``, an
+    MoE router)."""
+    modules: dict[str, tuple[int, str] | None] = {}
+    for i in range(config.num_hidden_layers):
+        for name in linear_layers(config):
+            modules.update({m: (i, name) for m in adapter_modules(config, i, name)})
+        if config.is_moe:
+            modules[hf_module(i, f"{config.family.moe_module}.gate")] = None
+    modules["lm_head"] = None
+    return modules
+
+
 def peft_module_names(config: LlamaConfig) -> list[str]:
     """The module names PEFT matches ``target_modules`` against in the family's ``*ForCausalLM``:
-    every decoder layer's linear layers, then ``lm_head``."""
-    names = [hf_module(i, name) for i in range(config.num_hidden_layers) for name in linear_layers(config)]
-    return names + ["lm_head"]
+    every decoder layer's linear layers (each expert's, and the router, of MoE layers), then ``lm_head``."""
+    return list(_peft_modules(config))
 
 
 def matches_target_modules(target_modules: str | tuple[str, ...], module: str) -> bool:
@@ -274,28 +339,43 @@ def lora_targets(lora_config: LoraConfig, config: LlamaConfig) -> tuple[str, ...
     targets = lora_config.target_modules
     linear_names = linear_layers(config)
     if targets == "all-linear":
+        # (An MoE layer's experts, not its router: PEFT's all-linear also adapts the router.)
         return linear_names
+    modules = _peft_modules(config)
+
+    def matches(target, module):
+        # Our own names select their layer too (Mixtral's "gate_proj" is its experts' w1).
+        if not isinstance(target, str) and modules[module] is not None and modules[module][1] in target:
+            return True
+        return matches_target_modules(target, module)
+
     if not isinstance(targets, str):
-        unknown = [t for t in targets if not any(matches_target_modules((t,), m) for m in peft_module_names(config))]
+        unknown = [t for t in targets if not any(matches((t,), m) for m in modules)]
         if unknown:
             suggestions = {t: difflib.get_close_matches(t, linear_names, n=2) for t in unknown}
             raise ValueError(f"LoRA target_modules {unknown} match no module of this model (nearest: "
                              f"{suggestions}); LoRA applies to {linear_names}, 'all-linear', or a regex")
-    matched = [m for m in peft_module_names(config) if matches_target_modules(targets, m)]
+    matched = [m for m in modules if matches(targets, m)]
     if "lm_head" in matched:
         raise ValueError(f"LoRA target_modules={targets!r} selects lm_head; qlora-jax adapts the decoder's linear "
                          f"layers {linear_names} only (PEFT's 'all-linear' excludes the head too)")
-    per_layer: dict[str, set[int]] = {}
+    routers = [m for m in matched if modules[m] is None]
+    if routers:
+        raise ValueError(f"LoRA target_modules={targets!r} selects the MoE router {routers[0]!r}; qlora-jax keeps the "
+                         f"routers frozen and adapts {linear_names}")
+    per_layer: dict[str, set[str]] = {}
     for module in matched:
-        _, _, layer, _, name = module.split(".")
-        per_layer.setdefault(name, set()).add(int(layer))
+        per_layer.setdefault(modules[module][1], set()).add(module)
     if not per_layer:
-        nearest = difflib.get_close_matches(str(targets), peft_module_names(config), n=3)
+        nearest = difflib.get_close_matches(str(targets), list(modules), n=3)
         raise ValueError(f"LoRA target_modules={targets!r} matches no module of this model; module names look "
-                         f"like {nearest or peft_module_names(config)[:3]}")
-    every_layer = set(range(config.num_hidden_layers))
-    partial = {name: sorted(layers) for name, layers in per_layer.items() if layers != every_layer}
+                         f"like {nearest or list(modules)[:3]}")
+    partial = {}
+    for name, chosen in per_layer.items():
+        every = {m for m, v in modules.items() if v is not None and v[1] == name}
+        if chosen != every:
+            partial[name] = sorted(chosen)[:4]
     if partial:
-        raise ValueError(f"LoRA target_modules={targets!r} selects some layers only ({partial}); qlora-jax's "
-                         "scanned decoder adapts the same modules in every layer")
+        raise ValueError(f"LoRA target_modules={targets!r} selects some layers only, or some experts ({partial}); "
+                         "qlora-jax's scanned decoder adapts the same modules in every layer and expert")
     return tuple(name for name in linear_names if name in per_layer)

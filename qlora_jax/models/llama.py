@@ -35,12 +35,13 @@ import jax
 import jax.numpy as jnp
 
 from qlora_jax.linear import base_matmul, qlora_linear
-from qlora_jax.models import rope
+from qlora_jax.models import moe, rope
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.layout import ALL_LINEAR_LAYERS
 from qlora_jax.models.spec import ModelSpec
 
-__all__ = ["KVCache", "init_kv_cache", "forward", "hidden_states", "logits_from_hidden", "output_head", "rms_norm"]
+__all__ = ["KVCache", "init_kv_cache", "forward", "hidden_states", "hidden_states_and_router_logits",
+           "logits_from_hidden", "output_head", "rms_norm"]
 
 _NEG_INF = -1e30
 
@@ -144,14 +145,32 @@ def _layer(spec: ModelSpec, h, layer_base, layer_lora, cache_kv, *, cos, sin, ma
     else:
         h = h + attn
         x = norm(h, layer_base["post_attention_layernorm"])
-    if family.fused_gate_up:  # Phi-3: gate first, then up, in one [2 F, D] projection
-        gate, up = jnp.split(lin(x, mlp_base, mlp_lora, "gate_up_proj"), 2, axis=-1)
+    router_logits = None
+    if config.is_moe:  # Mixtral, Qwen3-MoE: the sparse block, 4-bit experts, per-expert adapters
+        out, router_logits = _moe_mlp(spec, x, mlp_base, mlp_lora, dropout_key)
     else:
-        gate, up = lin(x, mlp_base, mlp_lora, "gate_proj"), lin(x, mlp_base, mlp_lora, "up_proj")
-    out = lin(_activation(family.activation, gate) * up, mlp_base, mlp_lora, "down_proj")
+        if family.fused_gate_up:  # Phi-3: gate first, then up, in one [2 F, D] projection
+            gate, up = jnp.split(lin(x, mlp_base, mlp_lora, "gate_up_proj"), 2, axis=-1)
+        else:
+            gate, up = lin(x, mlp_base, mlp_lora, "gate_proj"), lin(x, mlp_base, mlp_lora, "up_proj")
+        out = lin(_activation(family.activation, gate) * up, mlp_base, mlp_lora, "down_proj")
     if family.sandwich_norms:
         out = norm(out, layer_base["post_feedforward_layernorm"])
-    return h + out, new_cache
+    return h + out, new_cache, router_logits
+
+
+def _moe_mlp(spec: ModelSpec, x, mlp_base, mlp_lora, dropout_key):
+    """The MoE block of a layer: ``(output, router logits [B*T, E])``."""
+    config = spec.config
+    params = {"gate": mlp_base["gate"]["weight"],
+              "experts": {name: mlp_base[name]["weight"] for name in moe.EXPERT_MATRICES}}
+    lora = {name: mlp_lora[name] for name in moe.EXPERT_MATRICES if name in mlp_lora} if mlp_lora else None
+    lora_config = spec.lora_config
+    key = None if dropout_key is None else jax.random.fold_in(dropout_key, len(ALL_LINEAR_LAYERS))
+    res = moe.moe_block(params, x, config.moe, lora=lora or None,
+                        lora_scaling=lora_config.scaling if lora_config is not None else 1.0,
+                        dropout_rate=lora_config.dropout if lora_config is not None else 0.0, dropout_key=key)
+    return res.hidden, res.router_logits
 
 
 def _attention_mask(attention_mask, b, t, s, cache_index, window):
@@ -167,7 +186,16 @@ def _attention_mask(attention_mask, b, t, s, cache_index, window):
     return allowed
 
 
-def hidden_states(
+def _embed(config: Any, base: dict[str, Any], input_ids: jax.Array, compute_dtype: Any) -> jax.Array:
+    """The token embeddings ``[B, T, D]`` in the compute dtype (Gemma: times sqrt(hidden), that factor
+    rounded to the compute dtype as transformers does)."""
+    h = base["embed_tokens"][input_ids].astype(compute_dtype)
+    if config.embed_multiplier is not None:
+        h = h * jnp.asarray(config.embed_multiplier, compute_dtype)
+    return h
+
+
+def hidden_states_and_router_logits(
     spec: ModelSpec,
     base: dict[str, Any],
     lora: dict[str, Any] | None,
@@ -177,13 +205,23 @@ def hidden_states(
     positions: jax.Array | None = None,
     cache: KVCache | None = None,
     dropout_key: jax.Array | None = None,
-) -> tuple[jax.Array, KVCache | None]:
-    """Final normalised hidden states ``[B, T, D]`` (``spec.compute_dtype``) and the updated cache.
+) -> tuple[jax.Array, KVCache | None, jax.Array | None]:
+    """:func:`hidden_states`, and the router logits of every layer of an MoE model.
 
-    ``input_ids``: int ``[B, T]``. ``attention_mask``: ``[B, S]`` with 1 for real tokens, over the
-    key slots (``S = T`` without a cache, the cache length with one). ``positions``: rotary
-    positions ``[B, T]`` (default: the slot index; pass ``cumsum(mask) - 1`` for left-padded
-    batches). ``dropout_key`` enables LoRA dropout (at ``spec.lora_config.dropout``).
+    Args:
+      spec: what runs (:class:`~qlora_jax.models.spec.ModelSpec`).
+      base: the frozen base pytree.
+      lora: the adapters' pytree, or None.
+      input_ids: int ``[B, T]``.
+      attention_mask: ``[B, S]``, 1 for real tokens, over the key slots (as :func:`hidden_states`).
+      positions: rotary positions ``[B, T]`` (default: the slot index).
+      cache: a :class:`KVCache` to extend, or None.
+      dropout_key: PRNG key enabling LoRA dropout, or None.
+
+    Returns:
+      ``(hidden [B, T, D], cache or None, router_logits)``: ``router_logits`` is ``[L, B*T, E]``
+      in the compute dtype (the input of :func:`qlora_jax.models.moe.load_balancing_loss`), None
+      for dense families.
     """
     config = spec.config
     compute_dtype = jnp.dtype(spec.compute_dtype)
@@ -204,17 +242,12 @@ def hidden_states(
     # Local (sliding-window) and global layers may differ in mask and RoPE (Gemma 2/3). The scan
     # compiles one layer, so a model that mixes them picks each layer's by a per-layer flag.
     sliding = config.sliding_layers
-    mixed = len(set(sliding)) > 1
-    if mixed:
-        local_mrs, global_mrs = mask_and_rope(True), mask_and_rope(False)
-        flags = jnp.asarray(sliding)
+    if len(set(sliding)) > 1:
+        single, local_mrs, global_mrs, flags = None, mask_and_rope(True), mask_and_rope(False), jnp.asarray(sliding)
     else:
-        single = mask_and_rope(sliding[0])
-        flags = None
+        single, flags = mask_and_rope(sliding[0]), None
 
-    h = base["embed_tokens"][input_ids].astype(compute_dtype)
-    if config.embed_multiplier is not None:  # Gemma: sqrt(hidden), rounded to the compute dtype as transformers does
-        h = h * jnp.asarray(config.embed_multiplier, compute_dtype)
+    h = _embed(config, base, input_ids, compute_dtype)
     layer_lora = None if lora is None else lora.get("layers")
     num_layers = config.num_hidden_layers
     keys = None if dropout_key is None else jax.random.split(dropout_key, num_layers)
@@ -225,17 +258,35 @@ def hidden_states(
             mask, cos, sin = single
         else:
             mask, cos, sin = (jnp.where(flag, loc, glo) for loc, glo in zip(local_mrs, global_mrs, strict=True))
-        out, new_cache = _layer(spec, carry, layer_base, layer_lora_i, cache_kv, cos=cos, sin=sin, mask=mask,
-                                cache_index=cache_index, dropout_key=key)
-        return out, new_cache
+        out, new_cache, router_logits = _layer(spec, carry, layer_base, layer_lora_i, cache_kv, cos=cos, sin=sin,
+                                               mask=mask, cache_index=cache_index, dropout_key=key)
+        return out, (new_cache, router_logits)
 
     if spec.remat:
         body = jax.checkpoint(body, prevent_cse=False)
     cache_kv = None if cache is None else (cache.k, cache.v)
-    h, new_kv = jax.lax.scan(body, h, (base["layers"], layer_lora, cache_kv, keys, flags))
+    h, (new_kv, router_logits) = jax.lax.scan(body, h, (base["layers"], layer_lora, cache_kv, keys, flags))
     h = rms_norm(h, base["norm"], config.rms_norm_eps, config.family.norm_offset)
     new_cache = None if cache is None else KVCache(new_kv[0], new_kv[1], cache.index + t)
-    return h, new_cache
+    return h, new_cache, router_logits
+
+
+def hidden_states(
+    spec: ModelSpec,
+    base: dict[str, Any],
+    lora: dict[str, Any] | None,
+    input_ids: jax.Array,
+    **kwargs: Any,
+) -> tuple[jax.Array, KVCache | None]:
+    """Final normalised hidden states ``[B, T, D]`` (``spec.compute_dtype``) and the updated cache.
+
+    ``input_ids``: int ``[B, T]``. ``attention_mask``: ``[B, S]`` with 1 for real tokens, over the
+    key slots (``S = T`` without a cache, the cache length with one). ``positions``: rotary
+    positions ``[B, T]`` (default: the slot index; pass ``cumsum(mask) - 1`` for left-padded
+    batches). ``dropout_key`` enables LoRA dropout (at ``spec.lora_config.dropout``).
+    """
+    h, cache, _ = hidden_states_and_router_logits(spec, base, lora, input_ids, **kwargs)
+    return h, cache
 
 
 def output_head(config: LlamaConfig, base: dict[str, Any]) -> Any:

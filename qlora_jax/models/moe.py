@@ -1,7 +1,9 @@
 """Mixture-of-experts feed-forward block with 4-bit experts (Mixtral, Qwen3-MoE), as pure functions.
 
-A self-contained block: the model-family declaration can call :func:`moe_block` in place of the
-dense MLP. Parameters (a dict)::
+The decoder (:mod:`qlora_jax.models.llama`) calls :func:`moe_block` in place of the dense MLP
+for the families whose declaration has ``moe`` set (Mixtral, Qwen3-MoE); there the base pytree
+holds ``mlp.gate.weight`` and ``mlp.{gate,up,down}_proj.weight`` stacked over layers, then experts.
+Parameters of one block (a dict)::
 
     {"gate": [E, H] router weight (float32/bfloat16/float16, never quantized),
      "experts": {"gate_proj": [E, I, H], "up_proj": [E, I, H], "down_proj": [E, H, I]}}
@@ -525,19 +527,24 @@ def _ragged(x: jax.Array, sizes: jax.Array, offsets: jax.Array, w: jax.Array, lo
     return jax.lax.ragged_dot(x, rhs, sizes, preferred_element_type=jnp.float32)
 
 
-def _expert_linear(x, sizes, offsets, w, pair, scaling, tile_rows, local):
+def _expert_linear(x, sizes, offsets, w, pair, scaling, tile_rows, local, dropout=None):
     if isinstance(w, QuantizedTensor):
         tile = tile_rows or _default_tile(x.shape[0], _num_experts_of(w))
         y = _grouped_quantized(x, sizes, offsets, w, tile, local or None)
     else:
         y = _ragged(x, sizes, offsets, w, bool(local)).astype(x.dtype)
     if pair is not None:
-        h = _ragged(x, sizes, offsets, pair["lora_A"], bool(local)).astype(x.dtype)
+        xa = x
+        if dropout is not None:  # PEFT's lora_dropout on the adapter's input, per (token, expert) row
+            rate, key = dropout
+            keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+            xa = jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+        h = _ragged(xa, sizes, offsets, pair["lora_A"], bool(local)).astype(x.dtype)
         y = y + (_ragged(h, sizes, offsets, pair["lora_B"], bool(local)) * scaling).astype(x.dtype)
     return y
 
 
-def _experts_ffn(xs, group_sizes, experts, lora, scaling, tile_rows, first, local):
+def _experts_ffn(xs, group_sizes, experts, lora, scaling, tile_rows, first, local, dropout=None):
     """``local``: False on one device, else the expert mesh axis (inside ``shard_map``)."""
     """``act(x W_gate.T) * (x W_up.T) @ W_down.T`` for the rows of the experts ``first...`` held here."""
     n_local = _num_experts_of(experts["gate_proj"])
@@ -546,13 +553,43 @@ def _experts_ffn(xs, group_sizes, experts, lora, scaling, tile_rows, first, loca
     offsets = jnp.cumsum(group_sizes) - group_sizes
     sizes = jax.lax.dynamic_slice_in_dim(group_sizes, first, n_local)
     offsets = jax.lax.dynamic_slice_in_dim(offsets, first, n_local)
-    g = _expert_linear(xs, sizes, offsets, experts["gate_proj"], lora.get("gate_proj"), scaling, tile_rows, local)
-    u = _expert_linear(xs, sizes, offsets, experts["up_proj"], lora.get("up_proj"), scaling, tile_rows, local)
+    drops = [None] * 3 if dropout is None else [(dropout[0], k) for k in jax.random.split(dropout[1], 3)]
+    g = _expert_linear(xs, sizes, offsets, experts["gate_proj"], lora.get("gate_proj"), scaling, tile_rows, local,
+                       drops[0])
+    u = _expert_linear(xs, sizes, offsets, experts["up_proj"], lora.get("up_proj"), scaling, tile_rows, local,
+                       drops[1])
     a = (jax.nn.silu(g) * u).astype(xs.dtype)
-    return _expert_linear(a, sizes, offsets, experts["down_proj"], lora.get("down_proj"), scaling, tile_rows, local)
+    return _expert_linear(a, sizes, offsets, experts["down_proj"], lora.get("down_proj"), scaling, tile_rows, local,
+                          drops[2])
 
 
 # ------------------------------------------------------------------------------------------ the block
+
+
+def _expert_parallel_ffn(xs: jax.Array, group_sizes: jax.Array, experts: dict[str, Any], lora: dict[str, Any],
+                         config: MoeConfig, *, lora_scaling: float, tile_rows: int | None,
+                         mesh: jax.sharding.Mesh, expert_axis: str) -> jax.Array:
+    """:func:`_experts_ffn` with the experts split over ``mesh``'s ``expert_axis``: each device
+    computes the rows of its own experts and one ``psum`` assembles them (``[T*k, H]``)."""
+    if expert_axis not in mesh.axis_names:
+        raise MoeError(f"mesh has no {expert_axis!r} axis (axes: {mesh.axis_names})")
+    devices = mesh.shape[expert_axis]
+    if config.num_experts % devices:
+        raise MoeError(f"num_experts = {config.num_experts} is not divisible by the {expert_axis!r} mesh "
+                       f"axis ({devices} devices)")
+    spec = jax.sharding.PartitionSpec(expert_axis)
+
+    def local_ffn(xs, group_sizes, experts, lora):
+        first = jax.lax.axis_index(expert_axis) * (config.num_experts // devices)
+        # The replicated rows meet this device's experts: explicitly varying (its transpose, a
+        # psum, sums the input gradient's partial rows over the devices).
+        xs = jax.lax.pcast(xs, (expert_axis,), to="varying")
+        ys = _experts_ffn(xs, group_sizes, experts, lora, lora_scaling, tile_rows, first, expert_axis)
+        return jax.lax.psum(ys, expert_axis)
+
+    replicated = jax.sharding.PartitionSpec()
+    return jax.shard_map(local_ffn, mesh=mesh, in_specs=(replicated, replicated, spec, spec),
+                         out_specs=replicated)(xs, group_sizes, experts, lora)
 
 
 def moe_block(
@@ -565,6 +602,8 @@ def moe_block(
     tile_rows: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
     expert_axis: str = "expert",
+    dropout_rate: float = 0.0,
+    dropout_key: jax.Array | None = None,
 ) -> MoeOutput:
     """The sparse MoE feed-forward block (``MixtralSparseMoeBlock`` / ``Qwen3MoeSparseMoeBlock``).
 
@@ -582,6 +621,8 @@ def moe_block(
         that axis) and one ``psum`` over the axis assembles them. Every row is computed by one
         device only (the others add exact zeros), so the result equals the single-device one.
       expert_axis: the mesh axis of the experts.
+      dropout_rate: LoRA dropout on the expert adapters' inputs (only with ``dropout_key`` and ``lora``).
+      dropout_key: PRNG key for that dropout; None disables it.
 
     Returns:
       A :class:`MoeOutput`; ``hidden`` has ``x``'s shape and dtype.
@@ -602,28 +643,14 @@ def moe_block(
     group_sizes = jnp.bincount(flat, length=config.num_experts).astype(jnp.int32)
     xs = x2d[order // k]
     experts = params["experts"]
+    dropout = (dropout_rate, dropout_key) if dropout_key is not None and dropout_rate > 0 and lora else None
     if mesh is None:
-        ys = _experts_ffn(xs, group_sizes, experts, lora, lora_scaling, tile_rows, 0, False)
+        ys = _experts_ffn(xs, group_sizes, experts, lora, lora_scaling, tile_rows, 0, False, dropout)
     else:
-        if expert_axis not in mesh.axis_names:
-            raise MoeError(f"mesh has no {expert_axis!r} axis (axes: {mesh.axis_names})")
-        devices = mesh.shape[expert_axis]
-        if config.num_experts % devices:
-            raise MoeError(f"num_experts = {config.num_experts} is not divisible by the {expert_axis!r} mesh "
-                           f"axis ({devices} devices)")
-        spec = jax.sharding.PartitionSpec(expert_axis)
-
-        def local_ffn(xs, group_sizes, experts, lora):
-            first = jax.lax.axis_index(expert_axis) * (config.num_experts // devices)
-            # The replicated rows meet this device's experts: explicitly varying (its transpose, a
-            # psum, sums the input gradient's partial rows over the devices).
-            xs = jax.lax.pcast(xs, (expert_axis,), to="varying")
-            ys = _experts_ffn(xs, group_sizes, experts, lora, lora_scaling, tile_rows, first, expert_axis)
-            return jax.lax.psum(ys, expert_axis)
-
-        replicated = jax.sharding.PartitionSpec()
-        ys = jax.shard_map(local_ffn, mesh=mesh, in_specs=(replicated, replicated, spec, spec),
-                           out_specs=replicated)(xs, group_sizes, experts, lora)
+        if dropout is not None:
+            raise MoeError("LoRA dropout on expert adapters is not implemented with an expert mesh")
+        ys = _expert_parallel_ffn(xs, group_sizes, experts, lora, config, lora_scaling=lora_scaling,
+                                  tile_rows=tile_rows, mesh=mesh, expert_axis=expert_axis)
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, h_size)
     # Weighted, cast to x.dtype, and added in increasing expert order (index_add_ per expert).
     contrib = (y * weight[..., None]).astype(x.dtype)

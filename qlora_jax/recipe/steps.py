@@ -749,13 +749,15 @@ def _before_training(trainable: Any, evaluate_fn: Callable[[Any], float],
 
 class _StepFigures(NamedTuple):
     """What one training step reports: its loss (nats per target token), gradient norm, target
-    tokens, prompt and target tokens (the throughput's count) and wall-clock seconds."""
+    tokens, prompt and target tokens (the throughput's count), wall-clock seconds and, for an MoE
+    model, the routers' load-balancing loss (its weighted part is in ``loss``; None otherwise)."""
 
     loss: float
     grad_norm: float
     tokens: float
     sequence_tokens: float
     seconds: float
+    aux_loss: float | None = None
 
 
 def _timed_step(train_step: Callable, trainable: Any, opt_state: Any, frozen: Any, batch: dict[str, Any],
@@ -769,7 +771,8 @@ def _timed_step(train_step: Callable, trainable: Any, opt_state: Any, frozen: An
     seconds = time.perf_counter() - tick
     sequence_tokens = float(_total(batch["attention_mask"]))
     throughput.after(shape, sequence_tokens, seconds)
-    return trainable, opt_state, _StepFigures(loss, grad_norm, tokens, sequence_tokens, seconds)
+    aux_loss = float(out["aux_loss"]) if "aux_loss" in out else None
+    return trainable, opt_state, _StepFigures(loss, grad_norm, tokens, sequence_tokens, seconds, aux_loss)
 
 
 def _save_if_good(step: int, health: Health, trainable: Any, opt_state: Any, *, checkpointer: TrainCheckpointer,
@@ -781,6 +784,15 @@ def _save_if_good(step: int, health: Health, trainable: Any, opt_state: Any, *, 
         _stop(Health(step, "diverged", "the state after the update is non-finite (NaN/Inf)"), checkpointer, monitor)
     else:
         save()
+
+
+def _train_row(step: int, lr: float, epoch: int, figures: _StepFigures) -> dict[str, Any]:
+    """The ``metrics.jsonl`` row of one training step."""
+    row = {"kind": "train", "step": step, "loss": figures.loss, "learning_rate": lr, "grad_norm": figures.grad_norm,
+           "tokens": figures.sequence_tokens, "seconds": figures.seconds, "epoch": epoch}
+    if figures.aux_loss is not None:  # MoE: the routers' load-balancing loss (its weighted part is in loss)
+        row["aux_loss"] = figures.aux_loss
+    return row
 
 
 def train_loop(
@@ -826,14 +838,14 @@ def train_loop(
         while step < cfg.max_steps:
             batch = put_batch(batches.next_batches(cfg.gradient_accumulation_steps))
             key = jax.random.fold_in(state.rng_key, step) if cfg.lora_dropout > 0 else None
-            trainable, opt_state, (loss, grad_norm, tokens, sequence_tokens, seconds) = _timed_step(
-                train_step, trainable, opt_state, frozen, batch, key, throughput)
+            trainable, opt_state, figures = _timed_step(train_step, trainable, opt_state, frozen, batch, key,
+                                                        throughput)
+            loss, grad_norm, tokens, sequence_tokens, seconds, _ = figures
             step += 1
             lr = float(schedule(step - 1))
             health = monitor.update(step, loss=loss, grad_norm=grad_norm, tokens=tokens)
             if _due(step, cfg.logging_steps, cfg.max_steps) or health.diverged:
-                metrics.write({"kind": "train", "step": step, "loss": loss, "learning_rate": lr, "grad_norm": grad_norm,
-                               "tokens": sequence_tokens, "seconds": seconds, "epoch": batches.epoch})
+                metrics.write(_train_row(step, lr, batches.epoch, figures))
             if health.diverged:
                 _stop(health, checkpointer, monitor)
             if health.healthy:

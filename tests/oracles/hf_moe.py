@@ -20,6 +20,27 @@ Ops:
           layer 0's tensors as the module holds them: gate [E, H], gate_up_proj [E, 2I, H], down_proj [E, H, I].
   model_aux {model_type, config, seed} with input_ids [B, S] and optional attention_mask: a random
           tiny *ForCausalLM run with output_router_logits=True: router_logits [L, B*S, E] and aux_loss.
+  folder_aux {dir} with input_ids and optional attention_mask: the saved model of the folder with
+          output_router_logits=True: logits, aux_loss (the coefficient not applied).
+  bnb_model {dir, quant_type, double_quant, blocksize?} with input_ids and optional attention_mask:
+          the logits of the saved model (float32) with every decoder linear weight and every expert
+          matrix replaced by bitsandbytes' CPU quantize_4bit + dequantize_4bit of it, one expert
+          matrix at a time (w1/w3 or gate_proj/up_proj separately, as the per-expert files hold
+          them), i.e. what per-expert Linear4bit layers compute on bitsandbytes' exact CPU path
+          (dequantize, then a float32 matmul). transformers 5 leaves fused experts unquantized
+          under BitsAndBytesConfig, so this is the 4-bit expert reference; lm_head and the router
+          stay float32. With save_dir: the folder rewritten as a pre-quantized bitsandbytes
+          checkpoint with per-expert 4-bit tensors (transformers 4's per-expert Linear4bit layers):
+          every attention projection and expert matrix as Linear4bit saves it (packed weight plus
+          its quant_state.as_dict(packed=True) tensors), the rest as stored.
+  peft_v4  {dir, r, alpha, targets, seed, save_dir} with input_ids and optional attention_mask: writes
+          a random LoRA adapter in PEFT's per-expert format of transformers 4 (keys
+          base_model.model.model.layers.{i}.<module>.lora_A|lora_B.weight for every module of the
+          model whose leaf name is in targets, experts as block_sparse_moe.experts.{e}.w1 /
+          mlp.experts.{e}.gate_proj), then loads it with PeftModel.from_pretrained (which converts it
+          to transformers 5's fused experts): logits.
+  peft_load {dir, adapter_dir} with input_ids and optional attention_mask: logits of
+          PeftModel.from_pretrained(model of dir, adapter_dir).
 """
 
 import json
@@ -75,6 +96,38 @@ def _quantize(w, quant_type, double_quant, blocksize):
         out["nested_absmax"] = state.state2.absmax.numpy()
         out["offset"] = np.float32(state.offset.item())
     return out
+
+
+def _save_bnb_per_expert(case):
+    """The folder case["dir"] as a bitsandbytes 4-bit checkpoint with one 4-bit tensor per expert matrix."""
+    import os
+    import re
+    import shutil
+
+    import bitsandbytes.functional as F
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(case["dir"], case["save_dir"], dirs_exist_ok=True)
+    tensors = load_file(os.path.join(case["dir"], "model.safetensors"))
+    out = {}
+    quantized = re.compile(r".*\.(self_attn\.[qkvo]_proj|experts\.\d+\.(w[123]|gate_proj|up_proj|down_proj))\.weight")
+    for key, value in tensors.items():
+        if not quantized.fullmatch(key):
+            out[key] = value
+            continue
+        packed, state = F.quantize_4bit(value.contiguous(), blocksize=case.get("blocksize", 64),
+                                        compress_statistics=case["double_quant"], quant_type=case["quant_type"])
+        out[key] = packed
+        for k, v in state.as_dict(packed=True).items():
+            out[f"{key}.{k}"] = v
+    save_file(out, os.path.join(case["save_dir"], "model.safetensors"), metadata={"format": "pt"})
+    config_path = os.path.join(case["save_dir"], "config.json")
+    config = json.load(open(config_path))
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+                                     "bnb_4bit_quant_type": case["quant_type"],
+                                     "bnb_4bit_use_double_quant": case["double_quant"],
+                                     "bnb_4bit_compute_dtype": "float32"}
+    json.dump(config, open(config_path, "w"))
 
 
 def main(in_path, config_path, out_path):
@@ -174,7 +227,85 @@ def main(in_path, config_path, out_path):
                 res = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
             out[f"{name}/router_logits"] = torch.stack([r.float() for r in res.router_logits]).numpy()
             out[f"{name}/aux_loss"] = np.float32(res.aux_loss.item())
-        else:
+        elif op in ("folder_aux", "bnb_model"):
+            model = AutoModelForCausalLM.from_pretrained(case["dir"], dtype=torch.float32,
+                                                         experts_implementation="eager").eval()
+            if op == "bnb_model":
+                def qdq(w, case=case):
+                    q = _quantize(w, case["quant_type"], case["double_quant"], case.get("blocksize", 64))
+                    return torch.from_numpy(q["dequantized"]).reshape(w.shape)
+
+                with torch.no_grad():
+                    for mod_name, module in model.named_modules():
+                        if isinstance(module, torch.nn.Linear) and mod_name != "lm_head":
+                            module.weight.copy_(qdq(module.weight))
+                    for layer in model.model.layers:
+                        experts = layer.mlp.experts
+                        inter = experts.gate_up_proj.shape[1] // 2
+                        for e in range(experts.gate_up_proj.shape[0]):
+                            experts.gate_up_proj[e, :inter] = qdq(experts.gate_up_proj[e, :inter].clone())
+                            experts.gate_up_proj[e, inter:] = qdq(experts.gate_up_proj[e, inter:].clone())
+                            experts.down_proj[e] = qdq(experts.down_proj[e].clone())
+            if op == "bnb_model" and case.get("save_dir"):
+                _save_bnb_per_expert(case)
+            ids = torch.from_numpy(arrays[f"{name}/input_ids"].astype(np.int64))
+            mask_key = f"{name}/attention_mask"
+            mask = torch.from_numpy(arrays[mask_key].astype(np.int64)) if mask_key in arrays else None
+            with torch.no_grad():
+                res = model(input_ids=ids, attention_mask=mask, output_router_logits=op == "folder_aux")
+            out[f"{name}/logits"] = res.logits.float().numpy()
+            if op == "folder_aux":
+                out[f"{name}/aux_loss"] = np.float32(res.aux_loss.item())
+        elif op == "peft_v4":
+            import os
+
+            from peft import PeftModel
+            from safetensors.torch import save_file
+
+            cfg = json.load(open(os.path.join(case["dir"], "config.json")))
+            layers, hidden = cfg["num_hidden_layers"], cfg["hidden_size"]
+            heads, kv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"] or hidden // cfg[
+                "num_attention_heads"]
+            if cfg["model_type"] == "mixtral":
+                block, names, inter = "block_sparse_moe", ("w1", "w3", "w2"), cfg["intermediate_size"]
+            else:
+                block, names, inter = "mlp", ("gate_proj", "up_proj", "down_proj"), cfg["moe_intermediate_size"]
+            experts = cfg.get("num_local_experts") or cfg["num_experts"]
+            shapes = {"q_proj": (heads * hd, hidden), "k_proj": (kv * hd, hidden), "v_proj": (kv * hd, hidden),
+                      "o_proj": (hidden, heads * hd), names[0]: (inter, hidden), names[1]: (inter, hidden),
+                      names[2]: (hidden, inter)}
+            gen = torch.Generator().manual_seed(case.get("seed", 0))
+            r, tensors = case["r"], {}
+            for i in range(layers):
+                for t in case["targets"]:
+                    out_f, in_f = shapes[t]
+                    if t in names:
+                        modules = [f"{block}.experts.{e}.{t}" for e in range(experts)]
+                    else:
+                        modules = [f"self_attn.{t}"]
+                    for m in modules:
+                        key = f"base_model.model.model.layers.{i}.{m}"
+                        tensors[f"{key}.lora_A.weight"] = torch.randn(r, in_f, generator=gen) / in_f ** 0.5
+                        tensors[f"{key}.lora_B.weight"] = 0.3 * torch.randn(out_f, r, generator=gen) / r ** 0.5
+            os.makedirs(case["save_dir"], exist_ok=True)
+            save_file(tensors, os.path.join(case["save_dir"], "adapter_model.safetensors"), metadata={"format": "pt"})
+            json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": case["alpha"],
+                       "lora_dropout": 0.0, "target_modules": case["targets"], "bias": "none",
+                       "base_model_name_or_path": case["dir"]},
+                      open(os.path.join(case["save_dir"], "adapter_config.json"), "w"))
+        if op in ("peft_v4", "peft_load"):
+            from peft import PeftModel
+
+            base = AutoModelForCausalLM.from_pretrained(case["dir"], dtype=torch.float32,
+                                                        experts_implementation="eager")
+            adapter = case["save_dir"] if op == "peft_v4" else case["adapter_dir"]
+            model = PeftModel.from_pretrained(base, adapter).eval()
+            ids = torch.from_numpy(arrays[f"{name}/input_ids"].astype(np.int64))
+            mask_key = f"{name}/attention_mask"
+            mask = torch.from_numpy(arrays[mask_key].astype(np.int64)) if mask_key in arrays else None
+            with torch.no_grad():
+                out[f"{name}/logits"] = model(input_ids=ids, attention_mask=mask).logits.float().numpy()
+        elif op not in ("block", "save_model", "model_aux", "folder_aux", "bnb_model"):
             raise ValueError(f"unknown op {op!r}")
     np.savez(out_path, **out)
 

@@ -1,0 +1,535 @@
+"""Mixtral and Qwen3-MoE models (4-bit experts) against transformers and bitsandbytes on CPU.
+
+Tiny random models made by transformers 5 in the oracle environment (4 experts, top-2, 2 layers),
+saved with ``save_pretrained`` (which writes the per-expert tensors ``...experts.{e}.w1.weight`` /
+``...experts.{e}.gate_proj.weight``), loaded by our loader and run by our decoder:
+
+* float32 and bfloat16 logits against transformers' own model (tests/oracles/hf_models.py);
+* NF4 logits against the same model with every decoder linear weight and every expert matrix
+  replaced by bitsandbytes' CPU quantize/dequantize of it (tests/oracles/hf_moe.py ``bnb_model``:
+  what per-expert ``Linear4bit`` layers compute on bitsandbytes' exact CPU path; transformers 5
+  leaves its fused experts unquantized under ``BitsAndBytesConfig``);
+* the load-balancing loss against transformers' ``aux_loss`` (``output_router_logits=True``).
+
+Tolerances are those of tests/test_families.py: float32 on both sides, so differences are
+summation order (the routing itself is compared exactly by the block tests, tests/test_moe.py).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from qlora_jax.checkpoints.errors import CheckpointError
+from qlora_jax.checkpoints.load import QuantConfig, load_base_params, open_checkpoint, read_config
+from qlora_jax.checkpoints.orbax_format import load_quantized, save_quantized
+from qlora_jax.lora import LoraConfig
+from qlora_jax.model import init_lora_params
+from qlora_jax.models import layout, llama, moe
+from qlora_jax.models.config import UnsupportedArchitectureError
+from qlora_jax.models.spec import ModelSpec
+
+# hidden, head_dim * heads and the expert intermediate size are >= 64: bitsandbytes 0.50's CPU
+# dequantize_4bit is wrong for rows shorter than a block (see tests/test_moe.py).
+BASE = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+            num_hidden_layers=2, num_experts_per_tok=2, tie_word_embeddings=False, router_aux_loss_coef=0.02)
+MODELS = {
+    "mixtral": ("mixtral", dict(BASE, intermediate_size=64, num_local_experts=4)),
+    "qwen3_moe": ("qwen3_moe", dict(BASE, intermediate_size=96, moe_intermediate_size=64, num_experts=4,
+                                    norm_topk_prob=True)),
+}
+EXPERTS = 4
+SEQ = 16
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("moe_models")
+
+
+@pytest.fixture(scope="module")
+def inputs(module_rng):
+    ids = module_rng.integers(3, BASE["vocab_size"], size=(2, SEQ)).astype(np.int32)
+    mask = np.ones((2, SEQ), np.int32)
+    mask[1, SEQ - 5:] = 0  # right padding on the second row
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def hf(oracle, workdir, inputs):
+    """Per family: the random model's folder, its float32 and bf16 logits, its NF4 (bitsandbytes,
+    per expert) logits and transformers' aux_loss."""
+    ids, mask = inputs
+    arrays, make, after = {}, [], []
+    for i, (name, (model_type, config)) in enumerate(MODELS.items()):
+        for case in (name, f"{name}_nf4", f"{name}_aux"):
+            arrays[f"{case}/input_ids"], arrays[f"{case}/attention_mask"] = ids, mask
+        arrays[f"{name}_gen/input_ids"] = ids[:1, :8]
+        make += [dict(name=name, op="make_model", model_type=model_type, config=config, seed=300 + i,
+                      dir=str(workdir / name)),
+                 dict(name=f"{name}_gen", op="generate", dir=str(workdir / name), max_new_tokens=NEW_TOKENS)]
+        after += [dict(name=f"{name}_nf4", op="bnb_model", dir=str(workdir / name), quant_type="nf4",
+                       double_quant=True, save_dir=str(workdir / f"{name}_bnb")),
+                  dict(name=f"{name}_aux", op="folder_aux", dir=str(workdir / name))]
+    out = oracle.run("hf_models.py", arrays, {"cases": make})
+    out.update(oracle.run("hf_moe.py", arrays, {"cases": after}))
+    return out
+
+
+def valid(logits, mask):
+    return logits[mask.astype(bool)]
+
+
+def ours(path, quant="float32", bnb_backend="cuda"):
+    source, cfg = open_checkpoint(path)
+    config = read_config(cfg)
+    base, stats = load_base_params(source, config, QuantConfig(quant=quant, dtype="float32",
+                                                               bnb_backend=bnb_backend))
+    return config, base, stats
+
+
+def run(config, base, ids, mask, lora=None, lora_config=None, dtype="float32"):
+    spec = ModelSpec(config, lora_config, compute_dtype=dtype)
+    logits, _ = llama.forward(spec, base, lora, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    return np.asarray(logits)
+
+
+def test_config_reads_the_moe_fields(hf, workdir):
+    for name, (model_type, _) in MODELS.items():
+        ours_config = read_config(json.loads((workdir / name / "config.json").read_text()))
+        assert ours_config.family.moe == model_type
+        assert (ours_config.num_experts, ours_config.num_experts_per_tok) == (EXPERTS, 2)
+        assert ours_config.router_aux_loss_coef == 0.02
+        assert ours_config.expert_intermediate_size == 64 and ours_config.norm_topk_prob
+        assert ours_config.moe.routing == model_type
+        # Every tensor of the file, once: config.num_parameters counts what transformers saved.
+        count = sum(v.size for v in load_file(workdir / name / "model.safetensors").values())
+        assert ours_config.num_parameters() == count
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_float32_logits_match_transformers(hf, workdir, inputs, name):
+    ids, mask = inputs
+    config, base, _ = ours(workdir / name)
+    mlp = base["layers"]["mlp"]
+    assert mlp["gate"]["weight"].shape == (2, EXPERTS, 64) and mlp["up_proj"]["weight"].shape == (2, EXPERTS, 64, 64)
+    np.testing.assert_allclose(valid(run(config, base, ids, mask), mask), valid(hf[f"{name}/logits_f32"], mask),
+                               atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bf16_logits_match_transformers_within_bf16_tolerance(hf, workdir, inputs, name):
+    ids, mask = inputs
+    source, cfg = open_checkpoint(workdir / name)
+    config = read_config(cfg)
+    base, _ = load_base_params(source, config, QuantConfig(quant="bf16", dtype="bfloat16"))
+    got = valid(run(config, base, ids, mask, dtype="bfloat16"), mask)
+    expected = valid(hf[f"{name}/logits_bf16"], mask)
+    scale = np.abs(hf[f"{name}/logits_f32"]).max()
+    # As tests/test_families.py: bf16's 8-bit mantissa, a few ulps of the largest logit over the layers.
+    np.testing.assert_allclose(got, expected, atol=0.03 * scale)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_nf4_experts_match_bitsandbytes(hf, workdir, inputs, name):
+    ids, mask = inputs
+    config, base, stats = ours(workdir / name, quant="nf4", bnb_backend="cpu")
+    # Attention: one 4-bit tensor per layer and projection; experts: one per expert and matrix.
+    assert stats.requantized == config.num_hidden_layers * (4 + 3 * EXPERTS)
+    up = base["layers"]["mlp"]["up_proj"]["weight"]
+    assert up.codes.shape[:2] == (2, EXPERTS) and up.offset.shape == (2, EXPERTS)  # per-expert DQ offsets
+    assert base["layers"]["mlp"]["gate"]["weight"].dtype == jnp.float32  # the router stays 16/32-bit
+    got = valid(run(config, base, ids, mask), mask)
+    np.testing.assert_allclose(got, valid(hf[f"{name}_nf4/logits"], mask), atol=2e-4, rtol=1e-4)
+    assert np.abs(got - valid(hf[f"{name}/logits_f32"], mask)).max() > 1e-3  # the quantization matters
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bitsandbytes_per_expert_checkpoint_loads_without_requantization(hf, workdir, inputs, name):
+    """Experts stored as per-expert bitsandbytes 4-bit tensors (transformers 4's Linear4bit per expert) are
+    taken as stored, byte for byte, and give bitsandbytes' logits."""
+    ids, mask = inputs
+    saved = workdir / f"{name}_bnb"
+    block, theirs = ("block_sparse_moe", "w2") if name == "mixtral" else ("mlp", "down_proj")
+    key = f"model.layers.1.{block}.experts.3.{theirs}.weight"
+    stored = load_file(saved / "model.safetensors")
+    assert stored[key].dtype == np.uint8 and f"{key}.quant_state.bitsandbytes__nf4" in stored
+    config, base, stats = ours(saved, quant="nf4")
+    assert stats.prequantized == config.num_hidden_layers * (4 + 3 * EXPERTS) and stats.requantized == 0
+    down = base["layers"]["mlp"]["down_proj"]["weight"]
+    np.testing.assert_array_equal(np.asarray(down.codes[1, 3]).reshape(-1), stored[key].reshape(-1))
+    np.testing.assert_allclose(valid(run(config, base, ids, mask), mask), valid(hf[f"{name}_nf4/logits"], mask),
+                               atol=2e-4, rtol=1e-4)
+
+
+def _fused_copy(src: pathlib.Path, dst: pathlib.Path, name: str) -> pathlib.Path:
+    """The folder with transformers 5's in-memory MoE names: mlp.gate, mlp.experts.gate_up_proj [E, 2I, D]
+    (gate rows, then up rows: tests/test_moe.py checks that order against the module) and
+    mlp.experts.down_proj [E, D, I]."""
+    block, (w_gate, w_up, w_down) = (("block_sparse_moe", ("w1", "w3", "w2")) if name == "mixtral"
+                                     else ("mlp", ("gate_proj", "up_proj", "down_proj")))
+
+    def fuse(tensors):
+        for layer in range(BASE["num_hidden_layers"]):
+            pre = f"model.layers.{layer}"
+
+            def take(w, pre=pre):
+                return np.stack([tensors.pop(f"{pre}.{block}.experts.{e}.{w}.weight") for e in range(EXPERTS)])
+
+            gate = tensors.pop(f"{pre}.{block}.gate.weight")
+            tensors[f"{pre}.mlp.experts.gate_up_proj"] = np.concatenate([take(w_gate), take(w_up)], axis=1)
+            tensors[f"{pre}.mlp.experts.down_proj"] = take(w_down)
+            tensors[f"{pre}.mlp.gate.weight"] = gate
+
+    return _edited_copy(src, dst, edit_tensors=fuse)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fused_expert_layout_loads(hf, workdir, inputs, tmp_path, name):
+    ids, mask = inputs
+    path = _fused_copy(workdir / name, tmp_path / "fused", name)
+    config, base, _ = ours(path)
+    np.testing.assert_allclose(valid(run(config, base, ids, mask), mask), valid(hf[f"{name}/logits_f32"], mask),
+                               atol=2e-4, rtol=1e-4)
+    # 4-bit: the same bytes as from the per-expert files, one quantized tensor per expert matrix.
+    _, fused_nf4, stats = ours(path, quant="nf4")
+    _, per_expert_nf4, _ = ours(workdir / name, quant="nf4")
+    assert stats.requantized == config.num_hidden_layers * (4 + 3 * EXPERTS)
+    for a, b in zip(jax.tree.leaves(fused_nf4), jax.tree.leaves(per_expert_nf4), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # An expert count that disagrees with the tensors names the first one read (the router, then the experts).
+    fewer = _edited_copy(path, tmp_path / "fewer", edit_config=lambda c: c.update(
+        {k: 3 for k in ("num_local_experts", "num_experts") if k in c}))
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.mlp\.gate\.weight' has shape \[4, 64\] but "
+                                              r"config.json implies \[3, 64\]"):
+        _load(fewer)
+    gate_up = "model.layers.1.mlp.experts.gate_up_proj"
+    narrow = _edited_copy(path, tmp_path / "narrow", edit_tensors=lambda t: t.update({gate_up: t[gate_up][:3]}))
+    with pytest.raises(CheckpointError, match=rf"'{gate_up}' has shape \[3, 128, 64\] but .* implies \[4, 128, 64\]"):
+        _load(narrow)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_save_quantized_round_trip(hf, workdir, inputs, name):
+    """Our own checkpoint of an MoE model (4-bit experts, per-expert adapters) reads back byte for byte."""
+    ids, mask = inputs
+    config, base, _ = ours(workdir / name, quant="nf4")
+    lora_config = LoraConfig(r=4, alpha=8.0, target_modules="all-linear", dtype="float32")
+    lora = init_lora_params(jax.random.key(2), ModelSpec(config, lora_config))
+    assert lora["layers"]["mlp"]["down_proj"]["lora_B"].shape == (2, EXPERTS, 64, 4)
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.ndim), x.shape, x.dtype), lora)
+    save_quantized(workdir / f"{name}_orbax", base, config=config, lora=lora, lora_config=lora_config)
+    saved = load_quantized(workdir / f"{name}_orbax")
+    assert saved.config == config
+    for a, b in zip(jax.tree.leaves(saved.base), jax.tree.leaves(base), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(run(saved.config, saved.base, ids, mask, saved.lora, saved.lora_config),
+                                  run(config, base, ids, mask, lora, lora_config))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_greedy_decode_matches_transformers(hf, workdir, inputs, name):
+    """KV-cache decoding routes each new token through the experts as transformers does."""
+    from qlora_jax.generate import SamplingConfig, generate_tokens
+
+    ids, _ = inputs
+    config, base, _ = ours(workdir / name)
+    spec = ModelSpec(config, None, compute_dtype="float32")
+    (tokens,) = generate_tokens(spec, base, None, [ids[0, :8].tolist()], SamplingConfig(max_new_tokens=NEW_TOKENS))
+    assert tokens == hf[f"{name}_gen/tokens"][0].tolist()
+
+
+def test_synthetic_base_has_the_loaded_layout(hf, workdir, inputs):
+    from qlora_jax.synthetic import random_base
+
+    for name in MODELS:
+        config, loaded, _ = ours(workdir / name, quant="nf4")
+        synthetic = random_base(config, jax.random.key(0), dtype=jnp.float32)
+        assert jax.tree.structure(synthetic) == jax.tree.structure(loaded)
+        for a, b in zip(jax.tree.leaves(synthetic), jax.tree.leaves(loaded), strict=True):
+            assert (a.shape, a.dtype) == (b.shape, b.dtype)
+        assert np.isfinite(run(config, synthetic, *inputs)).all()
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def _edited_copy(src: pathlib.Path, dst: pathlib.Path, edit_tensors=None, edit_config=None) -> pathlib.Path:
+    shutil.copytree(src, dst)
+    if edit_tensors is not None:
+        tensors = load_file(dst / "model.safetensors")
+        edit_tensors(tensors)
+        save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    if edit_config is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        edit_config(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def _load(path):
+    source, cfg = open_checkpoint(path)
+    return load_base_params(source, read_config(cfg), QuantConfig(quant="nf4", dtype="float32"))
+
+
+def test_missing_or_extra_expert_and_bad_router_are_named(hf, workdir, tmp_path):
+    src = workdir / "mixtral"
+    key = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    path = _edited_copy(src, tmp_path / "missing", edit_tensors=lambda t: t.pop(key))
+    with pytest.raises(CheckpointError, match=rf"missing tensor '{key}'"):
+        _load(path)
+    # config.json says 3 experts, the files hold 4.
+    path = _edited_copy(src, tmp_path / "fewer", edit_config=lambda c: c.update(num_local_experts=3))
+    with pytest.raises(CheckpointError, match=r"experts\.3\.w\d\.weight' exists but config.json has "
+                                              r"num_local_experts = 3"):
+        _load(path)
+    # config.json says 5 experts: expert 4's tensors are missing.
+    path = _edited_copy(src, tmp_path / "more", edit_config=lambda c: c.update(num_local_experts=5))
+    with pytest.raises(CheckpointError, match=r"missing 6 tensors:.*block_sparse_moe\.experts\.4\.w1\.weight"):
+        _load(path)
+    # A router of the wrong shape.
+    gate = "model.layers.0.block_sparse_moe.gate.weight"
+    path = _edited_copy(src, tmp_path / "router", edit_tensors=lambda t: t.update({gate: t[gate][:, :32].copy()}))
+    with pytest.raises(CheckpointError, match=rf"'{gate}' has shape \[4, 32\] but .* implies \[4, 64\]"):
+        _load(path)
+    # top-k larger than the expert count.
+    path = _edited_copy(src, tmp_path / "topk", edit_config=lambda c: c.update(num_experts_per_tok=5))
+    with pytest.raises((CheckpointError, ValueError),
+                       match=r"num_experts_per_tok = 5 must be in \[1, num_experts = 4\]"):
+        _load(path)
+
+
+@pytest.mark.parametrize("field, value", [("decoder_sparse_step", 2), ("mlp_only_layers", [1]),
+                                          ("use_sliding_window", True)])
+def test_unsupported_qwen3_moe_settings_are_refused_by_name(hf, workdir, field, value):
+    cfg = json.loads((workdir / "qwen3_moe" / "config.json").read_text())
+    cfg[field] = value
+    with pytest.raises(UnsupportedArchitectureError, match=field):
+        read_config(cfg)
+
+
+def test_moe_layout_names(hf, workdir):
+    config = read_config(json.loads((workdir / "mixtral" / "config.json").read_text()))
+    table = {spec.slot: spec for spec in layout.tensor_table(config)}
+    router = table["layers/mlp/gate/weight"]
+    assert not router.linear and router.hf_key(0) == "model.layers.0.block_sparse_moe.gate.weight"
+    w3 = table["layers/mlp/up_proj/weight"]
+    assert w3.linear and w3.stack == (EXPERTS,) and w3.shape == (64, 64)
+    assert w3.expert_keys(1)[2] == "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    assert config.moe == moe.MoeConfig(EXPERTS, 2, "mixtral", True, 0.02)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def _log_softmax_ce(logits, ids, mask):
+    """float64 mean next-token cross-entropy over the unpadded targets (the reference of the step's loss)."""
+    logits = logits.astype(np.float64)[:, :-1]
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    target = np.take_along_axis(logits, ids[:, 1:, None].astype(np.int64), axis=-1)[..., 0]
+    m = mask[:, 1:].astype(bool)
+    return float((logz - target)[m].mean())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_aux_loss_equals_transformers(hf, workdir, inputs, name):
+    ids, mask = inputs
+    config, base, _ = ours(workdir / name)
+    spec = ModelSpec(config, None, compute_dtype="float32")
+    _, _, router_logits = llama.hidden_states_and_router_logits(spec, base, None, jnp.asarray(ids),
+                                                                attention_mask=jnp.asarray(mask))
+    assert router_logits.shape == (2, ids.size, EXPERTS)
+    aux = moe.load_balancing_loss(list(router_logits), EXPERTS, 2, jnp.asarray(mask))
+    np.testing.assert_allclose(float(aux), float(hf[f"{name}_aux/aux_loss"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_train_step_adds_the_aux_loss_and_trains_expert_adapters(hf, workdir, inputs, name):
+    """One step under all-linear: the loss is transformers' loss plus router_aux_loss_coef * aux_loss (as
+    MixtralForCausalLM with output_router_logits=True), aux_loss is reported, and the per-expert
+    adapters get gradients."""
+    import optax
+
+    from qlora_jax.train import make_train_step
+
+    ids, mask = inputs
+    config, base, _ = ours(workdir / name, quant="float32")
+    lora_config = LoraConfig(r=4, alpha=8.0, target_modules="all-linear", dtype="float32")
+    spec = ModelSpec(config, lora_config, compute_dtype="float32")
+    assert spec.lora_targets == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora = init_lora_params(jax.random.key(0), spec)  # B = 0: the model is the base
+    batch = {"input_ids": jnp.asarray(ids)[None], "attention_mask": jnp.asarray(mask)[None],
+             "loss_mask": jnp.ones_like(jnp.asarray(ids))[None]}
+    new_lora, _, metrics = jax.jit(make_train_step(spec, optax.sgd(1.0)))(lora, optax.sgd(1.0).init(lora), base,
+                                                                          batch, None)
+    aux = float(hf[f"{name}_aux/aux_loss"])
+    np.testing.assert_allclose(float(metrics["aux_loss"]), aux, rtol=1e-5)
+    expected = _log_softmax_ce(hf[f"{name}/logits_f32"], ids, mask) + config.router_aux_loss_coef * aux
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+    for m in ("gate_proj", "up_proj", "down_proj"):
+        moved = np.abs(np.asarray(new_lora["layers"]["mlp"][m]["lora_B"])).max(axis=(0, 2, 3))
+        assert moved.shape == (EXPERTS,) and (moved > 0).sum() >= 2, m  # experts that got tokens learn
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+def test_finetune_recipe_runs_and_learns(oracle, tmp_path, name):
+    """The launcher's recipe on an MoE folder (the finetune of ``make finetune ARGS=--model=<folder>``):
+    4-bit experts with per-expert adapters train, evaluate, sample and save; aux_loss is logged."""
+    from helpers import small_finetune_config
+
+    from qlora_jax.finetune import run as run_finetune
+    from qlora_jax.model import load_tokenizer
+
+    tokenizer = load_tokenizer("embedded")
+    model_type, config = MODELS[name]
+    config = dict(config, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                  eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    folder = tmp_path / name
+    oracle.run("hf_models.py", {"m/input_ids": np.zeros((1, 2), np.int32)}, {"cases": [
+        dict(name="m", op="make_model", model_type=model_type, config=config, seed=5, dir=str(folder))]})
+    tokenizer.save(folder)
+    out = tmp_path / "out"
+    result = run_finetune(small_finetune_config(folder, out, max_steps=12, eval_steps=6, save_steps=6),
+                          progress=False)
+    assert result.final_step == 12
+    assert result.final_eval_loss < result.first_eval_loss
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    aux = [r["aux_loss"] for r in rows if r["kind"] == "train"]
+    assert aux and all(np.isfinite(aux)) and min(aux) > 0
+
+
+# ------------------------------------------------------------------------------------------ PEFT
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_peft_adapters_with_expert_adapters_both_ways(oracle, hf, workdir, inputs, name):
+    """A PEFT adapter with one adapter per expert (transformers 4's module names, which PEFT 0.21 converts
+    to transformers 5's fused experts) gives PEFT's logits here; ours, exported, gives ours in PEFT."""
+    from qlora_jax.peft_io import load_peft_adapter, save_peft_adapter
+
+    ids, mask = inputs
+    config, base, _ = ours(workdir / name)
+    experts = ["w1", "w2", "w3"] if name == "mixtral" else ["gate_proj", "up_proj", "down_proj"]
+    peft_dir, ours_dir = workdir / f"{name}_peft_v4", workdir / f"{name}_our_adapter"
+    lora_config = LoraConfig(r=4, alpha=8.0, target_modules="all-linear", dtype="float32")
+    lora = init_lora_params(jax.random.key(7), ModelSpec(config, lora_config))
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape, x.dtype), lora)
+    save_peft_adapter(ours_dir, lora, lora_config, config)
+    written = load_file(ours_dir / "adapter_model.safetensors")
+    assert written[f"base_model.model.model.layers.1.{'block_sparse_moe' if name == 'mixtral' else 'mlp'}.experts.3."
+                   f"{experts[2]}.lora_B.weight"].shape == (64, 4)
+    assert sorted(json.loads((ours_dir / "adapter_config.json").read_text())["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", *experts])
+    arrays = {f"{c}/{k}": v for c in ("peft", "back") for k, v in (("input_ids", ids), ("attention_mask", mask))}
+    out = oracle.run("hf_moe.py", arrays, {"cases": [
+        dict(name="peft", op="peft_v4", dir=str(workdir / name), r=8, alpha=16,
+             targets=["q_proj", "v_proj", *experts], seed=3, save_dir=str(peft_dir)),
+        dict(name="back", op="peft_load", dir=str(workdir / name), adapter_dir=str(ours_dir)),
+    ]})
+    peft_lora, peft_config = load_peft_adapter(peft_dir, config)
+    assert peft_config.target_modules == ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+    assert peft_lora["layers"]["mlp"]["up_proj"]["lora_A"].shape == (2, EXPERTS, 8, 64)
+    got = run(config, base, ids, mask, peft_lora, peft_config)
+    np.testing.assert_allclose(valid(got, mask), valid(out["peft/logits"], mask), atol=2e-4, rtol=1e-4)
+    assert np.abs(valid(got, mask) - valid(hf[f"{name}/logits_f32"], mask)).max() > 1e-2  # the adapter matters
+    np.testing.assert_allclose(valid(run(config, base, ids, mask, lora, lora_config), mask),
+                               valid(out["back/logits"], mask), atol=2e-4, rtol=1e-4)
+
+
+def test_router_targets_are_refused_by_name(hf, workdir):
+    config = read_config(json.loads((workdir / "mixtral" / "config.json").read_text()))
+    with pytest.raises(ValueError, match=r"MoE router 'model\.layers\.0\.block_sparse_moe\.gate'"):
+        layout.lora_targets(LoraConfig(target_modules=("q_proj", "gate")), config)
+    with pytest.raises(ValueError, match=r"some layers only, or some experts"):
+        layout.lora_targets(LoraConfig(target_modules=r".*experts\.0\.w1"), config)
+    # Our own names and Mixtral's on-disk names select the same experts.
+    assert layout.lora_targets(LoraConfig(target_modules=("w1", "w2")), config) == ("gate_proj", "down_proj")
+    assert layout.lora_targets(LoraConfig(target_modules=("gate_proj", "down_proj")), config) == (
+        "gate_proj", "down_proj")
+
+
+# ------------------------------------------------------------------------------------------ memory planner
+
+
+def test_memory_presets_have_the_published_parameter_counts(oracle):
+    """mixtral-8x7b (46.7 B) and qwen3-30b-a3b (30.5 B): our tensor table counts what transformers builds
+    from the same config (on the meta device), and their 4-bit bases are the sizes the issue quotes."""
+    from qlora_jax.memory import KNOWN_MODELS, plan_memory
+
+    presets = {"mixtral-8x7b": "mixtral", "qwen3-30b-a3b": "qwen3_moe"}
+    cases = [dict(name=n, op="num_params", model_type=t, config={
+        k: v for k, v in KNOWN_MODELS[n].to_hf_dict().items() if k not in ("architectures", "model_type")})
+        for n, t in presets.items()]
+    out = oracle.run("hf_models.py", {}, {"cases": cases})
+    for name, published in (("mixtral-8x7b", 46.7e9), ("qwen3-30b-a3b", 30.5e9)):
+        count = KNOWN_MODELS[name].num_parameters()
+        assert count == int(out[f"{name}/count"]), name
+        assert abs(count - published) < 0.05e9, name
+        plan = plan_memory(KNOWN_MODELS[name], seq_len=512, batch=1)
+        base = plan.base_linear_codes + plan.base_quant_constants + plan.embeddings_norms_head
+        # NF4 + double quantization: 4.127 bits per expert/attention weight, 16-bit embeddings and routers.
+        assert 0.25 * count * 2 * 0.98 < base < 0.29 * count * 2, (name, base)
+
+
+def test_lora_dropout_reaches_the_expert_adapters(hf, workdir, inputs):
+    """PEFT's lora_dropout on the expert adapters' inputs: with only expert adapters, a dropout key changes
+    the output (the same key, the same output); with fresh adapters (B = 0) it changes nothing."""
+    ids, mask = inputs
+    config, base, _ = ours(workdir / "mixtral")
+    lora_config = LoraConfig(r=4, alpha=8.0, target_modules=("w1", "w2", "w3"), dropout=0.5, dtype="float32")
+    spec = ModelSpec(config, lora_config, compute_dtype="float32")
+    fresh = init_lora_params(jax.random.key(0), spec)
+    assert set(fresh["layers"]) == {"mlp"}
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape, x.dtype), fresh)
+
+    def logits(adapters, key):
+        return np.asarray(llama.forward(spec, base, adapters, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                                        dropout_key=key)[0])
+
+    plain, dropped = logits(lora, None), logits(lora, jax.random.key(1))
+    assert np.abs(plain - dropped).max() > 1e-3
+    np.testing.assert_array_equal(dropped, logits(lora, jax.random.key(1)))
+    np.testing.assert_allclose(logits(fresh, jax.random.key(1)), logits(fresh, None), atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh_spec", ["data=2,fsdp=4", "data=2,fsdp=2,tensor=2"])
+def test_sharded_step_matches_single_device(hf, workdir, inputs, mesh_spec):
+    """The recipe's FSDP/tensor shardings (tests/test_distributed.py) on 4-bit experts: the parameter axes
+    split the expert axis of codes, scales and per-expert adapters; one step equals the single-device one."""
+    import optax
+
+    from qlora_jax.distributed import make_mesh, param_shardings, shard_batch, shard_tree
+    from qlora_jax.train import make_train_step
+
+    ids, mask = inputs
+    config, base, _ = ours(workdir / "qwen3_moe", quant="nf4")
+    lora_config = LoraConfig(r=4, alpha=8.0, target_modules="all-linear", dtype="float32")
+    spec = ModelSpec(config, lora_config, compute_dtype="float32")
+    lora = init_lora_params(jax.random.key(3), spec)
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape, x.dtype), lora)
+    rows = np.concatenate([ids, ids[:, ::-1]] * 2)  # 8 rows: the batch splits over data and fsdp
+    batch = {"input_ids": rows[None], "attention_mask": np.concatenate([mask] * 4)[None],
+             "loss_mask": np.ones_like(rows)[None]}
+    sgd = optax.sgd(1000.0)  # SGD is linear in the gradients (as tests/test_distributed.py)
+    step = jax.jit(make_train_step(spec, sgd))
+    ref_lora, _, ref = step(lora, sgd.init(lora), base, {k: jnp.asarray(v) for k, v in batch.items()}, None)
+    mesh = make_mesh(mesh_spec)
+    shardings = param_shardings(base, mesh)
+    assert shardings["layers"]["mlp"]["up_proj"]["weight"].codes.spec[1] is not None  # the expert axis is split
+    new_lora, _, metrics = step(shard_tree(lora, param_shardings(lora, mesh)), sgd.init(lora),
+                                shard_tree(base, shardings), shard_batch(batch, mesh), None)
+    for key in ("loss", "aux_loss"):
+        np.testing.assert_allclose(float(metrics[key]), float(ref[key]), rtol=1e-5)
+    for old, a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(new_lora), jax.tree.leaves(ref_lora), strict=True):
+        got, want = np.asarray(a) - np.asarray(old), np.asarray(b) - np.asarray(old)
+        assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want) + 1e-12
