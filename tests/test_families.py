@@ -316,6 +316,75 @@ def test_five_adamw_steps_follow_peft(adamw_reference, workdir, name, quant):
     assert np.any(np.abs(without_decay - want) > tolerance), "the tolerance must see the weight decay"
 
 
+# Sharding (8 simulated CPU devices, tests/conftest.py): each family's NF4 model over an FSDP mesh
+# (batch rows and weight rows split 8 ways) and a tensor-parallel one (weight rows split 8 ways,
+# the batch whole), against the same jitted computation on one device. Float32 compute: the
+# partitioner may reorder K-term sums (a LoRA A split over its input features is a partial sum
+# and an all-reduce; the loss is summed per device, then across), so the bound is ROUNDING above,
+# the same float32 summation-order argument; 2x for the NF4 base as in the AdamW test.
+SHARD_MESHES = {"fsdp": "fsdp=8", "tensor": "tensor=8"}
+
+
+@pytest.fixture(scope="module")
+def shard_batch_rows(module_rng):
+    """Eight rows (the FSDP mesh splits them one per device), right-padded by 0 to 7 tokens."""
+    ids = module_rng.integers(3, BASE["vocab_size"], size=(1, 8, SEQ)).astype(np.int32)
+    mask = (np.arange(SEQ)[None, None, :] < SEQ - np.arange(8)[None, :, None]).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": mask, "loss_mask": mask.copy()}
+
+
+@pytest.mark.parametrize("mesh_name", list(SHARD_MESHES))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_sharded_nf4_model_matches_one_device(hf, workdir, shard_batch_rows, name, mesh_name):
+    """Logits, and one SGD step's loss and updated adapters, equal one device's up to float32
+    summation order; every quantized weight (Phi-3's fused qkv/gate_up included) is split."""
+    import optax
+
+    from qlora_jax.distributed import make_mesh, param_shardings, shard_batch, shard_tree
+
+    config, base, _ = ours(workdir / name, quant="nf4", bnb_backend="cpu")
+    lora_config = LoraConfig(r=4, alpha=8.0, target_modules="all-linear", dtype="float32")
+    spec = ModelSpec(config, lora_config, compute_dtype="float32")
+    lora = init_lora_params(jax.random.key(11), spec)
+    # Non-zero B, so A has a gradient too and the adapters change the logits.
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size + 1), x.shape, x.dtype), lora)
+    batch = shard_batch_rows
+    mesh = make_mesh(SHARD_MESHES[mesh_name])
+    sharded_base = shard_tree(base, param_shardings(base, mesh))
+    sharded_lora = shard_tree(lora, param_shardings(lora, mesh))
+    for linear in layout.linear_layers(config):
+        codes = layout.get_layer_entry(sharded_base["layers"], linear)["weight"].codes
+        rows = {s.index[1].start for s in codes.addressable_shards}
+        assert len(rows) == 8, (linear, codes.shape)  # 1/8 of the packed rows per device
+
+    forward = jax.jit(lambda b, lo, ids, m: llama.forward(spec, b, lo, ids, attention_mask=m)[0])
+    ids, mask = batch["input_ids"][0], batch["attention_mask"][0]
+    want = np.asarray(forward(base, lora, jnp.asarray(ids), jnp.asarray(mask)))
+    sharded_batch = shard_batch(batch, mesh)
+    got = forward(sharded_base, sharded_lora, sharded_batch["input_ids"][0], sharded_batch["attention_mask"][0])
+    assert len(got.sharding.device_set) == 8
+    rounding = 2 * ROUNDING
+    scale = np.abs(valid(want, mask)).max()
+    np.testing.assert_allclose(valid(np.asarray(got), mask), valid(want, mask), rtol=0, atol=rounding * scale)
+    if config.final_logit_softcapping is not None:  # Gemma 2: the cap is where the logits live
+        assert scale > 0.5 * config.final_logit_softcapping
+
+    # SGD is linear in the gradients, so the update compares them; a large rate keeps the update
+    # far above the float32 rounding of the parameters it is added to.
+    sgd = optax.sgd(1000.0)
+    step = jax.jit(make_train_step(spec, sgd))
+    ref_lora, _, ref = step(lora, sgd.init(lora), base, {k: jnp.asarray(v) for k, v in batch.items()}, None)
+    new_lora, _, metrics = step(sharded_lora, sgd.init(sharded_lora), sharded_base, sharded_batch, None)
+    np.testing.assert_allclose(float(metrics["loss"]), float(ref["loss"]), rtol=rounding, atol=0)
+    for old, a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(new_lora), jax.tree.leaves(ref_lora), strict=True):
+        old, a, b = (np.asarray(v, np.float64) for v in (old, a, b))
+        got_update, want_update = a - old, b - old
+        # A gradient entry to ROUNDING of the largest; each side's new value rounded once (U32).
+        tolerance = rounding * np.abs(want_update).max() + U32 * (np.abs(a) + np.abs(b))
+        assert np.all(np.abs(got_update - want_update) <= tolerance)
+        assert np.abs(want_update).max() > 100 * tolerance.max()  # the step moves it far beyond the bound
+
+
 # Each family's chat template as its published tokenizer_config.json has it (Qwen3's without its
 # tool-calling branches), with its special tokens.
 CHAT_TEMPLATES = {
