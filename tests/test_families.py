@@ -606,7 +606,7 @@ def test_memory_presets_have_the_published_parameter_counts(oracle):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["qwen3", "gemma2", "phi3"])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_finetune_recipe_runs_and_learns(oracle, tmp_path, name):
     """The launcher's recipe on a new family: a random model with the embedded tokenizer trains,
     evaluates, samples and saves (the finetune of ``make finetune ARGS=--model=<folder>``)."""
