@@ -385,6 +385,105 @@ def test_sharded_nf4_model_matches_one_device(hf, workdir, shard_batch_rows, nam
         assert np.abs(want_update).max() > 100 * tolerance.max()  # the step moves it far beyond the bound
 
 
+# The fused dequant-matmul kernels per family (ModelSpec.kernel_backend), run on the CPU through
+# the Pallas interpreter, against the XLA backend (dequantize, then dot). The kernels take bf16
+# (or f16) activations and K a whole number of blocks with a power-of-two factor >= 16; the
+# families' projections (K = 64 or 128, blocksize 64, Phi-3's fused qkv [128, 64] and gate_up
+# [256, 64] included) meet that, so the kernel runs on every one: asserted, not assumed.
+KERNEL = "pallas_triton"
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_family_projections_through_the_pallas_kernels(hf, workdir, module_rng, name):
+    """Each projection's NF4 weight, forward and input gradient, by the kernel and by XLA, both
+    within the kernel tests' bound of the float64 product of the same bytes (tests/kernel_refs.py)."""
+    from kernel_refs import activations, assert_product_close, reference_values
+
+    from qlora_jax import kernels
+
+    config, base, _ = ours(workdir / name, quant="nf4", bnb_backend="cpu")
+    m = 2 * SEQ  # the rows of the family tests' batch
+    for linear in layout.linear_layers(config):
+        stacked = layout.get_layer_entry(base["layers"], linear)["weight"]
+        qt = jax.tree.map(lambda a: a[-1], stacked)  # the last layer's (the metadata is one layer's)
+        for op in ("matmul", "matmul_grad"):
+            assert kernels.resolve_backend(op, qt, dtype=jnp.bfloat16, m=m, backend=KERNEL, interpret=True) == (
+                KERNEL, "requested"), (linear, qt.shape)
+        w = reference_values(qt, "bfloat16")
+        x = activations(module_rng, (m, qt.shape[1]), "bfloat16")
+        dy = activations(module_rng, (m, qt.shape[0]), "bfloat16")
+        for backend in (KERNEL, "xla"):
+            # The input gradient through the custom VJP, as training runs it.
+            y, vjp = jax.vjp(lambda a, qt=qt, backend=backend: kernels.quantized_matmul(
+                a, qt, backend=backend, interpret=True), x)
+            (dx,) = vjp(dy)
+            assert_product_close(y, x, w.T, "bfloat16")
+            assert_product_close(dx, dy, w, "bfloat16")
+
+
+def bf16_logit_tolerance(config: LlamaConfig, logits_f32: np.ndarray) -> float:
+    """A few bf16 ulps of the largest logit over the layers; see the bf16 test for the soft-cap."""
+    cap = config.final_logit_softcapping
+    capping = 0.0
+    if cap is not None:
+        logits_f32 = cap * np.arctanh(np.clip(logits_f32 / cap, -1 + 1e-6, 1 - 1e-6))
+        capping = 4 * 2.0**-9 * cap
+    return 0.03 * np.abs(logits_f32).max() + capping
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_family_model_with_the_pallas_backend_matches_xla(hf, workdir, inputs, monkeypatch, name):
+    """The whole NF4 model with ModelSpec.kernel_backend="pallas_triton" (interpreted): its bf16
+    logits and the adapters' gradients (through the kernels' input gradients) are XLA's up to the
+    per-product bf16 rounding, and every quantized matmul of the family ran the kernel."""
+    import qlora_jax.linear
+    from qlora_jax import kernels
+
+    ran = []
+
+    def interpreted(x, qweight, *, backend="auto", **kw):
+        if backend != "xla":
+            m = int(np.prod(x.shape[:-1]))
+            ran.append((tuple(qweight.shape), *(kernels.resolve_backend(op, qweight, dtype=x.dtype, m=m,
+                                                                       backend=backend, interpret=True)[0]
+                                                for op in ("matmul", "matmul_grad"))))
+        return kernels.quantized_matmul(x, qweight, backend=backend, interpret=True, **kw)
+
+    # The model calls the matmul without interpret (a GPU run); on the CPU the interpreter runs it.
+    monkeypatch.setattr(qlora_jax.linear, "quantized_matmul", interpreted)
+    ids, mask = inputs
+    config, base, _ = ours(workdir / name, quant="nf4", bnb_backend="cpu")
+    lora_config = LoraConfig(r=4, alpha=8.0, target_modules="all-linear", dtype="float32")
+    lora = init_lora_params(jax.random.key(5), ModelSpec(config, lora_config))
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size + 2), x.shape, x.dtype), lora)
+    out = {}
+    for backend in ("xla", KERNEL):
+        spec = ModelSpec(config, lora_config, compute_dtype="bfloat16", kernel_backend=backend)
+
+        def loss(lo, spec=spec):
+            logits = llama.forward(spec, base, lo, jnp.asarray(ids), attention_mask=jnp.asarray(mask))[0]
+            return jnp.sum(valid(logits.astype(jnp.float32), mask) ** 2) / mask.sum(), logits
+
+        (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(lora)
+        out[backend] = np.asarray(logits, np.float32), grads
+        # The kernels are in the computation (forward and input gradient), the XLA path has none.
+        kernel_calls = str(jax.make_jaxpr(jax.grad(lambda lo, loss=loss: loss(lo)[0]))(lora)).count("pallas_call")
+        assert (kernel_calls >= 2) == (backend == KERNEL), (backend, kernel_calls)
+    shapes = {s for s, *_ in ran}
+    assert shapes == {tuple(s) for s in config.linear_shapes().values()}  # every projection, fused ones too
+    assert {(f, b) for _, f, b in ran} == {(KERNEL, KERNEL)}
+    got, want = (valid(out[b][0], mask) for b in (KERNEL, "xla"))
+    # Each product differs from XLA's by at most the kernel tests' bound (the test above); over the
+    # layers that is the bf16 test's few ulps of the largest logit. (On the CPUs tried the two are
+    # bitwise equal: at these sizes the kernel's tiles add the same K terms in the same order as
+    # XLA's dot. The bound leaves room for a tiling that splits K.)
+    np.testing.assert_allclose(got, want, rtol=0, atol=bf16_logit_tolerance(config, hf[f"{name}/logits_f32"]))
+    for a, b in zip(jax.tree.leaves(out[KERNEL][1]), jax.tree.leaves(out["xla"][1]), strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        # As the logits: a few bf16 ulps of the largest entry, accrued over the layers.
+        assert np.abs(a - b).max() <= 0.03 * np.abs(b).max(), (np.abs(a - b).max(), np.abs(b).max())
+
+
 # Each family's chat template as its published tokenizer_config.json has it (Qwen3's without its
 # tool-calling branches), with its special tokens.
 CHAT_TEMPLATES = {
