@@ -125,6 +125,25 @@ def test_features_are_exercised(hf, workdir):
     assert not gemma3.tie_word_embeddings and config.tie_word_embeddings
 
 
+def bf16_logit_tolerance(config: LlamaConfig, logits_f32: np.ndarray) -> float:
+    """Bound on the difference of two bf16 runs' logits: a few bf16 ulps of the largest logit
+    (``logits_f32``, a float32 run's) accrued over the layers, as tests/test_models.py."""
+    cap = config.final_logit_softcapping
+    capping = 0.0
+    if cap is not None:
+        # Gemma 2's final soft-cap, cap·tanh(z / cap), comes after the head. The bf16 rounding
+        # errors accrue before it, in the layers and the head's K-term sums, so they are a few ulps
+        # of the largest pre-cap logit z = cap·atanh(logit / cap) (here 11.2 for capped logits
+        # below 3.0): the LLaMA bound, with z as its scale. The cap cannot enlarge them (tanh's
+        # slope is at most 1); scaling by the capped logits instead would understate them (0.03·3.0
+        # = 0.09, less than the 0.12 the pre-cap errors leave after the cap). Its own bf16 operations
+        # add a rounding of the tanh and of the product by cap on each side: 4·2^-9·cap. (The clip
+        # keeps atanh finite: a float32 logit within 1e-6·cap of the cap is saturated anyway.)
+        logits_f32 = cap * np.arctanh(np.clip(logits_f32 / cap, -1 + 1e-6, 1 - 1e-6))
+        capping = 4 * 2.0**-9 * cap
+    return 0.03 * np.abs(logits_f32).max() + capping
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_bf16_logits_match_transformers_within_bf16_tolerance(hf, workdir, inputs, name):
     ids, mask = inputs
@@ -135,23 +154,7 @@ def test_bf16_logits_match_transformers_within_bf16_tolerance(hf, workdir, input
     got = valid(np.asarray(llama.forward(spec, base, None, jnp.asarray(ids), attention_mask=jnp.asarray(mask))[0]),
                 mask)
     expected = valid(hf[f"{name}/logits_bf16"], mask)
-    logits = hf[f"{name}/logits_f32"]
-    cap = config.final_logit_softcapping
-    capping = 0.0
-    if cap is not None:
-        # Gemma 2's final soft-cap, cap·tanh(z / cap), comes after the head. The bf16 rounding
-        # errors accrue before it, in the layers and the head's K-term sums, so they are a few ulps
-        # of the largest pre-cap logit z = cap·atanh(logit / cap) (here 11.2 for capped logits
-        # below 3.0): the LLaMA bound below, with z as its scale. The cap cannot enlarge them (tanh's
-        # slope is at most 1); scaling by the capped logits instead would understate them (0.03·3.0
-        # = 0.09, less than the 0.12 the pre-cap errors leave after the cap). Its own bf16 operations
-        # add a rounding of the tanh and of the product by cap on each side: 4·2^-9·cap. (The clip
-        # keeps atanh finite: a float32 logit within 1e-6·cap of the cap is saturated anyway.)
-        logits = cap * np.arctanh(np.clip(logits / cap, -1 + 1e-6, 1 - 1e-6))
-        capping = 4 * 2.0**-9 * cap
-    scale = np.abs(logits).max()
-    # As tests/test_models.py: bf16's 8-bit mantissa, a few ulps of the largest logit over the layers.
-    np.testing.assert_allclose(got, expected, atol=0.03 * scale + capping)
+    np.testing.assert_allclose(got, expected, atol=bf16_logit_tolerance(config, hf[f"{name}/logits_f32"]))
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -419,16 +422,6 @@ def test_family_projections_through_the_pallas_kernels(hf, workdir, module_rng, 
             (dx,) = vjp(dy)
             assert_product_close(y, x, w.T, "bfloat16")
             assert_product_close(dx, dy, w, "bfloat16")
-
-
-def bf16_logit_tolerance(config: LlamaConfig, logits_f32: np.ndarray) -> float:
-    """A few bf16 ulps of the largest logit over the layers; see the bf16 test for the soft-cap."""
-    cap = config.final_logit_softcapping
-    capping = 0.0
-    if cap is not None:
-        logits_f32 = cap * np.arctanh(np.clip(logits_f32 / cap, -1 + 1e-6, 1 - 1e-6))
-        capping = 4 * 2.0**-9 * cap
-    return 0.03 * np.abs(logits_f32).max() + capping
 
 
 @pytest.mark.parametrize("name", list(MODELS))
