@@ -125,6 +125,25 @@ def test_features_are_exercised(hf, workdir):
     assert not gemma3.tie_word_embeddings and config.tie_word_embeddings
 
 
+def bf16_logit_tolerance(config: LlamaConfig, logits_f32: np.ndarray) -> float:
+    """Bound on the difference of two bf16 runs' logits: a few bf16 ulps of the largest logit
+    (``logits_f32``, a float32 run's) accrued over the layers, as tests/models/test_models.py."""
+    cap = config.final_logit_softcapping
+    capping = 0.0
+    if cap is not None:
+        # Gemma 2's final soft-cap, cap·tanh(z / cap), comes after the head. The bf16 rounding
+        # errors accrue before it, in the layers and the head's K-term sums, so they are a few ulps
+        # of the largest pre-cap logit z = cap·atanh(logit / cap) (here 11.2 for capped logits
+        # below 3.0): the LLaMA bound, with z as its scale. The cap cannot enlarge them (tanh's
+        # slope is at most 1); scaling by the capped logits instead would understate them (0.03·3.0
+        # = 0.09, less than the 0.12 the pre-cap errors leave after the cap). Its own bf16 operations
+        # add a rounding of the tanh and of the product by cap on each side: 4·2^-9·cap. (The clip
+        # keeps atanh finite: a float32 logit within 1e-6·cap of the cap is saturated anyway.)
+        logits_f32 = cap * np.arctanh(np.clip(logits_f32 / cap, -1 + 1e-6, 1 - 1e-6))
+        capping = 4 * 2.0**-9 * cap
+    return 0.03 * np.abs(logits_f32).max() + capping
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_bf16_logits_match_transformers_within_bf16_tolerance(hf, workdir, inputs, name):
     ids, mask = inputs
@@ -135,23 +154,7 @@ def test_bf16_logits_match_transformers_within_bf16_tolerance(hf, workdir, input
     got = valid(np.asarray(llama.forward(spec, base, None, jnp.asarray(ids), attention_mask=jnp.asarray(mask))[0]),
                 mask)
     expected = valid(hf[f"{name}/logits_bf16"], mask)
-    logits = hf[f"{name}/logits_f32"]
-    cap = config.final_logit_softcapping
-    capping = 0.0
-    if cap is not None:
-        # Gemma 2's final soft-cap, cap·tanh(z / cap), comes after the head. The bf16 rounding
-        # errors accrue before it, in the layers and the head's K-term sums, so they are a few ulps
-        # of the largest pre-cap logit z = cap·atanh(logit / cap) (here 11.2 for capped logits
-        # below 3.0): the LLaMA bound below, with z as its scale. The cap cannot enlarge them (tanh's
-        # slope is at most 1); scaling by the capped logits instead would understate them (0.03·3.0
-        # = 0.09, less than the 0.12 the pre-cap errors leave after the cap). Its own bf16 operations
-        # add a rounding of the tanh and of the product by cap on each side: 4·2^-9·cap. (The clip
-        # keeps atanh finite: a float32 logit within 1e-6·cap of the cap is saturated anyway.)
-        logits = cap * np.arctanh(np.clip(logits / cap, -1 + 1e-6, 1 - 1e-6))
-        capping = 4 * 2.0**-9 * cap
-    scale = np.abs(logits).max()
-    # As tests/models/test_models.py: bf16's 8-bit mantissa, a few ulps of the largest logit over the layers.
-    np.testing.assert_allclose(got, expected, atol=0.03 * scale + capping)
+    np.testing.assert_allclose(got, expected, atol=bf16_logit_tolerance(config, hf[f"{name}/logits_f32"]))
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -314,6 +317,164 @@ def test_five_adamw_steps_follow_peft(adamw_reference, workdir, name, quant):
         return
     without_decay = adamw_losses(spec, base, lora, batch, 0.0)
     assert np.any(np.abs(without_decay - want) > tolerance), "the tolerance must see the weight decay"
+
+
+# Sharding (8 simulated CPU devices, tests/conftest.py): each family's NF4 model over an FSDP mesh
+# (batch rows and weight rows split 8 ways) and a tensor-parallel one (weight rows split 8 ways,
+# the batch whole), against the same jitted computation on one device. Float32 compute: the
+# partitioner may reorder K-term sums (a LoRA A split over its input features is a partial sum
+# and an all-reduce; the loss is summed per device, then across), so the bound is ROUNDING above,
+# the same float32 summation-order argument; 2x for the NF4 base as in the AdamW test.
+SHARD_MESHES = {"fsdp": "fsdp=8", "tensor": "tensor=8"}
+
+
+@pytest.fixture(scope="module")
+def shard_batch_rows(module_rng):
+    """Eight rows (the FSDP mesh splits them one per device), right-padded by 0 to 7 tokens."""
+    ids = module_rng.integers(3, BASE["vocab_size"], size=(1, 8, SEQ)).astype(np.int32)
+    mask = (np.arange(SEQ)[None, None, :] < SEQ - np.arange(8)[None, :, None]).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": mask, "loss_mask": mask.copy()}
+
+
+@pytest.mark.parametrize("mesh_name", list(SHARD_MESHES))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_sharded_nf4_model_matches_one_device(hf, workdir, shard_batch_rows, name, mesh_name):
+    """Logits, and one SGD step's loss and updated adapters, equal one device's up to float32
+    summation order; every quantized weight (Phi-3's fused qkv/gate_up included) is split."""
+    import optax
+
+    from qlora_jax.distributed import make_mesh, param_shardings, shard_batch, shard_tree
+
+    config, base, _ = ours(workdir / name, quant="nf4", bnb_backend="cpu")
+    lora_config = LoraConfig(r=4, alpha=8.0, target_modules="all-linear", dtype="float32")
+    spec = ModelSpec(config, lora_config, compute_dtype="float32")
+    lora = init_lora_params(jax.random.key(11), spec)
+    # Non-zero B, so A has a gradient too and the adapters change the logits.
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size + 1), x.shape, x.dtype), lora)
+    batch = shard_batch_rows
+    mesh = make_mesh(SHARD_MESHES[mesh_name])
+    sharded_base = shard_tree(base, param_shardings(base, mesh))
+    sharded_lora = shard_tree(lora, param_shardings(lora, mesh))
+    for linear in layout.linear_layers(config):
+        codes = layout.get_layer_entry(sharded_base["layers"], linear)["weight"].codes
+        rows = {s.index[1].start for s in codes.addressable_shards}
+        assert len(rows) == 8, (linear, codes.shape)  # 1/8 of the packed rows per device
+
+    forward = jax.jit(lambda b, lo, ids, m: llama.forward(spec, b, lo, ids, attention_mask=m)[0])
+    ids, mask = batch["input_ids"][0], batch["attention_mask"][0]
+    want = np.asarray(forward(base, lora, jnp.asarray(ids), jnp.asarray(mask)))
+    sharded_batch = shard_batch(batch, mesh)
+    got = forward(sharded_base, sharded_lora, sharded_batch["input_ids"][0], sharded_batch["attention_mask"][0])
+    assert len(got.sharding.device_set) == 8
+    rounding = 2 * ROUNDING
+    scale = np.abs(valid(want, mask)).max()
+    np.testing.assert_allclose(valid(np.asarray(got), mask), valid(want, mask), rtol=0, atol=rounding * scale)
+    if config.final_logit_softcapping is not None:  # Gemma 2: the cap is where the logits live
+        assert scale > 0.5 * config.final_logit_softcapping
+
+    # SGD is linear in the gradients, so the update compares them; a large rate keeps the update
+    # far above the float32 rounding of the parameters it is added to.
+    sgd = optax.sgd(1000.0)
+    step = jax.jit(make_train_step(spec, sgd))
+    ref_lora, _, ref = step(lora, sgd.init(lora), base, {k: jnp.asarray(v) for k, v in batch.items()}, None)
+    new_lora, _, metrics = step(sharded_lora, sgd.init(sharded_lora), sharded_base, sharded_batch, None)
+    np.testing.assert_allclose(float(metrics["loss"]), float(ref["loss"]), rtol=rounding, atol=0)
+    for old, a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(new_lora), jax.tree.leaves(ref_lora), strict=True):
+        old, a, b = (np.asarray(v, np.float64) for v in (old, a, b))
+        got_update, want_update = a - old, b - old
+        # A gradient entry to ROUNDING of the largest; each side's new value rounded once (U32).
+        tolerance = rounding * np.abs(want_update).max() + U32 * (np.abs(a) + np.abs(b))
+        assert np.all(np.abs(got_update - want_update) <= tolerance)
+        assert np.abs(want_update).max() > 100 * tolerance.max()  # the step moves it far beyond the bound
+
+
+# The fused dequant-matmul kernels per family (ModelSpec.kernel_backend), run on the CPU through
+# the Pallas interpreter, against the XLA backend (dequantize, then dot). The kernels take bf16
+# (or f16) activations and K a whole number of blocks with a power-of-two factor >= 16; the
+# families' projections (K = 64 or 128, blocksize 64, Phi-3's fused qkv [128, 64] and gate_up
+# [256, 64] included) meet that, so the kernel runs on every one: asserted, not assumed.
+KERNEL = "pallas_triton"
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_family_projections_through_the_pallas_kernels(hf, workdir, module_rng, name):
+    """Each projection's NF4 weight, forward and input gradient, by the kernel and by XLA, both
+    within the kernel tests' bound of the float64 product of the same bytes (tests/kernel_refs.py)."""
+    from kernel_refs import activations, assert_product_close, reference_values
+
+    from qlora_jax import kernels
+
+    config, base, _ = ours(workdir / name, quant="nf4", bnb_backend="cpu")
+    m = 2 * SEQ  # the rows of the family tests' batch
+    for linear in layout.linear_layers(config):
+        stacked = layout.get_layer_entry(base["layers"], linear)["weight"]
+        qt = jax.tree.map(lambda a: a[-1], stacked)  # the last layer's (the metadata is one layer's)
+        for op in ("matmul", "matmul_grad"):
+            assert kernels.resolve_backend(op, qt, dtype=jnp.bfloat16, m=m, backend=KERNEL, interpret=True) == (
+                KERNEL, "requested"), (linear, qt.shape)
+        w = reference_values(qt, "bfloat16")
+        x = activations(module_rng, (m, qt.shape[1]), "bfloat16")
+        dy = activations(module_rng, (m, qt.shape[0]), "bfloat16")
+        for backend in (KERNEL, "xla"):
+            # The input gradient through the custom VJP, as training runs it.
+            y, vjp = jax.vjp(lambda a, qt=qt, backend=backend: kernels.quantized_matmul(
+                a, qt, backend=backend, interpret=True), x)
+            (dx,) = vjp(dy)
+            assert_product_close(y, x, w.T, "bfloat16")
+            assert_product_close(dx, dy, w, "bfloat16")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_family_model_with_the_pallas_backend_matches_xla(hf, workdir, inputs, monkeypatch, name):
+    """The whole NF4 model with ModelSpec.kernel_backend="pallas_triton" (interpreted): its bf16
+    logits and the adapters' gradients (through the kernels' input gradients) are XLA's up to the
+    per-product bf16 rounding, and every quantized matmul of the family ran the kernel."""
+    import qlora_jax.linear
+    from qlora_jax import kernels
+
+    ran = []
+
+    def interpreted(x, qweight, *, backend="auto", **kw):
+        if backend != "xla":
+            m = int(np.prod(x.shape[:-1]))
+            ran.append((tuple(qweight.shape), *(kernels.resolve_backend(op, qweight, dtype=x.dtype, m=m,
+                                                                       backend=backend, interpret=True)[0]
+                                                for op in ("matmul", "matmul_grad"))))
+        return kernels.quantized_matmul(x, qweight, backend=backend, interpret=True, **kw)
+
+    # The model calls the matmul without interpret (a GPU run); on the CPU the interpreter runs it.
+    monkeypatch.setattr(qlora_jax.linear, "quantized_matmul", interpreted)
+    ids, mask = inputs
+    config, base, _ = ours(workdir / name, quant="nf4", bnb_backend="cpu")
+    lora_config = LoraConfig(r=4, alpha=8.0, target_modules="all-linear", dtype="float32")
+    lora = init_lora_params(jax.random.key(5), ModelSpec(config, lora_config))
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size + 2), x.shape, x.dtype), lora)
+    out = {}
+    for backend in ("xla", KERNEL):
+        spec = ModelSpec(config, lora_config, compute_dtype="bfloat16", kernel_backend=backend)
+
+        def loss(lo, spec=spec):
+            logits = llama.forward(spec, base, lo, jnp.asarray(ids), attention_mask=jnp.asarray(mask))[0]
+            return jnp.sum(valid(logits.astype(jnp.float32), mask) ** 2) / mask.sum(), logits
+
+        (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(lora)
+        out[backend] = np.asarray(logits, np.float32), grads
+        # The kernels are in the computation (forward and input gradient), the XLA path has none.
+        kernel_calls = str(jax.make_jaxpr(jax.grad(lambda lo, loss=loss: loss(lo)[0]))(lora)).count("pallas_call")
+        assert (kernel_calls >= 2) == (backend == KERNEL), (backend, kernel_calls)
+    shapes = {s for s, *_ in ran}
+    assert shapes == {tuple(s) for s in config.linear_shapes().values()}  # every projection, fused ones too
+    assert {(f, b) for _, f, b in ran} == {(KERNEL, KERNEL)}
+    got, want = (valid(out[b][0], mask) for b in (KERNEL, "xla"))
+    # Each product differs from XLA's by at most the kernel tests' bound (the test above); over the
+    # layers that is the bf16 test's few ulps of the largest logit. (On the CPUs tried the two are
+    # bitwise equal: at these sizes the kernel's tiles add the same K terms in the same order as
+    # XLA's dot. The bound leaves room for a tiling that splits K.)
+    np.testing.assert_allclose(got, want, rtol=0, atol=bf16_logit_tolerance(config, hf[f"{name}/logits_f32"]))
+    for a, b in zip(jax.tree.leaves(out[KERNEL][1]), jax.tree.leaves(out["xla"][1]), strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        # As the logits: a few bf16 ulps of the largest entry, accrued over the layers.
+        assert np.abs(a - b).max() <= 0.03 * np.abs(b).max(), (np.abs(a - b).max(), np.abs(b).max())
 
 
 # Each family's chat template as its published tokenizer_config.json has it (Qwen3's without its
@@ -537,7 +698,7 @@ def test_memory_presets_have_the_published_parameter_counts(oracle):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["qwen3", "gemma2", "phi3"])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_finetune_recipe_runs_and_learns(oracle, tmp_path, name):
     """The launcher's recipe on a new family: a random model with the embedded tokenizer trains,
     evaluates, samples and saves (the finetune of ``make finetune ARGS=--model=<folder>``)."""
