@@ -29,10 +29,18 @@ DOCUMENTED = [
     "qlora_jax.nn.dataflow",
     "qlora_jax.nn.surgery",
     "qlora_jax.nn.linen",
+    "qlora_jax",
+    "qlora_jax.model",
+    "qlora_jax.models.spec",
+    "qlora_jax.checkpoints.orbax_format",
+    "qlora_jax.peft_io",
+    "qlora_jax.merge",
+    "qlora_jax.distributed",
     # The modules behind the packages' re-exports, for the names only they export.
     *(f"qlora_jax.optim.{m}" for m in ("adam8bit", "adamw", "factory", "jit", "masks", "memory_kinds", "offload",
                                        "quantized_moments", "schedules", "shardings", "streaming")),
     *(f"qlora_jax.quant.{m}" for m in ("blockwise", "bnb_format", "codebooks", "report", "tensor")),
+    *(f"qlora_jax.distributed.{m}" for m in ("mesh", "multiprocess", "sharding")),
 ]
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
