@@ -36,11 +36,14 @@ DOCUMENTED = [
     "qlora_jax.peft_io",
     "qlora_jax.merge",
     "qlora_jax.distributed",
+    "qlora_jax.eval",
     # The modules behind the packages' re-exports, for the names only they export.
     *(f"qlora_jax.optim.{m}" for m in ("adam8bit", "adamw", "factory", "jit", "masks", "memory_kinds", "offload",
                                        "quantized_moments", "schedules", "shardings", "streaming")),
     *(f"qlora_jax.quant.{m}" for m in ("blockwise", "bnb_format", "codebooks", "report", "tensor")),
     *(f"qlora_jax.distributed.{m}" for m in ("mesh", "multiprocess", "sharding")),
+    *(f"qlora_jax.eval.{m}" for m in ("chatterbot", "evaluator", "formats", "items", "lm_eval_model", "lm_eval_tasks",
+                                      "metrics", "plot", "prompts", "scoring", "tasks")),
 ]
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
