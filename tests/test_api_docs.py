@@ -37,6 +37,7 @@ DOCUMENTED = [
     "qlora_jax.merge",
     "qlora_jax.distributed",
     "qlora_jax.eval",
+    "qlora_jax.data",
     # The modules behind the packages' re-exports, for the names only they export.
     *(f"qlora_jax.optim.{m}" for m in ("adam8bit", "adamw", "factory", "jit", "masks", "memory_kinds", "offload",
                                        "quantized_moments", "schedules", "shardings", "streaming")),
@@ -44,6 +45,8 @@ DOCUMENTED = [
     *(f"qlora_jax.distributed.{m}" for m in ("mesh", "multiprocess", "sharding")),
     *(f"qlora_jax.eval.{m}" for m in ("chatterbot", "evaluator", "formats", "items", "lm_eval_model", "lm_eval_tasks",
                                       "metrics", "plot", "prompts", "scoring", "tasks")),
+    *(f"qlora_jax.data.{m}" for m in ("batching", "corpora", "example", "files", "formats", "iterator", "oasst",
+                                      "ordering", "sources", "split", "tokenization")),
 ]
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"

@@ -28,7 +28,20 @@ def _require_object(row: Any, location: str) -> Mapping[str, Any]:
 
 
 def require_field(row: Mapping[str, Any], field: str, location: str, *, optional: bool = False) -> str | None:
-    """``row[field]`` as a string; a missing field (unless ``optional``) or a non-string is an error."""
+    """``row[field]`` as a string.
+
+    Args:
+      row: one row.
+      field: the field's name.
+      location: where it was read, for error messages.
+      optional: a missing field gives None instead of an error.
+
+    Returns:
+      The field's string, or None (a missing ``optional`` field).
+
+    Raises:
+      DatasetError: a missing field (unless ``optional``) or a non-string.
+    """
     if field not in row or row[field] is None:
         if optional:
             return None
@@ -41,7 +54,18 @@ def require_field(row: Mapping[str, Any], field: str, location: str, *, optional
 
 
 def alpaca_example(row: Any, location: str) -> Example:
-    """An Alpaca row as a single user -> assistant exchange."""
+    """An Alpaca row (``instruction``, optional ``input``, ``output``) as a single user -> assistant exchange.
+
+    Args:
+      row: one row.
+      location: where it was read, for error messages.
+
+    Returns:
+      The :class:`~qlora_jax.data.example.Example`.
+
+    Raises:
+      DatasetError: a missing or non-string field, or an unknown role, naming ``location``.
+    """
     row = _require_object(row, location)
     instruction = require_field(row, "instruction", location)
     extra = require_field(row, "input", location, optional=True)
@@ -51,14 +75,36 @@ def alpaca_example(row: Any, location: str) -> Example:
 
 
 def input_output_example(row: Any, location: str) -> Example:
-    """A qlora.py ``input-output`` row as a single user -> assistant exchange."""
+    """A qlora.py ``input-output`` row as a single user -> assistant exchange.
+
+    Args:
+      row: one row.
+      location: where it was read, for error messages.
+
+    Returns:
+      The :class:`~qlora_jax.data.example.Example`.
+
+    Raises:
+      DatasetError: a missing or non-string field, or an unknown role, naming ``location``.
+    """
     row = _require_object(row, location)
     return make_example([("user", require_field(row, "input", location)),
                          ("assistant", require_field(row, "output", location))], location)
 
 
 def messages_example(row: Any, location: str) -> Example:
-    """A ``{"messages": [...]}`` row (roles system/user/assistant) as it stands."""
+    """A ``{"messages": [...]}`` row (roles system/user/assistant) as it stands.
+
+    Args:
+      row: one row.
+      location: where it was read, for error messages.
+
+    Returns:
+      The :class:`~qlora_jax.data.example.Example`.
+
+    Raises:
+      DatasetError: a missing or non-string field, or an unknown role, naming ``location``.
+    """
     row = _require_object(row, location)
     messages = row.get("messages")
     if messages is None:
@@ -96,9 +142,19 @@ def _matching_formats(row: Mapping[str, Any]) -> list[str]:
 
 
 def detect_format(row: Any, location: str) -> str:
-    """The format (one of :data:`FORMATS`) of a file, judged from its first row ``row``.
+    """The format of a file, judged from its first row.
 
-    Exactly one format must match the row's keys; none or several is an error.
+    Exactly one format must match the row's keys.
+
+    Args:
+      row: the first row.
+      location: where it was read, for error messages.
+
+    Returns:
+      One of :data:`FORMATS`.
+
+    Raises:
+      DatasetError: no format or several match.
     """
     row = _require_object(row, location)
     matches = _matching_formats(row)
