@@ -204,9 +204,7 @@ MAX_FUNCTION_LINES = 60
 # warns in CHANGING_ELSEWHERE).
 LONG_FUNCTIONS: dict[str, str] = {
     # Other branches of issue 27 are splitting these (kernels/, the loader, the planner, models/).
-    "kernels/partitioning.py::per_shard": "shard_map specs of forward and gradient together",
     "qlora_jax/checkpoints/load.py::load_base_params": "plan, read, validate, quantize and stack",
-    "qlora_jax/checkpoints/orbax_format.py::save_quantized": "manifest, arrays and the commit in one",
     "qlora_jax/memory.py::plan_memory": "one planner component after another",
     "qlora_jax/models/config.py::LlamaConfig.from_hf_dict": "every family's config fields in one reading",
     "qlora_jax/models/llama.py::hidden_states": "the decoder's scan with its options",

@@ -450,6 +450,42 @@ def _check_finite(item: str, flat: Mapping[str, Any]) -> None:
         raise CheckpointError(f"refusing to save {', '.join(f'{item}/{name}' for name in bad)}: NaN or Inf values")
 
 
+def _what_to_save(model_or_params: SavableModel | Mapping[str, Any], config: LlamaConfig | None,
+                  lora: Mapping[str, Any] | None, lora_config: LoraConfig | None) \
+        -> tuple[dict[str, Any], LlamaConfig, Mapping[str, Any] | None, LoraConfig | None]:
+    """``(base, config, lora, lora_config)`` of a model, or of a base pytree and the values given with it."""
+    if isinstance(model_or_params, SavableModel):
+        model = model_or_params
+        if config is not None or lora is not None or lora_config is not None:
+            raise ValueError("save_quantized(model): config, lora and lora_config come from the model; pass a base "
+                             "pytree to give them separately")
+        base, config, lora = model.base_params, model.config, model.lora_params
+        lora_config = model.spec.lora_config
+    else:
+        base = dict(model_or_params)
+        if config is None:
+            raise ValueError("save_quantized(base_params) needs config= (the model's LlamaConfig)")
+    if lora is not None and lora_config is None:
+        raise ValueError("adapters without their LoraConfig cannot be reloaded: pass lora_config=")
+    return base, config, lora, lora_config
+
+
+def _manifest(base: Mapping[str, Any], entries: Mapping[str, Any], items: list[str], source: str | None) \
+        -> dict[str, Any]:
+    """The ``manifest`` item: format, library, source, the items saved, and every tensor's metadata."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library": f"qlora-jax {qlora_jax.__version__}",
+        "source": source,
+        "items": items,
+        "quantization": quantization_summary(base),
+        "tensors": {p: e.to_json() for p, e in sorted(entries.items())},
+        "codebooks": _codebooks_json(),
+        "int8_scale": float(INV_INT8_MAX),
+    }
+
+
 def save_quantized(
     path: str | pathlib.Path,
     model_or_params: SavableModel | Mapping[str, Any],
@@ -487,19 +523,7 @@ def save_quantized(
         pytree, or ``lora`` without ``lora_config``.
       FileExistsError: an existing ``path`` without ``overwrite``.
     """
-    if isinstance(model_or_params, SavableModel):
-        model = model_or_params
-        if config is not None or lora is not None or lora_config is not None:
-            raise ValueError("save_quantized(model): config, lora and lora_config come from the model; pass a base "
-                             "pytree to give them separately")
-        base, config, lora = model.base_params, model.config, model.lora_params
-        lora_config = model.spec.lora_config
-    else:
-        base = dict(model_or_params)
-        if config is None:
-            raise ValueError("save_quantized(base_params) needs config= (the model's LlamaConfig)")
-    if lora is not None and lora_config is None:
-        raise ValueError("adapters without their LoraConfig cannot be reloaded: pass lora_config=")
+    base, config, lora, lora_config = _what_to_save(model_or_params, config, lora, lora_config)
     path = pathlib.Path(path).absolute()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists: pass overwrite=True to replace it")
@@ -520,18 +544,7 @@ def save_quantized(
         items["lora"] = ocp.args.StandardSave(dict(lora))
     if tokenizer is not None:
         items["tokenizer"] = ocp.args.JsonSave(_tokenizer_files(tokenizer))
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "library": f"qlora-jax {qlora_jax.__version__}",
-        "source": source,
-        "items": sorted(items),
-        "quantization": quantization_summary(base),
-        "tensors": {p: e.to_json() for p, e in sorted(entries.items())},
-        "codebooks": _codebooks_json(),
-        "int8_scale": float(INV_INT8_MAX),
-    }
-    items["manifest"] = ocp.args.JsonSave(manifest)
+    items["manifest"] = ocp.args.JsonSave(_manifest(base, entries, sorted(items), source))
     started = time.perf_counter()
     with _checkpointer() as checkpointer:
         checkpointer.save(path, ocp.args.Composite(**items), force=overwrite)
