@@ -194,6 +194,11 @@ def _attention_mask(attention_mask, b, t, s, cache_index, window):
     return allowed
 
 
+# The decoder's attention and its mask under public names, for code that rebuilds the decoder
+# from other layers around them (experiments/bench_decoder.py).
+grouped_query_attention, make_attention_mask = _attention, _attention_mask
+
+
 def hidden_states(
     spec: ModelSpec,
     base: dict[str, Any],
