@@ -209,7 +209,6 @@ LONG_FUNCTIONS: dict[str, str] = {
     "qlora_jax/models/config.py::LlamaConfig.from_hf_dict": "every family's config fields in one reading",
     "qlora_jax/models/llama.py::hidden_states": "the decoder's scan with its options",
     # Still to split.
-    "experiments/custom_model.py::run": "the worked example, read top to bottom",
     "kernels/matmul_mosaic.py::_forward_call": "defines the Mosaic kernel (nested) and launches it",
 }
 
