@@ -54,17 +54,18 @@ def require_field(row: Mapping[str, Any], field: str, location: str, *, optional
 
 
 def alpaca_example(row: Any, location: str) -> Example:
-    """An Alpaca row (``instruction``, optional ``input``, ``output``) as a single user -> assistant exchange.
+    """An Alpaca row as a single user -> assistant exchange (the input, if any, after the instruction).
 
     Args:
-      row: one row.
+      row: ``{"instruction", "input"?, "output"}``, strings.
       location: where it was read, for error messages.
 
     Returns:
-      The :class:`~qlora_jax.data.example.Example`.
+      A two-message :class:`~qlora_jax.data.example.Example`.
 
     Raises:
-      DatasetError: a missing or non-string field, or an unknown role, naming ``location``.
+      DatasetError: a row that is not an object, no ``instruction`` or ``output``, or a non-string
+        field, naming ``location``.
     """
     row = _require_object(row, location)
     instruction = require_field(row, "instruction", location)
@@ -78,14 +79,14 @@ def input_output_example(row: Any, location: str) -> Example:
     """A qlora.py ``input-output`` row as a single user -> assistant exchange.
 
     Args:
-      row: one row.
-      location: where it was read, for error messages.
+      row: ``{"input", "output"}``, strings.
+      location: names the row in error messages.
 
     Returns:
-      The :class:`~qlora_jax.data.example.Example`.
+      The user's ``input`` and the assistant's ``output``, as an :class:`~qlora_jax.data.example.Example`.
 
     Raises:
-      DatasetError: a missing or non-string field, or an unknown role, naming ``location``.
+      DatasetError: a row without both string fields.
     """
     row = _require_object(row, location)
     return make_example([("user", require_field(row, "input", location)),
@@ -96,14 +97,14 @@ def messages_example(row: Any, location: str) -> Example:
     """A ``{"messages": [...]}`` row (roles system/user/assistant) as it stands.
 
     Args:
-      row: one row.
-      location: where it was read, for error messages.
+      row: ``{"messages": [{"role", "content"}, ...]}``.
+      location: names the row (and each message's index) in error messages.
 
     Returns:
-      The :class:`~qlora_jax.data.example.Example`.
+      Its messages, in order, as an :class:`~qlora_jax.data.example.Example`.
 
     Raises:
-      DatasetError: a missing or non-string field, or an unknown role, naming ``location``.
+      DatasetError: no ``messages`` list, an unknown role, or a message without string content.
     """
     row = _require_object(row, location)
     messages = row.get("messages")
