@@ -49,41 +49,45 @@ SHAPES = {
 }
 
 
-def build_nnx(spec, base, lora, *, stacked: bool):
-    """The decoder as NNX modules holding ``base``'s and ``lora``'s arrays (same names, no copies)."""
+def _linear(spec, base, lora, group: str, name: str, index: int | None):
+    """QLoRALinear of one layer (``index``) or of the whole stack (``index=None``), holding the arrays."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from qlora_jax.linear import base_matmul
+    from qlora_jax.nn import QLoRALinear
+
+    take = (lambda a: a) if index is None else (lambda a: a[index])
+    entry = base["layers"][group][name]
+    pair = lora["layers"][group][name]
+    layer = QLoRALinear(jax.tree.map(take, entry["weight"]),
+                        None if "bias" not in entry else take(entry["bias"]),
+                        lora=spec.lora_config, dtype=jnp.dtype(spec.compute_dtype),
+                        kernel_backend=spec.kernel_backend, rngs=nnx.Rngs(0))
+    layer.lora_A.set_value(take(pair["lora_A"]))
+    layer.lora_B.set_value(take(pair["lora_B"]))
+    return layer
+
+
+def _decoder_layer_class(spec, base, lora):
+    """The NNX decoder layer over ``base``'s and ``lora``'s arrays: ``DecoderLayer(index)``."""
+    import jax
+    from flax import nnx
+
     from qlora_jax.models import layout, llama, rope
-    from qlora_jax.nn import FrozenWeights, QLoRALinear
+    from qlora_jax.nn import FrozenWeights
 
     config = spec.config
-    dtype = jnp.dtype(spec.compute_dtype)
-
-    def linear(group, name, index):
-        """QLoRALinear of one layer (``index``) or of the whole stack (``index=None``)."""
-        take = (lambda a: a) if index is None else (lambda a: a[index])
-        entry = base["layers"][group][name]
-        pair = lora["layers"][group][name]
-        layer = QLoRALinear(jax.tree.map(take, entry["weight"]),
-                            None if "bias" not in entry else take(entry["bias"]),
-                            lora=spec.lora_config, dtype=dtype, kernel_backend=spec.kernel_backend,
-                            rngs=nnx.Rngs(0))
-        layer.lora_A.set_value(take(pair["lora_A"]))
-        layer.lora_B.set_value(take(pair["lora_B"]))
-        return layer
 
     class Attention(nnx.Module):
         def __init__(self, index):
             for name in layout.ATTENTION_LAYERS:
-                setattr(self, name, linear("self_attn", name, index))
+                setattr(self, name, _linear(spec, base, lora, "self_attn", name, index))
 
     class MLP(nnx.Module):
         def __init__(self, index):
             for name in layout.MLP_LAYERS:
-                setattr(self, name, linear("mlp", name, index))
+                setattr(self, name, _linear(spec, base, lora, "mlp", name, index))
 
     class DecoderLayer(nnx.Module):
         def __init__(self, index):
@@ -101,11 +105,28 @@ def build_nnx(spec, base, lora, *, stacked: bool):
             k = attn.k_proj(x).reshape(b, t, config.num_key_value_heads, config.head_dim)
             v = attn.v_proj(x).reshape(b, t, config.num_key_value_heads, config.head_dim)
             # The decoder's own attention, so that only the layer structure differs.
-            out = llama._attention(rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin), v, mask,
-                                   config.attention_scale, config.attn_logit_softcapping)
+            out = llama.grouped_query_attention(rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin), v,
+                                                mask, config.attention_scale, config.attn_logit_softcapping)
             h = h + attn.o_proj(out)
             x = llama.rms_norm(h, self.post_attention_layernorm[...], config.rms_norm_eps)
             return h + mlp.down_proj(jax.nn.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+    return DecoderLayer
+
+
+def build_nnx(spec, base, lora, *, stacked: bool):
+    """The decoder as NNX modules holding ``base``'s and ``lora``'s arrays (same names, no copies)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from qlora_jax.linear import base_matmul
+    from qlora_jax.models import llama, rope
+    from qlora_jax.nn import FrozenWeights
+
+    config = spec.config
+    dtype = jnp.dtype(spec.compute_dtype)
+    DecoderLayer = _decoder_layer_class(spec, base, lora)
 
     class Decoder(nnx.Module):
         def __init__(self):
@@ -122,7 +143,7 @@ def build_nnx(spec, base, lora, *, stacked: bool):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             inv_freq = rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling_dict)
             cos, sin = rope.rotary_cos_sin(positions, inv_freq)
-            mask = llama._attention_mask(None, b, t, t, jnp.zeros((), jnp.int32), config.sliding_window)
+            mask = llama.make_attention_mask(None, b, t, t, jnp.zeros((), jnp.int32), config.sliding_window)
             h = self.embed_tokens[...][ids].astype(dtype)
             if stacked:
                 # A functional scan over the stacked layer's state (nnx.scan cannot run on a module merged
@@ -167,16 +188,14 @@ def time_interleaved(runs: dict[str, tuple[object, tuple]], steps: int) -> dict[
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def run_shape(shape_name: str) -> list[dict]:
+def _model(shape_name: str):
+    """``(spec, base, lora, ids)`` of a shape: random base, adapters with a non-zero B, random tokens."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
-    from flax import nnx
 
     from qlora_jax.lora import LoraConfig
     from qlora_jax.model import init_lora_params
-    from qlora_jax.models import llama
     from qlora_jax.models.config import LlamaConfig
     from qlora_jax.models.spec import ModelSpec
     from qlora_jax.synthetic import random_base
@@ -194,6 +213,16 @@ def run_shape(shape_name: str) -> list[dict]:
         jax.random.normal(jax.random.key(2), a.shape, a.dtype) * 0.01, lora)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, vocab, (FLAGS.batch, FLAGS.seq_len)), jnp.int32)
+    return spec, base, lora, ids
+
+
+def _jobs(spec, base, lora, ids) -> tuple[dict[str, tuple], dict[str, object]]:
+    """Each implementation's loss-and-gradient function with its arguments, and the NNX graphdefs."""
+    import jax
+    import optax
+    from flax import nnx
+
+    from qlora_jax.models import llama
 
     def cross_entropy(logits):
         return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
@@ -211,9 +240,17 @@ def run_shape(shape_name: str) -> list[dict]:
 
         jobs[name] = (jax.value_and_grad(loss), (adapters, frozen, ids))
         graphdefs[name] = graphdef
-    # Compile each implementation FLAGS.compile_rounds times from empty caches, in rotating order,
-    # and keep the fastest: a shared machine's load spikes and the process's first compilation
-    # would otherwise land on whichever implementation comes first.
+    return jobs, graphdefs
+
+
+def _compile_all(jobs: dict[str, tuple]) -> tuple[dict[str, list[float]], dict[str, tuple]]:
+    """Each job compiled ``FLAGS.compile_rounds`` times from empty caches: its seconds and the compiled runs.
+
+    The order rotates each round: a shared machine's load spikes and the process's first compilation
+    would otherwise land on whichever implementation comes first.
+    """
+    import jax
+
     compile_s: dict[str, list[float]] = {name: [] for name in jobs}
     runs = {}
     names = list(jobs)
@@ -224,9 +261,23 @@ def run_shape(shape_name: str) -> list[dict]:
             compiled, seconds = compile_timed(fn, args)
             compile_s[name].append(seconds)
             runs[name] = (compiled, args)
+    return compile_s, runs
+
+
+def run_shape(shape_name: str) -> list[dict]:
+    """One shape's records: per implementation, compile and step seconds and the logits' distance."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from qlora_jax.models import llama
+
+    spec, base, lora, ids = _model(shape_name)
+    jobs, graphdefs = _jobs(spec, base, lora, ids)
+    compile_s, runs = _compile_all(jobs)
     reference = jax.jit(lambda lo, b, i: llama.forward(spec, b, lo, i)[0])(lora, base, ids)
     results = []
-    for name in names:
+    for name in jobs:
         record = {"impl": name, "compile_s": min(compile_s[name])}
         if name in graphdefs:
             adapters, frozen, _ = jobs[name][1]

@@ -49,6 +49,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from absl import app, flags, logging
@@ -158,20 +159,82 @@ def install_bitsandbytes(wheel_dir: str) -> str:
 # ------------------------------------------------------------------ part: correctness (in-process)
 
 
+def _check_matmuls(record: Callable[..., None], backends: list[str], x, dy, qt, *, smoke: bool) -> None:
+    """Forward and input gradient of each backend against float32 products of the dequantized weight."""
+    import jax
+    import jax.numpy as jnp
+
+    from qlora_jax import kernels
+    from qlora_jax.quant import dequantize
+
+    (m, k), n = x.shape, qt.shape[0]
+    interpret = smoke
+    w32 = dequantize(qt, jnp.bfloat16).astype(jnp.float32)
+    highest = jax.lax.Precision.HIGHEST
+    exact_y = jnp.dot(x.astype(jnp.float32), w32.T, precision=highest)
+    exact_dx = jnp.dot(dy.astype(jnp.float32), w32, precision=highest)
+    bound_y = jnp.dot(jnp.abs(x.astype(jnp.float32)), jnp.abs(w32).T, precision=highest)
+    bound_dx = jnp.dot(jnp.abs(dy.astype(jnp.float32)), jnp.abs(w32), precision=highest)
+    for backend in backends:
+        if backend == "mosaic" and smoke and m > 8:
+            continue  # the Mosaic GPU interpreter is slow
+        for op, fn, args, exact, bound, red in (
+            ("forward", kernels.quantized_matmul, (x, qt), exact_y, bound_y, k),
+            ("input_grad", kernels.quantized_matmul_grad, (dy, qt), exact_dx, bound_dx, n),
+        ):
+            chosen, _ = kernels.resolve_backend("matmul" if op == "forward" else "matmul_grad", qt,
+                                                dtype=jnp.bfloat16, m=m, backend=backend, interpret=interpret)
+            try:
+                got = jax.jit(lambda *a, f=fn, b=backend: f(*a, backend=b, interpret=interpret))(*args)
+                got = got.astype(jnp.float32)
+                # bf16 rounding of the result plus float32 accumulation in any order.
+                tol = 2.0**-8 * jnp.abs(exact) + 4 * red * 2.0**-24 * bound + 1e-30
+                worst = float(jnp.max(jnp.abs(got - exact) / tol))
+                finite = bool(jnp.all(jnp.isfinite(got)))
+                record(check=op, backend=backend, ran=chosen, shape=f"{m}x{n}x{k}", worst_error_over_bound=worst,
+                       passed=finite and worst <= 1.0)
+            except Exception as error:  # noqa: BLE001 - a failing kernel fails its row, not the part
+                record(check=op, backend=backend, ran=chosen, shape=f"{m}x{n}x{k}", passed=False,
+                       error=f"{type(error).__name__}: {str(error)[:300]}")
+
+
+def _check_quantize_kernels(record: Callable[..., None], w, qt, *, interpret: bool) -> None:
+    """The fused dequantize and quantize kernels against the library's, bit for bit."""
+    import jax
+    import jax.numpy as jnp
+
+    from qlora_jax import kernels
+    from qlora_jax.quant import dequantize, quantize
+
+    n, k = w.shape
+    for backend in ("jax_triton", "pallas_triton"):
+        try:
+            deq = jax.jit(lambda q, b=backend: kernels.dequantize_fused(q, jnp.bfloat16, backend=b,
+                                                                        interpret=interpret))(qt)
+            same = bool(jnp.all(deq == dequantize(qt, jnp.bfloat16)))
+            record(check="dequantize", backend=backend, ran=backend, shape=f"{n}x{k}", passed=same)
+            ours = jax.jit(lambda a, b=backend: kernels.quantize_fused(a, backend=b, interpret=interpret))(w)
+            ref = quantize(w, "nf4", blocksize=64, double_quant=True, bnb_backend="cuda")
+            same = all(bool(jnp.array_equal(getattr(ours, f), getattr(ref, f)))
+                       for f in ("codes", "scales", "nested_scales", "offset"))
+            record(check="quantize", backend=backend, ran=backend, shape=f"{n}x{k}", passed=same)
+        except Exception as error:  # noqa: BLE001
+            record(check="dequantize/quantize", backend=backend, ran=backend, shape=f"{n}x{k}", passed=False,
+                   error=f"{type(error).__name__}: {str(error)[:300]}")
+
+
 def correctness(smoke: bool) -> list[dict[str, Any]]:
     """Each kernel backend, compiled for this device (interpreters with ``smoke``), against XLA."""
-    import jax
     import jax.numpy as jnp
     import numpy as np
 
     from qlora_jax import kernels
-    from qlora_jax.quant import dequantize, quantize
+    from qlora_jax.quant import quantize
 
     target = kernels.current_target()
     backends = ["jax_triton", "pallas_triton"]
     if smoke or (target.compute_capability or (0, 0)) >= (9, 0):
         backends.append("mosaic")
-    interpret = smoke
     if smoke:
         shapes = [(3, 64, 128)]
     else:
@@ -186,49 +249,10 @@ def correctness(smoke: bool) -> list[dict[str, Any]]:
     for m, n, k in shapes:
         w = jnp.asarray(rng.standard_normal((n, k)) * 0.02, jnp.bfloat16)
         qt = quantize(w, "nf4", blocksize=64, double_quant=True)
-        w32 = dequantize(qt, jnp.bfloat16).astype(jnp.float32)
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         dy = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
-        highest = jax.lax.Precision.HIGHEST
-        exact_y = jnp.dot(x.astype(jnp.float32), w32.T, precision=highest)
-        exact_dx = jnp.dot(dy.astype(jnp.float32), w32, precision=highest)
-        bound_y = jnp.dot(jnp.abs(x.astype(jnp.float32)), jnp.abs(w32).T, precision=highest)
-        bound_dx = jnp.dot(jnp.abs(dy.astype(jnp.float32)), jnp.abs(w32), precision=highest)
-        for backend in backends:
-            if backend == "mosaic" and smoke and m > 8:
-                continue  # the Mosaic GPU interpreter is slow
-            for op, fn, args, exact, bound, red in (
-                ("forward", kernels.quantized_matmul, (x, qt), exact_y, bound_y, k),
-                ("input_grad", kernels.quantized_matmul_grad, (dy, qt), exact_dx, bound_dx, n),
-            ):
-                chosen, _ = kernels.resolve_backend("matmul" if op == "forward" else "matmul_grad", qt,
-                                                    dtype=jnp.bfloat16, m=m, backend=backend, interpret=interpret)
-                try:
-                    got = jax.jit(lambda *a, f=fn, b=backend: f(*a, backend=b, interpret=interpret))(*args)
-                    got = got.astype(jnp.float32)
-                    # bf16 rounding of the result plus float32 accumulation in any order.
-                    tol = 2.0**-8 * jnp.abs(exact) + 4 * red * 2.0**-24 * bound + 1e-30
-                    worst = float(jnp.max(jnp.abs(got - exact) / tol))
-                    finite = bool(jnp.all(jnp.isfinite(got)))
-                    record(check=op, backend=backend, ran=chosen, shape=f"{m}x{n}x{k}", worst_error_over_bound=worst,
-                           passed=finite and worst <= 1.0)
-                except Exception as error:  # noqa: BLE001 - a failing kernel fails its row, not the part
-                    record(check=op, backend=backend, ran=chosen, shape=f"{m}x{n}x{k}", passed=False,
-                           error=f"{type(error).__name__}: {str(error)[:300]}")
-        for backend in ("jax_triton", "pallas_triton"):
-            try:
-                deq = jax.jit(lambda q, b=backend: kernels.dequantize_fused(q, jnp.bfloat16, backend=b,
-                                                                            interpret=interpret))(qt)
-                same = bool(jnp.all(deq == dequantize(qt, jnp.bfloat16)))
-                record(check="dequantize", backend=backend, ran=backend, shape=f"{n}x{k}", passed=same)
-                ours = jax.jit(lambda a, b=backend: kernels.quantize_fused(a, backend=b, interpret=interpret))(w)
-                ref = quantize(w, "nf4", blocksize=64, double_quant=True, bnb_backend="cuda")
-                same = all(bool(jnp.array_equal(getattr(ours, f), getattr(ref, f)))
-                           for f in ("codes", "scales", "nested_scales", "offset"))
-                record(check="quantize", backend=backend, ran=backend, shape=f"{n}x{k}", passed=same)
-            except Exception as error:  # noqa: BLE001
-                record(check="dequantize/quantize", backend=backend, ran=backend, shape=f"{n}x{k}", passed=False,
-                       error=f"{type(error).__name__}: {str(error)[:300]}")
+        _check_matmuls(record, backends, x, dy, qt, smoke=smoke)
+        _check_quantize_kernels(record, w, qt, interpret=smoke)
     return rows
 
 

@@ -103,17 +103,80 @@ def language_batch(rng, batch: int, seq_len: int, vocab: int, offset: int):
     return seq[:, :-1], seq[:, 1:]
 
 
+def _loss(model, ids, targets):
+    """Mean next-token cross-entropy of ``model`` on ``(ids, targets)``."""
+    import optax
+
+    return optax.softmax_cross_entropy_with_integer_labels(model(ids), targets).mean()
+
+
+def _pretrain(model, rng) -> None:
+    """Step 1: every parameter trained in float32 on language A."""
+    import optax
+    from flax import nnx
+
+    pretrain = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def pretrain_step(model, optimizer, ids, targets):
+        loss, grads = nnx.value_and_grad(_loss)(model, ids, targets)
+        optimizer.update(model, grads)
+        return loss
+
+    for _ in range(FLAGS.pretrain_steps):
+        pretrain_step(model, pretrain, *language_batch(rng, FLAGS.batch, FLAGS.seq_len, FLAGS.vocab, offset=1))
+
+
+def _train_adapters(model, rng) -> bool:
+    """Step 3: the adapters only, with the project's optimizer chain; whether the frozen weights stayed."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from qlora_jax.optim import make_optimizer
+
+    optimizer = nnx.Optimizer(model, make_optimizer(FLAGS.optimizer, FLAGS.learning_rate),
+                              wrt=nnx.LoRAParam)
+
+    @nnx.jit
+    def train_step(model, optimizer, ids, targets):
+        loss, grads = nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model, ids, targets)
+        optimizer.update(model, grads)
+        return loss
+
+    frozen_before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.LoRAParam))))
+    for step in range(FLAGS.steps):
+        loss = train_step(model, optimizer, *language_batch(rng, FLAGS.batch, FLAGS.seq_len, FLAGS.vocab, offset=2))
+        if step % 20 == 0 or step == FLAGS.steps - 1:
+            logging.info("step %d: training loss %.3f", step, float(loss))
+    frozen_after = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.LoRAParam)))
+    return all(np.array_equal(a, np.asarray(b)) for a, b in
+               zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen_after), strict=True))
+
+
+def _restore(new_model, rules, checkpointer, workdir: pathlib.Path):
+    """Step 4's second half: the pretrained checkpoint, converted, with the saved adapters."""
+    from flax import nnx
+
+    from qlora_jax.nn import apply_qlora
+
+    restored = new_model()
+    nnx.update(restored, checkpointer.restore((workdir / "pretrained").absolute(),
+                                              nnx.state(restored, nnx.Param)))
+    apply_qlora(restored, rules, rngs=nnx.Rngs(FLAGS.seed + 99))  # fresh adapters, then the saved ones
+    nnx.update(restored, checkpointer.restore((workdir / "adapters").absolute(), nnx.state(restored, nnx.LoRAParam)))
+    return restored
+
+
 def run(workdir: pathlib.Path) -> dict:
     """The recipe of the module docstring; returns its figures (losses, report, restore check)."""
     import jax
     import numpy as np
-    import optax
     import orbax.checkpoint as ocp
     from flax import nnx
 
     from qlora_jax.lora import LoraConfig
     from qlora_jax.nn import QLoRARule, apply_qlora
-    from qlora_jax.optim import make_optimizer
     from qlora_jax.quant import QuantConfig
 
     TinyLM = make_model_class()
@@ -124,25 +187,11 @@ def run(workdir: pathlib.Path) -> dict:
     def new_model():
         return TinyLM(FLAGS.vocab, FLAGS.hidden, FLAGS.layers, FLAGS.seq_len, nnx.Rngs(FLAGS.seed))
 
-    def loss_fn(model, ids, targets):
-        return optax.softmax_cross_entropy_with_integer_labels(model(ids), targets).mean()
-
-    @nnx.jit
-    def evaluate(model, ids, targets):
-        return loss_fn(model, ids, targets)
+    evaluate = nnx.jit(_loss)
 
     # 1. Pretraining in float32 (every parameter), then the pretrained checkpoint.
     model = new_model()
-    pretrain = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
-
-    @nnx.jit
-    def pretrain_step(model, optimizer, ids, targets):
-        loss, grads = nnx.value_and_grad(loss_fn)(model, ids, targets)
-        optimizer.update(model, grads)
-        return loss
-
-    for _ in range(FLAGS.pretrain_steps):
-        pretrain_step(model, pretrain, *language_batch(rng, FLAGS.batch, FLAGS.seq_len, FLAGS.vocab, offset=1))
+    _pretrain(model, rng)
     held_out_a = language_batch(np.random.default_rng(FLAGS.seed + 1), 64, FLAGS.seq_len, FLAGS.vocab, offset=1)
     held_out_b = language_batch(np.random.default_rng(FLAGS.seed + 2), 64, FLAGS.seq_len, FLAGS.vocab, offset=2)
     figures = {"pretrained_loss_a": float(evaluate(model, *held_out_a))}
@@ -160,25 +209,9 @@ def run(workdir: pathlib.Path) -> dict:
     figures["qlora_loss_b_before"] = float(evaluate(model, *held_out_b))
 
     # 3. Train the adapters only, with the project's optimizer chain.
-    optimizer = nnx.Optimizer(model, make_optimizer(FLAGS.optimizer, FLAGS.learning_rate),
-                              wrt=nnx.LoRAParam)
-
-    @nnx.jit
-    def train_step(model, optimizer, ids, targets):
-        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model, ids, targets)
-        optimizer.update(model, grads)
-        return loss
-
-    frozen_before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.LoRAParam))))
-    for step in range(FLAGS.steps):
-        loss = train_step(model, optimizer, *language_batch(rng, FLAGS.batch, FLAGS.seq_len, FLAGS.vocab, offset=2))
-        if step % 20 == 0 or step == FLAGS.steps - 1:
-            logging.info("step %d: training loss %.3f", step, float(loss))
+    frozen_unchanged = _train_adapters(model, rng)
     figures["qlora_loss_b_after"] = float(evaluate(model, *held_out_b))
-    frozen_after = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.LoRAParam)))
-    figures["frozen_unchanged"] = all(
-        np.array_equal(a, np.asarray(b)) for a, b in
-        zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen_after), strict=True))
+    figures["frozen_unchanged"] = frozen_unchanged
 
     # 4. Save the adapters, restore them into a fresh model converted from the pretrained checkpoint.
     adapters = nnx.state(model, nnx.LoRAParam)
@@ -186,11 +219,7 @@ def run(workdir: pathlib.Path) -> dict:
     checkpointer.wait_until_finished()
     (workdir / "qlora_rules.json").write_text(json.dumps({"lora_r": FLAGS.lora_r, "lora_alpha": FLAGS.lora_alpha,
                                                           "quant": FLAGS.quant, "exclude": ["head"]}))
-    restored = new_model()
-    nnx.update(restored, checkpointer.restore((workdir / "pretrained").absolute(),
-                                              nnx.state(restored, nnx.Param)))
-    apply_qlora(restored, rules, rngs=nnx.Rngs(FLAGS.seed + 99))  # fresh adapters, then the saved ones
-    nnx.update(restored, checkpointer.restore((workdir / "adapters").absolute(), nnx.state(restored, nnx.LoRAParam)))
+    restored = _restore(new_model, rules, checkpointer, workdir)
     ids = held_out_b[0]
     figures["restored_identical"] = bool(np.array_equal(np.asarray(nnx.jit(lambda m, x: m(x))(model, ids)),
                                                         np.asarray(nnx.jit(lambda m, x: m(x))(restored, ids))))

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +87,77 @@ def _local_weight(codes, scales, nested, offset, qt: QuantizedTensor, *, shape, 
     return QuantizedTensor(codes, absmax, None, None, **meta)
 
 
+class _Layout(NamedTuple):
+    """Where one weight's shards live: the mesh axes per dimension and the local shape."""
+
+    batch: tuple[str, ...]  # axes splitting the activations' rows (M)
+    fsdp: tuple[str, ...]
+    tensor: tuple[str, ...]
+    split: Literal["rows", "cols"]  # the weight dimension the tensor axis splits
+    row_axes: tuple[str, ...]
+    col_axes: tuple[str, ...]
+    local_shape: tuple[int, int]  # of the weight each tensor-parallel device uses, after the FSDP gather
+    nested_local: bool  # the nested scales split like the codes (else every device holds them all)
+
+
+def _layout(mesh, m: int, qt: QuantizedTensor, tensor_parallel: TensorParallel) -> _Layout | None:
+    """How ``qt`` and ``m`` activation rows split over ``mesh``; None: run the kernel unsharded."""
+    batch = _active(mesh, BATCH_AXES)
+    fsdp = _active(mesh, (FSDP_AXIS,))
+    tensor = _active(mesh, (TENSOR_AXIS,))
+    if not batch and not fsdp and not tensor:
+        return None
+    n, k = qt.shape
+    if m % _size(mesh, batch):
+        batch = ()
+    f, t = _size(mesh, fsdp), _size(mesh, tensor)
+    if tensor_parallel not in ("column", "row"):
+        raise ValueError(f"tensor_parallel must be 'column' or 'row', got {tensor_parallel!r}")
+    split = "rows" if tensor_parallel == "column" else "cols"
+    if split == "rows":
+        if n % (f * t):
+            return None
+        row_axes, col_axes = tensor + fsdp, ()  # tensor-major: gathering fsdp leaves contiguous row blocks
+        local_shape = (n // t, k)
+    else:
+        if n % f or k % t or (k // t) % qt.blocksize or (k // t) % 2:
+            return None
+        row_axes, col_axes = fsdp, tensor
+        local_shape = (n, k // t)
+    weight_shards = _size(mesh, row_axes) * _size(mesh, col_axes)
+    nested_local = (
+        qt.double_quant and split == "rows"
+        and (n // weight_shards * (k // qt.blocksize)) % qt.nested_blocksize == 0
+        and qt.nested_scales.shape[0] % weight_shards == 0
+    )
+    return _Layout(batch, fsdp, tensor, split, row_axes, col_axes, local_shape, nested_local)
+
+
+def _shard_body(kernel: Callable[[jax.Array, QuantizedTensor], jax.Array], qt: QuantizedTensor, layout: _Layout,
+                reduce_tensor: tuple[str, ...]) -> Callable[..., jax.Array]:
+    """The per-device program: gather the FSDP rows, rebuild the local weight, run ``kernel``, reduce."""
+    fsdp, tensor, split, local_shape = layout.fsdp, layout.tensor, layout.split, layout.local_shape
+
+    def body(a_local, codes, scales, *dq):
+        if fsdp:  # FSDP: gather this layer's rows (packed) from the devices that hold them
+            codes = jax.lax.all_gather(codes, fsdp, axis=0, tiled=True)
+            scales = jax.lax.all_gather(scales, fsdp, axis=0, tiled=True)
+            if layout.nested_local:
+                dq = (jax.lax.all_gather(dq[0], fsdp, axis=0, tiled=True), dq[1])
+        nested, offset = dq if dq else (None, None)
+        index = jax.lax.axis_index(tensor) if tensor else 0
+        row0 = index * local_shape[0] if split == "rows" else 0
+        col0 = index * local_shape[1] if split == "cols" else 0
+        local = _local_weight(codes, scales, nested, offset, qt, shape=local_shape, row0=row0, col0=col0,
+                              nested_local=layout.nested_local)
+        out = kernel(a_local, local)
+        if reduce_tensor:
+            out = jax.lax.psum(out.astype(jnp.float32), reduce_tensor).astype(a_local.dtype)
+        return out
+
+    return body
+
+
 def per_shard(
     kernel: Callable[[jax.Array, QuantizedTensor], jax.Array],
     a: jax.Array,
@@ -103,63 +174,20 @@ def per_shard(
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return kernel(a, qt)
-    batch = _active(mesh, BATCH_AXES)
-    fsdp = _active(mesh, (FSDP_AXIS,))
-    tensor = _active(mesh, (TENSOR_AXIS,))
-    if not batch and not fsdp and not tensor:
+    layout = _layout(mesh, a.shape[0], qt, tensor_parallel)
+    if layout is None:
         return kernel(a, qt)
-    n, k = qt.shape
-    m = a.shape[0]
-    if m % _size(mesh, batch):
-        batch = ()
-    f, t = _size(mesh, fsdp), _size(mesh, tensor)
-    if tensor_parallel not in ("column", "row"):
-        raise ValueError(f"tensor_parallel must be 'column' or 'row', got {tensor_parallel!r}")
-    split = "rows" if tensor_parallel == "column" else "cols"
-    if split == "rows":
-        if n % (f * t):
-            return kernel(a, qt)
-        row_axes, col_axes = tensor + fsdp, ()  # tensor-major: gathering fsdp leaves contiguous row blocks
-        local_shape = (n // t, k)
-    else:
-        if n % f or k % t or (k // t) % qt.blocksize or (k // t) % 2:
-            return kernel(a, qt)
-        row_axes, col_axes = fsdp, tensor
-        local_shape = (n, k // t)
+    batch, tensor, split = layout.batch, layout.tensor, layout.split
     # Tensor-parallel outputs: the forward's features on "rows", the input gradient's on "cols".
     out_tensor = tensor if (split == "rows") == (direction == "forward") else ()
     reduce_tensor = tensor if not out_tensor else ()
     a_spec = _spec(batch, tensor if (direction == "forward") == (split == "cols") else ())
-    out_spec = _spec(batch, out_tensor)
-    weight_shards = _size(mesh, row_axes) * _size(mesh, col_axes)
-    nested_local = (
-        qt.double_quant and split == "rows"
-        and (n // weight_shards * (k // qt.blocksize)) % qt.nested_blocksize == 0
-        and qt.nested_scales.shape[0] % weight_shards == 0
-    )
-    codes_spec = _spec(row_axes, col_axes)
+    codes_spec = _spec(layout.row_axes, layout.col_axes)
     specs = [a_spec, codes_spec, codes_spec]
-    if qt.double_quant:
-        specs += [_spec(row_axes) if nested_local else P(), P()]
-
-    def body(a_local, codes, scales, *dq):
-        if fsdp:  # FSDP: gather this layer's rows (packed) from the devices that hold them
-            codes = jax.lax.all_gather(codes, fsdp, axis=0, tiled=True)
-            scales = jax.lax.all_gather(scales, fsdp, axis=0, tiled=True)
-            if nested_local:
-                dq = (jax.lax.all_gather(dq[0], fsdp, axis=0, tiled=True), dq[1])
-        nested, offset = dq if dq else (None, None)
-        index = jax.lax.axis_index(tensor) if tensor else 0
-        row0 = index * local_shape[0] if split == "rows" else 0
-        col0 = index * local_shape[1] if split == "cols" else 0
-        local = _local_weight(codes, scales, nested, offset, qt, shape=local_shape, row0=row0, col0=col0,
-                              nested_local=nested_local)
-        out = kernel(a_local, local)
-        if reduce_tensor:
-            out = jax.lax.psum(out.astype(jnp.float32), reduce_tensor).astype(a_local.dtype)
-        return out
-
     operands = [a, qt.codes, qt.scales]
     if qt.double_quant:
+        specs += [_spec(layout.row_axes) if layout.nested_local else P(), P()]
         operands += [qt.nested_scales, qt.offset]
-    return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=out_spec, check_vma=False)(*operands)
+    body = _shard_body(kernel, qt, layout, reduce_tensor)
+    return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=_spec(batch, out_tensor),
+                         check_vma=False)(*operands)

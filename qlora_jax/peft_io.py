@@ -42,7 +42,16 @@ _PREFIX = "base_model.model.model."
 
 
 def peft_key(layer: int, name: str, matrix: str) -> str:
-    """PEFT's saved key of one adapter matrix ("lora_A" or "lora_B")."""
+    """PEFT's saved key of one adapter matrix.
+
+    Args:
+      layer: the decoder layer's index.
+      name: the linear layer's name (``"q_proj"``, ...).
+      matrix: ``"lora_A"`` or ``"lora_B"``.
+
+    Returns:
+      e.g. ``"base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"``.
+    """
     return layout.hf_key(layer, name, f"{matrix}.weight", prefix=_PREFIX)
 
 
@@ -54,10 +63,22 @@ def save_peft_adapter(
     *,
     base_model_name_or_path: str | None = None,
 ) -> pathlib.Path:
-    """Writes ``lora`` (our stacked adapter pytree) as a PEFT adapter folder; returns the folder.
+    """Writes ``lora`` (our stacked adapter pytree) as a PEFT adapter folder.
 
-    The adapter's modules are those ``lora`` holds; its hyperparameters (r, alpha, dropout,
-    rsLoRA) come from ``lora_config``.
+    Args:
+      path: the folder to write (``adapter_config.json`` and ``adapter_model.safetensors``).
+      lora: the adapters, ``{"layers": {group: {name: {"lora_A": [L, r, in], "lora_B": [L, out, r]}}}}``;
+        the adapter's modules are those it holds.
+      lora_config: the hyperparameters written (r, alpha, dropout, rsLoRA).
+      config: the model config (layer count, module names).
+      base_model_name_or_path: recorded in ``adapter_config.json`` (None: left empty).
+
+    Returns:
+      The folder, as a :class:`pathlib.Path`.
+
+    References:
+      Hu et al., `LoRA: Low-Rank Adaptation of Large Language Models
+      <https://arxiv.org/abs/2106.09685>`_, 2021.
     """
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -137,13 +158,24 @@ def load_peft_adapter(
 ) -> tuple[dict[str, Any], LoraConfig]:
     """Reads a PEFT LoRA adapter folder into our stacked pytree and its :class:`LoraConfig`.
 
-    ``dtype``: the adapters' dtype (None: as stored). ``adapter_config.json`` is checked field by
-    field (settings that change what the adapter computes, such as DoRA, biases or per-module
-    ranks, are refused). Its ``target_modules`` decide which modules have adapters, and the
-    weights file must hold exactly their matrices for every layer of ``config``: read through a
-    :class:`~qlora_jax.checkpoints.validate.CheckedSource`, missing and extra tensors (another
-    layer count, another module, an adapter on ``lm_head``) are errors listing them by name, and
-    each matrix is checked for shape (rank ``r``), floating-point dtype and finite values.
+    ``adapter_config.json`` is checked field by field; its ``target_modules`` decide which modules
+    have adapters, and the weights file must hold exactly their matrices for every layer of
+    ``config``, read through a :class:`~qlora_jax.checkpoints.validate.CheckedSource`.
+
+    Args:
+      path: a PEFT adapter folder.
+      config: the model config the adapter must fit.
+      dtype: the adapters' dtype (None: as stored).
+
+    Returns:
+      ``(lora, lora_config)``: ``{"layers": {group: {name: {"lora_A": [L, r, in], "lora_B":
+      [L, out, r]}}}}`` and the hyperparameters.
+
+    Raises:
+      CheckpointError: settings that change what the adapter computes (DoRA, biases, per-module
+        ranks), missing or extra tensors (another layer count, another module, an adapter on
+        ``lm_head``) listed by name, or a matrix of the wrong shape (rank ``r``), a non-float dtype
+        or non-finite values.
     """
     path = pathlib.Path(path)
     config_file = path / ADAPTER_CONFIG

@@ -204,16 +204,10 @@ MAX_FUNCTION_LINES = 60
 # warns in CHANGING_ELSEWHERE).
 LONG_FUNCTIONS: dict[str, str] = {
     # Other branches of issue 27 are splitting these (kernels/, the loader, the planner, models/).
-    "kernels/partitioning.py::per_shard": "shard_map specs of forward and gradient together",
     "qlora_jax/checkpoints/load.py::load_base_params": "plan, read, validate, quantize and stack",
-    "qlora_jax/checkpoints/orbax_format.py::save_quantized": "manifest, arrays and the commit in one",
     "qlora_jax/memory.py::plan_memory": "one planner component after another",
     "qlora_jax/models/config.py::LlamaConfig.from_hf_dict": "every family's config fields in one reading",
     # Still to split.
-    "experiments/bench_decoder.py::build_nnx": "a benchmark's model written out",
-    "experiments/bench_decoder.py::run_shape": "a benchmark's measurements in sequence",
-    "experiments/bench_gpu.py::correctness": "every kernel against its reference, in sequence",
-    "experiments/custom_model.py::run": "the worked example, read top to bottom",
     "kernels/matmul_mosaic.py::_forward_call": "defines the Mosaic kernel (nested) and launches it",
 }
 

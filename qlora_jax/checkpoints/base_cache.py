@@ -43,12 +43,23 @@ PEFT_ADAPTER_DIR = "adapter"
 
 
 def source_name(source: str | pathlib.Path) -> str:
-    """How a source is recorded: "embedded", or the absolute path (so ``./m`` and ``/abs/m`` agree)."""
+    """How a source is recorded, so that ``./m`` and ``/abs/m`` agree.
+
+    Args:
+      source: a checkpoint path or "embedded".
+
+    Returns:
+      "embedded", or the absolute path.
+    """
     return "embedded" if str(source) == "embedded" else str(pathlib.Path(source).absolute())
 
 
 class QuantizedBaseCache:
-    """``<output_dir>/base/``: the run's quantized base (a :func:`save_quantized` checkpoint)."""
+    """``<output_dir>/base/``: the run's quantized base (a :func:`save_quantized` checkpoint).
+
+    Args:
+      output_dir: the run's output directory.
+    """
 
     def __init__(self, output_dir: str | pathlib.Path):
         self.path = pathlib.Path(output_dir).absolute() / BASE_DIR
@@ -100,8 +111,18 @@ class QuantizedBaseCache:
 
 
 def find_run_adapter(path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path | None]:
-    """``(PEFT adapter folder, saved base or None)`` for a finetune's output directory or its
-    ``adapter/`` folder (or any PEFT adapter folder, whose parent may hold a saved base)."""
+    """The adapter and saved base of a finetune's output.
+
+    Args:
+      path: a finetune's output directory or its ``adapter/`` folder (or any PEFT adapter folder,
+        whose parent may hold a saved base).
+
+    Returns:
+      ``(PEFT adapter folder, saved base or None)``.
+
+    Raises:
+      CheckpointError: ``path`` is neither an adapter folder nor a finetune output directory.
+    """
     path = pathlib.Path(path).absolute()
     if (path / "adapter_config.json").exists():
         adapter, run = path, path.parent

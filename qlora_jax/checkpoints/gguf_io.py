@@ -54,7 +54,15 @@ _SHOWN = {"llama": "LLaMA", "qwen3": "Qwen3", "phi3": "Phi-3"}
 
 
 def unpermute_rotary_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
-    """Inverse of llama.cpp's Q/K row permutation: interleaved pairs back to rotate_half halves."""
+    """Inverse of llama.cpp's Q/K row permutation: interleaved pairs back to rotate_half halves.
+
+    Args:
+      w: a q_proj or k_proj weight ``[num_heads * head_dim, ...]`` as llama.cpp stores it.
+      num_heads: the projection's heads (key-value heads for k_proj).
+
+    Returns:
+      ``w`` with each head's rows in Hugging Face's order, same shape and dtype.
+    """
     rows = w.shape[0]
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 

@@ -43,7 +43,17 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class LoadStats:
-    """What loading cost. Bytes; ``peak_tracked_bytes`` counts the arrays the loader held at once."""
+    """What loading cost.
+
+    Attributes:
+      seconds: wall time of the load.
+      base_bytes: bytes of the loaded base.
+      largest_tensor_bytes: bytes of the largest tensor read.
+      peak_tracked_bytes: bytes of the arrays the loader held at once, at most.
+      rss_increase_bytes: growth of the process's resident memory.
+      prequantized: linear weights taken as stored in bitsandbytes 4-bit.
+      requantized: linear weights quantized while loading.
+    """
 
     seconds: float
     base_bytes: int
@@ -68,6 +78,15 @@ def open_checkpoint(path: str | pathlib.Path) -> tuple[TensorSource, dict[str, A
 
     The config is checked (:func:`~qlora_jax.checkpoints.validate.validate_hf_config`) and the
     files' headers read, so that a bad folder fails here, before any tensor is read.
+
+    Args:
+      path: a Hugging Face folder or a ``.gguf`` file.
+
+    Returns:
+      ``(source, cfg)``: a :class:`TensorSource` and the config dict.
+
+    Raises:
+      CheckpointError: a missing or malformed folder, file, header or config, naming it.
     """
     path = pathlib.Path(path)
     if path.is_file() and path.suffix == ".gguf":
@@ -86,7 +105,18 @@ def open_checkpoint(path: str | pathlib.Path) -> tuple[TensorSource, dict[str, A
 
 
 def read_config(cfg: dict[str, Any], origin: str | pathlib.Path = "config.json") -> LlamaConfig:
-    """The :class:`LlamaConfig` of a transformers config dict; errors name ``origin`` and the field."""
+    """The :class:`LlamaConfig` of a transformers config dict.
+
+    Args:
+      cfg: the ``config.json`` dict.
+      origin: names it in error messages.
+
+    Returns:
+      The :class:`~qlora_jax.models.config.LlamaConfig`.
+
+    Raises:
+      CheckpointError: a bad or unsupported field, naming ``origin`` and the field.
+    """
     validate_hf_config(cfg, origin)
     try:
         return LlamaConfig.from_hf_dict(cfg)
@@ -106,7 +136,11 @@ def _set_layer(buffer, value, index):
 
 
 class LayerStacker:
-    """Layer-stacked device buffers filled one layer at a time (donated, so updated in place)."""
+    """Layer-stacked device buffers filled one layer at a time (donated, so updated in place).
+
+    Args:
+      num_layers: the leading (layer) dimension of every buffer.
+    """
 
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
@@ -214,11 +248,27 @@ def load_base_params(
     """The frozen ``base`` pytree (see :mod:`qlora_jax.models.llama`) and what loading it cost.
 
     Every tensor is read through a :class:`~qlora_jax.checkpoints.validate.CheckedSource`: the
-    file's tensor names are matched with what ``config`` implies before anything is read
-    (missing and unused tensors are errors that list them), and each tensor is checked for
-    shape, dtype and finite values as it is read. A linear weight stored in bitsandbytes' 4-bit
-    format is taken as it is (its quant state checked against its tensors); it must be of the
-    asked ``quant.quant`` type, or dequantized when ``quant`` is 16/32-bit.
+    file's tensor names are matched with what ``config`` implies before anything is read, and each
+    tensor is checked for shape, dtype and finite values as it is read. A linear weight stored in
+    bitsandbytes' 4-bit format is taken as it is (its quant state checked against its tensors).
+
+    Args:
+      source: the checkpoint's tensors (:func:`open_checkpoint`).
+      config: the model config.
+      quant: how the linear weights are stored; a bitsandbytes 4-bit weight must be of the asked
+        ``quant.quant`` type, or is dequantized when ``quant`` is 16/32-bit.
+      prefix: the checkpoint keys' prefix before ``layers.N...`` (``"model."`` for transformers).
+
+    Returns:
+      ``(base, stats)``: the base pytree (layers stacked ``[L, ...]``) and its :class:`LoadStats`.
+
+    Raises:
+      CheckpointError: missing or unused tensors (listed), a tensor of the wrong shape or dtype or
+        with non-finite values, or a 4-bit weight of another type than asked.
+
+    References:
+      Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
+      <https://arxiv.org/abs/2305.14314>`_, 2023.
     """
     started, rss_before = time.perf_counter(), _rss_bytes()
     checked = source if isinstance(source, CheckedSource) else CheckedSource(source, getattr(source, "path",

@@ -294,8 +294,12 @@ def _expected_arrays(entries: Mapping[str, _Entry]) -> dict[str, tuple[tuple[int
 def quantization_summary(base: Any) -> dict[str, Any]:
     """How a base is stored, in :class:`~qlora_jax.quant.QuantConfig`'s terms.
 
-    ``{"quant": "nf4"|"fp4"|"int8"|"bf16"|"float16"|"float32", "double_quant", "blocksize",
-    "dtype"}`` (``dtype``: the embeddings'); a field is None where the linear weights disagree.
+    Args:
+      base: a base pytree (QuantizedTensor linears or plain arrays).
+
+    Returns:
+      ``{"quant": "nf4"|"fp4"|"int8"|"bf16"|"float16"|"float32", "double_quant", "blocksize",
+      "dtype"}`` (``dtype``: the embeddings'); a field is None where the linear weights disagree.
     """
     linears = [entry["weight"] for entry in layout.linear_entries(base).values()]
 
@@ -368,8 +372,17 @@ def _codebooks_json() -> dict[str, list[float]]:
 
 @dataclasses.dataclass
 class QuantizedCheckpoint:
-    """What :func:`load_quantized` read: the base pytree (arrays on the devices), the config, the
-    adapters and their config (or None), the tokenizer (or None), the manifest and the load cost."""
+    """What :func:`load_quantized` read.
+
+    Attributes:
+      config: the model config the base was saved for.
+      base: the base pytree (packed codes, scales, 16-bit tensors), its arrays on the devices.
+      lora: the saved adapters (``{"layers": {group: {name: {"lora_A", "lora_B"}}}}``) or None.
+      lora_config: the adapters' hyperparameters, or None without adapters.
+      tokenizer: the saved tokenizer, or None if none was saved.
+      manifest: the ``manifest`` item (format, version, each QuantizedTensor's metadata, source).
+      load_stats: what loading cost (seconds, bytes).
+    """
 
     config: LlamaConfig
     base: dict[str, Any]
@@ -438,27 +451,10 @@ def _check_finite(item: str, flat: Mapping[str, Any]) -> None:
         raise CheckpointError(f"refusing to save {', '.join(f'{item}/{name}' for name in bad)}: NaN or Inf values")
 
 
-def save_quantized(
-    path: str | pathlib.Path,
-    model_or_params: SavableModel | Mapping[str, Any],
-    *,
-    config: LlamaConfig | None = None,
-    tokenizer: Tokenizer | None = None,
-    lora: Mapping[str, Any] | None = None,
-    lora_config: LoraConfig | None = None,
-    source: str | None = None,
-    overwrite: bool = False,
-) -> pathlib.Path:
-    """Writes a model (or a ``base`` pytree) as one Orbax checkpoint at ``path``; returns ``path``.
-
-    ``model_or_params``: a :class:`~qlora_jax.model.CausalLM` (its base, config, adapters and
-    LoRA config), or a ``base`` pytree with ``config`` (and optionally ``lora``/``lora_config``).
-    ``tokenizer``: stored as its files' text. ``source``: recorded as where the base came from.
-    The arrays are written as they are (packed codes, scales, nested scales, offsets, 16-bit
-    embeddings), each QuantizedTensor's metadata into the manifest. Orbax commits the directory
-    atomically; an existing ``path`` is an error unless ``overwrite`` (which replaces it).
-    Raises :class:`CheckpointError` for a base that does not fit ``config`` or holds NaN/Inf.
-    """
+def _what_to_save(model_or_params: SavableModel | Mapping[str, Any], config: LlamaConfig | None,
+                  lora: Mapping[str, Any] | None, lora_config: LoraConfig | None) \
+        -> tuple[dict[str, Any], LlamaConfig, Mapping[str, Any] | None, LoraConfig | None]:
+    """``(base, config, lora, lora_config)`` of a model, or of a base pytree and the values given with it."""
     if isinstance(model_or_params, SavableModel):
         model = model_or_params
         if config is not None or lora is not None or lora_config is not None:
@@ -472,6 +468,63 @@ def save_quantized(
             raise ValueError("save_quantized(base_params) needs config= (the model's LlamaConfig)")
     if lora is not None and lora_config is None:
         raise ValueError("adapters without their LoraConfig cannot be reloaded: pass lora_config=")
+    return base, config, lora, lora_config
+
+
+def _manifest(base: Mapping[str, Any], entries: Mapping[str, Any], items: list[str], source: str | None) \
+        -> dict[str, Any]:
+    """The ``manifest`` item: format, library, source, the items saved, and every tensor's metadata."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library": f"qlora-jax {qlora_jax.__version__}",
+        "source": source,
+        "items": items,
+        "quantization": quantization_summary(base),
+        "tensors": {p: e.to_json() for p, e in sorted(entries.items())},
+        "codebooks": _codebooks_json(),
+        "int8_scale": float(INV_INT8_MAX),
+    }
+
+
+def save_quantized(
+    path: str | pathlib.Path,
+    model_or_params: SavableModel | Mapping[str, Any],
+    *,
+    config: LlamaConfig | None = None,
+    tokenizer: Tokenizer | None = None,
+    lora: Mapping[str, Any] | None = None,
+    lora_config: LoraConfig | None = None,
+    source: str | None = None,
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """Writes a model (or a ``base`` pytree) as one Orbax checkpoint at ``path``.
+
+    The arrays are written as they are (packed codes, scales, nested scales, offsets, 16-bit
+    embeddings), each QuantizedTensor's metadata into the manifest. Orbax commits the directory
+    atomically.
+
+    Args:
+      path: the checkpoint directory to write.
+      model_or_params: a :class:`~qlora_jax.model.CausalLM` (its base, config, adapters and LoRA
+        config), or a ``base`` pytree with ``config`` (and optionally ``lora``/``lora_config``).
+      config: the model config; required with a pytree, taken from a model otherwise.
+      tokenizer: stored as its files' text (None: none).
+      lora: adapters to store beside a ``base`` pytree.
+      lora_config: their hyperparameters (required with ``lora``).
+      source: recorded as where the base came from (a path or "embedded").
+      overwrite: replace an existing ``path`` instead of refusing it.
+
+    Returns:
+      ``path``, as a :class:`pathlib.Path`.
+
+    Raises:
+      CheckpointError: a base (or adapters) that does not fit ``config`` or holds NaN/Inf.
+      ValueError: ``config``/``lora``/``lora_config`` given with a model, no ``config`` with a
+        pytree, or ``lora`` without ``lora_config``.
+      FileExistsError: an existing ``path`` without ``overwrite``.
+    """
+    base, config, lora, lora_config = _what_to_save(model_or_params, config, lora, lora_config)
     path = pathlib.Path(path).absolute()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists: pass overwrite=True to replace it")
@@ -492,18 +545,7 @@ def save_quantized(
         items["lora"] = ocp.args.StandardSave(dict(lora))
     if tokenizer is not None:
         items["tokenizer"] = ocp.args.JsonSave(_tokenizer_files(tokenizer))
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "library": f"qlora-jax {qlora_jax.__version__}",
-        "source": source,
-        "items": sorted(items),
-        "quantization": quantization_summary(base),
-        "tensors": {p: e.to_json() for p, e in sorted(entries.items())},
-        "codebooks": _codebooks_json(),
-        "int8_scale": float(INV_INT8_MAX),
-    }
-    items["manifest"] = ocp.args.JsonSave(manifest)
+    items["manifest"] = ocp.args.JsonSave(_manifest(base, entries, sorted(items), source))
     started = time.perf_counter()
     with _checkpointer() as checkpointer:
         checkpointer.save(path, ocp.args.Composite(**items), force=overwrite)
@@ -516,7 +558,14 @@ def save_quantized(
 
 
 def is_quantized_checkpoint(path: str | pathlib.Path) -> bool:
-    """Whether ``path`` is a committed checkpoint written by :func:`save_quantized`."""
+    """Whether ``path`` is a committed checkpoint written by :func:`save_quantized`.
+
+    Args:
+      path: any path (a file, a folder, or nothing).
+
+    Returns:
+      True for a committed :func:`save_quantized` directory, False otherwise.
+    """
     path = pathlib.Path(path)
     return path.is_dir() and (path / "manifest").is_dir() and (path / "_CHECKPOINT_METADATA").exists()
 
@@ -546,7 +595,17 @@ def _restore_json(path: pathlib.Path, names: list[str]) -> dict[str, Any]:
 
 
 def read_manifest(path: str | pathlib.Path) -> dict[str, Any]:
-    """The ``manifest`` item of a quantized checkpoint, its format and version checked."""
+    """The ``manifest`` item of a quantized checkpoint, its format and version checked.
+
+    Args:
+      path: a :func:`save_quantized` directory.
+
+    Returns:
+      The manifest as a dict (format, version, tensors' metadata, source).
+
+    Raises:
+      CheckpointError: a missing manifest, or another format or version.
+    """
     path = _open(path)
     manifest = _restore_json(path, ["manifest"])["manifest"]
     if not isinstance(manifest, Mapping) or manifest.get("format") != FORMAT:
@@ -660,14 +719,27 @@ def _check_expectations(path: pathlib.Path, manifest: Mapping[str, Any], saved_c
 
 
 def read_saved_config(path: str | pathlib.Path) -> LlamaConfig:
-    """The model config a quantized checkpoint was saved for (reads its ``config`` item only)."""
+    """The model config a quantized checkpoint was saved for (reads its ``config`` item only).
+
+    Args:
+      path: a :func:`save_quantized` directory.
+
+    Returns:
+      Its :class:`~qlora_jax.models.config.LlamaConfig`.
+    """
     path = _open(path)
     return _config_from_json(_restore_json(path, ["config"])["config"], path)
 
 
 def read_saved_quantization(path: str | pathlib.Path) -> QuantConfig:
-    """The :class:`QuantConfig` a quantized checkpoint's base is stored as (what ``load_pretrained``
-    must be asked for to load it); reads the manifest only."""
+    """How a quantized checkpoint's base is stored; reads the manifest only.
+
+    Args:
+      path: a :func:`save_quantized` directory.
+
+    Returns:
+      The :class:`~qlora_jax.quant.QuantConfig` that ``load_pretrained`` must be asked for to load it.
+    """
     summary = read_manifest(path)["quantization"]
     if summary.get("quant") is None or summary.get("dtype") is None:
         raise CheckpointError(f"{path}: the base's linear weights are stored in mixed ways ({summary}); load it with "
@@ -684,9 +756,19 @@ def check_saved_base(
     quant: QuantConfig | None = None,
     source: str | None = None,
 ) -> None:
-    """Raises :class:`CheckpointError`, naming what differs, unless the checkpoint at ``path`` was
-    saved from ``source``, for ``config``, stored as ``quant`` (None: that one is not checked).
-    Reads the manifest and the config only, no array."""
+    """Checks that the checkpoint at ``path`` holds the base asked for.
+
+    Reads the manifest and the config only, no array.
+
+    Args:
+      path: a :func:`save_quantized` directory.
+      config: the model config it must have been saved for (None: not checked).
+      quant: how its base must be stored (None: not checked).
+      source: where its base must have come from (None: not checked).
+
+    Raises:
+      CheckpointError: naming what differs.
+    """
     manifest = read_manifest(path)
     _check_expectations(pathlib.Path(path).absolute(), manifest, read_saved_config(path), config=config,
                         quant=quant, source=source)
@@ -701,11 +783,20 @@ def load_quantized(
 ) -> QuantizedCheckpoint:
     """Reads a checkpoint written by :func:`save_quantized`: the base byte for byte, never re-quantized.
 
-    ``mesh``: shard the base and adapters over it with
-    :func:`qlora_jax.distributed.param_shardings` (each device reads only its shard); default:
-    the first local device. ``expected_config`` / ``expected_quant``: refuse a base saved for
-    another model or stored otherwise. Raises :class:`CheckpointError` naming the item for another
-    format version, a missing item or array, and metadata that disagrees with the arrays or config.
+    Args:
+      path: the checkpoint directory.
+      mesh: shard the base and adapters over it with :func:`qlora_jax.distributed.param_shardings`
+        (each device reads only its shard); None: the first local device.
+      expected_config: refuse a base saved for another model config.
+      expected_quant: refuse a base stored otherwise (another :class:`~qlora_jax.quant.QuantConfig`).
+
+    Returns:
+      A :class:`QuantizedCheckpoint` (config, base, adapters, tokenizer, manifest, load statistics).
+
+    Raises:
+      CheckpointError: naming the item, for another format version, a missing item or array,
+        metadata that disagrees with the arrays or config, or a config/quantization other than
+        expected.
     """
     started, rss_before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     manifest = read_manifest(path)
@@ -783,15 +874,22 @@ def _tokenizer_from_files(path: pathlib.Path, files: Any) -> Tokenizer:
 def restore_model(path: str | pathlib.Path, abstract: nnx.Module) -> nnx.Module:
     """The model saved at ``path``, restored into ``abstract`` (e.g. :func:`qlora_jax.model.abstract_model`).
 
-    ``abstract``: an NNX module with a ``config`` and the variables ``base`` (and ``lora``), each
-    holding a whole pytree, as :class:`~qlora_jax.model.CausalLM` has them.
+    Each array lands with the target's sharding (default: the first local device). The original
+    dtype of each quantized weight (``QuantizedTensor.dtype``, which no array depends on and no
+    config implies) is the checkpoint's.
 
-    Each array lands with the target's sharding (default: the first local device). Every array's
-    shape and dtype and the target's QuantizedTensor layout (quant type, shape, block sizes,
-    double quantization) must equal the checkpoint's; a difference is a :class:`CheckpointError`
-    naming the tensor and the field. The original dtype of each quantized weight
-    (``QuantizedTensor.dtype``, which no array depends on and no config implies) is the
-    checkpoint's.
+    Args:
+      path: a :func:`save_quantized` directory.
+      abstract: an NNX module with a ``config`` and the variables ``base`` (and ``lora``), each
+        holding a whole pytree, as :class:`~qlora_jax.model.CausalLM` has them.
+
+    Returns:
+      ``abstract`` with the checkpoint's arrays in place.
+
+    Raises:
+      CheckpointError: naming the tensor and the field, where an array's shape or dtype or the
+        target's QuantizedTensor layout (quant type, shape, block sizes, double quantization)
+        differs from the checkpoint's.
     """
     from flax import nnx
 

@@ -40,7 +40,12 @@ class SafetensorsFolder:
     and that each shard holds the tensors the index assigns to it and no others; that no tensor
     is stored twice (in two shards, or twice in the index); and that a folder holds either one
     ``model.safetensors`` or an index, not both (transformers would read the single file).
-    Errors are :class:`CheckpointError` naming the file and the key.
+
+    Args:
+      path: the folder.
+
+    Raises:
+      CheckpointError: naming the file and the key, for any of the above.
     """
 
     def __init__(self, path: str | pathlib.Path):

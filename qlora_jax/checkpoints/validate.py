@@ -76,7 +76,15 @@ _DTYPE_HINTS = {
 
 
 def name_list(names: Iterable[str], limit: int = 8) -> str:
-    """``'a', 'b', ... (and N more)``: names for an error message, the first ``limit`` of them."""
+    """Names for an error message, the first ``limit`` of them.
+
+    Args:
+      names: the names.
+      limit: how many to show.
+
+    Returns:
+      ``'a', 'b', ... (and N more)``.
+    """
     names = list(names)
     shown = ", ".join(repr(n) for n in names[:limit])
     return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
@@ -96,9 +104,11 @@ def _layer_hint(keys: Iterable[str], num_layers: int | None) -> str:
 class CheckedSource:
     """A :class:`TensorSource` whose every read is validated and recorded (see the module docstring).
 
-    ``origin`` names the checkpoint in error messages; a source with a ``file_of(key)`` method
-    (a sharded folder) has the file holding each tensor named instead. ``shapes_from`` names
-    what the expected shapes come from.
+    Args:
+      source: the tensors read.
+      origin: names the checkpoint in error messages; a source with a ``file_of(key)`` method (a
+        sharded folder) has the file holding each tensor named instead.
+      shapes_from: names what the expected shapes come from.
     """
 
     def __init__(self, source: TensorSource, origin: str | pathlib.Path, *, shapes_from: str = "config.json"):
@@ -292,13 +302,22 @@ def _describe(value: Any) -> str:
 
 
 def validate_hf_config(cfg: Any, origin: str | pathlib.Path) -> dict[str, Any]:
-    """Checks a transformers ``config.json`` dict before it is used; returns it unchanged.
+    """Checks a transformers ``config.json`` dict before it is used.
 
     Every field the decoder reads (:data:`CONFIG_FIELDS`) has the right type and range, the head
     counts divide, rotary scaling is one the decoder implements (:data:`ROPE_SCALING_FIELDS`) with
-    its fields, and a ``quantization_config`` is bitsandbytes 4-bit. Raises
-    :class:`CheckpointError` naming ``origin``, the field and what was expected. (Whether the
-    architecture is supported is :class:`~qlora_jax.models.config.LlamaConfig`'s check.)
+    its fields, and a ``quantization_config`` is bitsandbytes 4-bit. (Whether the architecture is
+    supported is :class:`~qlora_jax.models.config.LlamaConfig`'s check.)
+
+    Args:
+      cfg: the parsed ``config.json``.
+      origin: names it in error messages.
+
+    Returns:
+      ``cfg``, unchanged.
+
+    Raises:
+      CheckpointError: naming ``origin``, the field and what was expected.
     """
     if not isinstance(cfg, Mapping):
         raise CheckpointError(f"{origin}: expected a JSON object of model settings, got {type(cfg).__name__}")

@@ -27,8 +27,17 @@ Batch = dict[str, np.ndarray]  # {"input_ids", "attention_mask", "loss_mask"}: i
 def bucket_lengths(max_length: int, *, minimum: int = 64, multiple: int | None = None) -> tuple[int, ...]:
     """The padded lengths allowed, ascending, ending at ``max_length``.
 
-    Powers of two from ``minimum`` by default; with ``multiple``, every multiple of it instead
-    (less padding, more compilations).
+    Args:
+      max_length: the longest sequence in tokens (positive).
+      minimum: the smallest bucket, in tokens (positive).
+      multiple: every multiple of it instead of powers of two from ``minimum`` (less padding, more
+        compilations); None: powers of two.
+
+    Returns:
+      The bucket lengths in tokens.
+
+    Raises:
+      ValueError: a non-positive ``max_length``, ``minimum`` or ``multiple``.
     """
     if max_length < 1 or minimum < 1:
         raise ValueError(f"max_length and minimum must be positive, got {max_length} and {minimum}")
@@ -45,7 +54,18 @@ def bucket_lengths(max_length: int, *, minimum: int = 64, multiple: int | None =
 
 
 def padded_length(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket that holds ``length`` tokens."""
+    """The smallest bucket that holds ``length`` tokens.
+
+    Args:
+      length: a sequence's length in tokens.
+      buckets: the allowed lengths (:func:`bucket_lengths`).
+
+    Returns:
+      The bucket's length in tokens.
+
+    Raises:
+      ValueError: ``length`` longer than the largest bucket.
+    """
     for bucket in sorted(buckets):
         if bucket >= length:
             return bucket
@@ -62,9 +82,19 @@ def collate(
 ) -> Batch:
     """A right-padded batch ``[B, T]`` with T the bucket of the longest example (or ``length``).
 
-    ``batch_size`` (default: the number of examples) adds all-masked filler rows to reach it.
-    ``length``: pad to this many tokens instead (a bucket at least as long as the longest example;
-    the processes of a multi-process run each collate their rows of one batch to the same length).
+    Args:
+      examples: the tokenized examples.
+      pad_id: the padding token.
+      buckets: the allowed lengths (:func:`bucket_lengths`).
+      batch_size: rows of the batch (default: the number of examples); all-masked filler rows reach it.
+      length: pad to this many tokens instead (a bucket at least as long as the longest example; the
+        processes of a multi-process run each collate their rows of one batch to the same length).
+
+    Returns:
+      ``{"input_ids", "attention_mask", "loss_mask"}``: int32 ``[B, T]``.
+
+    Raises:
+      ValueError: more examples than ``batch_size``, or a ``length`` shorter than the longest example.
     """
     batch_size = len(examples) if batch_size is None else batch_size
     if len(examples) > batch_size or (not examples and (length is None or batch_size == 0)):
@@ -90,6 +120,16 @@ def stack_batches(batches: Sequence[Batch], pad_id: int) -> Batch:
 
     Shorter batches are right-padded like :func:`collate` pads, so the result needs no extra
     compilation beyond the buckets.
+
+    Args:
+      batches: :func:`collate`'s batches, each with ``B`` rows.
+      pad_id: the padding token.
+
+    Returns:
+      ``{"input_ids", "attention_mask", "loss_mask"}``: int32 ``[len(batches), B, T]``.
+
+    Raises:
+      ValueError: no batches.
     """
     if not batches:
         raise ValueError("no batches to stack")

@@ -29,6 +29,15 @@ def load_chatterbot(language: str = "english") -> list[Example]:
     user statement is dropped. The corpus holds entries that YAML does not parse as a list of
     strings (English has one: ``trivia.yml`` entry 13, where a missing ``-`` fused the question
     and answer into one string); they are skipped (logged at INFO level).
+
+    Args:
+      language: a language folder of the installed corpus.
+
+    Returns:
+      The conversations as :class:`~qlora_jax.data.example.Example`.
+
+    Raises:
+      DatasetError: a corpus file that is not a mapping with a ``conversations`` list.
     """
     directory = assets.chatterbot_corpus_dir(language)
     examples = []
@@ -73,7 +82,16 @@ def load_chitchat(path: str | pathlib.Path | None = None) -> list[Example]:
     The speaker who opens a conversation is the user, the other the assistant. A turn's messages
     are joined with a space. Turns with no text (12 in the corpus) are dropped and the
     neighbouring turns of the other speaker merged; a trailing user turn is dropped. Conversations
-    left with fewer than two turns are skipped. ``path`` defaults to the installed package's file.
+    left with fewer than two turns are skipped.
+
+    Args:
+      path: the dataset's JSON file (None: the installed package's).
+
+    Returns:
+      The conversations as :class:`~qlora_jax.data.example.Example`.
+
+    Raises:
+      DatasetError: a file or conversation of another shape, naming it.
     """
     path = pathlib.Path(path) if path is not None else assets.chitchat_dataset_file()
     data = json.loads(path.read_text(encoding="utf-8"))

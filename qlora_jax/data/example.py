@@ -16,10 +16,17 @@ class DatasetError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One conversation: ``messages`` as ``({"role", "content"}, ...)``, ``origin`` for error messages.
+    """One conversation.
 
     Invariants (checked on construction): every role is one of :data:`ROLES`, every content is a
     string, and at least one message is an assistant turn (there is something to learn).
+
+    Attributes:
+      messages: ``({"role", "content"}, ...)``, in order.
+      origin: where it was read (``file:line``), for error messages.
+
+    Raises:
+      DatasetError: a broken invariant, naming ``origin`` and the message.
     """
 
     messages: tuple[dict[str, str], ...]
@@ -43,5 +50,16 @@ class Example:
 
 
 def make_example(turns: Sequence[tuple[str, str]], origin: str) -> Example:
-    """An :class:`Example` from ``[(role, content), ...]``."""
+    """An :class:`Example` from ``[(role, content), ...]``.
+
+    Args:
+      turns: ``(role, content)`` pairs, in order.
+      origin: where it was read, for error messages.
+
+    Returns:
+      The :class:`Example`.
+
+    Raises:
+      DatasetError: as :class:`Example`.
+    """
     return Example(tuple({"role": role, "content": content} for role, content in turns), origin)

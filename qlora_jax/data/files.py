@@ -14,7 +14,12 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
 class Row(NamedTuple):
-    """One parsed row and its location: ``file.jsonl:LINE`` (1-based) or ``file.json[INDEX]``."""
+    """One parsed row and its location.
+
+    Attributes:
+      location: ``file.jsonl:LINE`` (1-based) or ``file.json[INDEX]``.
+      value: the parsed JSON value.
+    """
 
     location: str
     value: Any
@@ -38,6 +43,16 @@ def read_rows(path: str | pathlib.Path) -> list[Row]:
 
     A ``.json`` file that holds one value per line instead of a single array is read as JSON
     Lines, as Hugging Face ``datasets`` does: many exported "json" datasets are really JSONL.
+
+    Args:
+      path: the file.
+
+    Returns:
+      One :class:`Row` per value.
+
+    Raises:
+      DatasetError: no such file, another suffix, text that is not UTF-8, or invalid JSON
+        (naming the line and column).
     """
     path = pathlib.Path(path)
     if not path.is_file():

@@ -28,7 +28,20 @@ def _require_object(row: Any, location: str) -> Mapping[str, Any]:
 
 
 def require_field(row: Mapping[str, Any], field: str, location: str, *, optional: bool = False) -> str | None:
-    """``row[field]`` as a string; a missing field (unless ``optional``) or a non-string is an error."""
+    """``row[field]`` as a string.
+
+    Args:
+      row: one row.
+      field: the field's name.
+      location: where it was read, for error messages.
+      optional: a missing field gives None instead of an error.
+
+    Returns:
+      The field's string, or None (a missing ``optional`` field).
+
+    Raises:
+      DatasetError: a missing field (unless ``optional``) or a non-string.
+    """
     if field not in row or row[field] is None:
         if optional:
             return None
@@ -41,7 +54,19 @@ def require_field(row: Mapping[str, Any], field: str, location: str, *, optional
 
 
 def alpaca_example(row: Any, location: str) -> Example:
-    """An Alpaca row as a single user -> assistant exchange."""
+    """An Alpaca row as a single user -> assistant exchange (the input, if any, after the instruction).
+
+    Args:
+      row: ``{"instruction", "input"?, "output"}``, strings.
+      location: where it was read, for error messages.
+
+    Returns:
+      A two-message :class:`~qlora_jax.data.example.Example`.
+
+    Raises:
+      DatasetError: a row that is not an object, no ``instruction`` or ``output``, or a non-string
+        field, naming ``location``.
+    """
     row = _require_object(row, location)
     instruction = require_field(row, "instruction", location)
     extra = require_field(row, "input", location, optional=True)
@@ -51,14 +76,36 @@ def alpaca_example(row: Any, location: str) -> Example:
 
 
 def input_output_example(row: Any, location: str) -> Example:
-    """A qlora.py ``input-output`` row as a single user -> assistant exchange."""
+    """A qlora.py ``input-output`` row as a single user -> assistant exchange.
+
+    Args:
+      row: ``{"input", "output"}``, strings.
+      location: names the row in error messages.
+
+    Returns:
+      The user's ``input`` and the assistant's ``output``, as an :class:`~qlora_jax.data.example.Example`.
+
+    Raises:
+      DatasetError: a row without both string fields.
+    """
     row = _require_object(row, location)
     return make_example([("user", require_field(row, "input", location)),
                          ("assistant", require_field(row, "output", location))], location)
 
 
 def messages_example(row: Any, location: str) -> Example:
-    """A ``{"messages": [...]}`` row (roles system/user/assistant) as it stands."""
+    """A ``{"messages": [...]}`` row (roles system/user/assistant) as it stands.
+
+    Args:
+      row: ``{"messages": [{"role", "content"}, ...]}``.
+      location: names the row (and each message's index) in error messages.
+
+    Returns:
+      Its messages, in order, as an :class:`~qlora_jax.data.example.Example`.
+
+    Raises:
+      DatasetError: no ``messages`` list, an unknown role, or a message without string content.
+    """
     row = _require_object(row, location)
     messages = row.get("messages")
     if messages is None:
@@ -96,9 +143,19 @@ def _matching_formats(row: Mapping[str, Any]) -> list[str]:
 
 
 def detect_format(row: Any, location: str) -> str:
-    """The format (one of :data:`FORMATS`) of a file, judged from its first row ``row``.
+    """The format of a file, judged from its first row.
 
-    Exactly one format must match the row's keys; none or several is an error.
+    Exactly one format must match the row's keys.
+
+    Args:
+      row: the first row.
+      location: where it was read, for error messages.
+
+    Returns:
+      One of :data:`FORMATS`.
+
+    Raises:
+      DatasetError: no format or several match.
     """
     row = _require_object(row, location)
     matches = _matching_formats(row)

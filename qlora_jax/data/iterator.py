@@ -31,15 +31,26 @@ class BatchIterator:
     """Endless training batches ``{"input_ids", "attention_mask", "loss_mask"}: int32[B, T]``.
 
     Each epoch visits every example at most once in a fresh order under ``seed`` (see
-    :mod:`.ordering`; ``group_by_length`` for HF's length grouping), drops the last partial batch
-    so that every batch has ``batch_size`` rows, and pads to ``buckets`` (:mod:`.batching`).
-    ``state`` (from :attr:`state` of an earlier run) resumes where that run stopped.
+    :mod:`.ordering`), drops the last partial batch so that every batch has ``batch_size`` rows,
+    and pads to ``buckets`` (:mod:`.batching`). The order, the position and :attr:`state` are
+    those of the global batches, whatever the ``rows`` (a checkpoint resumes on any process count).
 
-    ``rows``: yield only these rows of every batch (ascending positions in ``0..batch_size-1``):
-    a process of a multi-process run reads the rows its devices hold
-    (:func:`qlora_jax.distributed.process_rows`) and pads them to the bucket of the whole batch, so
-    that the parts of every process fit together. The order, the position and :attr:`state` stay
-    those of the global batches, whatever the rows (a checkpoint resumes on any process count).
+    Args:
+      examples: the tokenized training examples (at least ``batch_size``).
+      batch_size: rows per batch (global).
+      pad_id: the padding token.
+      buckets: the allowed lengths (:func:`~qlora_jax.data.batching.bucket_lengths`).
+      seed: seeds every epoch's order.
+      group_by_length: HF's length grouping (:func:`~qlora_jax.data.ordering.length_grouped_order`).
+      mega_batch_mult: its mega-batch size in batches (None: HF's default).
+      state: :attr:`state` of an earlier run, to resume where it stopped.
+      rows: yield only these rows of every batch (ascending positions in ``0..batch_size-1``): a
+        process of a multi-process run reads the rows its devices hold
+        (:func:`qlora_jax.distributed.process_rows`) and pads them to the bucket of the whole batch.
+
+    Raises:
+      ValueError: a non-positive ``batch_size``, too few examples, bad ``rows``, or a ``state``
+        saved for other data or settings.
     """
 
     def __init__(
@@ -155,9 +166,21 @@ def eval_batches(
 ) -> list[Batch]:
     """Every example once, longest first (least padding), the last batch filled with all-masked rows.
 
-    The order does not matter for a token-weighted mean loss; every batch has ``batch_size`` rows,
-    or, with ``rows`` (ascending positions, as :meth:`BatchIterator.next_batches` takes them), just
-    those rows of each, padded to the bucket of the whole batch.
+    The order does not matter for a token-weighted mean loss.
+
+    Args:
+      examples: the tokenized held-out examples.
+      batch_size: rows per batch.
+      pad_id: the padding token.
+      buckets: the allowed lengths.
+      rows: keep only these rows of each batch (ascending positions, as
+        :meth:`BatchIterator.next_batches` takes them), padded to the bucket of the whole batch.
+
+    Returns:
+      The batches, ``{"input_ids", "attention_mask", "loss_mask"}``: int32 ``[B, T]`` each.
+
+    Raises:
+      ValueError: a non-positive ``batch_size``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")

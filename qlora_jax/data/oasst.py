@@ -66,7 +66,14 @@ def _parse_message(row: Any, location: str, order: int) -> _Message:
 
 
 def is_nested_tree_row(row: Any) -> bool:
-    """Whether an oasst row is a whole nested tree (rather than one message of the flat export)."""
+    """Whether an oasst row is a whole nested tree (rather than one message of the flat export).
+
+    Args:
+      row: one row.
+
+    Returns:
+      True for a row with ``replies`` or ``prompt``.
+    """
     return isinstance(row, Mapping) and ("replies" in row or isinstance(row.get("prompt"), Mapping))
 
 
@@ -147,7 +154,21 @@ def _threads(root: _Message, policy: str) -> list[list[_Message]]:
 
 
 def oasst_examples(rows: Sequence[Row], policy: str = "top_ranked") -> list[Example]:
-    """Conversations of an OpenAssistant file's rows (flat or nested, judged from the first row)."""
+    """Conversations of an OpenAssistant file's rows (flat or nested, judged from the first row).
+
+    Args:
+      rows: the file's rows (:func:`~qlora_jax.data.files.read_rows`).
+      policy: which threads of each tree, one of :data:`OASST_POLICIES`: ``"top_ranked"`` (the
+        best-ranked reply at each turn) or ``"all_leaves"`` (every thread).
+
+    Returns:
+      The conversations as :class:`~qlora_jax.data.example.Example`.
+
+    Raises:
+      ValueError: an unknown ``policy``.
+      DatasetError: a malformed row or tree (a bad role or rank, a repeated ``message_id``, a
+        ``parent_id`` not in the file), naming it.
+    """
     if policy not in OASST_POLICIES:
         raise ValueError(f"unknown OASST thread policy {policy!r}; expected one of {', '.join(OASST_POLICIES)}")
     if not rows:

@@ -15,7 +15,15 @@ __all__ = ["epoch_rng", "length_grouped_order", "epoch_batches"]
 
 
 def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
-    """The random generator of one epoch."""
+    """The random generator of one epoch.
+
+    Args:
+      seed: the run's data seed.
+      epoch: the epoch's index.
+
+    Returns:
+      A :class:`numpy.random.Generator` that depends on both.
+    """
     return np.random.default_rng([seed, epoch])
 
 
@@ -29,9 +37,18 @@ def length_grouped_order(
     """A permutation whose consecutive ``batch_size`` chunks hold similar lengths (HF ``group_by_length``).
 
     transformers' ``get_length_grouped_indices``: randomly permute, cut into mega-batches of
-    ``mega_batch_mult * batch_size`` (default ``min(n // (4 * batch_size), 50)``, at least 1),
-    sort each mega-batch by length, longest first, then swap the longest example of all into
-    position 0, so that the first batch is the longest and memory runs out at once if it will.
+    ``mega_batch_mult * batch_size``, sort each mega-batch by length, longest first, then swap the
+    longest example of all into position 0, so that the first batch is the longest and memory runs
+    out at once if it will.
+
+    Args:
+      lengths: tokens per example.
+      batch_size: rows per batch.
+      rng: the epoch's generator (:func:`epoch_rng`).
+      mega_batch_mult: batches per mega-batch (None: ``min(n // (4 * batch_size), 50)``, at least 1).
+
+    Returns:
+      int ``[n]`` example indices.
     """
     lengths = np.asarray(lengths)
     if len(lengths) == 0:
@@ -60,8 +77,21 @@ def epoch_batches(
 ) -> list[np.ndarray]:
     """The batches of one epoch as arrays of example indices, in the order they are trained on.
 
-    A fresh permutation per epoch, or :func:`length_grouped_order` with ``group_by_length``.
-    ``drop_remainder`` drops a last batch smaller than ``batch_size`` (fixed shapes for training).
+    Args:
+      lengths: tokens per example.
+      batch_size: rows per batch (positive).
+      seed: the run's data seed.
+      epoch: the epoch's index.
+      group_by_length: :func:`length_grouped_order` instead of a plain permutation.
+      drop_remainder: drop a last batch smaller than ``batch_size`` (fixed shapes for training).
+      mega_batch_mult: :func:`length_grouped_order`'s.
+
+    Returns:
+      int arrays of example indices, ``[batch_size]`` each (the last may be shorter without
+      ``drop_remainder``).
+
+    Raises:
+      ValueError: a non-positive ``batch_size``, or too few examples for one batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")

@@ -18,8 +18,17 @@ BUILTIN_DATASETS = ("chatterbot", "chitchat")
 def load_file(path: str | pathlib.Path, format: str = "auto", *, oasst_policy: str = "top_ranked") -> list[Example]:
     """Conversations of a local ``.json``/``.jsonl`` file in one of :data:`~.formats.FORMATS`.
 
-    ``format="auto"`` decides from the first row; every row must then be in that format, and a
-    row that is not fails with :class:`DatasetError` naming the file, the row and the problem.
+    Args:
+      path: the file.
+      format: "auto" decides from the first row; every row must then be in that format.
+      oasst_policy: which OpenAssistant threads, one of :data:`~.oasst.OASST_POLICIES`.
+
+    Returns:
+      The conversations as :class:`~qlora_jax.data.example.Example`.
+
+    Raises:
+      ValueError: an unknown ``format`` or ``oasst_policy``.
+      DatasetError: an empty file or a row not in the format, naming the file, the row and the problem.
     """
     if format != "auto" and format not in FORMATS:
         raise ValueError(f"unknown dataset format {format!r}; expected auto or one of {', '.join(FORMATS)}")
@@ -42,10 +51,21 @@ def load_file(path: str | pathlib.Path, format: str = "auto", *, oasst_policy: s
 def load_examples(spec: str, format: str = "auto", *, oasst_policy: str = "top_ranked") -> list[Example]:
     """The conversations a dataset spec names.
 
-    ``spec``: ``"chatterbot"`` (English; ``"chatterbot:<language>"`` for another language of the
-    corpus), ``"chitchat"``, or the path of a local ``.json``/``.jsonl`` file read with
-    :func:`load_file` (``format`` and ``oasst_policy`` apply to files only). The built-in names
-    win over files of the same name: write ``./chitchat`` for such a file.
+    The built-in names win over files of the same name: write ``./chitchat`` for such a file.
+
+    Args:
+      spec: ``"chatterbot"`` (English; ``"chatterbot:<language>"`` for another language of the
+        corpus), ``"chitchat"``, or the path of a local ``.json``/``.jsonl`` file read with
+        :func:`load_file`.
+      format: the file's format (files only): "auto" or one of :data:`~.formats.FORMATS`.
+      oasst_policy: which OpenAssistant threads (files only), one of :data:`~.oasst.OASST_POLICIES`.
+
+    Returns:
+      The conversations as :class:`~qlora_jax.data.example.Example`.
+
+    Raises:
+      DatasetError: an unknown dataset, or a bad file (as :func:`load_file`).
+      ValueError: a ``format`` given for a built-in dataset.
     """
     name, _, language = spec.partition(":")
     if name == "chatterbot" or spec == "chitchat":

@@ -32,8 +32,13 @@ log = logging.getLogger(__name__)
 class DataCleaning:
     """Counts of conversations :func:`clean_examples` saw, kept and dropped.
 
-    ``duplicates`` and ``empty_responses`` were dropped; ``partly_empty`` (some but not all
-    assistant turns empty) were kept and are counted so that they can be looked at.
+    Attributes:
+      total: conversations seen.
+      kept: conversations kept.
+      duplicates: exact duplicates dropped (the first kept).
+      empty_responses: conversations dropped because every response is empty.
+      partly_empty: conversations kept with some but not all assistant turns empty, counted so that
+        they can be looked at.
     """
 
     total: int
@@ -64,8 +69,14 @@ def _assistant_turns(example: object) -> list[str]:
 def clean_examples[T](examples: Sequence[T]) -> tuple[list[T], DataCleaning]:
     """``examples`` without exact duplicates (first kept) and without conversations whose responses are all empty.
 
-    Order is kept, so the result is deterministic. Items that are not
-    :class:`~qlora_jax.data.example.Example` (any hashable value) are deduplicated only.
+    Order is kept, so the result is deterministic.
+
+    Args:
+      examples: :class:`~qlora_jax.data.example.Example` values; other (hashable) values are
+        deduplicated only.
+
+    Returns:
+      ``(kept, cleaning)``: the kept examples and the counts.
     """
     seen: set[Hashable] = set()
     kept: list[T] = []
@@ -90,7 +101,13 @@ def clean_examples[T](examples: Sequence[T]) -> tuple[list[T], DataCleaning]:
 
 
 class DataSplit[T](NamedTuple):
-    """:func:`train_eval_split`'s result: the two parts, in dataset order, and what cleaning dropped."""
+    """:func:`train_eval_split`'s result.
+
+    Attributes:
+      train: the training part, in dataset order.
+      eval: the held-out part, in dataset order.
+      cleaning: what cleaning dropped (:class:`DataCleaning`).
+    """
 
     train: list[T]
     eval: list[T]
@@ -98,9 +115,20 @@ class DataSplit[T](NamedTuple):
 
 
 def eval_count(num_examples: int, eval_dataset_size: int | float) -> int:
-    """How many of ``num_examples`` are held out: a count (int), or a fraction in (0, 1) (float, rounded up).
+    """How many of ``num_examples`` are held out.
 
     As in ``datasets.Dataset.train_test_split``, the type decides: ``1`` is one example, ``0.5`` half.
+
+    Args:
+      num_examples: the dataset's size.
+      eval_dataset_size: a count (int), or a fraction in (0, 1) (float, rounded up).
+
+    Returns:
+      The held-out count.
+
+    Raises:
+      TypeError: neither an int nor a float.
+      ValueError: a negative count, a float outside (0, 1), or a count that leaves no training example.
     """
     if isinstance(eval_dataset_size, bool) or not isinstance(eval_dataset_size, (int, float)):
         raise TypeError(f"eval_dataset_size must be a count or a fraction, got {eval_dataset_size!r}")
@@ -126,12 +154,25 @@ def split_indices(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(train, eval) indices into a dataset of ``num_examples``: int64 arrays, each ascending.
+    """(train, eval) indices into a dataset of ``num_examples``.
 
     One permutation under ``seed`` decides everything: its first :func:`eval_count` entries are
     the eval set, the rest the training set, and the caps keep the first ``max_*_samples`` of
     each part (a random subset, not the head of the file). So the eval set does not depend on
     ``max_train_samples``, and a smaller cap gives a subset of a larger one.
+
+    Args:
+      num_examples: the dataset's size.
+      eval_dataset_size: :func:`eval_count`'s.
+      seed: seeds the permutation.
+      max_train_samples: cap on the training part (None: none).
+      max_eval_samples: cap on the held-out part (None: none).
+
+    Returns:
+      ``(train, eval)``: int64 index arrays, each ascending.
+
+    Raises:
+      ValueError: a negative cap, or a bad ``eval_dataset_size`` (:func:`eval_count`).
     """
     for name, cap in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
         if cap is not None and cap < 0:
@@ -152,9 +193,21 @@ def train_eval_split[T](
 ) -> DataSplit[T]:
     """:func:`clean_examples`, then :func:`split_indices` over what is kept.
 
-    Returns ``DataSplit(train, eval, cleaning)``: the examples of each part in dataset order,
-    and the counts of what was dropped (log ``cleaning.summary()``). ``eval_dataset_size`` and
-    the caps count conversations after cleaning.
+    ``eval_dataset_size`` and the caps count conversations after cleaning.
+
+    Args:
+      examples: the dataset.
+      eval_dataset_size: :func:`eval_count`'s.
+      seed: seeds the split.
+      max_train_samples: cap on the training part (None: none).
+      max_eval_samples: cap on the held-out part (None: none).
+
+    Returns:
+      ``DataSplit(train, eval, cleaning)``: the examples of each part in dataset order, and the
+      counts of what was dropped (log ``cleaning.summary()``).
+
+    Raises:
+      ValueError: as :func:`split_indices`.
     """
     kept, cleaning = clean_examples(examples)
     train, held_out = split_indices(len(kept), eval_dataset_size, seed, max_train_samples=max_train_samples,

@@ -55,7 +55,12 @@ Render = Callable[..., str]
 
 @dataclasses.dataclass(frozen=True, eq=False)  # arrays: compare with np.array_equal, not ==
 class TokenizedExample:
-    """``input_ids``: int32[T]; ``loss_mask``: int32[T] in {0, 1}, 1 where token t is a target."""
+    """One conversation's tokens.
+
+    Attributes:
+      input_ids: int32 ``[T]``.
+      loss_mask: int32 ``[T]`` in {0, 1}, 1 where token t is a target.
+    """
 
     input_ids: np.ndarray
     loss_mask: np.ndarray
@@ -70,6 +75,12 @@ class ChatRenderer:
     Compiling a template takes milliseconds and tokenizing a multi-turn dataset renders each
     conversation once per assistant turn, so compiling per call would dominate. Picklable (it
     keeps the template's source), so that worker processes can rebuild it.
+
+    Args:
+      template_source: the Jinja template.
+      bos_token: the template's ``bos_token``.
+      eos_token: the template's ``eos_token``.
+      origin: names the template in error messages.
     """
 
     def __init__(self, template_source: str, *, bos_token: str = "", eos_token: str = "",
@@ -104,7 +115,20 @@ def _divergence(expected_prefix: str, text: str) -> str:
 
 def chat_segments(messages: Sequence[dict[str, str]], render: Render, origin: str = "<conversation>") \
         -> list[tuple[str, bool]]:
-    """The full rendering cut into ``(text, is_assistant_turn)`` pieces, in order, joining back to it."""
+    """The full rendering cut into ``(text, is_assistant_turn)`` pieces, in order, joining back to it.
+
+    Args:
+      messages: the conversation, ``({"role", "content"}, ...)``.
+      render: renders a message list (``add_generation_prompt`` as a keyword), e.g. a :class:`ChatRenderer`.
+      origin: names the conversation in error messages.
+
+    Returns:
+      ``[(text, is_assistant_turn), ...]``.
+
+    Raises:
+      ChatTemplateError: a template that refuses the conversation, is not prefix-stable, or closes an
+        assistant turn without its text.
+    """
     try:
         return _chat_segments(messages, render, origin)
     except jinja2.TemplateError as error:
@@ -238,10 +262,23 @@ def tokenize_examples(
 ) -> list[TokenizedExample]:
     """Token ids and loss masks of conversations (see the module docstring for the rules).
 
-    ``template``: a built-in name (``"chatml"``, ``"llama2"``, ``"llama3"``), a Jinja string, or
-    None for the tokenizer's own. Each result has at most ``source_max_len + target_max_len``
-    tokens. ``num_workers`` > 1 renders long multi-turn datasets
-    in that many worker processes (same results).
+    Args:
+      examples: the conversations.
+      tokenizer: the model's tokenizer.
+      template: a built-in name (``"chatml"``, ``"llama2"``, ``"llama3"``), a Jinja string, or None
+        for the tokenizer's own.
+      source_max_len: most tokens kept of the prompt part (at least 1).
+      target_max_len: most tokens kept of the response part (at least 1); each result has at most
+        ``source_max_len + target_max_len`` tokens.
+      train_on_source: the prompt tokens are targets too.
+      num_workers: > 1 renders long multi-turn datasets in that many worker processes (same results).
+
+    Returns:
+      One :class:`TokenizedExample` per conversation.
+
+    Raises:
+      ValueError: ``source_max_len`` or ``target_max_len`` below 1.
+      ChatTemplateError: a template that cannot render a conversation (as :func:`chat_segments`).
     """
     if source_max_len < 1 or target_max_len < 1:
         raise ValueError(f"source_max_len and target_max_len must be at least 1, "
@@ -269,5 +306,14 @@ def tokenize_examples(
 
 
 def tokenize_example(example: Example, tokenizer: Tokenizer, **options) -> TokenizedExample:
-    """:func:`tokenize_examples` of one conversation (same keyword options)."""
+    """:func:`tokenize_examples` of one conversation.
+
+    Args:
+      example: the conversation.
+      tokenizer: the model's tokenizer.
+      **options: :func:`tokenize_examples`' keyword options.
+
+    Returns:
+      Its :class:`TokenizedExample`.
+    """
     return tokenize_examples([example], tokenizer, **options)[0]

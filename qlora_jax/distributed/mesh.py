@@ -23,7 +23,20 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 
 def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
-    """Axis sizes of a spec string over ``num_devices`` devices (every axis present, missing = 1)."""
+    """Axis sizes of a spec string over ``num_devices`` devices.
+
+    Args:
+      spec: comma-separated ``axis=size`` over :data:`MESH_AXES`, e.g. ``"data=2,fsdp=-1"``; one
+        size may be -1 (the devices left over).
+      num_devices: the devices the mesh must use, all of them.
+
+    Returns:
+      ``{axis: size}`` for every axis of :data:`MESH_AXES` (a missing axis has size 1).
+
+    Raises:
+      ValueError: an unknown axis, a size that is not a positive integer (or -1), or sizes whose
+        product is not ``num_devices``.
+    """
     sizes = {axis: 1 for axis in MESH_AXES}
     wildcard = None
     for part in filter(None, (p.strip() for p in spec.split(","))):
@@ -52,9 +65,19 @@ def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(spec: str = "fsdp=-1", devices: list | None = None) -> Mesh:
-    """A mesh with axes ``("data", "fsdp", "tensor")`` over ``devices`` (default: all devices).
+    """A mesh with axes ``("data", "fsdp", "tensor")`` over ``devices``.
 
     Axes are ``Auto``: shardings are given for inputs and XLA's SPMD partitioner propagates them.
+
+    Args:
+      spec: the axis sizes (:func:`parse_mesh_spec`); by default everything on ``fsdp``.
+      devices: the devices, in order (None: ``jax.devices()``).
+
+    Returns:
+      A :class:`jax.sharding.Mesh`.
+
+    Raises:
+      ValueError: a bad ``spec`` (:func:`parse_mesh_spec`).
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh_spec(spec, len(devices))
@@ -63,9 +86,17 @@ def make_mesh(spec: str = "fsdp=-1", devices: list | None = None) -> Mesh:
 
 
 def axes_across_processes(mesh: Mesh) -> dict[str, int]:
-    """For each mesh axis, how many processes one line of devices along it spans (the most over
-    all lines): 1 when the axis stays within each process (host), more when its collectives cross
-    the network. Devices are laid out process after process, so the last axes stay within a host."""
+    """For each mesh axis, how many processes one line of devices along it spans (the most over all lines).
+
+    Devices are laid out process after process, so the last axes stay within a host.
+
+    Args:
+      mesh: a mesh from :func:`make_mesh`.
+
+    Returns:
+      ``{axis: processes}``: 1 when the axis stays within each process (host), more when its
+      collectives cross the network.
+    """
     processes = np.vectorize(lambda d: d.process_index)(mesh.devices)
     spans = {}
     for dim, name in enumerate(mesh.axis_names):

@@ -133,14 +133,22 @@ def initialize_distributed(
 ) -> None:
     """``jax.distributed.initialize`` for a run over ``num_processes`` processes (no-op for one).
 
-    All three values are needed for an explicit setup; on managed clusters (SLURM, TPU pods)
-    pass none and JAX discovers them. Process 0 serves the coordinator on ``coordinator_address``'s
-    port (on the loopback interface only when the address is a loopback one). The waits are
-    bounded (see the module docstring): ``init_timeout_seconds`` for every process to arrive,
-    ``heartbeat_timeout_seconds`` to declare a silent process dead, ``shutdown_timeout_seconds``
-    for all to reach the end. Raises :class:`DistributedSetupError` for bad values and a port in
-    use; a process that waits longer than ``init_timeout_seconds`` exits with status 1 and a
-    message saying what to check.
+    All three values are needed for an explicit setup; on managed clusters (SLURM, TPU pods) pass
+    none and JAX discovers them. Process 0 serves the coordinator on ``coordinator_address``'s port
+    (on the loopback interface only when the address is a loopback one). The waits are bounded
+    (see the module docstring); a process that waits longer than ``init_timeout_seconds`` exits
+    with status 1 and a message saying what to check.
+
+    Args:
+      coordinator_address: ``host:port`` of process 0's coordinator.
+      num_processes: processes in the run.
+      process_id: this process's index, in ``0..num_processes - 1``.
+      init_timeout_seconds: wait for every process to arrive (at least 1).
+      heartbeat_timeout_seconds: silence after which a process is declared dead (at least 1).
+      shutdown_timeout_seconds: wait for all to reach the end (at least 1).
+
+    Raises:
+      DistributedSetupError: bad or partial values, or a coordinator port in use.
     """
     given = [coordinator_address is not None, num_processes is not None, process_id is not None]
     if not any(given):
@@ -186,7 +194,11 @@ def initialize_distributed(
 
 # ----------------------------------------------------------------------------- agreement
 def is_primary() -> bool:
-    """Whether this process writes the run's files (process 0; the only process of a local run)."""
+    """Whether this process writes the run's files.
+
+    Returns:
+      True on process 0 (the only process of a local run), False on the others.
+    """
     return jax.process_index() == 0
 
 
@@ -205,16 +217,29 @@ def _key(name: str) -> str:
 
 
 def sync_processes(name: str, timeout_seconds: float = BARRIER_TIMEOUT_SECONDS) -> None:
-    """Waits until every process has reached this point (``name``: for the error messages)."""
+    """Waits until every process has reached this point.
+
+    Args:
+      name: names the barrier in error messages.
+      timeout_seconds: how long to wait.
+    """
     if jax.process_count() == 1:
         return
     _client().wait_at_barrier(_key(name), int(timeout_seconds * 1000))
 
 
 def primary_value[T](value: T, name: str, timeout_seconds: float = BARRIER_TIMEOUT_SECONDS) -> T:
-    """Process 0's ``value`` (JSON-serialisable) on every process; the others' own are ignored.
+    """Process 0's ``value`` on every process; the others' own are ignored.
 
     For decisions taken from files, which must be the same everywhere.
+
+    Args:
+      value: JSON-serialisable.
+      name: names the value in the key-value store and in error messages.
+      timeout_seconds: how long the other processes wait for process 0.
+
+    Returns:
+      Process 0's ``value``.
     """
     if jax.process_count() == 1:
         return value
@@ -228,8 +253,19 @@ def primary_value[T](value: T, name: str, timeout_seconds: float = BARRIER_TIMEO
 def on_primary[T](function: Callable[[], T], name: str, timeout_seconds: float = BARRIER_TIMEOUT_SECONDS) -> T | None:
     """Runs ``function`` on process 0 only and tells every process how it went.
 
-    Returns its result on process 0 (None on the others). If it raises there, it raises on process
-    0 and :class:`PrimaryProcessError` (with its message) on the others, so that all stop together.
+    If it raises there, it raises on process 0 and :class:`PrimaryProcessError` (with its message)
+    on the others, so that all stop together.
+
+    Args:
+      function: takes no argument.
+      name: names the step in the key-value store and in error messages.
+      timeout_seconds: how long the other processes wait for process 0.
+
+    Returns:
+      Its result on process 0; None on the others.
+
+    Raises:
+      PrimaryProcessError: on the other processes, when ``function`` raised on process 0.
     """
     outcome, error, result = None, None, None
     if is_primary():
@@ -247,16 +283,33 @@ def on_primary[T](function: Callable[[], T], name: str, timeout_seconds: float =
 
 
 def from_primary[T](function: Callable[[], T], name: str, timeout_seconds: float = BARRIER_TIMEOUT_SECONDS) -> T:
-    """``function()`` run on process 0 only, its (JSON-serialisable) result returned on every process.
+    """``function()`` run on process 0 only, its result returned on every process.
 
     For reading (or writing) the run's files once; errors reach every process as in :func:`on_primary`.
+
+    Args:
+      function: takes no argument; its result must be JSON-serialisable.
+      name: names the step in the key-value store and in error messages.
+      timeout_seconds: how long the other processes wait for process 0.
+
+    Returns:
+      ``function()``'s result, on every process.
+
+    Raises:
+      PrimaryProcessError: on the other processes, when ``function`` raised on process 0 (which
+        raises its own error).
     """
     return primary_value(on_primary(function, name, timeout_seconds), name, timeout_seconds)
 
 
 @contextlib.contextmanager
 def primary_context(manager: Callable[[], contextlib.AbstractContextManager], name: str):
-    """``with manager():`` on process 0 only, entered before every process goes on (see :func:`on_primary`)."""
+    """``with manager():`` on process 0 only, entered before every process goes on (see :func:`on_primary`).
+
+    Args:
+      manager: makes the context manager (called on process 0 only).
+      name: names the step in error messages.
+    """
     with contextlib.ExitStack() as stack:
         on_primary(lambda: stack.enter_context(manager()), name)
         yield
@@ -266,6 +319,12 @@ def gather_to_host(tree: Any) -> Any:
     """Every leaf of ``tree`` as a numpy array holding its whole (global) value, on every process.
 
     A collective when arrays span several processes: every process must call it.
+
+    Args:
+      tree: a pytree of (possibly sharded) arrays.
+
+    Returns:
+      The same pytree of numpy arrays.
     """
     if jax.process_count() == 1:
         return jax.device_get(tree)
@@ -275,7 +334,14 @@ def gather_to_host(tree: Any) -> Any:
 
 
 def all_processes_agree(flag: bool) -> bool:
-    """Whether ``flag`` is true on every process (a collective; ``flag``: this process's view)."""
+    """Whether ``flag`` is true on every process (a collective).
+
+    Args:
+      flag: this process's view.
+
+    Returns:
+      The AND of ``flag`` over all processes.
+    """
     if jax.process_count() == 1:
         return bool(flag)
     from jax.experimental import multihost_utils
@@ -284,10 +350,18 @@ def all_processes_agree(flag: bool) -> bool:
 
 
 def agreed_free_device_bytes(devices: Iterable[jax.Device]) -> int | None:
-    """Free memory per device for the paged optimizer's placement (``free_device_bytes=`` of
-    :func:`qlora_jax.optim.make_optimizer`): the least of every process's own devices among
-    ``devices``, the same number on every process (each measures only its own devices, so their
-    decisions would otherwise differ). None on a CPU. A collective across processes."""
+    """Free memory per device for the paged optimizer's placement, the same number on every process.
+
+    A collective across processes: each measures only its own devices, so their decisions would
+    otherwise differ.
+
+    Args:
+      devices: the devices the optimizer state may occupy.
+
+    Returns:
+      Bytes: the least of every process's own devices among ``devices`` (``free_device_bytes=`` of
+      :func:`qlora_jax.optim.make_optimizer`); None on a CPU.
+    """
     from qlora_jax.optim.offload import measure_free_device_bytes
 
     devices = list(devices)

@@ -76,7 +76,16 @@ def _path_names(path) -> list[str]:
 
 
 def param_shardings(tree: Any, mesh: Mesh) -> Any:
-    """NamedShardings for a base or adapter pytree (see the module docstring)."""
+    """NamedShardings for a base or adapter pytree (see the module docstring).
+
+    Args:
+      tree: a base pytree (QuantizedTensor linears, stacked ``[L, ...]`` layers) or adapters.
+      mesh: a mesh with the :data:`PARAM_AXES`.
+
+    Returns:
+      A pytree of :class:`~jax.sharding.NamedSharding` matching ``tree`` (a QuantizedTensor gets
+      one per array leaf).
+    """
     size = _axes_size(mesh, PARAM_AXES)
     replicated = NamedSharding(mesh, P())
 
@@ -103,22 +112,47 @@ def param_shardings(tree: Any, mesh: Mesh) -> Any:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """``[accum, B, T]`` batches: ``B`` split over the data-parallel axes."""
+    """How ``[accum, B, T]`` batches are placed: ``B`` split over the data-parallel axes.
+
+    Args:
+      mesh: a mesh with the :data:`BATCH_AXES`.
+
+    Returns:
+      A :class:`~jax.sharding.NamedSharding`.
+    """
     return NamedSharding(mesh, P(None, BATCH_AXES, None))
 
 
 def shard_tree(tree: Any, shardings: Any) -> Any:
-    """``tree`` placed with ``shardings`` (a matching pytree of shardings)."""
+    """``tree`` placed with ``shardings``.
+
+    Args:
+      tree: a pytree of arrays (host or device).
+      shardings: a matching pytree of shardings (e.g. :func:`param_shardings`).
+
+    Returns:
+      The pytree of placed ``jax.Array``.
+    """
     return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
 
 
 def process_rows(mesh: Mesh | None, batch_size: int) -> np.ndarray:
-    """The rows of a global ``[accum, batch_size, T]`` batch that this process's devices hold
-    (ascending; every row without a mesh, or when one process holds the whole mesh).
+    """The rows of a global ``[accum, batch_size, T]`` batch that this process's devices hold.
 
     Under :func:`batch_sharding` the rows split over the data-parallel axes; devices that differ
     only along ``tensor`` hold the same rows. A process reads and pads only these rows of each
     batch, and :func:`shard_batch` assembles the global array from what every process holds.
+
+    Args:
+      mesh: the mesh, or None (one device).
+      batch_size: rows of the global batch.
+
+    Returns:
+      int ``[n]`` row indices, ascending; every row without a mesh, or when one process holds the
+      whole mesh.
+
+    Raises:
+      ValueError: ``batch_size`` does not split over the data axes.
     """
     if mesh is None:
         return np.arange(batch_size)
@@ -133,9 +167,21 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, *, rows: np.ndarray | 
                 batch_size: int | None = None) -> dict[str, jax.Array]:
     """Global ``[accum, B, T]`` arrays, split over the data axes, from this process's host rows.
 
-    ``batch`` holds rows ``rows`` (ascending, :func:`process_rows`) of a global batch of
-    ``batch_size`` rows; by default the whole batch (then every process passes the same). Each
-    device gets its rows from its own process: nothing crosses processes.
+    Each device gets its rows from its own process: nothing crosses processes.
+
+    Args:
+      batch: ``{name: [accum, rows, T]}`` numpy arrays, this process's rows of the global batch.
+      mesh: the mesh.
+      rows: which rows of the global batch ``batch`` holds (ascending, :func:`process_rows`); None:
+        the whole batch (then every process passes the same).
+      batch_size: rows of the global batch (None: ``batch``'s).
+
+    Returns:
+      ``{name: jax.Array [accum, batch_size, T]}`` placed with :func:`batch_sharding`.
+
+    Raises:
+      ValueError: ``rows`` that disagree with ``batch``, a batch that does not split over the data
+        axes, or a device needing rows this process does not hold.
     """
     local = batch["input_ids"].shape[1]
     batch_size = local if batch_size is None else batch_size

@@ -48,7 +48,14 @@ def _normal(text: str) -> str:
 
 
 def conversation_topic(example: Example) -> str:
-    """The chatterbot topic of a conversation: its corpus file's name (origin ``.../ai.yml: ...`` -> ``ai``)."""
+    """The chatterbot topic of a conversation: its corpus file's name.
+
+    Args:
+      example: a chatterbot conversation (origin ``.../ai.yml: ...``).
+
+    Returns:
+      The topic, e.g. ``"ai"``.
+    """
     return pathlib.Path(example.origin.split(": conversations[")[0]).stem
 
 
@@ -150,10 +157,21 @@ def chatterbot_task(
 ) -> MultipleChoiceTask:
     """The held-out chatterbot reply-retrieval task (see the module docstring).
 
-    ``dataset``: ``"chatterbot"`` or ``"chatterbot:<language>"``; ``eval_dataset_size``, ``seed``
-    and ``max_eval_samples``: the finetune's own settings, so that the questions are its held-out
-    split. ``num_choices``: the true reply plus ``num_choices - 1`` distractors. A split too small
-    for the task raises :class:`HeldOutTooSmallError`, saying how many held-out conversations would do.
+    Args:
+      dataset: ``"chatterbot"`` or ``"chatterbot:<language>"``.
+      eval_dataset_size: the finetune's own setting (a count, or a fraction of the conversations),
+        so that the questions are its held-out split.
+      seed: the finetune's split seed.
+      max_eval_samples: the finetune's cap on held-out conversations (None: none).
+      num_choices: the true reply plus ``num_choices - 1`` distractors (at least 2).
+
+    Returns:
+      A :class:`~qlora_jax.eval.items.MultipleChoiceTask` of chat items.
+
+    Raises:
+      ValueError: a dataset other than chatterbot, or fewer than 2 choices.
+      HeldOutTooSmallError: a split too small for the task, saying how many held-out conversations
+        would do.
     """
     if dataset.partition(":")[0] != "chatterbot":
         raise ValueError(f"the reply-retrieval task is built from chatterbot-corpus, not {dataset!r}")

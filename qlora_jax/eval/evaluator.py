@@ -45,11 +45,23 @@ def _to_host(x: jax.Array) -> np.ndarray:
 class MultipleChoiceEvaluator:
     """Scores ``task`` with the model ``spec`` describes; ``evaluator(base, lora)`` -> metrics dict.
 
-    ``batch_size``: rows per compiled call (global; a multiple of the mesh's data-parallel size).
-    ``max_length``: longest row in tokens (longer contexts lose their start). ``template``: chat
-    template of chat items (None: the tokenizer's own). ``prefix``: of every metric name.
-    ``fast_single_token``: score items whose choices are single tokens from one row per item
-    (the context alone; exact, and what qlora.py does); False scores one row per choice.
+    The metrics are ``{prefix}acc``, ``{prefix}acc_stderr``, ``{prefix}acc_norm``,
+    ``{prefix}acc_norm_stderr``, ``{prefix}answer_loss`` (nats per answer token),
+    ``{prefix}subject_mean_acc`` and ``{prefix}acc/<subject>``.
+
+    Args:
+      spec: the model's spec (architecture, adapters, dtypes).
+      tokenizer: the model's tokenizer.
+      task: the items to score.
+      batch_size: rows per compiled call (global; a multiple of the mesh's data-parallel size).
+      mesh: shard the batches over it (None: one device).
+      max_length: longest row in tokens (longer contexts lose their start).
+      template: chat template of chat items (None: the tokenizer's own).
+      prefix: of every metric name.
+
+    Raises:
+      ValueError: a ``batch_size`` that does not split over the mesh's data-parallel axes, or an
+        item that does not fit ``max_length``.
     """
 
     def __init__(
@@ -119,6 +131,19 @@ class MultipleChoiceEvaluator:
 
 
 def evaluate(model: Any, tokenizer: Tokenizer, task: MultipleChoiceTask, **options: Any) -> MultipleChoiceScores:
-    """Scores of a :class:`~qlora_jax.model.CausalLM` on ``task`` (``options``: the evaluator's)."""
+    """Scores of a :class:`~qlora_jax.model.CausalLM` on ``task``.
+
+    Args:
+      model: the model (its spec, base and adapters).
+      tokenizer: its tokenizer.
+      task: the items to score.
+      **options: :class:`MultipleChoiceEvaluator`'s keyword arguments.
+
+    Returns:
+      The per-question :class:`~qlora_jax.eval.metrics.MultipleChoiceScores`.
+
+    Raises:
+      FloatingPointError: non-finite log-likelihoods.
+    """
     evaluator = MultipleChoiceEvaluator(model.spec, tokenizer, task, **options)
     return evaluator.scores(model.base_params, model.lora_params)

@@ -51,7 +51,17 @@ def _parquet_rows(path: pathlib.Path) -> list[Row]:
 
 
 def read_table(path: str | pathlib.Path) -> list[Row]:
-    """The rows of a ``.json``/``.jsonl``/``.ndjson``/``.parquet`` file, each with its location."""
+    """The rows of a ``.json``/``.jsonl``/``.ndjson``/``.parquet`` file, each with its location.
+
+    Args:
+      path: the file.
+
+    Returns:
+      One :class:`~qlora_jax.data.files.Row` per record.
+
+    Raises:
+      DatasetError: no such file, an unsupported suffix, no rows, or an unreadable file.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
@@ -79,7 +89,18 @@ def _field(row: Mapping[str, Any], name: str, location: str, default: Any = ...)
 
 
 def detect_format(row: Any, location: str) -> str:
-    """``"qlora"`` or ``"questions"``, from the fields of one row."""
+    """The format of an evaluation file, from the fields of one row.
+
+    Args:
+      row: one record.
+      location: where it was read (``file:line``), for the error message.
+
+    Returns:
+      ``"qlora"`` (qlora.py's ``input``/``output``) or ``"questions"``.
+
+    Raises:
+      DatasetError: neither format's fields.
+    """
     row = _object(row, location)
     if "input" in row and "output" in row:
         return "qlora"
@@ -91,7 +112,18 @@ def detect_format(row: Any, location: str) -> str:
 
 
 def question_from_row(row: Any, location: str) -> Question:
-    """A ``questions``-format row as a :class:`Question`."""
+    """A ``questions``-format row as a :class:`Question`.
+
+    Args:
+      row: one record (``question``, ``choices``, ``answer``, optional ``subject``).
+      location: where it was read, for error messages.
+
+    Returns:
+      The :class:`~qlora_jax.eval.items.Question`.
+
+    Raises:
+      DatasetError: a missing field, or ``choices`` that is not a list of strings.
+    """
     row = _object(row, location)
     choices = _field(row, "choices", location)
     if isinstance(choices, (str, bytes)) or not isinstance(choices, (list, tuple)):
@@ -102,7 +134,18 @@ def question_from_row(row: Any, location: str) -> Question:
 
 
 def qlora_item_from_row(row: Any, location: str) -> MultipleChoiceItem:
-    """A qlora.py MMLU row as an item: the rendered prompt, scored on the letters A-D."""
+    """A qlora.py MMLU row as an item: the rendered prompt, scored on the letters A-D.
+
+    Args:
+      row: one record (``input``, ``output`` a letter, optional ``subject``).
+      location: where it was read, for error messages.
+
+    Returns:
+      The :class:`~qlora_jax.eval.items.MultipleChoiceItem`.
+
+    Raises:
+      DatasetError: a missing field, or an ``output`` that is not one of A-D.
+    """
     row = _object(row, location)
     prompt = _field(row, "input", location)
     output = _field(row, "output", location)
@@ -126,10 +169,30 @@ def _rows_in_format(path: str | pathlib.Path, expected: str) -> list[Row]:
 
 
 def load_questions(path: str | pathlib.Path) -> list[Question]:
-    """The questions of a ``questions``-format file (HF MMLU columns / lm-eval-style JSONL)."""
+    """The questions of a ``questions``-format file (HF MMLU columns / lm-eval-style JSONL).
+
+    Args:
+      path: the file (:func:`read_table`'s suffixes).
+
+    Returns:
+      Its :class:`~qlora_jax.eval.items.Question` list.
+
+    Raises:
+      DatasetError: a file in another format, or a bad row (naming it).
+    """
     return [question_from_row(value, location) for location, value in _rows_in_format(path, "questions")]
 
 
 def load_qlora_items(path: str | pathlib.Path) -> list[MultipleChoiceItem]:
-    """The items of a qlora.py MMLU file (``five_shot_mmlu_val.json`` etc.)."""
+    """The items of a qlora.py MMLU file (``five_shot_mmlu_val.json`` etc.).
+
+    Args:
+      path: the file.
+
+    Returns:
+      Its :class:`~qlora_jax.eval.items.MultipleChoiceItem` list.
+
+    Raises:
+      DatasetError: a file in another format, or a bad row (naming it).
+    """
     return [qlora_item_from_row(value, location) for location, value in _rows_in_format(path, "qlora")]

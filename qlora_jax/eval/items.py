@@ -39,9 +39,17 @@ def _check_choices(choices: tuple, answer: object, origin: str) -> None:
 class Question:
     """A multiple-choice question: ``choices[answer]`` is correct.
 
-    ``subject``: the group it is scored in (MMLU's subject, e.g. ``"abstract_algebra"``; "" for
-    none). ``context``: text placed right before this question's own prompt, e.g. few-shot
-    examples the file already rendered for it ("" for none). ``origin``: where it was read.
+    Attributes:
+      question: the question's text.
+      choices: at least 2 choices.
+      answer: the index of the correct choice.
+      subject: the group it is scored in (MMLU's subject, e.g. ``"abstract_algebra"``; "" for none).
+      context: text placed right before this question's own prompt, e.g. few-shot examples the file
+        already rendered for it ("" for none).
+      origin: where it was read (``file:line``).
+
+    Raises:
+      DatasetError: an empty question or choice, fewer than 2 choices, or an ``answer`` out of range.
     """
 
     question: str
@@ -67,12 +75,22 @@ class MultipleChoiceItem:
     (lm-evaluation-harness's ``target_delimiter``; ``acc_norm`` divides by ``len(choices[c])``,
     characters without the delimiter, as lm-eval does).
 
-    ``chat``: ``context`` is a user message and each choice an assistant reply; the pair is
-    rendered with the tokenizer's chat template and the reply's target tokens (its text and the
-    end-of-turn token, exactly what training learns) are scored. ``delimiter`` must then be "".
-    ``separate_encoding``: the context and each continuation are tokenized on their own and
-    concatenated (qlora.py's way for its ``input``/``output`` rows); otherwise the pair is
-    tokenized as one text and split where the context's tokens end (lm-eval's way).
+    Attributes:
+      context: the prompt.
+      choices: the continuations scored (at least 2).
+      answer: the index of the correct choice.
+      subject: the group it is scored in ("" for none).
+      delimiter: text between the context and each choice.
+      chat: ``context`` is a user message and each choice an assistant reply; the pair is rendered
+        with the tokenizer's chat template and the reply's target tokens (its text and the
+        end-of-turn token, exactly what training learns) are scored. ``delimiter`` must then be "".
+      separate_encoding: the context and each continuation are tokenized on their own and
+        concatenated (qlora.py's way for its ``input``/``output`` rows); otherwise the pair is
+        tokenized as one text and split where the context's tokens end (lm-eval's way).
+      origin: where it was read.
+
+    Raises:
+      DatasetError: bad fields (as :class:`Question`), or a chat item with a delimiter.
     """
 
     context: str
@@ -97,7 +115,16 @@ class MultipleChoiceItem:
 
 @dataclasses.dataclass(frozen=True)
 class MultipleChoiceTask:
-    """A named list of items (what an evaluator scores); ``description`` says what it measures."""
+    """A named list of items (what an evaluator scores).
+
+    Attributes:
+      name: the task's name.
+      items: its items (at least one).
+      description: what it measures.
+
+    Raises:
+      DatasetError: no items.
+    """
 
     name: str
     items: tuple[MultipleChoiceItem, ...]

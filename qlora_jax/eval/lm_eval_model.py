@@ -177,7 +177,9 @@ _KNOWN_ARGS = ("pretrained", "quant", "double_quant", "adapter", "dtype", "compu
 class QLoraJaxLM(TemplateLM):
     """lm-eval's ``qlora_jax`` model (see the module docstring).
 
-    Args (``--model_args key=value,...``):
+    The arguments come from ``--model_args key=value,...``.
+
+    Args:
         pretrained: a Hugging Face folder, a ``.gguf`` file, a ``save_quantized`` directory or
             "embedded" (the default: SmolLM2-135M-Instruct).
         quant: "nf4" (default), "fp4", "int8" or "bf16" (also "float16"/"float32").
@@ -197,10 +199,14 @@ class QLoraJaxLM(TemplateLM):
         seed: the sampling seed of ``do_sample`` tasks (default 0).
         chat_template: a template name or Jinja string for ``--apply_chat_template`` (default:
             the model's own).
-        device, max_batch_size: lm-eval's own options. JAX places the model on its default
-            platform (and over ``mesh``): a ``device`` naming another platform is logged as not
-            used (lm-eval's command line passes ``cuda:0`` when ``--device`` is not given);
-            ``max_batch_size`` only goes with ``batch_size=auto``, which this model does not have.
+        device: lm-eval's own option. JAX places the model on its default platform (and over
+            ``mesh``): a ``device`` naming another platform is logged as not used (lm-eval's
+            command line passes ``cuda:0`` when ``--device`` is not given).
+        max_batch_size: lm-eval's own option; it only goes with ``batch_size=auto``, which this
+            model does not have.
+
+    Raises:
+        ModelArgsError: an unknown argument or a value out of range, naming it.
     """
 
     def __init__(self, pretrained: str = "embedded", quant: str = "nf4", double_quant: Any = True,
@@ -564,7 +570,14 @@ class QLoraJaxLM(TemplateLM):
 
 
 def is_task_yaml(source: str | pathlib.Path) -> bool:
-    """Whether ``source`` (a ``mc_eval_file`` value) names an lm-eval task YAML file."""
+    """Whether ``source`` (a ``mc_eval_file`` value) names an lm-eval task YAML file.
+
+    Args:
+      source: a task name or path.
+
+    Returns:
+      True for a ``.yaml``/``.yml`` path.
+    """
     return str(source).lower().endswith((".yaml", ".yml"))
 
 
@@ -583,6 +596,20 @@ class TaskEvaluator:
     ``mc_acc_stderr``, ``mc_acc_norm``...; the filter name dropped when it is lm-eval's
     ``none``, kept as ``<metric>_<filter>`` otherwise), numbers only. No standard errors: lm-eval
     computes them only when it bootstraps, in a process pool forked beside JAX's threads.
+
+    Args:
+      path: the task's YAML file.
+      model: a :class:`~qlora_jax.model.CausalLM` (its spec; base and adapters come per call).
+      tokenizer: its tokenizer.
+      batch_size: rows per compiled call.
+      mesh: shard the batches over it (None: one device).
+      max_length: longest row in tokens (None: the model's ``max_position_embeddings``).
+      prefix: of every metric name.
+      limit: evaluate only the first ``limit`` documents (None: all).
+
+    Raises:
+      FileNotFoundError: no such YAML file.
+      ValueError: a YAML that defines no single task.
     """
 
     def __init__(self, path: str | pathlib.Path, model: Any, tokenizer: Any, *, batch_size: int = 16,

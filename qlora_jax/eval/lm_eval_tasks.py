@@ -64,9 +64,11 @@ def write_chatterbot_task(
             ``--include_path``.
         name: the task's name (``--tasks``), also the stem of both files.
         dataset: ``"chatterbot"`` or ``"chatterbot:<language>"`` (the finetune's ``--dataset``).
-        eval_dataset_size, seed, max_eval_samples: the finetune's own settings
+        eval_dataset_size: the finetune's own setting
             (:class:`qlora_jax.recipe.config.FinetuneConfig`), so that the questions are exactly
             the conversations its run held out.
+        seed: the finetune's split seed, likewise.
+        max_eval_samples: the finetune's cap on held-out conversations, likewise.
         num_choices: the true reply plus ``num_choices - 1`` distractors from other topics.
 
     Returns:

@@ -32,7 +32,14 @@ __all__ = ["MultipleChoiceScores", "stderr_of_mean"]
 
 
 def stderr_of_mean(scores: np.ndarray) -> float | None:
-    """Standard error of the mean of 0/1 ``scores`` (sample variance; None for fewer than 2)."""
+    """Standard error of the mean of 0/1 ``scores`` (sample variance).
+
+    Args:
+      scores: ``[N]`` per-question scores, 0 or 1.
+
+    Returns:
+      ``sqrt(var(scores, ddof=1) / N)``; None for fewer than 2 scores.
+    """
     n = len(scores)
     if n < 2:
         return None
@@ -42,12 +49,15 @@ def stderr_of_mean(scores: np.ndarray) -> float | None:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class MultipleChoiceScores:
-    """Per-question results of one evaluation.
+    """Per-question results of one evaluation (``N`` questions, at most ``C`` choices each).
 
-    ``loglik``: float64 ``[N, C]`` summed log-likelihoods (-inf where a question has fewer
-    choices); ``num_tokens``: int ``[N, C]`` target tokens per choice; ``choice_chars``: int
-    ``[N, C]`` characters per choice (acc_norm's divisor); ``answers``: int ``[N]``;
-    ``subjects``: one per question.
+    Attributes:
+      loglik: float64 ``[N, C]`` summed log-likelihoods in nats (-inf where a question has fewer
+        choices).
+      num_tokens: int ``[N, C]`` target tokens per choice.
+      choice_chars: int ``[N, C]`` characters per choice (acc_norm's divisor).
+      answers: int ``[N]``, the correct choice's index.
+      subjects: one per question.
     """
 
     loglik: np.ndarray

@@ -10,12 +10,21 @@ __all__ = ["plot_accuracy"]
 
 def plot_accuracy(ax: Any, history: Iterable[Mapping[str, Any]], *, prefix: str = "mc_", kind: str = "mc_eval",
                   label: str = "multiple-choice") -> Any:
-    """Draws ``{prefix}acc`` and ``{prefix}acc_norm`` (±1 standard error) of the ``kind`` entries of a
-    metrics history on a twin y axis of the matplotlib ``ax``; returns that axis (None: no such entries).
+    """Draws a metrics history's multiple-choice accuracy on a twin y axis of the matplotlib ``ax``.
 
-    ``history``: the ``metrics.jsonl`` entries (dicts with ``kind`` and ``step``). The accuracy axis
+    ``{prefix}acc`` and ``{prefix}acc_norm`` are drawn with ±1 standard error. The accuracy axis
     spans 0-1 so that runs compare at a glance; its legend sits at the lower right, away from the
     loss legend.
+
+    Args:
+      ax: a matplotlib ``Axes`` (the loss plot's).
+      history: the ``metrics.jsonl`` entries (dicts with ``kind`` and ``step``).
+      prefix: of the metric names.
+      kind: which entries to draw.
+      label: names the task in the legend.
+
+    Returns:
+      The twin axis, or None when the history has no such entries.
     """
     entries = sorted((h for h in history if h.get("kind") == kind), key=lambda h: h["step"])
     if not entries:

@@ -44,13 +44,34 @@ _HEADER_NO_SUBJECT = "The following are multiple choice questions (with answers)
 
 
 def mmlu_header(subject: str) -> str:
-    """MMLU's task description for ``subject`` (underscores read as spaces), ending in a blank line."""
+    """MMLU's task description for ``subject``, ending in a blank line.
+
+    Args:
+      subject: e.g. ``"abstract_algebra"`` (underscores read as spaces); "" for none.
+
+    Returns:
+      ``"The following are multiple choice questions (with answers) about abstract algebra.\\n\\n"``.
+
+    References:
+      Hendrycks et al., `Measuring Massive Multitask Language Understanding
+      <https://arxiv.org/abs/2009.03300>`_, 2021 (MMLU).
+    """
     words = subject.replace("_", " ").strip()
     return _HEADER.format(subject=words) if words else _HEADER_NO_SUBJECT
 
 
 def letter_block(question: Question) -> str:
-    """The question, its lettered choices, and ``"Answer:"`` (no answer)."""
+    """The question, its lettered choices, and ``"Answer:"`` (no answer).
+
+    Args:
+      question: at most 26 choices.
+
+    Returns:
+      ``"{question}\\nA. {choice}\\nB. {choice}...\\nAnswer:"``.
+
+    Raises:
+      DatasetError: more choices than letters.
+    """
     if len(question.choices) > len(LETTERS):
         raise DatasetError(f"{question.origin}: {len(question.choices)} choices cannot be lettered A-Z")
     lines = [question.question.strip()] + [f"{LETTERS[i]}. {choice}" for i, choice in enumerate(question.choices)]
@@ -58,12 +79,36 @@ def letter_block(question: Question) -> str:
 
 
 def cloze_block(question: Question) -> str:
-    """``"Question: {question}\\nAnswer:"``."""
+    """The cloze-style prompt of a question.
+
+    Args:
+      question: the question.
+
+    Returns:
+      ``"Question: {question}\\nAnswer:"``.
+    """
     return f"Question: {question.question.strip()}\nAnswer:"
 
 
 def render_question(question: Question, shots: Sequence[Question], style: str = "letter") -> MultipleChoiceItem:
-    """The item for ``question`` with ``shots`` as worked examples (see the module docstring)."""
+    """The item for ``question`` with ``shots`` as worked examples (see the module docstring).
+
+    Args:
+      question: the question asked.
+      shots: worked examples placed before it, their answers given.
+      style: ``"letter"`` (MMLU) or ``"cloze"``.
+
+    Returns:
+      The :class:`~qlora_jax.eval.items.MultipleChoiceItem`.
+
+    Raises:
+      ValueError: an unknown ``style``.
+      DatasetError: shots for a question that has its own few-shot context.
+
+    References:
+      Hendrycks et al., `Measuring Massive Multitask Language Understanding
+      <https://arxiv.org/abs/2009.03300>`_, 2021 (MMLU).
+    """
     if style not in STYLES:
         raise ValueError(f"unknown prompt style {style!r}; expected one of {', '.join(STYLES)}")
     if shots and question.context:
@@ -83,7 +128,20 @@ def render_question(question: Question, shots: Sequence[Question], style: str = 
 
 def select_shots(questions: Sequence[Question], shots: int, dev: Sequence[Question] | None = None) \
         -> list[list[Question]]:
-    """For each question, its ``shots`` worked examples (see the module docstring)."""
+    """For each question, its ``shots`` worked examples (see the module docstring).
+
+    Args:
+      questions: the evaluated questions.
+      shots: worked examples per question (0 or more).
+      dev: where they come from (None: the evaluated questions, each question excluded from its own).
+
+    Returns:
+      One list of ``shots`` questions per question, the first of its subject in file order.
+
+    Raises:
+      ValueError: a negative ``shots``.
+      DatasetError: a subject with too few questions to draw from.
+    """
     if shots < 0:
         raise ValueError(f"the number of shots must not be negative, got {shots}")
     if shots == 0:
@@ -110,5 +168,19 @@ def select_shots(questions: Sequence[Question], shots: int, dev: Sequence[Questi
 
 def build_items(questions: Sequence[Question], *, shots: int = 0, style: str = "letter",
                 dev: Sequence[Question] | None = None) -> list[MultipleChoiceItem]:
-    """Items for ``questions``, ``shots``-shot from ``dev`` (None: from the questions themselves)."""
+    """Items for ``questions``, ``shots``-shot.
+
+    Args:
+      questions: the evaluated questions.
+      shots: worked examples per question.
+      style: ``"letter"`` or ``"cloze"``.
+      dev: where the shots come from (None: the questions themselves).
+
+    Returns:
+      One :class:`~qlora_jax.eval.items.MultipleChoiceItem` per question.
+
+    Raises:
+      ValueError: a negative ``shots`` or an unknown ``style``.
+      DatasetError: too few questions of a subject to draw the shots from.
+    """
     return [render_question(q, s, style) for q, s in zip(questions, select_shots(questions, shots, dev), strict=True)]

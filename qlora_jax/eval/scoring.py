@@ -57,7 +57,12 @@ _HEAD_ROWS = 512
 
 @dataclasses.dataclass(frozen=True, eq=False)  # arrays: compare with np.array_equal
 class TokenizedItem:
-    """Per choice ``c``: ``contexts[c]`` and ``continuations[c]``, int32 token ids (the latter: the targets)."""
+    """The tokens of one item, per choice ``c``.
+
+    Attributes:
+      contexts: int32 ``[Tc]`` token ids of each choice's context.
+      continuations: int32 ``[Tk]`` token ids of each choice's continuation (the targets).
+    """
 
     contexts: tuple[np.ndarray, ...]
     continuations: tuple[np.ndarray, ...]
@@ -113,7 +118,18 @@ def tokenize_item(item: MultipleChoiceItem, tokenizer: Tokenizer, *, max_length:
                   template: str | None = None) -> tuple[TokenizedItem, bool]:
     """The item's tokens (see the module docstring) and whether its context was truncated.
 
-    ``template``: the chat template of chat items (None: the tokenizer's own).
+    Args:
+      item: the item.
+      tokenizer: the model's tokenizer.
+      max_length: longest row in tokens; a longer context loses its start.
+      template: the chat template of chat items (None: the tokenizer's own).
+
+    Returns:
+      ``(tokens, truncated)``: a :class:`TokenizedItem` and whether a context lost its start.
+
+    Raises:
+      ValueError: naming the item, a choice or context that encodes to no tokens, or a choice
+        that leaves no room for the context in ``max_length``.
     """
     pairs = []
     for c, choice in enumerate(item.choices):
@@ -200,7 +216,12 @@ def group_logprobs(spec: ModelSpec, base: Any, lora: Any, context_ids: jax.Array
 class GroupBatch:
     """One padded batch of groups and where its results go (see :func:`group_logprobs` for the arrays).
 
-    ``owners``: per real group, ``(item index, choice indices)`` in continuation-slot order.
+    Attributes:
+      context_ids: int32 ``[1, B, Tc]``, left-padded.
+      context_mask: int32 ``[1, B, Tc]``, 1 on real tokens.
+      continuation_ids: int32 ``[1, B, C, K]``, right-padded.
+      continuation_counts: int32 ``[1, B, C]``, tokens of each continuation (0: an empty slot).
+      owners: per real group, ``(item index, choice indices)`` in continuation-slot order.
     """
 
     context_ids: np.ndarray
@@ -216,7 +237,20 @@ def _pow2_at_least(n: int) -> int:
 
 def plan_batches(items: Sequence[TokenizedItem], *, batch_size: int, pad_id: int, max_length: int) \
         -> list[GroupBatch]:
-    """Every group of ``items`` in padded batches of ``batch_size`` groups, similar shapes together."""
+    """Every group of ``items`` in padded batches of ``batch_size`` groups, similar shapes together.
+
+    Args:
+      items: the tokenized items.
+      batch_size: groups per batch (positive).
+      pad_id: the padding token.
+      max_length: longest row in tokens (the lengths are bucketed up to it).
+
+    Returns:
+      The :class:`GroupBatch` list.
+
+    Raises:
+      ValueError: a non-positive ``batch_size``.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     buckets = data_lib.bucket_lengths(max_length)

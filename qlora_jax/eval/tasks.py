@@ -27,14 +27,25 @@ def load_task(
 ) -> MultipleChoiceTask:
     """The task ``source`` names.
 
-    ``source``: ``"chatterbot"`` (or ``"chatterbot:<language>"``), the built-in held-out reply
-    retrieval task (:mod:`.chatterbot`; ``eval_dataset_size``, ``seed`` and ``max_eval_samples``
-    must be the finetune's so that it is the finetune's held-out split), or a file
-    (:mod:`.formats`). For a ``questions`` file, ``shots`` worked examples per prompt come from
-    ``dev_file`` (None: from the file itself, see :mod:`.prompts`) in ``style`` "letter" (MMLU,
-    the default) or "cloze". qlora.py's files are already rendered (``five_shot_*`` holds 5-shot
-    prompts) and the chatterbot task is zero-shot chat: for them ``shots`` must be 0 and
-    ``style``/``dev_file`` unset.
+    qlora.py's files are already rendered (``five_shot_*`` holds 5-shot prompts) and the chatterbot
+    task is zero-shot chat: for them ``shots`` must be 0 and ``style``/``dev_file`` unset.
+
+    Args:
+      source: ``"chatterbot"`` (or ``"chatterbot:<language>"``), the built-in held-out reply
+        retrieval task (:mod:`.chatterbot`), or a file (:mod:`.formats`).
+      shots: worked examples per prompt of a ``questions`` file.
+      style: "letter" (MMLU, the default) or "cloze", for a ``questions`` file.
+      dev_file: where the shots come from (None: the file itself, see :mod:`.prompts`).
+      eval_dataset_size: the finetune's, so that the chatterbot task is its held-out split.
+      seed: the finetune's split seed, likewise.
+      max_eval_samples: the finetune's cap on held-out conversations, likewise.
+
+    Returns:
+      The :class:`~qlora_jax.eval.items.MultipleChoiceTask`.
+
+    Raises:
+      DatasetError: an unknown task or a missing file, or a bad row (naming it).
+      ValueError: an unknown ``style``, or shots/style/dev_file for a task that takes none.
     """
     text = str(source)
     if text.partition(":")[0] in BUILTIN_TASKS and not pathlib.Path(text).exists():

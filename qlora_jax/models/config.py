@@ -30,7 +30,43 @@ class UnsupportedArchitectureError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Hyperparameters of a LLaMA-family decoder. Sizes are counts; ``head_dim`` in elements."""
+    """Hyperparameters of a LLaMA-family decoder (transformers' ``config.json`` fields of the same names).
+
+    Attributes:
+      vocab_size: tokens in the vocabulary (``V``).
+      hidden_size: the residual stream's width (``D``).
+      intermediate_size: the MLP's hidden width (``F``).
+      num_hidden_layers: decoder layers (``L``).
+      num_attention_heads: query heads.
+      num_key_value_heads: key/value heads (divides ``num_attention_heads``; grouped-query attention).
+      head_dim: elements per head.
+      rms_norm_eps: RMSNorm's epsilon.
+      rope_theta: RoPE's base.
+      rope_scaling: None, or ``"rope_type"`` ("default", "linear", "llama3") and its parameters, as
+        sorted (key, value) pairs so that the config stays hashable (a dict is converted).
+      max_position_embeddings: the longest sequence the model was trained for, in tokens.
+      tie_word_embeddings: the output head is ``embed_tokens``.
+      attention_bias: Qwen2: bias on q, k, v (not o); Llama with attention_bias: on all four.
+      o_proj_bias: bias on o_proj.
+      mlp_bias: bias on the MLP's linear layers.
+      sliding_window: Mistral-style local attention window, in tokens (None: none).
+      hidden_act: the MLP gate's activation (the family's: "silu", or "gelu_pytorch_tanh" for Gemma).
+      model_type: the family (``config.json``'s ``model_type``).
+      layer_types: per layer, "full_attention" or "sliding_attention" (None: every layer local if
+        ``sliding_window`` is set, else global); Gemma 2/3 mix them.
+      attn_logit_softcapping: Gemma 2: scores -> cap * tanh(scores / cap) (None: none).
+      final_logit_softcapping: Gemma 2: logits -> cap * tanh(logits / cap) (None: none).
+      query_pre_attn_scalar: the attention scale is its -1/2 power (None: ``head_dim``).
+      rope_local_theta: RoPE base of the sliding-window layers where it differs (Gemma 3).
+      rope_local_scaling: their rotary scaling, likewise.
+      bos_token_id: the beginning-of-sequence token (None: none).
+      eos_token_id: the end-of-sequence token or tokens (a list is stored as a tuple).
+      pad_token_id: the padding token (None: none).
+
+    Raises:
+      UnsupportedArchitectureError: an unsupported ``model_type`` or ``hidden_act``.
+      ValueError: inconsistent sizes (heads that do not divide, bad ``layer_types``).
+    """
 
     vocab_size: int
     hidden_size: int

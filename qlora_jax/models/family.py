@@ -26,26 +26,33 @@ __all__ = ["Family", "FAMILIES", "family_of", "detect_family", "supported_model_
 class Family:
     """How one model family's decoder differs from the LLaMA block.
 
-    ``model_types``: the ``config.json`` ``model_type`` values it reads; ``architecture``: the
-    transformers class written into exported ``config.json`` files.
-    ``sandwich_norms``: Gemma 2/3's RMSNorm on each branch's output as well as its input
-    (``input_layernorm`` -> attn -> ``post_attention_layernorm``, ``pre_feedforward_layernorm``
-    -> MLP -> ``post_feedforward_layernorm``); without it ``post_attention_layernorm`` is the
-    MLP's input norm, as in LLaMA.
-    ``norm_offset``: RMSNorm scales by ``(norm_offset + w)`` (Gemma: 1.0, computed in float32).
-    ``qk_norm``: RMSNorm over each head of q and k before RoPE (``self_attn.q_norm``/``k_norm``,
-    ``[head_dim]``). ``activation``: the MLP gate's ("silu" or "gelu_tanh").
-    ``embed_scale``: embeddings multiplied by ``sqrt(hidden_size)`` (in the compute dtype).
-    ``fused_qkv`` / ``fused_gate_up``: Phi-3's ``qkv_proj`` ``[q + 2 kv, D]`` and ``gate_up_proj``
-    ``[2 F, D]`` are one weight each (one quantized tensor, one LoRA adapter).
-    ``default_layer_types``: for ``config.json`` files without ``layer_types``, which layers are
-    ``"sliding_attention"`` (the rest ``"full_attention"``), from the config dict and layer count.
-    ``refused``: ``{config.json field: predicate}`` of settings this library does not implement;
-    a field whose predicate is true on its value is refused by name.
-    ``moe``: a mixture-of-experts family: the routing of :mod:`qlora_jax.models.moe` ("mixtral" or
-    "qwen3_moe"); every layer's MLP is then the sparse MoE block (a router ``{moe_module}.gate``
-    ``[E, D]`` kept 16-bit, and ``E`` experts whose ``gate_proj``/``up_proj``/``down_proj`` are
-    stored on disk as ``{moe_module}.experts.{e}.{expert_names[i]}``).
+    Attributes:
+      name: the family's name.
+      model_types: the ``config.json`` ``model_type`` values it reads.
+      architecture: the transformers class written into exported ``config.json`` files.
+      sandwich_norms: Gemma 2/3's RMSNorm on each branch's output as well as its input
+        (``input_layernorm`` -> attn -> ``post_attention_layernorm``, ``pre_feedforward_layernorm``
+        -> MLP -> ``post_feedforward_layernorm``); without it ``post_attention_layernorm`` is the
+        MLP's input norm, as in LLaMA.
+      norm_offset: RMSNorm scales by ``(norm_offset + w)`` (Gemma: 1.0, computed in float32).
+      qk_norm: RMSNorm over each head of q and k before RoPE (``self_attn.q_norm``/``k_norm``,
+        ``[head_dim]``).
+      activation: the MLP gate's ("silu" or "gelu_tanh").
+      embed_scale: embeddings multiplied by ``sqrt(hidden_size)`` (in the compute dtype).
+      fused_qkv: Phi-3's ``qkv_proj`` ``[q + 2 kv, D]`` is one weight (one quantized tensor, one
+        LoRA adapter).
+      fused_gate_up: Phi-3's ``gate_up_proj`` ``[2 F, D]`` likewise.
+      default_layer_types: for ``config.json`` files without ``layer_types``, which layers are
+        ``"sliding_attention"`` (the rest ``"full_attention"``), from the config dict and layer count.
+      refused: ``(config.json field, predicate, reason)`` of settings this library does not
+        implement; a field whose predicate is true on its value is refused by name.
+      moe: a mixture-of-experts family: the routing of :mod:`qlora_jax.models.moe` ("mixtral" or
+        "qwen3_moe"); every layer's MLP is then the sparse MoE block (a router ``{moe_module}.gate``
+        ``[E, D]`` kept 16-bit, and ``E`` experts whose ``gate_proj``/``up_proj``/``down_proj``
+        are stored on disk as ``{moe_module}.experts.{e}.{expert_names[i]}``); None: dense.
+      moe_module: the MoE block's module name in a layer (``mlp``; Mixtral: ``block_sparse_moe``).
+      expert_names: the on-disk names of an expert's gate, up and down matrices (Mixtral:
+        ``w1``/``w3``/``w2``).
     """
 
     name: str
@@ -139,12 +146,26 @@ ARCHITECTURES = {t: arch for arch, t in _BY_ARCH.items()}
 
 
 def supported_model_types() -> tuple[str, ...]:
-    """Every ``model_type`` some family reads."""
+    """Every ``model_type`` some family reads.
+
+    Returns:
+      The ``model_type`` values, in registration order.
+    """
     return tuple(_BY_TYPE)
 
 
 def family_of(model_type: str) -> Family:
-    """The family of a ``model_type``; ValueError listing the supported ones otherwise."""
+    """The family of a ``model_type``.
+
+    Args:
+      model_type: ``config.json``'s ``model_type``.
+
+    Returns:
+      Its :class:`Family`.
+
+    Raises:
+      ValueError: an unsupported ``model_type``, listing the supported ones.
+    """
     try:
         return _BY_TYPE[model_type]
     except KeyError:
@@ -155,7 +176,12 @@ def family_of(model_type: str) -> Family:
 def detect_family(cfg: Mapping[str, Any]) -> str | None:
     """The ``model_type`` of a transformers config dict: its ``model_type``, else its ``architectures``.
 
-    None when neither names a supported family (the caller reports it with the supported list).
+    Args:
+      cfg: the ``config.json`` dict.
+
+    Returns:
+      The ``model_type``, or None when neither names a supported family (the caller reports it with
+      the supported list).
     """
     model_type = cfg.get("model_type")
     if model_type in _BY_TYPE:

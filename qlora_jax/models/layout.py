@@ -65,17 +65,41 @@ _ALL_NORMS = ("input_layernorm", "self_attn.q_norm", "self_attn.k_norm", "post_a
 
 
 def linear_layers(config: LlamaConfig) -> tuple[str, ...]:
-    """The linear layers of one decoder layer of ``config``'s family, in the order they are applied."""
+    """The linear layers of one decoder layer of ``config``'s family, in the order they are applied.
+
+    Args:
+      config: the model config.
+
+    Returns:
+      Their names (``"q_proj"``, ...).
+    """
     return config.family.linear_layers
 
 
 def layer_norms(config: LlamaConfig) -> tuple[str, ...]:
-    """The RMSNorms of one decoder layer of ``config``'s family (module paths, ``self_attn.q_norm``)."""
+    """The RMSNorms of one decoder layer of ``config``'s family.
+
+    Args:
+      config: the model config.
+
+    Returns:
+      Their module paths (``"input_layernorm"``, ``"self_attn.q_norm"``, ...).
+    """
     return config.family.layer_norms
 
 
 def module_group(name: str) -> str:
-    """The Hugging Face submodule a linear layer lives in: "self_attn" or "mlp"."""
+    """The Hugging Face submodule a linear layer lives in.
+
+    Args:
+      name: a linear layer's name.
+
+    Returns:
+      "self_attn" or "mlp".
+
+    Raises:
+      ValueError: not a linear layer's name.
+    """
     if name in _ALL_ATTENTION:
         return "self_attn"
     if name in _ALL_MLP:
@@ -84,18 +108,33 @@ def module_group(name: str) -> str:
 
 
 def hf_module(layer: int, name: str, *, prefix: str = "model.") -> str:
-    """Hugging Face module name of a layer's linear layer or norm, e.g. ``model.layers.3.mlp.up_proj``.
+    """Hugging Face module name of a layer's linear layer or norm.
 
-    A dotted ``name`` is a module path already (``self_attn.q_norm``, ``block_sparse_moe.gate``).
+    Args:
+      layer: the decoder layer's index.
+      name: the linear layer's name, a norm's path, or a dotted module path
+        (``self_attn.q_norm``, ``block_sparse_moe.gate``).
+      prefix: before ``layers.``.
+
+    Returns:
+      e.g. ``model.layers.3.mlp.up_proj``.
     """
     path = name if name in _ALL_NORMS or "." in name else f"{module_group(name)}.{name}"
     return f"{prefix}layers.{layer}.{path}"
 
 
 def hf_global_key(name: str, *, prefix: str = "model.") -> str:
-    """Transformers' key of a tensor outside the decoder layers: "embed_tokens", "norm" or "lm_head".
+    """Transformers' key of a tensor outside the decoder layers (the layers' keys are :func:`hf_key`).
 
-    (The layers' keys are :func:`hf_key`.)
+    Args:
+      name: "embed_tokens", "norm" or "lm_head".
+      prefix: before the name (``lm_head`` takes none).
+
+    Returns:
+      e.g. ``model.embed_tokens.weight``, ``lm_head.weight``.
+
+    Raises:
+      ValueError: another name.
     """
     if name == "lm_head":
         return "lm_head.weight"
@@ -123,15 +162,18 @@ def get_layer_entry(layers: Mapping[str, Any], name: str) -> Any:
 class TensorSpec:
     """One tensor of a model: where it sits in the ``base`` pytree and in a Hugging Face checkpoint.
 
-    ``path``: keys into the base pytree (``("layers", "self_attn", "q_proj", "weight")``);
-    ``shape``: one tensor's (one layer's, for ``layered`` tensors, which are stacked over a
-    leading layer axis); ``linear``: a linear weight (quantized); ``module``/``tensor``: the
-    Hugging Face module (a layer's module name such as ``self_attn.q_proj``, or
-    ``embed_tokens``/``norm``/``lm_head``) and its tensor ("weight"/"bias").
-    ``experts``: for an MoE layer's expert matrices, how many experts are stacked on an axis after
-    the layer axis (``shape`` is then one expert's, and each expert is quantized on its own, as
-    bitsandbytes quantizes one ``Linear4bit`` per expert); ``expert_module``: expert ``{e}``'s
-    module on disk (``block_sparse_moe.experts.{e}.w1``).
+    Attributes:
+      path: keys into the base pytree (``("layers", "self_attn", "q_proj", "weight")``).
+      shape: one tensor's shape (one layer's, for ``layered`` tensors).
+      layered: stacked over a leading layer axis ``[L, ...]`` in the base.
+      linear: a linear weight (quantized).
+      module: the Hugging Face module: a layer's module name such as ``self_attn.q_proj``, or
+        ``embed_tokens``/``norm``/``lm_head``.
+      tensor: the module's tensor ("weight"/"bias").
+      experts: for an MoE layer's expert matrices, how many experts are stacked on an axis after
+        the layer axis (``shape`` is then one expert's, and each expert is quantized on its own, as
+        bitsandbytes quantizes one ``Linear4bit`` per expert); 0 otherwise.
+      expert_module: expert ``{e}``'s module on disk (``block_sparse_moe.experts.{e}.w1``).
     """
 
     path: tuple[str, ...]
@@ -169,8 +211,15 @@ class TensorSpec:
 
 
 def tensor_table(config: LlamaConfig) -> list[TensorSpec]:
-    """Every tensor of a ``base`` for ``config``, in checkpoint read order: embeddings, final norm,
-    the untied head, then one layer's norms, linear weights and biases."""
+    """Every tensor of a ``base`` for ``config``, in checkpoint read order.
+
+    Args:
+      config: the model config.
+
+    Returns:
+      :class:`TensorSpec` list: embeddings, final norm, the untied head, then one layer's norms,
+      linear weights and biases.
+    """
     d, vocab = config.hidden_size, config.vocab_size
     table = [TensorSpec(("embed_tokens",), (vocab, d), False, False, "embed_tokens"),
              TensorSpec(("norm",), (d,), False, False, "norm")]
@@ -213,10 +262,16 @@ def base_from_table(config: LlamaConfig, values: Mapping[str, Any]) -> dict[str,
 
 
 def hf_key(layer: int, name: str, tensor: str = "weight", *, prefix: str = "model.") -> str:
-    """Checkpoint key of a tensor of a layer's module, e.g. ``model.layers.3.mlp.up_proj.weight``.
+    """Checkpoint key of a tensor of a layer's module.
 
-    ``tensor`` may be dotted (PEFT's ``lora_A.weight``); ``prefix`` is ``"base_model.model.model."``
-    for PEFT adapter files.
+    Args:
+      layer: the decoder layer's index.
+      name: the linear layer's name or the norm's path.
+      tensor: the tensor, may be dotted (PEFT's ``lora_A.weight``).
+      prefix: before ``layers.``; ``"base_model.model.model."`` for PEFT adapter files.
+
+    Returns:
+      e.g. ``model.layers.3.mlp.up_proj.weight``.
     """
     return f"{hf_module(layer, name, prefix=prefix)}.{tensor}"
 
@@ -232,10 +287,21 @@ def assemble_base(
 ) -> dict[str, Any]:
     """The ``base`` pytree of :mod:`qlora_jax.models.llama` from its layer-stacked parts.
 
-    ``layer_norms``: ``{"input_layernorm": [L, D], "self_attn.q_norm": [L, head_dim], ...}``,
-    every norm of :func:`layer_norms`; ``linears``: ``{name: {"weight": W, "bias"?: [L, out]}}``
-    for every name of :func:`linear_layers`; ``lm_head``: ``[V, D]`` for untied heads, else None.
-    ``config``: the model's (None: a LLaMA layout).
+    Args:
+      embed_tokens: ``[V, D]``.
+      norm: the final norm ``[D]``.
+      layer_norms: ``{"input_layernorm": [L, D], "self_attn.q_norm": [L, head_dim], ...}``, every
+        norm of :func:`layer_norms`.
+      linears: ``{name: {"weight": W, "bias"?: [L, out]}}`` for every name of :func:`linear_layers`
+        (``W`` ``[L, out, in]``, quantized or not).
+      lm_head: ``[V, D]`` for untied heads, else None.
+      config: the model's (None: a LLaMA layout).
+
+    Returns:
+      The base pytree.
+
+    Raises:
+      ValueError: norms or linear layers other than the family's.
     """
     # (the parameter ``layer_norms`` hides the module's function of that name)
     norms = LAYER_NORMS if config is None else config.family.layer_norms
@@ -261,7 +327,14 @@ def assemble_base(
 
 
 def linear_entries(base: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
-    """``{name: {"weight", "bias"?}}`` of every linear layer of a ``base`` pytree, in decoder order."""
+    """Every linear layer of a ``base`` pytree, in decoder order.
+
+    Args:
+      base: the base pytree.
+
+    Returns:
+      ``{name: {"weight", "bias"?}}``.
+    """
     layers = base["layers"]
     return {name: layers[module_group(name)][name] for name in ALL_LINEAR_LAYERS
             if name in layers.get(module_group(name), {})}
@@ -315,26 +388,55 @@ def _peft_modules(config: LlamaConfig) -> dict[str, tuple[int, str] | None]:
 
 
 def peft_module_names(config: LlamaConfig) -> list[str]:
-    """The module names PEFT matches ``target_modules`` against in the family's ``*ForCausalLM``:
-    every decoder layer's linear layers (each expert's, and the router, of MoE layers), then ``lm_head``."""
+    """The module names PEFT matches ``target_modules`` against in the family's ``*ForCausalLM``.
+
+    Args:
+      config: the model config.
+
+    Returns:
+      Every decoder layer's linear layers (``model.layers.3.self_attn.q_proj``, ...; each expert's,
+      and the router, of MoE layers), then ``lm_head``.
+    """
     return list(_peft_modules(config))
 
 
 def matches_target_modules(target_modules: str | tuple[str, ...], module: str) -> bool:
-    """PEFT's rule (``check_target_module_exists``): a string is a regex matched in full against the
-    module name; a list matches a module whose name is, or ends with ``.`` + , one of its entries."""
+    """PEFT's rule (``check_target_module_exists``) for whether ``target_modules`` selects a module.
+
+    Args:
+      target_modules: a string, a regex matched in full against the module name; or a tuple, which
+        matches a module whose name is, or ends with ``.`` + , one of its entries.
+      module: a module name (:func:`peft_module_names`).
+
+    Returns:
+      Whether it is selected.
+    """
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, module) is not None
     return any(module == t or module.endswith("." + t) for t in target_modules)
 
 
 def lora_targets(lora_config: LoraConfig, config: LlamaConfig) -> tuple[str, ...]:
-    """The linear layers (names of :func:`linear_layers`, decoder order) that ``lora_config`` adapts.
+    """The linear layers that ``lora_config`` adapts.
 
     ``"all-linear"`` is every linear layer but the output head. Lists and regular expressions
-    follow PEFT (see :func:`matches_target_modules`). The scanned decoder puts the same adapters in every layer,
-    so a selection that differs between layers, one that takes ``lm_head`` or one that takes
-    nothing is an error naming what it matched.
+    follow PEFT (see :func:`matches_target_modules`). The scanned decoder puts the same adapters in
+    every layer.
+
+    Args:
+      lora_config: the adapters' hyperparameters (its ``target_modules``).
+      config: the model config.
+
+    Returns:
+      Names of :func:`linear_layers`, in decoder order.
+
+    Raises:
+      ValueError: a selection that differs between layers, takes ``lm_head`` or takes nothing,
+        naming what it matched.
+
+    References:
+      Hu et al., `LoRA: Low-Rank Adaptation of Large Language Models
+      <https://arxiv.org/abs/2106.09685>`_, 2021.
     """
     targets = lora_config.target_modules
     linear_names = linear_layers(config)

@@ -47,7 +47,13 @@ _NEG_INF = -1e30
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer, ``[L, B, S_max, kv_heads, head_dim]``, and the next slot."""
+    """Keys and values of every layer, and the next slot.
+
+    Attributes:
+      k: keys ``[L, B, S_max, kv_heads, head_dim]``.
+      v: values, likewise.
+      index: int32 scalar, the next slot to write.
+    """
 
     k: jax.Array
     v: jax.Array
@@ -55,7 +61,17 @@ class KVCache(NamedTuple):
 
 
 def init_kv_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16) -> KVCache:
-    """An empty cache for ``batch`` sequences of up to ``max_len`` tokens."""
+    """An empty cache for ``batch`` sequences of up to ``max_len`` tokens.
+
+    Args:
+      config: the model config (layers, key-value heads, head size).
+      batch: sequences.
+      max_len: slots per sequence, in tokens.
+      dtype: the cache's dtype.
+
+    Returns:
+      A zero :class:`KVCache` at slot 0.
+    """
     shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
@@ -63,8 +79,19 @@ def init_kv_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = jn
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
     """RMSNorm over the last axis, in float32, returned in ``x.dtype``.
 
-    ``offset`` 0: transformers' LlamaRMSNorm (``w * normed``, normed rounded to ``x.dtype`` first);
-    ``offset`` 1: Gemma's RMSNorm (``(1 + w) * normed``, all in float32).
+    Args:
+      x: ``[..., D]``.
+      weight: ``[D]``.
+      eps: added to the mean square.
+      offset: 0: transformers' LlamaRMSNorm (``w * normed``, normed rounded to ``x.dtype`` first);
+        1: Gemma's RMSNorm (``(1 + w) * normed``, all in float32).
+
+    Returns:
+      ``[..., D]`` in ``x.dtype``.
+
+    References:
+      Zhang and Sennrich, `Root Mean Square Layer Normalization
+      <https://arxiv.org/abs/1910.07467>`_, 2019.
     """
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
@@ -195,6 +222,11 @@ def _embed(config: Any, base: dict[str, Any], input_ids: jax.Array, compute_dtyp
     return h
 
 
+# The decoder's attention and its mask under public names, for code that rebuilds the decoder
+# from other layers around them (experiments/bench_decoder.py).
+grouped_query_attention, make_attention_mask = _attention, _attention_mask
+
+
 def hidden_states_and_router_logits(
     spec: ModelSpec,
     base: dict[str, Any],
@@ -278,25 +310,53 @@ def hidden_states(
     input_ids: jax.Array,
     **kwargs: Any,
 ) -> tuple[jax.Array, KVCache | None]:
-    """Final normalised hidden states ``[B, T, D]`` (``spec.compute_dtype``) and the updated cache.
+    """Final normalised hidden states and the updated cache.
 
-    ``input_ids``: int ``[B, T]``. ``attention_mask``: ``[B, S]`` with 1 for real tokens, over the
-    key slots (``S = T`` without a cache, the cache length with one). ``positions``: rotary
-    positions ``[B, T]`` (default: the slot index; pass ``cumsum(mask) - 1`` for left-padded
-    batches). ``dropout_key`` enables LoRA dropout (at ``spec.lora_config.dropout``).
+    Args:
+      spec: the model's spec (architecture, adapters, dtypes, kernels).
+      base: the base pytree (:func:`~qlora_jax.models.layout.assemble_base`'s layout).
+      lora: the adapters, or None.
+      input_ids: int ``[B, T]``.
+      **kwargs: :func:`hidden_states_and_router_logits`'s: ``attention_mask`` ``[B, S]`` with 1 for
+        real tokens, over the key slots (``S = T`` without a cache, the cache length with one);
+        ``positions`` ``[B, T]`` (default: the slot index; pass ``cumsum(mask) - 1`` for
+        left-padded batches); ``cache``; ``dropout_key`` (enables LoRA dropout at
+        ``spec.lora_config.dropout``).
+
+    Returns:
+      ``(h, cache)``: ``[B, T, D]`` in ``spec.compute_dtype`` and the updated cache (None without one).
+
+    Raises:
+      ValueError: an ``attention_mask`` of another shape than ``[B, S]``.
     """
     h, cache, _ = hidden_states_and_router_logits(spec, base, lora, input_ids, **kwargs)
     return h, cache
 
 
 def output_head(config: LlamaConfig, base: dict[str, Any]) -> Any:
-    """The output projection ``[V, D]``: ``embed_tokens`` for tied heads, else ``lm_head``."""
+    """The output projection.
+
+    Args:
+      config: the model config.
+      base: the base pytree.
+
+    Returns:
+      ``[V, D]``: ``embed_tokens`` for tied heads, else ``lm_head`` (possibly quantized).
+    """
     return base["embed_tokens"] if config.tie_word_embeddings else base["lm_head"]
 
 
 def logits_from_hidden(spec: ModelSpec, base: dict[str, Any], h: jax.Array) -> jax.Array:
-    """float32 logits ``[..., V]`` from hidden states ``[..., D]``, through the (possibly tied) head
-    and the final soft-cap (Gemma 2)."""
+    """Logits from hidden states, through the (possibly tied) head and the final soft-cap (Gemma 2).
+
+    Args:
+      spec: the model's spec.
+      base: the base pytree.
+      h: hidden states ``[..., D]``.
+
+    Returns:
+      float32 logits ``[..., V]``.
+    """
     logits = base_matmul(h, output_head(spec.config, base), backend=spec.kernel_backend).astype(jnp.float32)
     return soft_cap(logits, spec.config.final_logit_softcapping)
 
@@ -308,6 +368,17 @@ def forward(
     input_ids: jax.Array,
     **kwargs: Any,
 ) -> tuple[jax.Array, KVCache | None]:
-    """Logits ``[B, T, V]`` (float32) and the updated cache; arguments as :func:`hidden_states`."""
+    """Logits and the updated cache.
+
+    Args:
+      spec: the model's spec.
+      base: the base pytree.
+      lora: the adapters, or None.
+      input_ids: int ``[B, T]``.
+      **kwargs: :func:`hidden_states`' keyword arguments.
+
+    Returns:
+      ``(logits, cache)``: float32 ``[B, T, V]`` and the updated cache (None without one).
+    """
     h, cache = hidden_states(spec, base, lora, input_ids, **kwargs)
     return logits_from_hidden(spec, base, h), cache

@@ -16,7 +16,23 @@ __all__ = ["inverse_frequencies", "rotary_cos_sin", "apply_rotary"]
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> np.ndarray:
-    """float32 ``[head_dim // 2]`` inverse frequencies, as transformers computes them in float32."""
+    """RoPE's inverse frequencies, as transformers computes them in float32.
+
+    Args:
+      head_dim: elements per head.
+      theta: RoPE's base.
+      scaling: None, or ``{"rope_type": "default"|"linear"|"llama3", ...}`` and its parameters.
+
+    Returns:
+      float32 ``[head_dim // 2]``.
+
+    Raises:
+      ValueError: an unsupported scaling type.
+
+    References:
+      Su et al., `RoFormer: Enhanced Transformer with Rotary Position Embedding
+      <https://arxiv.org/abs/2104.09864>`_, 2021.
+    """
     exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
     inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
     rope_type = (scaling or {}).get("rope_type", "default")
@@ -39,14 +55,35 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
 
 
 def rotary_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """cos and sin, float32 ``[..., T, head_dim]``, for integer ``positions`` ``[..., T]``."""
+    """cos and sin for integer ``positions``.
+
+    Args:
+      positions: int ``[..., T]``.
+      inv_freq: float32 ``[head_dim // 2]`` (:func:`inverse_frequencies`).
+
+    Returns:
+      ``(cos, sin)``, float32 ``[..., T, head_dim]`` each.
+    """
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates ``x`` ``[B, T, heads, head_dim]`` by cos/sin ``[B, T, head_dim]`` (rotate_half)."""
+    """Rotates ``x`` by cos/sin (transformers' rotate_half convention).
+
+    Args:
+      x: ``[B, T, heads, head_dim]``.
+      cos: ``[B, T, head_dim]`` (:func:`rotary_cos_sin`).
+      sin: ``[B, T, head_dim]``.
+
+    Returns:
+      The rotated ``x``, same shape and dtype.
+
+    References:
+      Su et al., `RoFormer: Enhanced Transformer with Rotary Position Embedding
+      <https://arxiv.org/abs/2104.09864>`_, 2021.
+    """
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]

@@ -29,11 +29,20 @@ COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 class ModelSpec:
     """What runs: architecture, adapters, dtypes, remat and kernels (hashable; a static jit argument).
 
-    ``lora_config``: None for a model without adapters (or for full finetuning, where the base is
-    what trains). ``compute_dtype``: activations and matmul inputs. ``remat``: recompute each
-    layer's activations in the backward pass. ``kernel_backend``: how quantized matmuls run
-    (:data:`qlora_jax.kernels.BACKENDS`; "auto" picks per op, platform and size). ``loss_chunk``:
-    tokens per chunk of the output projection + cross-entropy in training.
+    Attributes:
+      config: the architecture (:class:`~qlora_jax.models.config.LlamaConfig`).
+      lora_config: adapter hyperparameters; None for a model without adapters (or for full
+        finetuning, where the base is what trains).
+      full_finetune: the base itself trains (then ``lora_config`` must be None).
+      compute_dtype: dtype of activations and matmul inputs, one of ``COMPUTE_DTYPES``.
+      remat: recompute each layer's activations in the backward pass.
+      kernel_backend: how quantized matmuls run (:data:`qlora_jax.kernels.BACKENDS`; "auto" picks per
+        op, platform and size).
+      loss_chunk: tokens per chunk of the output projection + cross-entropy in training (positive).
+
+    Raises:
+      ValueError: an unknown ``compute_dtype`` or ``kernel_backend``, adapters with
+        ``full_finetune``, a non-positive ``loss_chunk``, or a ``target_modules`` that selects no layer.
     """
 
     config: LlamaConfig
