@@ -42,9 +42,10 @@ DOCUMENTED = [
     *(f"qlora_jax.checkpoints.{m}" for m in ("base_cache", "errors", "gguf_io", "load", "safetensors_io", "validate")),
     "qlora_jax.models.llama",
     "qlora_jax.models.rope",
-    # models.config, models.family and models.layout have their sections too, but join only once
-    # issue 23's MoE fields (LlamaConfig.num_experts..., Family.moe..., TensorSpec.experts...) and
-    # functions are merged and documented: listing them now would fail that merge.
+    "qlora_jax.models.config",
+    "qlora_jax.models.family",
+    "qlora_jax.models.layout",
+    # models.moe joins once its routing helpers have their sections (issue 23's expert-axis work).
     # The modules behind the packages' re-exports, for the names only they export.
     *(f"qlora_jax.optim.{m}" for m in ("adam8bit", "adamw", "factory", "jit", "masks", "memory_kinds", "offload",
                                        "quantized_moments", "schedules", "shardings", "streaming")),

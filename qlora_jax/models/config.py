@@ -62,6 +62,14 @@ class LlamaConfig:
       bos_token_id: the beginning-of-sequence token (None: none).
       eos_token_id: the end-of-sequence token or tokens (a list is stored as a tuple).
       pad_token_id: the padding token (None: none).
+      num_experts: an MoE model's experts per layer (Mixtral's ``num_local_experts``, Qwen3-MoE's
+        ``num_experts``); 0 for a dense model.
+      num_experts_per_tok: the experts each token is routed to (top-k).
+      norm_topk_prob: Qwen3-MoE renormalises the top-k routing weights to sum to one (Mixtral
+        always does).
+      router_aux_loss_coef: the load-balancing loss's weight in the training loss.
+      moe_intermediate_size: an expert's intermediate size (Qwen3-MoE; Mixtral's is
+        ``intermediate_size``).
 
     Raises:
       UnsupportedArchitectureError: an unsupported ``model_type`` or ``hidden_act``.

@@ -354,10 +354,20 @@ def adapter_targets(lora: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def adapter_modules(config: LlamaConfig, layer: int, name: str, *, prefix: str = "model.") -> list[str]:
-    """The Hugging Face modules of one layer's linear layer ``name``: one, or one per expert for an MoE
-    layer's expert matrices (``model.layers.0.block_sparse_moe.experts.{e}.w1``, transformers 4's
-    module names, under which PEFT saves per-expert adapters and which PEFT 0.21 converts to
-    transformers 5's fused experts when it loads them)."""
+    """The Hugging Face modules of one layer's linear layer ``name``.
+
+    Args:
+      config: the model config.
+      layer: the decoder layer's index.
+      name: our linear layer's name (``q_proj``, ``gate_proj``...).
+      prefix: before ``layers.``.
+
+    Returns:
+      One module name, or one per expert for an MoE layer's expert matrices
+      (``model.layers.0.block_sparse_moe.experts.{e}.w1``: transformers 4's module names, under
+      which PEFT saves per-expert adapters and which PEFT 0.21 converts to transformers 5's fused
+      experts when it loads them).
+    """
     if not config.expert_stack(name):
         return [hf_module(layer, name, prefix=prefix)]
     family = config.family
@@ -366,8 +376,16 @@ def adapter_modules(config: LlamaConfig, layer: int, name: str, *, prefix: str =
 
 
 def peft_target_name(config: LlamaConfig, name: str) -> str:
-    """The short module name PEFT's ``target_modules`` uses for our linear layer ``name`` (Mixtral's
-    experts: ``w1``/``w3``/``w2``; otherwise ``name``)."""
+    """The short module name PEFT's ``target_modules`` uses for one of our linear layers.
+
+    Args:
+      config: the model config.
+      name: our linear layer's name.
+
+    Returns:
+      Mixtral's expert names ``w1``/``w3``/``w2`` for its experts' ``gate_proj``/``up_proj``/
+      ``down_proj``; otherwise ``name``.
+    """
     if config.expert_stack(name):
         return config.family.expert_names[config.family.mlp_layers.index(name)]
     return name
