@@ -533,3 +533,89 @@ def test_sharded_step_matches_single_device(hf, workdir, inputs, mesh_spec):
     for old, a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(new_lora), jax.tree.leaves(ref_lora), strict=True):
         got, want = np.asarray(a) - np.asarray(old), np.asarray(b) - np.asarray(old)
         assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want) + 1e-12
+
+
+# ------------------------------------------------------------------------------------------ AdamW against PEFT
+
+# tests/models/test_families.py's five AdamW steps (torch.optim.AdamW's settings, clipping at QLoRA's 0.3,
+# a decay of 1.0 so that the test sees it), on the MoE objective.
+ADAMW = dict(steps=5, lr=1e-3, betas=[0.9, 0.999], eps=1e-8, weight_decay=1.0, max_grad_norm=0.3)
+PROMPT = 3  # the first tokens of each row are a prompt, not targets
+# As tests/models/test_families.py (same sizes: hidden 64, expert intermediate 64, vocab 256, K = 256):
+# float32 rounding over ~20 dependent stages of K-term sums, 4x for the tails.
+U32, K = float(np.finfo(np.float32).eps) / 2, 256
+ROUNDING = 80 * K**0.5 * U32  # relative, of a loss; of a gradient entry, relative to the largest
+
+
+@pytest.fixture(scope="module")
+def adamw_reference(oracle, hf, workdir, inputs):
+    """Per family: a random PEFT adapter on attention and every expert (transformers 4's per-expert
+    names, which PEFT converts to transformers 5's fused experts; lora_B non-zero, so every adapter
+    matrix has a gradient) and the losses of five AdamW steps from it by transformers + PEFT +
+    torch.optim.AdamW in float64 (tests/oracles/hf_train.py with "moe": output_router_logits=True,
+    so transformers computes aux_loss and the objective is loss + router_aux_loss_coef * aux_loss,
+    what our train step optimises)."""
+    ids, mask = inputs
+    loss_mask = np.ones_like(mask)
+    loss_mask[:, :PROMPT] = 0
+    arrays = {f"{case}/{k}": v for name in MODELS for case in (name, f"{name}_init") for k, v in
+              (("input_ids", ids), ("attention_mask", mask), ("loss_mask", loss_mask))}
+    init = []
+    for i, name in enumerate(MODELS):
+        experts = ["w1", "w2", "w3"] if name == "mixtral" else ["gate_proj", "up_proj", "down_proj"]
+        init.append(dict(name=f"{name}_init", op="peft_v4", dir=str(workdir / name), r=4, alpha=8,
+                         targets=["q_proj", "k_proj", "v_proj", "o_proj", *experts], seed=60 + i,
+                         save_dir=str(workdir / f"{name}_adamw_init")))
+    oracle.run("hf_moe.py", arrays, {"cases": init})
+    out = oracle.run("hf_train.py", arrays, {"cases": [
+        dict(name=name, dir=str(workdir / name), adapter_dir=str(workdir / f"{name}_adamw_init"), adamw=ADAMW,
+             moe=True) for name in MODELS]})
+    return out, {"input_ids": ids[None], "attention_mask": mask[None], "loss_mask": loss_mask[None]}
+
+
+def _adamw_losses(spec, base, lora, batch, weight_decay):
+    """The losses of our train step over ADAMW["steps"] steps, then after the last update."""
+    from qlora_jax.optim import make_optimizer
+    from qlora_jax.train import make_train_step
+
+    optimizer = make_optimizer("adamw", ADAMW["lr"], b1=ADAMW["betas"][0], b2=ADAMW["betas"][1], eps=ADAMW["eps"],
+                               weight_decay=weight_decay, max_grad_norm=ADAMW["max_grad_norm"])
+    step = jax.jit(make_train_step(spec, optimizer))
+    state = optimizer.init(lora)
+    batch = jax.tree.map(jnp.asarray, batch)
+    losses = []
+    for _ in range(ADAMW["steps"] + 1):  # the last call's loss is the one after the fifth update
+        lora, state, metrics = step(lora, state, base, batch, None)
+        losses.append(float(metrics["loss"]))
+    return np.array(losses)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_five_adamw_steps_follow_peft(adamw_reference, workdir, name):
+    """Our train step with make_optimizer("adamw"), expert adapters included, follows PEFT's losses
+    (cross-entropy + router_aux_loss_coef * aux_loss) step by step.
+
+    Tolerance: tests/models/test_families.py's derivation (float32 here against float64 there):
+    after k steps, ROUNDING·|loss| + k·16·sqrt(n)·lr·delta with delta = ROUNDING·max|g|. The routing
+    is discrete, but top-2 choices of float32 and float64 router logits agree unless two logits are
+    within ~1e-6 of each other, which these random models do not have (the step-by-step agreement
+    would break by far more than the tolerance if one token changed experts).
+    """
+    from qlora_jax.peft_io import load_peft_adapter
+
+    out, batch = adamw_reference
+    config, base, _ = ours(workdir / name)
+    lora, lora_config = load_peft_adapter(workdir / f"{name}_adamw_init", config, dtype="float32")
+    assert lora["layers"]["mlp"]["down_proj"]["lora_B"].shape == (2, EXPERTS, 64, 4)  # expert adapters
+    assert set(lora["layers"]["self_attn"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    spec = ModelSpec(config, lora_config, compute_dtype="float32")
+    losses = _adamw_losses(spec, base, lora, batch, ADAMW["weight_decay"])
+    want = out[f"{name}/losses"]
+    n = sum(leaf.size for leaf in jax.tree.leaves(lora))
+    delta = ROUNDING * out[f"{name}/grad_max"].max()
+    steps = np.arange(ADAMW["steps"] + 1)
+    tolerance = ROUNDING * np.abs(want) + steps * 16 * n**0.5 * ADAMW["lr"] * delta
+    assert np.all(np.abs(losses - want) <= tolerance), (losses.tolist(), want.tolist(), tolerance.tolist())
+    assert want[0] - want[-1] > 20 * tolerance[-1], "the steps must move the loss far beyond the tolerance"
+    without_decay = _adamw_losses(spec, base, lora, batch, 0.0)
+    assert np.any(np.abs(without_decay - want) > tolerance), "the tolerance must see the weight decay"
