@@ -502,10 +502,16 @@ def test_lora_dropout_reaches_the_expert_adapters(hf, workdir, inputs):
     np.testing.assert_allclose(logits(fresh, jax.random.key(1)), logits(fresh, None), atol=1e-6)
 
 
-@pytest.mark.parametrize("mesh_spec", ["data=2,fsdp=4", "data=2,fsdp=2,tensor=2"])
+@pytest.mark.parametrize("mesh_spec", ["data=2,fsdp=4", "data=2,fsdp=2,tensor=2", "data=2,fsdp=2,expert=2",
+                                       "data=4,expert=2"])
 def test_sharded_step_matches_single_device(hf, workdir, inputs, mesh_spec):
-    """The recipe's FSDP/tensor shardings (tests/test_distributed.py) on 4-bit experts: the parameter axes
-    split the expert axis of codes, scales and per-expert adapters; one step equals the single-device one."""
+    """The recipe's FSDP/tensor shardings (tests/distributed/test_sharding.py) on 4-bit experts: the parameter
+    axes split the expert axis of codes, scales and per-expert adapters; one step equals the single-device one.
+    With an ``expert`` axis (expert parallelism, as the recipe's ``--mesh=...,expert=2`` sets it up through
+    load_pretrained): the expert axis of the base and adapters splits over it and the decoder's MoE blocks
+    compute each device's own experts (ModelSpec.expert_mesh); the step still equals the single-device one."""
+    import dataclasses
+
     import optax
 
     from qlora_jax.distributed import make_mesh, param_shardings, shard_batch, shard_tree
@@ -525,7 +531,12 @@ def test_sharded_step_matches_single_device(hf, workdir, inputs, mesh_spec):
     ref_lora, _, ref = step(lora, sgd.init(lora), base, {k: jnp.asarray(v) for k, v in batch.items()}, None)
     mesh = make_mesh(mesh_spec)
     shardings = param_shardings(base, mesh)
-    assert shardings["layers"]["mlp"]["up_proj"]["weight"].codes.spec[1] is not None  # the expert axis is split
+    expert_split = shardings["layers"]["mlp"]["up_proj"]["weight"].codes.spec[1]
+    assert expert_split is not None  # the expert axis is split
+    if mesh.shape["expert"] > 1:
+        assert "expert" in expert_split
+        assert "expert" in param_shardings(lora, mesh)["layers"]["mlp"]["down_proj"]["lora_B"].spec[1]
+        step = jax.jit(make_train_step(dataclasses.replace(spec, expert_mesh=mesh), sgd))
     new_lora, _, metrics = step(shard_tree(lora, param_shardings(lora, mesh)), sgd.init(lora),
                                 shard_tree(base, shardings), shard_batch(batch, mesh), None)
     for key in ("loss", "aux_loss"):
@@ -619,3 +630,23 @@ def test_five_adamw_steps_follow_peft(adamw_reference, workdir, name):
     assert want[0] - want[-1] > 20 * tolerance[-1], "the steps must move the loss far beyond the tolerance"
     without_decay = _adamw_losses(spec, base, lora, batch, 0.0)
     assert np.any(np.abs(without_decay - want) > tolerance), "the tolerance must see the weight decay"
+
+
+def test_expert_mesh_is_refused_where_it_cannot_apply(hf, workdir):
+    """An ``expert`` mesh axis on a dense model, on experts it does not divide, or with LoRA dropout
+    (not implemented under expert parallelism) is a clear error when the spec is made."""
+    import dataclasses
+
+    from qlora_jax.distributed import make_mesh
+
+    config = read_config(json.loads((workdir / "mixtral" / "config.json").read_text()))
+    mesh = make_mesh("data=4,expert=2")
+    ModelSpec(config, expert_mesh=mesh)  # accepted
+    with pytest.raises(ValueError, match="needs a mixture-of-experts model"):
+        ModelSpec(read_config(dict(json.loads((workdir / "mixtral" / "config.json").read_text()),
+                                   model_type="mistral", architectures=["MistralForCausalLM"])), expert_mesh=mesh)
+    with pytest.raises(ValueError, match=r"num_experts = 4 is not divisible by the 'expert' mesh axis \(8"):
+        ModelSpec(config, expert_mesh=make_mesh("expert=8"))
+    with pytest.raises(ValueError, match="lora_dropout > 0 is not implemented with an 'expert' mesh axis"):
+        ModelSpec(config, LoraConfig(r=4, dropout=0.1), expert_mesh=mesh)
+    assert dataclasses.replace(ModelSpec(config), expert_mesh=mesh).expert_mesh is mesh
