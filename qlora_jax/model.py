@@ -162,6 +162,11 @@ def load_tokenizer(path: str | pathlib.Path) -> Tokenizer | None:
     return Tokenizer.from_folder(path)
 
 
+def _expert_mesh(mesh: jax.sharding.Mesh | None) -> jax.sharding.Mesh | None:
+    """The mesh when its ``expert`` axis has more than one device (expert parallelism), else None."""
+    return mesh if mesh is not None and mesh.shape.get("expert", 1) > 1 else None
+
+
 def load_pretrained(
     path: str | pathlib.Path = "embedded",
     quant: QuantConfig | str = QuantConfig(),
@@ -245,7 +250,7 @@ def load_pretrained(
         lora_params, lora = load_peft_adapter(adapter, config)
     spec = ModelSpec(config, None if full_finetune else lora, full_finetune=full_finetune,
                      compute_dtype=compute_dtype or default_compute_dtype(), remat=remat,
-                     kernel_backend=kernel_backend)
+                     kernel_backend=kernel_backend, expert_mesh=_expert_mesh(mesh))
     if lora_params is None and spec.lora_config is not None:
         lora_params = init_lora_params(jax.random.key(seed), spec)
     if mesh is not None:

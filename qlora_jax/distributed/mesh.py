@@ -1,12 +1,16 @@
 """Device meshes over all the devices of a run (every process's, in a multi-process run).
 
-A mesh spec is a string like ``"fsdp=8"``, ``"data=2,fsdp=4"`` or ``"data=2,fsdp=2,tensor=2"``
-(axes in that order; ``-1`` takes the remaining devices). Axes:
+A mesh spec is a string like ``"fsdp=8"``, ``"data=2,fsdp=4"``, ``"data=2,fsdp=2,tensor=2"`` or
+``"data=4,expert=2"`` (axes in that order; ``-1`` takes the remaining devices). Axes:
 
 * ``data``: pure data parallelism (the batch is split, parameters are replicated);
 * ``fsdp``: the batch is split and the parameters, adapters and optimizer state are sharded too
   (XLA gathers a layer's weights when the layer runs and reduce-scatters its gradients);
-* ``tensor``: the linear layers' output features are split (useful for very wide layers).
+* ``tensor``: the linear layers' output features are split (useful for very wide layers);
+* ``expert``: expert parallelism for mixture-of-experts models: the expert-stacked base and expert
+  adapters split their expert axis over it, and each device computes its own experts' rows
+  (:func:`qlora_jax.models.moe.moe_block`); devices along it hold the same batch rows. Last, so
+  that its collectives stay within a host.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from jax.sharding import AxisType, Mesh
 
 __all__ = ["MESH_AXES", "axes_across_processes", "parse_mesh_spec", "make_mesh"]
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 
 def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
@@ -65,7 +69,7 @@ def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(spec: str = "fsdp=-1", devices: list | None = None) -> Mesh:
-    """A mesh with axes ``("data", "fsdp", "tensor")`` over ``devices``.
+    """A mesh with axes ``("data", "fsdp", "tensor", "expert")`` over ``devices`` (default: all devices).
 
     Axes are ``Auto``: shardings are given for inputs and XLA's SPMD partitioner propagates them.
 

@@ -10,6 +10,12 @@ Rules (``fsdp`` and ``tensor`` mesh axes together are the "parameter" axes):
 * embeddings and the output head split their vocabulary rows;
 * adapters ``A: [L, r, in]`` split ``in``, ``B: [L, out, r]`` split ``out``; any other leaf
   splits its largest dimension that the axes divide, or is replicated;
+* with an ``expert`` mesh axis of more than one device, the experts of an MoE layer (the
+  expert-stacked ``layers.mlp.{gate,up,down}_proj`` base tensors, every array of their
+  quantization included, and their adapters ``[L, E, ...]``) split their expert axis ``E`` over
+  ``expert`` together with the parameter axes where ``E`` divides, else over ``expert`` alone
+  (the layout :func:`qlora_jax.models.moe.moe_block`'s ``shard_map`` computes in); without
+  that axis they follow the rules above (their leading split falls on ``E``);
 * the optimizer state follows the adapters (:func:`qlora_jax.optim.state_shardings`);
 * batches ``[accum, B, T]`` split ``B`` over ``data`` and ``fsdp``; each process reads only the rows
   its devices hold (:func:`process_rows`).
@@ -71,6 +77,28 @@ def _quantized(qt: QuantizedTensor, mesh: Mesh, stacked: bool) -> QuantizedTenso
                            qt.nested_blocksize)
 
 
+def _expert_axes(mesh: Mesh, experts: int, where: str) -> tuple[str, ...]:
+    """The mesh axes an expert axis of ``experts`` splits over (see the module docstring)."""
+    for axes in (("expert", *PARAM_AXES), ("expert",)):
+        if experts % _axes_size(mesh, axes) == 0:
+            return axes
+    raise ValueError(f"{where}: its {experts} experts do not split over the 'expert' mesh axis "
+                     f"({mesh.shape['expert']} devices); use an expert axis that divides {experts}")
+
+
+def _expert_leaf(names: list[str], ndim: int, mesh: Mesh) -> bool:
+    """Whether a leaf is an expert-stacked MoE tensor ``[L, E, ...]`` to split over the expert axis."""
+    return (mesh.shape.get("expert", 1) > 1 and len(names) >= 3 and names[0] == "layers" and names[1] == "mlp"
+            and names[2] in ("gate_proj", "up_proj", "down_proj") and ndim >= 4)
+
+
+def _by_expert(tree: Any, mesh: Mesh, where: str) -> Any:
+    """Every array of ``tree`` (one expert tensor, or its quantized parts) split on its expert axis (1)."""
+    experts = jax.tree.leaves(tree)[0].shape[1]
+    axes = _expert_axes(mesh, experts, where)
+    return jax.tree.map(lambda leaf: NamedSharding(mesh, _split(leaf.ndim, 1, axes)), tree)
+
+
 def _path_names(path) -> list[str]:
     return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
 
@@ -92,6 +120,9 @@ def param_shardings(tree: Any, mesh: Mesh) -> Any:
     def rule(path, leaf):
         names = _path_names(path)
         stacked = "layers" in names
+        main = leaf.codes if isinstance(leaf, QuantizedTensor) else leaf
+        if _expert_leaf(names, len(main.shape), mesh):
+            return _by_expert(leaf, mesh, ".".join(names))
         if isinstance(leaf, QuantizedTensor):
             return _quantized(leaf, mesh, stacked)
         shape = tuple(leaf.shape)
@@ -140,7 +171,7 @@ def process_rows(mesh: Mesh | None, batch_size: int) -> np.ndarray:
     """The rows of a global ``[accum, batch_size, T]`` batch that this process's devices hold.
 
     Under :func:`batch_sharding` the rows split over the data-parallel axes; devices that differ
-    only along ``tensor`` hold the same rows. A process reads and pads only these rows of each
+    only along ``tensor`` or ``expert`` hold the same rows. A process reads and pads only these rows of each
     batch, and :func:`shard_batch` assembles the global array from what every process holds.
 
     Args:

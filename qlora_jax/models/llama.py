@@ -196,7 +196,8 @@ def _moe_mlp(spec: ModelSpec, x, mlp_base, mlp_lora, dropout_key):
     key = None if dropout_key is None else jax.random.fold_in(dropout_key, len(ALL_LINEAR_LAYERS))
     res = moe.moe_block(params, x, config.moe, lora=lora or None,
                         lora_scaling=lora_config.scaling if lora_config is not None else 1.0,
-                        dropout_rate=lora_config.dropout if lora_config is not None else 0.0, dropout_key=key)
+                        dropout_rate=lora_config.dropout if lora_config is not None else 0.0, dropout_key=key,
+                        mesh=spec.expert_mesh)
     return res.hidden, res.router_logits
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import jax
 import jax.numpy as jnp
 
 from qlora_jax.kernels import BACKENDS
@@ -39,6 +40,9 @@ class ModelSpec:
       kernel_backend: how quantized matmuls run (:data:`qlora_jax.kernels.BACKENDS`; "auto" picks per
         op, platform and size).
       loss_chunk: tokens per chunk of the output projection + cross-entropy in training (positive).
+      expert_mesh: for mixture-of-experts models, a mesh whose ``expert`` axis splits the experts
+        (expert parallelism, :func:`qlora_jax.models.moe.moe_block`); None computes every expert on
+        each device.
 
     Raises:
       ValueError: an unknown ``compute_dtype`` or ``kernel_backend``, adapters with
@@ -52,6 +56,7 @@ class ModelSpec:
     remat: bool = False
     kernel_backend: str = "auto"
     loss_chunk: int = 256
+    expert_mesh: jax.sharding.Mesh | None = None
 
     def __post_init__(self):
         dtype = jnp.dtype(self.compute_dtype).name
@@ -64,8 +69,25 @@ class ModelSpec:
             raise ValueError("full finetuning trains the base itself: pass lora_config=None")
         if self.loss_chunk <= 0:
             raise ValueError(f"loss_chunk must be positive, got {self.loss_chunk}")
+        if self.expert_mesh is not None:
+            self._check_expert_mesh()
         if self.lora_config is not None:
             self.lora_targets  # noqa: B018 -- resolve now, so a bad target_modules fails here, not mid-trace
+
+    def _check_expert_mesh(self) -> None:
+        """An expert mesh needs an MoE model whose experts split over its ``expert`` axis, and no
+        LoRA dropout on the experts (moe_block does not implement it under expert parallelism)."""
+        mesh, config = self.expert_mesh, self.config
+        if "expert" not in mesh.axis_names:
+            raise ValueError(f"expert_mesh has no 'expert' axis (axes: {mesh.axis_names})")
+        if not config.is_moe:
+            raise ValueError("an 'expert' mesh axis needs a mixture-of-experts model (Mixtral, Qwen3-MoE); "
+                             f"this model has model_type {config.model_type!r}")
+        if config.num_experts % mesh.shape["expert"]:
+            raise ValueError(f"num_experts = {config.num_experts} is not divisible by the 'expert' mesh axis "
+                             f"({mesh.shape['expert']} devices)")
+        if self.lora_config is not None and self.lora_config.dropout > 0:
+            raise ValueError("lora_dropout > 0 is not implemented with an 'expert' mesh axis: set lora_dropout=0")
 
     @functools.cached_property
     def lora_targets(self) -> tuple[str, ...]:

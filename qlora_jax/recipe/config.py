@@ -193,7 +193,8 @@ class FinetuneConfig:
                                 check=non_negative, resume_may_change=True)
     # devices: a mesh spec such as "fsdp=8" or "data=2,fsdp=4" (None: the default device only)
     mesh: str | None = setting(None, "Device mesh over every process's devices, e.g. 'fsdp=8' or 'data=2,fsdp=4' "
-                               "(axes data, fsdp, tensor; -1 = the rest; needed for a multi-process run). May change "
+                               "(axes data, fsdp, tensor, expert; expert: MoE models' experts split over it, with "
+                               "lora_dropout 0; -1 = the rest; needed for a multi-process run). May change "
                                "on --resume (another device or process count) if the global batch stays the same; "
                                "the losses then agree to float rounding, not bit for bit.", check=_mesh,
                                resume_may_change=True)

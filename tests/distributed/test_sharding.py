@@ -119,7 +119,7 @@ def test_offloaded_state_stays_sharded_and_on_host(setup):
 
 
 def test_mesh_spec_errors():
-    assert parse_mesh_spec("data=2,fsdp=-1", 8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert parse_mesh_spec("data=2,fsdp=-1", 8) == {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1}
     with pytest.raises(ValueError, match="unknown mesh axis"):
         parse_mesh_spec("model=8", 8)
     with pytest.raises(ValueError, match="uses 4 devices but 8"):

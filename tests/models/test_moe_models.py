@@ -502,10 +502,16 @@ def test_lora_dropout_reaches_the_expert_adapters(hf, workdir, inputs):
     np.testing.assert_allclose(logits(fresh, jax.random.key(1)), logits(fresh, None), atol=1e-6)
 
 
-@pytest.mark.parametrize("mesh_spec", ["data=2,fsdp=4", "data=2,fsdp=2,tensor=2"])
+@pytest.mark.parametrize("mesh_spec", ["data=2,fsdp=4", "data=2,fsdp=2,tensor=2", "data=2,fsdp=2,expert=2",
+                                       "data=4,expert=2"])
 def test_sharded_step_matches_single_device(hf, workdir, inputs, mesh_spec):
-    """The recipe's FSDP/tensor shardings (tests/test_distributed.py) on 4-bit experts: the parameter axes
-    split the expert axis of codes, scales and per-expert adapters; one step equals the single-device one."""
+    """The recipe's FSDP/tensor shardings (tests/distributed/test_sharding.py) on 4-bit experts: the parameter
+    axes split the expert axis of codes, scales and per-expert adapters; one step equals the single-device one.
+    With an ``expert`` axis (expert parallelism, as the recipe's ``--mesh=...,expert=2`` sets it up through
+    load_pretrained): the expert axis of the base and adapters splits over it and the decoder's MoE blocks
+    compute each device's own experts (ModelSpec.expert_mesh); the step still equals the single-device one."""
+    import dataclasses
+
     import optax
 
     from qlora_jax.distributed import make_mesh, param_shardings, shard_batch, shard_tree
@@ -525,7 +531,12 @@ def test_sharded_step_matches_single_device(hf, workdir, inputs, mesh_spec):
     ref_lora, _, ref = step(lora, sgd.init(lora), base, {k: jnp.asarray(v) for k, v in batch.items()}, None)
     mesh = make_mesh(mesh_spec)
     shardings = param_shardings(base, mesh)
-    assert shardings["layers"]["mlp"]["up_proj"]["weight"].codes.spec[1] is not None  # the expert axis is split
+    expert_split = shardings["layers"]["mlp"]["up_proj"]["weight"].codes.spec[1]
+    assert expert_split is not None  # the expert axis is split
+    if mesh.shape["expert"] > 1:
+        assert "expert" in expert_split
+        assert "expert" in param_shardings(lora, mesh)["layers"]["mlp"]["down_proj"]["lora_B"].spec[1]
+        step = jax.jit(make_train_step(dataclasses.replace(spec, expert_mesh=mesh), sgd))
     new_lora, _, metrics = step(shard_tree(lora, param_shardings(lora, mesh)), sgd.init(lora),
                                 shard_tree(base, shardings), shard_batch(batch, mesh), None)
     for key in ("loss", "aux_loss"):
@@ -533,3 +544,109 @@ def test_sharded_step_matches_single_device(hf, workdir, inputs, mesh_spec):
     for old, a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(new_lora), jax.tree.leaves(ref_lora), strict=True):
         got, want = np.asarray(a) - np.asarray(old), np.asarray(b) - np.asarray(old)
         assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want) + 1e-12
+
+
+# ------------------------------------------------------------------------------------------ AdamW against PEFT
+
+# tests/models/test_families.py's five AdamW steps (torch.optim.AdamW's settings, clipping at QLoRA's 0.3,
+# a decay of 1.0 so that the test sees it), on the MoE objective.
+ADAMW = dict(steps=5, lr=1e-3, betas=[0.9, 0.999], eps=1e-8, weight_decay=1.0, max_grad_norm=0.3)
+PROMPT = 3  # the first tokens of each row are a prompt, not targets
+# As tests/models/test_families.py (same sizes: hidden 64, expert intermediate 64, vocab 256, K = 256):
+# float32 rounding over ~20 dependent stages of K-term sums, 4x for the tails.
+U32, K = float(np.finfo(np.float32).eps) / 2, 256
+ROUNDING = 80 * K**0.5 * U32  # relative, of a loss; of a gradient entry, relative to the largest
+
+
+@pytest.fixture(scope="module")
+def adamw_reference(oracle, hf, workdir, inputs):
+    """Per family: a random PEFT adapter on attention and every expert (transformers 4's per-expert
+    names, which PEFT converts to transformers 5's fused experts; lora_B non-zero, so every adapter
+    matrix has a gradient) and the losses of five AdamW steps from it by transformers + PEFT +
+    torch.optim.AdamW in float64 (tests/oracles/hf_train.py with "moe": output_router_logits=True,
+    so transformers computes aux_loss and the objective is loss + router_aux_loss_coef * aux_loss,
+    what our train step optimises)."""
+    ids, mask = inputs
+    loss_mask = np.ones_like(mask)
+    loss_mask[:, :PROMPT] = 0
+    arrays = {f"{case}/{k}": v for name in MODELS for case in (name, f"{name}_init") for k, v in
+              (("input_ids", ids), ("attention_mask", mask), ("loss_mask", loss_mask))}
+    init = []
+    for i, name in enumerate(MODELS):
+        experts = ["w1", "w2", "w3"] if name == "mixtral" else ["gate_proj", "up_proj", "down_proj"]
+        init.append(dict(name=f"{name}_init", op="peft_v4", dir=str(workdir / name), r=4, alpha=8,
+                         targets=["q_proj", "k_proj", "v_proj", "o_proj", *experts], seed=60 + i,
+                         save_dir=str(workdir / f"{name}_adamw_init")))
+    oracle.run("hf_moe.py", arrays, {"cases": init})
+    out = oracle.run("hf_train.py", arrays, {"cases": [
+        dict(name=name, dir=str(workdir / name), adapter_dir=str(workdir / f"{name}_adamw_init"), adamw=ADAMW,
+             moe=True) for name in MODELS]})
+    return out, {"input_ids": ids[None], "attention_mask": mask[None], "loss_mask": loss_mask[None]}
+
+
+def _adamw_losses(spec, base, lora, batch, weight_decay):
+    """The losses of our train step over ADAMW["steps"] steps, then after the last update."""
+    from qlora_jax.optim import make_optimizer
+    from qlora_jax.train import make_train_step
+
+    optimizer = make_optimizer("adamw", ADAMW["lr"], b1=ADAMW["betas"][0], b2=ADAMW["betas"][1], eps=ADAMW["eps"],
+                               weight_decay=weight_decay, max_grad_norm=ADAMW["max_grad_norm"])
+    step = jax.jit(make_train_step(spec, optimizer))
+    state = optimizer.init(lora)
+    batch = jax.tree.map(jnp.asarray, batch)
+    losses = []
+    for _ in range(ADAMW["steps"] + 1):  # the last call's loss is the one after the fifth update
+        lora, state, metrics = step(lora, state, base, batch, None)
+        losses.append(float(metrics["loss"]))
+    return np.array(losses)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_five_adamw_steps_follow_peft(adamw_reference, workdir, name):
+    """Our train step with make_optimizer("adamw"), expert adapters included, follows PEFT's losses
+    (cross-entropy + router_aux_loss_coef * aux_loss) step by step.
+
+    Tolerance: tests/models/test_families.py's derivation (float32 here against float64 there):
+    after k steps, ROUNDING·|loss| + k·16·sqrt(n)·lr·delta with delta = ROUNDING·max|g|. The routing
+    is discrete, but top-2 choices of float32 and float64 router logits agree unless two logits are
+    within ~1e-6 of each other, which these random models do not have (the step-by-step agreement
+    would break by far more than the tolerance if one token changed experts).
+    """
+    from qlora_jax.peft_io import load_peft_adapter
+
+    out, batch = adamw_reference
+    config, base, _ = ours(workdir / name)
+    lora, lora_config = load_peft_adapter(workdir / f"{name}_adamw_init", config, dtype="float32")
+    assert lora["layers"]["mlp"]["down_proj"]["lora_B"].shape == (2, EXPERTS, 64, 4)  # expert adapters
+    assert set(lora["layers"]["self_attn"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    spec = ModelSpec(config, lora_config, compute_dtype="float32")
+    losses = _adamw_losses(spec, base, lora, batch, ADAMW["weight_decay"])
+    want = out[f"{name}/losses"]
+    n = sum(leaf.size for leaf in jax.tree.leaves(lora))
+    delta = ROUNDING * out[f"{name}/grad_max"].max()
+    steps = np.arange(ADAMW["steps"] + 1)
+    tolerance = ROUNDING * np.abs(want) + steps * 16 * n**0.5 * ADAMW["lr"] * delta
+    assert np.all(np.abs(losses - want) <= tolerance), (losses.tolist(), want.tolist(), tolerance.tolist())
+    assert want[0] - want[-1] > 20 * tolerance[-1], "the steps must move the loss far beyond the tolerance"
+    without_decay = _adamw_losses(spec, base, lora, batch, 0.0)
+    assert np.any(np.abs(without_decay - want) > tolerance), "the tolerance must see the weight decay"
+
+
+def test_expert_mesh_is_refused_where_it_cannot_apply(hf, workdir):
+    """An ``expert`` mesh axis on a dense model, on experts it does not divide, or with LoRA dropout
+    (not implemented under expert parallelism) is a clear error when the spec is made."""
+    import dataclasses
+
+    from qlora_jax.distributed import make_mesh
+
+    config = read_config(json.loads((workdir / "mixtral" / "config.json").read_text()))
+    mesh = make_mesh("data=4,expert=2")
+    ModelSpec(config, expert_mesh=mesh)  # accepted
+    with pytest.raises(ValueError, match="needs a mixture-of-experts model"):
+        ModelSpec(read_config(dict(json.loads((workdir / "mixtral" / "config.json").read_text()),
+                                   model_type="mistral", architectures=["MistralForCausalLM"])), expert_mesh=mesh)
+    with pytest.raises(ValueError, match=r"num_experts = 4 is not divisible by the 'expert' mesh axis \(8"):
+        ModelSpec(config, expert_mesh=make_mesh("expert=8"))
+    with pytest.raises(ValueError, match="lora_dropout > 0 is not implemented with an 'expert' mesh axis"):
+        ModelSpec(config, LoraConfig(r=4, dropout=0.1), expert_mesh=mesh)
+    assert dataclasses.replace(ModelSpec(config), expert_mesh=mesh).expert_mesh is mesh

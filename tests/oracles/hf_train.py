@@ -21,6 +21,17 @@ over the adapter's matrices (what the transformers Trainer runs with PEFT). Outp
 the largest |gradient| entry of each step, before clipping); nothing is saved. "dtype" (default
 "float64") is the precision the base and adapter run in; "quant" ("nf4", optional) loads the base
 in 4-bit with bitsandbytes' CPU backend (float32 compute) under the adapter instead, as QLoRA does.
+
+A case with "moe": true (Mixtral, Qwen3-MoE) loads the model with transformers' eager experts (a
+Python loop over experts, which runs in float64 on CPU) and runs it with output_router_logits=True,
+so that transformers computes the load-balancing aux_loss; the loss above then becomes the objective
+MixtralForCausalLM optimises with labels, loss + config.router_aux_loss_coef * aux_loss (our train
+step's objective). "<name>/losses" are that objective. PEFT converts transformers 4's per-expert
+adapters (w1/w3 or gate_proj/up_proj of each expert, rank r each) into one adapter of rank 2r on
+the fused gate_up_proj, whose lora_B is block-diagonal: its off-diagonal blocks are zeros that
+torch would train, which per-expert Linear layers (transformers 4, and our per-expert adapters)
+do not have. With "moe", the exact zeros of the loaded adapter are therefore held at zero (their
+gradient masked), so the reference trains the per-expert parameterisation.
 """
 
 import json
@@ -56,28 +67,38 @@ def _model(case):
             if isinstance(module, bnb.nn.Linear4bit):
                 module.support_avx512bf16_for_cpu = False
         return PeftModel.from_pretrained(base, case["adapter_dir"], is_trainable=True).eval()
-    base = AutoModelForCausalLM.from_pretrained(case["dir"], dtype=dtype)
+    extra = {"experts_implementation": "eager"} if case.get("moe") else {}
+    base = AutoModelForCausalLM.from_pretrained(case["dir"], dtype=dtype, **extra)
     return PeftModel.from_pretrained(base, case["adapter_dir"], is_trainable=True).to(dtype).eval()
 
 
-def _loss(model, ids, attention, loss_mask):
-    logits = model(input_ids=ids, attention_mask=attention).logits  # [B, T, V]
+def _loss(model, ids, attention, loss_mask, moe=False):
+    res = model(input_ids=ids, attention_mask=attention, **({"output_router_logits": True} if moe else {}))
+    logits = res.logits  # [B, T, V]
     targets = ids[:, 1:]
     weight = (loss_mask[:, 1:] * attention[:, 1:]).to(logits.dtype)
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                             reduction="none").reshape(targets.shape)
     tokens = weight.sum()
-    return (nll * weight).sum() / tokens, tokens
+    loss = (nll * weight).sum() / tokens
+    if moe:  # transformers' objective with labels: loss + router_aux_loss_coef * aux_loss
+        loss = loss + model.config.router_aux_loss_coef * res.aux_loss
+    return loss, tokens
 
 
-def _train(model, batch, adamw):
+def _train(model, batch, adamw, moe=False):
     params = [p for p in model.parameters() if p.requires_grad]
+    if moe:  # the off-diagonal zero blocks of fused gate_up adapters stay zero (see the docstring)
+        for p in params:
+            if (p == 0).any():
+                keep = (p != 0).detach().clone()
+                p.register_hook(lambda g, keep=keep: g * keep)
     optimizer = torch.optim.AdamW(params, lr=adamw["lr"], betas=tuple(adamw["betas"]), eps=adamw["eps"],
                                   weight_decay=adamw["weight_decay"])
     losses, grad_max = [], []
     for _ in range(adamw["steps"]):
         optimizer.zero_grad()
-        loss, _ = _loss(model, *batch)
+        loss, _ = _loss(model, *batch, moe=moe)
         loss.backward()
         losses.append(loss.item())
         grad_max.append(max(p.grad.abs().max().item() for p in params))
@@ -85,7 +106,7 @@ def _train(model, batch, adamw):
             torch.nn.utils.clip_grad_norm_(params, adamw["max_grad_norm"])
         optimizer.step()
     with torch.no_grad():
-        losses.append(_loss(model, *batch)[0].item())
+        losses.append(_loss(model, *batch, moe=moe)[0].item())
     return np.array(losses, np.float64), np.array(grad_max, np.float64)
 
 
@@ -100,9 +121,10 @@ def main(in_path, config_path, out_path):
         attention = torch.from_numpy(arrays[f"{name}/attention_mask"].astype(np.int64))
         loss_mask = torch.from_numpy(arrays[f"{name}/loss_mask"].astype(np.int64))
         if case.get("adamw"):
-            out[f"{name}/losses"], out[f"{name}/grad_max"] = _train(model, (ids, attention, loss_mask), case["adamw"])
+            out[f"{name}/losses"], out[f"{name}/grad_max"] = _train(model, (ids, attention, loss_mask), case["adamw"],
+                                                                 moe=case.get("moe", False))
             continue
-        loss, tokens = _loss(model, ids, attention, loss_mask)
+        loss, tokens = _loss(model, ids, attention, loss_mask, moe=case.get("moe", False))
         loss.backward()
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         state = get_peft_model_state_dict(model, state_dict=grads)
