@@ -45,7 +45,7 @@ DOCUMENTED = [
     "qlora_jax.models.config",
     "qlora_jax.models.family",
     "qlora_jax.models.layout",
-    # models.moe joins once its routing helpers have their sections (issue 23's expert-axis work).
+    "qlora_jax.models.moe",
     # The modules behind the packages' re-exports, for the names only they export.
     *(f"qlora_jax.optim.{m}" for m in ("adam8bit", "adamw", "factory", "jit", "masks", "memory_kinds", "offload",
                                        "quantized_moments", "schedules", "shardings", "streaming")),

@@ -84,11 +84,20 @@ class MoeError(ValueError):
 class MoeConfig:
     """The routing hyperparameters of one MoE block.
 
-    ``num_experts``: E (Mixtral's ``num_local_experts``, Qwen3-MoE's ``num_experts``);
-    ``top_k``: ``num_experts_per_tok``; ``routing``: ``"mixtral"`` or ``"qwen3_moe"`` (see the
-    module docstring); ``norm_topk_prob``: Qwen3-MoE's switch (Mixtral always renormalises, so it
-    must stay True there); ``router_aux_loss_coef``: the weight of the load-balancing loss;
-    ``hidden_act``: ``"silu"`` (both families).
+    Attributes:
+      num_experts: E (Mixtral's ``num_local_experts``, Qwen3-MoE's ``num_experts``).
+      top_k: ``num_experts_per_tok``.
+      routing: ``"mixtral"`` or ``"qwen3_moe"`` (see the module docstring).
+      norm_topk_prob: Qwen3-MoE's switch (Mixtral always renormalises, so it must stay True there).
+      router_aux_loss_coef: the weight of the load-balancing loss.
+      hidden_act: ``"silu"`` (both families).
+
+    Raises:
+      MoeError: an unknown routing or activation, a non-positive expert count, a top-k outside
+        ``[1, num_experts]``, or Mixtral without renormalisation.
+
+    References:
+      Jiang et al., "Mixtral of Experts", 2024. https://arxiv.org/abs/2401.04088
     """
 
     num_experts: int
@@ -137,10 +146,12 @@ class MoeConfig:
 class MoeOutput(NamedTuple):
     """What :func:`moe_block` returns.
 
-    ``hidden``: ``x.shape``, ``x.dtype``; ``router_logits``: ``[T, E]`` in ``x.dtype`` (T = tokens,
-    flattened), the input of :func:`load_balancing_loss`; ``expert_index``: int32 ``[T, k]``
-    (descending routing probability); ``expert_weight``: ``[T, k]`` routing weights (float32 for
-    Mixtral, ``x.dtype`` for Qwen3-MoE).
+    Attributes:
+      hidden: the block's output, ``x.shape``, ``x.dtype``.
+      router_logits: ``[T, E]`` in ``x.dtype`` (T = tokens, flattened), the input of
+        :func:`load_balancing_loss`.
+      expert_index: int32 ``[T, k]`` (descending routing probability).
+      expert_weight: ``[T, k]`` routing weights (float32 for Mixtral, ``x.dtype`` for Qwen3-MoE).
     """
 
     hidden: jax.Array
@@ -162,7 +173,10 @@ def quantize_experts(w: Any, quant_type: str = "nf4", *, blocksize: int = 64, do
 
     Args:
       w: float32/bfloat16/float16 ``[E, out, in]``.
-      quant_type, blocksize, double_quant, bnb_backend: as :func:`qlora_jax.quant.quantize`.
+      quant_type: "nf4" or "fp4", as :func:`qlora_jax.quant.quantize`.
+      blocksize: weights per absmax block, likewise.
+      double_quant: quantize the absmax scales too, likewise.
+      bnb_backend: whose rounding to reproduce ("cuda" or "cpu"), likewise.
       offset: optional float32 ``[E]``: each expert's double-quant offset (the mean of its absmax),
         to reproduce given bitsandbytes tensors byte for byte (bitsandbytes' ``torch.mean`` sums
         in a device-dependent order; ours is within an ulp or two of it).
@@ -184,7 +198,15 @@ def quantize_experts(w: Any, quant_type: str = "nf4", *, blocksize: int = 64, do
 
 
 def expert_slice(qt: QuantizedTensor, e: Any) -> QuantizedTensor:
-    """Expert ``e`` (an int or a traced int32 scalar) of a stacked QuantizedTensor: one ``[out, in]`` matrix."""
+    """One expert of a stacked QuantizedTensor (:func:`quantize_experts`).
+
+    Args:
+      qt: the stacked tensor (arrays with a leading expert axis).
+      e: the expert: an int or a traced int32 scalar.
+
+    Returns:
+      Expert ``e``'s ``[out, in]`` QuantizedTensor.
+    """
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, e, 0, keepdims=False), qt)
 
 
@@ -344,7 +366,9 @@ def route(x2d: jax.Array, gate: jax.Array, config: MoeConfig) -> tuple[jax.Array
     """transformers' top-k router.
 
     Args:
-      x2d: ``[T, H]`` activations. gate: ``[E, H]``. config: the block's MoeConfig.
+      x2d: ``[T, H]`` activations.
+      gate: the router's weight ``[E, H]``.
+      config: the block's MoeConfig.
 
     Returns:
       ``(router_logits [T, E] in x2d.dtype, expert_weight [T, k], expert_index int32 [T, k])``;
@@ -371,11 +395,18 @@ def load_balancing_loss(router_logits: Sequence[jax.Array], num_experts: int, to
 
     Args:
       router_logits: one ``[T, E]`` array per MoE layer (``MoeOutput.router_logits``), T = B*S.
-      num_experts: E. top_k: k.
+      num_experts: E.
+      top_k: k, the experts per token.
       attention_mask: optional ``[B, S]`` (1 = token, 0 = padding); padding rows are excluded.
 
     Returns:
       A float32 scalar.
+
+    Raises:
+      MoeError: no layers, logits not ``[T, E]``, or a mask of another token count.
+
+    References:
+      Fedus, Zoph and Shazeer, "Switch Transformers", 2021. https://arxiv.org/abs/2101.03961
     """
     if not router_logits:
         raise MoeError("load_balancing_loss needs the router logits of at least one layer")
@@ -407,9 +438,17 @@ def load_balancing_loss(router_logits: Sequence[jax.Array], num_experts: int, to
 
 def aux_loss_term(router_logits: Sequence[jax.Array], config: MoeConfig,
                   attention_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """``(router_aux_loss_coef * aux_loss, aux_loss)``: what the train step adds to the loss, and reports.
+    """The load-balancing term the train step adds to the loss, as ``MixtralForCausalLM.forward``
+    with ``output_router_logits=True``.
 
-    As ``MixtralForCausalLM.forward`` with ``output_router_logits=True``.
+    Args:
+      router_logits: one ``[T, E]`` array per MoE layer.
+      config: the block's MoeConfig (``router_aux_loss_coef``, E, k).
+      attention_mask: optional ``[B, S]``; padding rows are excluded.
+
+    Returns:
+      ``(router_aux_loss_coef * aux_loss, aux_loss)``, float32 scalars: what the step adds, and
+      what it reports.
     """
     aux = load_balancing_loss(router_logits, config.num_experts, config.top_k, attention_mask)
     return jnp.float32(config.router_aux_loss_coef) * aux, aux
@@ -696,7 +735,10 @@ def init_expert_lora(key: jax.Array, params: dict[str, Any], r: int, targets: Se
     """PEFT's initialisation (A Kaiming-uniform, B zero) of per-expert adapters.
 
     Args:
-      key: PRNG key. params: the block's parameters. r: rank. targets: which expert matrices.
+      key: PRNG key.
+      params: the block's parameters (its ``experts``' shapes are read).
+      r: the rank.
+      targets: which expert matrices get adapters.
       dtype: storage dtype of A and B.
 
     Returns:
