@@ -212,6 +212,77 @@ def _adapter_params(config: LlamaConfig, r: int, targets: tuple[str, ...]) -> in
                                           for n in targets)
 
 
+def _base_bytes(config: LlamaConfig, quant: str, blocksize: int, double_quant: bool, base_bytes: int,
+                base_dtype: str) -> tuple[int, int, int]:
+    """The frozen base: ``(linear codes, their quantization constants, embeddings + norms + head)`` in bytes."""
+    d, v, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    codes = constants = 0
+    for name, shape in config.linear_shapes().items():
+        report = storage_report_for(shape, quant if quant in ("nf4", "fp4", "int8") else base_dtype, blocksize,
+                                    double_quant)
+        copies = layers * math.prod(config.expert_stack(name))  # each expert quantized on its own
+        codes += copies * report.codes_bytes
+        constants += copies * (report.total_bytes - report.codes_bytes)
+    norms = layers * sum(shape[0] for shape in config.layer_norm_shapes().values()) + d
+    norms += layers * config.num_experts * d if config.is_moe else 0  # the 16-bit routers
+    embed = v * d * base_bytes * (1 if config.tie_word_embeddings else 2) + norms * base_bytes
+    return codes, constants, embed
+
+
+def _adapter_bytes(config: LlamaConfig, lora_r: int, lora_targets: tuple[str, ...], lora_bytes: int, optim: str,
+                   gradient_accumulation_steps: int, streamed_offload: bool) -> tuple[int, int, int, int]:
+    """Adapters, gradients and optimizer state: ``(adapters, gradients, optimizer on device, optimizer on host)``."""
+    params = _adapter_params(config, lora_r, lora_targets)
+    adapters = params * lora_bytes
+    # Gradients and the update, both in the adapters' dtype (qlora_jax.optim.updates_in_params_dtype),
+    # and a float32 accumulator when accumulating.
+    accumulator = params * 4 if gradient_accumulation_steps > 1 else 0
+    grads = 2 * params * lora_bytes + accumulator
+    if optim.endswith("8bit"):
+        state = params * 2 + 2 * 4 * -(-params // 256)
+    else:
+        state = params * 8
+    offloaded = optim.startswith("paged")
+    state_plan = plan_optimizer_state(state, on_host=offloaded, layer_state_bytes=state,
+                                      num_layers=config.num_hidden_layers,
+                                      layers_per_chunk=1 if streamed_offload else None)
+    return adapters, grads, state_plan.device_bytes + state_plan.device_transient_bytes, state_plan.host_bytes
+
+
+def _activation_bytes(config: LlamaConfig, seq_len: int, batch: int, lora_r: int, lora_targets: tuple[str, ...],
+                      act: int, remat: bool, loss_chunk: int) -> tuple[int, int, int]:
+    """Activations: ``(saved across layers, one layer's peak in the backward, the loss chunk)`` in bytes."""
+    d, v, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    h, q, kv = config.num_attention_heads, config.q_size, config.kv_size
+    n = batch * seq_len
+    # An MoE token passes through k experts: k rows of expert activations (and expert adapters).
+    k = config.num_experts_per_tok if config.is_moe else 1
+    r_total = lora_r * sum(k if config.expert_stack(n) else 1 for n in lora_targets)
+    f = config.expert_intermediate_size
+    moe_rows = (2 * k * d * act + 2 * config.num_experts * 4) if config.is_moe else 0  # sorted rows, outputs, router
+    per_token = (
+        4 * d * act            # norm inputs/outputs and residual stream values
+        + 2 * d * 4            # RMSNorm float32 intermediates
+        + (q + 2 * kv) * act   # q, k, v
+        + (q + kv) * act       # rotated q, k
+        + q * act              # attention output
+        + 3 * k * f * act      # gate, up, silu(gate) * up (of each of the token's k experts)
+        + r_total * act        # LoRA down-projections
+        + moe_rows
+    )
+    attention = batch * h * seq_len * seq_len * (4 + act)  # scores (float32) and probabilities
+    one_layer = n * per_token + attention
+    if remat:
+        saved = layers * n * d * act
+        layer_peak = 2 * one_layer  # recomputed forward values and their cotangents
+    else:
+        saved = layers * one_layer
+        layer_peak = one_layer
+    chunk = min(loss_chunk, n)
+    loss = chunk * v * 4 * 3 + n * d * 4  # logits, softmax, their cotangent; hidden-state cotangent
+    return saved, layer_peak, loss
+
+
 def plan_memory(
     config: LlamaConfig,
     *,
@@ -243,67 +314,11 @@ def plan_memory(
     if lora_targets is None:
         lora_targets = linear_layers(config)
     act = _DTYPE_BYTES[compute_dtype]
-    base_bytes = _DTYPE_BYTES[base_dtype]
-    lora_bytes = _DTYPE_BYTES[lora_dtype]
-    d, v, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
-    h, q, kv = config.num_attention_heads, config.q_size, config.kv_size
-    n = batch * seq_len
-
-    # Frozen base.
-    codes = constants = 0
-    for name, shape in config.linear_shapes().items():
-        report = storage_report_for(shape, quant if quant in ("nf4", "fp4", "int8") else base_dtype, blocksize,
-                                    double_quant)
-        copies = layers * math.prod(config.expert_stack(name))  # each expert quantized on its own
-        codes += copies * report.codes_bytes
-        constants += copies * (report.total_bytes - report.codes_bytes)
-    norms = layers * sum(shape[0] for shape in config.layer_norm_shapes().values()) + d
-    norms += layers * config.num_experts * d if config.is_moe else 0  # the 16-bit routers
-    embed = v * d * base_bytes * (1 if config.tie_word_embeddings else 2) + norms * base_bytes
-
-    # Adapters, gradients and optimizer state.
-    params = _adapter_params(config, lora_r, lora_targets)
-    adapters = params * lora_bytes
-    # Gradients and the update, both in the adapters' dtype (qlora_jax.optim.updates_in_params_dtype),
-    # and a float32 accumulator when accumulating.
-    accumulator = params * 4 if gradient_accumulation_steps > 1 else 0
-    grads = 2 * params * lora_bytes + accumulator
-    if optim.endswith("8bit"):
-        state = params * 2 + 2 * 4 * -(-params // 256)
-    else:
-        state = params * 8
-    offloaded = optim.startswith("paged")
-    state_plan = plan_optimizer_state(state, on_host=offloaded, layer_state_bytes=state, num_layers=layers,
-                                      layers_per_chunk=1 if streamed_offload else None)
-    optimizer_device = state_plan.device_bytes + state_plan.device_transient_bytes
-    optimizer_host = state_plan.host_bytes
-
-    # Activations.
-    # An MoE token passes through k experts: k rows of expert activations (and expert adapters).
-    k = config.num_experts_per_tok if config.is_moe else 1
-    r_total = lora_r * sum(k if config.expert_stack(n) else 1 for n in lora_targets)
-    f = config.expert_intermediate_size
-    moe_rows = (2 * k * d * act + 2 * config.num_experts * 4) if config.is_moe else 0  # sorted rows, outputs, router
-    per_token = (
-        4 * d * act            # norm inputs/outputs and residual stream values
-        + 2 * d * 4            # RMSNorm float32 intermediates
-        + (q + 2 * kv) * act   # q, k, v
-        + (q + kv) * act       # rotated q, k
-        + q * act              # attention output
-        + 3 * k * f * act      # gate, up, silu(gate) * up (of each of the token's k experts)
-        + r_total * act        # LoRA down-projections
-        + moe_rows
-    )
-    attention = batch * h * seq_len * seq_len * (4 + act)  # scores (float32) and probabilities
-    one_layer = n * per_token + attention
-    if remat:
-        saved = layers * n * d * act
-        layer_peak = 2 * one_layer  # recomputed forward values and their cotangents
-    else:
-        saved = layers * one_layer
-        layer_peak = one_layer
-    chunk = min(loss_chunk, n)
-    loss = chunk * v * 4 * 3 + n * d * 4  # logits, softmax, their cotangent; hidden-state cotangent
+    codes, constants, embed = _base_bytes(config, quant, blocksize, double_quant, _DTYPE_BYTES[base_dtype],
+                                          base_dtype)
+    adapters, grads, optimizer_device, optimizer_host = _adapter_bytes(
+        config, lora_r, lora_targets, _DTYPE_BYTES[lora_dtype], optim, gradient_accumulation_steps, streamed_offload)
+    saved, layer_peak, loss = _activation_bytes(config, seq_len, batch, lora_r, lora_targets, act, remat, loss_chunk)
     # (The grouped expert matmul dequantizes one expert at a time and keeps none: count one expert.)
     weights_one_layer = sum(o * i for o, i in config.linear_shapes().values()) * act
     dequantized = 0 if (fused_dequant or quant not in ("nf4", "fp4", "int8")) else weights_one_layer

@@ -238,6 +238,99 @@ def _check_expert_count(config: LlamaConfig, source: CheckedSource, prefix: str)
 
 
 
+class _TensorReader:
+    """Reads the plan's tensors one at a time, quantizing linear weights as they arrive, and counts
+    what loading holds: the quantized bytes so far, the largest tensor read, the peak of the two
+    together, and how many weights were taken pre-quantized or quantized here."""
+
+    def __init__(self, checked: CheckedSource, quant: QuantConfig, stored_aux: dict[str, list[str]]):
+        self.checked, self.quant, self.stored_aux = checked, quant, stored_aux
+        self.dtype = jnp.dtype(quant.dtype)
+        self.quantized_bytes = self.largest_bytes = self.peak_bytes = 0
+        self.prequantized = self.requantized = 0
+        self.kept_as_stored: set[str] = set()
+
+    def read(self, entry: _Entry) -> Any:
+        """One plan entry's value: a fused expert slice, stacked experts, a linear weight or a dense tensor."""
+        if entry.fused is not None:
+            return self.read_fused(entry)
+        if entry.expert_keys:
+            return self.read_experts(entry)
+        return self.read_linear(entry) if entry.linear else jnp.asarray(self.read_dense(entry)).astype(self.dtype)
+
+    def _hold(self, qt: Any) -> None:
+        self.quantized_bytes += sum(x.nbytes for x in jax.tree.leaves(qt))
+
+    def read_dense(self, entry: _Entry) -> np.ndarray:
+        value = self.checked.read(entry.key, entry.shape)
+        self.largest_bytes = max(self.largest_bytes, value.nbytes)
+        self.peak_bytes = max(self.peak_bytes, self.quantized_bytes + value.nbytes)
+        return value
+
+    def read_prequantized(self, entry: _Entry) -> QuantizedTensor:
+        checked, quant = self.checked, self.quant
+        tensors = {entry.key: checked.read(entry.key, kind="bytes")}
+        tensors.update({k: checked.read(k, kind="state") for k in self.stored_aux[entry.key]})
+        try:
+            qt = bnb_format.from_bnb_state_dict(tensors, entry.key)
+        except QuantizationError as err:
+            raise CheckpointError(f"{checked.where(entry.key)}: bitsandbytes weight {entry.key!r}: {err}") from err
+        if tuple(qt.shape) != tuple(entry.shape):
+            raise CheckpointError(f"{checked.where(entry.key)}: tensor {entry.key!r} has shape {list(qt.shape)} "
+                                  f"(its quant state) but config.json implies {list(entry.shape)}")
+        if quant.quantized and qt.quant_type != quant.quant:
+            raise CheckpointError(
+                f"{checked.where(entry.key)}: {entry.key!r} is stored as bitsandbytes {qt.quant_type}, but quant="
+                f"{quant.quant!r} was asked: load it with quant={qt.quant_type!r} (kept as stored), or a 16-bit quant "
+                f"to dequantize it; re-quantizing 4-bit weights would compound two rounding errors")
+        if (qt.blocksize, qt.double_quant) != (quant.blocksize, quant.double_quant):
+            self.kept_as_stored.add(f"blocksize {qt.blocksize}, double_quant={qt.double_quant}")
+        return qt
+
+    def read_linear(self, entry: _Entry) -> Any:
+        quant = self.quant
+        if self.stored_aux[entry.key]:
+            qt = self.read_prequantized(entry)
+            self.prequantized += 1
+            if not quant.quantized:
+                return dequantize(qt, self.dtype)
+            self._hold(qt)
+            return jax.tree.map(jnp.asarray, qt)
+        value = self.read_dense(entry)
+        if not quant.quantized:
+            return jnp.asarray(value).astype(self.dtype)
+        qt = quantize(value, quant.quant, blocksize=quant.blocksize, double_quant=quant.double_quant,
+                      bnb_backend=quant.bnb_backend, check_finite=False)  # CheckedSource checked it
+        self.requantized += 1
+        self._hold(qt)
+        return qt
+
+    def read_fused(self, entry: _Entry) -> Any:
+        quant = self.quant
+        value = self.read_dense(entry)  # [E, 2I, D] or [E, D, I], checked against config.json
+        if entry.fused in (0, 1):
+            half = value.shape[1] // 2
+            value = value[:, entry.fused * half:(entry.fused + 1) * half]
+        if not quant.quantized:
+            return jnp.asarray(value).astype(self.dtype)
+        qt = moe.quantize_experts(value, quant.quant, blocksize=quant.blocksize, double_quant=quant.double_quant,
+                                  bnb_backend=quant.bnb_backend)
+        self.requantized += value.shape[0]
+        self._hold(qt)
+        return qt
+
+    def read_experts(self, entry: _Entry) -> Any:
+        # One expert at a time (as bitsandbytes quantizes one Linear4bit per expert), then stacked.
+        experts = [self.read_linear(dataclasses.replace(entry, key=key, expert_keys=())) for key in entry.expert_keys]
+        kinds = {type(x).__name__ for x in experts}
+        if len(kinds) > 1 or (isinstance(experts[0], QuantizedTensor)
+                              and len({jax.tree.structure(x) for x in experts}) > 1):
+            raise CheckpointError(f"{self.checked.origin}: the experts {entry.expert_keys[0]!r}... are stored in "
+                                  "different formats (some 4-bit, some 16-bit); mixed quantization formats are not "
+                                  "supported")
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *experts)
+
+
 def load_base_params(
     source: TensorSource,
     config: LlamaConfig,
@@ -282,85 +375,11 @@ def load_base_params(
                    num_layers=config.num_hidden_layers)
     checked.check_derived(config)
 
-    dtype = jnp.dtype(quant.dtype)
-    held = {"quantized": 0, "largest": 0, "peak": 0}
-    counts = {"prequantized": 0, "requantized": 0}
-    kept_as_stored: set[str] = set()
-
-    def read_dense(entry: _Entry) -> np.ndarray:
-        value = checked.read(entry.key, entry.shape)
-        held["largest"] = max(held["largest"], value.nbytes)
-        held["peak"] = max(held["peak"], held["quantized"] + value.nbytes)
-        return value
-
-    def read_prequantized(entry: _Entry) -> QuantizedTensor:
-        tensors = {entry.key: checked.read(entry.key, kind="bytes")}
-        tensors.update({k: checked.read(k, kind="state") for k in stored_aux[entry.key]})
-        try:
-            qt = bnb_format.from_bnb_state_dict(tensors, entry.key)
-        except QuantizationError as err:
-            raise CheckpointError(f"{checked.where(entry.key)}: bitsandbytes weight {entry.key!r}: {err}") from err
-        if tuple(qt.shape) != tuple(entry.shape):
-            raise CheckpointError(f"{checked.where(entry.key)}: tensor {entry.key!r} has shape {list(qt.shape)} "
-                                  f"(its quant state) but config.json implies {list(entry.shape)}")
-        if quant.quantized and qt.quant_type != quant.quant:
-            raise CheckpointError(
-                f"{checked.where(entry.key)}: {entry.key!r} is stored as bitsandbytes {qt.quant_type}, but quant="
-                f"{quant.quant!r} was asked: load it with quant={qt.quant_type!r} (kept as stored), or a 16-bit quant "
-                f"to dequantize it; re-quantizing 4-bit weights would compound two rounding errors")
-        if (qt.blocksize, qt.double_quant) != (quant.blocksize, quant.double_quant):
-            kept_as_stored.add(f"blocksize {qt.blocksize}, double_quant={qt.double_quant}")
-        return qt
-
-    def read_linear(entry: _Entry) -> Any:
-        if stored_aux[entry.key]:
-            qt = read_prequantized(entry)
-            counts["prequantized"] += 1
-            if not quant.quantized:
-                return dequantize(qt, dtype)
-            held["quantized"] += sum(x.nbytes for x in jax.tree.leaves(qt))
-            return jax.tree.map(jnp.asarray, qt)
-        value = read_dense(entry)
-        if not quant.quantized:
-            return jnp.asarray(value).astype(dtype)
-        qt = quantize(value, quant.quant, blocksize=quant.blocksize, double_quant=quant.double_quant,
-                      bnb_backend=quant.bnb_backend, check_finite=False)  # CheckedSource checked it
-        counts["requantized"] += 1
-        held["quantized"] += sum(x.nbytes for x in jax.tree.leaves(qt))
-        return qt
-
-    def read_fused(entry: _Entry) -> Any:
-        value = read_dense(entry)  # [E, 2I, D] or [E, D, I], checked against config.json
-        if entry.fused in (0, 1):
-            half = value.shape[1] // 2
-            value = value[:, entry.fused * half:(entry.fused + 1) * half]
-        if not quant.quantized:
-            return jnp.asarray(value).astype(dtype)
-        qt = moe.quantize_experts(value, quant.quant, blocksize=quant.blocksize, double_quant=quant.double_quant,
-                                  bnb_backend=quant.bnb_backend)
-        counts["requantized"] += value.shape[0]
-        held["quantized"] += sum(x.nbytes for x in jax.tree.leaves(qt))
-        return qt
-
-    def read_experts(entry: _Entry) -> Any:
-        # One expert at a time (as bitsandbytes quantizes one Linear4bit per expert), then stacked.
-        experts = [read_linear(dataclasses.replace(entry, key=key, expert_keys=())) for key in entry.expert_keys]
-        kinds = {type(x).__name__ for x in experts}
-        if len(kinds) > 1 or (isinstance(experts[0], QuantizedTensor)
-                              and len({jax.tree.structure(x) for x in experts}) > 1):
-            raise CheckpointError(f"{checked.origin}: the experts {entry.expert_keys[0]!r}... are stored in different "
-                                  "formats (some 4-bit, some 16-bit); mixed quantization formats are not supported")
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *experts)
-
+    reader = _TensorReader(checked, quant, stored_aux)
     globals_: dict[str, Any] = {}
     stacker = LayerStacker(config.num_hidden_layers)
     for entry in plan:
-        if entry.fused is not None:
-            value = read_fused(entry)
-        elif entry.expert_keys:
-            value = read_experts(entry)
-        else:
-            value = read_linear(entry) if entry.linear else jnp.asarray(read_dense(entry)).astype(dtype)
+        value = reader.read(entry)
         if entry.layer is not None:
             stacker.put(entry.slot, entry.layer, value)
         elif entry.slot == "tied_lm_head":
@@ -372,10 +391,10 @@ def load_base_params(
         else:
             globals_[entry.slot] = value
     checked.check_all_consumed()
-    if kept_as_stored:
+    if reader.kept_as_stored:
         log.warning("%s: kept %d pre-quantized weights as stored (%s) although blocksize=%d, double_quant=%s was "
-                    "asked: bitsandbytes weights are never re-quantized", checked.origin, counts["prequantized"],
-                    "; ".join(sorted(kept_as_stored)), quant.blocksize, quant.double_quant)
+                    "asked: bitsandbytes weights are never re-quantized", checked.origin, reader.prequantized,
+                    "; ".join(sorted(reader.kept_as_stored)), quant.blocksize, quant.double_quant)
 
     base = layout.base_from_table(config, {**globals_, **stacker.buffers})
 
@@ -383,10 +402,10 @@ def load_base_params(
     stats = LoadStats(
         seconds=time.perf_counter() - started,
         base_bytes=base_bytes,
-        largest_tensor_bytes=held["largest"],
-        peak_tracked_bytes=max(held["peak"], base_bytes),
+        largest_tensor_bytes=reader.largest_bytes,
+        peak_tracked_bytes=max(reader.peak_bytes, base_bytes),
         rss_increase_bytes=max(0, _rss_bytes() - rss_before),
-        prequantized=counts["prequantized"],
-        requantized=counts["requantized"],
+        prequantized=reader.prequantized,
+        requantized=reader.requantized,
     )
     return base, stats

@@ -28,6 +28,78 @@ class UnsupportedArchitectureError(ValueError):
     """The checkpoint's architecture is not a LLaMA-family decoder this library implements."""
 
 
+def _family_of_config(cfg: dict[str, Any]) -> tuple[str, Any]:
+    """``(model_type, Family)`` of a ``config.json`` dict; an unknown family, or a setting the family
+    declares unimplemented (:attr:`Family.refused`), is refused by name."""
+    model_type = detect_family(cfg)
+    if model_type is None:
+        archs = cfg.get("architectures")
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture model_type={cfg.get('model_type')!r} (architectures={archs}): qlora-jax "
+            f"loads the families {SUPPORTED_MODEL_TYPES}"
+        )
+    family = family_of(model_type)
+    for field, refuse, why in family.refused:
+        if field in cfg and refuse(cfg[field]):
+            raise UnsupportedArchitectureError(f"{model_type}: field {field!r} is {cfg[field]!r}: {why}")
+    return model_type, family
+
+
+def _rope_fields(cfg: dict[str, Any], model_type: str) -> tuple[float, Any, float | None, Any]:
+    """``(rope_theta, rope_scaling, local theta, local scaling)`` of a ``config.json`` dict, from
+    transformers 5's ``rope_parameters`` (per layer type for Gemma 3) or transformers 4's fields."""
+    rope = dict(cfg.get("rope_parameters") or {})
+    local_theta = local_scaling = None
+    if set(rope) & set(LAYER_TYPES):  # transformers 5: one RoPE per layer type (Gemma 3)
+        unknown = sorted(set(rope) - set(LAYER_TYPES))
+        if unknown:
+            raise ValueError(f"rope_parameters has keys {unknown}; expected {LAYER_TYPES} or RoPE fields")
+        local = dict(rope.get("sliding_attention") or {})
+        rope = dict(rope.get("full_attention") or {})
+        local_theta = float(local.pop("rope_theta", 10000.0))
+        local_scaling = _rope_scaling(None, local)
+    elif "rope_local_base_freq" in cfg:  # transformers 4's Gemma 3: local layers unscaled
+        local_theta = float(cfg["rope_local_base_freq"])
+    theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+    partial = rope.pop("partial_rotary_factor", None)  # Phi-3 (transformers 5 spelling)
+    if partial not in (None, 1, 1.0):
+        raise UnsupportedArchitectureError(f"{model_type}: field 'rope_parameters.partial_rotary_factor' is "
+                                           f"{partial!r}: partial rotary embeddings are not implemented")
+    return theta, _rope_scaling(cfg.get("rope_scaling"), rope), local_theta, local_scaling
+
+
+def _layer_types(cfg: dict[str, Any], family: Any, model_type: str, layers: int,
+                 sliding: Any) -> list[str] | tuple[str, ...] | None:
+    """Each layer's ``"full_attention"``/``"sliding_attention"`` (None: all alike, by ``sliding_window``)."""
+    layer_types = cfg.get("layer_types")
+    if family.default_layer_types is None:
+        if layer_types is not None and set(layer_types) != {"full_attention"} and sliding is None:
+            raise ValueError(f"layer_types {layer_types} has sliding layers but no sliding_window")
+        if layer_types is not None and sliding is not None and "full_attention" in layer_types:
+            raise ValueError(f"{model_type}: layer_types mixing local and global layers is not implemented")
+        return None
+    return family.default_layer_types(cfg, layers) if layer_types is None else layer_types
+
+
+def _moe_fields(cfg: dict[str, Any], family: Any, model_type: str) -> dict[str, Any]:
+    """The MoE fields of :class:`LlamaConfig` from ``config.json`` (empty for a dense family)."""
+    if family.moe is None:
+        return {}
+    # transformers 5 writes Qwen3-MoE's num_experts as num_local_experts (an attribute alias).
+    experts = cfg.get("num_local_experts", cfg.get("num_experts"))
+    if None not in (cfg.get("num_local_experts"), cfg.get("num_experts")) and (
+            cfg["num_local_experts"] != cfg["num_experts"]):
+        raise ValueError(f"{model_type}: num_local_experts = {cfg['num_local_experts']} and num_experts = "
+                         f"{cfg['num_experts']} disagree (one field, two spellings)")
+    if experts is None:
+        raise KeyError("num_local_experts" if model_type == "mixtral" else "num_experts")
+    return dict(num_experts=int(experts), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+                norm_topk_prob=True if family.moe == "mixtral" else bool(cfg.get("norm_topk_prob", False)),
+                router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.001)),
+                moe_intermediate_size=None if cfg.get("moe_intermediate_size") is None
+                else int(cfg["moe_intermediate_size"]))
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Hyperparameters of a LLaMA-family decoder (transformers' ``config.json`` fields of the same names).
@@ -335,74 +407,24 @@ class LlamaConfig:
         The family comes from ``model_type`` (else ``architectures``); an unknown one, and a setting
         the family declares unimplemented (:attr:`Family.refused`), are refused by name.
         """
-        model_type = detect_family(cfg)
-        if model_type is None:
-            archs = cfg.get("architectures")
-            raise UnsupportedArchitectureError(
-                f"unsupported architecture model_type={cfg.get('model_type')!r} (architectures={archs}): qlora-jax "
-                f"loads the families {SUPPORTED_MODEL_TYPES}"
-            )
-        family = family_of(model_type)
-        for field, refuse, why in family.refused:
-            if field in cfg and refuse(cfg[field]):
-                raise UnsupportedArchitectureError(f"{model_type}: field {field!r} is {cfg[field]!r}: {why}")
+        model_type, family = _family_of_config(cfg)
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
             layers = int(cfg["num_hidden_layers"])
-            rope = dict(cfg.get("rope_parameters") or {})
-            local_theta = local_scaling = None
-            if set(rope) & set(LAYER_TYPES):  # transformers 5: one RoPE per layer type (Gemma 3)
-                unknown = sorted(set(rope) - set(LAYER_TYPES))
-                if unknown:
-                    raise ValueError(f"rope_parameters has keys {unknown}; expected {LAYER_TYPES} or RoPE fields")
-                local = dict(rope.get("sliding_attention") or {})
-                rope = dict(rope.get("full_attention") or {})
-                local_theta = float(local.pop("rope_theta", 10000.0))
-                local_scaling = _rope_scaling(None, local)
-            elif "rope_local_base_freq" in cfg:  # transformers 4's Gemma 3: local layers unscaled
-                local_theta = float(cfg["rope_local_base_freq"])
-            theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-            partial = rope.pop("partial_rotary_factor", None)  # Phi-3 (transformers 5 spelling)
-            if partial not in (None, 1, 1.0):
-                raise UnsupportedArchitectureError(f"{model_type}: field 'rope_parameters.partial_rotary_factor' is "
-                                                   f"{partial!r}: partial rotary embeddings are not implemented")
-            scaling = _rope_scaling(cfg.get("rope_scaling"), rope)
+            theta, scaling, local_theta, local_scaling = _rope_fields(cfg, model_type)
             attention_bias = bool(cfg.get("attention_bias", model_type == "qwen2"))
             sliding = cfg.get("sliding_window")
             if model_type in ("qwen2", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
                 sliding = None
-            layer_types = cfg.get("layer_types")
-            if family.default_layer_types is None:
-                if layer_types is not None and set(layer_types) != {"full_attention"} and sliding is None:
-                    raise ValueError(f"layer_types {layer_types} has sliding layers but no sliding_window")
-                if layer_types is not None and sliding is not None and "full_attention" in layer_types:
-                    raise ValueError(f"{model_type}: layer_types mixing local and global layers is not implemented")
-                layer_types = None
-            elif layer_types is None:
-                layer_types = family.default_layer_types(cfg, layers)
+            layer_types = _layer_types(cfg, family, model_type, layers, sliding)
             act = cfg.get("hidden_activation") or cfg.get("hidden_act") or (
                 "gelu_pytorch_tanh" if family.activation == "gelu_tanh" else "silu")
 
             def optional_float(name):
                 return None if cfg.get(name) is None else float(cfg[name])
 
-            moe: dict[str, Any] = {}
-            if family.moe is not None:
-                # transformers 5 writes Qwen3-MoE's num_experts as num_local_experts (an attribute alias).
-                experts = cfg.get("num_local_experts", cfg.get("num_experts"))
-                if None not in (cfg.get("num_local_experts"), cfg.get("num_experts")) and (
-                        cfg["num_local_experts"] != cfg["num_experts"]):
-                    raise ValueError(f"{model_type}: num_local_experts = {cfg['num_local_experts']} and num_experts = "
-                                     f"{cfg['num_experts']} disagree (one field, two spellings)")
-                if experts is None:
-                    raise KeyError("num_local_experts" if model_type == "mixtral" else "num_experts")
-                moe = dict(num_experts=int(experts), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
-                           norm_topk_prob=True if family.moe == "mixtral" else bool(cfg.get("norm_topk_prob", False)),
-                           router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.001)),
-                           moe_intermediate_size=None if cfg.get("moe_intermediate_size") is None
-                           else int(cfg["moe_intermediate_size"]))
-
+            moe = _moe_fields(cfg, family, model_type)
             return cls(
                 vocab_size=int(cfg["vocab_size"]),
                 hidden_size=hidden,
