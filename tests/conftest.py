@@ -12,16 +12,8 @@ from __future__ import annotations
 
 import os
 
-# Eight host devices for the sharding tests; set before anything imports jax. The eight device
-# threads of one collective meet at a rendezvous, and XLA:CPU aborts the whole process (no Python
-# error) when one waits longer than its collective timeouts: on 2 loaded cores under `-n 2`, eight
-# devices' compute between two collectives can take that long without any hang (a CI run of
-# 2026-12-06 lost a worker that way inside an 8-device MoE step). The limits are sized for a
-# loaded machine, as the multi-process heartbeats are, so that a failure means a real hang.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120"
-                           " --xla_cpu_collective_call_terminate_timeout_seconds=1800"
-                           " --xla_cpu_collective_timeout_seconds=1800").strip()
+# Eight host devices for the sharding tests; set before anything imports jax.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import ctypes
 import gc
