@@ -502,8 +502,18 @@ def test_lora_dropout_reaches_the_expert_adapters(hf, workdir, inputs):
     np.testing.assert_allclose(logits(fresh, jax.random.key(1)), logits(fresh, None), atol=1e-6)
 
 
-@pytest.mark.parametrize("mesh_spec", ["data=2,fsdp=4", "data=2,fsdp=2,tensor=2", "data=2,fsdp=2,expert=2",
-                                       "data=4,expert=2"])
+# data=2,fsdp=2,tensor=2 is left out for now: on XLA:CPU (jaxlib 0.11.2, 8 host devices) its MoE
+# step sometimes deadlocks in a collective: the device threads wait at a rendezvous with no CPU
+# used until XLA aborts the process (a CI worker was lost that way on 2026-12-06; run alone it
+# passed several times). A known gap (CONTRIBUTING.md), not a passing test; the same mesh is
+# checked for the dense families and the sharded recipe.
+_DEADLOCKS_ON_XLA_CPU = pytest.mark.skip(reason="an intermittent XLA:CPU collective deadlock on this mesh (a known "
+                                                "gap in CONTRIBUTING.md)")
+
+
+@pytest.mark.parametrize("mesh_spec", ["data=2,fsdp=4",
+                                       pytest.param("data=2,fsdp=2,tensor=2", marks=_DEADLOCKS_ON_XLA_CPU),
+                                       "data=2,fsdp=2,expert=2", "data=4,expert=2"])
 def test_sharded_step_matches_single_device(hf, workdir, inputs, mesh_spec):
     """The recipe's FSDP/tensor shardings (tests/distributed/test_sharding.py) on 4-bit experts: the parameter
     axes split the expert axis of codes, scales and per-expert adapters; one step equals the single-device one.
