@@ -36,10 +36,8 @@ def base_matmul(x: jax.Array, weight: Any, *, backend: str = "auto") -> jax.Arra
     """
     if isinstance(weight, QuantizedTensor):
         return quantized_matmul(x, weight, backend=backend)
-    w = weight.astype(x.dtype)
-    return jax.lax.dot_general(
-        x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-    ).astype(x.dtype)
+    with jax.named_scope("base_matmul"):  # the scopes name ops for experiments.step_profile
+        return _matmul_nt(x, weight.astype(x.dtype)).astype(x.dtype)
 
 
 def lora_delta(
@@ -69,14 +67,51 @@ def lora_delta(
       Hu et al., `LoRA: Low-Rank Adaptation of Large Language Models
       <https://arxiv.org/abs/2106.09685>`_, 2021.
     """
-    if dropout_rate > 0.0 and dropout_key is not None:
-        keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, x.shape)
-        x = jnp.where(keep, x / (1.0 - dropout_rate), 0).astype(x.dtype)
-    h = jax.lax.dot_general(x, lora_a.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32)
-    out = jax.lax.dot_general(h.astype(x.dtype), lora_b.astype(x.dtype), (((h.ndim - 1,), (1,)), ((), ())),
-                              preferred_element_type=jnp.float32)
-    return (out * scaling).astype(x.dtype)
+    with jax.named_scope("lora"):
+        if dropout_rate > 0.0 and dropout_key is not None:
+            keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, x.shape)
+            x = jnp.where(keep, x / (1.0 - dropout_rate), 0).astype(x.dtype)
+        h = _matmul_nt(x, lora_a.astype(x.dtype)).astype(x.dtype)
+        out = _matmul_nt(h, lora_b.astype(x.dtype))
+        return (out * scaling).astype(x.dtype)
+
+
+@jax.custom_vjp
+def _matmul_nt(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w.T`` (``x: [..., k]``, ``w: [n, k]``, the same dtype) accumulated and returned in float32.
+
+    The backward pass computes in the operands' dtype with float32 accumulation, as the forward
+    does. Autodiff would multiply the float32 cotangent with the (upcast) bfloat16 operand, a
+    float32 matmul at half bfloat16's speed; the cotangent is rounded to the operands' dtype
+    instead. That rounding is exact where the output is rounded to that dtype next (the cotangent
+    is then a converted value of that dtype), and one rounding of the compute dtype otherwise
+    (the LoRA scale), as in a bfloat16 torch backward.
+    """
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _matmul_nt_fwd(x, w):
+    return _matmul_nt(x, w), (x, w)
+
+
+def _matmul_nt_bwd(residuals, g):
+    x, w = residuals
+    g = g.astype(x.dtype)
+    dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    tokens = tuple(range(x.ndim - 1))
+    if x.shape[-1] <= g.shape[-1]:
+        # dw as (x^T @ g)^T with the transpose kept apart by a barrier, so that XLA:CPU transposes
+        # the narrower x, not the [tokens, n] g: for g^T @ x (autodiff's form; XLA rewrites
+        # transpose(x^T @ g) back into it) it copied g transposed in every layer, at 3x the dot's
+        # own time (LoRA B's gradient, n = out_features, k = r).
+        dw = jax.lax.optimization_barrier(
+            jax.lax.dot_general(x, g, ((tokens, tokens), ((), ())), preferred_element_type=jnp.float32)).T
+    else:
+        dw = jax.lax.dot_general(g, x, ((tokens, tokens), ((), ())), preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_matmul_nt.defvjp(_matmul_nt_fwd, _matmul_nt_bwd)
 
 
 def qlora_linear(

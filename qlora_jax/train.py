@@ -92,7 +92,8 @@ def chunked_cross_entropy(
     def body(total, xs):
         return total + one_chunk(*xs), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, mask))
+    with jax.named_scope("head_and_loss"):  # the scopes name ops for experiments.step_profile
+        total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, mask))
     return total, jnp.sum(mask)
 
 
@@ -222,10 +223,11 @@ def make_train_step(spec: ModelSpec, optimizer: optax.GradientTransformation) ->
         denom = jnp.maximum(tokens, 1.0)
         loss = total / denom
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum, trainable)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
-        new_trainable = optax.apply_updates(trainable, updates)
+        with jax.named_scope("optimizer"):
+            grad_norm = optax.tree.norm(grads)
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
+            new_trainable = optax.apply_updates(trainable, updates)
         metrics = {"loss": loss, "tokens": tokens, "grad_norm": grad_norm, "finite": finite}
         if spec.config.is_moe:  # the load-balancing loss (its coefficient times it is part of "loss")
             metrics["aux_loss"] = aux_total / denom

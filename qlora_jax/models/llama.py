@@ -93,11 +93,12 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float = 0.0) -
       Zhang and Sennrich, `Root Mean Square Layer Normalization
       <https://arxiv.org/abs/1910.07467>`_, 2019.
     """
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    if offset:
-        return (normed * (offset + weight.astype(jnp.float32))).astype(x.dtype)
-    return (weight.astype(jnp.float32) * normed.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+    with jax.named_scope("norm"):  # the scopes name ops for experiments.step_profile
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+        if offset:
+            return (normed * (offset + weight.astype(jnp.float32))).astype(x.dtype)
+        return (weight.astype(jnp.float32) * normed.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
 
 
 def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
@@ -107,15 +108,16 @@ def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
 
 def _attention(q, k, v, mask, scale: float, softcap: float | None):
     """Grouped-query attention. q ``[B, T, H, hd]``, k/v ``[B, S, KV, hd]``, mask ``[B, T, S]``."""
-    b, t, h, hd = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
-    scores = soft_cap(scores, softcap)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h * hd).astype(v.dtype)
+    with jax.named_scope("attention"):
+        b, t, h, hd = q.shape
+        kv = k.shape[2]
+        q = q.reshape(b, t, kv, h // kv, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+        scores = soft_cap(scores, softcap)
+        scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+        return out.reshape(b, t, h * hd).astype(v.dtype)
 
 
 def _linear(x, base_group, lora_group, name, spec: ModelSpec, dropout_key):
