@@ -67,6 +67,8 @@ flags.DEFINE_string("oracle_python", os.environ.get("QLORA_JAX_ORACLE_PYTHON", "
                     "default: $QLORA_JAX_ORACLE_PYTHON, else .venv-oracle/bin/python).")
 flags.DEFINE_bool("smoke", False, "A tiny random model and 2 rounds: a check of the harness, not a timing.")
 flags.DEFINE_string("json_out", None, "Also write the results as JSON here.")
+flags.DEFINE_bool("profile", False, "After each pair's rounds, profile one more step on each side and print its time "
+                  "by category (experiments/step_profile.py).")
 flags.DEFINE_string("worker", None, "Internal: run as our side's resident worker (the value is ignored).")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -253,6 +255,27 @@ class OurWorker:
         loss = float(metrics["loss"])
         return {"seconds": time.perf_counter() - tick, "loss": loss}
 
+    def profile(self, index: int, trace_dir: str) -> dict[str, Any]:
+        import gzip
+
+        import jax
+
+        from .step_profile import categorize_xla_trace
+
+        batch = self.batches[index % len(self.batches)]
+        hlo = self.step_fn.lower(self.lora, self.opt_state, self.base, batch, None).compile().as_text()
+        jax.profiler.start_trace(trace_dir)
+        self.lora, self.opt_state, metrics = self.step_fn(self.lora, self.opt_state, self.base, batch, None)
+        jax.block_until_ready(metrics)
+        jax.profiler.stop_trace()
+        traces = sorted(pathlib.Path(trace_dir).rglob("*.trace.json.gz"))
+        if not traces:
+            raise RuntimeError(f"jax.profiler wrote no *.trace.json.gz under {trace_dir}")
+        module = re.match(r"HloModule (\S+?),?\s", hlo)
+        with gzip.open(traces[-1]) as f:
+            events = json.load(f)["traceEvents"]
+        return categorize_xla_trace(events, hlo, module.group(1) if module else None)
+
     def gemm(self, n: int, dtype: str, reps: int) -> dict[str, Any]:
         import jax
         import jax.numpy as jnp
@@ -397,6 +420,10 @@ def run_pair(ours_dtype: str, torch_dtype: str, work: pathlib.Path, cpus: set[in
                                model_flops_per_second=flops / med,
                                ceiling_fraction=flops / med / sides[side]["gemm_flops_per_second"],
                                peak_rss_bytes=workers[side].call("stats")["peak_rss_bytes"])
+        if FLAGS.profile:
+            for side, worker in workers.items():
+                kwargs = {"trace_dir": str(work / f"trace-{side}-{sides[side]['dtype']}")} if side == "ours" else {}
+                sides[side]["profile"] = worker.call("profile", index=rounds + 1, **kwargs)
         ratios = [r["ratio"] for r in counted]
         return {"ours": sides["ours"], "torch": sides["torch"], "rounds": records, "quiet_rounds": len(quiet),
                 "counted": "quiet" if quiet else "all (none quiet)",
@@ -423,6 +450,14 @@ def _print_pair(label: str, pair: dict[str, Any]) -> None:
         print("  NO ROUND WAS QUIET: the figures below count every round and are not a measurement of this CPU")
     print(f"  ratio ours/torch tokens/s per round: median {r['median']:.3f} (min {r['min']:.3f}, max {r['max']:.3f}, "
           f"n={r['n']}, {pair['counted']} rounds)")
+    if "profile" in pair["ours"]:
+        from .step_profile import format_profile
+
+        columns = {f"{side} {pair[side]['dtype']}": pair[side]["profile"]["seconds"] for side in ("ours", "torch")}
+        columns.update({f"{side}: recomputed": pair[side]["profile"]["recomputed_seconds"]
+                        for side in ("ours", "torch")})
+        print("  one profiled step by category (wall seconds, share of the column):")
+        print(format_profile(columns))
 
 
 def main(argv: list[str]) -> None:
