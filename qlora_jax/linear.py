@@ -7,6 +7,7 @@ plain ``[out, in]`` array (a bf16 base, or a trainable weight for full finetunin
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 from qlora_jax.kernels import quantized_matmul
 from qlora_jax.quant import QuantizedTensor
 
-__all__ = ["base_matmul", "lora_delta", "qlora_linear"]
+__all__ = ["base_matmul", "einsum_f32_accumulate", "lora_delta", "qlora_linear"]
 
 
 def base_matmul(x: jax.Array, weight: Any, *, backend: str = "auto") -> jax.Array:
@@ -112,6 +113,45 @@ def _matmul_nt_bwd(residuals, g):
 
 
 _matmul_nt.defvjp(_matmul_nt_fwd, _matmul_nt_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum_f32_accumulate(subscripts: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    """``jnp.einsum(subscripts, x, y)`` accumulated and returned in float32, with a backward pass in
+    the operands' dtype.
+
+    As :func:`base_matmul`'s dense product: the gradients' products take the cotangent rounded to
+    ``x.dtype`` and accumulate in float32 (autodiff would upcast the bfloat16 operand and multiply
+    in float32, at half the speed).
+
+    Args:
+      subscripts: ``"X,Y->Z"``, two operands; every index of ``X`` appears in ``Y`` or ``Z`` and
+        every index of ``Y`` in ``X`` or ``Z`` (so that ``"Z,Y->X"`` and ``"Z,X->Y"`` are the
+        gradients).
+      x: the first operand.
+      y: the second operand, of ``x``'s dtype.
+
+    Returns:
+      The float32 product.
+    """
+    return jnp.einsum(subscripts, x, y, preferred_element_type=jnp.float32)
+
+
+def _einsum_fwd(subscripts, x, y):
+    return einsum_f32_accumulate(subscripts, x, y), (x, y)
+
+
+def _einsum_bwd(subscripts, residuals, g):
+    x, y = residuals
+    inputs, z = subscripts.replace(" ", "").split("->")
+    xs, ys = inputs.split(",")
+    g = g.astype(x.dtype)
+    dx = jnp.einsum(f"{z},{ys}->{xs}", g, y, preferred_element_type=jnp.float32)
+    dy = jnp.einsum(f"{z},{xs}->{ys}", g, x, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dy.astype(y.dtype)
+
+
+einsum_f32_accumulate.defvjp(_einsum_fwd, _einsum_bwd)
 
 
 def qlora_linear(

@@ -22,11 +22,13 @@ padding excluded), weighted by its target tokens like the loss, and reported as
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from qlora_jax.linear import base_matmul
@@ -43,7 +45,7 @@ class NonFiniteLossError(FloatingPointError):
 
 def chunked_cross_entropy(
     hidden: jax.Array, head: Any, targets: jax.Array, mask: jax.Array, chunk: int, *, backend: str = "auto",
-    softcap: float | None = None,
+    softcap: float | None = None, head_frozen: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Sum of masked next-token cross-entropy (nats, float32) and the number of masked tokens.
 
@@ -61,6 +63,11 @@ def chunked_cross_entropy(
       chunk: tokens per chunk of the vocabulary projection (``N`` is zero-padded to a multiple).
       backend: kernel backend of a quantized ``head``.
       softcap: the final logit soft-cap ``c`` (logits become ``c·tanh(logits / c)``), or None.
+      head_frozen: the caller never differentiates with respect to ``head`` (QLoRA: the head is
+        part of the frozen base). Then each chunk's gradient with respect to ``hidden`` is computed
+        in the forward pass, while its logits exist, and the backward pass only scales it: the
+        chunk's logits are not recomputed (one head matmul and one softmax fewer per token).
+        ``head``'s cotangent is then zero, whatever the caller does with it.
 
     Returns:
       ``(loss_sum, count)``: float32 scalars, the summed cross-entropy in nats over the masked
@@ -80,21 +87,74 @@ def chunked_cross_entropy(
     targets = targets.reshape(-1, chunk)
     mask = mask.reshape(-1, chunk).astype(jnp.float32)
 
-    @jax.checkpoint
-    def one_chunk(h, t, m):
-        logits = base_matmul(h, head, backend=backend).astype(jnp.float32)
-        if softcap is not None:
-            logits = jnp.tanh(logits / softcap) * softcap
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        return jnp.sum((logz - target_logit) * m)
+    with jax.named_scope("head_and_loss"):  # the scopes name ops for experiments.step_profile
+        if head_frozen:
+            total = _frozen_head_loss(hidden, head, targets, mask, backend, softcap)
+        else:
+            one_chunk = jax.checkpoint(functools.partial(_chunk_loss, head=head, backend=backend, softcap=softcap))
+
+            def body(total, xs):
+                return total + one_chunk(*xs), None
+
+            total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, mask))
+    return total, jnp.sum(mask)
+
+
+def _chunk_logits(h, head, backend, softcap):
+    """``(logits, raw)`` of one chunk in float32: soft-capped and as the head computed them."""
+    raw = base_matmul(h, head, backend=backend).astype(jnp.float32)
+    return (raw if softcap is None else jnp.tanh(raw / softcap) * softcap), raw
+
+
+def _chunk_loss(h, t, m, *, head, backend, softcap):
+    logits, _ = _chunk_logits(h, head, backend, softcap)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+    return jnp.sum((logz - target_logit) * m)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _frozen_head_loss(hidden, head, targets, mask, backend, softcap):
+    """Summed masked cross-entropy over ``[n, chunk, D]`` chunks; the gradient as ``chunked_cross_entropy`` says."""
 
     def body(total, xs):
-        return total + one_chunk(*xs), None
+        return total + _chunk_loss(*xs, head=head, backend=backend, softcap=softcap), None
 
-    with jax.named_scope("head_and_loss"):  # the scopes name ops for experiments.step_profile
-        total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, mask))
-    return total, jnp.sum(mask)
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, mask))[0]
+
+
+def _frozen_head_loss_fwd(hidden, head, targets, mask, backend, softcap):
+    def body(total, xs):
+        h, t, m = xs
+        (logits, raw), head_vjp = jax.vjp(lambda h: _chunk_logits(h, head, backend, softcap), h)
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        # d(sum of masked losses)/d logits: (softmax - one_hot(target)) per counted token.
+        dlogits = (jnp.exp(logits - logz[:, None]) - jax.nn.one_hot(t, logits.shape[-1], dtype=jnp.float32))
+        (dh,) = head_vjp((dlogits * m[:, None], jnp.zeros_like(raw)))
+        return total + jnp.sum((logz - target_logit) * m), dh
+
+    total, dhidden = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, mask))
+    return total, (dhidden, head, targets, mask)
+
+
+def _frozen_head_loss_bwd(backend, softcap, residuals, g):
+    dhidden, head, targets, mask = residuals
+    return (g * dhidden).astype(dhidden.dtype), _zeros_like_tree(head), _zeros_like_tree(targets), jnp.zeros_like(mask)
+
+
+def _zeros_like_tree(tree):
+    """Zero cotangents: float0 for integer leaves (a packed 4-bit head, token ids), zeros for float ones."""
+
+    def zero(a):
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            return jnp.zeros(a.shape, a.dtype)
+        return np.zeros(a.shape, jax.dtypes.float0)
+
+    return jax.tree.map(zero, tree)
+
+
+_frozen_head_loss.defvjp(_frozen_head_loss_fwd, _frozen_head_loss_bwd)
 
 
 def loss_and_count(
@@ -154,7 +214,8 @@ def loss_count_and_aux(
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     loss_sum, count = chunked_cross_entropy(h, head, targets.reshape(-1), mask.reshape(-1), spec.loss_chunk,
                                             backend=spec.kernel_backend,
-                                            softcap=spec.config.final_logit_softcapping)
+                                            softcap=spec.config.final_logit_softcapping,
+                                            head_frozen=not spec.full_finetune)
     aux = None
     if router_logits is not None:
         config = spec.config

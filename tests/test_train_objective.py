@@ -189,3 +189,70 @@ def test_a_data_parallel_mesh_gives_the_same_objective(reference, batch):
     out = reference["out"]
     np.testing.assert_allclose(float(metrics["loss"]), out["all/loss"], rtol=LOSS_RTOL)
     assert_gradients_close(grads, reference["grads"]["all"])
+
+
+def _cross_entropy_reference(hidden, head, targets, mask, softcap):
+    """Float64 numpy: the summed masked loss and its gradients with respect to hidden and head."""
+    h, w = hidden.astype(np.float64), head.astype(np.float64)
+    raw = h @ w.T
+    logits = raw if softcap is None else np.tanh(raw / softcap) * softcap
+    logz = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
+    loss = np.sum((logz - logits[np.arange(len(targets)), targets]) * mask)
+    dlogits = np.exp(logits - logz[:, None])
+    dlogits[np.arange(len(targets)), targets] -= 1.0
+    dlogits *= mask[:, None]
+    if softcap is not None:
+        dlogits *= 1.0 - np.tanh(raw / softcap) ** 2
+    return loss, dlogits @ w, dlogits.T @ h
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("head_frozen", [True, False], ids=["frozen_head", "trained_head"])
+def test_chunked_cross_entropy_and_its_gradients_equal_float64(rng, softcap, head_frozen):
+    """Both backward paths (the frozen head's gradient taken in the forward pass, and autodiff
+    through recomputed chunks) against float64: N = 37 tokens in chunks of 8 (padded), a third of
+    them masked out. Tolerance as the module docstring derives it (a few stages, K <= 256)."""
+    from qlora_jax.train import chunked_cross_entropy
+
+    n, d, v = 37, 48, 96
+    hidden = rng.standard_normal((n, d)).astype(np.float32)
+    head = (rng.standard_normal((v, d)) / d**0.5).astype(np.float32)
+    targets = rng.integers(0, v, n).astype(np.int32)
+    mask = (rng.random(n) > 1 / 3).astype(np.float32)
+    want_loss, want_dh, want_dw = _cross_entropy_reference(hidden, head, targets, mask, softcap)
+
+    def loss(h, w):
+        return chunked_cross_entropy(h, w, jnp.asarray(targets), jnp.asarray(mask), 8, softcap=softcap,
+                                     head_frozen=head_frozen)[0]
+
+    got_loss, (got_dh, got_dw) = jax.value_and_grad(loss, argnums=(0, 1))(jnp.asarray(hidden), jnp.asarray(head))
+    np.testing.assert_allclose(float(got_loss), want_loss, rtol=LOSS_RTOL)
+    np.testing.assert_allclose(np.asarray(got_dh), want_dh, rtol=0,
+                               atol=GRAD_ATOL_FRACTION * np.abs(want_dh).max())
+    if head_frozen:
+        # The documented contract: the head's cotangent is zero (QLoRA never asks for it).
+        np.testing.assert_array_equal(np.asarray(got_dw), 0.0)
+    else:
+        np.testing.assert_allclose(np.asarray(got_dw), want_dw, rtol=0,
+                                   atol=GRAD_ATOL_FRACTION * np.abs(want_dw).max())
+    count = chunked_cross_entropy(jnp.asarray(hidden), jnp.asarray(head), jnp.asarray(targets),
+                                  jnp.asarray(mask), 8)[1]
+    assert float(count) == mask.sum()
+
+
+def test_a_frozen_quantized_head_takes_the_same_hidden_gradient(rng):
+    """A packed NF4 head (integer codes: float0 cotangents): both paths give one hidden gradient."""
+    from qlora_jax.quant import quantize
+    from qlora_jax.train import chunked_cross_entropy
+
+    n, d, v = 24, 64, 128
+    hidden = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
+    head = quantize(jnp.asarray(rng.standard_normal((v, d)) / d**0.5, jnp.float32), "nf4")
+    targets = jnp.asarray(rng.integers(0, v, n), jnp.int32)
+    mask = jnp.ones((n,), jnp.float32)
+
+    def grad(frozen):
+        return jax.grad(lambda h: chunked_cross_entropy(h, head, targets, mask, 8, head_frozen=frozen)[0])(hidden)
+
+    fused, autodiff = np.asarray(grad(True)), np.asarray(grad(False))
+    np.testing.assert_allclose(fused, autodiff, rtol=0, atol=GRAD_ATOL_FRACTION * np.abs(autodiff).max())

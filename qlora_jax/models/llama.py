@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from qlora_jax.linear import base_matmul, qlora_linear
+from qlora_jax.linear import base_matmul, einsum_f32_accumulate, qlora_linear
 from qlora_jax.models import moe, rope
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.layout import ALL_LINEAR_LAYERS
@@ -112,11 +112,11 @@ def _attention(q, k, v, mask, scale: float, softcap: float | None):
         b, t, h, hd = q.shape
         kv = k.shape[2]
         q = q.reshape(b, t, kv, h // kv, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+        scores = einsum_f32_accumulate("btkgd,bskd->bkgts", q, k) * jnp.float32(scale)
         scores = soft_cap(scores, softcap)
         scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+        out = einsum_f32_accumulate("bkgts,bskd->btkgd", probs, v)
         return out.reshape(b, t, h * hd).astype(v.dtype)
 
 

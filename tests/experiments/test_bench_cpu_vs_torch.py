@@ -19,10 +19,12 @@ import sys
 import numpy as np
 import pytest
 
+from experiments.step_profile import CATEGORIES
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SIDE_KEYS = {"dtype", "load_seconds", "first_step_seconds", "loss_step1", "gemm_flops_per_second",
              "step_seconds_median", "tokens_per_second", "model_flops_per_second", "ceiling_fraction",
-             "peak_rss_bytes"}
+             "peak_rss_bytes", "profile"}
 
 
 def _loss_tolerance(dtype: str, loss: float, config: dict) -> float:
@@ -47,7 +49,7 @@ def _loss_tolerance(dtype: str, loss: float, config: dict) -> float:
 def test_bench_cpu_smoke_structure_and_step1_losses_agree(oracle, tmp_path):
     out_json = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.bench_cpu_vs_torch", "--smoke", f"--json_out={out_json}",
+        [sys.executable, "-m", "experiments.bench_cpu_vs_torch", "--smoke", "--profile", f"--json_out={out_json}",
          f"--oracle_python={oracle.python}"],
         cwd=REPO, capture_output=True, text=True, timeout=1500, env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
@@ -58,6 +60,7 @@ def test_bench_cpu_smoke_structure_and_step1_losses_agree(oracle, tmp_path):
         "avx2", "avx512f", "avx512_bf16", "amx_bf16"}
     assert out.startswith("CPU: ") and "ISA: avx2 " in out and "GEMM ceilings (256^3" in out
     assert set(report["pairs"]) == {"float32", "bfloat16", "best"}
+    assert "one profiled step by category" in out
     # Read in a child process: importing the launcher here would define its absl flags in this
     # test process, where another launcher's flags of the same name (--smoke) may follow.
     SMOKE_CONFIG = json.loads(subprocess.run(  # noqa: N806
@@ -82,6 +85,16 @@ def test_bench_cpu_smoke_structure_and_step1_losses_agree(oracle, tmp_path):
             assert s["ceiling_fraction"] == pytest.approx(
                 report["model_flops_per_step"] / s["step_seconds_median"] / s["gemm_flops_per_second"], rel=1e-12)
             assert s["peak_rss_bytes"] > 0 and s["load_seconds"] > 0
+            # --profile: every category present, the parts sum to the profiled step's wall time,
+            # and gradient checkpointing shows as recomputation on both sides.
+            prof = s["profile"]
+            assert set(prof["seconds"]) == set(prof["recomputed_seconds"]) == set(CATEGORIES)
+            assert min(prof["seconds"].values()) >= 0 and prof["wall_seconds"] > 0
+            assert sum(prof["seconds"].values()) == pytest.approx(prof["wall_seconds"], rel=1e-9), (key, side)
+            assert prof["seconds"]["recomputation"] > 0
+            assert sum(prof["recomputed_seconds"].values()) == pytest.approx(prof["seconds"]["recomputation"])
+            matmuls = ("base matmul", "LoRA matmul", "head + cross-entropy", "attention")
+            assert all(prof["seconds"][c] > 0 for c in matmuls), (key, side, prof["seconds"])
         if not pair["quiet_rounds"]:
             assert "NO ROUND WAS QUIET" in out
         ours, theirs = pair["ours"]["loss_step1"], pair["torch"]["loss_step1"]
