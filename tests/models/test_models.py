@@ -39,20 +39,6 @@ SEQ = 16
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> pathlib.Path:
-    return tmp_path_factory.mktemp("models")
-
-
-@pytest.fixture(scope="module")
-def inputs(module_rng):
-    rng = module_rng
-    ids = rng.integers(0, BASE["vocab_size"], size=(2, SEQ)).astype(np.int32)
-    mask = np.ones((2, SEQ), np.int32)
-    mask[1, SEQ - 5:] = 0  # right padding on the second row
-    return ids, mask
-
-
-@pytest.fixture(scope="module")
 def hf(oracle, workdir, inputs):
     """Random transformers models saved with save_pretrained, their logits, and 4-bit variants."""
     ids, mask = inputs

@@ -48,20 +48,8 @@ MODELS = {
 }
 EXPERTS = 4
 SEQ = 16
+LOWEST_ID = 3  # ids 0-2 are the configs' pad, eos and bos tokens
 NEW_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> pathlib.Path:
-    return tmp_path_factory.mktemp("moe_models")
-
-
-@pytest.fixture(scope="module")
-def inputs(module_rng):
-    ids = module_rng.integers(3, BASE["vocab_size"], size=(2, SEQ)).astype(np.int32)
-    mask = np.ones((2, SEQ), np.int32)
-    mask[1, SEQ - 5:] = 0  # right padding on the second row
-    return ids, mask
 
 
 @pytest.fixture(scope="module")
