@@ -274,7 +274,10 @@ def _activation_bytes(config: LlamaConfig, seq_len: int, batch: int, lora_r: int
     one_layer = n * per_token + attention
     if remat:
         saved = layers * n * d * act
-        layer_peak = 2 * one_layer  # recomputed forward values and their cotangents
+        # The recomputed forward values and the cotangents of about half of them: the backward
+        # pass frees each recomputed value once its cotangent is taken (XLA's buffer assignment
+        # of the step, tests/test_memory.py, since no transposed copies of them are made).
+        layer_peak = 3 * one_layer // 2
     else:
         saved = layers * one_layer
         layer_peak = one_layer
