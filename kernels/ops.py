@@ -204,15 +204,23 @@ def _check_kernel_platform(backend: str, interpret: bool) -> None:
         )
 
 
-def _zero_cotangent(qt: QuantizedTensor) -> QuantizedTensor:
-    """The frozen weight's cotangent: float0 zeros for integer arrays, zeros for float ones."""
+def zero_cotangent(tree: Any) -> Any:
+    """The cotangent of a frozen input (a packed weight, token ids): ``tree``'s structure with
+    float0 zeros for its integer arrays and zeros of their dtype for its float ones.
+
+    Args:
+      tree: a pytree of arrays (e.g. a :class:`~qlora_jax.quant.QuantizedTensor`).
+
+    Returns:
+      The zero cotangent pytree, for a ``custom_vjp`` backward rule to return.
+    """
 
     def zero(a):
         if jnp.issubdtype(a.dtype, jnp.floating):
             return jnp.zeros(a.shape, a.dtype)
         return np.zeros(a.shape, jax.dtypes.float0)
 
-    return jax.tree.map(zero, qt)
+    return jax.tree.map(zero, tree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,7 +290,7 @@ def _matmul_2d_fwd(plan, x, qt):
 
 
 def _matmul_2d_bwd(plan, qt, dy):
-    return _input_grad(plan, dy, qt), _zero_cotangent(qt)
+    return _input_grad(plan, dy, qt), zero_cotangent(qt)
 
 
 _matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)

@@ -28,9 +28,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from qlora_jax.kernels.ops import zero_cotangent
 from qlora_jax.linear import base_matmul
 from qlora_jax.models import llama, moe
 from qlora_jax.models.spec import ModelSpec
@@ -140,18 +140,7 @@ def _frozen_head_loss_fwd(hidden, head, targets, mask, backend, softcap):
 
 def _frozen_head_loss_bwd(backend, softcap, residuals, g):
     dhidden, head, targets, mask = residuals
-    return (g * dhidden).astype(dhidden.dtype), _zeros_like_tree(head), _zeros_like_tree(targets), jnp.zeros_like(mask)
-
-
-def _zeros_like_tree(tree):
-    """Zero cotangents: float0 for integer leaves (a packed 4-bit head, token ids), zeros for float ones."""
-
-    def zero(a):
-        if jnp.issubdtype(a.dtype, jnp.floating):
-            return jnp.zeros(a.shape, a.dtype)
-        return np.zeros(a.shape, jax.dtypes.float0)
-
-    return jax.tree.map(zero, tree)
+    return (g * dhidden).astype(dhidden.dtype), zero_cotangent(head), zero_cotangent(targets), jnp.zeros_like(mask)
 
 
 _frozen_head_loss.defvjp(_frozen_head_loss_fwd, _frozen_head_loss_bwd)
