@@ -9,7 +9,10 @@ saves). A step directory holds:
   the LoRA config.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a process
-killed while saving leaves the previous checkpoint as the latest restorable one. Adapters alone
+killed while saving leaves the previous checkpoint as the latest restorable one. Deleting is made
+atomic the same way: a step is first renamed into ``<directory>/deleting/`` (one ``rename``), then
+removed from there, so a process killed while deleting never leaves a half-deleted step that still
+looks committed; what such a kill leaves in ``deleting/`` is removed by the next checkpointer. Adapters alone
 (PEFT format, or ``trainable`` of a checkpoint) can seed another run (``adapter_init``).
 
 Retention (``max_to_keep``) counts *confirmed* checkpoints only: a new checkpoint is unconfirmed
@@ -23,7 +26,9 @@ unconfirmed ones), even with ``max_to_keep=1``; between a save and its confirmat
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pathlib
+import shutil
 from typing import Any
 
 import jax
@@ -32,6 +37,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 __all__ = ["TrainCheckpointer", "RestoredState", "abstract_like", "load_trainable", "load_step_meta"]
+
+_log = logging.getLogger(__name__)
+
+# Steps being deleted are renamed into this subdirectory first (not a step name, so Orbax never
+# lists it): Orbax's own local delete removes a step's files one by one, and a kill in the middle
+# left a step directory that still looked committed but read as truncated OCDBT streams.
+DELETING_SUBDIR = "deleting"
 
 
 @dataclasses.dataclass
@@ -76,8 +88,29 @@ class TrainCheckpointer:
                 max_to_keep=None,  # retention is ours: confirmed checkpoints only
                 enable_async_checkpointing=async_save,
                 create=True,
+                todelete_subdir=DELETING_SUBDIR,  # delete by one atomic rename, then purge
             ),
         )
+        self._purge_deleted()
+
+    def _purge_deleted(self) -> None:
+        """Removes the steps renamed into ``deleting/`` (by this run, or by a run killed before
+        it could remove them). Only process 0 deletes, as Orbax's primary host does."""
+        trash = self.directory / DELETING_SUBDIR
+        if jax.process_index() != 0 or not trash.exists():
+            return
+        for doomed in sorted(trash.iterdir()):
+            _log.info("removing the deleted checkpoint %s", doomed)
+            if doomed.is_dir():
+                shutil.rmtree(doomed)
+            else:
+                doomed.unlink()
+        trash.rmdir()
+
+    def _delete(self, steps: list[int]) -> None:
+        for step in steps:
+            self.manager.delete(step)
+        self._purge_deleted()
 
     def __enter__(self) -> TrainCheckpointer:
         return self
@@ -130,15 +163,13 @@ class TrainCheckpointer:
         confirmed = [s for s in self.all_steps() if s not in self._unconfirmed]
         if len(confirmed) > self.max_to_keep:
             self.manager.wait_until_finished()
-            for step in sorted(confirmed)[: -self.max_to_keep]:
-                self.manager.delete(step)
+            self._delete(sorted(confirmed)[: -self.max_to_keep])
 
     def discard_after(self, step: int) -> list[int]:
         """Deletes the checkpoints of steps after ``step`` (states found bad); returns those steps."""
         self.manager.wait_until_finished()
         doomed = sorted(s for s in self.all_steps() if s > step)
-        for s in doomed:
-            self.manager.delete(s)
+        self._delete(doomed)
         self._unconfirmed -= set(doomed)
         return doomed
 
