@@ -28,6 +28,20 @@ import zlib
 import numpy as np
 import pytest
 
+# One persistent XLA compilation cache per test run, shared by the xdist workers and every
+# subprocess the tests start (recipe, launcher, kill and multi-process tests), set before anything
+# imports jax. Why: on 2 cores compiling is most of the suite's time, and many tests compile the
+# same programs (the tiny Llama's train and eval steps) in fresh closures or fresh processes,
+# which jax's in-memory cache cannot share. An executable loaded from the cache is the one XLA
+# compiled, so no result changes. The first process to import this file (the xdist controller, or
+# the only process) makes the directory and removes it at the end; the workers inherit it.
+# JAX_COMPILATION_CACHE_DIR set by the caller wins; QLORA_JAX_TEST_XLA_CACHE=0 turns this off.
+_OWN_XLA_CACHE: str | None = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ and os.environ.get("QLORA_JAX_TEST_XLA_CACHE", "1") != "0":
+    _OWN_XLA_CACHE = tempfile.mkdtemp(prefix="qlora-jax-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_XLA_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ORACLE_DIR = REPO / "tests" / "oracles"
 
@@ -197,6 +211,8 @@ def pytest_sessionfinish(session) -> None:
     if "jax" in sys.modules:
         sys.modules["jax"].clear_caches()
     gc.collect()
+    if _OWN_XLA_CACHE is not None and "PYTEST_XDIST_WORKER" not in os.environ:
+        shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)  # a cache only: nothing in it is a result
 
 
 @pytest.fixture
