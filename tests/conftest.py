@@ -6,6 +6,7 @@
   loudly; set QLORA_JAX_SKIP_ORACLE=1 to skip them instead on a machine that cannot build it.
 * ``bnb_cuda_reference``: bitsandbytes' CUDA quantization code, compiled for the host with g++.
 * ``tiny_model``: a small random Llama folder with the embedded model's tokenizer (for recipe tests).
+* ``good``: a valid float32 folder of ``helpers.CONFIG`` and its tensors (for the checkpoint readers' tests).
 """
 
 from __future__ import annotations
@@ -194,6 +195,16 @@ def tiny_model(tmp_path_factory) -> pathlib.Path:
 
     return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"),
                             np.random.default_rng([RUN_ENTROPY, zlib.crc32(b"tiny_model")]))
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, module_rng) -> tuple[pathlib.Path, dict[str, np.ndarray]]:
+    """A valid float32 folder of ``helpers.CONFIG`` and its tensors, for the tests of what reads
+    checkpoints. Module-scoped: a test copies the tensors (``helpers.variant``) before changing any."""
+    from helpers import CONFIG, random_tensors, write_folder
+
+    tensors = random_tensors(module_rng, CONFIG)
+    return write_folder(tmp_path_factory.mktemp("good"), CONFIG, tensors), tensors
 
 
 @pytest.hookimpl(tryfirst=True)

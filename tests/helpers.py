@@ -5,16 +5,19 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import math
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
 
-from qlora_jax.checkpoints.load import LayerStacker
+from qlora_jax.checkpoints.load import LayerStacker, load_base_params, open_checkpoint, read_config
+from qlora_jax.lora import LoraConfig
 from qlora_jax.models import layout
 from qlora_jax.models.config import LlamaConfig
-from qlora_jax.quant import quantize
+from qlora_jax.quant import QuantConfig, quantize
 
 
 def random_quantized_base(config: LlamaConfig, rng: np.random.Generator) -> dict:
@@ -34,12 +37,81 @@ def random_quantized_base(config: LlamaConfig, rng: np.random.Generator) -> dict
     )
 
 
+# ---- small LLaMA checkpoints on disk, for the tests of what reads them (checkpoints/, model.py,
+# peft_io.py, merge.py); conftest.py's module-scoped fixture ``good`` is a valid folder of CONFIG.
+
+# A 2-layer, 64-wide config.json: grouped-query attention, an untied head.
+CONFIG = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=64, hidden_size=64,
+              intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128,
+              tie_word_embeddings=False, hidden_act="silu")
+
+
+def random_tensors(rng: np.random.Generator, cfg: dict, layers: range | None = None) -> dict[str, np.ndarray]:
+    """float32 transformers tensors of a LLaMA model with ``cfg`` (layers ``layers``, default all)."""
+    config = LlamaConfig.from_hf_dict(cfg)
+    d = config.hidden_size
+    out = {"model.embed_tokens.weight": rng.normal(size=(config.vocab_size, d)).astype(np.float32),
+           "model.norm.weight": (1 + 0.1 * rng.normal(size=d)).astype(np.float32)}
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = (rng.normal(size=(config.vocab_size, d)) / 8).astype(np.float32)
+    for layer in layers if layers is not None else range(config.num_hidden_layers):
+        for norm in layout.LAYER_NORMS:
+            out[layout.hf_key(layer, norm)] = (1 + 0.1 * rng.normal(size=d)).astype(np.float32)
+        for name, shape in config.linear_shapes().items():
+            out[layout.hf_key(layer, name)] = (rng.normal(size=shape) / math.sqrt(shape[1])).astype(np.float32)
+            if config.linear_has_bias(name):
+                out[layout.hf_key(layer, name, "bias")] = (0.1 * rng.normal(size=shape[0])).astype(np.float32)
+    return out
+
+
+def write_folder(path: pathlib.Path, cfg: dict, tensors: dict[str, np.ndarray]) -> pathlib.Path:
+    """``path`` as a transformers folder: ``cfg`` as config.json, ``tensors`` as model.safetensors."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    save_file(tensors, str(path / "model.safetensors"))
+    return path
+
+
+def load(path, quant="float32", **options):
+    """``load_base_params`` of the checkpoint at ``path``: ``(base, LoadStats)``, quantized as ``quant``,
+    float32 values; ``options``: more :class:`QuantConfig` fields."""
+    source, cfg = open_checkpoint(path)
+    return load_base_params(source, read_config(cfg), QuantConfig(quant=quant, dtype="float32", **options))
+
+
+def variant(tmp_path, good, *, drop=(), add=None, cfg=None) -> pathlib.Path:
+    """The good folder with tensors dropped/added/replaced and config fields changed."""
+    tensors = {k: v for k, v in good[1].items() if k not in drop}
+    tensors.update(add or {})
+    return write_folder(tmp_path / "ckpt", {**CONFIG, **(cfg or {})}, tensors)
+
+
+def with_value(good, key, index, value) -> dict[str, np.ndarray]:
+    """``{key: a copy of good's tensor key with [index] = value}`` (``good``: the fixture's pair)."""
+    array = good[1][key].copy()
+    array[index] = value
+    return {key: array}
+
+
+def random_adapter(rng, r=4, targets=("q_proj", "v_proj", "down_proj"), layers=2, size=0.05):
+    """Random LoRA adapters for CONFIG with ``layers`` layers: ``(config, lora, lora_config)``, lora_A
+    of std 1/sqrt(in), lora_B of std ``size``, alpha 2r."""
+    config = LlamaConfig.from_hf_dict({**CONFIG, "num_hidden_layers": layers})
+    shapes = config.linear_shapes()
+    lora = {"layers": {}}
+    for name in targets:
+        out_f, in_f = shapes[name]
+        lora["layers"].setdefault(layout.module_group(name), {})[name] = {
+            "lora_A": jnp.asarray(rng.normal(size=(layers, r, in_f)) / math.sqrt(in_f), jnp.float32),
+            "lora_B": jnp.asarray(size * rng.normal(size=(layers, out_f, r)), jnp.float32)}
+    return config, lora, LoraConfig(r=r, alpha=2.0 * r, target_modules=tuple(targets))
+
+
 def write_tiny_llama(path: pathlib.Path, rng: np.random.Generator, *, hidden: int = 64, intermediate: int = 128,
                      layers: int = 2) -> pathlib.Path:
     """A random Llama folder (config.json, float32 model.safetensors, the embedded model's tokenizer)
     small enough to train in seconds: embeddings std 0.5, linear weights std 1/sqrt(in), tied head."""
-    from safetensors.numpy import save_file
-
     from qlora_jax.model import load_tokenizer
 
     tokenizer = load_tokenizer("embedded")

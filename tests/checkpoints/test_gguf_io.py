@@ -5,18 +5,27 @@ The file is made with the ``gguf`` package's writer, its tensor names from the p
 loader and transformers' GGUF reader (.venv-oracle) must both give back every tensor exactly.
 The new families' files (Qwen3, Phi-3) are written from a random transformers model the same way,
 and both readers' models give the same logits. Gemma 2/3 GGUF files are refused by name.
+
+Faults (``pytest -m faults``): a GGUF of the ``good`` folder's tensors loads as the folder does, then
+truncated files, NaN weights, stray tensors, bad metadata and unsupported rotary scaling are refused
+by name, at open where they can be.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import load, with_value
 from safetensors.numpy import load_file
 
+from qlora_jax.checkpoints.errors import CheckpointError
+from qlora_jax.checkpoints.gguf_io import GGUFCheckpoint
 from qlora_jax.checkpoints.load import load_base_params, open_checkpoint, read_config
 from qlora_jax.models import llama
 from qlora_jax.models.config import UnsupportedArchitectureError
@@ -199,3 +208,82 @@ def test_gemma_gguf_is_refused_by_name(tmp_path, arch):
     with pytest.raises(UnsupportedArchitectureError, match=rf"GGUF architecture '{arch}'.*soft-caps.*'llama', "
                                                            r"'qwen3', 'phi3'"):
         open_checkpoint(path)
+
+
+# ---------------------------------------------------------------- faults
+
+GGUF_METADATA = {"llama.block_count": 2, "llama.context_length": 128, "llama.embedding_length": 64,
+                 "llama.feed_forward_length": 128, "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
+                 "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.vocab_size": 64,
+                 "llama.rope.dimension_count": 16}
+
+
+# llama.cpp's tensor names (convert_hf_to_gguf.py), written here independently of the reader's table.
+LLAMA_CPP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+                   "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                   "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
+                   "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def gguf_file(path: pathlib.Path, tensors: dict[str, np.ndarray], *, extra=None, **metadata) -> pathlib.Path:
+    """A llama GGUF file of transformers ``tensors`` (float32), as llama.cpp's converter names and orders them."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in {**GGUF_METADATA, **{k.replace("__", "."): v for k, v in metadata.items()}}.items():
+        {int: writer.add_uint32, float: writer.add_float32, str: writer.add_string}[type(value)](key, value)
+    for key, value in tensors.items():
+        match = re.fullmatch(r"model\.layers\.(\d+)\.(?:self_attn\.|mlp\.)?(\w+)\.(weight|bias)", key)
+        if match:
+            layer, name, suffix = match.groups()
+            heads = {"q_proj": 4, "k_proj": 2}.get(name)
+            if heads:  # llama.cpp's interleaved rotary row order
+                value = value.reshape(heads, 2, value.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(value.shape)
+            name = f"blk.{layer}.{LLAMA_CPP_NAMES[name]}.{suffix}"
+        else:
+            base, suffix = key.rsplit(".", 1)
+            name = f"{LLAMA_CPP_NAMES[base]}.{suffix}"
+        writer.add_tensor(name, np.ascontiguousarray(value))
+    for name, value in (extra or {}).items():
+        writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.faults
+def test_gguf_loads_like_the_folder_then_faults(tmp_path, good):
+    path = gguf_file(tmp_path / "ok.gguf", good[1])
+    base, _ = load(path)
+    np.testing.assert_array_equal(np.asarray(base["layers"]["self_attn"]["k_proj"]["weight"][1]),
+                                  good[1]["model.layers.1.self_attn.k_proj.weight"])
+
+    size = path.stat().st_size
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(path.read_bytes()[: size - 1000])
+    with pytest.raises(CheckpointError, match=rf"GGUF file {re.escape(str(truncated))} is truncated: its tensor table "
+                                              rf"needs \d+ bytes but the file has {size - 1000}"):
+        GGUFCheckpoint(truncated)  # at open, before any tensor is read
+    header = tmp_path / "header.gguf"
+    header.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(CheckpointError, match=r"GGUF file .*(is truncated|\(300 bytes\).*truncated or corrupt)"):
+        GGUFCheckpoint(header)
+
+    nan = dict(good[1], **with_value(good, "model.layers.0.mlp.up_proj.weight", (1, 1), np.nan))
+    with pytest.raises(CheckpointError, match=r"nan\.gguf: tensor 'model\.layers\.0\.mlp\.up_proj\.weight' holds 1 "
+                                              "NaN or Inf"):
+        load(gguf_file(tmp_path / "nan.gguf", nan))
+    with pytest.raises(CheckpointError, match=r"holds tensor 'rope_freqs\.weight', which a LLaMA model has no use for"):
+        open_checkpoint(gguf_file(tmp_path / "rope.gguf", good[1], extra={"rope_freqs.weight": np.ones(8, np.float32)}))
+    with pytest.raises(CheckpointError, match=r"is missing 9 tensors: 'model\.layers\.2\."):
+        load(gguf_file(tmp_path / "blocks.gguf", good[1], llama__block_count=3))
+    with pytest.raises(CheckpointError, match=r"metadata 'llama\.attention\.head_count' is '4'; expected an integer"):
+        open_checkpoint(gguf_file(tmp_path / "meta.gguf", good[1], llama__attention__head_count="4"))
+    with pytest.raises(CheckpointError, match=r"'llama\.rope\.scaling\.type' is 'yarn'; qlora-jax reads GGUF rotary "
+                                              r"scaling 'none' or 'linear'"):
+        open_checkpoint(gguf_file(tmp_path / "yarn.gguf", good[1], llama__rope__scaling__type="yarn"))
+    _, cfg = open_checkpoint(gguf_file(tmp_path / "linear.gguf", good[1], llama__rope__scaling__type="linear",
+                                       llama__rope__scaling__factor=4.0))
+    assert read_config(cfg).rope_scaling_dict == {"rope_type": "linear", "factor": 4.0}  # not silently dropped

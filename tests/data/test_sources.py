@@ -1,9 +1,12 @@
-"""Data sources: local file formats, OASST threads, the embedded corpora, dataset specs, the split."""
+"""Data sources: local file formats, OASST threads, the embedded corpora, dataset specs, the split,
+and the cleaning before it (duplicates and empty responses dropped and counted; the cleaning
+tests are part of the fault campaign, ``pytest -m faults``)."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import random
 
 import numpy as np
@@ -14,12 +17,14 @@ from qlora_jax import assets
 from qlora_jax.data import (
     DatasetError,
     Example,
+    clean_examples,
     detect_format,
     eval_count,
     load_chatterbot,
     load_chitchat,
     load_examples,
     load_file,
+    make_example,
     split_indices,
     train_eval_split,
 )
@@ -331,3 +336,45 @@ def test_split_caps_take_nested_random_subsets(rng):
     assert eval_examples == [examples[i] for i in small_eval]
     assert train_examples == [examples[i] for i in train]
     assert (cleaning.total, cleaning.kept, cleaning.duplicates) == (n, n, 0)
+
+
+# ---------------------------------------------------------------------------------------- cleaning
+
+def exchange(i: int, answer: str | None = None):
+    """A one-exchange conversation from row ``i`` of rows.jsonl (answer ``answer {i}`` unless given)."""
+    return make_example([("user", f"question {i}"), ("assistant", f"answer {i}" if answer is None else answer)],
+                        f"rows.jsonl:{i}")
+
+
+@pytest.mark.faults
+def test_duplicates_and_empty_responses_are_dropped_and_counted(caplog):
+    rows = [exchange(0), exchange(1), exchange(0), exchange(2, ""), exchange(3, " \n "),
+            make_example([("user", "a"), ("assistant", ""), ("user", "b"), ("assistant", "c")], "x"),
+            exchange(1), exchange(4)]
+    with caplog.at_level(logging.WARNING, logger="qlora_jax.data.split"):
+        kept, report = clean_examples(rows)
+    assert [e.origin for e in kept] == ["rows.jsonl:0", "rows.jsonl:1", "x", "rows.jsonl:4"]  # first copies, in order
+    assert (report.total, report.kept, report.duplicates, report.empty_responses, report.partly_empty) == (8, 4, 2, 2,
+                                                                                                          1)
+    assert "dropped 2 exact duplicates and 2 with only empty responses" in caplog.text
+
+
+@pytest.mark.faults
+def test_no_duplicate_straddles_the_split(rng):
+    distinct = [exchange(i) for i in range(60)]
+    rows = [distinct[int(i)] for i in rng.integers(0, 60, size=400)]  # heavy repetition, as in chatterbot-corpus
+    seed = int(rng.integers(1 << 30))
+    train, held_out, cleaning = train_eval_split(rows, 10, seed)
+    key = lambda e: tuple((m["role"], m["content"]) for m in e.messages)  # noqa: E731
+    assert not {key(e) for e in train} & {key(e) for e in held_out}
+    assert len(held_out) == 10 and len(train) + len(held_out) == cleaning.kept == len({key(e) for e in rows})
+    assert cleaning.duplicates == 400 - cleaning.kept
+    again = train_eval_split(rows, 10, seed)  # deterministic
+    assert [e.origin for e in again.eval] == [e.origin for e in held_out]
+
+
+@pytest.mark.faults
+def test_embedded_chatterbot_corpus_is_mostly_duplicates():
+    _, _, cleaning = train_eval_split(load_examples("chatterbot"), 96, 0)
+    # Measured on the corpus as packaged: tech_support.yml repeats ten exchanges about a hundred times each.
+    assert cleaning.total == 2025 and cleaning.kept == 898 and cleaning.empty_responses == 0
