@@ -440,7 +440,8 @@ def test_peft_adapters_with_expert_adapters_both_ways(oracle, hf, workdir, input
 def test_merged_export_loads_in_transformers_and_here(oracle, hf, workdir, inputs):
     """export_merged of an MoE model with random adapters on attention and every expert: the float32
     folder (per-expert names, the router as it was) gives, in transformers (which fuses the experts
-    on load) and through our load_pretrained, the logits of our model with the unmerged adapters;
+    on load) and through our load_pretrained, the logits of our model with the unmerged adapters
+    (so does the float32 export of the same adapters on the NF4 base);
     each expert tensor is float64 W_e + scaling * B_e @ A_e to float32 rounding, and has its own
     report row. The NF4 export is read back by our loader without re-quantization; its expert codes
     are bitsandbytes' quantize_4bit codes of the float32 merged weights, and bitsandbytes reads its
@@ -455,7 +456,8 @@ def test_merged_export_loads_in_transformers_and_here(oracle, hf, workdir, input
     from qlora_jax.quant import dequantize
 
     ids, mask = inputs
-    arrays = {f"{name}/{k}": v for name in MODELS for k, v in (("input_ids", ids), ("attention_mask", mask))}
+    arrays = {f"{name}{s}/{k}": v for name in MODELS for s in ("", "_from_nf4")
+              for k, v in (("input_ids", ids), ("attention_mask", mask))}
     expected, logits_cases, bnb_cases, held, reports = {}, [], [], {}, {}
     batch = {"input_ids": ids, "attention_mask": mask, "loss_mask": np.ones_like(mask)}
     lora_config = LoraConfig(r=4, alpha=8.0, target_modules="all-linear", dtype="float32")
@@ -499,6 +501,12 @@ def test_merged_export_loads_in_transformers_and_here(oracle, hf, workdir, input
                                    valid(expected[name], mask), atol=2e-4, rtol=1e-4)
         logits_cases.append(dict(name=name, op="logits", dir=str(folder)))
 
+        # QLoRA's case: the base in NF4 (every expert dequantized on its own as it is merged).
+        _, base4, _ = ours(workdir / name, quant="nf4")
+        expected[f"{name}_from_nf4"] = run(config, base4, ids, mask, lora, lora_config)
+        export_merged(workdir / f"{name}_merged_from_nf4", config, base4, lora, lora_config, dtype="float32")
+        logits_cases.append(dict(name=f"{name}_from_nf4", op="logits", dir=str(workdir / f"{name}_merged_from_nf4")))
+
         # 4-bit: every attention projection and expert matrix a bitsandbytes NF4 tensor, read as stored.
         nf4 = workdir / f"{name}_merged_nf4"
         # With held-out batches: the merged model is assembled from the stored 4-bit experts (checked below).
@@ -527,8 +535,9 @@ def test_merged_export_loads_in_transformers_and_here(oracle, hf, workdir, input
     out = oracle.run("hf_models.py", arrays, {"cases": logits_cases})
     out.update(oracle.run("bnb_quant.py", arrays, {"cases": bnb_cases}))
     for name in MODELS:
-        np.testing.assert_allclose(valid(out[f"{name}/logits"], mask), valid(expected[name], mask),
-                                   atol=2e-4, rtol=1e-4)
+        for case in (name, f"{name}_from_nf4"):
+            np.testing.assert_allclose(valid(out[f"{case}/logits"], mask), valid(expected[case], mask),
+                                       atol=2e-4, rtol=1e-4, err_msg=case)
         assert np.abs(valid(expected[name] - hf[f"{name}/logits_f32"], mask)).max() > 1e-2  # the adapters matter
         # The held-out losses: transformers' base and merged (= unmerged) models, our reading of the NF4
         # export. A loss moves by at most twice the largest logit difference (logsumexp and the target
