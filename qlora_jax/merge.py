@@ -479,6 +479,10 @@ def export_merged(
     written under transformers 4's per-expert names (``block_sparse_moe.experts.{e}.w1``,
     ``mlp.experts.{e}.gate_proj``; transformers 5 fuses them when it loads the folder); the router
     is written as it is (16-bit, not adapted) and each expert matrix has its own row in the report.
+    A 4-bit MoE export holds per-expert bitsandbytes tensors (transformers 4's per-expert
+    ``Linear4bit`` format, which :func:`~qlora_jax.model.load_pretrained` reads as stored);
+    transformers 5 refuses it (it fuses the experts and leaves them unquantized), so a warning is
+    logged: export 16-bit for transformers 5.
 
     Args:
       path: the folder to write (``config.json``, safetensors, tokenizer files).
@@ -511,6 +515,11 @@ def export_merged(
       <https://arxiv.org/abs/2305.14314>`_, 2023.
     """
     path = pathlib.Path(path)
+    if config.is_moe and quantize_to is not None:
+        log.warning("a %s merge of a %s model writes per-expert bitsandbytes tensors (the format of transformers 4's "
+                    "per-expert Linear4bit layers): qlora-jax reads them as stored, transformers 5 does not load 4-bit "
+                    "experts (export 16-bit for it)", quantize_to,
+                    config.model_type)
     np_dtype = jnp.dtype(dtype)
     scaling = jnp.float32(lora_config.scaling if lora_config is not None else 1.0)
     merged = _merge(config, base, lora, scaling, quantize_to=quantize_to, np_dtype=np_dtype,

@@ -440,7 +440,7 @@ def test_peft_adapters_with_expert_adapters_both_ways(oracle, hf, workdir, input
 HELD_OUT = "mixtral"  # the family whose merged export also measures held-out losses
 
 
-def test_merged_export_loads_in_transformers_and_here(oracle, hf, workdir, inputs):
+def test_merged_export_loads_in_transformers_and_here(oracle, hf, workdir, inputs, caplog):
     """export_merged of an MoE model with random adapters on attention and every expert: the float32
     folder (per-expert names, the router as it was) gives, in transformers (which fuses the experts
     on load) and through our load_pretrained, the logits of our model with the unmerged adapters
@@ -515,8 +515,11 @@ def test_merged_export_loads_in_transformers_and_here(oracle, hf, workdir, input
         nf4 = workdir / f"{name}_merged_nf4"
         # With held-out batches (one family: the measuring is family-agnostic, and compiles three losses), the
         # merged model is assembled from the stored 4-bit experts and the router (checked below).
-        report = export_merged(nf4, config, base, lora, lora_config, dtype="float32", quantize_to="nf4",
-                               allow_lossy=True, eval_batches=[batch] if name == HELD_OUT else None)
+        with caplog.at_level("WARNING", logger="qlora_jax.merge"):
+            report = export_merged(nf4, config, base, lora, lora_config, dtype="float32", quantize_to="nf4",
+                                   allow_lossy=True, eval_batches=[batch] if name == HELD_OUT else None)
+        # transformers 5 refuses per-expert 4-bit tensors (it fuses the experts): said, not left to be found.
+        assert "transformers 5 does not load 4-bit experts" in caplog.text
         reports[name] = report
         assert 0.01 < report.requantization_relative_rmse < 0.2
         assert len(report.layers) == config.num_hidden_layers * (4 + 3 * EXPERTS)
