@@ -10,6 +10,8 @@ saved with ``save_pretrained`` (which writes the per-expert tensors ``...experts
   what per-expert ``Linear4bit`` layers compute on bitsandbytes' exact CPU path; transformers 5
   leaves its fused experts unquantized under ``BitsAndBytesConfig``);
 * the load-balancing loss against transformers' ``aux_loss`` (``output_router_logits=True``).
+* the merged export (per-expert tensors, the router as is): float32 logits in transformers and
+  through load_pretrained against ours unmerged; the NF4 export's bytes against bitsandbytes.
 
 Tolerances are those of tests/test_families.py: float32 on both sides, so differences are
 summation order (the routing itself is compared exactly by the block tests, tests/test_moe.py).
