@@ -64,11 +64,14 @@ class LayerMergeStats:
 
     Attributes:
       layer: the decoder layer's index.
-      module: the linear layer's name (``"q_proj"``, ...).
+      module: the linear layer's name (``"q_proj"``, ...); for an MoE expert matrix, its module in
+        the layer as the export names it (``"block_sparse_moe.experts.3.w1"``,
+        ``"mlp.experts.3.gate_proj"``).
       delta_norm: ||ΔW||, Frobenius, in the weights' units.
       kept_fraction: <R(W+ΔW) − R(W), ΔW> / ||ΔW||², dimensionless.
       kept_norm_ratio: ||R(W+ΔW) − R(W)|| / ||ΔW||, dimensionless.
       error_ratio: ||R(W+ΔW) − (W+ΔW)|| / ||ΔW||, dimensionless.
+      expert: the expert's index for an MoE expert matrix, else None.
     """
 
     layer: int
@@ -77,6 +80,7 @@ class LayerMergeStats:
     kept_fraction: float
     kept_norm_ratio: float
     error_ratio: float
+    expert: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,17 +278,26 @@ class _Merged:
 
 def _merge(config: LlamaConfig, base: dict[str, Any], lora: dict[str, Any] | None, scaling: jax.Array, *,
            quantize_to: str | None, np_dtype: Any, stack: bool) -> _Merged:
-    """Merges every linear layer and gathers every tensor of the export, refusing non-finite ones."""
+    """Merges every linear layer (each expert of an MoE layer on its own) and gathers every tensor of
+    the export, refusing non-finite ones."""
     out = _Merged({hf_global_key("embed_tokens"): _host(base["embed_tokens"], np_dtype)},
                   stack=LayerStacker(config.num_hidden_layers) if stack else None)
     layers, linears = base["layers"], layout.linear_entries(base)
     lora_layers = (lora or {}).get("layers", {})
+    experts = {spec.module: spec for spec in layout.tensor_table(config) if spec.experts}
     for layer in range(config.num_hidden_layers):
         for norm in layout.layer_norms(config):
             out.tensors[layout.hf_key(layer, norm)] = _host(layout.get_layer_entry(layers, norm)[layer], np_dtype)
+        if config.is_moe:  # the router: 16-bit, never adapted, written as it is
+            out.tensors[layout.hf_key(layer, _router_module(config))] = _host(layers["mlp"]["gate"]["weight"][layer],
+                                                                              np_dtype)
         for name, params in linears.items():
             pair = lora_layers.get(layout.module_group(name), {}).get(name)
-            _merge_one(out, layer, name, params, pair, scaling, quantize_to=quantize_to, np_dtype=np_dtype)
+            if name in experts:
+                _merge_experts(out, layer, experts[name], params, pair, scaling, quantize_to=quantize_to,
+                               np_dtype=np_dtype)
+            else:
+                _merge_one(out, layer, name, params, pair, scaling, quantize_to=quantize_to, np_dtype=np_dtype)
     out.tensors[hf_global_key("norm")] = _host(base["norm"], np_dtype)
     if not config.tie_word_embeddings:
         out.tensors[hf_global_key("lm_head")] = _host(base["lm_head"], np_dtype)
@@ -294,29 +307,61 @@ def _merge(config: LlamaConfig, base: dict[str, Any], lora: dict[str, Any] | Non
     return out
 
 
-def _merge_one(out: _Merged, layer: int, name: str, params: dict[str, Any], pair: Any, scaling: jax.Array, *,
-               quantize_to: str | None, np_dtype: Any) -> None:
-    """Merges linear layer ``name`` of decoder layer ``layer`` into ``out``."""
-    key = layout.hf_key(layer, name)
-    stored, sums = _merge_layer(_layer_slice(params["weight"], layer),
-                                None if pair is None else _layer_slice(pair, layer), scaling,
-                                quantize_to=quantize_to, dtype=np_dtype.name)
+def _router_module(config: LlamaConfig) -> str:
+    """An MoE layer's router module in the layer (``block_sparse_moe.gate``, ``mlp.gate``)."""
+    return f"{config.family.moe_module}.gate"
+
+
+def _merge_tensor(out: _Merged, key: str, weight: Any, pair: Any, scaling: jax.Array, *, quantize_to: str | None,
+                  np_dtype: Any, stats: tuple[int, str, int | None]) -> Any:
+    """Merges one weight matrix ``[out, in]`` into ``out.tensors[key]`` (bitsandbytes' tensors for a
+    4-bit export), adds its sums to the totals and its :class:`LayerMergeStats` (``stats``: layer,
+    module, expert) when its update is not zero; returns the stored form (for the held-out model)."""
+    stored, sums = _merge_layer(weight, pair, scaling, quantize_to=quantize_to, dtype=np_dtype.name)
     sums = _MergeSums(*np.asarray(jax.device_get(sums), np.float64).tolist())
     if not sums.finite:
         raise ValueError(f"the merged weight {key!r} holds NaN or Inf (from the adapter or the base); "
                          "refusing to export it")
     out.totals = out.totals.plus(sums)
     if sums.delta_sq > 0:  # an adapter with a non-zero update (a fresh adapter, B = 0, has nothing to lose)
-        out.layer_stats.append(LayerMergeStats(layer, name, float(np.sqrt(sums.delta_sq)), *sums.ratios()))
+        layer, module, expert = stats
+        out.layer_stats.append(LayerMergeStats(layer, module, float(np.sqrt(sums.delta_sq)), *sums.ratios(),
+                                               expert=expert))
     stored = jax.device_get(stored)
     if quantize_to is None:
         out.tensors[key] = np.asarray(stored)
     else:
         out.tensors.update(bnb_format.to_bnb_state_dict(stored, key))
+    return stored
+
+
+def _merge_one(out: _Merged, layer: int, name: str, params: dict[str, Any], pair: Any, scaling: jax.Array, *,
+               quantize_to: str | None, np_dtype: Any) -> None:
+    """Merges linear layer ``name`` of decoder layer ``layer`` into ``out``."""
+    stored = _merge_tensor(out, layout.hf_key(layer, name), _layer_slice(params["weight"], layer),
+                           None if pair is None else _layer_slice(pair, layer), scaling, quantize_to=quantize_to,
+                           np_dtype=np_dtype, stats=(layer, name, None))
     if out.stack is not None:
         out.stack.put(name, layer, stored)
     if "bias" in params:
         out.tensors[layout.hf_key(layer, name, "bias")] = _host(params["bias"][layer], np_dtype)
+
+
+def _merge_experts(out: _Merged, layer: int, spec: layout.TensorSpec, params: dict[str, Any], pair: Any,
+                   scaling: jax.Array, *, quantize_to: str | None, np_dtype: Any) -> None:
+    """Merges every expert of MoE matrix ``spec`` (``[L, E, out, in]``, adapters ``[L, E, r, in]`` /
+    ``[L, E, out, r]``) of decoder layer ``layer`` into ``out``, one expert at a time, under the
+    per-expert names transformers reads (``...experts.{e}.w1.weight``): only one expert is ever
+    dequantized in float32, as one dense weight is."""
+    keys = spec.expert_keys(layer)
+    stored = []
+    for e, key in enumerate(keys):
+        weight = jax.tree.map(lambda x, e=e: x[layer, e], params["weight"])
+        expert_pair = None if pair is None else jax.tree.map(lambda x, e=e: x[layer, e], pair)
+        stored.append(_merge_tensor(out, key, weight, expert_pair, scaling, quantize_to=quantize_to,
+                                    np_dtype=np_dtype, stats=(layer, spec.expert_module.format(e=e), e)))
+    if out.stack is not None:  # the stored (16-bit or 4-bit) experts of this layer, for the held-out model
+        out.stack.put(spec.module, layer, jax.tree.map(lambda *xs: jnp.stack(xs), *stored))
 
 
 def _held_out_losses(config: LlamaConfig, base: dict[str, Any], lora: dict[str, Any] | None,
@@ -335,6 +380,9 @@ def _held_out_losses(config: LlamaConfig, base: dict[str, Any], lora: dict[str, 
         linears={name: {"weight": merged.stack.buffers[name],
                         **({"bias": jnp.asarray(p["bias"]).astype(np_dtype)} if "bias" in p else {})}
                  for name, p in linears.items()}, config=config)
+    if config.is_moe:
+        merged_base["layers"]["mlp"]["gate"] = {"weight": jnp.asarray(base["layers"]["mlp"]["gate"]["weight"])
+                                                .astype(np_dtype)}
     plain = ModelSpec(config, None, compute_dtype=compute_dtype)
     losses = {"base_loss": _mean_loss(plain, None, base, eval_batches),
               "merged_loss": _mean_loss(plain, None, merged_base, eval_batches)}
@@ -396,7 +444,8 @@ def _write_folder(path: pathlib.Path, tensors: dict[str, np.ndarray], config: Ll
             "bnb_4bit_use_double_quant": True,
             "bnb_4bit_compute_dtype": dtype,
             "bnb_4bit_quant_storage": "uint8",
-            "llm_int8_skip_modules": ["lm_head"],
+            # (the MoE routers are written 16-bit, as the loaders keep them)
+            "llm_int8_skip_modules": ["lm_head"] + ([_router_module(config)] if config.is_moe else []),
         }
     (path / "config.json").write_text(json.dumps(hf_config, indent=2))
     if tokenizer is not None:
@@ -424,6 +473,16 @@ def export_merged(
     adapter's improvement (if batches were given and the adapter improves the loss), otherwise
     when the weights apply less than ``min_kept_fraction`` of its update or their rounding error
     exceeds the update itself (``error_ratio > 1``).
+
+    Mixture-of-experts models (Mixtral, Qwen3-MoE) are merged expert by expert (each expert's
+    ``scaling * B_e @ A_e`` into its own dequantized matrix, one expert in float32 at a time) and
+    written under transformers 4's per-expert names (``block_sparse_moe.experts.{e}.w1``,
+    ``mlp.experts.{e}.gate_proj``; transformers 5 fuses them when it loads the folder); the router
+    is written as it is (16-bit, not adapted) and each expert matrix has its own row in the report.
+    A 4-bit MoE export holds per-expert bitsandbytes tensors (transformers 4's per-expert
+    ``Linear4bit`` format, which :func:`~qlora_jax.model.load_pretrained` reads as stored);
+    transformers 5 refuses it (it fuses the experts and leaves them unquantized), so a warning is
+    logged: export 16-bit for transformers 5.
 
     Args:
       path: the folder to write (``config.json``, safetensors, tokenizer files).
@@ -455,10 +514,12 @@ def export_merged(
       Dettmers et al., `QLoRA: Efficient Finetuning of Quantized LLMs
       <https://arxiv.org/abs/2305.14314>`_, 2023.
     """
-    if config.is_moe:  # the per-expert tensors and routers have no writer here yet
-        raise NotImplementedError(f"merged export of a {config.model_type} (mixture-of-experts) model is not "
-                                  "implemented: export the adapter (PEFT format) or use save_quantized")
     path = pathlib.Path(path)
+    if config.is_moe and quantize_to is not None:
+        log.warning("a %s merge of a %s model writes per-expert bitsandbytes tensors (the format of transformers 4's "
+                    "per-expert Linear4bit layers): qlora-jax reads them as stored, transformers 5 does not load 4-bit "
+                    "experts (export 16-bit for it)", quantize_to,
+                    config.model_type)
     np_dtype = jnp.dtype(dtype)
     scaling = jnp.float32(lora_config.scaling if lora_config is not None else 1.0)
     merged = _merge(config, base, lora, scaling, quantize_to=quantize_to, np_dtype=np_dtype,
