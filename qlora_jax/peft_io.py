@@ -145,6 +145,43 @@ def _double_rank_alpha(lora_config: LoraConfig) -> float:
                      "write this adapter with expert_format='per_expert'")
 
 
+def _fused_tensors(tensors: dict[str, np.ndarray], stacked: Any, fused: list[str], r: int,
+                   config: LlamaConfig) -> tuple[tuple[str, ...], int | None]:
+    """Adds the fused-format matrices of our expert adapters ``fused`` to ``tensors``.
+
+    Args:
+      tensors: the file's tensors, added to.
+      stacked: ``stacked(name, matrix)``, our ``[L, E, ...]`` matrix as numpy.
+      fused: our expert layers to write fused.
+      r: our rank.
+      config: the model config.
+
+    Returns:
+      ``(the fused parameters written, gate_up_proj's rank or None)``.
+    """
+    params = tuple(p for p in _FUSED_PARAMS if any(_FUSED_OF[n] == p for n in fused))
+    gate_up_rank = None
+    inter = config.linear_shapes()["gate_proj"][0]
+    for layer in range(config.num_hidden_layers):
+        for param in params:
+            if param == "down_proj":
+                a, b = stacked("down_proj", "lora_A")[layer], stacked("down_proj", "lora_B")[layer]
+            else:
+                # One A for both halves: our separate gate and up adapters side by side in rank
+                # (block-diagonal B); one of them alone keeps rank r, the other half of B zero.
+                halves = [n for n in ("gate_proj", "up_proj") if n in fused]
+                a = np.concatenate([stacked(n, "lora_A")[layer] for n in halves], axis=1)
+                b = np.zeros((config.num_experts, 2 * inter, a.shape[1]), a.dtype)
+                for n in halves:
+                    rows = slice(0, inter) if n == "gate_proj" else slice(inter, 2 * inter)
+                    cols = slice(0, r) if n == halves[0] else slice(r, 2 * r)
+                    b[:, rows, cols] = stacked(n, "lora_B")[layer]
+                gate_up_rank = a.shape[1]
+            for matrix, value in zip(("lora_A", "lora_B"), _fold(a, b), strict=True):
+                tensors[fused_peft_key(layer, param, matrix, params)] = value
+    return params, gate_up_rank
+
+
 def save_peft_adapter(
     path: str | pathlib.Path,
     lora: dict[str, Any],
@@ -204,28 +241,7 @@ def save_peft_adapter(
                         tensors[f"{module}.{matrix}.weight"] = np.ascontiguousarray(values[layer, e])
                 else:
                     tensors[peft_key(layer, name, matrix)] = np.ascontiguousarray(values[layer])
-    params = tuple(p for p in _FUSED_PARAMS if any(_FUSED_OF[n] == p for n in fused))
-    gate_up_rank = None
-    for layer in range(config.num_hidden_layers):
-        for param in params:
-            if param == "down_proj":
-                a, b = stacked("down_proj", "lora_A")[layer], stacked("down_proj", "lora_B")[layer]
-            else:
-                # One A for both halves: our separate gate and up adapters side by side in rank
-                # (block-diagonal B); one of them alone keeps rank r, the other half of B zero.
-                halves = [n for n in ("gate_proj", "up_proj") if n in fused]
-                a = np.concatenate([stacked(n, "lora_A")[layer] for n in halves], axis=1)
-                inter = config.linear_shapes()["gate_proj"][0]
-                r = lora_config.r
-                b = np.zeros((config.num_experts, 2 * inter, a.shape[1]), a.dtype)
-                for n in halves:
-                    rows = slice(0, inter) if n == "gate_proj" else slice(inter, 2 * inter)
-                    cols = slice(0, r) if n == halves[0] else slice(r, 2 * r)
-                    b[:, rows, cols] = stacked(n, "lora_B")[layer]
-                gate_up_rank = a.shape[1]
-            folded = _fold(a, b)
-            for matrix, value in zip(("lora_A", "lora_B"), folded, strict=True):
-                tensors[fused_peft_key(layer, param, matrix, params)] = value
+    params, gate_up_rank = _fused_tensors(tensors, stacked, fused, lora_config.r, config)
     save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     peft_names = [layout.peft_target_name(config, name) for name in targets if name not in fused]
     peft_config = lora_config.to_peft_config(peft_names, base_model_name_or_path)
@@ -366,6 +382,49 @@ def _read_adapter_config(file: pathlib.Path, config: LlamaConfig) -> tuple[LoraC
     return lora_config, fused
 
 
+def _read_fused(source: CheckedSource, weights: pathlib.Path, fused: dict[str, int], r: int, config: LlamaConfig,
+                per_layer: dict[tuple[str, str], list[np.ndarray]]) -> None:
+    """Reads the fused expert matrices, unfolded into our per-expert ``gate/up/down_proj`` adapters.
+
+    Args:
+      source: the checked weights file.
+      weights: its path (for errors).
+      fused: ``{fused parameter: its per-expert rank}`` (:func:`_fused_targets`).
+      r: our rank.
+      config: the model config.
+      per_layer: ``{(name, matrix): [per-layer arrays]}``, appended to.
+
+    Raises:
+      CheckpointError: a gate_up_proj of rank ``2r`` whose gate or up rows use the other half's
+        rank components.
+    """
+    params, experts = tuple(fused), config.num_experts
+    inter, hidden = config.linear_shapes()["gate_proj"]
+    shapes = {"gate_up_proj": (2 * inter, hidden), "down_proj": (hidden, inter)}
+    for layer in range(config.num_hidden_layers):
+        for param, rank in fused.items():
+            (out_features, in_features), keys = shapes[param], [fused_peft_key(layer, param, m, params)
+                                                                 for m in ("lora_A", "lora_B")]
+            a, b = _unfold(source.read(keys[0], (experts * rank, in_features)),
+                           source.read(keys[1], (out_features, experts * rank)), experts)
+            if param == "down_proj":
+                pairs = {"down_proj": (a, b)}
+            elif rank == r:  # one A feeds both halves: each of our adapters gets a copy
+                pairs = {"gate_proj": (a, b[:, :inter]), "up_proj": (a, b[:, inter:])}
+            else:  # 2r: gate's rank components first, up's second, nothing across
+                for rows, cols, half in ((slice(0, inter), slice(r, 2 * r), "gate"),
+                                         (slice(inter, 2 * inter), slice(0, r), "up")):
+                    if np.any(b[:, rows, cols]):
+                        raise CheckpointError(
+                            f"{weights}: {keys[1]!r} (gate_up_proj at rank 2r={2 * r}) has non-zero {half} rows in the "
+                            f"other half's rank components, so its gate and up deltas are not independent rank-{r} "
+                            "adapters (qlora-jax's gate_proj and up_proj); it cannot be read exactly")
+                pairs = {"gate_proj": (a[:, :r], b[:, :inter, :r]), "up_proj": (a[:, r:], b[:, inter:, r:])}
+            for name, (pa, pb) in pairs.items():
+                per_layer.setdefault((name, "lora_A"), []).append(np.ascontiguousarray(pa))
+                per_layer.setdefault((name, "lora_B"), []).append(np.ascontiguousarray(pb))
+
+
 def load_peft_adapter(
     path: str | pathlib.Path, config: LlamaConfig, *, dtype: str | None = None
 ) -> tuple[dict[str, Any], LoraConfig]:
@@ -413,14 +472,6 @@ def load_peft_adapter(
         out_features, in_features = shapes[name]
         expected[name, "lora_A"] = (lora_config.r, in_features)
         expected[name, "lora_B"] = (out_features, lora_config.r)
-    params = tuple(fused)  # in _FUSED_PARAMS order
-    experts = config.num_experts
-    fused_shapes = {}
-    for param, rank in fused.items():
-        out_features, in_features = shapes["down_proj"] if param == "down_proj" else (
-            2 * shapes["gate_proj"][0], shapes["gate_proj"][1])
-        fused_shapes[param, "lora_A"] = (experts * rank, in_features)
-        fused_shapes[param, "lora_B"] = (out_features, experts * rank)
 
     def keys(layer: int, name: str, matrix: str) -> list[str]:
         # One key, or one per expert (stacked on an axis after the layer's).
@@ -428,37 +479,16 @@ def load_peft_adapter(
 
     source.expect([k for (name, matrix) in expected for layer in range(config.num_hidden_layers)
                    for k in keys(layer, name, matrix)]
-                  + [fused_peft_key(layer, param, matrix, params) for (param, matrix) in fused_shapes
-                     for layer in range(config.num_hidden_layers)], num_layers=config.num_hidden_layers)
+                  + [fused_peft_key(layer, param, matrix, tuple(fused)) for param in fused
+                     for matrix in ("lora_A", "lora_B") for layer in range(config.num_hidden_layers)],
+                  num_layers=config.num_hidden_layers)
     per_layer: dict[tuple[str, str], list[np.ndarray]] = {}
     for (name, matrix), shape in expected.items():
         for layer in range(config.num_hidden_layers):
             values = [source.read(k, shape) for k in keys(layer, name, matrix)]
             per_layer.setdefault((name, matrix), []).append(
                 np.stack(values) if config.expert_stack(name) else values[0])
-    for layer in range(config.num_hidden_layers):
-        for param, rank in fused.items():
-            key_a, key_b = (fused_peft_key(layer, param, m, params) for m in ("lora_A", "lora_B"))
-            a, b = _unfold(source.read(key_a, fused_shapes[param, "lora_A"]),
-                           source.read(key_b, fused_shapes[param, "lora_B"]), experts)
-            if param == "down_proj":
-                pairs = {"down_proj": (a, b)}
-            else:
-                inter, r = shapes["gate_proj"][0], lora_config.r
-                if rank == r:  # one A feeds both halves: each of our adapters gets a copy
-                    pairs = {"gate_proj": (a, b[:, :inter]), "up_proj": (a, b[:, inter:])}
-                else:  # 2r: gate's rank components first, up's second, nothing across
-                    for rows, cols, half in ((slice(0, inter), slice(r, 2 * r), "gate"),
-                                             (slice(inter, 2 * inter), slice(0, r), "up")):
-                        if np.any(b[:, rows, cols]):
-                            raise CheckpointError(
-                                f"{weights}: {key_b!r} (gate_up_proj at rank 2r={2 * r}) has non-zero {half} rows in "
-                                f"the other half's rank components, so its gate and up deltas are not independent "
-                                f"rank-{r} adapters (qlora-jax's gate_proj and up_proj); it cannot be read exactly")
-                    pairs = {"gate_proj": (a[:, :r], b[:, :inter, :r]), "up_proj": (a[:, r:], b[:, inter:, r:])}
-            for name, (pa, pb) in pairs.items():
-                per_layer.setdefault((name, "lora_A"), []).append(np.ascontiguousarray(pa))
-                per_layer.setdefault((name, "lora_B"), []).append(np.ascontiguousarray(pb))
+    _read_fused(source, weights, fused, lora_config.r, config, per_layer)
     layers: dict[str, dict[str, Any]] = {}
     for (name, matrix), values in per_layer.items():
         stacked = jnp.asarray(np.stack(values))
