@@ -204,15 +204,17 @@ def save_peft_adapter(
         ``"per_expert"``, one adapter per expert under transformers 4's module names (what PEFT
         loads for transformers 4 and 5); or ``"fused"``, PEFT's ``target_parameters`` format on
         transformers 5's fused ``mlp.experts.gate_up_proj`` / ``down_proj`` (gate and up together
-        at rank ``2r`` through ``rank_pattern``/``alpha_pattern``, the scaling unchanged). Ignored
-        for a model without experts.
+        at rank ``2r`` through ``rank_pattern``/``alpha_pattern``, the scaling unchanged; one of
+        them alone at rank ``r`` beside a zero half, which reads back as both with the other's
+        ``B`` zero). PEFT's ``ParamWrapper`` takes no LoRA dropout, so this needs
+        ``lora_config.dropout == 0``. Ignored for a model without experts.
 
     Returns:
       The folder, as a :class:`pathlib.Path`.
 
     Raises:
-      ValueError: an unknown ``expert_format``; a fused rsLoRA adapter whose scaling no
-        ``lora_alpha`` reproduces exactly at rank ``2r``.
+      ValueError: an unknown ``expert_format``; fused expert adapters with LoRA dropout, or with
+        rsLoRA whose scaling no ``lora_alpha`` reproduces exactly at rank ``2r``.
 
     References:
       Hu et al., `LoRA: Low-Rank Adaptation of Large Language Models
@@ -225,6 +227,11 @@ def save_peft_adapter(
     tensors: dict[str, np.ndarray] = {}
     targets = adapter_targets(lora)
     fused = [n for n in targets if expert_format == "fused" and config.expert_stack(n)]
+    if fused and lora_config.dropout:
+        # PEFT 0.21 refuses to load a target_parameters adapter whose config has lora_dropout != 0.
+        raise ValueError(f"expert_format='fused' needs lora_config.dropout == 0 (PEFT's ParamWrapper takes no "
+                         f"dropout), got {lora_config.dropout}; write it with dropout=0.0 or "
+                         "expert_format='per_expert'")
 
     def stacked(name: str, matrix: str) -> np.ndarray:
         return np.asarray(jax.device_get(lora["layers"][layout.module_group(name)][name][matrix]))
@@ -308,7 +315,7 @@ def _fused_targets(file: pathlib.Path, cfg: dict[str, Any], config: LlamaConfig)
                                   "up pair")
     gate_up_rank = next(iter(patterns["rank_pattern"].values()), r)
     gate_up_alpha = next(iter(patterns["alpha_pattern"].values()), alpha)
-    if gate_up_rank not in (r, 2 * r) or isinstance(gate_up_rank, bool):
+    if not isinstance(gate_up_rank, int) or isinstance(gate_up_rank, bool) or gate_up_rank not in (r, 2 * r):
         raise CheckpointError(f"{file}: field 'rank_pattern' gives gate_up_proj rank {gate_up_rank!r}; only r={r} "
                               f"(one A for gate and up) or 2r={2 * r} (gate and up side by side) are independent "
                               f"per-expert rank-{r} gate and up adapters")

@@ -674,7 +674,9 @@ def test_peft_fused_expert_adapters_both_ways(oracle, hf, workdir, inputs, name)
     peft_dir = workdir / f"{name}_peft_fused"
     lora_configs = {"plain": LoraConfig(r=4, alpha=8.0, target_modules="all-linear", dtype="float32"),
                     "rs": LoraConfig(r=4, alpha=8.0, target_modules=("k_proj", "gate_proj", "up_proj", "down_proj"),
-                                     use_rslora=True, dtype="float32")}
+                                     use_rslora=True, dtype="float32"),
+                    # a lone half of gate_up_proj, and no target_modules at all
+                    "up": LoraConfig(r=4, alpha=8.0, target_modules=("up_proj",), dtype="float32")}
     loras = {k: _random_lora(config, c, 11 + i) for i, (k, c) in enumerate(lora_configs.items())}
     for k in loras:
         save_peft_adapter(workdir / f"{name}_ours_fused_{k}", loras[k], lora_configs[k], config, expert_format="fused")
@@ -684,7 +686,10 @@ def test_peft_fused_expert_adapters_both_ways(oracle, hf, workdir, inputs, name)
     written_config = json.loads((workdir / f"{name}_ours_fused_plain" / "adapter_config.json").read_text())
     assert written_config["target_parameters"] == FUSED_PARAMS
     assert written_config["rank_pattern"] == {"mlp.experts.gate_up_proj": 8}
-    cases = ["peft", "back_plain", "back_rs"]
+    up_config = json.loads((workdir / f"{name}_ours_fused_up" / "adapter_config.json").read_text())
+    assert up_config["target_modules"] is None and up_config["target_parameters"] == FUSED_PARAMS[:1]
+    assert "rank_pattern" not in up_config
+    cases = ["peft", *(f"back_{k}" for k in loras)]
     arrays = {f"{c}/{k}": v for c in cases for k, v in (("input_ids", ids), ("attention_mask", mask))}
     out = oracle.run("hf_moe.py", arrays, {"cases": [
         dict(name="peft", op="peft_fused", dir=str(workdir / name), r=4, alpha=16, target_modules=["q_proj", "v_proj"],
@@ -709,8 +714,15 @@ def test_peft_fused_expert_adapters_both_ways(oracle, hf, workdir, inputs, name)
         np.testing.assert_allclose(valid(run(config, base, ids, mask, lora, lora_configs[k]), mask),
                                    valid(out[f"back_{k}/logits"], mask), atol=2e-4, rtol=1e-4)
         back, back_config = load_peft_adapter(workdir / f"{name}_ours_fused_{k}", config)
-        assert back_config.target_modules == layout.lora_targets(lora_configs[k], config)
         assert back_config.scaling == lora_configs[k].scaling
+        if k == "up":  # read back as gate and up with one A, gate's B zero
+            assert back_config.target_modules == ("gate_proj", "up_proj")
+            gate, up = back["layers"]["mlp"]["gate_proj"], back["layers"]["mlp"]["up_proj"]
+            assert not np.any(gate["lora_B"])
+            np.testing.assert_array_equal(gate["lora_A"], up["lora_A"])
+            back = {"layers": {"mlp": {"up_proj": up}}}
+        else:
+            assert back_config.target_modules == layout.lora_targets(lora_configs[k], config)
         jax.tree.map(np.testing.assert_array_equal, back, lora)
 
 
@@ -760,6 +772,7 @@ def test_unrepresentable_or_corrupt_fused_adapters_are_refused_by_name(hf, workd
         (dict(edit_config=set_("rank_pattern", {"mlp.experts.down_proj": 8})), r"field 'rank_pattern'"),
         (dict(edit_config=set_("rank_pattern", {"mlp.experts.gate_up_proj": 12})),
          r"gate_up_proj rank 12.*r=4.*2r=8"),
+        (dict(edit_config=set_("rank_pattern", {"mlp.experts.gate_up_proj": 8.0})), r"gate_up_proj rank 8\.0"),
         (dict(edit_config=set_("alpha_pattern", {"mlp.experts.gate_up_proj": 8.0})),
          r"gate_up_proj's scaling \(lora_alpha 8.0 at rank 8\) differs"),
         (dict(edit_config=set_("target_parameters", ["mlp.gate.weight"])),
@@ -776,6 +789,10 @@ def test_unrepresentable_or_corrupt_fused_adapters_are_refused_by_name(hf, workd
         with pytest.raises(CheckpointError) as err:
             load_peft_adapter(bad, config)
         assert str(bad) in str(err.value) and re.search(message, str(err.value)), (i, str(err.value))
+    with pytest.raises(ValueError, match=r"expert_format='fused' needs lora_config\.dropout == 0"):
+        save_peft_adapter(tmp_path / "y", _random_lora(config, lora_config, 3),
+                          LoraConfig(r=4, alpha=8.0, dropout=0.1, target_modules=lora_config.target_modules), config,
+                          expert_format="fused")
     with pytest.raises(ValueError, match="expert_format is 'v5'"):
         save_peft_adapter(tmp_path / "x", _random_lora(config, lora_config, 3), lora_config, config,
                           expert_format="v5")
