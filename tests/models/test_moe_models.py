@@ -801,3 +801,151 @@ def test_expert_mesh_is_refused_where_it_cannot_apply(hf, workdir):
     with pytest.raises(ValueError, match="lora_dropout > 0 is not implemented with an 'expert' mesh axis"):
         ModelSpec(config, LoraConfig(r=4, dropout=0.1), expert_mesh=mesh)
     assert dataclasses.replace(ModelSpec(config), expert_mesh=mesh).expert_mesh is mesh
+
+
+# --- PEFT's transformers 5 format: target_parameters on the fused experts (qlora_jax/peft_io.py) ---
+
+FUSED_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def _random_lora(config, lora_config, seed):
+    lora = init_lora_params(jax.random.key(seed), ModelSpec(config, lora_config))
+    return jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(seed + x.size), x.shape, x.dtype), lora)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_peft_fused_expert_adapters_both_ways(oracle, hf, workdir, inputs, name):
+    """(a) A PEFT adapter made on transformers 5's fused experts (target_parameters, rank r: one A per
+    expert for gate and up) with attention target_modules gives PEFT's logits here, and its unfolded
+    gate/up adapters give PEFT's own delta of gate_up_proj; (b) ours written with
+    expert_format="fused" (gate and up at rank 2r, plain and rsLoRA) give ours in PEFT and read back
+    unchanged."""
+    from qlora_jax.peft_io import load_peft_adapter, save_peft_adapter
+
+    ids, mask = inputs
+    config, base, _ = ours(workdir / name)
+    peft_dir = workdir / f"{name}_peft_fused"
+    lora_configs = {"plain": LoraConfig(r=4, alpha=8.0, target_modules="all-linear", dtype="float32"),
+                    "rs": LoraConfig(r=4, alpha=8.0, target_modules=("k_proj", "gate_proj", "up_proj", "down_proj"),
+                                     use_rslora=True, dtype="float32"),
+                    # a lone half of gate_up_proj, and no target_modules at all
+                    "up": LoraConfig(r=4, alpha=8.0, target_modules=("up_proj",), dtype="float32")}
+    loras = {k: _random_lora(config, c, 11 + i) for i, (k, c) in enumerate(lora_configs.items())}
+    for k in loras:
+        save_peft_adapter(workdir / f"{name}_ours_fused_{k}", loras[k], lora_configs[k], config, expert_format="fused")
+    written = load_file(workdir / f"{name}_ours_fused_plain" / "adapter_model.safetensors")
+    assert written["base_model.model.model.layers.1.mlp.experts.base_layer.lora_A.weight"].shape == (EXPERTS * 8, 64)
+    assert written["base_model.model.model.layers.1.mlp.experts.lora_B.weight"].shape == (64, EXPERTS * 4)
+    written_config = json.loads((workdir / f"{name}_ours_fused_plain" / "adapter_config.json").read_text())
+    assert written_config["target_parameters"] == FUSED_PARAMS
+    assert written_config["rank_pattern"] == {"mlp.experts.gate_up_proj": 8}
+    up_config = json.loads((workdir / f"{name}_ours_fused_up" / "adapter_config.json").read_text())
+    assert up_config["target_modules"] is None and up_config["target_parameters"] == FUSED_PARAMS[:1]
+    assert "rank_pattern" not in up_config
+    cases = ["peft", *(f"back_{k}" for k in loras)]
+    arrays = {f"{c}/{k}": v for c in cases for k, v in (("input_ids", ids), ("attention_mask", mask))}
+    out = oracle.run("hf_moe.py", arrays, {"cases": [
+        dict(name="peft", op="peft_fused", dir=str(workdir / name), r=4, alpha=16, target_modules=["q_proj", "v_proj"],
+             target_parameters=FUSED_PARAMS, seed=5, save_dir=str(peft_dir)),
+        *(dict(name=f"back_{k}", op="peft_load", dir=str(workdir / name),
+               adapter_dir=str(workdir / f"{name}_ours_fused_{k}")) for k in loras),
+    ]})
+    # (a)
+    assert json.loads((peft_dir / "adapter_config.json").read_text())["target_parameters"]
+    peft_lora, peft_config = load_peft_adapter(peft_dir, config)
+    assert peft_config.target_modules == ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+    gate, up = (peft_lora["layers"]["mlp"][n] for n in ("gate_proj", "up_proj"))
+    assert gate["lora_A"].shape == (2, EXPERTS, 4, 64)
+    delta = [peft_config.scaling * np.einsum("eor,eri->eoi", np.asarray(p["lora_B"][0], np.float64),
+                                             np.asarray(p["lora_A"][0], np.float64)) for p in (gate, up)]
+    np.testing.assert_allclose(np.concatenate(delta, axis=1), out["peft/delta_gate_up"], atol=1e-6, rtol=1e-5)
+    got = run(config, base, ids, mask, peft_lora, peft_config)
+    np.testing.assert_allclose(valid(got, mask), valid(out["peft/logits"], mask), atol=2e-4, rtol=1e-4)
+    assert np.abs(valid(got, mask) - valid(hf[f"{name}/logits_f32"], mask)).max() > 1e-2  # the adapter matters
+    # (b)
+    for k, lora in loras.items():
+        np.testing.assert_allclose(valid(run(config, base, ids, mask, lora, lora_configs[k]), mask),
+                                   valid(out[f"back_{k}/logits"], mask), atol=2e-4, rtol=1e-4)
+        back, back_config = load_peft_adapter(workdir / f"{name}_ours_fused_{k}", config)
+        assert back_config.scaling == lora_configs[k].scaling
+        if k == "up":  # read back as gate and up with one A, gate's B zero
+            assert back_config.target_modules == ("gate_proj", "up_proj")
+            gate, up = back["layers"]["mlp"]["gate_proj"], back["layers"]["mlp"]["up_proj"]
+            assert not np.any(gate["lora_B"])
+            np.testing.assert_array_equal(gate["lora_A"], up["lora_A"])
+            back = {"layers": {"mlp": {"up_proj": up}}}
+        else:
+            assert back_config.target_modules == layout.lora_targets(lora_configs[k], config)
+        jax.tree.map(np.testing.assert_array_equal, back, lora)
+
+
+def _fused_case(src, dst, edit_tensors=None, edit_config=None):
+    shutil.copytree(src, dst)
+    if edit_tensors:
+        tensors = load_file(dst / "adapter_model.safetensors")
+        edit_tensors(tensors)
+        save_file(tensors, dst / "adapter_model.safetensors", metadata={"format": "pt"})
+    if edit_config:
+        cfg = json.loads((dst / "adapter_config.json").read_text())
+        edit_config(cfg)
+        (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_unrepresentable_or_corrupt_fused_adapters_are_refused_by_name(hf, workdir, tmp_path):
+    """A fused gate_up_proj of rank 2r whose gate rows use the up half's rank components (not two
+    independent rank-r adapters), wrong fused shapes, missing wrappers, other rank/alpha patterns
+    and target_parameters we cannot place are refused, naming the file and the key or field."""
+    import re
+
+    from qlora_jax.peft_io import load_peft_adapter, save_peft_adapter
+
+    config = read_config(json.loads((workdir / "mixtral" / "config.json").read_text()))
+    lora_config = LoraConfig(r=4, alpha=8.0, target_modules=("q_proj", "gate_proj", "up_proj", "down_proj"))
+    good = save_peft_adapter(tmp_path / "good", _random_lora(config, lora_config, 3), lora_config, config,
+                             expert_format="fused")
+    load_peft_adapter(good, config)  # accepted as written
+    gate_up_b = "base_model.model.model.layers.1.mlp.experts.base_layer.lora_B.weight"
+    down_a = "base_model.model.model.layers.0.mlp.experts.lora_A.weight"
+
+    def mix(t):  # gate row 0 takes up's rank component 0 of expert 2 (B column k*E + e)
+        t[gate_up_b] = t[gate_up_b].copy()
+        t[gate_up_b][0, 4 * EXPERTS + 2] = 0.5
+
+    def set_(field, value):
+        return lambda cfg: cfg.__setitem__(field, value)
+
+    cases = [
+        (dict(edit_tensors=mix), rf"{re.escape(gate_up_b)}.*non-zero gate rows.*not independent rank-4"),
+        (dict(edit_tensors=lambda t: t.__setitem__(down_a, t[down_a][:-1])), re.escape(down_a)),
+        # down_proj's A saved without its wrapper's nesting (as the inner, gate_up_proj's, key would be)
+        (dict(edit_tensors=lambda t: t.__setitem__(down_a.replace("experts.", "experts.base_layer.base_layer."),
+                                                   t.pop(down_a))),
+         rf"missing tensor '{re.escape(down_a)}'"),
+        (dict(edit_config=set_("rank_pattern", {"mlp.experts.down_proj": 8})), r"field 'rank_pattern'"),
+        (dict(edit_config=set_("rank_pattern", {"mlp.experts.gate_up_proj": 12})),
+         r"gate_up_proj rank 12.*r=4.*2r=8"),
+        (dict(edit_config=set_("rank_pattern", {"mlp.experts.gate_up_proj": 8.0})), r"gate_up_proj rank 8\.0"),
+        (dict(edit_config=set_("alpha_pattern", {"mlp.experts.gate_up_proj": 8.0})),
+         r"gate_up_proj's scaling \(lora_alpha 8.0 at rank 8\) differs"),
+        (dict(edit_config=set_("target_parameters", ["mlp.gate.weight"])),
+         r"'target_parameters' entry 'mlp\.gate\.weight' matches no fused expert parameter"),
+        (dict(edit_config=set_("target_parameters", ["model.layers.0.mlp.experts.gate_up_proj",
+                                                     "mlp.experts.down_proj"])),
+         r"leaves gate_up_proj of layers \[1\] unadapted"),
+        (dict(edit_config=set_("target_modules", ["q_proj", "w1"])),
+         r"\['gate_proj'\] are adapted both by 'target_modules'"),
+        (dict(edit_config=set_("target_parameters", "mlp.experts.down_proj")), r"field 'target_parameters' is"),
+    ]
+    for i, (edits, message) in enumerate(cases):
+        bad = _fused_case(good, tmp_path / f"bad{i}", **edits)
+        with pytest.raises(CheckpointError) as err:
+            load_peft_adapter(bad, config)
+        assert str(bad) in str(err.value) and re.search(message, str(err.value)), (i, str(err.value))
+    with pytest.raises(ValueError, match=r"expert_format='fused' needs lora_config\.dropout == 0"):
+        save_peft_adapter(tmp_path / "y", _random_lora(config, lora_config, 3),
+                          LoraConfig(r=4, alpha=8.0, dropout=0.1, target_modules=lora_config.target_modules), config,
+                          expert_format="fused")
+    with pytest.raises(ValueError, match="expert_format is 'v5'"):
+        save_peft_adapter(tmp_path / "x", _random_lora(config, lora_config, 3), lora_config, config,
+                          expert_format="v5")

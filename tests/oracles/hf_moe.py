@@ -41,6 +41,13 @@ Ops:
           to transformers 5's fused experts): logits.
   peft_load {dir, adapter_dir} with input_ids and optional attention_mask: logits of
           PeftModel.from_pretrained(model of dir, adapter_dir).
+  peft_fused {dir, r, alpha, target_modules, target_parameters, seed, save_dir, use_rslora?} with
+          input_ids and optional attention_mask: get_peft_model on the saved model of dir with
+          PEFT's transformers 5 format (target_parameters on the fused experts, e.g.
+          mlp.experts.gate_up_proj; target_modules may be null), every lora_A / lora_B replaced by
+          seeded random values (A ~ N(0, 1/in), B ~ 0.3 N(0, 1/rank)), saved with save_pretrained to
+          save_dir: logits of that model, and the ParamWrapper's delta weight of layer 0's fused
+          gate_up_proj as PEFT computes it (delta_gate_up [E, 2I, H]).
 """
 
 import json
@@ -293,6 +300,33 @@ def main(in_path, config_path, out_path):
                        "lora_dropout": 0.0, "target_modules": case["targets"], "bias": "none",
                        "base_model_name_or_path": case["dir"]},
                       open(os.path.join(case["save_dir"], "adapter_config.json"), "w"))
+        if op == "peft_fused":
+            from peft import LoraConfig, get_peft_model
+
+            base = AutoModelForCausalLM.from_pretrained(case["dir"], dtype=torch.float32,
+                                                        experts_implementation="eager")
+            model = get_peft_model(base, LoraConfig(
+                r=case["r"], lora_alpha=case["alpha"], target_modules=case["target_modules"],
+                target_parameters=case["target_parameters"], use_rslora=case.get("use_rslora", False),
+                lora_dropout=0.0)).eval()
+            gen = torch.Generator().manual_seed(case.get("seed", 0))
+            with torch.no_grad():
+                for pname, param in sorted(model.named_parameters()):
+                    if ".lora_A." in pname:
+                        param.copy_(torch.randn(param.shape, generator=gen) / param.shape[1] ** 0.5)
+                    elif ".lora_B." in pname:
+                        param.copy_(0.3 * torch.randn(param.shape, generator=gen) / param.shape[1] ** 0.5)
+            model.save_pretrained(case["save_dir"])
+            ids = torch.from_numpy(arrays[f"{name}/input_ids"].astype(np.int64))
+            mask_key = f"{name}/attention_mask"
+            mask = torch.from_numpy(arrays[mask_key].astype(np.int64)) if mask_key in arrays else None
+            with torch.no_grad():
+                out[f"{name}/logits"] = model(input_ids=ids, attention_mask=mask).logits.float().numpy()
+                wrapper = model.base_model.model.model.layers[0].mlp.experts
+                while getattr(wrapper, "parameter_name", None) not in (None, "gate_up_proj"):
+                    wrapper = wrapper.base_layer
+                if getattr(wrapper, "parameter_name", None) == "gate_up_proj":
+                    out[f"{name}/delta_gate_up"] = wrapper.get_delta_weight("default").float().numpy()
         if op in ("peft_v4", "peft_load"):
             from peft import PeftModel
 
@@ -305,7 +339,7 @@ def main(in_path, config_path, out_path):
             mask = torch.from_numpy(arrays[mask_key].astype(np.int64)) if mask_key in arrays else None
             with torch.no_grad():
                 out[f"{name}/logits"] = model(input_ids=ids, attention_mask=mask).logits.float().numpy()
-        elif op not in ("block", "save_model", "model_aux", "folder_aux", "bnb_model"):
+        elif op not in ("block", "save_model", "model_aux", "folder_aux", "bnb_model", "peft_fused"):
             raise ValueError(f"unknown op {op!r}")
     np.savez(out_path, **out)
 
