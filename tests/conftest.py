@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import zlib
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -53,34 +54,88 @@ def oracle_python() -> pathlib.Path:
 
 
 class Oracle:
-    """Runs oracle scripts in the Python 3.11 environment; see the module docstring."""
+    """Runs oracle scripts in the Python 3.11 environment; see the module docstring.
+
+    The scripts run in children forked by one long-lived ``tests/oracles/fork_server.py`` per test
+    process, which imports torch, transformers, PEFT and bitsandbytes once (several seconds of CPU
+    each time otherwise); each run still starts from that freshly imported state. A server that
+    died is started again on the next run; one that overruns ``timeout`` is killed with its child.
+    QLORA_JAX_ORACLE_SERVER=0 runs each script in its own process instead.
+    """
+
+    # -P keeps a script's folder off sys.path; a temporary cwd keeps our top-level `kernels/` from
+    # shadowing the `kernels` package that bitsandbytes and transformers probe for.
+    ENV = {"PYTHONPATH": "", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
 
     def __init__(self, python: pathlib.Path):
         self.python = python
+        self.use_server = os.environ.get("QLORA_JAX_ORACLE_SERVER", "1") != "0"
+        self._server: subprocess.Popen | None = None
+        self._server_dir: tempfile.TemporaryDirectory | None = None
 
     def run(self, script: str, arrays: dict[str, np.ndarray], config: dict, timeout: float = 900) -> dict:
         with tempfile.TemporaryDirectory(prefix="qlora_jax_oracle_") as tmp:
             tmp = pathlib.Path(tmp)
             np.savez(tmp / "in.npz", **arrays)
             (tmp / "config.json").write_text(json.dumps(config))
-            # -P keeps the script's folder off sys.path; cwd=tmp keeps our top-level `kernels/`
-            # from shadowing the `kernels` package that bitsandbytes and transformers probe for.
-            proc = subprocess.run(
-                [str(self.python), "-P", str(ORACLE_DIR / script), "in.npz", "config.json", "out.npz"],
-                cwd=tmp,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                env={**os.environ, "PYTHONPATH": "", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"},
-            )
-            if proc.returncode != 0:
-                raise RuntimeError(f"oracle {script} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+            args = ["in.npz", "config.json", "out.npz"]
+            if self.use_server:
+                returncode, stderr = self._run_in_server(str(ORACLE_DIR / script), args, tmp, timeout)
+            else:
+                proc = subprocess.run([str(self.python), "-P", str(ORACLE_DIR / script), *args], cwd=tmp,
+                                      capture_output=True, text=True, timeout=timeout,
+                                      env={**os.environ, **self.ENV})
+                returncode, stderr = proc.returncode, proc.stderr
+            if returncode != 0:
+                raise RuntimeError(f"oracle {script} failed ({returncode}):\n{stderr[-6000:]}")
             with np.load(tmp / "out.npz") as out:
                 return {k: out[k] for k in out.files}
 
+    def _run_in_server(self, script: str, args: list[str], cwd: pathlib.Path, timeout: float) -> tuple[int, str]:
+        import select
+
+        if self._server is None or self._server.poll() is not None:
+            self._start_server()
+        server = self._server
+        server.stdin.write(json.dumps({"script": script, "args": args, "cwd": str(cwd)}) + "\n")
+        server.stdin.flush()
+        ready, _, _ = select.select([server.stdout], [], [], timeout)
+        answer = server.stdout.readline() if ready else ""
+        stderr_file = cwd / "stderr.txt"
+        stderr = stderr_file.read_text(errors="replace") if stderr_file.exists() else ""
+        if not ready:
+            self.close()  # the server's process group: the server and the child that overran
+            raise subprocess.TimeoutExpired(script, timeout, stderr=stderr)
+        if not answer:
+            server.wait(timeout=60)
+            server_stderr = (pathlib.Path(self._server_dir.name) / "server_stderr.txt").read_text(errors="replace")
+            self.close()
+            raise RuntimeError(f"the oracle server died ({server.returncode}) running {script}:\n"
+                               f"{server_stderr[-3000:]}\n{stderr[-3000:]}")
+        return json.loads(answer)["returncode"], stderr
+
+    def _start_server(self) -> None:
+        self._server_dir = tempfile.TemporaryDirectory(prefix="qlora_jax_oracle_server_")
+        with open(pathlib.Path(self._server_dir.name) / "server_stderr.txt", "w") as server_stderr:
+            self._server = subprocess.Popen(
+                [str(self.python), "-P", str(ORACLE_DIR / "fork_server.py")], cwd=self._server_dir.name,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=server_stderr, text=True,
+                start_new_session=True, env={**os.environ, **self.ENV})
+
+    def close(self) -> None:
+        """Stops the server (and any child it is running)."""
+        if self._server is not None:
+            if self._server.poll() is None:
+                os.killpg(self._server.pid, 9)
+            self._server.wait(timeout=60)
+            self._server = None
+        if self._server_dir is not None:
+            self._server_dir.cleanup()
+            self._server_dir = None
+
 
 @pytest.fixture(scope="session")
-def oracle() -> Oracle:
+def oracle() -> Iterator[Oracle]:
     python = oracle_python()
     if not python.exists():
         message = (
@@ -90,7 +145,9 @@ def oracle() -> Oracle:
         if os.environ.get("QLORA_JAX_SKIP_ORACLE") == "1":
             pytest.skip(message)
         pytest.fail(message)
-    return Oracle(python)
+    oracle = Oracle(python)
+    yield oracle
+    oracle.close()
 
 
 class BnbCudaReference:
