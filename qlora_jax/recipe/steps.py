@@ -379,6 +379,10 @@ def _initial_adapters(path: str, model: CausalLM) -> Any:
         lora = load_trainable(source, fresh)
         log.info("adapters initialised from the checkpoint %s", source)
     if jax.tree.structure(lora) != jax.tree.structure(fresh):
+        routers = ["gate" in t["layers"].get("mlp", {}) for t in (lora, fresh)]
+        if routers[0] != routers[1]:
+            raise ConfigError(f"adapter_init={path!r}: {'holds' if routers[0] else 'holds no'} trained MoE routers "
+                              f"(modules_to_save=['gate']) but this run has train_router={routers[1]}")
         raise ConfigError(f"adapter_init={path!r}: its adapters target {list(adapter_targets(lora))}, this run "
                           f"{list(adapter_targets(fresh))} (lora_modules={model.spec.lora_config.target_modules!r})")
     return jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), lora, fresh)

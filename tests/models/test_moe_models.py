@@ -970,3 +970,80 @@ def test_router_training_is_refused_where_it_cannot_apply(hf, workdir, tmp_path)
     (folder / "adapter_config.json").write_text(json.dumps(dict(cfg, modules_to_save=["gate"])))
     with pytest.raises(CheckpointError, match=r"base_model\.model\.model\.layers\.0\.mlp\.gate\.weight"):
         load_peft_adapter(folder, config)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_trained_routers_in_save_quantized_and_merged_export(hf, workdir, inputs, tmp_path, name):
+    """Trained routers travel with the adapters through save_quantized / load_quantized (byte for byte)
+    and replace the base's routers in the merged export (the float32 folder's router tensors are
+    them, and transformers' loader reads the folder: its own logits are checked by
+    test_merged_export_loads_in_transformers_and_here)."""
+    from qlora_jax.merge import export_merged
+
+    ids, mask = inputs
+    config, base, _ = ours(workdir / name)
+    lora_config = LoraConfig(r=4, alpha=8.0, target_modules=ATTENTION, dtype="float32", modules_to_save=("gate",))
+    spec = ModelSpec(config, lora_config, compute_dtype="float32")
+    lora = init_lora_params(jax.random.key(3), spec, base=base)
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape, x.dtype), lora)
+    save_quantized(tmp_path / "orbax", base, config=config, lora=lora, lora_config=lora_config)
+    saved = load_quantized(tmp_path / "orbax")
+    assert saved.lora_config.modules_to_save == ("gate",)
+    for a, b in zip(jax.tree.leaves(saved.lora), jax.tree.leaves(lora), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(run(saved.config, saved.base, ids, mask, saved.lora, saved.lora_config),
+                                  run(config, base, ids, mask, lora, lora_config))
+    export_merged(tmp_path / "merged", config, base, lora, lora_config, dtype="float32")
+    stored = load_file(tmp_path / "merged" / "model.safetensors")
+    block, _ = _moe_names(name)
+    for layer in range(config.num_hidden_layers):
+        np.testing.assert_array_equal(stored[f"model.layers.{layer}.{block}.gate.weight"],
+                                      np.asarray(lora["layers"]["mlp"]["gate"]["weight"][layer]))
+    merged_config, merged_base, _ = ours(tmp_path / "merged")
+    np.testing.assert_allclose(valid(run(merged_config, merged_base, ids, mask), mask),
+                               valid(run(config, base, ids, mask, lora, lora_config), mask), atol=2e-4, rtol=1e-4)
+
+
+def test_train_router_is_a_setting_resume_checks():
+    """--train_router is declared once (a FinetuneConfig setting, so a flag) and may not change on --resume."""
+    from qlora_jax.recipe.config import FinetuneConfig
+
+    assert FinetuneConfig.field_default("train_router") is False
+    assert "train_router" not in FinetuneConfig.resume_may_change()
+
+
+@pytest.mark.slow
+def test_finetune_recipe_trains_the_router_and_resumes(oracle, tmp_path):
+    """``--train_router`` in the recipe on a Qwen3-MoE folder: the routers train (the exported PEFT
+    adapter holds them, moved from the base's, with modules_to_save=["gate"]), the run resumes from
+    its Orbax checkpoint with them, and a resume that drops --train_router is refused by name."""
+    from helpers import small_finetune_config
+
+    from qlora_jax.finetune import run as run_finetune
+    from qlora_jax.model import load_tokenizer
+    from qlora_jax.peft_io import router_key
+    from qlora_jax.recipe.config import ConfigError
+
+    tokenizer = load_tokenizer("embedded")
+    model_type, config = MODELS["qwen3_moe"]
+    config = dict(config, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                  eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    folder = tmp_path / "qwen3_moe"
+    oracle.run("hf_models.py", {"m/input_ids": np.zeros((1, 2), np.int32)}, {"cases": [
+        dict(name="m", op="make_model", model_type=model_type, config=config, seed=5, dir=str(folder))]})
+    tokenizer.save(folder)
+    out = tmp_path / "out"
+    common = dict(eval_steps=3, save_steps=3, train_router=True, lora_dtype="float32")
+    assert run_finetune(small_finetune_config(folder, out, max_steps=3, **common), progress=False).final_step == 3
+    result = run_finetune(small_finetune_config(folder, out, max_steps=6, resume=True, **common), progress=False)
+    assert result.final_step == 6
+    adapter = out / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["modules_to_save"] == ["gate"]
+    trained = load_file(adapter / "adapter_model.safetensors")
+    original = load_file(folder / "model.safetensors")
+    for layer in range(BASE["num_hidden_layers"]):
+        moved = trained[router_key(layer)] - original[f"model.layers.{layer}.mlp.gate.weight"]
+        assert np.abs(moved).max() > 1e-3, layer
+    with pytest.raises(ConfigError, match="train_router: True -> False"):
+        run_finetune(small_finetune_config(folder, out, max_steps=9, resume=True,
+                                           **dict(common, train_router=False)), progress=False)
