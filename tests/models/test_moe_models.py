@@ -12,6 +12,9 @@ saved with ``save_pretrained`` (which writes the per-expert tensors ``...experts
 * the load-balancing loss against transformers' ``aux_loss`` (``output_router_logits=True``).
 * the merged export (per-expert tensors, the router as is): float32 logits in transformers and
   through load_pretrained against ours unmerged; the NF4 export's bytes against bitsandbytes.
+* trained routers (PEFT's modules_to_save=["gate"], --train_router): five AdamW steps against
+  transformers + PEFT in float64 (losses and routers), the adapter both ways with PEFT, Orbax and
+  merged export, refusals.
 
 Tolerances are those of tests/test_families.py: float32 on both sides, so differences are
 summation order (the routing itself is compared exactly by the block tests, tests/test_moe.py).
@@ -1047,3 +1050,13 @@ def test_finetune_recipe_trains_the_router_and_resumes(oracle, tmp_path):
     with pytest.raises(ConfigError, match="train_router: True -> False"):
         run_finetune(small_finetune_config(folder, out, max_steps=9, resume=True,
                                            **dict(common, train_router=False)), progress=False)
+
+
+def test_train_router_flag_on_a_dense_model_is_refused(tmp_path):
+    """--train_router on the embedded (dense, LLaMA) model is refused naming the flag, before any weight loads."""
+    from qlora_jax.recipe.config import ConfigError, FinetuneConfig
+    from qlora_jax.recipe.steps import setup_model
+
+    with pytest.raises(ConfigError, match=r"train_router=True: trains the routers of a mixture-of-experts model .*"
+                                          r"model_type 'llama'"):
+        setup_model(FinetuneConfig(train_router=True, output_dir=str(tmp_path)))
