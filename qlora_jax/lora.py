@@ -20,12 +20,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["LoraConfig", "ADAPTER_DTYPES", "init_lora_pair"]
+__all__ = ["LoraConfig", "ADAPTER_DTYPES", "MODULES_TO_SAVE", "init_lora_pair"]
 
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
 # A target_modules string made of names and commas only is a list of names ("q_proj,v_proj");
 # any other string is a regular expression (PEFT's meaning of a string).
 _NAME_LIST = re.compile(r"[\w\s,]+")
+# The modules PEFT's ``modules_to_save`` may name here: the MoE router only (``mlp.gate``, trained
+# in full, 16-bit, beside the adapters).
+MODULES_TO_SAVE = ("gate",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +52,16 @@ class LoraConfig:
         as a tuple of names.
       use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA) instead of ``alpha / r``.
       dtype: storage dtype of A and B, one of ``ADAPTER_DTYPES`` or ``None`` (the compute dtype).
+      modules_to_save: modules trained in full beside the adapters (PEFT's ``modules_to_save``):
+        ``("gate",)`` trains the MoE routers (``mlp.gate``, ``[num_experts, hidden]`` per layer,
+        stored in ``dtype``'s dtype as the adapters are, initialised from the base's routers);
+        ``()`` trains adapters only. The router is the only module allowed (a mixture-of-experts
+        model is needed, :func:`qlora_jax.models.layout.lora_targets` checks it).
 
     Raises:
       ValueError: a non-positive ``r``, ``dropout`` outside ``[0, 1)``, an unknown ``dtype``, an
-        invalid regular expression or no target module.
+        invalid regular expression, no target module, or a ``modules_to_save`` naming anything but
+        the router ``gate``.
 
     References:
       Hu et al., `LoRA: Low-Rank Adaptation of Large Language Models
@@ -69,6 +78,7 @@ class LoraConfig:
     target_modules: str | tuple[str, ...] = "all-linear"
     use_rslora: bool = False
     dtype: str | None = None
+    modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.r <= 0:
@@ -93,6 +103,18 @@ class LoraConfig:
         if not targets:
             raise ValueError("LoRA needs at least one target module")
         object.__setattr__(self, "target_modules", targets)
+        saved = self.modules_to_save
+        saved = (saved,) if isinstance(saved, str) else tuple(saved or ())
+        others = [m for m in saved if m not in MODULES_TO_SAVE]
+        if others:
+            raise ValueError(f"LoRA modules_to_save={list(saved)}: qlora-jax trains in full only the MoE router "
+                             f"{list(MODULES_TO_SAVE)} (PEFT's modules_to_save=['gate']), not {others}")
+        object.__setattr__(self, "modules_to_save", tuple(dict.fromkeys(saved)))
+
+    @property
+    def train_router(self) -> bool:
+        """Whether the MoE routers train in full (``"gate"`` in :attr:`modules_to_save`)."""
+        return "gate" in self.modules_to_save
 
     @property
     def scaling(self) -> float:
@@ -113,7 +135,7 @@ class LoraConfig:
             "fan_in_fan_out": False,
             "init_lora_weights": True,
             "inference_mode": True,
-            "modules_to_save": None,
+            "modules_to_save": list(self.modules_to_save) or None,
             "use_dora": False,
         }
 
@@ -136,6 +158,7 @@ class LoraConfig:
             dropout=float(cfg.get("lora_dropout", 0.0)),
             target_modules=targets if isinstance(targets, str) else tuple(targets),
             use_rslora=bool(cfg.get("use_rslora", False)),
+            modules_to_save=tuple(cfg.get("modules_to_save") or ()),
         )
 
 

@@ -288,8 +288,8 @@ def _merge(config: LlamaConfig, base: dict[str, Any], lora: dict[str, Any] | Non
     for layer in range(config.num_hidden_layers):
         for norm in layout.layer_norms(config):
             out.tensors[layout.hf_key(layer, norm)] = _host(layout.get_layer_entry(layers, norm)[layer], np_dtype)
-        if config.is_moe:  # the router: 16-bit, never adapted, written as it is
-            out.tensors[layout.hf_key(layer, _router_module(config))] = _host(layers["mlp"]["gate"]["weight"][layer],
+        if config.is_moe:  # the router: 16-bit, never adapted; the trained one (modules_to_save) if there is one
+            out.tensors[layout.hf_key(layer, _router_module(config))] = _host(_router(layers, lora_layers)[layer],
                                                                               np_dtype)
         for name, params in linears.items():
             pair = lora_layers.get(layout.module_group(name), {}).get(name)
@@ -305,6 +305,11 @@ def _merge(config: LlamaConfig, base: dict[str, Any], lora: dict[str, Any] | Non
         if value.dtype.name in FLOAT_DTYPES and not np.isfinite(value).all():
             raise ValueError(f"tensor {key!r} of the merged export holds NaN or Inf; refusing to export it")
     return out
+
+
+def _router(layers: Mapping[str, Any], lora_layers: Mapping[str, Any]) -> Any:
+    """The routers ``[L, E, hidden]``: the adapters' trained ones (``modules_to_save``), else the base's."""
+    return lora_layers.get("mlp", {}).get("gate", layers["mlp"]["gate"])["weight"]
 
 
 def _router_module(config: LlamaConfig) -> str:
@@ -381,8 +386,8 @@ def _held_out_losses(config: LlamaConfig, base: dict[str, Any], lora: dict[str, 
                         **({"bias": jnp.asarray(p["bias"]).astype(np_dtype)} if "bias" in p else {})}
                  for name, p in linears.items()}, config=config)
     if config.is_moe:
-        merged_base["layers"]["mlp"]["gate"] = {"weight": jnp.asarray(base["layers"]["mlp"]["gate"]["weight"])
-                                                .astype(np_dtype)}
+        merged_base["layers"]["mlp"]["gate"] = {"weight": jnp.asarray(_router(base["layers"], (lora or {}).get(
+            "layers", {}))).astype(np_dtype)}
     plain = ModelSpec(config, None, compute_dtype=compute_dtype)
     losses = {"base_loss": _mean_loss(plain, None, base, eval_batches),
               "merged_loss": _mean_loss(plain, None, merged_base, eval_batches)}

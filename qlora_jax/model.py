@@ -52,19 +52,23 @@ def default_compute_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def init_lora_params(key: jax.Array, spec: ModelSpec) -> dict[str, Any]:
+def init_lora_params(key: jax.Array, spec: ModelSpec, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fresh adapters (PEFT's initialisation) for every layer ``spec`` targets.
 
     Args:
       key: PRNG key; adapter ``i`` of ``spec.lora_targets`` draws from ``fold_in(key, i)``.
       spec: the model's spec; its ``lora_config`` gives the rank ``r`` and ``adapter_dtype`` the dtype.
+      base: the base pytree; needed (and read) only when ``spec.train_router``: the trainable
+        routers start as copies of its routers (PEFT's ``modules_to_save`` copies the module).
 
     Returns:
       ``{"layers": {group: {name: {"lora_A": [L, r, in], "lora_B": [L, out, r]}}}}`` with ``L``
       the number of layers: ``lora_A`` Kaiming-uniform, ``lora_B`` zero, so the model is unchanged.
+      With ``spec.train_router``, also ``["layers"]["mlp"]["gate"]["weight"]`` ``[L, E, hidden]``
+      in ``spec.adapter_dtype``.
 
     Raises:
-      ValueError: ``spec`` has no ``lora_config``.
+      ValueError: ``spec`` has no ``lora_config``, or it trains the router and ``base`` is None.
 
     References:
       Hu et al., `LoRA: Low-Rank Adaptation of Large Language Models
@@ -81,6 +85,11 @@ def init_lora_params(key: jax.Array, spec: ModelSpec) -> dict[str, Any]:
         pair = init_lora_pair(jax.random.fold_in(key, i), shapes[name], spec.lora_config.r, dtype,
                               leading=(config.num_hidden_layers, *config.expert_stack(name)))
         layers.setdefault(module_group(name), {})[name] = pair
+    if spec.train_router:
+        if base is None:
+            raise ValueError("LoRA modules_to_save=['gate'] trains the MoE routers from the base's: pass base= to "
+                             "init_lora_params")
+        layers.setdefault("mlp", {})["gate"] = {"weight": jnp.asarray(base["layers"]["mlp"]["gate"]["weight"], dtype)}
     return {"layers": layers}
 
 
@@ -252,7 +261,7 @@ def load_pretrained(
                      compute_dtype=compute_dtype or default_compute_dtype(), remat=remat,
                      kernel_backend=kernel_backend, expert_mesh=_expert_mesh(mesh))
     if lora_params is None and spec.lora_config is not None:
-        lora_params = init_lora_params(jax.random.key(seed), spec)
+        lora_params = init_lora_params(jax.random.key(seed), spec, base=base)
     if mesh is not None:
         from qlora_jax.distributed import param_shardings, shard_tree
 
@@ -299,7 +308,7 @@ def abstract_model(
 
     def make() -> CausalLM:
         base = random_base(config, jax.random.key(0), **kwargs)
-        lora = init_lora_params(jax.random.key(1), spec) if spec.lora_config is not None else None
+        lora = init_lora_params(jax.random.key(1), spec, base=base) if spec.lora_config is not None else None
         return CausalLM(spec, base, lora)
 
     model = nnx.eval_shape(make)

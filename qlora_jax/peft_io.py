@@ -64,7 +64,7 @@ from qlora_jax.models import layout
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.layout import adapter_targets  # public here too (save_peft_adapter's module list)
 
-__all__ = ["save_peft_adapter", "load_peft_adapter", "peft_key", "fused_peft_key", "adapter_targets",
+__all__ = ["save_peft_adapter", "load_peft_adapter", "peft_key", "fused_peft_key", "router_key", "adapter_targets",
            "EXPERT_FORMATS"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -249,6 +249,7 @@ def save_peft_adapter(
                 else:
                     tensors[peft_key(layer, name, matrix)] = np.ascontiguousarray(values[layer])
     params, gate_up_rank = _fused_tensors(tensors, stacked, fused, lora_config.r, config)
+    tensors.update(_router_tensors(lora, lora_config, config))
     save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     peft_names = [layout.peft_target_name(config, name) for name in targets if name not in fused]
     peft_config = lora_config.to_peft_config(peft_names, base_model_name_or_path)
@@ -360,6 +361,8 @@ def _read_adapter_config(file: pathlib.Path, config: LlamaConfig) -> tuple[LoraC
     for field in _MUST_BE_OFF:
         if fused and field in ("rank_pattern", "alpha_pattern"):
             continue  # checked by _fused_targets
+        if field == "modules_to_save" and _router_modules_to_save(file, cfg.get(field)):
+            continue  # the MoE router, read with the adapters (_read_routers)
         if cfg.get(field) not in _OFF:
             raise CheckpointError(f"{file}: field {field!r} is {cfg[field]!r:.80}; qlora-jax implements plain LoRA "
                                   "only, so it must be null, false or empty")
@@ -487,7 +490,8 @@ def load_peft_adapter(
     source.expect([k for (name, matrix) in expected for layer in range(config.num_hidden_layers)
                    for k in keys(layer, name, matrix)]
                   + [fused_peft_key(layer, param, matrix, tuple(fused)) for param in fused
-                     for matrix in ("lora_A", "lora_B") for layer in range(config.num_hidden_layers)],
+                     for matrix in ("lora_A", "lora_B") for layer in range(config.num_hidden_layers)]
+                  + _router_keys(lora_config, config),
                   num_layers=config.num_hidden_layers)
     per_layer: dict[tuple[str, str], list[np.ndarray]] = {}
     for (name, matrix), shape in expected.items():
@@ -501,5 +505,69 @@ def load_peft_adapter(
         stacked = jnp.asarray(np.stack(values))
         layers.setdefault(layout.module_group(name), {}).setdefault(name, {})[matrix] = (
             stacked if dtype is None else stacked.astype(dtype))
+    _read_routers(source, layers, lora_config, config, dtype)
     source.check_all_consumed()
     return {"layers": layers}, lora_config
+
+
+# ------------------------------------------------------------------------------------------ trained MoE routers
+# PEFT's modules_to_save=["gate"] trains a full copy of each MoE router; PEFT 0.21 (transformers 5
+# module names, Mixtral's included) saves it as base_model.model.model.layers.{i}.mlp.gate.weight
+# ([num_experts, hidden], the adapter name stripped) and lists "gate" in modules_to_save.
+
+
+def router_key(layer: int) -> str:
+    """PEFT's saved key of layer ``layer``'s trained router (``modules_to_save=["gate"]``).
+
+    Args:
+      layer: the decoder layer's index.
+
+    Returns:
+      ``"base_model.model.model.layers.{layer}.mlp.gate.weight"``.
+    """
+    return f"{_PREFIX}layers.{layer}.mlp.gate.weight"
+
+
+def _router_modules_to_save(file: pathlib.Path, value: Any) -> bool:
+    """Whether ``adapter_config.json``'s ``modules_to_save`` is a list naming only the MoE router ``gate``
+    (then the routers are read with the adapters); False for an empty value, an error for anything else."""
+    if value in _OFF:
+        return False
+    if not isinstance(value, list) or not all(isinstance(m, str) for m in value) or set(value) != {"gate"}:
+        raise CheckpointError(f"{file}: field 'modules_to_save' is {value!r:.80}; qlora-jax trains in full only the "
+                              "MoE router, so it must be null, empty or ['gate']")
+    return True
+
+
+def _router_keys(lora_config: LoraConfig, config: LlamaConfig) -> list[str]:
+    """The routers' keys an adapter of ``lora_config`` holds (none unless it trains the router)."""
+    return [router_key(layer) for layer in range(config.num_hidden_layers)] if lora_config.train_router else []
+
+
+def _router_tensors(lora: dict[str, Any], lora_config: LoraConfig, config: LlamaConfig) -> dict[str, np.ndarray]:
+    """The trained routers of ``lora`` under PEFT's keys; checks they are there exactly when
+    ``lora_config.modules_to_save`` says so."""
+    router = lora["layers"].get("mlp", {}).get("gate")
+    if (router is not None) != lora_config.train_router:
+        raise ValueError(f"the adapters {'hold' if router is not None else 'hold no'} MoE routers but "
+                         f"modules_to_save={list(lora_config.modules_to_save)}")
+    if router is None:
+        return {}
+    stacked = np.asarray(jax.device_get(router["weight"]))
+    expected = (config.num_hidden_layers, config.num_experts, config.hidden_size)
+    if stacked.shape != expected:
+        raise ValueError(f"trained router mlp.gate.weight has shape {list(stacked.shape)}; expected "
+                         f"[layers, num_experts, hidden] = {list(expected)}")
+    return {router_key(layer): np.ascontiguousarray(stacked[layer]) for layer in range(config.num_hidden_layers)}
+
+
+def _read_routers(source: CheckedSource, layers: dict[str, Any], lora_config: LoraConfig, config: LlamaConfig,
+                  dtype: str | None) -> None:
+    """Reads the trained routers (``modules_to_save=["gate"]``) into ``layers["mlp"]["gate"]["weight"]``
+    ``[L, E, hidden]`` (``dtype``, or as stored); nothing when the adapter trains none."""
+    if not lora_config.train_router:
+        return
+    shape = (config.num_experts, config.hidden_size)
+    stacked = jnp.asarray(np.stack([source.read(router_key(layer), shape)
+                                    for layer in range(config.num_hidden_layers)]))
+    layers.setdefault("mlp", {})["gate"] = {"weight": stacked if dtype is None else stacked.astype(dtype)}

@@ -839,7 +839,8 @@ def load_quantized(
 
 
 def _check_lora_fits(path: pathlib.Path, lora: Any, lora_config: LoraConfig, config: LlamaConfig) -> None:
-    """The adapters are the ``[L, r, in]`` / ``[L, out, r]`` pairs of the modules ``lora_config`` targets."""
+    """The adapters are the ``[L, r, in]`` / ``[L, out, r]`` pairs of the modules ``lora_config`` targets
+    (and the routers ``[L, E, hidden]`` when it trains them)."""
     shapes, layers, r = config.linear_shapes(), config.num_hidden_layers, lora_config.r
     expected: dict[str, tuple[tuple[int, ...], str | None]] = {}
     for name in layout.lora_targets(lora_config, config):
@@ -848,6 +849,8 @@ def _check_lora_fits(path: pathlib.Path, lora: Any, lora_config: LoraConfig, con
         lead = (layers, *config.expert_stack(name))  # MoE expert adapters: one per expert
         expected[f"{prefix}/lora_A"] = ((*lead, r, in_features), None)
         expected[f"{prefix}/lora_B"] = ((*lead, out_features, r), None)
+    if lora_config.train_router:  # modules_to_save=["gate"]: the trained routers, full matrices
+        expected["layers/mlp/gate/weight"] = ((layers, config.num_experts, config.hidden_size), None)
     _check_arrays("lora", expected, _flatten(lora), f"{path} (adapters of lora_config r={r}, "
                                                      f"target_modules={lora_config.target_modules})")
 

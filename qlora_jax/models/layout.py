@@ -450,12 +450,15 @@ def lora_targets(lora_config: LoraConfig, config: LlamaConfig) -> tuple[str, ...
 
     Raises:
       ValueError: a selection that differs between layers, takes ``lm_head`` or takes nothing,
-        naming what it matched.
+        naming what it matched; or ``modules_to_save`` (the router) on a model without MoE layers.
 
     References:
       Hu et al., `LoRA: Low-Rank Adaptation of Large Language Models
       <https://arxiv.org/abs/2106.09685>`_, 2021.
     """
+    if lora_config.modules_to_save and not config.is_moe:
+        raise ValueError(f"LoRA modules_to_save={list(lora_config.modules_to_save)} trains the MoE router, but this "
+                         f"model (model_type {config.model_type!r}) has no mixture-of-experts layers")
     targets = lora_config.target_modules
     linear_names = linear_layers(config)
     if targets == "all-linear":
@@ -481,8 +484,9 @@ def lora_targets(lora_config: LoraConfig, config: LlamaConfig) -> tuple[str, ...
                          f"layers {linear_names} only (PEFT's 'all-linear' excludes the head too)")
     routers = [m for m in matched if modules[m] is None]
     if routers:
-        raise ValueError(f"LoRA target_modules={targets!r} selects the MoE router {routers[0]!r}; qlora-jax keeps the "
-                         f"routers frozen and adapts {linear_names}")
+        raise ValueError(f"LoRA target_modules={targets!r} selects the MoE router {routers[0]!r}; qlora-jax adapts "
+                         f"{linear_names} and trains the routers in full with modules_to_save=['gate'] "
+                         "(--train_router)")
     per_layer: dict[str, set[str]] = {}
     for module in matched:
         per_layer.setdefault(modules[module][1], set()).add(module)

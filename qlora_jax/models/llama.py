@@ -191,7 +191,12 @@ def _layer(spec: ModelSpec, h, layer_base, layer_lora, cache_kv, *, cos, sin, ma
 def _moe_mlp(spec: ModelSpec, x, mlp_base, mlp_lora, dropout_key):
     """The MoE block of a layer: ``(output, router logits [B*T, E])``."""
     config = spec.config
-    params = {"gate": mlp_base["gate"]["weight"],
+    # A trained router (modules_to_save=["gate"]) replaces the frozen one, which is then not read.
+    router = mlp_lora.get("gate") if spec.train_router and mlp_lora else None
+    if spec.train_router and router is None:
+        raise ValueError("the spec trains the MoE router (LoRA modules_to_save=['gate']) but the adapters hold no "
+                         "router: make them with init_lora_params(key, spec, base=base)")
+    params = {"gate": (mlp_base["gate"] if router is None else router)["weight"],
               "experts": {name: mlp_base[name]["weight"] for name in moe.EXPERT_MATRICES}}
     lora = {name: mlp_lora[name] for name in moe.EXPERT_MATRICES if name in mlp_lora} if mlp_lora else None
     lora_config = spec.lora_config

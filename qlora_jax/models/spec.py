@@ -97,6 +97,13 @@ class ModelSpec:
         return layout.lora_targets(self.lora_config, self.config)
 
     @property
+    def train_router(self) -> bool:
+        """Whether the MoE routers are trainable (``lora_config.modules_to_save`` names ``"gate"``): the
+        trainable pytree then holds them as ``{"layers": {"mlp": {"gate": {"weight": [L, E, hidden]}}}}``
+        and the forward reads them instead of the frozen base's."""
+        return self.lora_config is not None and self.lora_config.train_router
+
+    @property
     def adapter_dtype(self) -> str:
         """Storage dtype of fresh adapters: the LoRA config's, else the compute dtype."""
         if self.lora_config is not None and self.lora_config.dtype is not None:

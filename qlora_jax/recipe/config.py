@@ -115,6 +115,8 @@ class FinetuneConfig:
                               "a bfloat16 model, as qlora.py with --bf16; half the adapter and gradient memory); "
                               "float32 (PEFT's default) keeps updates smaller than a bfloat16 step. Adam's moments "
                               "are float32 either way.", choices=("auto", "float32", "bfloat16", "float16"))
+    train_router: bool = setting(False, "Also train the MoE routers (mlp.gate) in full, in the adapters' dtype "
+                                 "(PEFT's modules_to_save=['gate']; Mixtral and Qwen3-MoE only).")
     full_finetune: bool = setting(False, "Train every weight (needs --bits=16 or 32; no adapters).")
     adapter_init: str | None = setting(None, "Start from these adapters: a PEFT folder, or an earlier run's "
                                        "checkpoints (or one step of them). Their rank, alpha and rsLoRA must match "
@@ -203,6 +205,8 @@ class FinetuneConfig:
         validate(self)
         if self.full_finetune and self.bits < 16:
             raise ConfigError(f"full_finetune=True: needs an unquantized base, bits=16 or 32 (got bits={self.bits})")
+        if self.full_finetune and self.train_router:
+            raise ConfigError("train_router: a full finetune already trains the routers with every other weight")
         if self.full_finetune and self.adapter_init:
             raise ConfigError("adapter_init: a full finetune has no adapters to start from")
         if self.bits != 4 and self.quant_type != "nf4":
@@ -244,7 +248,8 @@ class FinetuneConfig:
         """The adapters' hyperparameters (``lora_dtype="auto"``: the compute dtype)."""
         return LoraConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
                           target_modules=self.lora_modules, use_rslora=self.use_rslora,
-                          dtype=None if self.lora_dtype == "auto" else self.lora_dtype)
+                          dtype=None if self.lora_dtype == "auto" else self.lora_dtype,
+                          modules_to_save=("gate",) if self.train_router else ())
 
     @classmethod
     def resume_may_change(cls) -> tuple[str, ...]:

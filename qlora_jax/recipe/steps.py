@@ -320,6 +320,9 @@ def _check_model_settings(cfg: FinetuneConfig) -> None:
     _, hf_config = open_checkpoint(assets.embedded_model_path() if cfg.model == "embedded" else cfg.model)
     config = read_config(hf_config)
     if not cfg.full_finetune:
+        if cfg.train_router and not config.is_moe:
+            raise ConfigError(f"train_router=True: trains the routers of a mixture-of-experts model (Mixtral, "
+                              f"Qwen3-MoE); {cfg.model} (model_type {config.model_type!r}) has none")
         try:
             lora_targets(cfg.lora_config(), config)
         except ValueError as err:
@@ -376,6 +379,10 @@ def _initial_adapters(path: str, model: CausalLM) -> Any:
         lora = load_trainable(source, fresh)
         log.info("adapters initialised from the checkpoint %s", source)
     if jax.tree.structure(lora) != jax.tree.structure(fresh):
+        routers = ["gate" in t["layers"].get("mlp", {}) for t in (lora, fresh)]
+        if routers[0] != routers[1]:
+            raise ConfigError(f"adapter_init={path!r}: {'holds' if routers[0] else 'holds no'} trained MoE routers "
+                              f"(modules_to_save=['gate']) but this run has train_router={routers[1]}")
         raise ConfigError(f"adapter_init={path!r}: its adapters target {list(adapter_targets(lora))}, this run "
                           f"{list(adapter_targets(fresh))} (lora_modules={model.spec.lora_config.target_modules!r})")
     return jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), lora, fresh)
@@ -907,7 +914,8 @@ def _plot_losses(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
 
 
 def _adapter_rank(lora: Any) -> int:
-    ranks = {pair["lora_A"].shape[-2] for group in lora["layers"].values() for pair in group.values()}
+    ranks = {pair["lora_A"].shape[-2] for group in lora["layers"].values() for pair in group.values()
+             if "lora_A" in pair}  # (a trained MoE router is a full matrix, not an adapter pair)
     if len(ranks) != 1:
         raise ValueError(f"adapters of several ranks {sorted(ranks)}")
     return ranks.pop()

@@ -12,6 +12,9 @@ saved with ``save_pretrained`` (which writes the per-expert tensors ``...experts
 * the load-balancing loss against transformers' ``aux_loss`` (``output_router_logits=True``).
 * the merged export (per-expert tensors, the router as is): float32 logits in transformers and
   through load_pretrained against ours unmerged; the NF4 export's bytes against bitsandbytes.
+* trained routers (PEFT's modules_to_save=["gate"], --train_router): five AdamW steps against
+  transformers + PEFT in float64 (losses and routers), the adapter both ways with PEFT, Orbax and
+  merged export, refusals.
 
 Tolerances are those of tests/test_families.py: float32 on both sides, so differences are
 summation order (the routing itself is compared exactly by the block tests, tests/test_moe.py).
@@ -19,6 +22,7 @@ summation order (the routing itself is compared exactly by the block tests, test
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -949,3 +953,258 @@ def test_unrepresentable_or_corrupt_fused_adapters_are_refused_by_name(hf, workd
     with pytest.raises(ValueError, match="expert_format is 'v5'"):
         save_peft_adapter(tmp_path / "x", _random_lora(config, lora_config, 3), lora_config, config,
                           expert_format="v5")
+
+
+# ------------------------------------------------------------------------------------------ trained routers
+# PEFT's modules_to_save=["gate"] (LoraConfig.modules_to_save, --train_router): full copies of the MoE
+# routers train with the adapters, and the adapter folder carries them (mlp.gate.weight per layer).
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@pytest.fixture(scope="module")
+def router_reference(oracle, adamw_reference, workdir):
+    """Per family, from adamw_reference's random adapters with trainable routers added (the base's
+    routers, modules_to_save=["gate"], written by our save_peft_adapter, so PEFT reads our export):
+    five AdamW steps by transformers + PEFT + torch.optim.AdamW in float64 with (1) the attention and
+    expert adapters (losses and trained routers) and (2) the attention adapters only, whose trained
+    adapter PEFT saves (save_pretrained: PEFT 0.21 writes fused expert adapters in a format we do
+    not read, so the saved case has none)."""
+    from qlora_jax.peft_io import load_peft_adapter, save_peft_adapter
+
+    _, batch = adamw_reference
+    arrays = {f"{case}/{k}": v[0] for name in MODELS for case in (f"{name}_router", f"{name}_router_attn")
+              for k, v in batch.items()}
+    cases = []
+    for name in MODELS:
+        config, base, _ = ours(workdir / name)
+        lora, lora_config = load_peft_adapter(workdir / f"{name}_adamw_init", config, dtype="float32")
+        lora_config = dataclasses.replace(lora_config, modules_to_save=("gate",))
+        lora["layers"]["mlp"]["gate"] = {"weight": base["layers"]["mlp"]["gate"]["weight"]}
+        save_peft_adapter(workdir / f"{name}_router_init", lora, lora_config, config)
+        attn = {"layers": {"self_attn": lora["layers"]["self_attn"], "mlp": {"gate": lora["layers"]["mlp"]["gate"]}}}
+        save_peft_adapter(workdir / f"{name}_router_attn_init", attn,
+                          dataclasses.replace(lora_config, target_modules=ATTENTION), config)
+        for case, init, save in ((f"{name}_router", "router_init", None),
+                                 (f"{name}_router_attn", "router_attn_init", str(workdir / f"{name}_router_peft"))):
+            cases.append(dict(name=case, dir=str(workdir / name), adapter_dir=str(workdir / f"{name}_{init}"),
+                              adamw=ADAMW, moe=True, **({"save_dir": save} if save else {})))
+    return oracle.run("hf_train.py", arrays, {"cases": cases}), batch
+
+
+def _adamw_trained(spec, base, lora, batch):
+    """``(losses, trained)``: :func:`_adamw_losses` and the trainable pytree after the last update."""
+    from qlora_jax.optim import make_optimizer
+    from qlora_jax.train import make_train_step
+
+    optimizer = make_optimizer("adamw", ADAMW["lr"], b1=ADAMW["betas"][0], b2=ADAMW["betas"][1], eps=ADAMW["eps"],
+                               weight_decay=ADAMW["weight_decay"], max_grad_norm=ADAMW["max_grad_norm"])
+    step = jax.jit(make_train_step(spec, optimizer))
+    state, batch, losses = optimizer.init(lora), jax.tree.map(jnp.asarray, batch), []
+    for i in range(ADAMW["steps"] + 1):
+        new, state, metrics = step(lora, state, base, batch, None)
+        losses.append(float(metrics["loss"]))
+        lora = new if i < ADAMW["steps"] else lora
+    return np.array(losses), lora
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_router_training_follows_peft_modules_to_save(router_reference, workdir, name):
+    """With modules_to_save=["gate"], the routers are in the trainable pytree (float32 adapters: float32
+    routers, copied from the base), and five AdamW steps follow PEFT's losses and PEFT's trained routers.
+
+    Losses: test_five_adamw_steps_follow_peft's tolerance. Routers: each AdamW step moves an entry by
+    lr * m / (sqrt(v) + eps) plus the decay lr * wd * w (the same on both sides to float32 rounding of
+    w); float32 gradients (absolute error delta = ROUNDING * max|g|, so relative delta / |g|) change
+    m / sqrt(v), at most about 1 in size, by at most 2 delta / |g|. Over k steps an entry whose
+    gradients stay above RHO * max|g| is off by at most k * lr * 2 * ROUNDING / RHO; in norm over the
+    m router entries, sqrt(m) times that (RHO = 1e-2: router gradients of these random models are
+    within two orders of magnitude of the largest). Adam moves every entry by about lr per step, so
+    the routers' movement, about k * lr * sqrt(m), must be far larger.
+    """
+    from qlora_jax.peft_io import load_peft_adapter
+
+    out, batch = router_reference
+    config, base, _ = ours(workdir / name)
+    lora, lora_config = load_peft_adapter(workdir / f"{name}_router_init", config, dtype="float32")
+    assert lora_config.modules_to_save == ("gate",)
+    spec = ModelSpec(config, lora_config, compute_dtype="float32")
+    assert spec.train_router and lora["layers"]["mlp"]["gate"]["weight"].shape == (2, EXPERTS, 64)
+    fresh = init_lora_params(jax.random.key(0), spec, base=base)  # the initialisation: the base's routers
+    np.testing.assert_array_equal(fresh["layers"]["mlp"]["gate"]["weight"], base["layers"]["mlp"]["gate"]["weight"])
+    losses, trained = _adamw_trained(spec, base, lora, batch)
+    want = out[f"{name}_router/losses"]
+    n = sum(leaf.size for leaf in jax.tree.leaves(lora))
+    delta = ROUNDING * out[f"{name}_router/grad_max"].max()
+    steps = np.arange(ADAMW["steps"] + 1)
+    tolerance = ROUNDING * np.abs(want) + steps * 16 * n**0.5 * ADAMW["lr"] * delta
+    assert np.all(np.abs(losses - want) <= tolerance), (losses.tolist(), want.tolist(), tolerance.tolist())
+    # The routers' training matters to the losses: without it, they leave PEFT's.
+    frozen_router = dataclasses.replace(lora_config, modules_to_save=())
+    plain = {"layers": {**lora["layers"], "mlp": {k: v for k, v in lora["layers"]["mlp"].items() if k != "gate"}}}
+    without, _ = _adamw_trained(ModelSpec(config, frozen_router, compute_dtype="float32"), base, plain, batch)
+    assert np.any(np.abs(without - want) > tolerance), "the tolerance must see the routers' training"
+    start = np.asarray(base["layers"]["mlp"]["gate"]["weight"], np.float64)
+    got = np.asarray(trained["layers"]["mlp"]["gate"]["weight"], np.float64) - start
+    peft = out[f"{name}_router/routers"] - start
+    k, m, rho = ADAMW["steps"], start.size, 1e-2
+    bound = m**0.5 * k * ADAMW["lr"] * 2 * ROUNDING / rho
+    assert np.linalg.norm(got - peft) <= bound, (np.linalg.norm(got - peft), bound)
+    assert np.linalg.norm(peft) > 20 * bound, "the routers must move far beyond the tolerance"
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_trained_routers_exchange_with_peft(oracle, router_reference, workdir, inputs, name):
+    """Our trained adapter with routers, exported, gives our logits in PEFT (PeftModel.from_pretrained);
+    the adapter PEFT trained and saved (modules_to_save=["gate"]) gives PEFT's logits here."""
+    from qlora_jax.peft_io import load_peft_adapter, router_key, save_peft_adapter
+
+    ids, mask = inputs
+    _, batch = router_reference
+    config, base, _ = ours(workdir / name)
+    lora, lora_config = load_peft_adapter(workdir / f"{name}_router_init", config, dtype="float32")
+    spec = ModelSpec(config, lora_config, compute_dtype="float32")
+    _, trained = _adamw_trained(spec, base, lora, batch)
+    ours_dir = workdir / f"{name}_router_trained"
+    save_peft_adapter(ours_dir, trained, lora_config, config)
+    written = load_file(ours_dir / "adapter_model.safetensors")
+    assert router_key(1) == "base_model.model.model.layers.1.mlp.gate.weight"
+    np.testing.assert_array_equal(written[router_key(1)], np.asarray(trained["layers"]["mlp"]["gate"]["weight"][1]))
+    assert json.loads((ours_dir / "adapter_config.json").read_text())["modules_to_save"] == ["gate"]
+    peft_dir = workdir / f"{name}_router_peft"
+    peft_lora, peft_config = load_peft_adapter(peft_dir, config, dtype="float32")
+    assert peft_config.modules_to_save == ("gate",) and peft_config.target_modules == ATTENTION
+    arrays = {f"{c}/{k}": v for c in ("ours", "peft") for k, v in (("input_ids", ids), ("attention_mask", mask))}
+    out = oracle.run("hf_moe.py", arrays, {"cases": [
+        dict(name="ours", op="peft_load", dir=str(workdir / name), adapter_dir=str(ours_dir)),
+        dict(name="peft", op="peft_load", dir=str(workdir / name), adapter_dir=str(peft_dir))]})
+    got = run(config, base, ids, mask, trained, lora_config)
+    np.testing.assert_allclose(valid(got, mask), valid(out["ours/logits"], mask), atol=2e-4, rtol=1e-4)
+    got = run(config, base, ids, mask, peft_lora, peft_config)
+    np.testing.assert_allclose(valid(got, mask), valid(out["peft/logits"], mask), atol=2e-4, rtol=1e-4)
+    # The routers matter: the same adapters with the base's routers give other logits.
+    base_routers = {"layers": {**peft_lora["layers"], "mlp": {}}}
+    other = run(config, base, ids, mask, base_routers, dataclasses.replace(peft_config, modules_to_save=()))
+    assert np.abs(valid(other, mask) - valid(out["peft/logits"], mask)).max() > 1e-3
+
+
+def test_router_training_is_refused_where_it_cannot_apply(hf, workdir, tmp_path):
+    """modules_to_save on a dense model, or naming another module, is refused by name; so is an adapter
+    folder whose modules_to_save names another module."""
+    from qlora_jax.peft_io import load_peft_adapter, save_peft_adapter
+    from qlora_jax.recipe.config import ConfigError, FinetuneConfig
+
+    mixtral = json.loads((workdir / "mixtral" / "config.json").read_text())
+    dense = read_config(dict(mixtral, model_type="mistral", architectures=["MistralForCausalLM"]))
+    with pytest.raises(ValueError, match=r"modules_to_save=\['gate'\] trains the MoE router, but this model "
+                                         r"\(model_type 'mistral'\) has no mixture-of-experts layers"):
+        ModelSpec(dense, LoraConfig(r=4, modules_to_save=("gate",)))
+    with pytest.raises(ValueError, match=r"modules_to_save=\['lm_head'\]: qlora-jax trains in full only the MoE "
+                                         r"router \['gate'\]"):
+        LoraConfig(r=4, modules_to_save=("lm_head",))
+    with pytest.raises(ConfigError, match="train_router: a full finetune"):
+        FinetuneConfig(train_router=True, full_finetune=True, bits=16)
+    assert FinetuneConfig(train_router=True).lora_config().modules_to_save == ("gate",)
+    # The trainable router needs the base to start from.
+    config = read_config(mixtral)
+    with pytest.raises(ValueError, match="pass base= to init_lora_params"):
+        init_lora_params(jax.random.key(0), ModelSpec(config, LoraConfig(r=4, modules_to_save=("gate",))))
+    # An adapter folder with modules_to_save naming another module is refused, naming the field.
+    lora_config = LoraConfig(r=4, target_modules=ATTENTION, dtype="float32")
+    spec = ModelSpec(config, lora_config)
+    folder = save_peft_adapter(tmp_path / "adapter", init_lora_params(jax.random.key(0), spec), lora_config, config)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(dict(cfg, modules_to_save=["lm_head"])))
+    with pytest.raises(CheckpointError, match=r"field 'modules_to_save' is \['lm_head'\]"):
+        load_peft_adapter(folder, config)
+    # modules_to_save=["gate"] without the routers' tensors: the missing tensor is named.
+    (folder / "adapter_config.json").write_text(json.dumps(dict(cfg, modules_to_save=["gate"])))
+    with pytest.raises(CheckpointError, match=r"base_model\.model\.model\.layers\.0\.mlp\.gate\.weight"):
+        load_peft_adapter(folder, config)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_trained_routers_in_save_quantized_and_merged_export(hf, workdir, inputs, tmp_path, name):
+    """Trained routers travel with the adapters through save_quantized / load_quantized (byte for byte)
+    and replace the base's routers in the merged export (the float32 folder's router tensors are
+    them, and transformers' loader reads the folder: its own logits are checked by
+    test_merged_export_loads_in_transformers_and_here)."""
+    from qlora_jax.merge import export_merged
+
+    ids, mask = inputs
+    config, base, _ = ours(workdir / name)
+    lora_config = LoraConfig(r=4, alpha=8.0, target_modules=ATTENTION, dtype="float32", modules_to_save=("gate",))
+    spec = ModelSpec(config, lora_config, compute_dtype="float32")
+    lora = init_lora_params(jax.random.key(3), spec, base=base)
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape, x.dtype), lora)
+    save_quantized(tmp_path / "orbax", base, config=config, lora=lora, lora_config=lora_config)
+    saved = load_quantized(tmp_path / "orbax")
+    assert saved.lora_config.modules_to_save == ("gate",)
+    for a, b in zip(jax.tree.leaves(saved.lora), jax.tree.leaves(lora), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(run(saved.config, saved.base, ids, mask, saved.lora, saved.lora_config),
+                                  run(config, base, ids, mask, lora, lora_config))
+    export_merged(tmp_path / "merged", config, base, lora, lora_config, dtype="float32")
+    stored = load_file(tmp_path / "merged" / "model.safetensors")
+    block, _ = _moe_names(name)
+    for layer in range(config.num_hidden_layers):
+        np.testing.assert_array_equal(stored[f"model.layers.{layer}.{block}.gate.weight"],
+                                      np.asarray(lora["layers"]["mlp"]["gate"]["weight"][layer]))
+    merged_config, merged_base, _ = ours(tmp_path / "merged")
+    np.testing.assert_allclose(valid(run(merged_config, merged_base, ids, mask), mask),
+                               valid(run(config, base, ids, mask, lora, lora_config), mask), atol=2e-4, rtol=1e-4)
+
+
+def test_train_router_is_a_setting_resume_checks():
+    """--train_router is declared once (a FinetuneConfig setting, so a flag) and may not change on --resume."""
+    from qlora_jax.recipe.config import FinetuneConfig
+
+    assert FinetuneConfig.field_default("train_router") is False
+    assert "train_router" not in FinetuneConfig.resume_may_change()
+
+
+@pytest.mark.slow
+def test_finetune_recipe_trains_the_router_and_resumes(oracle, tmp_path):
+    """``--train_router`` in the recipe on a Qwen3-MoE folder: the routers train (the exported PEFT
+    adapter holds them, moved from the base's, with modules_to_save=["gate"]), the run resumes from
+    its Orbax checkpoint with them, and a resume that drops --train_router is refused by name."""
+    from helpers import small_finetune_config
+
+    from qlora_jax.finetune import run as run_finetune
+    from qlora_jax.model import load_tokenizer
+    from qlora_jax.peft_io import router_key
+    from qlora_jax.recipe.config import ConfigError
+
+    tokenizer = load_tokenizer("embedded")
+    model_type, config = MODELS["qwen3_moe"]
+    config = dict(config, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                  eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    folder = tmp_path / "qwen3_moe"
+    oracle.run("hf_models.py", {"m/input_ids": np.zeros((1, 2), np.int32)}, {"cases": [
+        dict(name="m", op="make_model", model_type=model_type, config=config, seed=5, dir=str(folder))]})
+    tokenizer.save(folder)
+    out = tmp_path / "out"
+    common = dict(eval_steps=3, save_steps=3, train_router=True, lora_dtype="float32")
+    assert run_finetune(small_finetune_config(folder, out, max_steps=3, **common), progress=False).final_step == 3
+    result = run_finetune(small_finetune_config(folder, out, max_steps=6, resume=True, **common), progress=False)
+    assert result.final_step == 6
+    adapter = out / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["modules_to_save"] == ["gate"]
+    trained = load_file(adapter / "adapter_model.safetensors")
+    original = load_file(folder / "model.safetensors")
+    for layer in range(BASE["num_hidden_layers"]):
+        moved = trained[router_key(layer)] - original[f"model.layers.{layer}.mlp.gate.weight"]
+        assert np.abs(moved).max() > 1e-3, layer
+    with pytest.raises(ConfigError, match="train_router: True -> False"):
+        run_finetune(small_finetune_config(folder, out, max_steps=9, resume=True,
+                                           **dict(common, train_router=False)), progress=False)
+
+
+def test_train_router_flag_on_a_dense_model_is_refused(tmp_path):
+    """--train_router on the embedded (dense, LLaMA) model is refused naming the flag, before any weight loads."""
+    from qlora_jax.recipe.config import ConfigError, FinetuneConfig
+    from qlora_jax.recipe.steps import setup_model
+
+    with pytest.raises(ConfigError, match=r"train_router=True: trains the routers of a mixture-of-experts model .*"
+                                          r"model_type 'llama'"):
+        setup_model(FinetuneConfig(train_router=True, output_dir=str(tmp_path)))

@@ -32,6 +32,11 @@ the fused gate_up_proj, whose lora_B is block-diagonal: its off-diagonal blocks 
 torch would train, which per-expert Linear layers (transformers 4, and our per-expert adapters)
 do not have. With "moe", the exact zeros of the loaded adapter are therefore held at zero (their
 gradient masked), so the reference trains the per-expert parameterisation.
+
+An adapter with modules_to_save=["gate"] trains full copies of the MoE routers with the adapters
+(PEFT's ModulesToSaveWrapper). An "adamw" case then also outputs "<name>/routers" ([L, E, H]
+float64: the trained copies after the last step), and with "save_dir" the trained adapter is saved
+there by PEFT's save_pretrained (what a PEFT user's trained adapter folder holds).
 """
 
 import json
@@ -123,6 +128,12 @@ def main(in_path, config_path, out_path):
         if case.get("adamw"):
             out[f"{name}/losses"], out[f"{name}/grad_max"] = _train(model, (ids, attention, loss_mask), case["adamw"],
                                                                  moe=case.get("moe", False))
+            routers = [m.modules_to_save["default"].weight.detach().numpy() for n, m in model.named_modules()
+                       if n.endswith(".mlp.gate") and hasattr(m, "modules_to_save")]
+            if routers:
+                out[f"{name}/routers"] = np.stack(routers).astype(np.float64)
+            if case.get("save_dir"):
+                model.save_pretrained(case["save_dir"])
             continue
         loss, tokens = _loss(model, ids, attention, loss_mask, moe=case.get("moe", False))
         loss.backward()
