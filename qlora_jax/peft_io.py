@@ -161,6 +161,8 @@ def _fused_tensors(tensors: dict[str, np.ndarray], stacked: Any, fused: list[str
     """
     params = tuple(p for p in _FUSED_PARAMS if any(_FUSED_OF[n] == p for n in fused))
     gate_up_rank = None
+    if not params:  # nothing fused; and a dense model may have no separate gate_proj (Phi-3's gate_up_proj)
+        return params, gate_up_rank
     inter = config.linear_shapes()["gate_proj"][0]
     for layer in range(config.num_hidden_layers):
         for param in params:
@@ -408,6 +410,8 @@ def _read_fused(source: CheckedSource, weights: pathlib.Path, fused: dict[str, i
       CheckpointError: a gate_up_proj of rank ``2r`` whose gate or up rows use the other half's
         rank components.
     """
+    if not fused:  # nothing fused; and a dense model may have no separate gate_proj (Phi-3's gate_up_proj)
+        return
     params, experts = tuple(fused), config.num_experts
     inter, hidden = config.linear_shapes()["gate_proj"]
     shapes = {"gate_up_proj": (2 * inter, hidden), "down_proj": (hidden, inter)}
