@@ -2,13 +2,16 @@ r"""MoE expert-matmul benchmark: the grouped 4-bit matmul against a per-expert l
 
     python -m experiments.bench_moe --json=outputs/bench_moe.json   # Mixtral-like shapes / 8, CPU
     python -m experiments.bench_moe --smoke                         # tiny shapes, seconds
+    python -m experiments.bench_moe --backend=pallas_triton         # on a CUDA GPU: the grouped kernel
 
 One expert projection of a layer (Mixtral's ``w1``: ``[E, I, H]``, NF4 + double quant, every
 expert quantized on its own as bitsandbytes does), applied to T tokens routed top-k (T*k rows
 sorted by expert, random routing), forward only. Variants:
 
 * ``grouped_4bit``: :func:`qlora_jax.models.moe.grouped_matmul`, one compiled program that
-  dequantizes one expert at a time (tile by tile over its rows);
+  dequantizes one expert at a time (tile by tile over its rows), or with ``--backend=pallas_triton``
+  (a CUDA GPU) the fused grouped kernel (:mod:`qlora_jax.kernels.grouped_matmul_triton`); the
+  report's ``grouped_backend`` says which ran and why;
 * ``per_expert_loop``: a Python loop over experts, one ``quantized_matmul`` call per expert on its
   rows (what bitsandbytes' one-``Linear4bit``-per-expert does), group sizes read on the host;
 * ``dequantize_all``: every expert dequantized into one ``[E, I, H]`` array, then
@@ -33,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from qlora_jax.kernels import quantized_matmul
+from qlora_jax.kernels import GROUPED_BACKENDS, quantized_matmul, resolve_grouped_backend
 
 from qlora_jax.models import moe
 from qlora_jax.quant import dequantize
@@ -43,6 +46,8 @@ JSON = flags.DEFINE_string("json", None, "write the report to this file")
 REPEATS = flags.DEFINE_integer("repeats", 5, "timed runs per variant (median reported)")
 SCALE = flags.DEFINE_integer("scale", 8, "Mixtral-8x7B's hidden and intermediate sizes divided by this")
 TOKENS = flags.DEFINE_integer("tokens", 512, "tokens routed (T); rows = T * top_k")
+BACKEND = flags.DEFINE_enum("backend", "auto", list(GROUPED_BACKENDS),
+                            "grouped_4bit's backend (qlora_jax.kernels.grouped_quantized_matmul)")
 
 MIXTRAL = dict(hidden=4096, intermediate=14336, num_experts=8, top_k=2)
 
@@ -71,8 +76,9 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def run(shapes: dict, repeats: int) -> dict:
-    """Times the three variants on ``shapes``; returns the report (see the module docstring)."""
+def run(shapes: dict, repeats: int, backend: str = "auto") -> dict:
+    """Times the three variants on ``shapes`` (``backend``: grouped_4bit's); returns the report
+    (see the module docstring)."""
     rng = np.random.default_rng(0)
     h, i, e, k, t = (shapes[key] for key in ("hidden", "intermediate", "num_experts", "top_k", "tokens"))
     w = (rng.standard_normal((e, i, h)) / math.sqrt(h)).astype(np.float32)
@@ -83,7 +89,8 @@ def run(shapes: dict, repeats: int) -> dict:
     x = jnp.asarray(rng.standard_normal((rows, h)), jnp.bfloat16)
     sizes = jnp.asarray(sizes_host)
 
-    grouped = jax.jit(lambda x, s, q: moe.grouped_matmul(x, s, q))
+    grouped_backend = resolve_grouped_backend(qt, dtype=x.dtype, rows=rows, backend=backend)
+    grouped = jax.jit(lambda x, s, q: moe.grouped_matmul(x, s, q, backend=backend))
     grouped_c = grouped.lower(x, sizes, qt).compile()
 
     def dequantize_all(x, s, q):
@@ -122,13 +129,15 @@ def run(shapes: dict, repeats: int) -> dict:
     base = rows_out[0]["seconds"]
     for row in rows_out:
         row["time_vs_grouped"] = row["seconds"] / base
-    return dict(shapes=shapes, routed_rows=rows, platform=jax.devices()[0].platform, rows=rows_out)
+    return dict(shapes=shapes, routed_rows=rows, platform=jax.devices()[0].platform,
+                grouped_backend=list(grouped_backend), rows=rows_out)
 
 
 def main(argv):
     del argv
-    report = run(_shapes(), 1 if SMOKE.value else REPEATS.value)
-    print(f"shapes: {report['shapes']}  ({report['routed_rows']} routed rows, {report['platform']})")
+    report = run(_shapes(), 1 if SMOKE.value else REPEATS.value, BACKEND.value)
+    print(f"shapes: {report['shapes']}  ({report['routed_rows']} routed rows, {report['platform']}; grouped_4bit: "
+          f"{report['grouped_backend'][0]}, {report['grouped_backend'][1]})")
     print(f"{'variant':<18}{'seconds':>12}{'x grouped':>11}{'memory MiB':>12}{'max diff':>12}")
     for row in report["rows"]:
         mem = "n/a" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**20:.2f}"

@@ -174,26 +174,38 @@ def decode_block_scales(
     blocks_per_row: int,
     nested_blocksize: int,
     interpret: bool,
+    expert: Any = None,
+    expert_rows: int = 0,
+    nested_per_expert: int = 0,
 ) -> jax.Array:
     """float32 absmax of the blocks ``(rows[i], block_col)`` of a weight; ``rows`` int32 ``[R]``.
 
     ``block_col`` is a scalar block column, or an int32 ``[C]`` vector of them (giving ``[R, C]``).
     ``rows`` must already be clamped to valid rows; ``row_mask`` still guards the scale load so
     that a tile hanging over the last row reads nothing out of bounds.
+
+    ``expert`` (an int32 scalar, the grouped kernels): the refs hold a stack of experts, each
+    quantized on its own, flattened over the expert axis: ``scales`` ``[E * expert_rows, ...]``,
+    ``nested`` ``[E * nested_per_expert]``, ``offset`` ``[E]``; ``rows`` are rows of that expert.
     """
+    if expert is None:
+        scale_rows, nested_base, offset_index = rows, 0, 0
+    else:
+        scale_rows, nested_base, offset_index = expert * expert_rows + rows, expert * nested_per_expert, expert
     if jnp.ndim(block_col) == 0:
-        index = (rows, block_col)
+        index = (scale_rows, block_col)
         mask = row_mask
     else:
-        index = (rows[:, None], block_col[None, :])
+        index = (scale_rows[:, None], block_col[None, :])
         mask = row_mask[:, None]
     raw = plt.load(refs.scales.at[index], mask=mask, other=0)
     if not refs.double_quant:
         return raw.astype(jnp.float32)
+    # The nested scales group the flattened blocks of ONE expert matrix (its own double quant).
     flat_block = (rows[:, None] if jnp.ndim(block_col) else rows) * blocks_per_row + block_col
-    nested = refs.nested[flat_block // nested_blocksize]
+    nested = refs.nested[nested_base + flat_block // nested_blocksize]
     dyn = refs.dyn_map[raw.astype(jnp.int32)]
-    return rounded_product(dyn, nested, interpret=interpret) + refs.offset[0]
+    return rounded_product(dyn, nested, interpret=interpret) + refs.offset[offset_index]
 
 
 def select_tree(codes: jax.Array, table: Any) -> jax.Array:

@@ -35,6 +35,13 @@ benchmark ``experiments/bench_kernels.py`` prints the numbers to revise it with:
 
 "The Triton kernels" are ``"jax_triton"``, the successor of ``"pallas_triton"`` (which ``"auto"``
 picked before; it still does where triton or jax-triton is not installed).
+
+The grouped MoE matmul, :func:`grouped_quantized_matmul` (rows sorted by expert, stacked 4-bit
+experts; :func:`qlora_jax.models.moe.grouped_matmul` puts its custom VJP around both
+directions), has its own switch :data:`GROUPED_BACKENDS`: ``"pallas_triton"``
+(:mod:`.grouped_matmul_triton`, the only grouped kernel), ``"xla"`` (its ``reference``) and
+``"auto"`` (:func:`resolve_grouped_backend`: the dense policy with the rows per expert as M; XLA
+inside ``shard_map``, under a mesh, and off CUDA GPUs). It has never run on a GPU.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from qlora_jax.kernels import (
     dequantize_triton,
+    grouped_matmul_triton,
     matmul_triton,
     partitioning,
     quantize_triton,
@@ -77,6 +85,10 @@ __all__ = [
     "quantized_matmul_grad",
     "dequantize_fused",
     "quantize_fused",
+    "GroupedBackend",
+    "GROUPED_BACKENDS",
+    "resolve_grouped_backend",
+    "grouped_quantized_matmul",
 ]
 
 Backend = Literal["auto", "jax_triton", "pallas_triton", "mosaic", "xla"]
@@ -84,6 +96,10 @@ BACKENDS = ("auto", "jax_triton", "pallas_triton", "mosaic", "xla")
 
 FUSED_MAX_M_HOPPER = 64
 FUSED_MAX_M_AMPERE = 128
+
+# The grouped (MoE) matmul has one kernel backend: the Pallas-Triton one.
+GroupedBackend = Literal["auto", "pallas_triton", "xla"]
+GROUPED_BACKENDS = ("auto", "pallas_triton", "xla")
 
 
 @functools.cache
@@ -532,3 +548,145 @@ def quantize_fused(
     codes, absmax = first_stage(w, quant_type, blocksize=blocksize, interpret=interpret)
     return quantize_triton.assemble(w, codes, absmax, quant_type, blocksize=blocksize, double_quant=double_quant,
                                     nested_blocksize=nested_blocksize, offset=offset)
+
+
+# ------------------------------------------------------------------------------------------ grouped (MoE)
+
+
+def resolve_grouped_backend(
+    qt: QuantizedTensor,
+    *,
+    dtype: Any,
+    rows: int,
+    transpose: bool = False,
+    backend: GroupedBackend = "auto",
+    interpret: bool = False,
+    expert_parallel: bool = False,
+    target: Target | None = None,
+) -> tuple[str, str]:
+    """``(backend, reason)``: the backend that will run :func:`grouped_quantized_matmul` and why.
+
+    ``"auto"`` follows the dense policy with the average rows per expert as M: the kernel where
+    the experts' 4-bit bytes dominate (``ceil(rows / E) <= FUSED_MAX_M``) on a CUDA GPU of compute
+    capability >= 8.0 (or with ``interpret``), XLA elsewhere. Whatever was asked, XLA runs what
+    the kernel cannot take (:func:`.grouped_matmul_triton.unsupported_reason`: int8 experts,
+    float32 activations, K not whole blocks, no rows...) and the expert-parallel path
+    (``expert_parallel``: inside ``shard_map``, where the kernel is not wired for per-device
+    varying arrays); ``"auto"`` also keeps XLA while a mesh of several devices is in context
+    outside ``shard_map`` (the kernel has no per-shard wrapper: its operands would be gathered).
+
+    Args:
+      qt: the stacked experts (one ``[N, K]`` matrix's metadata, arrays ``[E, ...]``).
+      dtype: the activations' dtype.
+      rows: the rows of ``x`` (all experts together).
+      transpose: the input gradient ``dy @ W_g`` instead of ``x @ W_g.T``.
+      backend: one of :data:`GROUPED_BACKENDS`.
+      interpret: whether the kernel would run through the Pallas interpreter.
+      expert_parallel: the call runs inside ``shard_map`` over an expert mesh axis.
+      target: the device to decide for; ``None`` is :func:`current_target`.
+
+    Returns:
+      ``(backend, reason)``: ``"pallas_triton"`` or ``"xla"``, and a human-readable reason.
+
+    Raises:
+      ValueError: an unknown ``backend``.
+    """
+    if backend not in GROUPED_BACKENDS:
+        raise ValueError(f"unknown grouped-matmul backend {backend!r}; expected one of {GROUPED_BACKENDS} (the "
+                         "grouped kernel exists for pallas_triton only)")
+    if backend == "xla":
+        return "xla", "requested"
+    why_not = grouped_matmul_triton.unsupported_reason(qt, dtype, rows, transpose=transpose)
+    if why_not is not None:
+        return "xla", f"fallback: {why_not}"
+    if expert_parallel:
+        return "xla", "fallback: expert parallelism (inside shard_map) runs the XLA path"
+    if backend == "pallas_triton":
+        return "pallas_triton", "requested"
+    if interpret:
+        return "pallas_triton", "interpret mode"
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        return "xla", f"auto: a mesh of {mesh.size} devices in context (no per-shard grouped kernel)"
+    target = target or current_target()
+    why_not = _auto_rejects(target)
+    if why_not is not None:
+        return "xla", why_not
+    capability = target.compute_capability or (0, 0)
+    limit = FUSED_MAX_M_HOPPER if capability >= (9, 0) else FUSED_MAX_M_AMPERE
+    per_expert = -(-rows // int(qt.codes.shape[0]))
+    if per_expert > limit:
+        return "xla", f"auto: {per_expert} rows per expert > {limit}, compute-bound: dequantize + XLA dot"
+    return "pallas_triton", f"auto: {per_expert} rows per expert <= {limit}, memory-bound: fused 4-bit kernel"
+
+
+def grouped_quantized_matmul(
+    x: jax.Array,
+    group_sizes: jax.Array,
+    offsets: jax.Array,
+    qt: QuantizedTensor,
+    *,
+    transpose: bool = False,
+    backend: GroupedBackend = "auto",
+    interpret: bool = False,
+    tile_rows: int | None = None,
+    tiles: tiles_lib.MatmulTiles | None = None,
+    vary: str | None = None,
+) -> jax.Array:
+    """The grouped expert matmul: ``y[rows of g] = x[rows of g] @ dequant(W_g).T`` for every expert g.
+
+    ``transpose=True`` gives the input gradient ``dx[rows of g] = dy[rows of g] @ dequant(W_g)``.
+    Not differentiable by itself: :func:`qlora_jax.models.moe.grouped_matmul` wraps both
+    directions in a custom VJP. Float32 accumulation; the output is in ``x.dtype``. Backends:
+    ``"pallas_triton"`` (:mod:`.grouped_matmul_triton`: the experts dequantized tile by tile
+    inside the kernel), ``"xla"`` (:func:`.grouped_matmul_triton.reference`: one expert
+    dequantized at a time, then ``dot`` s), ``"auto"`` (:func:`resolve_grouped_backend`; XLA on
+    CPU).
+
+    Args:
+      x: ``[R, K]`` (``[R, N]`` with ``transpose``), rows sorted by expert; floating point.
+      group_sizes: int32 ``[E]``: rows per expert.
+      offsets: int32 ``[E]``: each expert's first row (``cumsum(group_sizes) - group_sizes`` on
+        one device; an expert-parallel shard passes its own experts' slices).
+      qt: a stacked :class:`~qlora_jax.quant.QuantizedTensor`
+        (:func:`qlora_jax.models.moe.quantize_experts`): one ``[N, K]`` matrix's metadata, arrays
+        ``[E, ...]``.
+      transpose: the input gradient (multiply by ``W_g`` instead of ``W_g.T``).
+      backend: one of :data:`GROUPED_BACKENDS`.
+      interpret: run the kernel through the Pallas interpreter (e.g. on CPU).
+      tile_rows: the XLA path's rows per ``dot`` (static); default
+        :func:`.grouped_matmul_triton.default_tile_rows`.
+      tiles: the kernel's tiles (default :func:`.grouped_matmul_triton.grouped_tiles`).
+      vary: inside ``shard_map``, the expert mesh axis the result varies over (then XLA runs).
+
+    Returns:
+      ``[R, N]`` (``[R, K]`` with ``transpose``) in ``x.dtype``; rows no expert owns are zeros.
+
+    Raises:
+      TypeError: ``qt`` is not a QuantizedTensor, or ``x`` is not floating point.
+      ValueError: shapes that disagree (named), or an unknown ``backend``.
+      RuntimeError: ``backend="pallas_triton"`` without a CUDA GPU and ``interpret=False``.
+    """
+    num_experts = grouped_matmul_triton.check_stacked(qt)
+    n, k = qt.shape
+    width = n if transpose else k
+    name = "dy" if transpose else "x"
+    if not hasattr(x, "shape") or len(x.shape) != 2 or x.shape[1] != width:
+        raise ValueError(f"{name} must be [rows, {width}] for experts [N, K] = {list(qt.shape)} "
+                         f"({'dy @ W_g' if transpose else 'x @ W_g.T'}), got {list(getattr(x, 'shape', ()))}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array, got {jnp.dtype(x.dtype).name}")
+    for label, array in (("group_sizes", group_sizes), ("offsets", offsets)):
+        if tuple(jnp.shape(array)) != (num_experts,):
+            raise ValueError(f"{label} must be [{num_experts}] (one per expert), got {list(jnp.shape(array))}")
+    chosen, _ = resolve_grouped_backend(qt, dtype=x.dtype, rows=x.shape[0], transpose=transpose, backend=backend,
+                                        interpret=interpret, expert_parallel=vary is not None)
+    _check_kernel_platform(chosen, interpret)
+    group_sizes = jnp.asarray(group_sizes).astype(jnp.int32)
+    offsets = jnp.asarray(offsets).astype(jnp.int32)
+    if chosen == "xla":
+        return grouped_matmul_triton.reference(x, group_sizes, offsets, qt, transpose=transpose, tile=tile_rows,
+                                               vary=vary)
+    grouped = grouped_matmul_triton
+    kernel = grouped.grouped_fused_matmul_grad if transpose else grouped.grouped_fused_matmul
+    return kernel(x, group_sizes, offsets, qt, tiles=tiles, interpret=interpret)

@@ -24,7 +24,9 @@ Routing is transformers 5's (``MixtralTopKRouter``, ``Qwen3MoeTopKRouter``):
 Dropless: every token reaches its k experts whatever the load. The experts run as a grouped
 matmul (:func:`grouped_matmul`): the T*k (token, expert) rows are sorted by expert and each expert
 multiplies its own contiguous rows, tile by tile, with only that expert's matrix dequantized; no
-layer ever has all its experts dequantized at once. The frozen 4-bit base has a custom VJP (the
+layer ever has all its experts dequantized at once (on a CUDA GPU, ``"auto"`` may run the fused
+kernel of :func:`qlora_jax.kernels.grouped_quantized_matmul` instead, which dequantizes tile by
+tile inside the matmul; the expert-parallel path keeps XLA). The frozen 4-bit base has a custom VJP (the
 discipline of :func:`qlora_jax.kernels.quantized_matmul`): the backward keeps the packed weights
 only, the input gradient is computed against the re-dequantized expert, and the weights get a
 zero cotangent. Per-expert LoRA adapters (``lora_A [E, r, in]``, ``lora_B [E, out, r]``) run as
@@ -50,8 +52,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qlora_jax.kernels import GroupedBackend, grouped_matmul_triton, grouped_quantized_matmul
 from qlora_jax.lora import init_lora_pair
-from qlora_jax.quant import QuantizedTensor, dequantize, quantize
+from qlora_jax.quant import QuantizedTensor, quantize
 
 __all__ = [
     "EXPERT_MATRICES",
@@ -457,67 +460,27 @@ def aux_loss_term(router_logits: Sequence[jax.Array], config: MoeConfig,
 # ------------------------------------------------------------------------------------------ grouped matmul
 
 
-def _default_tile(rows: int, num_experts: int) -> int:
-    per_expert = max(1, -(-rows // num_experts))
-    return int(min(256, max(8, 1 << (per_expert - 1).bit_length())))
+# The XLA path (and the kernels' reference) and its default row tile live with the kernel.
+_default_tile = grouped_matmul_triton.default_tile_rows
 
 
-def _grouped_loop(x: jax.Array, group_sizes: jax.Array, offsets: jax.Array, w: Any, *, transpose: bool,
-                  tile: int, vary: str | None = None) -> jax.Array:
-    """``y[rows of e] = x[rows of e] @ W_e.T`` (``@ W_e`` if ``transpose``) for the experts of ``w``.
-
-    Expert e owns rows ``offsets[e] : offsets[e] + group_sizes[e]``; other rows come out as zeros.
-    ``vary``: inside ``shard_map``, the mesh axis the result varies over (the experts' axis).
-    """
-    n = x.shape[0]
-    num_experts = _num_experts_of(w)
-    out_dim = _matrix_shape(w)[1 if transpose else 0]
-    xp = jnp.pad(x, ((0, tile), (0, 0)))  # a window starting inside the rows never gets clamped
-    out = jnp.zeros((n + tile, out_dim), x.dtype)
-    if vary is not None:
-        out = jax.lax.pcast(out, (vary,), to="varying")
-    contract = 0 if transpose else 1
-
-    def expert_body(e, out):
-        size, start = group_sizes[e], offsets[e]
-
-        def run(out):
-            if isinstance(w, QuantizedTensor):
-                we = dequantize(expert_slice(w, e), x.dtype)
-            else:
-                we = jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False).astype(x.dtype)
-
-            def tile_body(j, out):
-                s = start + j * tile
-                rows = jax.lax.dynamic_slice_in_dim(xp, s, tile, axis=0)
-                y = jax.lax.dot_general(rows, we, (((1,), (contract,)), ((), ())),
-                                        preferred_element_type=jnp.float32).astype(x.dtype)
-                valid = (jnp.arange(tile) + j * tile < size)[:, None]
-                old = jax.lax.dynamic_slice_in_dim(out, s, tile, axis=0)
-                return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(valid, y, old), s, axis=0)
-
-            return jax.lax.fori_loop(0, (size + tile - 1) // tile, tile_body, out)
-
-        # An expert without tokens is not even dequantized.
-        return jax.lax.cond(size > 0, run, lambda out: out, out)
-
-    return jax.lax.fori_loop(0, num_experts, expert_body, out)[:n]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _grouped_quantized(x, group_sizes, offsets, qt, tile, vary, backend="auto", interpret=False):
+    return grouped_quantized_matmul(x, group_sizes, offsets, qt, transpose=False, backend=backend,
+                                    interpret=interpret, tile_rows=tile, vary=vary)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _grouped_quantized(x, group_sizes, offsets, qt, tile, vary):
-    return _grouped_loop(x, group_sizes, offsets, qt, transpose=False, tile=tile, vary=vary)
-
-
-def _grouped_quantized_fwd(x, group_sizes, offsets, qt, tile, vary):
+def _grouped_quantized_fwd(x, group_sizes, offsets, qt, tile, vary, backend, interpret):
     # Only the packed experts (and the row ranges) are kept for the backward pass.
-    y = _grouped_loop(x, group_sizes, offsets, qt, transpose=False, tile=tile, vary=vary)
+    y = grouped_quantized_matmul(x, group_sizes, offsets, qt, transpose=False, backend=backend,
+                                 interpret=interpret, tile_rows=tile, vary=vary)
     return y, (group_sizes, offsets, qt)
 
 
-def _grouped_quantized_bwd(tile, vary, residuals, dy):
+def _grouped_quantized_bwd(tile, vary, backend, interpret, residuals, dy):
     group_sizes, offsets, qt = residuals
-    dx = _grouped_loop(dy, group_sizes, offsets, qt, transpose=True, tile=tile, vary=vary)
+    dx = grouped_quantized_matmul(dy, group_sizes, offsets, qt, transpose=True, backend=backend,
+                                  interpret=interpret, tile_rows=tile, vary=vary)
     # zeros_like keeps a shard's varying type inside shard_map.
     zero = jax.tree.map(lambda a: jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.floating)
                         else np.zeros(a.shape, jax.dtypes.float0), qt)
@@ -527,29 +490,35 @@ def _grouped_quantized_bwd(tile, vary, residuals, dy):
 _grouped_quantized.defvjp(_grouped_quantized_fwd, _grouped_quantized_bwd)
 
 
-def grouped_matmul(x: jax.Array, group_sizes: jax.Array, w: Any, *, tile_rows: int | None = None) -> jax.Array:
+def grouped_matmul(x: jax.Array, group_sizes: jax.Array, w: Any, *, tile_rows: int | None = None,
+                   backend: GroupedBackend = "auto", interpret: bool = False) -> jax.Array:
     """``y = x_g @ W_g.T`` for every group g of consecutive rows of ``x`` (the grouped expert matmul).
 
     Args:
       x: ``[N, in]`` rows sorted by expert (the first ``group_sizes[0]`` rows belong to expert 0...).
       group_sizes: int32 ``[E]`` summing to N (rows past the sum come out as zeros).
       w: ``[E, out, in]``: a stacked QuantizedTensor (:func:`quantize_experts`) or an array.
-      tile_rows: rows per matmul tile (static); default: the next power of two of N/E in [8, 256].
+      tile_rows: rows per matmul tile of the XLA path (static); default: the next power of two of
+        N/E in [8, 256].
+      backend: for a quantized ``w``, :func:`qlora_jax.kernels.grouped_quantized_matmul`'s
+        backend, in both directions: ``"auto"`` (XLA on CPU), ``"pallas_triton"`` or ``"xla"``.
+      interpret: run that kernel through the Pallas interpreter (tests on CPU).
 
     Returns:
       ``[N, out]`` in ``x.dtype`` (float32 accumulation).
 
-    A quantized ``w`` is dequantized one expert at a time, once per call, and only for experts
-    with rows; its custom VJP gives ``x`` the gradient ``dy_g @ W_g`` (re-dequantized) and the
-    frozen weights a zero cotangent. An array ``w`` goes through ``jax.lax.ragged_dot`` (ordinary
-    autodiff, also w.r.t. ``w``).
+    A quantized ``w`` is dequantized one expert at a time (XLA) or tile by tile inside the kernel,
+    only for experts with rows; its custom VJP gives ``x`` the gradient ``dy_g @ W_g`` (computed
+    again from the packed weights) and the frozen weights a zero cotangent. An array ``w`` goes
+    through ``jax.lax.ragged_dot`` (ordinary autodiff, also w.r.t. ``w``).
     """
     group_sizes = group_sizes.astype(jnp.int32)
     if not isinstance(w, QuantizedTensor):
         return jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2).astype(x.dtype), group_sizes,
                                   preferred_element_type=jnp.float32).astype(x.dtype)
     tile = tile_rows or _default_tile(x.shape[0], _num_experts_of(w))
-    return _grouped_quantized(x, group_sizes, jnp.cumsum(group_sizes) - group_sizes, w, tile, None)
+    return _grouped_quantized(x, group_sizes, jnp.cumsum(group_sizes) - group_sizes, w, tile, None, backend,
+                              interpret)
 
 
 def _ragged(x: jax.Array, sizes: jax.Array, offsets: jax.Array, w: jax.Array, local: bool) -> jax.Array:

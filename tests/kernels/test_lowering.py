@@ -155,3 +155,44 @@ def test_mosaic_backend_training_step_lowers():
 
     exported = lowering.export_for_cuda(jax.grad(loss), x, qt)
     assert exported.mlir_module().count(f"custom_call @{lowering.MOSAIC_GPU_TARGET}") == 2
+
+
+def abstract_experts(num_experts: int, n: int, k: int, quant_type: str = "nf4", blocksize: int = 64,
+                     double_quant: bool = True):
+    """A stacked QuantizedTensor of ShapeDtypeStructs (moe.quantize_experts' layout): export needs no data."""
+    one = abstract_weight(n, k, quant_type, blocksize, double_quant)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct((num_experts, *a.shape), a.dtype), one)
+
+
+@pytest.mark.parametrize("device,quant_type,double_quant,dtype", [
+    (lowering.H100, "nf4", True, jnp.bfloat16),
+    (lowering.A100, "fp4", False, jnp.float16),
+])
+def test_grouped_moe_training_step_lowers(device, quant_type, double_quant, dtype):
+    """jax.grad through moe.grouped_matmul's custom VJP at Mixtral-8x7B's w1 ([8, 14336, 4096]):
+    the grouped forward and input-gradient kernels both lower."""
+    from qlora_jax.models import moe
+
+    qt = abstract_experts(8, 14336, 4096, quant_type, double_quant=double_quant)
+    x = jax.ShapeDtypeStruct((1024, 4096), dtype)
+    sizes = jax.ShapeDtypeStruct((8,), jnp.int32)
+
+    def loss(x, sizes, q):
+        return jnp.sum(moe.grouped_matmul(x, sizes, q, backend="pallas_triton").astype(jnp.float32) ** 2)
+
+    exported = lowering.export_for_cuda(jax.grad(loss), x, sizes, qt, device=device)
+    assert exported.mlir_module().count(f"custom_call @{lowering.TRITON_TARGET}") == 2
+    assert ("mul.rn.f32" in exported.mlir_module()) == double_quant
+    assert exported.out_avals[0].shape == (1024, 4096)
+
+
+@pytest.mark.parametrize("rows,expected", [(8 * 64, True), (8 * 64 + 1, False)])
+def test_grouped_auto_dispatch_under_an_abstract_h100(rows, expected):
+    """backend="auto" (what moe_block uses) picks the grouped kernel while rows per expert <= 64 on Hopper."""
+    from qlora_jax.models import moe
+
+    qt = abstract_experts(8, 4096, 1024)
+    x = jax.ShapeDtypeStruct((rows, 1024), jnp.bfloat16)
+    sizes = jax.ShapeDtypeStruct((8,), jnp.int32)
+    exported = lowering.export_for_cuda(lambda x, s, q: moe.grouped_matmul(x, s, q), x, sizes, qt)
+    assert (lowering.TRITON_TARGET in lowering.custom_call_targets(exported)) == expected

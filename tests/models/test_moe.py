@@ -535,3 +535,4 @@ def test_bench_moe_smoke(tmp_path):
         assert row["peak_bytes"] is None or row["peak_bytes"] > 0
         assert row["max_abs_diff_vs_grouped"] <= row["tolerance"]
     assert report["shapes"]["num_experts"] >= 4
+    assert report["grouped_backend"][0] == "xla"  # "auto" on CPU: the grouped kernel needs a CUDA GPU
