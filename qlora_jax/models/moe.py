@@ -553,8 +553,10 @@ def _expert_linear(x, sizes, offsets, w, pair, scaling, tile_rows, local, dropou
 
 
 def _experts_ffn(xs, group_sizes, experts, lora, scaling, tile_rows, first, local, dropout=None):
-    """``local``: False on one device, else the expert mesh axis (inside ``shard_map``)."""
-    """``act(x W_gate.T) * (x W_up.T) @ W_down.T`` for the rows of the experts ``first...`` held here."""
+    """``act(x W_gate.T) * (x W_up.T) @ W_down.T`` for the rows of the experts ``first...`` held here.
+
+    ``local``: False on one device, else the expert mesh axis (inside ``shard_map``). ``dropout``:
+    ``(rate, key)`` or None; the key splits in three (gate, up, down), whatever ``first`` is."""
     n_local = _num_experts_of(experts["gate_proj"])
     # The tile follows the global expert count, so a shard multiplies the same row tiles as one device.
     tile_rows = tile_rows or _default_tile(xs.shape[0], group_sizes.shape[0])
@@ -576,9 +578,14 @@ def _experts_ffn(xs, group_sizes, experts, lora, scaling, tile_rows, first, loca
 
 def _expert_parallel_ffn(xs: jax.Array, group_sizes: jax.Array, experts: dict[str, Any], lora: dict[str, Any],
                          config: MoeConfig, *, lora_scaling: float, tile_rows: int | None,
-                         mesh: jax.sharding.Mesh, expert_axis: str) -> jax.Array:
+                         mesh: jax.sharding.Mesh, expert_axis: str,
+                         dropout: tuple[float, jax.Array] | None = None) -> jax.Array:
     """:func:`_experts_ffn` with the experts split over ``mesh``'s ``expert_axis``: each device
-    computes the rows of its own experts and one ``psum`` assembles them (``[T*k, H]``)."""
+    computes the rows of its own experts and one ``psum`` assembles them (``[T*k, H]``).
+
+    ``dropout``: ``(rate, key)`` of the LoRA dropout, or None. The key enters replicated, so every
+    device draws the very mask one device draws over the whole ``[T*k, in]`` row array (same key
+    splits, same shape) and uses the rows of its own experts: the result is the single-device one."""
     if expert_axis not in mesh.axis_names:
         raise MoeError(f"mesh has no {expert_axis!r} axis (axes: {mesh.axis_names})")
     devices = mesh.shape[expert_axis]
@@ -587,17 +594,19 @@ def _expert_parallel_ffn(xs: jax.Array, group_sizes: jax.Array, experts: dict[st
                        f"axis ({devices} devices)")
     spec = jax.sharding.PartitionSpec(expert_axis)
 
-    def local_ffn(xs, group_sizes, experts, lora):
+    def local_ffn(xs, group_sizes, experts, lora, key):
         first = jax.lax.axis_index(expert_axis) * (config.num_experts // devices)
         # The replicated rows meet this device's experts: explicitly varying (its transpose, a
         # psum, sums the input gradient's partial rows over the devices).
         xs = jax.lax.pcast(xs, (expert_axis,), to="varying")
-        ys = _experts_ffn(xs, group_sizes, experts, lora, lora_scaling, tile_rows, first, expert_axis)
+        local_dropout = None if key is None else (dropout[0], key)
+        ys = _experts_ffn(xs, group_sizes, experts, lora, lora_scaling, tile_rows, first, expert_axis, local_dropout)
         return jax.lax.psum(ys, expert_axis)
 
     replicated = jax.sharding.PartitionSpec()
-    return jax.shard_map(local_ffn, mesh=mesh, in_specs=(replicated, replicated, spec, spec),
-                         out_specs=replicated)(xs, group_sizes, experts, lora)
+    key = None if dropout is None else dropout[1]
+    return jax.shard_map(local_ffn, mesh=mesh, in_specs=(replicated, replicated, spec, spec, replicated),
+                         out_specs=replicated)(xs, group_sizes, experts, lora, key)
 
 
 def moe_block(
@@ -629,7 +638,9 @@ def moe_block(
         that axis) and one ``psum`` over the axis assembles them. Every row is computed by one
         device only (the others add exact zeros), so the result equals the single-device one.
       expert_axis: the mesh axis of the experts.
-      dropout_rate: LoRA dropout on the expert adapters' inputs (only with ``dropout_key`` and ``lora``).
+      dropout_rate: LoRA dropout on the expert adapters' inputs (only with ``dropout_key`` and ``lora``),
+        one mask per (token, expert) row; with a ``mesh`` too, every device draws the whole mask from the
+        replicated key and keeps its own experts' rows, so the masks are the single-device ones.
       dropout_key: PRNG key for that dropout; None disables it.
 
     Returns:
@@ -655,10 +666,8 @@ def moe_block(
     if mesh is None:
         ys = _experts_ffn(xs, group_sizes, experts, lora, lora_scaling, tile_rows, 0, False, dropout)
     else:
-        if dropout is not None:
-            raise MoeError("LoRA dropout on expert adapters is not implemented with an expert mesh")
         ys = _expert_parallel_ffn(xs, group_sizes, experts, lora, config, lora_scaling=lora_scaling,
-                                  tile_rows=tile_rows, mesh=mesh, expert_axis=expert_axis)
+                                  tile_rows=tile_rows, mesh=mesh, expert_axis=expert_axis, dropout=dropout)
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, h_size)
     # Weighted, cast to x.dtype, and added in increasing expert order (index_add_ per expert).
     contrib = (y * weight[..., None]).astype(x.dtype)

@@ -75,8 +75,7 @@ class ModelSpec:
             self.lora_targets  # noqa: B018 -- resolve now, so a bad target_modules fails here, not mid-trace
 
     def _check_expert_mesh(self) -> None:
-        """An expert mesh needs an MoE model whose experts split over its ``expert`` axis, and no
-        LoRA dropout on the experts (moe_block does not implement it under expert parallelism)."""
+        """An expert mesh needs an MoE model whose experts split over its ``expert`` axis."""
         mesh, config = self.expert_mesh, self.config
         if "expert" not in mesh.axis_names:
             raise ValueError(f"expert_mesh has no 'expert' axis (axes: {mesh.axis_names})")
@@ -86,8 +85,6 @@ class ModelSpec:
         if config.num_experts % mesh.shape["expert"]:
             raise ValueError(f"num_experts = {config.num_experts} is not divisible by the 'expert' mesh axis "
                              f"({mesh.shape['expert']} devices)")
-        if self.lora_config is not None and self.lora_config.dropout > 0:
-            raise ValueError("lora_dropout > 0 is not implemented with an 'expert' mesh axis: set lora_dropout=0")
 
     @functools.cached_property
     def lora_targets(self) -> tuple[str, ...]:

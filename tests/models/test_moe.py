@@ -414,6 +414,55 @@ def test_expert_axis_sharding_equals_single_device(hf, devices):
         moe.moe_block(six, x, moe.MoeConfig(6, 2), mesh=Mesh(np.array(jax.devices()[:4]), ("expert",)))
 
 
+@pytest.mark.parametrize("devices", [2, 4])
+def test_expert_axis_with_lora_dropout_equals_single_device(rng, devices):
+    """LoRA dropout under expert parallelism: every device draws the whole (token, expert) row mask
+    from the replicated key and keeps its own experts' rows, so the forward and the adapters'
+    gradients equal the single-device ones with the same key (up to the reordering below)."""
+    config = moe.MoeConfig(E, K)
+    def experts(shape):
+        return (rng.standard_normal((E, *shape)) / np.sqrt(shape[1])).astype(np.float32)
+
+    params = {"gate": jnp.asarray(rng.standard_normal((E, H)), jnp.float32),
+              "experts": {m: moe.quantize_experts(experts(shape), "nf4", bnb_backend="cpu")
+                          for m, shape in MATRIX_SHAPES.items()}}
+    lora = {m: {"lora_A": jnp.asarray(rng.standard_normal((E, R, shape[1])) / np.sqrt(shape[1]), jnp.float32),
+                "lora_B": jnp.asarray(rng.standard_normal((E, shape[0], R)) / np.sqrt(R), jnp.float32)}
+            for m, shape in MATRIX_SHAPES.items()}
+    x = jnp.asarray(rng.standard_normal((B, S, H)), jnp.float32)
+    cot = jnp.asarray(rng.standard_normal((B, S, H)), jnp.float32)
+    key = jax.random.key(3)
+    mesh = Mesh(np.array(jax.devices()[:devices]), ("expert",))
+
+    def step(params, lora, x, key, rate, mesh=None):
+        def objective(lora):
+            y = moe.moe_block(params, x, config, lora=lora, lora_scaling=LORA_SCALING, mesh=mesh,
+                              dropout_rate=rate, dropout_key=key).hidden
+            return jnp.sum(y * cot), y
+        return jax.value_and_grad(objective, has_aux=True)(lora)
+
+    (value, y), grads = jax.jit(step, static_argnums=4)(params, lora, x, key, 0.3)
+    (_, y_plain), _ = jax.jit(step, static_argnums=4)(params, lora, x, key, 0.0)
+    replicated = NamedSharding(mesh, P())
+    (s_value, s_y), s_grads = jax.jit(functools.partial(step, mesh=mesh), static_argnums=4)(
+        jax.device_put(params, moe.expert_shardings(params, mesh)),
+        jax.device_put(lora, moe.expert_shardings(lora, mesh)),
+        jax.device_put(x, replicated), jax.device_put(key, replicated), 0.3)
+    # Same bounds as test_expert_axis_sharding_equals_single_device: each row is computed on one
+    # device with the same mask, so only XLA's order of a split ragged_dot's sums may differ (the
+    # H + I terms of one row's chain; for the gradients, sums over T*k rows and H or I columns).
+    atol = (H + I) * U32 * np.abs(np.asarray(y)).max()
+    np.testing.assert_allclose(np.asarray(s_y), np.asarray(y), rtol=0, atol=atol)
+    # The dropout did act (on both paths): the adapters' share of the output moved far beyond that bound.
+    assert np.abs(np.asarray(y) - np.asarray(y_plain)).max() > 1e3 * atol
+    assert float(s_value) == pytest.approx(float(value), rel=(B * S * H + H + I) * U32)
+    for m in moe.EXPERT_MATRICES:
+        for ab in ("lora_A", "lora_B"):
+            ref = np.asarray(grads[m][ab])
+            np.testing.assert_allclose(np.asarray(s_grads[m][ab]), ref, rtol=0,
+                                       atol=(B * S * K + H + I) * U32 * np.abs(ref).max())
+
+
 # ------------------------------------------------------------------------------------------ Hugging Face names
 
 
