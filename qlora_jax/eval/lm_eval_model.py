@@ -590,7 +590,8 @@ class TaskEvaluator:
         metrics = evaluator(model.base_params, model.lora_params)   # {"mc_task": "my_task", "mc_acc": ...}
 
     The task is the one the YAML defines (its ``task:``), found by lm-eval with the YAML's folder
-    as the include path (so a YAML may ``include:`` its neighbours); its dataset must be local
+    as the only include path (a YAML may ``include:`` its neighbours; lm-eval's built-in tasks are
+    not indexed); its dataset must be local
     (the hub is offline). ``<prefix>task`` is its name, ``<prefix>count`` the documents
     evaluated. Metrics are lm-eval's, named ``<prefix><metric>`` (``mc_acc``,
     ``mc_acc_stderr``, ``mc_acc_norm``...; the filter name dropped when it is lm-eval's
@@ -633,7 +634,9 @@ class TaskEvaluator:
         self.path = pathlib.Path(path).expanduser().resolve()
         if not self.path.is_file():
             raise FileNotFoundError(f"{path}: no such lm-eval task YAML file")
-        self.task_manager = TaskManager(include_path=str(self.path.parent))
+        # Only the YAML's folder: indexing lm-eval's thousands of built-in task YAMLs costs ~13 s of
+        # CPU per evaluator and none of them is the task (an `include:` is read by path, not index).
+        self.task_manager = TaskManager(include_path=str(self.path.parent), include_defaults=False)
         names = [name for name, entry in self.task_manager.task_index.items()
                  if getattr(entry, "yaml_path", None) is not None
                  and pathlib.Path(entry.yaml_path).resolve() == self.path]

@@ -111,8 +111,10 @@ def ours(workdir, tasks=TASKS, *, batch_size: int = 16, chat: dict | None = None
                 dtype="float32", compute_dtype="float32", max_length=MAX_LENGTH, batch_size=batch_size)
     args.update(model_args)
     lm = QLoraJaxLM(**args)
-    results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=TaskManager(
-        include_path=str(workdir["tasks"])), log_samples=True, random_seed=0, numpy_random_seed=0,
+    # Only the tests' own tasks: indexing lm-eval's built-in task YAMLs costs ~13 s of CPU per call.
+    task_manager = TaskManager(include_path=str(workdir["tasks"]), include_defaults=False)
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=list(tasks), task_manager=task_manager, log_samples=True, random_seed=0, numpy_random_seed=0,
         torch_random_seed=0, fewshot_random_seed=0, bootstrap_iters=0, gen_kwargs=gen_kwargs, **(chat or {}))
     samples = {t: sorted(s, key=lambda s: s["doc_id"]) for t, s in results["samples"].items()}
     return {"metrics": results["results"], "samples": samples}
@@ -359,9 +361,10 @@ def test_finetune_logs_an_lm_eval_task_beside_the_held_out_loss(tiny_model, tmp_
         from lm_eval.tasks import TaskManager
 
         lm = QLoraJaxLM(pretrained=str(tiny_model), compute_dtype="float32", **model_args)
-        result = lm_eval.simple_evaluate(model=lm, tasks=["tiny_mc"], task_manager=TaskManager(
-            include_path=str(tasks)), bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
-            fewshot_random_seed=0)
+        task_manager = TaskManager(include_path=str(tasks), include_defaults=False)
+        result = lm_eval.simple_evaluate(model=lm, tasks=["tiny_mc"], task_manager=task_manager, bootstrap_iters=0,
+                                         random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                                         fewshot_random_seed=0)
         return result["results"]["tiny_mc"]
 
     before, after = evaluate(), evaluate(adapter=str(out))
@@ -413,7 +416,8 @@ def test_written_chatterbot_task_is_the_finetunes_held_out_task(tmp_path):
     defaults = FinetuneConfig()
     expected = chatterbot_task(eval_dataset_size=defaults.eval_dataset_size, seed=defaults.seed,
                                max_eval_samples=defaults.max_eval_samples).items
-    task = TaskManager(include_path=str(tmp_path)).load("held_out_replies")["tasks"]["held_out_replies"]
+    task_manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    task = task_manager.load("held_out_replies")["tasks"]["held_out_replies"]
     docs = list(task.test_docs())
     assert len(docs) == len(expected) > 0
     for doc, item in zip(docs, expected, strict=True):

@@ -313,12 +313,16 @@ def test_five_adamw_steps_follow_peft(adamw_reference, workdir, name, quant):
 # partitioner may reorder K-term sums (a LoRA A split over its input features is a partial sum
 # and an all-reduce; the loss is summed per device, then across), so the bound is ROUNDING above,
 # the same float32 summation-order argument; 2x for the NF4 base as in the AdamW test.
-SHARD_MESHES = {"fsdp": "fsdp=8", "tensor": "tensor=8"}
+# One mesh with both parameter axes: every weight splits its rows 8 ways (over fsdp x tensor, the
+# same layout fsdp=8 or tensor=8 gives the parameters) while the batch splits over fsdp only, so
+# the step has both FSDP's and tensor parallelism's collectives (tests/distributed covers the
+# other meshes on the built-in Llama).
+SHARD_MESHES = {"fsdp2-tensor4": "fsdp=2,tensor=4"}
 
 
 @pytest.fixture(scope="module")
 def shard_batch_rows(module_rng):
-    """Eight rows (the FSDP mesh splits them one per device), right-padded by 0 to 7 tokens."""
+    """Eight rows (the mesh's fsdp axis splits them four per device), right-padded by 0 to 7 tokens."""
     ids = module_rng.integers(3, BASE["vocab_size"], size=(1, 8, SEQ)).astype(np.int32)
     mask = (np.arange(SEQ)[None, None, :] < SEQ - np.arange(8)[None, :, None]).astype(np.int32)
     return {"input_ids": ids, "attention_mask": mask, "loss_mask": mask.copy()}

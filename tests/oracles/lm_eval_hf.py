@@ -59,7 +59,7 @@ def main(in_path, config_path, out_path):
     _exact_cpu_4bit(lm.model)
     results = lm_eval.simple_evaluate(
         model=lm, tasks=config["tasks"], num_fewshot=config.get("num_fewshot"),
-        task_manager=TaskManager(include_path=config["include_path"]), log_samples=True,
+        task_manager=TaskManager(include_path=config["include_path"], include_defaults=False), log_samples=True,
         apply_chat_template=config.get("apply_chat_template", False),
         system_instruction=config.get("system_instruction"), random_seed=0, numpy_random_seed=0,
         torch_random_seed=0, fewshot_random_seed=0, bootstrap_iters=0,
