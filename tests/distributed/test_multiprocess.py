@@ -41,7 +41,7 @@ from qlora_jax.training_state import TrainCheckpointer
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PAD = 2
-# Sized for three JAX processes compiling on 2 loaded cores (under -n 2): a process that misses
+# Sized for three JAX processes compiling on 2 loaded cores (under make test's 3 workers): a process that misses
 # heartbeats for this long is hung, not slow.
 HEARTBEAT_SECONDS = 30
 # The runs' settings: batch 8 (2 per data-parallel device x 4), 6 steps, a checkpoint every 2,
