@@ -16,7 +16,12 @@ own rows), in this order:
    bitsandbytes step timed in the same process (``--torch_baseline``);
 4. ``train_65b``: the LLaMA-65B-shaped step's measured peak device memory against the planner
    (``qlora_jax.memory``);
-5. ``optimizer``: ``experiments.bench_optimizer`` (run through its command line only).
+5. ``moe``: ``experiments.bench_moe`` at Mixtral-8x7B's full expert shapes (``[8, 14336, 4096]``,
+   NF4 + DQ), 256 tokens routed top-2 (64 rows per expert, where ``"auto"`` picks the fused
+   grouped kernel), with ``--backend=pallas_triton``: the grouped kernel against a per-expert loop
+   and dequantize-everything, time and compiled memory, and each against the grouped result
+   within the float32-accumulation bound (a larger difference fails the part);
+6. ``optimizer``: ``experiments.bench_optimizer`` (run through its command line only).
 
 It writes ``bench_gpu.json`` (environment: device, driver, CUDA, versions; every part's command,
 exit status, time, output tail and JSON) and ``bench_gpu.md`` (the tables BENCHMARKS.md takes)
@@ -60,14 +65,16 @@ FLAGS = flags.FLAGS
 flags.DEFINE_bool("smoke", False, "Every part with tiny shapes on CPU (kernels through their interpreters).")
 flags.DEFINE_string("out_dir", "outputs/bench_gpu", "Where bench_gpu.json and bench_gpu.md go.")
 flags.DEFINE_integer("budget_s", 480, "Wall-clock budget for all parts together (seconds).")
-flags.DEFINE_list("parts", ["correctness", "kernels", "train_7b", "train_65b", "optimizer"], "Parts to run, in order.")
+flags.DEFINE_list("parts", ["correctness", "kernels", "train_7b", "train_65b", "moe", "optimizer"],
+                  "Parts to run, in order.")
 flags.DEFINE_string("wheel_dir", ".whl", "Where a bitsandbytes wheel may wait to be installed.")
 flags.DEFINE_list("tolerate", ["optimizer"], "Parts whose failure is recorded but does not fail the run.")
 flags.DEFINE_string("part", None, "Internal: run this part in this process (only 'correctness').")
 flags.DEFINE_string("json_out", None, "Internal: the part's JSON output.")
 
 # Seconds per part on a GPU (the sum stays under the 8-minute budget with start-up and install).
-PART_TIMEOUTS = {"correctness": 45, "kernels": 150, "train_7b": 125, "train_65b": 80, "optimizer": 50}
+# The optimizer part runs last and is tolerated: when the budget runs short, it is the one cut.
+PART_TIMEOUTS = {"correctness": 45, "kernels": 150, "train_7b": 125, "train_65b": 80, "moe": 45, "optimizer": 50}
 SMOKE_TIMEOUT = 240
 VERSIONED = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "triton", "jax-triton", "torch",
              "bitsandbytes", "transformers", "peft", "qlora-jax")
@@ -93,6 +100,11 @@ def part_command(name: str, json_path: str, smoke: bool) -> list[str]:
         batch = "4" if name == "train_7b" else "1"
         cmd += [f"--model={model}", "--seq_len=512", f"--batch={batch}", "--steps=3"]
         return cmd + (["--torch_baseline"] if name == "train_7b" else [])
+    if name == "moe":
+        cmd = py + ["experiments.bench_moe", f"--json={json_path}", "--fail_on_difference"]
+        if smoke:
+            return cmd + ["--smoke"]
+        return cmd + ["--scale=1", "--tokens=256", "--repeats=5", "--backend=pallas_triton"]
     if name == "optimizer":
         return py + ["experiments.bench_optimizer", f"--json_out={json_path}"] + (["--smoke"] if smoke else [])
     raise ValueError(f"unknown part {name!r}; expected one of {sorted(PART_TIMEOUTS)}")
@@ -324,6 +336,11 @@ def markdown(report: dict[str, Any]) -> str:
                         ("train_65b", "Train step, LLaMA-65B shapes: peak device memory vs the planner")):
         if parts.get(name, {}).get("json"):
             out += ["", f"## {title}", "", _train_table(parts[name]["json"])]
+    moe = parts.get("moe", {}).get("json")
+    if moe:
+        out += ["", f"## MoE expert matmul (bench_moe): {moe['shapes']}, {moe['routed_rows']} routed rows, "
+                f"grouped backend {moe['grouped_backend'][0]} ({moe['grouped_backend'][1]})", "",
+                _generic_table(moe["rows"])]
     optimizer = parts.get("optimizer", {}).get("json")
     if optimizer:
         records = optimizer.get("records", optimizer) if isinstance(optimizer, dict) else optimizer

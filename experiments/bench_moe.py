@@ -48,6 +48,9 @@ SCALE = flags.DEFINE_integer("scale", 8, "Mixtral-8x7B's hidden and intermediate
 TOKENS = flags.DEFINE_integer("tokens", 512, "tokens routed (T); rows = T * top_k")
 BACKEND = flags.DEFINE_enum("backend", "auto", list(GROUPED_BACKENDS),
                             "grouped_4bit's backend (qlora_jax.kernels.grouped_quantized_matmul)")
+FAIL_ON_DIFFERENCE = flags.DEFINE_bool("fail_on_difference", False,
+                                       "exit with status 1 when a variant differs from grouped_4bit beyond the "
+                                       "tolerance (make bench-gpu's correctness gate)")
 
 MIXTRAL = dict(hidden=4096, intermediate=14336, num_experts=8, top_k=2)
 
@@ -147,6 +150,11 @@ def main(argv):
         path = pathlib.Path(JSON.value)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
+    beyond = [row["variant"] for row in report["rows"] if not row["max_abs_diff_vs_grouped"] <= row["tolerance"]]
+    if beyond:
+        print(f"differ from grouped_4bit beyond the tolerance: {beyond}")
+        if FAIL_ON_DIFFERENCE.value:
+            raise SystemExit(1)
 
 
 def entry_point():

@@ -33,6 +33,8 @@ flags.DEFINE_enum("optim", "paged_adamw_32bit", OPTIMIZER_NAMES,
                   "Optimizer (paged: state in pinned host memory between steps).")
 flags.DEFINE_bool("remat", True, "Per-layer rematerialisation (gradient checkpointing).")
 flags.DEFINE_integer("gradient_accumulation_steps", 1, "Micro-batches per optimizer step.")
+flags.DEFINE_bool("train_router", False, "Mixtures of experts: also train the routers in full (as the finetune's "
+                  "--train_router does).")
 flags.DEFINE_string("gpu", "80GB", "GPU memory: a name (24GB, 40GB, 48GB, 80GB, H100, H200, RTX4090, ...) or GiB.")
 
 
@@ -46,12 +48,14 @@ def main(argv: list[str]) -> None:
     targets = lora_targets(LoraConfig(target_modules=FLAGS.lora_modules), config)
     plan = plan_memory(config, seq_len=FLAGS.seq_len, batch=FLAGS.batch, lora_r=FLAGS.lora_r, lora_targets=targets,
                        quant=FLAGS.quant, double_quant=FLAGS.double_quant, optim=FLAGS.optim, remat=FLAGS.remat,
-                       gradient_accumulation_steps=FLAGS.gradient_accumulation_steps, lora_dtype=FLAGS.lora_dtype)
+                       gradient_accumulation_steps=FLAGS.gradient_accumulation_steps, lora_dtype=FLAGS.lora_dtype,
+                       train_router=FLAGS.train_router)
     gpu_bytes = GPUS.get(FLAGS.gpu) or int(float(FLAGS.gpu.removesuffix("GB").removesuffix("GiB")) * 2**30)
     print(f"{FLAGS.model}: {config.num_parameters() / 1e9:.2f} B parameters; QLoRA step with seq_len "
           f"{FLAGS.seq_len}, batch {FLAGS.batch}, r={FLAGS.lora_r} ({FLAGS.lora_dtype}), "
           f"{FLAGS.quant}{'+DQ' if FLAGS.double_quant else ''}, "
-          f"{FLAGS.optim}, remat {'on' if FLAGS.remat else 'off'}")
+          f"{FLAGS.optim}, remat {'on' if FLAGS.remat else 'off'}"
+          f"{', routers trained' if FLAGS.train_router else ''}")
     print(format_plan(plan, gpu_bytes, FLAGS.gpu))
 
 

@@ -21,6 +21,9 @@ Mixture-of-experts models (Mixtral, Qwen3-MoE): every expert's matrices are stor
 quantized tensor per expert) and adapted (one adapter per expert), the 16-bit router counts with
 the embeddings; each token's activations are those of its ``k`` experts (the rows sorted by expert),
 and the grouped expert matmul dequantizes one expert at a time and keeps none for the backward.
+With ``train_router`` (PEFT's ``modules_to_save=["gate"]``), a trainable copy of every router
+``[L, E, hidden]`` joins the adapters (their dtype, gradients and optimizer state); the frozen
+router stays in the base, as PEFT keeps the original module.
 
 ``workspace_fraction`` adds a margin for allocator fragmentation and library workspaces.
 """
@@ -206,10 +209,12 @@ def plan_optimizer_state(
     return OptimizerStatePlan(0, transient, state_bytes, to_device, state_bytes)
 
 
-def _adapter_params(config: LlamaConfig, r: int, targets: tuple[str, ...]) -> int:
+def _adapter_params(config: LlamaConfig, r: int, targets: tuple[str, ...], train_router: bool = False) -> int:
+    """Trainable values: the LoRA pairs of ``targets`` (one per expert), plus the routers' copies."""
     shapes = config.linear_shapes()
+    routers = config.num_hidden_layers * config.num_experts * config.hidden_size if train_router else 0
     return config.num_hidden_layers * sum(math.prod(config.expert_stack(n)) * r * (shapes[n][0] + shapes[n][1])
-                                          for n in targets)
+                                          for n in targets) + routers
 
 
 def _base_bytes(config: LlamaConfig, quant: str, blocksize: int, double_quant: bool, base_bytes: int,
@@ -230,9 +235,10 @@ def _base_bytes(config: LlamaConfig, quant: str, blocksize: int, double_quant: b
 
 
 def _adapter_bytes(config: LlamaConfig, lora_r: int, lora_targets: tuple[str, ...], lora_bytes: int, optim: str,
-                   gradient_accumulation_steps: int, streamed_offload: bool) -> tuple[int, int, int, int]:
+                   gradient_accumulation_steps: int, streamed_offload: bool,
+                   train_router: bool) -> tuple[int, int, int, int]:
     """Adapters, gradients and optimizer state: ``(adapters, gradients, optimizer on device, optimizer on host)``."""
-    params = _adapter_params(config, lora_r, lora_targets)
+    params = _adapter_params(config, lora_r, lora_targets, train_router)
     adapters = params * lora_bytes
     # Gradients and the update, both in the adapters' dtype (qlora_jax.optim.updates_in_params_dtype),
     # and a float32 accumulator when accumulating.
@@ -306,6 +312,7 @@ def plan_memory(
     streamed_offload: bool = True,
     fused_dequant: bool = False,
     workspace_fraction: float = 0.05,
+    train_router: bool = False,
 ) -> MemoryPlan:
     """Predicted device memory of one QLoRA training step (see the module docstring).
 
@@ -313,14 +320,23 @@ def plan_memory(
     :func:`qlora_jax.optim.make_optimizer` name; "paged_*" offloads the state to host memory.
     ``fused_dequant``: the matmul kernel keeps no dequantized weight for the backward.
     ``lora_targets``: the adapted linear layers (None: every linear layer of the family).
+    ``train_router``: a mixture of experts also trains its routers in full (FinetuneConfig's
+    ``train_router``); their copies count as adapters.
+
+    Raises:
+      ValueError: ``train_router`` for a model without experts.
     """
+    if train_router and not config.is_moe:
+        raise ValueError(f"train_router: model_type {config.model_type!r} has no MoE routers to train "
+                         "(only mixtures of experts such as Mixtral and Qwen3-MoE do)")
     if lora_targets is None:
         lora_targets = linear_layers(config)
     act = _DTYPE_BYTES[compute_dtype]
     codes, constants, embed = _base_bytes(config, quant, blocksize, double_quant, _DTYPE_BYTES[base_dtype],
                                           base_dtype)
     adapters, grads, optimizer_device, optimizer_host = _adapter_bytes(
-        config, lora_r, lora_targets, _DTYPE_BYTES[lora_dtype], optim, gradient_accumulation_steps, streamed_offload)
+        config, lora_r, lora_targets, _DTYPE_BYTES[lora_dtype], optim, gradient_accumulation_steps, streamed_offload,
+        train_router)
     saved, layer_peak, loss = _activation_bytes(config, seq_len, batch, lora_r, lora_targets, act, remat, loss_chunk)
     # (The grouped expert matmul dequantizes one expert at a time and keeps none: count one expert.)
     weights_one_layer = sum(o * i for o, i in config.linear_shapes().values()) * act

@@ -65,7 +65,7 @@ from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.layout import adapter_targets  # public here too (save_peft_adapter's module list)
 
 __all__ = ["save_peft_adapter", "load_peft_adapter", "peft_key", "fused_peft_key", "router_key", "adapter_targets",
-           "EXPERT_FORMATS"]
+           "EXPERT_FORMATS", "check_expert_format"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -143,6 +143,29 @@ def _double_rank_alpha(lora_config: LoraConfig) -> float:
         alpha = math.nextafter(alpha, math.inf if got < lora_config.scaling else -math.inf)
     raise ValueError(f"no lora_alpha gives rsLoRA scaling {lora_config.scaling!r} exactly at rank {2 * lora_config.r}; "
                      "write this adapter with expert_format='per_expert'")
+
+
+def check_expert_format(expert_format: str, lora_config: LoraConfig) -> None:
+    """Whether an MoE model's expert adapters of ``lora_config`` can be written in ``expert_format``.
+
+    Args:
+      expert_format: one of :data:`EXPERT_FORMATS` (see :func:`save_peft_adapter`).
+      lora_config: the adapters' hyperparameters.
+
+    Raises:
+      ValueError: an unknown format; ``"fused"`` with LoRA dropout (PEFT's ``ParamWrapper`` takes
+        none), or with rsLoRA whose scaling no ``lora_alpha`` reproduces exactly at rank ``2r``.
+    """
+    if expert_format not in EXPERT_FORMATS:
+        raise ValueError(f"expert_format is {expert_format!r}; expected one of {EXPERT_FORMATS}")
+    if expert_format != "fused":
+        return
+    if lora_config.dropout:
+        # PEFT 0.21 refuses to load a target_parameters adapter whose config has lora_dropout != 0.
+        raise ValueError(f"expert_format='fused' needs lora_config.dropout == 0 (PEFT's ParamWrapper takes no "
+                         f"dropout), got {lora_config.dropout}; write it with dropout=0.0 or "
+                         "expert_format='per_expert'")
+    _double_rank_alpha(lora_config)
 
 
 def _fused_tensors(tensors: dict[str, np.ndarray], stacked: Any, fused: list[str], r: int,
@@ -229,11 +252,8 @@ def save_peft_adapter(
     tensors: dict[str, np.ndarray] = {}
     targets = adapter_targets(lora)
     fused = [n for n in targets if expert_format == "fused" and config.expert_stack(n)]
-    if fused and lora_config.dropout:
-        # PEFT 0.21 refuses to load a target_parameters adapter whose config has lora_dropout != 0.
-        raise ValueError(f"expert_format='fused' needs lora_config.dropout == 0 (PEFT's ParamWrapper takes no "
-                         f"dropout), got {lora_config.dropout}; write it with dropout=0.0 or "
-                         "expert_format='per_expert'")
+    if fused:
+        check_expert_format(expert_format, lora_config)
 
     def stacked(name: str, matrix: str) -> np.ndarray:
         return np.asarray(jax.device_get(lora["layers"][layout.module_group(name)][name][matrix]))

@@ -21,6 +21,7 @@ from qlora_jax.distributed.mesh import parse_mesh_spec
 from qlora_jax.lora import LoraConfig
 from qlora_jax.models.spec import COMPUTE_DTYPES
 from qlora_jax.optim.factory import OPTIMIZER_NAMES
+from qlora_jax.peft_io import EXPERT_FORMATS, check_expert_format
 from qlora_jax.quant import QuantConfig
 from qlora_jax.quant.tensor import SUPPORTED_BLOCKSIZES
 from qlora_jax.recipe.settings import ConfigError, below_one, non_negative, positive, setting, unit_interval, validate
@@ -117,6 +118,11 @@ class FinetuneConfig:
                               "are float32 either way.", choices=("auto", "float32", "bfloat16", "float16"))
     train_router: bool = setting(False, "Also train the MoE routers (mlp.gate) in full, in the adapters' dtype "
                                  "(PEFT's modules_to_save=['gate']; Mixtral and Qwen3-MoE only).")
+    peft_expert_format: str = setting("per_expert", "How the exported PEFT adapter writes MoE expert adapters: "
+                                      "'per_expert' (transformers 4's per-expert module names; PEFT loads them "
+                                      "for transformers 4 and 5) or 'fused' (PEFT's target_parameters on "
+                                      "transformers 5's fused experts; needs lora_dropout=0). MoE models only.",
+                                      choices=EXPERT_FORMATS, resume_may_change=True)
     full_finetune: bool = setting(False, "Train every weight (needs --bits=16 or 32; no adapters).")
     adapter_init: str | None = setting(None, "Start from these adapters: a PEFT folder, or an earlier run's "
                                        "checkpoints (or one step of them). Their rank, alpha and rsLoRA must match "
@@ -195,8 +201,8 @@ class FinetuneConfig:
                                 check=non_negative, resume_may_change=True)
     # devices: a mesh spec such as "fsdp=8" or "data=2,fsdp=4" (None: the default device only)
     mesh: str | None = setting(None, "Device mesh over every process's devices, e.g. 'fsdp=8' or 'data=2,fsdp=4' "
-                               "(axes data, fsdp, tensor, expert; expert: MoE models' experts split over it, with "
-                               "lora_dropout 0; -1 = the rest; needed for a multi-process run). May change "
+                               "(axes data, fsdp, tensor, expert; expert: MoE models' experts split over it; "
+                               "-1 = the rest; needed for a multi-process run). May change "
                                "on --resume (another device or process count) if the global batch stays the same; "
                                "the losses then agree to float rounding, not bit for bit.", check=_mesh,
                                resume_may_change=True)
@@ -207,6 +213,14 @@ class FinetuneConfig:
             raise ConfigError(f"full_finetune=True: needs an unquantized base, bits=16 or 32 (got bits={self.bits})")
         if self.full_finetune and self.train_router:
             raise ConfigError("train_router: a full finetune already trains the routers with every other weight")
+        if self.peft_expert_format != "per_expert":
+            if self.full_finetune:
+                raise ConfigError(f"peft_expert_format={self.peft_expert_format!r}: a full finetune exports no "
+                                  "adapter")
+            try:
+                check_expert_format(self.peft_expert_format, self.lora_config())
+            except ValueError as err:
+                raise ConfigError(f"peft_expert_format={self.peft_expert_format!r}: {err}") from None
         if self.full_finetune and self.adapter_init:
             raise ConfigError("adapter_init: a full finetune has no adapters to start from")
         if self.bits != 4 and self.quant_type != "nf4":

@@ -323,6 +323,10 @@ def _check_model_settings(cfg: FinetuneConfig) -> None:
         if cfg.train_router and not config.is_moe:
             raise ConfigError(f"train_router=True: trains the routers of a mixture-of-experts model (Mixtral, "
                               f"Qwen3-MoE); {cfg.model} (model_type {config.model_type!r}) has none")
+        if cfg.peft_expert_format != "per_expert" and not config.is_moe:
+            raise ConfigError(f"peft_expert_format={cfg.peft_expert_format!r}: chooses how a mixture of experts' "
+                              f"expert adapters are written; {cfg.model} (model_type {config.model_type!r}) has no "
+                              "experts")
         try:
             lora_targets(cfg.lora_config(), config)
         except ValueError as err:
@@ -944,7 +948,8 @@ def write_outputs(cfg: FinetuneConfig, model: CausalLM, loop: LoopResult, *, tok
             lora_config = model.spec.lora_config
             if _adapter_rank(adapters) != lora_config.r:
                 raise ValueError(f"adapters of rank {_adapter_rank(adapters)} under a config of r={lora_config.r}")
-            save_peft_adapter(out / "adapter", adapters, lora_config, model.config, base_model_name_or_path=cfg.model)
+            save_peft_adapter(out / "adapter", adapters, lora_config, model.config, base_model_name_or_path=cfg.model,
+                              expert_format=cfg.peft_expert_format)
         (out / SAMPLES).write_text(json.dumps(samples, indent=2))
         rows = MetricsLog.read(out / METRICS)
         _plot_losses(rows, out / "loss_curve.png")

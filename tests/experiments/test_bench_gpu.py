@@ -11,7 +11,7 @@ import sys
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-PARTS = ("correctness", "kernels", "train_7b", "train_65b", "optimizer")
+PARTS = ("correctness", "kernels", "train_7b", "train_65b", "moe", "optimizer")
 
 
 @pytest.mark.slow
@@ -40,9 +40,12 @@ def test_bench_gpu_smoke_writes_json_and_tables(tmp_path):
     for name in ("train_7b", "train_65b"):
         [ours] = [r for r in report["parts"][name]["json"]["results"] if r["impl"] == "qlora-jax"]
         assert ours["tokens_per_second"] > 0 and ours["planned_device_bytes"] > 0
+    moe = report["parts"]["moe"]["json"]
+    assert [r["variant"] for r in moe["rows"]] == ["grouped_4bit", "per_expert_loop", "dequantize_all"]
+    assert all(r["max_abs_diff_vs_grouped"] <= r["tolerance"] for r in moe["rows"])
     tables = (tmp_path / "bench_gpu.md").read_text()
     for heading in ("## Parts", "## Kernel correctness", "## Kernels (bench_kernels)", "LLaMA-7B shapes",
-                    "LLaMA-65B shapes"):
+                    "LLaMA-65B shapes", "## MoE expert matmul (bench_moe)"):
         assert heading in tables, heading
     assert "SMOKE" in tables and "| ours jax_triton |" in tables
 

@@ -378,7 +378,9 @@ def test_train_step_adds_the_aux_loss_and_trains_expert_adapters(hf, workdir, in
 @pytest.mark.parametrize("name", list(MODELS))
 def test_finetune_recipe_runs_and_learns(oracle, tmp_path, name):
     """The launcher's recipe on an MoE folder (the finetune of ``make finetune ARGS=--model=<folder>``):
-    4-bit experts with per-expert adapters train, evaluate, sample and save; aux_loss is logged."""
+    4-bit experts with per-expert adapters train, evaluate, sample and save; aux_loss is logged.
+    Qwen3-MoE's run exports with ``peft_expert_format="fused"`` (PEFT's target_parameters), Mixtral's
+    with the default per-expert modules; each reads back with the trained expert adapters."""
     from helpers import small_finetune_config
 
     from qlora_jax.finetune import run as run_finetune
@@ -393,13 +395,26 @@ def test_finetune_recipe_runs_and_learns(oracle, tmp_path, name):
         dict(name="m", op="make_model", model_type=model_type, config=config, seed=5, dir=str(folder))]})
     tokenizer.save(folder)
     out = tmp_path / "out"
-    result = run_finetune(small_finetune_config(folder, out, max_steps=12, eval_steps=6, save_steps=6),
-                          progress=False)
+    expert_format = "fused" if name == "qwen3_moe" else "per_expert"
+    result = run_finetune(small_finetune_config(folder, out, max_steps=12, eval_steps=6, save_steps=6,
+                                                peft_expert_format=expert_format), progress=False)
     assert result.final_step == 12
     assert result.final_eval_loss < result.first_eval_loss
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     aux = [r["aux_loss"] for r in rows if r["kind"] == "train"]
     assert aux and all(np.isfinite(aux)) and min(aux) > 0
+    exported = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    fused = sorted(exported.get("target_parameters") or [])
+    assert fused == (sorted(FUSED_PARAMS) if expert_format == "fused" else []), exported
+    from qlora_jax.peft_io import load_peft_adapter
+
+    config = read_config(json.loads((folder / "config.json").read_text()))
+    lora, _ = load_peft_adapter(out / "adapter", config, dtype="float32")
+    mlp = lora["layers"]["mlp"]
+    assert {"gate_proj", "up_proj", "down_proj"} <= set(mlp)
+    # Trained: every expert's B moved from its zero initialisation.
+    assert all(np.abs(np.asarray(mlp[m]["lora_B"])).reshape(config.num_hidden_layers, EXPERTS, -1).max(-1).min()
+               > 0 for m in ("gate_proj", "up_proj", "down_proj"))
 
 
 # ------------------------------------------------------------------------------------------ PEFT
@@ -624,6 +639,37 @@ def test_memory_presets_have_the_published_parameter_counts(oracle):
         base = plan.base_linear_codes + plan.base_quant_constants + plan.embeddings_norms_head
         # NF4 + double quantization: 4.127 bits per expert/attention weight, 16-bit embeddings and routers.
         assert 0.25 * count * 2 * 0.98 < base < 0.29 * count * 2, (name, base)
+
+
+def test_memory_plan_counts_what_router_training_allocates(hf, workdir):
+    """With and without ``train_router``, the planner's adapters are the bytes ``init_lora_params``
+    allocates (expert pairs, attention pairs, and the routers' trainable copies ``[L, E, hidden]``)
+    and its on-device AdamW state is the bytes of optax's two moments over them."""
+    import optax
+
+    from qlora_jax.memory import plan_memory
+
+    config = read_config(json.loads((workdir / "mixtral" / "config.json").read_text()))
+    router = jnp.zeros((config.num_hidden_layers, config.num_experts, config.hidden_size), jnp.float32)
+    base = {"layers": {"mlp": {"gate": {"weight": router}}}}  # all init_lora_params reads of it
+    adapters = {}
+    for train_router in (False, True):
+        lora_config = LoraConfig(r=4, target_modules="all-linear", dtype="float32",
+                                 modules_to_save=("gate",) if train_router else ())
+        spec = ModelSpec(config, lora_config)
+        lora = init_lora_params(jax.random.key(0), spec, base=base)
+        assert ("gate" in lora["layers"]["mlp"]) == train_router
+        moments = [x for x in jax.tree.leaves(optax.adamw(1e-3).init(lora)) if x.ndim > 0]
+        plan = plan_memory(config, seq_len=16, batch=1, lora_r=4, lora_targets=spec.lora_targets, lora_dtype="float32",
+                           optim="adamw", train_router=train_router)
+        assert plan.adapters == sum(x.nbytes for x in jax.tree.leaves(lora)), train_router
+        assert plan.optimizer_device == sum(x.nbytes for x in moments), train_router
+        adapters[train_router] = plan.adapters
+    assert adapters[True] - adapters[False] == router.nbytes
+    dense = read_config(dict(json.loads((workdir / "mixtral" / "config.json").read_text()), model_type="mistral",
+                             architectures=["MistralForCausalLM"]))
+    with pytest.raises(ValueError, match="train_router: model_type 'mistral' has no MoE routers"):
+        plan_memory(dense, seq_len=16, batch=1, train_router=True)
 
 
 def test_lora_dropout_reaches_the_expert_adapters(hf, workdir, inputs):
@@ -1168,9 +1214,11 @@ def test_train_router_is_a_setting_resume_checks():
 
 @pytest.mark.slow
 def test_finetune_recipe_trains_the_router_and_resumes(oracle, tmp_path):
-    """``--train_router`` in the recipe on a Qwen3-MoE folder: the routers train (the exported PEFT
-    adapter holds them, moved from the base's, with modules_to_save=["gate"]), the run resumes from
-    its Orbax checkpoint with them, and a resume that drops --train_router is refused by name."""
+    """``--train_router`` in the recipe on a Qwen3-MoE folder, on an ``expert`` mesh with LoRA dropout
+    (``--mesh=data=2,expert=4``: each device holds one expert, the batch splits over data): the
+    routers train (the exported PEFT adapter holds them, moved from the base's, with
+    modules_to_save=["gate"]), the run resumes from its Orbax checkpoint with them, and a resume
+    that drops --train_router is refused by name."""
     from helpers import small_finetune_config
 
     from qlora_jax.finetune import run as run_finetune
@@ -1187,7 +1235,8 @@ def test_finetune_recipe_trains_the_router_and_resumes(oracle, tmp_path):
         dict(name="m", op="make_model", model_type=model_type, config=config, seed=5, dir=str(folder))]})
     tokenizer.save(folder)
     out = tmp_path / "out"
-    common = dict(eval_steps=3, save_steps=3, train_router=True, lora_dtype="float32")
+    common = dict(eval_steps=3, save_steps=3, train_router=True, lora_dtype="float32", mesh="data=2,expert=4",
+                  lora_dropout=0.05)
     assert run_finetune(small_finetune_config(folder, out, max_steps=3, **common), progress=False).final_step == 3
     result = run_finetune(small_finetune_config(folder, out, max_steps=6, resume=True, **common), progress=False)
     assert result.final_step == 6

@@ -64,7 +64,7 @@ BAD_SETTINGS = [
     ("data_workers", -2), ("optim", "sgd"), ("lr_scheduler_type", "step"), ("dataset_format", "csv"),
     ("dataset", "no_such_dataset"), ("dataset", "/nonexistent/data.jsonl"), ("model", "/nonexistent/model"),
     ("adapter_init", "/nonexistent/adapter"), ("mesh", "rows=2"), ("mesh", "data=x"), ("mesh", "fsdp=0"),
-    ("output_dir", " "),
+    ("output_dir", " "), ("peft_expert_format", "stacked"),
 ]
 
 
@@ -80,6 +80,10 @@ def test_bad_setting_is_rejected_naming_it(name, value):
     (dict(full_finetune=True, bits=16, adapter_init=str(REPO)), "adapter_init"),
     (dict(bits=16, quant_type="fp4"), "quant_type"),
     (dict(dataset="chatterbot", dataset_format="alpaca"), "dataset_format"),
+    (dict(peft_expert_format="fused", lora_dropout=0.05), "peft_expert_format"),
+    # rsLoRA r=3, alpha=3: no float alpha gives the same scaling exactly at rank 6.
+    (dict(peft_expert_format="fused", use_rslora=True, lora_r=3, lora_alpha=3.0), "peft_expert_format"),
+    (dict(peft_expert_format="fused", full_finetune=True, bits=16), "peft_expert_format"),
 ])
 def test_meaningless_combinations_are_rejected(settings, named):
     with pytest.raises(ConfigError, match=f"^{named}"):
@@ -116,7 +120,8 @@ def test_cli_rejects_bad_flags_before_any_work_and_help_exits_0(tmp_path):
 
 def test_settings_the_model_decides_fail_before_loading_weights(tiny_model, tmp_path, caplog):
     cases = [(dict(lora_modules="qkv_proj"), "lora_modules"), (dict(source_max_len=2048), "source_max_len"),
-             (dict(mesh="data=3"), "mesh"), (dict(per_device_train_batch_size=200), "per_device_train_batch_size")]
+             (dict(mesh="data=3"), "mesh"), (dict(per_device_train_batch_size=200), "per_device_train_batch_size"),
+             (dict(peft_expert_format="fused"), "peft_expert_format")]  # the tiny Llama has no experts
     for overrides, named in cases:
         with caplog.at_level(logging.INFO, logger=RECIPE_LOG), pytest.raises(ConfigError, match=f"^{named}"):
             run(small_finetune_config(tiny_model, tmp_path / named, **overrides), progress=False)

@@ -204,13 +204,16 @@ def test_default_cli_run_with_few_steps(tmp_path):
 
     The real default model, data and optimizer through the real CLI; only the cadence is cut down
     (4 steps, 2 evaluations of 16 conversations, one held-out answer of 8 tokens, 128-token
-    sequences) with a learning rate high enough to move the loss in 4 steps.
+    sequences) with a learning rate high enough to move the loss in 4 steps. The default
+    multiple-choice evaluation is off here (a third of this run's time on 2 cores); the recipe's
+    chatterbot reply retrieval is test_tiny_run_learns_and_writes_outputs's.
     """
     out = tmp_path / "cli"
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.finetune", "--max_steps=4", "--eval_steps=4", "--save_steps=4",
          "--eval_dataset_size=16", "--num_sample_prompts=1", "--sample_max_new_tokens=8", "--source_max_len=64",
          "--target_max_len=64", "--max_train_samples=256", "--learning_rate=1e-3", "--warmup_ratio=0",
+         "--mc_eval_file=none",
          f"--output_dir={out}", "--progress=false"],
         cwd=REPO, capture_output=True, text=True, timeout=2400,
     )
