@@ -29,7 +29,7 @@ lint: setup
 
 # pytest-xdist workers: one more than CI's 2 cores, because a worker spends much of its time
 # waiting (on the oracle's torch process, a launcher subprocess, checkpoint writes), and a third
-# keeps both cores busy (see CONTRIBUTING.md, "Known gaps", for the measured times).
+# keeps both cores busy (CONTRIBUTING.md, "Suite time", has the measured times).
 TEST_WORKERS ?= 3
 
 # The whole suite, as CI runs it (.ci/run).
