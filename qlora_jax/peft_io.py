@@ -245,15 +245,13 @@ def save_peft_adapter(
       Hu et al., `LoRA: Low-Rank Adaptation of Large Language Models
       <https://arxiv.org/abs/2106.09685>`_, 2021.
     """
-    if expert_format not in EXPERT_FORMATS:
-        raise ValueError(f"expert_format is {expert_format!r}; expected one of {EXPERT_FORMATS}")
+    targets = adapter_targets(lora)
+    fused = [n for n in targets if expert_format == "fused" and config.expert_stack(n)]
+    if fused or expert_format not in EXPERT_FORMATS:  # the format is moot for a model without experts
+        check_expert_format(expert_format, lora_config)
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}
-    targets = adapter_targets(lora)
-    fused = [n for n in targets if expert_format == "fused" and config.expert_stack(n)]
-    if fused:
-        check_expert_format(expert_format, lora_config)
 
     def stacked(name: str, matrix: str) -> np.ndarray:
         return np.asarray(jax.device_get(lora["layers"][layout.module_group(name)][name][matrix]))

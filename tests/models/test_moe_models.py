@@ -641,6 +641,12 @@ def test_memory_presets_have_the_published_parameter_counts(oracle):
         assert 0.25 * count * 2 * 0.98 < base < 0.29 * count * 2, (name, base)
 
 
+def _dense_mixtral(workdir):
+    """The tiny Mixtral's config declared a dense Mistral: the same shapes without experts."""
+    mixtral = json.loads((workdir / "mixtral" / "config.json").read_text())
+    return read_config(dict(mixtral, model_type="mistral", architectures=["MistralForCausalLM"]))
+
+
 def test_memory_plan_counts_what_router_training_allocates(hf, workdir):
     """With and without ``train_router``, the planner's adapters are the bytes ``init_lora_params``
     allocates (expert pairs, attention pairs, and the routers' trainable copies ``[L, E, hidden]``)
@@ -666,10 +672,8 @@ def test_memory_plan_counts_what_router_training_allocates(hf, workdir):
         assert plan.optimizer_device == sum(x.nbytes for x in moments), train_router
         adapters[train_router] = plan.adapters
     assert adapters[True] - adapters[False] == router.nbytes
-    dense = read_config(dict(json.loads((workdir / "mixtral" / "config.json").read_text()), model_type="mistral",
-                             architectures=["MistralForCausalLM"]))
     with pytest.raises(ValueError, match="train_router: model_type 'mistral' has no MoE routers"):
-        plan_memory(dense, seq_len=16, batch=1, train_router=True)
+        plan_memory(_dense_mixtral(workdir), seq_len=16, batch=1, train_router=True)
 
 
 def test_lora_dropout_reaches_the_expert_adapters(hf, workdir, inputs):
@@ -851,8 +855,7 @@ def test_expert_mesh_is_refused_where_it_cannot_apply(hf, workdir):
     mesh = make_mesh("data=4,expert=2")
     ModelSpec(config, expert_mesh=mesh)  # accepted
     with pytest.raises(ValueError, match="needs a mixture-of-experts model"):
-        ModelSpec(read_config(dict(json.loads((workdir / "mixtral" / "config.json").read_text()),
-                                   model_type="mistral", architectures=["MistralForCausalLM"])), expert_mesh=mesh)
+        ModelSpec(_dense_mixtral(workdir), expert_mesh=mesh)
     with pytest.raises(ValueError, match=r"num_experts = 4 is not divisible by the 'expert' mesh axis \(8"):
         ModelSpec(config, expert_mesh=make_mesh("expert=8"))
     assert ModelSpec(config, LoraConfig(r=4, dropout=0.1), expert_mesh=mesh).lora_config.dropout == 0.1
@@ -1143,8 +1146,7 @@ def test_router_training_is_refused_where_it_cannot_apply(hf, workdir, tmp_path)
     from qlora_jax.peft_io import load_peft_adapter, save_peft_adapter
     from qlora_jax.recipe.config import ConfigError, FinetuneConfig
 
-    mixtral = json.loads((workdir / "mixtral" / "config.json").read_text())
-    dense = read_config(dict(mixtral, model_type="mistral", architectures=["MistralForCausalLM"]))
+    dense = _dense_mixtral(workdir)
     with pytest.raises(ValueError, match=r"modules_to_save=\['gate'\] trains the MoE router, but this model "
                                          r"\(model_type 'mistral'\) has no mixture-of-experts layers"):
         ModelSpec(dense, LoraConfig(r=4, modules_to_save=("gate",)))
@@ -1155,7 +1157,7 @@ def test_router_training_is_refused_where_it_cannot_apply(hf, workdir, tmp_path)
         FinetuneConfig(train_router=True, full_finetune=True, bits=16)
     assert FinetuneConfig(train_router=True).lora_config().modules_to_save == ("gate",)
     # The trainable router needs the base to start from.
-    config = read_config(mixtral)
+    config = read_config(json.loads((workdir / "mixtral" / "config.json").read_text()))
     with pytest.raises(ValueError, match="pass base= to init_lora_params"):
         init_lora_params(jax.random.key(0), ModelSpec(config, LoraConfig(r=4, modules_to_save=("gate",))))
     # An adapter folder with modules_to_save naming another module is refused, naming the field.
